@@ -1,0 +1,4 @@
+//! The fedcurate site node: ingest, de-identification, and (in later stages) curation,
+//! harmonisation, statistics and export. See `ARCHITECTURE.md` for the codemap.
+
+pub mod deid;
