@@ -1,4 +1,7 @@
 //! The fedcurate site node: ingest, de-identification, and (in later stages) curation,
 //! harmonisation, statistics and export. See `ARCHITECTURE.md` for the codemap.
 
+pub mod batch;
+pub mod config;
 pub mod deid;
+pub mod sample;

@@ -167,7 +167,11 @@ fn normalise_phrase(s: &str) -> String {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Finding {
     /// A Type 1 attribute the de-identifier needs is absent or empty.
-    MissingAttribute { tag: Tag, keyword: &'static str },
+    MissingAttribute {
+        tag: Tag,
+        keyword: &'static str,
+        reason: &'static str,
+    },
     /// The output could not be assembled (file meta information).
     Unwritable { detail: String },
 }
@@ -176,27 +180,16 @@ impl Finding {
     /// Machine-readable reason.
     pub fn code(&self) -> String {
         match self {
-            Self::MissingAttribute { keyword, .. } => format!("missing-{}", kebab(keyword)),
+            Self::MissingAttribute { reason, .. } => (*reason).to_owned(),
             Self::Unwritable { .. } => "unwritable".to_owned(),
         }
     }
 }
 
-fn kebab(keyword: &str) -> String {
-    let mut out = String::new();
-    for (i, c) in keyword.chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            out.push('-');
-        }
-        out.push(c.to_ascii_lowercase());
-    }
-    out
-}
-
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::MissingAttribute { tag, keyword } => write!(
+            Self::MissingAttribute { tag, keyword, .. } => write!(
                 f,
                 "{keyword} ({:04X},{:04X}) is absent or empty; the object cannot be de-identified consistently",
                 tag.group(),
@@ -397,11 +390,19 @@ impl<'a> Deidentifier<'a> {
     /// information is rebuilt from the new values.
     pub fn deidentify(&self, file: &DefaultDicomObject) -> Result<Deidentified, Finding> {
         let obj: &InMemDicomObject = file;
-        let required = |tag: Tag, keyword: &'static str| {
-            text_of(obj, tag).ok_or(Finding::MissingAttribute { tag, keyword })
+        let required = |tag: Tag, keyword: &'static str, reason: &'static str| {
+            text_of(obj, tag).ok_or(Finding::MissingAttribute {
+                tag,
+                keyword,
+                reason,
+            })
         };
-        let sop_class = required(tags::SOP_CLASS_UID, "SOPClassUID")?;
-        let sop_instance = required(tags::SOP_INSTANCE_UID, "SOPInstanceUID")?;
+        let sop_class = required(tags::SOP_CLASS_UID, "SOPClassUID", "missing-sop-class-uid")?;
+        let sop_instance = required(
+            tags::SOP_INSTANCE_UID,
+            "SOPInstanceUID",
+            "missing-sop-instance-uid",
+        )?;
         let study = text_of(obj, tags::STUDY_INSTANCE_UID).unwrap_or_default();
         let series = text_of(obj, tags::SERIES_INSTANCE_UID).unwrap_or_default();
 

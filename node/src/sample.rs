@@ -1,0 +1,763 @@
+//! Realistic DICOM built in code: the demo's sample archive and the tests' fixtures.
+//!
+//! Real archives vary, so the builder covers implicit and explicit VR little endian, explicit
+//! big endian, deflated data sets, encapsulated (compressed) pixel data, multi-frame objects
+//! with functional groups, nested sequences three and more levels deep, private creators and
+//! private sequences, SR content trees, overlays, non-ASCII character sets and odd-length
+//! values. Every identifying value is synthetic.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use dicom_core::header::Header;
+use dicom_core::value::{DataSetSequence, PixelFragmentSequence, PrimitiveValue, Value};
+use dicom_core::{DataElement, Length, Tag, VR};
+use dicom_object::mem::InMemElement;
+use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
+
+use crate::deid::dictionary::Dictionary;
+use crate::deid::table::{RuleTable, TagPattern};
+
+/// Transfer syntaxes the builder writes.
+pub mod ts {
+    pub const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
+    pub const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+    pub const DEFLATED_LE: &str = "1.2.840.10008.1.2.1.99";
+    pub const EXPLICIT_BE: &str = "1.2.840.10008.1.2.2";
+    pub const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
+    pub const RLE: &str = "1.2.840.10008.1.2.5";
+}
+
+/// SOP classes used by the fixtures.
+pub mod sop {
+    pub const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+    pub const ENHANCED_CT: &str = "1.2.840.10008.5.1.4.1.1.2.1";
+    pub const MR: &str = "1.2.840.10008.5.1.4.1.1.4";
+    pub const US: &str = "1.2.840.10008.5.1.4.1.1.6.1";
+    pub const SEG: &str = "1.2.840.10008.5.1.4.1.1.66.4";
+    pub const BASIC_TEXT_SR: &str = "1.2.840.10008.5.1.4.1.1.88.11";
+}
+
+/// Root for the synthetic original UIDs (an example root, never used by a real device).
+pub const ORIGINAL_UID_ROOT: &str = "1.2.826.0.1.3680043.10.543";
+
+/// A synthetic patient.
+#[derive(Clone, Debug)]
+pub struct Patient {
+    pub id: String,
+    pub issuer: String,
+    pub name: String,
+    pub birth_date: String,
+    pub sex: String,
+    /// Specific Character Set of the patient's objects (`None`: default repertoire).
+    pub charset: Option<String>,
+}
+
+/// Identifying values of one study.
+#[derive(Clone, Debug)]
+pub struct Study {
+    pub uid: String,
+    pub date: String,
+    pub time: String,
+    pub accession: String,
+    pub description: String,
+    pub referring_physician: String,
+    pub institution: String,
+}
+
+/// One series.
+#[derive(Clone, Debug)]
+pub struct Series {
+    pub uid: String,
+    pub number: i32,
+    pub description: String,
+    pub frame_of_reference: String,
+    pub station: String,
+}
+
+/// Append a text element.
+pub fn put_text(obj: &mut InMemDicomObject, tag: Tag, vr: VR, value: &str) {
+    obj.put(DataElement::new(tag, vr, PrimitiveValue::from(value)));
+}
+
+fn put_u16(obj: &mut InMemDicomObject, tag: Tag, value: u16) {
+    obj.put(DataElement::new(tag, VR::US, PrimitiveValue::from(value)));
+}
+
+/// A sequence element.
+pub fn seq(tag: Tag, items: Vec<InMemDicomObject>) -> InMemElement {
+    DataElement::new(tag, VR::SQ, Value::from(DataSetSequence::new(items, Length::UNDEFINED)))
+}
+
+fn item(elements: Vec<InMemElement>) -> InMemDicomObject {
+    InMemDicomObject::from_element_iter(elements)
+}
+
+fn text(tag: Tag, vr: VR, value: &str) -> InMemElement {
+    DataElement::new(tag, vr, PrimitiveValue::from(value))
+}
+
+fn code_item(value: &str, scheme: &str, meaning: &str) -> InMemDicomObject {
+    item(vec![
+        text(Tag(0x0008, 0x0100), VR::SH, value),
+        text(Tag(0x0008, 0x0102), VR::SH, scheme),
+        text(Tag(0x0008, 0x0104), VR::LO, meaning),
+    ])
+}
+
+/// Encode an object as a DICOM file (preamble, meta header, data set) in `transfer_syntax`.
+pub fn encode(obj: InMemDicomObject, transfer_syntax: &str) -> io::Result<Vec<u8>> {
+    let class = obj
+        .get(Tag(0x0008, 0x0016))
+        .and_then(|e| e.value().to_str().ok().map(|s| s.into_owned()))
+        .unwrap_or_default();
+    let instance = obj
+        .get(Tag(0x0008, 0x0018))
+        .and_then(|e| e.value().to_str().ok().map(|s| s.into_owned()))
+        .unwrap_or_else(|| "1.2.3".to_owned());
+    let meta = FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(class)
+        .media_storage_sop_instance_uid(instance)
+        .transfer_syntax(transfer_syntax)
+        .implementation_class_uid("1.2.826.0.1.3680043.10.543.99")
+        .implementation_version_name("MODALITY_X")
+        .source_application_entity_title("CT_ROOM_3")
+        .build()
+        .map_err(io::Error::other)?;
+    let file = obj.with_exact_meta(meta);
+    let mut out = Vec::new();
+    file.write_all(&mut out).map_err(io::Error::other)?;
+    Ok(out)
+}
+
+/// The attributes shared by every image of a patient, study and series.
+pub fn base_object(
+    p: &Patient,
+    st: &Study,
+    se: &Series,
+    sop_class: &str,
+    sop_instance: &str,
+    modality: &str,
+) -> InMemDicomObject {
+    let mut o = InMemDicomObject::new_empty();
+    if let Some(cs) = &p.charset {
+        put_text(&mut o, Tag(0x0008, 0x0005), VR::CS, cs);
+    }
+    put_text(&mut o, Tag(0x0008, 0x0008), VR::CS, "ORIGINAL\\PRIMARY\\AXIAL");
+    put_text(&mut o, Tag(0x0008, 0x0016), VR::UI, sop_class);
+    put_text(&mut o, Tag(0x0008, 0x0018), VR::UI, sop_instance);
+    put_text(&mut o, Tag(0x0008, 0x0020), VR::DA, &st.date);
+    put_text(&mut o, Tag(0x0008, 0x0021), VR::DA, &st.date);
+    put_text(&mut o, Tag(0x0008, 0x0023), VR::DA, &st.date);
+    put_text(&mut o, Tag(0x0008, 0x0030), VR::TM, &st.time);
+    put_text(&mut o, Tag(0x0008, 0x0050), VR::SH, &st.accession);
+    put_text(&mut o, Tag(0x0008, 0x0060), VR::CS, modality);
+    put_text(&mut o, Tag(0x0008, 0x0070), VR::LO, "ACME Medical");
+    put_text(&mut o, Tag(0x0008, 0x0080), VR::LO, &st.institution);
+    put_text(&mut o, Tag(0x0008, 0x0081), VR::ST, "1 Hospital Road, Springfield");
+    put_text(&mut o, Tag(0x0008, 0x0090), VR::PN, &st.referring_physician);
+    put_text(&mut o, Tag(0x0008, 0x1010), VR::SH, &se.station);
+    put_text(&mut o, Tag(0x0008, 0x1030), VR::LO, &st.description);
+    put_text(&mut o, Tag(0x0008, 0x103E), VR::LO, &se.description);
+    put_text(&mut o, Tag(0x0008, 0x1070), VR::PN, "Operator^Olga");
+    put_text(&mut o, Tag(0x0010, 0x0010), VR::PN, &p.name);
+    put_text(&mut o, Tag(0x0010, 0x0020), VR::LO, &p.id);
+    if !p.issuer.is_empty() {
+        put_text(&mut o, Tag(0x0010, 0x0021), VR::LO, &p.issuer);
+    }
+    put_text(&mut o, Tag(0x0010, 0x0030), VR::DA, &p.birth_date);
+    put_text(&mut o, Tag(0x0010, 0x0040), VR::CS, &p.sex);
+    put_text(&mut o, Tag(0x0010, 0x1030), VR::DS, "72.5");
+    put_text(&mut o, Tag(0x0018, 0x1000), VR::LO, "SN-884213");
+    put_text(&mut o, Tag(0x0020, 0x000D), VR::UI, &st.uid);
+    put_text(&mut o, Tag(0x0020, 0x000E), VR::UI, &se.uid);
+    put_text(&mut o, Tag(0x0020, 0x0010), VR::SH, "4711");
+    o.put(DataElement::new(Tag(0x0020, 0x0011), VR::IS, PrimitiveValue::from(se.number.to_string())));
+    put_text(&mut o, Tag(0x0020, 0x0052), VR::UI, &se.frame_of_reference);
+    // Request Attributes Sequence > Scheduled Protocol Code Sequence > Coding Scheme
+    // Identification-like nesting: three levels with identifiers at each.
+    o.put(seq(
+        Tag(0x0040, 0x0275),
+        vec![item(vec![
+            text(Tag(0x0040, 0x1001), VR::SH, "RP-5521"),
+            text(Tag(0x0040, 0x0009), VR::SH, "SPS-5521"),
+            text(Tag(0x0032, 0x1060), VR::LO, "CT chest - 55F Dr. Smith"),
+            seq(
+                Tag(0x0040, 0x0008),
+                vec![item(vec![
+                    text(Tag(0x0008, 0x0100), VR::SH, "CTCHEST"),
+                    text(Tag(0x0008, 0x0102), VR::SH, "99LOCAL"),
+                    text(Tag(0x0008, 0x0104), VR::LO, "CT chest"),
+                    seq(
+                        Tag(0x0040, 0xA170),
+                        vec![item(vec![
+                            text(Tag(0x0008, 0x0100), VR::SH, "121"),
+                            text(Tag(0x0008, 0x0104), VR::LO, "Purpose"),
+                            text(Tag(0x0040, 0xA123), VR::PN, &st.referring_physician),
+                        ])],
+                    ),
+                ])],
+            ),
+        ])],
+    ));
+    o
+}
+
+fn image_pixel(o: &mut InMemDicomObject, rows: u16, cols: u16, frames: u32, seed: u16) {
+    put_u16(o, Tag(0x0028, 0x0002), 1);
+    put_text(o, Tag(0x0028, 0x0004), VR::CS, "MONOCHROME2");
+    if frames > 1 {
+        put_text(o, Tag(0x0028, 0x0008), VR::IS, &frames.to_string());
+    }
+    put_u16(o, Tag(0x0028, 0x0010), rows);
+    put_u16(o, Tag(0x0028, 0x0011), cols);
+    put_u16(o, Tag(0x0028, 0x0100), 16);
+    put_u16(o, Tag(0x0028, 0x0101), 12);
+    put_u16(o, Tag(0x0028, 0x0102), 11);
+    put_u16(o, Tag(0x0028, 0x0103), 0);
+    let n = usize::from(rows) * usize::from(cols) * frames as usize;
+    let pixels: Vec<u16> = (0..n)
+        .map(|i| ((i as u32 * 7 + u32::from(seed) * 131) % 4096) as u16)
+        .collect();
+    o.put(DataElement::new(Tag(0x7FE0, 0x0010), VR::OW, PrimitiveValue::U16(pixels.into())));
+}
+
+/// One CT slice at `index` along z.
+pub fn ct_slice(p: &Patient, st: &Study, se: &Series, index: u16) -> InMemDicomObject {
+    let uid = format!("{}.{index}", se.uid);
+    let mut o = base_object(p, st, se, sop::CT, &uid, "CT");
+    put_text(&mut o, Tag(0x0018, 0x0050), VR::DS, "2.5");
+    put_text(&mut o, Tag(0x0018, 0x0060), VR::DS, "120");
+    put_text(&mut o, Tag(0x0020, 0x0013), VR::IS, &index.to_string());
+    put_text(&mut o, Tag(0x0020, 0x0032), VR::DS, &format!("-100\\-100\\{}", f32::from(index) * 2.5));
+    put_text(&mut o, Tag(0x0020, 0x0037), VR::DS, "1\\0\\0\\0\\1\\0");
+    put_text(&mut o, Tag(0x0028, 0x0030), VR::DS, "0.7\\0.7");
+    put_text(&mut o, Tag(0x0028, 0x1052), VR::DS, "-1024");
+    put_text(&mut o, Tag(0x0028, 0x1053), VR::DS, "1");
+    put_text(&mut o, Tag(0x0008, 0x0022), VR::DA, &st.date);
+    put_text(&mut o, Tag(0x0008, 0x0032), VR::TM, &st.time);
+    image_pixel(&mut o, 8, 8, 1, index);
+    o
+}
+
+/// Put an overlay plane in group 6000 with a burned-in-style label.
+pub fn add_overlay(o: &mut InMemDicomObject, label: &str) {
+    put_u16(o, Tag(0x6000, 0x0010), 8);
+    put_u16(o, Tag(0x6000, 0x0011), 8);
+    put_text(o, Tag(0x6000, 0x0022), VR::LO, label);
+    put_text(o, Tag(0x6000, 0x0040), VR::CS, "G");
+    o.put(DataElement::new(Tag(0x6000, 0x0050), VR::SS, PrimitiveValue::I16(vec![1, 1].into())));
+    put_u16(o, Tag(0x6000, 0x0100), 1);
+    put_u16(o, Tag(0x6000, 0x0102), 0);
+    put_text(o, Tag(0x6000, 0x4000), VR::LT, label);
+    o.put(DataElement::new(Tag(0x6000, 0x3000), VR::OW, PrimitiveValue::U16(vec![0xA5A5; 4].into())));
+}
+
+/// Private data: a safe SIEMENS MR HEADER B-value, an unsafe creator with an identifying LO,
+/// and a private sequence holding a person name two levels down.
+pub fn add_private(o: &mut InMemDicomObject, secret_text: &str) {
+    put_text(o, Tag(0x0019, 0x0010), VR::LO, "SIEMENS MR HEADER");
+    put_text(o, Tag(0x0019, 0x100C), VR::IS, "1000");
+    put_text(o, Tag(0x0029, 0x0010), VR::LO, "ACME PRIVATE 1.0");
+    put_text(o, Tag(0x0029, 0x1001), VR::LO, secret_text);
+    o.put(seq(
+        Tag(0x0029, 0x1002),
+        vec![item(vec![
+            text(Tag(0x0010, 0x0010), VR::PN, secret_text),
+            seq(Tag(0x0008, 0x1140), vec![item(vec![text(Tag(0x0008, 0x1155), VR::UI, "1.2.826.0.1.3680043.10.543.777")])]),
+        ])],
+    ));
+}
+
+/// An MR slice with private data.
+pub fn mr_slice(p: &Patient, st: &Study, se: &Series, index: u16) -> InMemDicomObject {
+    let uid = format!("{}.{index}", se.uid);
+    let mut o = base_object(p, st, se, sop::MR, &uid, "MR");
+    put_text(&mut o, Tag(0x0018, 0x0020), VR::CS, "SE");
+    put_text(&mut o, Tag(0x0018, 0x0021), VR::CS, "NONE");
+    put_text(&mut o, Tag(0x0018, 0x0022), VR::CS, "NONE");
+    put_text(&mut o, Tag(0x0018, 0x0023), VR::CS, "2D");
+    put_text(&mut o, Tag(0x0018, 0x0080), VR::DS, "500");
+    put_text(&mut o, Tag(0x0018, 0x0081), VR::DS, "15");
+    put_text(&mut o, Tag(0x0018, 0x0087), VR::DS, "3");
+    put_text(&mut o, Tag(0x0018, 0x0091), VR::IS, "1");
+    put_text(&mut o, Tag(0x0020, 0x0013), VR::IS, &index.to_string());
+    put_text(&mut o, Tag(0x0020, 0x0032), VR::DS, &format!("-100\\-100\\{}", f32::from(index) * 5.0));
+    put_text(&mut o, Tag(0x0020, 0x0037), VR::DS, "1\\0\\0\\0\\1\\0");
+    put_text(&mut o, Tag(0x0028, 0x0030), VR::DS, "1\\1");
+    add_private(&mut o, &format!("{} private note", p.name));
+    image_pixel(&mut o, 8, 8, 1, index + 100);
+    o
+}
+
+/// An enhanced CT multi-frame object with per-frame functional groups (dates in every frame).
+pub fn enhanced_ct(p: &Patient, st: &Study, se: &Series, frames: u32) -> InMemDicomObject {
+    let uid = format!("{}.1", se.uid);
+    let mut o = base_object(p, st, se, sop::ENHANCED_CT, &uid, "CT");
+    put_text(&mut o, Tag(0x0008, 0x002A), VR::DT, &format!("{}{}", st.date, st.time));
+    put_text(&mut o, Tag(0x0020, 0x0013), VR::IS, "1");
+    let shared = item(vec![seq(
+        Tag(0x0028, 0x9110),
+        vec![item(vec![
+            text(Tag(0x0018, 0x0050), VR::DS, "1.25"),
+            text(Tag(0x0028, 0x0030), VR::DS, "0.7\\0.7"),
+        ])],
+    )]);
+    o.put(seq(Tag(0x5200, 0x9229), vec![shared]));
+    let per_frame = (0..frames)
+        .map(|f| {
+            item(vec![
+                seq(
+                    Tag(0x0020, 0x9111),
+                    vec![item(vec![
+                        text(Tag(0x0018, 0x9074), VR::DT, &format!("{}{}", st.date, st.time)),
+                        text(Tag(0x0018, 0x9151), VR::DT, &format!("{}{}", st.date, st.time)),
+                        DataElement::new(Tag(0x0020, 0x9157), VR::UL, PrimitiveValue::U32(vec![f + 1].into())),
+                    ])],
+                ),
+                seq(
+                    Tag(0x0020, 0x9113),
+                    vec![item(vec![text(Tag(0x0020, 0x0032), VR::DS, &format!("-100\\-100\\{}", f as f32 * 1.25))])],
+                ),
+            ])
+        })
+        .collect();
+    o.put(seq(Tag(0x5200, 0x9230), per_frame));
+    image_pixel(&mut o, 4, 4, frames, 7);
+    o
+}
+
+/// An ultrasound image with JPEG-baseline-style encapsulated pixel data (fragments pass
+/// through unchanged, so their content need not decode).
+pub fn encapsulated_us(p: &Patient, st: &Study, se: &Series, index: u16) -> InMemDicomObject {
+    let uid = format!("{}.{index}", se.uid);
+    let mut o = base_object(p, st, se, sop::US, &uid, "US");
+    put_text(&mut o, Tag(0x0028, 0x0301), VR::CS, "NO");
+    put_u16(&mut o, Tag(0x0028, 0x0002), 3);
+    put_text(&mut o, Tag(0x0028, 0x0004), VR::CS, "YBR_FULL_422");
+    put_u16(&mut o, Tag(0x0028, 0x0006), 0);
+    put_u16(&mut o, Tag(0x0028, 0x0010), 16);
+    put_u16(&mut o, Tag(0x0028, 0x0011), 16);
+    put_u16(&mut o, Tag(0x0028, 0x0100), 8);
+    put_u16(&mut o, Tag(0x0028, 0x0101), 8);
+    put_u16(&mut o, Tag(0x0028, 0x0102), 7);
+    put_u16(&mut o, Tag(0x0028, 0x0103), 0);
+    let fragment: Vec<u8> = [0xFF, 0xD8, 0xFF, 0xE0]
+        .into_iter()
+        .chain((0..60u8).map(|i| i.wrapping_mul(31).wrapping_add(index as u8)))
+        .chain([0xFF, 0xD9])
+        .collect();
+    o.put(DataElement::new(
+        Tag(0x7FE0, 0x0010),
+        VR::OB,
+        Value::from(PixelFragmentSequence::new(vec![0u32], vec![fragment])),
+    ));
+    o
+}
+
+/// A segmentation referencing images of another series (references must still resolve
+/// after de-identification).
+pub fn segmentation(
+    p: &Patient,
+    st: &Study,
+    se: &Series,
+    referenced_series: &str,
+    referenced_instances: &[String],
+) -> InMemDicomObject {
+    let uid = format!("{}.1", se.uid);
+    let mut o = base_object(p, st, se, sop::SEG, &uid, "SEG");
+    put_text(&mut o, Tag(0x0062, 0x0001), VR::CS, "BINARY");
+    let refs = referenced_instances
+        .iter()
+        .map(|u| {
+            item(vec![
+                text(Tag(0x0008, 0x1150), VR::UI, sop::CT),
+                text(Tag(0x0008, 0x1155), VR::UI, u),
+            ])
+        })
+        .collect();
+    o.put(seq(
+        Tag(0x0008, 0x1115),
+        vec![item(vec![
+            seq(Tag(0x0008, 0x114A), refs),
+            text(Tag(0x0020, 0x000E), VR::UI, referenced_series),
+        ])],
+    ));
+    image_pixel(&mut o, 8, 8, 1, 3);
+    o
+}
+
+/// A basic text SR whose content tree holds text, a person name, a date, a UID reference and
+/// a coded finding, nested three levels deep.
+pub fn text_report(p: &Patient, st: &Study, se: &Series, referenced_image: &str) -> InMemDicomObject {
+    let uid = format!("{}.1", se.uid);
+    let mut o = base_object(p, st, se, sop::BASIC_TEXT_SR, &uid, "SR");
+    put_text(&mut o, Tag(0x0040, 0xA040), VR::CS, "CONTAINER");
+    put_text(&mut o, Tag(0x0040, 0xA050), VR::CS, "SEPARATE");
+    put_text(&mut o, Tag(0x0040, 0xA491), VR::CS, "COMPLETE");
+    put_text(&mut o, Tag(0x0040, 0xA493), VR::CS, "VERIFIED");
+    o.put(seq(Tag(0x0040, 0xA043), vec![code_item("18748-4", "LN", "Diagnostic imaging report")]));
+    let concept = |v: &str, m: &str| seq(Tag(0x0040, 0xA043), vec![code_item(v, "DCM", m)]);
+    let content = vec![
+        item(vec![
+            text(Tag(0x0040, 0xA010), VR::CS, "CONTAINS"),
+            text(Tag(0x0040, 0xA040), VR::CS, "TEXT"),
+            concept("121071", "Finding"),
+            text(Tag(0x0040, 0xA160), VR::UT, &format!("Patient {} seen by Dr. Who on {}", p.name, st.date)),
+        ]),
+        item(vec![
+            text(Tag(0x0040, 0xA010), VR::CS, "HAS OBS CONTEXT"),
+            text(Tag(0x0040, 0xA040), VR::CS, "PNAME"),
+            concept("121008", "Person Observer Name"),
+            text(Tag(0x0040, 0xA123), VR::PN, &st.referring_physician),
+        ]),
+        item(vec![
+            text(Tag(0x0040, 0xA010), VR::CS, "CONTAINS"),
+            text(Tag(0x0040, 0xA040), VR::CS, "CONTAINER"),
+            concept("111028", "Image Library"),
+            text(Tag(0x0040, 0xA050), VR::CS, "SEPARATE"),
+            seq(
+                Tag(0x0040, 0xA730),
+                vec![
+                    item(vec![
+                        text(Tag(0x0040, 0xA010), VR::CS, "CONTAINS"),
+                        text(Tag(0x0040, 0xA040), VR::CS, "IMAGE"),
+                        seq(
+                            Tag(0x0008, 0x1199),
+                            vec![item(vec![
+                                text(Tag(0x0008, 0x1150), VR::UI, sop::CT),
+                                text(Tag(0x0008, 0x1155), VR::UI, referenced_image),
+                            ])],
+                        ),
+                    ]),
+                    item(vec![
+                        text(Tag(0x0040, 0xA010), VR::CS, "HAS ACQ CONTEXT"),
+                        text(Tag(0x0040, 0xA040), VR::CS, "DATE"),
+                        concept("111060", "Study Date"),
+                        text(Tag(0x0040, 0xA121), VR::DA, &st.date),
+                    ]),
+                    item(vec![
+                        text(Tag(0x0040, 0xA010), VR::CS, "CONTAINS"),
+                        text(Tag(0x0040, 0xA040), VR::CS, "CODE"),
+                        concept("121071", "Finding"),
+                        seq(Tag(0x0040, 0xA168), vec![code_item("RID3874", "RADLEX", "Nodule")]),
+                    ]),
+                ],
+            ),
+        ]),
+    ];
+    o.put(seq(Tag(0x0040, 0xA730), content));
+    o
+}
+
+/// A minimal valid explicit-VR-little-endian file written byte by byte, with odd-length
+/// values (not conformant, but found in real archives).
+pub fn odd_length_file(p: &Patient, st: &Study, se: &Series) -> Vec<u8> {
+    fn el(out: &mut Vec<u8>, g: u16, e: u16, vr: &[u8; 2], value: &[u8]) {
+        out.extend_from_slice(&g.to_le_bytes());
+        out.extend_from_slice(&e.to_le_bytes());
+        out.extend_from_slice(vr);
+        out.extend_from_slice(&(value.len() as u16).to_le_bytes());
+        out.extend_from_slice(value);
+    }
+    let sop_uid = format!("{}.9", se.uid);
+    let mut meta = Vec::new();
+    let mut push_meta = |e: u16, vr: &[u8; 2], v: &[u8]| el(&mut meta, 0x0002, e, vr, v);
+    let pad = |s: &str| {
+        let mut b = s.as_bytes().to_vec();
+        if b.len() % 2 == 1 {
+            b.push(0);
+        }
+        b
+    };
+    push_meta(0x0002, b"UI", &pad(sop::CT));
+    push_meta(0x0003, b"UI", &pad(&sop_uid));
+    push_meta(0x0010, b"UI", &pad(ts::EXPLICIT_LE));
+    push_meta(0x0012, b"UI", &pad("1.2.826.0.1.3680043.10.543.99"));
+    let mut out = vec![0u8; 128];
+    out.extend_from_slice(b"DICM");
+    // (0002,0000) group length, UL
+    out.extend_from_slice(&[0x02, 0x00, 0x00, 0x00, b'U', b'L', 4, 0]);
+    out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+    out.extend_from_slice(&meta);
+    // Odd lengths on purpose: no padding byte.
+    el(&mut out, 0x0008, 0x0016, b"UI", sop::CT.as_bytes());
+    el(&mut out, 0x0008, 0x0018, b"UI", sop_uid.as_bytes());
+    el(&mut out, 0x0008, 0x0020, b"DA", st.date.as_bytes());
+    el(&mut out, 0x0008, 0x0060, b"CS", b"CT");
+    el(&mut out, 0x0008, 0x0090, b"PN", st.referring_physician.as_bytes());
+    el(&mut out, 0x0010, 0x0010, b"PN", p.name.as_bytes());
+    el(&mut out, 0x0010, 0x0020, b"LO", p.id.as_bytes());
+    el(&mut out, 0x0010, 0x0021, b"LO", p.issuer.as_bytes());
+    el(&mut out, 0x0020, 0x000D, b"UI", st.uid.as_bytes());
+    el(&mut out, 0x0020, 0x000E, b"UI", se.uid.as_bytes());
+    out
+}
+
+/// Marker planted in a table row: `prefix` + row index, uppercase so CS rows can hold it.
+pub fn marker(prefix: &str, row: usize) -> String {
+    format!("{prefix}{row:03}")
+}
+
+/// The VR a canary is planted with for a table row, if the row can hold text or a UID.
+pub fn canary_vr(tag: Tag) -> Option<VR> {
+    let vr = Dictionary::standard().vr(tag)?;
+    match vr {
+        VR::AE | VR::CS | VR::LO | VR::LT | VR::PN | VR::SH | VR::ST | VR::UC | VR::UT | VR::UR
+        | VR::UI | VR::OB | VR::UN | VR::SQ | VR::DA | VR::DT | VR::TM => Some(vr),
+        _ => None,
+    }
+}
+
+/// A value holding the marker for a row, valid for its VR: text rows hold the marker itself;
+/// UI rows a UID whose last component encodes it; date/time rows a distinctive date.
+pub fn canary_value(vr: VR, mark: &str, row: usize) -> PrimitiveValue {
+    match vr {
+        VR::UI => PrimitiveValue::from(canary_uid(row)),
+        VR::DA => PrimitiveValue::from(canary_date(row)),
+        VR::DT => PrimitiveValue::from(format!("{}101112", canary_date(row))),
+        VR::TM => PrimitiveValue::from("101112.123456"),
+        VR::OB | VR::UN => PrimitiveValue::U8(mark.as_bytes().to_vec().into()),
+        _ => PrimitiveValue::from(mark),
+    }
+}
+
+/// The planted UID of a row: unique digits that appear nowhere else.
+pub fn canary_uid(row: usize) -> String {
+    format!("{ORIGINAL_UID_ROOT}.97531{row:04}86420")
+}
+
+/// The planted date of a row.
+pub fn canary_date(row: usize) -> String {
+    // 1931..1960, unique per row modulo a 30-year window.
+    format!("{:04}{:02}{:02}", 1931 + (row % 30), 1 + (row / 30) % 12, 1 + (row / 360) % 28)
+}
+
+/// An object with a marker in every row of Table E.1-1 that can hold text or a UID (and in
+/// private tags, a private sequence, nested sequences and the file meta header), on top of a
+/// CT image so that the IOD rules apply. Returns the object and the markers planted, with
+/// their tags.
+pub fn canary_object(prefix: &str) -> (InMemDicomObject, Vec<(Tag, String)>) {
+    let p = Patient {
+        id: format!("{prefix}PID"),
+        issuer: format!("{prefix}ISSUER"),
+        name: format!("{prefix}NAME^GIVEN"),
+        birth_date: "19470203".into(),
+        sex: "F".into(),
+        charset: Some("ISO_IR 100".into()),
+    };
+    let st = Study {
+        uid: format!("{ORIGINAL_UID_ROOT}.111.2222"),
+        date: "20190312".into(),
+        time: "143005".into(),
+        accession: format!("{prefix}ACC"),
+        description: format!("{prefix}STUDYDESC"),
+        referring_physician: format!("{prefix}REF^DOC"),
+        institution: format!("{prefix}INST"),
+    };
+    let se = Series {
+        uid: format!("{ORIGINAL_UID_ROOT}.111.2222.3"),
+        number: 1,
+        description: format!("{prefix}SERIESDESC"),
+        frame_of_reference: format!("{ORIGINAL_UID_ROOT}.111.4444"),
+        station: format!("{prefix}STN"),
+    };
+    let mut o = ct_slice(&p, &st, &se, 1);
+    let mut planted = Vec::new();
+    for (row, rule) in RuleTable::standard().rules().iter().enumerate() {
+        let tag = match rule.pattern {
+            TagPattern::Exact(t) => t,
+            TagPattern::OverlayElement(e) => Tag(0x6002, e),
+            TagPattern::CurveGroup => Tag(0x5000, 0x0022),
+            TagPattern::Private => continue,
+        };
+        // Command and file meta groups cannot be in a data set; the identifying attributes
+        // that keep the object a valid CT are planted by the builder above.
+        if matches!(tag.group(), 0x0000 | 0x0002)
+            || [Tag(0x0008, 0x0016), Tag(0x0008, 0x0018)].contains(&tag)
+        {
+            continue;
+        }
+        let Some(vr) = canary_vr(tag) else { continue };
+        let mark = marker(prefix, row);
+        let element = if vr == VR::SQ {
+            seq(
+                tag,
+                vec![item(vec![
+                    text(Tag(0x0008, 0x0104), VR::LO, &mark),
+                    text(Tag(0x0010, 0x0010), VR::PN, &mark),
+                    seq(Tag(0x0040, 0xA730), vec![item(vec![
+                        text(Tag(0x0040, 0xA040), VR::CS, "TEXT"),
+                        text(Tag(0x0040, 0xA160), VR::UT, &mark),
+                    ])]),
+                ])],
+            )
+        } else {
+            DataElement::new(tag, vr, canary_value(vr, &mark, row))
+        };
+        o.put(element);
+        planted.push((tag, mark));
+    }
+    // Overlay data for the pattern rows to act on.
+    put_u16(&mut o, Tag(0x6002, 0x0010), 2);
+    put_u16(&mut o, Tag(0x6002, 0x0011), 8);
+    put_text(&mut o, Tag(0x6002, 0x0022), VR::LO, &format!("{prefix}OVLDESC"));
+    planted.push((Tag(0x6002, 0x0022), format!("{prefix}OVLDESC")));
+    // Private tags and a private sequence with nested identifying values.
+    add_private(&mut o, &format!("{prefix}PRIVATE"));
+    planted.push((Tag(0x0029, 0x1001), format!("{prefix}PRIVATE")));
+    // Unlisted attributes the safety net must catch by VR.
+    put_text(&mut o, Tag(0x0018, 0x9424), VR::LT, "acquisition protocol"); // not identifying
+    put_text(&mut o, Tag(0x0040, 0xA075), VR::PN, &format!("{prefix}VNETPN"));
+    planted.push((Tag(0x0040, 0xA075), format!("{prefix}VNETPN")));
+    (o, planted)
+}
+
+/// A generated archive on disk.
+#[derive(Debug)]
+pub struct SampleArchive {
+    pub root: PathBuf,
+    pub files: Vec<PathBuf>,
+    /// Identifying strings planted in the archive (to check the output for leaks).
+    pub identifying: Vec<String>,
+}
+
+fn write(root: &Path, files: &mut Vec<PathBuf>, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let path = root.join(name);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&path, bytes)?;
+    files.push(path);
+    Ok(())
+}
+
+/// Write the demo's sample archive: three patients, several studies and series, every
+/// encoding the builder knows, plus two files that must be quarantined.
+pub fn write_sample_archive(root: &Path) -> io::Result<SampleArchive> {
+    std::fs::create_dir_all(root)?;
+    let patients = [
+        Patient {
+            id: "MRN-100234".into(),
+            issuer: "HOSP-A".into(),
+            name: "Doe^Jane".into(),
+            birth_date: "19560312".into(),
+            sex: "F".into(),
+            charset: None,
+        },
+        Patient {
+            id: "MRN-100577".into(),
+            issuer: "HOSP-A".into(),
+            name: "Müller^Jörg".into(),
+            birth_date: "19811129".into(),
+            sex: "M".into(),
+            charset: Some("ISO_IR 100".into()),
+        },
+        Patient {
+            id: "MRN-200001".into(),
+            issuer: "HOSP-A".into(),
+            name: "Ōta^Hanako".into(),
+            birth_date: "19300101".into(),
+            sex: "F".into(),
+            charset: Some("ISO_IR 192".into()),
+        },
+    ];
+    let mut files = Vec::new();
+    let mut identifying = Vec::new();
+    for (pi, p) in patients.iter().enumerate() {
+        identifying.extend([p.id.clone(), p.name.clone(), p.birth_date.clone()]);
+        let st = Study {
+            uid: format!("{ORIGINAL_UID_ROOT}.{}.1", pi + 1),
+            date: format!("2019031{}", pi + 2),
+            time: "101530".into(),
+            accession: format!("ACC{:06}", 4711 + pi),
+            description: "CT CHEST WITH CONTRAST".into(),
+            referring_physician: format!("Referrer^Rita{pi}"),
+            institution: "St. Example Hospital".into(),
+        };
+        identifying.extend([st.uid.clone(), st.accession.clone(), st.referring_physician.clone()]);
+        let series = |n: i32, desc: &str| Series {
+            uid: format!("{}.{n}", st.uid),
+            number: n,
+            description: desc.into(),
+            frame_of_reference: format!("{}.{n}.0", st.uid),
+            station: "CTSTATION07".into(),
+        };
+        let dir = format!("{}_{}", p.name.replace('^', "_"), p.birth_date);
+        match pi {
+            0 => {
+                let ct = series(1, "Thorax 2.5mm");
+                let mut instances = Vec::new();
+                for i in 1..=6 {
+                    let mut o = ct_slice(p, &st, &ct, i);
+                    if i == 1 {
+                        add_overlay(&mut o, "Doe^Jane 1956");
+                    }
+                    instances.push(format!("{}.{i}", ct.uid));
+                    write(root, &mut files, &format!("{dir}/ct/{i:03}.dcm"), &encode(o, ts::EXPLICIT_LE)?)?;
+                }
+                let seg = segmentation(p, &st, &series(2, "Lung mask"), &ct.uid, &instances);
+                write(root, &mut files, &format!("{dir}/seg.dcm"), &encode(seg, ts::EXPLICIT_LE)?)?;
+                let sr = text_report(p, &st, &series(3, "Report"), &instances[0]);
+                write(root, &mut files, &format!("{dir}/report.dcm"), &encode(sr, ts::EXPLICIT_LE)?)?;
+            }
+            1 => {
+                let mr = series(1, "T1 SE axial");
+                for i in 1..=5 {
+                    let o = mr_slice(p, &st, &mr, i);
+                    write(root, &mut files, &format!("{dir}/mr/IM{i}"), &encode(o, ts::IMPLICIT_LE)?)?;
+                }
+                let ct = series(2, "Abdomen big endian");
+                for i in 1..=3 {
+                    let o = ct_slice(p, &st, &ct, i);
+                    write(root, &mut files, &format!("{dir}/ct_be/{i}.dcm"), &encode(o, ts::EXPLICIT_BE)?)?;
+                }
+                write(root, &mut files, &format!("{dir}/odd.dcm"), &odd_length_file(p, &st, &series(9, "odd")))?;
+            }
+            _ => {
+                let ct = series(1, "Deflated");
+                for i in 1..=2 {
+                    let o = ct_slice(p, &st, &ct, i);
+                    write(root, &mut files, &format!("{dir}/defl/{i}.dcm"), &encode(o, ts::DEFLATED_LE)?)?;
+                }
+                let us = series(2, "US");
+                for i in 1..=2 {
+                    let o = encapsulated_us(p, &st, &us, i);
+                    write(root, &mut files, &format!("{dir}/us/{i}.dcm"), &encode(o, ts::JPEG_BASELINE)?)?;
+                }
+                let mf = enhanced_ct(p, &st, &series(3, "Enhanced CT"), 4);
+                write(root, &mut files, &format!("{dir}/enhanced.dcm"), &encode(mf, ts::EXPLICIT_LE)?)?;
+            }
+        }
+    }
+    // Two files the node must refuse without stopping: not DICOM at all, and DICOM without a
+    // SOP Instance UID.
+    write(root, &mut files, "notes/readme.txt", b"scanned on ward 3 for Doe^Jane")?;
+    let mut broken = ct_slice(&patients[0], &Study {
+        uid: format!("{ORIGINAL_UID_ROOT}.9.1"),
+        date: "20200101".into(),
+        time: "000000".into(),
+        accession: "ACC999".into(),
+        description: "broken".into(),
+        referring_physician: "Referrer^Rita0".into(),
+        institution: "St. Example Hospital".into(),
+    }, &Series {
+        uid: format!("{ORIGINAL_UID_ROOT}.9.1.1"),
+        number: 1,
+        description: "broken".into(),
+        frame_of_reference: format!("{ORIGINAL_UID_ROOT}.9.1.1.0"),
+        station: "X".into(),
+    }, 1);
+    broken.remove_element(Tag(0x0008, 0x0018));
+    write(root, &mut files, "misc/no_sop_instance.dcm", &encode(broken, ts::EXPLICIT_LE)?)?;
+    Ok(SampleArchive {
+        root: root.to_owned(),
+        files,
+        identifying,
+    })
+}
+
+/// Tag of an element, for callers without the `Header` trait in scope.
+pub fn tag_of(e: &InMemElement) -> Tag {
+    e.tag()
+}
