@@ -1,0 +1,16 @@
+//! fedcurate's wire protocol: the only types that may cross between a site node and the
+//! coordinator, and their framing.
+//!
+//! This crate is the floor of the workspace: it depends on no other member and does no file,
+//! DICOM or network I/O. Its types can hold schema items, aggregates, pseudonymous keys and
+//! (later) tensors — never free text, a pixel buffer, a DICOM element, a date or an identifier
+//! of a patient, study, series or file. Only [`codec`] names the encoding.
+
+pub mod codec;
+pub mod message;
+
+pub use codec::{CodecError, MAX_FRAME_LEN, decode_frame, encode_frame};
+pub use message::{
+    HandshakeReject, Hello, Message, MessageId, PROTOCOL_VERSION, SchemaHash, SiteId, SiteIdError,
+    Welcome,
+};

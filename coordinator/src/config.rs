@@ -1,0 +1,96 @@
+//! The coordinator's configuration file (`coordinator.toml`, documented in `deploy/`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use protocol::SiteId;
+use serde::Deserialize;
+
+/// Configuration errors, naming the file and field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: site {site} is listed twice in [[sites]]")]
+    DuplicateSite { path: PathBuf, site: SiteId },
+    #[error("config file {path}: no [[sites]] listed; add one entry per hospital node")]
+    NoSites { path: PathBuf },
+}
+
+/// One registered site.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteEntry {
+    /// The site's name, as in its certificate (a-z, 0-9, '-').
+    pub id: SiteId,
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// UDP address the coordinator will listen on for QUIC.
+    pub listen: SocketAddr,
+    /// The consortium's sites.
+    pub sites: Vec<SiteEntry>,
+}
+
+impl CoordinatorConfig {
+    /// Parse and validate TOML text; `path` names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: CoordinatorConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        if cfg.sites.is_empty() {
+            return Err(ConfigError::NoSites {
+                path: path.to_owned(),
+            });
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &cfg.sites {
+            if !seen.insert(s.id.clone()) {
+                return Err(ConfigError::DuplicateSite {
+                    path: path.to_owned(),
+                    site: s.id.clone(),
+                });
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Read and validate a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_errors_name_the_problem() {
+        let example = include_str!("../../deploy/coordinator.toml");
+        let cfg = CoordinatorConfig::parse(example, Path::new("coordinator.toml")).expect("example");
+        assert!(!cfg.sites.is_empty());
+        let p = Path::new("c.toml");
+        let dup = "listen = \"127.0.0.1:4433\"\n[[sites]]\nid = \"a\"\n[[sites]]\nid = \"a\"\n";
+        assert!(matches!(CoordinatorConfig::parse(dup, p), Err(ConfigError::DuplicateSite { .. })));
+        let bad = "listen = \"127.0.0.1:4433\"\n[[sites]]\nid = \"Bad Name\"\n";
+        let e = CoordinatorConfig::parse(bad, p).expect_err("bad site id");
+        assert!(e.to_string().contains("site id"), "{e}");
+        let none = "listen = \"127.0.0.1:4433\"\nsites = []\n";
+        assert!(matches!(CoordinatorConfig::parse(none, p), Err(ConfigError::NoSites { .. })));
+    }
+}
