@@ -533,11 +533,23 @@ pub fn canary_date(row: usize) -> String {
     format!("{:04}{:02}{:02}", 1931 + (row % 30), 1 + (row / 30) % 12, 1 + (row / 360) % 28)
 }
 
+/// One value planted by [`canary_object`].
+#[derive(Clone, Debug)]
+pub struct Planted {
+    /// Where it was planted (top level).
+    pub tag: Tag,
+    /// Row of Table E.1-1, if planted for a row.
+    pub row: Option<usize>,
+    /// VR it was planted with.
+    pub vr: VR,
+    /// The exact text planted: for sequences, the Code Meaning inside the first item.
+    pub needle: String,
+}
+
 /// An object with a marker in every row of Table E.1-1 that can hold text or a UID (and in
 /// private tags, a private sequence, nested sequences and the file meta header), on top of a
-/// CT image so that the IOD rules apply. Returns the object and the markers planted, with
-/// their tags.
-pub fn canary_object(prefix: &str) -> (InMemDicomObject, Vec<(Tag, String)>) {
+/// CT image so that the IOD rules apply. Returns the object and what was planted.
+pub fn canary_object(prefix: &str) -> (InMemDicomObject, Vec<Planted>) {
     let p = Patient {
         id: format!("{prefix}PID"),
         issuer: format!("{prefix}ISSUER"),
@@ -571,46 +583,93 @@ pub fn canary_object(prefix: &str) -> (InMemDicomObject, Vec<(Tag, String)>) {
             TagPattern::CurveGroup => Tag(0x5000, 0x0022),
             TagPattern::Private => continue,
         };
-        // Command and file meta groups cannot be in a data set; the identifying attributes
-        // that keep the object a valid CT are planted by the builder above.
+        // Command and file meta groups cannot be in a data set; SOP Class and Instance UID
+        // keep the object a CT (the instance UID carries its own original value).
         if matches!(tag.group(), 0x0000 | 0x0002)
             || [Tag(0x0008, 0x0016), Tag(0x0008, 0x0018)].contains(&tag)
         {
             continue;
         }
-        let Some(vr) = canary_vr(tag) else { continue };
+        let vr = if tag == Tag(0x5000, 0x0022) {
+            VR::LO
+        } else {
+            let Some(vr) = canary_vr(tag) else { continue };
+            vr
+        };
         let mark = marker(prefix, row);
-        let element = if vr == VR::SQ {
-            seq(
+        let (element, needle) = if vr == VR::SQ {
+            let e = seq(
                 tag,
                 vec![item(vec![
                     text(Tag(0x0008, 0x0104), VR::LO, &mark),
-                    text(Tag(0x0010, 0x0010), VR::PN, &mark),
-                    seq(Tag(0x0040, 0xA730), vec![item(vec![
-                        text(Tag(0x0040, 0xA040), VR::CS, "TEXT"),
-                        text(Tag(0x0040, 0xA160), VR::UT, &mark),
-                    ])]),
+                    text(Tag(0x0010, 0x0010), VR::PN, &format!("{mark}PN")),
+                    seq(
+                        Tag(0x0040, 0xA730),
+                        vec![item(vec![
+                            text(Tag(0x0040, 0xA040), VR::CS, "TEXT"),
+                            text(Tag(0x0040, 0xA160), VR::UT, &format!("{mark}TXT")),
+                        ])],
+                    ),
                 ])],
-            )
+            );
+            (e, mark.clone())
         } else {
-            DataElement::new(tag, vr, canary_value(vr, &mark, row))
+            let v = canary_value(vr, &mark, row);
+            let needle = match vr {
+                VR::UI => canary_uid(row),
+                VR::DA => canary_date(row),
+                VR::DT => format!("{}101112", canary_date(row)),
+                VR::TM => "101112.123456".to_owned(),
+                _ => mark.clone(),
+            };
+            (DataElement::new(tag, vr, v), needle)
         };
         o.put(element);
-        planted.push((tag, mark));
+        planted.push(Planted { tag, row: Some(row), vr, needle });
     }
-    // Overlay data for the pattern rows to act on.
+    // Overlay attributes beyond the pattern rows.
     put_u16(&mut o, Tag(0x6002, 0x0010), 2);
     put_u16(&mut o, Tag(0x6002, 0x0011), 8);
-    put_text(&mut o, Tag(0x6002, 0x0022), VR::LO, &format!("{prefix}OVLDESC"));
-    planted.push((Tag(0x6002, 0x0022), format!("{prefix}OVLDESC")));
+    let ovl = format!("{prefix}OVLDESC");
+    put_text(&mut o, Tag(0x6002, 0x0022), VR::LO, &ovl);
+    planted.push(Planted { tag: Tag(0x6002, 0x0022), row: None, vr: VR::LO, needle: ovl });
     // Private tags and a private sequence with nested identifying values.
-    add_private(&mut o, &format!("{prefix}PRIVATE"));
-    planted.push((Tag(0x0029, 0x1001), format!("{prefix}PRIVATE")));
-    // Unlisted attributes the safety net must catch by VR.
-    put_text(&mut o, Tag(0x0018, 0x9424), VR::LT, "acquisition protocol"); // not identifying
-    put_text(&mut o, Tag(0x0040, 0xA075), VR::PN, &format!("{prefix}VNETPN"));
-    planted.push((Tag(0x0040, 0xA075), format!("{prefix}VNETPN")));
+    let private = format!("{prefix}PRIVATE");
+    add_private(&mut o, &private);
+    planted.push(Planted { tag: Tag(0x0029, 0x1001), row: None, vr: VR::LO, needle: private });
+    // An unlisted PN the safety net must catch by VR.
+    let pn = format!("{prefix}VNETPN");
+    put_text(&mut o, Tag(0x0040, 0xA075), VR::PN, &pn);
+    planted.push(Planted { tag: Tag(0x0040, 0xA075), row: None, vr: VR::PN, needle: pn });
     (o, planted)
+}
+
+/// The canary object as a file whose meta header carries markers too.
+pub fn canary_file(
+    prefix: &str,
+    transfer_syntax: &str,
+    instance: u32,
+) -> io::Result<(Vec<u8>, Vec<Planted>)> {
+    let (mut o, planted) = canary_object(prefix);
+    let class = sop::CT;
+    let instance = format!("{ORIGINAL_UID_ROOT}.111.2222.3.1{instance}");
+    put_text(&mut o, Tag(0x0008, 0x0018), VR::UI, &instance);
+    let meta = FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(class)
+        .media_storage_sop_instance_uid(instance)
+        .transfer_syntax(transfer_syntax)
+        .implementation_class_uid("1.2.826.0.1.3680043.10.543.99")
+        .implementation_version_name(format!("{prefix}IVN").as_str())
+        .source_application_entity_title(format!("{prefix}SAE").as_str())
+        .sending_application_entity_title(format!("{prefix}SND").as_str())
+        .build()
+        .map_err(io::Error::other)?;
+    let mut out = Vec::new();
+    o.with_exact_meta(meta).write_all(&mut out).map_err(io::Error::other)?;
+    // A non-zero preamble (as in TIFF dual-personality files) that must not survive.
+    let mark = format!("{prefix}PREAMBLE");
+    out[..mark.len()].copy_from_slice(mark.as_bytes());
+    Ok((out, planted))
 }
 
 /// A generated archive on disk.

@@ -1,0 +1,210 @@
+//! Smoke and leak tests of the `fedcurate-node` binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use dicom_object::OpenFileOptions;
+use node::sample::{self, ts};
+
+const PREFIX: &str = "QXCANARY";
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fedcurate-node"));
+    c.env("FEDCURATE_LOG", "debug");
+    c
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("binary runs");
+    assert!(
+        out.status.success(),
+        "command failed: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn files_under(root: &Path) -> Vec<PathBuf> {
+    walkdir(root)
+}
+
+fn walkdir(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walkdir(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// Write a config with a fresh site secret.
+fn config(dir: &Path, extra: &str) -> PathBuf {
+    let secret = dir.join("site.secret");
+    run(bin().args(["secret", "generate", "--out"]).arg(&secret));
+    let cfg = dir.join("node.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\n[deid]\nsite_secret_file = {:?}\n{extra}",
+            dir.join("data"),
+            secret
+        ),
+    )
+    .expect("config written");
+    cfg
+}
+
+#[test]
+fn canaries_in_every_table_row_leave_no_trace_in_output_paths_or_logs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The input path itself is identifying.
+    let input = dir.path().join(format!("{PREFIX}PATH_DOE_JANE_19470203"));
+    std::fs::create_dir_all(&input).expect("input dir");
+    let mut needles: Vec<String> = vec![PREFIX.to_owned()];
+    for (i, syntax) in [ts::EXPLICIT_LE, ts::IMPLICIT_LE, ts::EXPLICIT_BE, ts::DEFLATED_LE]
+        .into_iter()
+        .enumerate()
+    {
+        let (bytes, planted) = sample::canary_file(PREFIX, syntax, i as u32).expect("canary file");
+        std::fs::write(input.join(format!("{PREFIX}{i}.dcm")), bytes).expect("write");
+        for p in planted {
+            // Times are not identifying under the basic profile's removal, but are common
+            // values; every other planted needle is unique to the canary.
+            if p.vr != dicom_core::VR::TM {
+                needles.push(p.needle);
+            }
+        }
+    }
+    needles.sort();
+    needles.dedup();
+    assert!(needles.len() > 400, "only {} needles planted", needles.len());
+    let cfg = config(dir.path(), "");
+    let out_dir = dir.path().join("out");
+    let output = run(bin()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["deid", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&out_dir));
+    let logs = [output.stdout.as_slice(), output.stderr.as_slice()].concat();
+    let outputs = files_under(&out_dir);
+    assert_eq!(outputs.len(), 4, "one output per encoding");
+    let mut leaks = Vec::new();
+    for needle in &needles {
+        if contains(&logs, needle) {
+            leaks.push(format!("log: {needle}"));
+        }
+    }
+    for f in &outputs {
+        let rel = f.strip_prefix(&out_dir).expect("under out").to_string_lossy().into_owned();
+        let raw = std::fs::read(f).expect("read output");
+        // Deflated outputs are compressed: scan their decoded form re-encoded uncompressed.
+        let obj = OpenFileOptions::new().from_reader(raw.as_slice()).expect("output re-opens");
+        let mut plain = Vec::new();
+        obj.write_dataset(&mut plain).expect("re-encode");
+        let mut meta = Vec::new();
+        obj.write_meta(&mut meta).expect("meta");
+        assert!(raw[..128].iter().all(|b| *b == 0), "preamble must be zeroed");
+        for needle in &needles {
+            if rel.contains(needle.as_str()) {
+                leaks.push(format!("path {rel}: {needle}"));
+            }
+            if contains(&raw, needle) || contains(&plain, needle) || contains(&meta, needle) {
+                leaks.push(format!("bytes of {rel}: {needle}"));
+            }
+        }
+    }
+    assert!(leaks.is_empty(), "{} leaks, first: {:?}", leaks.len(), &leaks[..leaks.len().min(20)]);
+    let logs = String::from_utf8_lossy(&logs);
+    assert!(!logs.contains(&input.display().to_string()), "input path in logs");
+    assert!(logs.contains("de-identified"), "logs say what happened:\n{logs}");
+}
+
+#[test]
+fn profile_info_prints_edition_and_active_options() {
+    let out = run(bin().args(["deid", "--profile-info", "--option", "retain-uids"]));
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("PS3.15 2026c"), "{s}");
+    assert!(s.contains("656 rows"), "{s}");
+    assert!(s.contains("[on ] retain-uids"), "{s}");
+    assert!(s.contains("113110"), "{s}");
+    assert!(s.contains("[off] clean-graphics"), "{s}");
+}
+
+#[test]
+fn bad_options_and_missing_secrets_are_explained() {
+    let out = bin()
+        .args(["deid", "--profile-info", "--option", "retain-everything"])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("retain-everything") && e.contains("known options"), "{e}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = bin()
+        .args(["deid", "--input"])
+        .arg(dir.path())
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("site_secret_file") && e.contains("--anonymise"), "{e}");
+}
+
+#[test]
+fn demo_runs_end_to_end_and_finds_no_leak() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run(bin().arg("demo").arg("--dir").arg(dir.path().join("demo")));
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("leak check    0 identifying values"), "{s}");
+    assert!(s.contains("quarantined   2"), "{s}");
+    assert!(s.contains("patients      3"), "{s}");
+}
+
+#[test]
+fn every_input_is_written_or_quarantined_with_a_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = sample::write_sample_archive(&dir.path().join("in")).expect("archive");
+    let cfg = config(dir.path(), "");
+    let out = run(bin()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["deid", "--anonymise", "--input"])
+        .arg(&archive.root)
+        .arg("--output")
+        .arg(dir.path().join("out"))
+        .arg("--quarantine")
+        .arg(dir.path().join("q")));
+    let s = String::from_utf8_lossy(&out.stdout);
+    let written = files_under(&dir.path().join("out")).len();
+    let q = files_under(&dir.path().join("q"));
+    let reasons: Vec<String> = q
+        .iter()
+        .filter(|p| p.to_string_lossy().ends_with(".reason.json"))
+        .map(|p| std::fs::read_to_string(p).expect("reason"))
+        .collect();
+    assert_eq!(written + reasons.len(), archive.files.len(), "{s}");
+    assert!(reasons.iter().any(|r| r.contains("\"reason\":\"unreadable\"")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("missing-sop-instance-uid")), "{reasons:?}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("q")).expect("q").permissions().mode();
+        assert_eq!(mode & 0o077, 0, "quarantine must be owner-only");
+    }
+}
