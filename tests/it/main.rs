@@ -1,1 +1,6 @@
+//! Whole-system tests: one binary, in process. De-identification end to end on generated
+//! archives (options, determinism, references, anonymisation, IOD validity, pixel data, a
+//! real third-party reader), and the handshake across protocol and coordinator.
 
+mod deid;
+mod handshake;

@@ -659,7 +659,7 @@ impl<'a> Deidentifier<'a> {
             BasicAction::D => Action::Dummy,
             BasicAction::U => Action::RemapUid,
             BasicAction::Z => by_type(Action::Dummy, Action::Empty, Action::Empty),
-            BasicAction::X => by_type(Action::Dummy, Action::Empty, Action::Remove),
+            BasicAction::X => Action::Remove,
             // Where the tables do not say, a dummy (never the original value) keeps the
             // object valid whatever its IOD requires.
             BasicAction::ZD if !covered => Action::Dummy,
