@@ -84,7 +84,7 @@ fn per_option_exactly_the_kept_attributes_survive() {
             } else if matches!(pl.vr, VR::OB | VR::UN) {
                 obj.get(pl.tag)
                     .and_then(|e| e.value().to_bytes().ok())
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .map(|b| String::from_utf8_lossy(&b).trim_end_matches('\0').to_owned())
             } else {
                 text(&obj, pl.tag)
             };

@@ -703,10 +703,7 @@ impl<'a> Deidentifier<'a> {
             }
             (Action::Dummy, _) if vr == VR::UI => self.apply(inst, e, Action::RemapUid, pos),
             (Action::Dummy, _) => Some(element(tag, vr, dummy_value(vr))),
-            (
-                Action::Keep | Action::RemapUid | Action::Clean(CleanKind::Descriptor),
-                Value::Sequence(s),
-            ) => Some(sequence(tag, self.walk_items(inst, s.items(), tag, pos))),
+            (Action::Keep | Action::RemapUid, Value::Sequence(s)) => Some(sequence(tag, self.walk_items(inst, s.items(), tag, pos))),
             (Action::Keep, _) => Some(e.clone()),
             (Action::RemapUid, Value::Primitive(_)) => {
                 let values = strings_of(e)
@@ -747,8 +744,13 @@ impl<'a> Deidentifier<'a> {
                         let mut item = self.walk(inst, item, position_below(pos, tag));
                         item.remove_element(tags::TEXT_OBJECT_SEQUENCE);
                         item.remove_element(tags::GRAPHIC_OBJECT_SEQUENCE);
-                        item
+                        self.scrub_free_text(&item)
                     })
+                    .collect(),
+                CleanKind::Descriptor => self
+                    .walk_items(inst, s.items(), tag, pos)
+                    .iter()
+                    .map(|i| self.scrub_free_text(i))
                     .collect(),
                 _ => self.walk_items(inst, s.items(), tag, pos),
             };
@@ -810,8 +812,30 @@ impl<'a> Deidentifier<'a> {
         }
     }
 
+    /// Inside a sequence cleaned as a descriptor, free text (LO, ST, LT, UT, UC: code meanings,
+    /// comments) survives only if allow-listed; coded values (SH, CS) and structure stay.
+    fn scrub_free_text(&self, item: &InMemDicomObject) -> InMemDicomObject {
+        let elements = item.iter().map(|e| match (e.value(), e.vr()) {
+            (Value::Sequence(s), _) => sequence(
+                e.tag(),
+                s.items().iter().map(|i| self.scrub_free_text(i)).collect(),
+            ),
+            (Value::Primitive(_), VR::LO | VR::ST | VR::LT | VR::UT | VR::UC) => {
+                let values = strings_of(e);
+                if !values.is_empty() && values.iter().all(|v| self.policy.allows_descriptor(v)) {
+                    e.clone()
+                } else {
+                    element(e.tag(), e.vr(), PrimitiveValue::Empty)
+                }
+            }
+            _ => e.clone(),
+        });
+        InMemDicomObject::from_element_iter(elements.collect::<Vec<_>>())
+    }
+
     /// Clean Structured Content: keep coded content items (and containers, numbers, image and
-    /// spatial references), remove text, person name, date, time and UID items.
+    /// spatial references), remove text, person name, date, time and UID items, and items
+    /// that declare no value type (nothing says what they hold).
     fn clean_content_items(
         &self,
         inst: &Instance<'_>,
@@ -835,7 +859,6 @@ impl<'a> Deidentifier<'a> {
                         | "SCOORD"
                         | "SCOORD3D"
                         | "TCOORD"
-                        | ""
                 )
             })
             .map(|item| {
