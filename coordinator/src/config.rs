@@ -82,15 +82,22 @@ mod tests {
     #[test]
     fn example_config_parses_and_errors_name_the_problem() {
         let example = include_str!("../../deploy/coordinator.toml");
-        let cfg = CoordinatorConfig::parse(example, Path::new("coordinator.toml")).expect("example");
+        let cfg =
+            CoordinatorConfig::parse(example, Path::new("coordinator.toml")).expect("example");
         assert!(!cfg.sites.is_empty());
         let p = Path::new("c.toml");
         let dup = "listen = \"127.0.0.1:4433\"\n[[sites]]\nid = \"a\"\n[[sites]]\nid = \"a\"\n";
-        assert!(matches!(CoordinatorConfig::parse(dup, p), Err(ConfigError::DuplicateSite { .. })));
+        assert!(matches!(
+            CoordinatorConfig::parse(dup, p),
+            Err(ConfigError::DuplicateSite { .. })
+        ));
         let bad = "listen = \"127.0.0.1:4433\"\n[[sites]]\nid = \"Bad Name\"\n";
         let e = CoordinatorConfig::parse(bad, p).expect_err("bad site id");
         assert!(e.to_string().contains("site id"), "{e}");
         let none = "listen = \"127.0.0.1:4433\"\nsites = []\n";
-        assert!(matches!(CoordinatorConfig::parse(none, p), Err(ConfigError::NoSites { .. })));
+        assert!(matches!(
+            CoordinatorConfig::parse(none, p),
+            Err(ConfigError::NoSites { .. })
+        ));
     }
 }

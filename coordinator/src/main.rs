@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use coordinator::config::CoordinatorConfig;
 
 #[derive(Parser, Debug)]
-#[command(name = "fedcurate-coordinator", version, about = "fedcurate coordinator: schemas, aggregates and model updates, never images or identifiers")]
+#[command(
+    name = "fedcurate-coordinator",
+    version,
+    about = "fedcurate coordinator: schemas, aggregates and model updates, never images or identifiers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

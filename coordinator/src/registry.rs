@@ -41,7 +41,10 @@ impl Registry {
     /// A registry of the given sites, publishing `schema`.
     pub fn new(sites: impl IntoIterator<Item = SiteId>, schema: Option<SchemaHash>) -> Self {
         Registry {
-            sites: sites.into_iter().map(|s| (s, SiteState::default())).collect(),
+            sites: sites
+                .into_iter()
+                .map(|s| (s, SiteState::default()))
+                .collect(),
             schema,
             next_id: 1,
             answered: BTreeMap::new(),
@@ -106,7 +109,10 @@ impl Registry {
         state.connected = true;
         state.last_contact = Some(now);
         state.schema = hello.schema;
-        self.answered.entry(peer.clone()).or_default().insert(hello.id);
+        self.answered
+            .entry(peer.clone())
+            .or_default()
+            .insert(hello.id);
         let id = self.id();
         vec![Action::Reply(Message::Welcome(Welcome {
             id,
@@ -150,7 +156,10 @@ mod tests {
             Some(Action::Close) => "close".to_owned(),
             other => format!("{other:?}"),
         };
-        assert!(got.starts_with(expect), "{peer}: got {got}, expected {expect}");
+        assert!(
+            got.starts_with(expect),
+            "{peer}: got {got}, expected {expect}"
+        );
     }
 
     #[test]
@@ -158,18 +167,36 @@ mod tests {
         let schema = Some(SchemaHash([7; 32]));
         let mut reg = Registry::new([site("site-a"), site("site-b")], schema);
         check(&mut reg, "site-a", hello(1, "site-a", 1, 1), "welcome");
-        assert!(reg.site(&site("site-a")).is_some_and(|s| s.connected && s.last_contact == Some(100)));
+        assert!(
+            reg.site(&site("site-a"))
+                .is_some_and(|s| s.connected && s.last_contact == Some(100))
+        );
         // The same Hello retried is answered again, a new one while connected is refused.
         check(&mut reg, "site-a", hello(1, "site-a", 1, 1), "welcome");
-        check(&mut reg, "site-a", hello(2, "site-a", 1, 1), "AlreadyConnected");
+        check(
+            &mut reg,
+            "site-a",
+            hello(2, "site-a", 1, 1),
+            "AlreadyConnected",
+        );
         reg.disconnected(&site("site-a"));
         check(&mut reg, "site-a", hello(3, "site-a", 1, 1), "welcome");
         // Unknown, impersonating and version-incompatible sites are refused.
         check(&mut reg, "site-z", hello(1, "site-z", 1, 1), "UnknownSite");
         check(&mut reg, "site-b", hello(1, "site-a", 1, 1), "UnknownSite");
-        check(&mut reg, "site-b", hello(1, "site-b", 2, 3), "UnsupportedVersion");
+        check(
+            &mut reg,
+            "site-b",
+            hello(1, "site-b", 2, 3),
+            "UnsupportedVersion",
+        );
         // A node never sends Welcome.
-        let w = Message::Welcome(Welcome { id: MessageId(1), reply_to: MessageId(1), version: 1, schema: None });
+        let w = Message::Welcome(Welcome {
+            id: MessageId(1),
+            reply_to: MessageId(1),
+            version: 1,
+            schema: None,
+        });
         check(&mut reg, "site-b", w, "close");
     }
 }

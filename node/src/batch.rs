@@ -19,7 +19,9 @@ use crate::deid::{Deidentifier, Finding};
 /// Errors that stop a batch (I/O on the node's own folders); content problems are not errors.
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
-    #[error("cannot read the input folder: {0}; check that it exists and the node's user can read it")]
+    #[error(
+        "cannot read the input folder: {0}; check that it exists and the node's user can read it"
+    )]
     InputFolder(#[source] walkdir::Error),
     #[error("cannot write to the {what} folder {path}: {source}; check free space and permissions")]
     Write {
@@ -143,7 +145,13 @@ fn restrict(_path: &Path, _mode: u32) -> io::Result<()> {
     Ok(())
 }
 
-fn quarantine(paths: &BatchPaths, hash: &str, bytes: &[u8], reason: &str, detail: &str) -> Result<(), BatchError> {
+fn quarantine(
+    paths: &BatchPaths,
+    hash: &str,
+    bytes: &[u8],
+    reason: &str,
+    detail: &str,
+) -> Result<(), BatchError> {
     let q = &paths.quarantine;
     fs::create_dir_all(q).map_err(write_err("quarantine", q))?;
     restrict(q, 0o700).map_err(write_err("quarantine", q))?;
@@ -152,7 +160,8 @@ fn quarantine(paths: &BatchPaths, hash: &str, bytes: &[u8], reason: &str, detail
     restrict(&file, 0o600).map_err(write_err("quarantine", q))?;
     let note = serde_json::json!({ "content_sha256": hash, "reason": reason, "detail": detail });
     let note_path = q.join(format!("{hash}.reason.json"));
-    write_atomically(&note_path, format!("{note}\n").as_bytes()).map_err(write_err("quarantine", q))?;
+    write_atomically(&note_path, format!("{note}\n").as_bytes())
+        .map_err(write_err("quarantine", q))?;
     restrict(&note_path, 0o600).map_err(write_err("quarantine", q))?;
     Ok(())
 }
@@ -177,7 +186,9 @@ pub fn deidentify_bytes(
     let obj = OpenFileOptions::new()
         .from_reader(bytes)
         .map_err(|e| ("unreadable".to_owned(), e.to_string()))?;
-    let out = deid.deidentify(&obj).map_err(|f: Finding| (f.code(), f.to_string()))?;
+    let out = deid
+        .deidentify(&obj)
+        .map_err(|f: Finding| (f.code(), f.to_string()))?;
     let mut buf = Vec::new();
     out.object
         .write_all(&mut buf)
@@ -186,7 +197,10 @@ pub fn deidentify_bytes(
 }
 
 /// De-identify every file under `paths.input` into `paths.output`.
-pub fn deidentify_folder(paths: &BatchPaths, deid: &Deidentifier<'_>) -> Result<Summary, BatchError> {
+pub fn deidentify_folder(
+    paths: &BatchPaths,
+    deid: &Deidentifier<'_>,
+) -> Result<Summary, BatchError> {
     let started = Instant::now();
     if let (Ok(i), Ok(o)) = (paths.input.canonicalize(), paths.output.canonicalize()) {
         if o.starts_with(&i) {
@@ -246,7 +260,11 @@ fn step(
         Ok(x) => x,
         Err((reason, detail)) => {
             quarantine(paths, hash, bytes, &reason, &detail)?;
-            return Ok((Outcome::Quarantined { reason }, String::new(), String::new()));
+            return Ok((
+                Outcome::Quarantined { reason },
+                String::new(),
+                String::new(),
+            ));
         }
     };
     let rel = out.relative_path();
@@ -256,8 +274,18 @@ fn step(
             return Ok((Outcome::Duplicate, String::new(), String::new()));
         }
         let reason = "uid-conflict".to_owned();
-        quarantine(paths, hash, bytes, &reason, "another input with the same SOP Instance UID and different content was written first")?;
-        return Ok((Outcome::Quarantined { reason }, String::new(), String::new()));
+        quarantine(
+            paths,
+            hash,
+            bytes,
+            &reason,
+            "another input with the same SOP Instance UID and different content was written first",
+        )?;
+        return Ok((
+            Outcome::Quarantined { reason },
+            String::new(),
+            String::new(),
+        ));
     }
     let dest = paths.output.join(&rel);
     write_atomically(&dest, &encoded).map_err(write_err("output", &paths.output))?;

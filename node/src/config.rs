@@ -31,13 +31,17 @@ pub enum ConfigError {
         #[source]
         source: SecretError,
     },
-    #[error("config [deid] site_secret_file {path} cannot be read: {source}; create it with `fedcurate-node secret generate --out {path}`")]
+    #[error(
+        "config [deid] site_secret_file {path} cannot be read: {source}; create it with `fedcurate-node secret generate --out {path}`"
+    )]
     SecretRead {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("config [deid] mode is \"pseudonymise\" but no site_secret_file is set; set it, or use --anonymise")]
+    #[error(
+        "config [deid] mode is \"pseudonymise\" but no site_secret_file is set; set it, or use --anonymise"
+    )]
     NoSecret,
 }
 
@@ -161,7 +165,10 @@ impl DeidConfig {
                 source,
             });
         }
-        let path = self.site_secret_file.as_ref().ok_or(ConfigError::NoSecret)?;
+        let path = self
+            .site_secret_file
+            .as_ref()
+            .ok_or(ConfigError::NoSecret)?;
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretRead {
             path: path.clone(),
             source,
@@ -189,8 +196,11 @@ mod tests {
         let p = Path::new("t.toml");
         let e = NodeConfig::parse("data_dir = \"/x\"\nbogus = 1\n", p).expect_err("unknown field");
         assert!(e.to_string().contains("bogus"), "{e}");
-        let e = NodeConfig::parse("data_dir = \"/x\"\n[deid]\noptions = [\"retain-everything\"]\n", p)
-            .expect_err("unknown option");
+        let e = NodeConfig::parse(
+            "data_dir = \"/x\"\n[deid]\noptions = [\"retain-everything\"]\n",
+            p,
+        )
+        .expect_err("unknown option");
         assert!(e.to_string().contains("retain-everything"), "{e}");
         let e = NodeConfig::parse(
             "data_dir = \"/x\"\n[deid]\noptions = [\"retain-longitudinal-full-dates\", \"retain-longitudinal-modified-dates\"]\n",
@@ -203,7 +213,12 @@ mod tests {
             p,
         )
         .expect("valid");
-        assert!(cfg.deid.policy().expect("policy").has(DeidOption::CleanDescriptors));
+        assert!(
+            cfg.deid
+                .policy()
+                .expect("policy")
+                .has(DeidOption::CleanDescriptors)
+        );
         assert!(matches!(cfg.deid.secret(false), Err(ConfigError::NoSecret)));
         assert!(cfg.deid.secret(true).is_ok());
     }

@@ -13,7 +13,11 @@ use node::deid::{DeidPolicy, Deidentifier};
 use node::sample;
 
 #[derive(Parser, Debug)]
-#[command(name = "fedcurate-node", version, about = "fedcurate site node: de-identify, curate and export medical images without them leaving the hospital")]
+#[command(
+    name = "fedcurate-node",
+    version,
+    about = "fedcurate site node: de-identify, curate and export medical images without them leaving the hospital"
+)]
 struct Cli {
     /// Configuration file (default: the embedded deploy/node.toml).
     #[arg(long, global = true)]
@@ -104,16 +108,29 @@ fn policy_with(config: &NodeConfig, extra: &[String]) -> Result<DeidPolicy> {
 
 fn print_profile_info(policy: &DeidPolicy) {
     let t = RuleTable::standard();
-    println!("DICOM PS3.15 {} Table E.1-1, {} rows", table::EDITION, t.rules().len());
+    println!(
+        "DICOM PS3.15 {} Table E.1-1, {} rows",
+        table::EDITION,
+        t.rules().len()
+    );
     let basic = table::basic_profile_code();
-    println!("profile   {} {} ({})", basic.scheme, basic.value, basic.meaning);
+    println!(
+        "profile   {} {} ({})",
+        basic.scheme, basic.value, basic.meaning
+    );
     if policy.options.is_empty() {
         println!("options   none (basic profile only)");
     }
     for o in DeidOption::ALL {
         let c = o.method_code();
         let mark = if policy.has(o) { "on " } else { "off" };
-        println!("  [{mark}] {:<36} {} {} ({})", o.config_name(), c.scheme, c.value, c.meaning);
+        println!(
+            "  [{mark}] {:<36} {} {} ({})",
+            o.config_name(),
+            c.scheme,
+            c.value,
+            c.meaning
+        );
     }
     println!(
         "date shift {}..={} days; age bands {:?}; descriptor allow-list {} phrases",
@@ -147,7 +164,11 @@ fn deid(config: &NodeConfig, args: DeidArgs) -> Result<()> {
     tracing::info!(
         edition = table::EDITION,
         options = policy.options.len(),
-        mode = if anonymised { "anonymise" } else { "pseudonymise" },
+        mode = if anonymised {
+            "anonymise"
+        } else {
+            "pseudonymise"
+        },
         key = keys.fingerprint(),
         "de-identification started"
     );
@@ -161,13 +182,19 @@ fn print_summary(summary: &Summary, paths: &BatchPaths) {
     println!("{summary}");
     println!("output        {}", paths.output.display());
     if summary.quarantined_total() > 0 {
-        println!("quarantine    {} (reasons in *.reason.json)", paths.quarantine.display());
+        println!(
+            "quarantine    {} (reasons in *.reason.json)",
+            paths.quarantine.display()
+        );
     }
 }
 
 fn generate_secret(out: &Path) -> Result<()> {
     if out.exists() {
-        bail!("{} already exists; refusing to overwrite a site secret (it would break linkage with earlier batches)", out.display());
+        bail!(
+            "{} already exists; refusing to overwrite a site secret (it would break linkage with earlier batches)",
+            out.display()
+        );
     }
     let secret = Secret::random()?;
     batch::write_atomically(out, format!("{}\n", secret.to_hex()).as_bytes())
@@ -177,7 +204,11 @@ fn generate_secret(out: &Path) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o600))?;
     }
-    println!("site secret written to {} (fingerprint {})", out.display(), secret.fingerprint());
+    println!(
+        "site secret written to {} (fingerprint {})",
+        out.display(),
+        secret.fingerprint()
+    );
     Ok(())
 }
 
@@ -187,17 +218,28 @@ fn demo(dir: Option<PathBuf>) -> Result<()> {
         None => std::env::temp_dir().join(format!("fedcurate-demo-{}", std::process::id())),
     };
     if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() {
-        bail!("{} is not empty; give an empty or new folder with --dir", dir.display());
+        bail!(
+            "{} is not empty; give an empty or new folder with --dir",
+            dir.display()
+        );
     }
     let archive = sample::write_sample_archive(&dir.join("archive"))?;
-    println!("sample archive: {} files in {}", archive.files.len(), archive.root.display());
+    println!(
+        "sample archive: {} files in {}",
+        archive.files.len(),
+        archive.root.display()
+    );
     let secret_path = dir.join("site.secret");
     generate_secret(&secret_path)?;
     let secret = Secret::from_hex(&std::fs::read_to_string(&secret_path)?)?;
     let keys = Keys::derive(&secret);
     let mut policy = DeidPolicy::default();
-    policy.options.insert(DeidOption::RetainPatientCharacteristics);
-    policy.options.insert(DeidOption::RetainLongitudinalModifiedDates);
+    policy
+        .options
+        .insert(DeidOption::RetainPatientCharacteristics);
+    policy
+        .options
+        .insert(DeidOption::RetainLongitudinalModifiedDates);
     policy.options.insert(DeidOption::CleanDescriptors);
     policy.descriptor_allow_list = vec!["CT CHEST WITH CONTRAST".into()];
     policy.validate()?;
@@ -213,7 +255,11 @@ fn demo(dir: Option<PathBuf>) -> Result<()> {
     let mut leaks = 0usize;
     for file in batch::list_inputs(&paths.output)? {
         let bytes = std::fs::read(&file)?;
-        let rel = file.strip_prefix(&paths.output).unwrap_or(&file).to_string_lossy().into_owned();
+        let rel = file
+            .strip_prefix(&paths.output)
+            .unwrap_or(&file)
+            .to_string_lossy()
+            .into_owned();
         for value in &archive.identifying {
             let found_in_bytes = bytes.windows(value.len()).any(|w| w == value.as_bytes());
             if found_in_bytes || rel.contains(value.as_str()) {
@@ -221,7 +267,10 @@ fn demo(dir: Option<PathBuf>) -> Result<()> {
             }
         }
     }
-    println!("leak check    {leaks} identifying values found in the output ({} checked in every file)", archive.identifying.len());
+    println!(
+        "leak check    {leaks} identifying values found in the output ({} checked in every file)",
+        archive.identifying.len()
+    );
     if leaks > 0 {
         bail!("the demo found identifying values in the output");
     }

@@ -86,7 +86,11 @@ fn put_u16(obj: &mut InMemDicomObject, tag: Tag, value: u16) {
 
 /// A sequence element.
 pub fn seq(tag: Tag, items: Vec<InMemDicomObject>) -> InMemElement {
-    DataElement::new(tag, VR::SQ, Value::from(DataSetSequence::new(items, Length::UNDEFINED)))
+    DataElement::new(
+        tag,
+        VR::SQ,
+        Value::from(DataSetSequence::new(items, Length::UNDEFINED)),
+    )
 }
 
 fn item(elements: Vec<InMemElement>) -> InMemDicomObject {
@@ -143,7 +147,12 @@ pub fn base_object(
     if let Some(cs) = &p.charset {
         put_text(&mut o, Tag(0x0008, 0x0005), VR::CS, cs);
     }
-    put_text(&mut o, Tag(0x0008, 0x0008), VR::CS, "ORIGINAL\\PRIMARY\\AXIAL");
+    put_text(
+        &mut o,
+        Tag(0x0008, 0x0008),
+        VR::CS,
+        "ORIGINAL\\PRIMARY\\AXIAL",
+    );
     put_text(&mut o, Tag(0x0008, 0x0016), VR::UI, sop_class);
     put_text(&mut o, Tag(0x0008, 0x0018), VR::UI, sop_instance);
     put_text(&mut o, Tag(0x0008, 0x0020), VR::DA, &st.date);
@@ -154,7 +163,12 @@ pub fn base_object(
     put_text(&mut o, Tag(0x0008, 0x0060), VR::CS, modality);
     put_text(&mut o, Tag(0x0008, 0x0070), VR::LO, "ACME Medical");
     put_text(&mut o, Tag(0x0008, 0x0080), VR::LO, &st.institution);
-    put_text(&mut o, Tag(0x0008, 0x0081), VR::ST, "1 Hospital Road, Springfield");
+    put_text(
+        &mut o,
+        Tag(0x0008, 0x0081),
+        VR::ST,
+        "1 Hospital Road, Springfield",
+    );
     put_text(&mut o, Tag(0x0008, 0x0090), VR::PN, &st.referring_physician);
     put_text(&mut o, Tag(0x0008, 0x1010), VR::SH, &se.station);
     put_text(&mut o, Tag(0x0008, 0x1030), VR::LO, &st.description);
@@ -172,7 +186,11 @@ pub fn base_object(
     put_text(&mut o, Tag(0x0020, 0x000D), VR::UI, &st.uid);
     put_text(&mut o, Tag(0x0020, 0x000E), VR::UI, &se.uid);
     put_text(&mut o, Tag(0x0020, 0x0010), VR::SH, "4711");
-    o.put(DataElement::new(Tag(0x0020, 0x0011), VR::IS, PrimitiveValue::from(se.number.to_string())));
+    o.put(DataElement::new(
+        Tag(0x0020, 0x0011),
+        VR::IS,
+        PrimitiveValue::from(se.number.to_string()),
+    ));
     put_text(&mut o, Tag(0x0020, 0x0052), VR::UI, &se.frame_of_reference);
     // Request Attributes Sequence > Scheduled Protocol Code Sequence > Coding Scheme
     // Identification-like nesting: three levels with identifiers at each.
@@ -219,7 +237,11 @@ fn image_pixel(o: &mut InMemDicomObject, rows: u16, cols: u16, frames: u32, seed
     let pixels: Vec<u16> = (0..n)
         .map(|i| ((i as u32 * 7 + u32::from(seed) * 131) % 4096) as u16)
         .collect();
-    o.put(DataElement::new(Tag(0x7FE0, 0x0010), VR::OW, PrimitiveValue::U16(pixels.into())));
+    o.put(DataElement::new(
+        Tag(0x7FE0, 0x0010),
+        VR::OW,
+        PrimitiveValue::U16(pixels.into()),
+    ));
 }
 
 /// One CT slice at `index` along z.
@@ -229,7 +251,12 @@ pub fn ct_slice(p: &Patient, st: &Study, se: &Series, index: u16) -> InMemDicomO
     put_text(&mut o, Tag(0x0018, 0x0050), VR::DS, "2.5");
     put_text(&mut o, Tag(0x0018, 0x0060), VR::DS, "120");
     put_text(&mut o, Tag(0x0020, 0x0013), VR::IS, &index.to_string());
-    put_text(&mut o, Tag(0x0020, 0x0032), VR::DS, &format!("-100\\-100\\{}", f32::from(index) * 2.5));
+    put_text(
+        &mut o,
+        Tag(0x0020, 0x0032),
+        VR::DS,
+        &format!("-100\\-100\\{}", f32::from(index) * 2.5),
+    );
     put_text(&mut o, Tag(0x0020, 0x0037), VR::DS, "1\\0\\0\\0\\1\\0");
     put_text(&mut o, Tag(0x0028, 0x0030), VR::DS, "0.7\\0.7");
     put_text(&mut o, Tag(0x0028, 0x1052), VR::DS, "-1024");
@@ -246,11 +273,19 @@ pub fn add_overlay(o: &mut InMemDicomObject, label: &str) {
     put_u16(o, Tag(0x6000, 0x0011), 8);
     put_text(o, Tag(0x6000, 0x0022), VR::LO, label);
     put_text(o, Tag(0x6000, 0x0040), VR::CS, "G");
-    o.put(DataElement::new(Tag(0x6000, 0x0050), VR::SS, PrimitiveValue::I16(vec![1, 1].into())));
+    o.put(DataElement::new(
+        Tag(0x6000, 0x0050),
+        VR::SS,
+        PrimitiveValue::I16(vec![1, 1].into()),
+    ));
     put_u16(o, Tag(0x6000, 0x0100), 1);
     put_u16(o, Tag(0x6000, 0x0102), 0);
     put_text(o, Tag(0x6000, 0x4000), VR::LT, label);
-    o.put(DataElement::new(Tag(0x6000, 0x3000), VR::OW, PrimitiveValue::U16(vec![0xA5A5; 4].into())));
+    o.put(DataElement::new(
+        Tag(0x6000, 0x3000),
+        VR::OW,
+        PrimitiveValue::U16(vec![0xA5A5; 4].into()),
+    ));
 }
 
 /// Private data: a safe SIEMENS MR HEADER B-value, an unsafe creator with an identifying LO,
@@ -264,7 +299,14 @@ pub fn add_private(o: &mut InMemDicomObject, secret_text: &str) {
         Tag(0x0029, 0x1002),
         vec![item(vec![
             text(Tag(0x0010, 0x0010), VR::PN, secret_text),
-            seq(Tag(0x0008, 0x1140), vec![item(vec![text(Tag(0x0008, 0x1155), VR::UI, "1.2.826.0.1.3680043.10.543.777")])]),
+            seq(
+                Tag(0x0008, 0x1140),
+                vec![item(vec![text(
+                    Tag(0x0008, 0x1155),
+                    VR::UI,
+                    "1.2.826.0.1.3680043.10.543.777",
+                )])],
+            ),
         ])],
     ));
 }
@@ -282,7 +324,12 @@ pub fn mr_slice(p: &Patient, st: &Study, se: &Series, index: u16) -> InMemDicomO
     put_text(&mut o, Tag(0x0018, 0x0087), VR::DS, "3");
     put_text(&mut o, Tag(0x0018, 0x0091), VR::IS, "1");
     put_text(&mut o, Tag(0x0020, 0x0013), VR::IS, &index.to_string());
-    put_text(&mut o, Tag(0x0020, 0x0032), VR::DS, &format!("-100\\-100\\{}", f32::from(index) * 5.0));
+    put_text(
+        &mut o,
+        Tag(0x0020, 0x0032),
+        VR::DS,
+        &format!("-100\\-100\\{}", f32::from(index) * 5.0),
+    );
     put_text(&mut o, Tag(0x0020, 0x0037), VR::DS, "1\\0\\0\\0\\1\\0");
     put_text(&mut o, Tag(0x0028, 0x0030), VR::DS, "1\\1");
     add_private(&mut o, &format!("{} private note", p.name));
@@ -294,7 +341,12 @@ pub fn mr_slice(p: &Patient, st: &Study, se: &Series, index: u16) -> InMemDicomO
 pub fn enhanced_ct(p: &Patient, st: &Study, se: &Series, frames: u32) -> InMemDicomObject {
     let uid = format!("{}.1", se.uid);
     let mut o = base_object(p, st, se, sop::ENHANCED_CT, &uid, "CT");
-    put_text(&mut o, Tag(0x0008, 0x002A), VR::DT, &format!("{}{}", st.date, st.time));
+    put_text(
+        &mut o,
+        Tag(0x0008, 0x002A),
+        VR::DT,
+        &format!("{}{}", st.date, st.time),
+    );
     put_text(&mut o, Tag(0x0020, 0x0013), VR::IS, "1");
     let shared = item(vec![seq(
         Tag(0x0028, 0x9110),
@@ -310,14 +362,30 @@ pub fn enhanced_ct(p: &Patient, st: &Study, se: &Series, frames: u32) -> InMemDi
                 seq(
                     Tag(0x0020, 0x9111),
                     vec![item(vec![
-                        text(Tag(0x0018, 0x9074), VR::DT, &format!("{}{}", st.date, st.time)),
-                        text(Tag(0x0018, 0x9151), VR::DT, &format!("{}{}", st.date, st.time)),
-                        DataElement::new(Tag(0x0020, 0x9157), VR::UL, PrimitiveValue::U32(vec![f + 1].into())),
+                        text(
+                            Tag(0x0018, 0x9074),
+                            VR::DT,
+                            &format!("{}{}", st.date, st.time),
+                        ),
+                        text(
+                            Tag(0x0018, 0x9151),
+                            VR::DT,
+                            &format!("{}{}", st.date, st.time),
+                        ),
+                        DataElement::new(
+                            Tag(0x0020, 0x9157),
+                            VR::UL,
+                            PrimitiveValue::U32(vec![f + 1].into()),
+                        ),
                     ])],
                 ),
                 seq(
                     Tag(0x0020, 0x9113),
-                    vec![item(vec![text(Tag(0x0020, 0x0032), VR::DS, &format!("-100\\-100\\{}", f as f32 * 1.25))])],
+                    vec![item(vec![text(
+                        Tag(0x0020, 0x0032),
+                        VR::DS,
+                        &format!("-100\\-100\\{}", f as f32 * 1.25),
+                    )])],
                 ),
             ])
         })
@@ -389,21 +457,33 @@ pub fn segmentation(
 
 /// A basic text SR whose content tree holds text, a person name, a date, a UID reference and
 /// a coded finding, nested three levels deep.
-pub fn text_report(p: &Patient, st: &Study, se: &Series, referenced_image: &str) -> InMemDicomObject {
+pub fn text_report(
+    p: &Patient,
+    st: &Study,
+    se: &Series,
+    referenced_image: &str,
+) -> InMemDicomObject {
     let uid = format!("{}.1", se.uid);
     let mut o = base_object(p, st, se, sop::BASIC_TEXT_SR, &uid, "SR");
     put_text(&mut o, Tag(0x0040, 0xA040), VR::CS, "CONTAINER");
     put_text(&mut o, Tag(0x0040, 0xA050), VR::CS, "SEPARATE");
     put_text(&mut o, Tag(0x0040, 0xA491), VR::CS, "COMPLETE");
     put_text(&mut o, Tag(0x0040, 0xA493), VR::CS, "VERIFIED");
-    o.put(seq(Tag(0x0040, 0xA043), vec![code_item("18748-4", "LN", "Diagnostic imaging report")]));
+    o.put(seq(
+        Tag(0x0040, 0xA043),
+        vec![code_item("18748-4", "LN", "Diagnostic imaging report")],
+    ));
     let concept = |v: &str, m: &str| seq(Tag(0x0040, 0xA043), vec![code_item(v, "DCM", m)]);
     let content = vec![
         item(vec![
             text(Tag(0x0040, 0xA010), VR::CS, "CONTAINS"),
             text(Tag(0x0040, 0xA040), VR::CS, "TEXT"),
             concept("121071", "Finding"),
-            text(Tag(0x0040, 0xA160), VR::UT, &format!("Patient {} seen by Dr. Who on {}", p.name, st.date)),
+            text(
+                Tag(0x0040, 0xA160),
+                VR::UT,
+                &format!("Patient {} seen by Dr. Who on {}", p.name, st.date),
+            ),
         ]),
         item(vec![
             text(Tag(0x0040, 0xA010), VR::CS, "HAS OBS CONTEXT"),
@@ -440,7 +520,10 @@ pub fn text_report(p: &Patient, st: &Study, se: &Series, referenced_image: &str)
                         text(Tag(0x0040, 0xA010), VR::CS, "CONTAINS"),
                         text(Tag(0x0040, 0xA040), VR::CS, "CODE"),
                         concept("121071", "Finding"),
-                        seq(Tag(0x0040, 0xA168), vec![code_item("RID3874", "RADLEX", "Nodule")]),
+                        seq(
+                            Tag(0x0040, 0xA168),
+                            vec![code_item("RID3874", "RADLEX", "Nodule")],
+                        ),
                     ]),
                 ],
             ),
@@ -485,7 +568,13 @@ pub fn odd_length_file(p: &Patient, st: &Study, se: &Series) -> Vec<u8> {
     el(&mut out, 0x0008, 0x0018, b"UI", sop_uid.as_bytes());
     el(&mut out, 0x0008, 0x0020, b"DA", st.date.as_bytes());
     el(&mut out, 0x0008, 0x0060, b"CS", b"CT");
-    el(&mut out, 0x0008, 0x0090, b"PN", st.referring_physician.as_bytes());
+    el(
+        &mut out,
+        0x0008,
+        0x0090,
+        b"PN",
+        st.referring_physician.as_bytes(),
+    );
     el(&mut out, 0x0010, 0x0010, b"PN", p.name.as_bytes());
     el(&mut out, 0x0010, 0x0020, b"LO", p.id.as_bytes());
     el(&mut out, 0x0010, 0x0021, b"LO", p.issuer.as_bytes());
@@ -503,8 +592,23 @@ pub fn marker(prefix: &str, row: usize) -> String {
 pub fn canary_vr(tag: Tag) -> Option<VR> {
     let vr = Dictionary::standard().vr(tag)?;
     match vr {
-        VR::AE | VR::CS | VR::LO | VR::LT | VR::PN | VR::SH | VR::ST | VR::UC | VR::UT | VR::UR
-        | VR::UI | VR::OB | VR::UN | VR::SQ | VR::DA | VR::DT | VR::TM => Some(vr),
+        VR::AE
+        | VR::CS
+        | VR::LO
+        | VR::LT
+        | VR::PN
+        | VR::SH
+        | VR::ST
+        | VR::UC
+        | VR::UT
+        | VR::UR
+        | VR::UI
+        | VR::OB
+        | VR::UN
+        | VR::SQ
+        | VR::DA
+        | VR::DT
+        | VR::TM => Some(vr),
         _ => None,
     }
 }
@@ -530,7 +634,12 @@ pub fn canary_uid(row: usize) -> String {
 /// The planted date of a row.
 pub fn canary_date(row: usize) -> String {
     // 1931..1960, unique per row modulo a 30-year window.
-    format!("{:04}{:02}{:02}", 1931 + (row % 30), 1 + (row / 30) % 12, 1 + (row / 360) % 28)
+    format!(
+        "{:04}{:02}{:02}",
+        1931 + (row % 30),
+        1 + (row / 30) % 12,
+        1 + (row / 360) % 28
+    )
 }
 
 /// One value planted by [`canary_object`].
@@ -625,22 +734,42 @@ pub fn canary_object(prefix: &str) -> (InMemDicomObject, Vec<Planted>) {
             (DataElement::new(tag, vr, v), needle)
         };
         o.put(element);
-        planted.push(Planted { tag, row: Some(row), vr, needle });
+        planted.push(Planted {
+            tag,
+            row: Some(row),
+            vr,
+            needle,
+        });
     }
     // Overlay attributes beyond the pattern rows.
     put_u16(&mut o, Tag(0x6002, 0x0010), 2);
     put_u16(&mut o, Tag(0x6002, 0x0011), 8);
     let ovl = format!("{prefix}OVLDESC");
     put_text(&mut o, Tag(0x6002, 0x0022), VR::LO, &ovl);
-    planted.push(Planted { tag: Tag(0x6002, 0x0022), row: None, vr: VR::LO, needle: ovl });
+    planted.push(Planted {
+        tag: Tag(0x6002, 0x0022),
+        row: None,
+        vr: VR::LO,
+        needle: ovl,
+    });
     // Private tags and a private sequence with nested identifying values.
     let private = format!("{prefix}PRIVATE");
     add_private(&mut o, &private);
-    planted.push(Planted { tag: Tag(0x0029, 0x1001), row: None, vr: VR::LO, needle: private });
+    planted.push(Planted {
+        tag: Tag(0x0029, 0x1001),
+        row: None,
+        vr: VR::LO,
+        needle: private,
+    });
     // An unlisted PN the safety net must catch by VR.
     let pn = format!("{prefix}VNETPN");
     put_text(&mut o, Tag(0x0040, 0xA075), VR::PN, &pn);
-    planted.push(Planted { tag: Tag(0x0040, 0xA075), row: None, vr: VR::PN, needle: pn });
+    planted.push(Planted {
+        tag: Tag(0x0040, 0xA075),
+        row: None,
+        vr: VR::PN,
+        needle: pn,
+    });
     (o, planted)
 }
 
@@ -665,7 +794,9 @@ pub fn canary_file(
         .build()
         .map_err(io::Error::other)?;
     let mut out = Vec::new();
-    o.with_exact_meta(meta).write_all(&mut out).map_err(io::Error::other)?;
+    o.with_exact_meta(meta)
+        .write_all(&mut out)
+        .map_err(io::Error::other)?;
     // A non-zero preamble (as in TIFF dual-personality files) that must not survive.
     let mark = format!("{prefix}PREAMBLE");
     out[..mark.len()].copy_from_slice(mark.as_bytes());
@@ -734,7 +865,11 @@ pub fn write_sample_archive(root: &Path) -> io::Result<SampleArchive> {
             referring_physician: format!("Referrer^Rita{pi}"),
             institution: "St. Example Hospital".into(),
         };
-        identifying.extend([st.uid.clone(), st.accession.clone(), st.referring_physician.clone()]);
+        identifying.extend([
+            st.uid.clone(),
+            st.accession.clone(),
+            st.referring_physician.clone(),
+        ]);
         let series = |n: i32, desc: &str| Series {
             uid: format!("{}.{n}", st.uid),
             number: n,
@@ -753,62 +888,122 @@ pub fn write_sample_archive(root: &Path) -> io::Result<SampleArchive> {
                         add_overlay(&mut o, "Doe^Jane 1956");
                     }
                     instances.push(format!("{}.{i}", ct.uid));
-                    write(root, &mut files, &format!("{dir}/ct/{i:03}.dcm"), &encode(o, ts::EXPLICIT_LE)?)?;
+                    write(
+                        root,
+                        &mut files,
+                        &format!("{dir}/ct/{i:03}.dcm"),
+                        &encode(o, ts::EXPLICIT_LE)?,
+                    )?;
                 }
                 let seg = segmentation(p, &st, &series(2, "Lung mask"), &ct.uid, &instances);
-                write(root, &mut files, &format!("{dir}/seg.dcm"), &encode(seg, ts::EXPLICIT_LE)?)?;
+                write(
+                    root,
+                    &mut files,
+                    &format!("{dir}/seg.dcm"),
+                    &encode(seg, ts::EXPLICIT_LE)?,
+                )?;
                 let sr = text_report(p, &st, &series(3, "Report"), &instances[0]);
-                write(root, &mut files, &format!("{dir}/report.dcm"), &encode(sr, ts::EXPLICIT_LE)?)?;
+                write(
+                    root,
+                    &mut files,
+                    &format!("{dir}/report.dcm"),
+                    &encode(sr, ts::EXPLICIT_LE)?,
+                )?;
             }
             1 => {
                 let mr = series(1, "T1 SE axial");
                 for i in 1..=5 {
                     let o = mr_slice(p, &st, &mr, i);
-                    write(root, &mut files, &format!("{dir}/mr/IM{i}"), &encode(o, ts::IMPLICIT_LE)?)?;
+                    write(
+                        root,
+                        &mut files,
+                        &format!("{dir}/mr/IM{i}"),
+                        &encode(o, ts::IMPLICIT_LE)?,
+                    )?;
                 }
                 let ct = series(2, "Abdomen big endian");
                 for i in 1..=3 {
                     let o = ct_slice(p, &st, &ct, i);
-                    write(root, &mut files, &format!("{dir}/ct_be/{i}.dcm"), &encode(o, ts::EXPLICIT_BE)?)?;
+                    write(
+                        root,
+                        &mut files,
+                        &format!("{dir}/ct_be/{i}.dcm"),
+                        &encode(o, ts::EXPLICIT_BE)?,
+                    )?;
                 }
-                write(root, &mut files, &format!("{dir}/odd.dcm"), &odd_length_file(p, &st, &series(9, "odd")))?;
+                write(
+                    root,
+                    &mut files,
+                    &format!("{dir}/odd.dcm"),
+                    &odd_length_file(p, &st, &series(9, "odd")),
+                )?;
             }
             _ => {
                 let ct = series(1, "Deflated");
                 for i in 1..=2 {
                     let o = ct_slice(p, &st, &ct, i);
-                    write(root, &mut files, &format!("{dir}/defl/{i}.dcm"), &encode(o, ts::DEFLATED_LE)?)?;
+                    write(
+                        root,
+                        &mut files,
+                        &format!("{dir}/defl/{i}.dcm"),
+                        &encode(o, ts::DEFLATED_LE)?,
+                    )?;
                 }
                 let us = series(2, "US");
                 for i in 1..=2 {
                     let o = encapsulated_us(p, &st, &us, i);
-                    write(root, &mut files, &format!("{dir}/us/{i}.dcm"), &encode(o, ts::JPEG_BASELINE)?)?;
+                    write(
+                        root,
+                        &mut files,
+                        &format!("{dir}/us/{i}.dcm"),
+                        &encode(o, ts::JPEG_BASELINE)?,
+                    )?;
                 }
                 let mf = enhanced_ct(p, &st, &series(3, "Enhanced CT"), 4);
-                write(root, &mut files, &format!("{dir}/enhanced.dcm"), &encode(mf, ts::EXPLICIT_LE)?)?;
+                write(
+                    root,
+                    &mut files,
+                    &format!("{dir}/enhanced.dcm"),
+                    &encode(mf, ts::EXPLICIT_LE)?,
+                )?;
             }
         }
     }
     // Two files the node must refuse without stopping: not DICOM at all, and DICOM without a
     // SOP Instance UID.
-    write(root, &mut files, "notes/readme.txt", b"scanned on ward 3 for Doe^Jane")?;
-    let mut broken = ct_slice(&patients[0], &Study {
-        uid: format!("{ORIGINAL_UID_ROOT}.9.1"),
-        date: "20200101".into(),
-        time: "000000".into(),
-        accession: "ACC999".into(),
-        description: "broken".into(),
-        referring_physician: "Referrer^Rita0".into(),
-        institution: "St. Example Hospital".into(),
-    }, &Series {
-        uid: format!("{ORIGINAL_UID_ROOT}.9.1.1"),
-        number: 1,
-        description: "broken".into(),
-        frame_of_reference: format!("{ORIGINAL_UID_ROOT}.9.1.1.0"),
-        station: "X".into(),
-    }, 1);
+    write(
+        root,
+        &mut files,
+        "notes/readme.txt",
+        b"scanned on ward 3 for Doe^Jane",
+    )?;
+    let mut broken = ct_slice(
+        &patients[0],
+        &Study {
+            uid: format!("{ORIGINAL_UID_ROOT}.9.1"),
+            date: "20200101".into(),
+            time: "000000".into(),
+            accession: "ACC999".into(),
+            description: "broken".into(),
+            referring_physician: "Referrer^Rita0".into(),
+            institution: "St. Example Hospital".into(),
+        },
+        &Series {
+            uid: format!("{ORIGINAL_UID_ROOT}.9.1.1"),
+            number: 1,
+            description: "broken".into(),
+            frame_of_reference: format!("{ORIGINAL_UID_ROOT}.9.1.1.0"),
+            station: "X".into(),
+        },
+        1,
+    );
     broken.remove_element(Tag(0x0008, 0x0018));
-    write(root, &mut files, "misc/no_sop_instance.dcm", &encode(broken, ts::EXPLICIT_LE)?)?;
+    write(
+        root,
+        &mut files,
+        "misc/no_sop_instance.dcm",
+        &encode(broken, ts::EXPLICIT_LE)?,
+    )?;
     Ok(SampleArchive {
         root: root.to_owned(),
         files,

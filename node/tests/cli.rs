@@ -75,9 +75,14 @@ fn canaries_in_every_table_row_leave_no_trace_in_output_paths_or_logs() {
     let input = dir.path().join(format!("{PREFIX}PATH_DOE_JANE_19470203"));
     std::fs::create_dir_all(&input).expect("input dir");
     let mut needles: Vec<String> = vec![PREFIX.to_owned()];
-    for (i, syntax) in [ts::EXPLICIT_LE, ts::IMPLICIT_LE, ts::EXPLICIT_BE, ts::DEFLATED_LE]
-        .into_iter()
-        .enumerate()
+    for (i, syntax) in [
+        ts::EXPLICIT_LE,
+        ts::IMPLICIT_LE,
+        ts::EXPLICIT_BE,
+        ts::DEFLATED_LE,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let (bytes, planted) = sample::canary_file(PREFIX, syntax, i as u32).expect("canary file");
         std::fs::write(input.join(format!("{PREFIX}{i}.dcm")), bytes).expect("write");
@@ -91,7 +96,11 @@ fn canaries_in_every_table_row_leave_no_trace_in_output_paths_or_logs() {
     }
     needles.sort();
     needles.dedup();
-    assert!(needles.len() > 400, "only {} needles planted", needles.len());
+    assert!(
+        needles.len() > 400,
+        "only {} needles planted",
+        needles.len()
+    );
     let cfg = config(dir.path(), "");
     let out_dir = dir.path().join("out");
     let output = run(bin()
@@ -111,15 +120,24 @@ fn canaries_in_every_table_row_leave_no_trace_in_output_paths_or_logs() {
         }
     }
     for f in &outputs {
-        let rel = f.strip_prefix(&out_dir).expect("under out").to_string_lossy().into_owned();
+        let rel = f
+            .strip_prefix(&out_dir)
+            .expect("under out")
+            .to_string_lossy()
+            .into_owned();
         let raw = std::fs::read(f).expect("read output");
         // Deflated outputs are compressed: scan their decoded form re-encoded uncompressed.
-        let obj = OpenFileOptions::new().from_reader(raw.as_slice()).expect("output re-opens");
+        let obj = OpenFileOptions::new()
+            .from_reader(raw.as_slice())
+            .expect("output re-opens");
         let mut plain = Vec::new();
         obj.write_dataset(&mut plain).expect("re-encode");
         let mut meta = Vec::new();
         obj.write_meta(&mut meta).expect("meta");
-        assert!(raw[..128].iter().all(|b| *b == 0), "preamble must be zeroed");
+        assert!(
+            raw[..128].iter().all(|b| *b == 0),
+            "preamble must be zeroed"
+        );
         for needle in &needles {
             if rel.contains(needle.as_str()) {
                 leaks.push(format!("path {rel}: {needle}"));
@@ -129,10 +147,21 @@ fn canaries_in_every_table_row_leave_no_trace_in_output_paths_or_logs() {
             }
         }
     }
-    assert!(leaks.is_empty(), "{} leaks, first: {:?}", leaks.len(), &leaks[..leaks.len().min(20)]);
+    assert!(
+        leaks.is_empty(),
+        "{} leaks, first: {:?}",
+        leaks.len(),
+        &leaks[..leaks.len().min(20)]
+    );
     let logs = String::from_utf8_lossy(&logs);
-    assert!(!logs.contains(&input.display().to_string()), "input path in logs");
-    assert!(logs.contains("de-identified"), "logs say what happened:\n{logs}");
+    assert!(
+        !logs.contains(&input.display().to_string()),
+        "input path in logs"
+    );
+    assert!(
+        logs.contains("de-identified"),
+        "logs say what happened:\n{logs}"
+    );
 }
 
 #[test]
@@ -154,7 +183,10 @@ fn bad_options_and_missing_secrets_are_explained() {
         .expect("runs");
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("retain-everything") && e.contains("known options"), "{e}");
+    assert!(
+        e.contains("retain-everything") && e.contains("known options"),
+        "{e}"
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let out = bin()
         .args(["deid", "--input"])
@@ -163,7 +195,10 @@ fn bad_options_and_missing_secrets_are_explained() {
         .expect("runs");
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("site_secret_file") && e.contains("--anonymise"), "{e}");
+    assert!(
+        e.contains("site_secret_file") && e.contains("--anonymise"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -199,12 +234,25 @@ fn every_input_is_written_or_quarantined_with_a_reason() {
         .map(|p| std::fs::read_to_string(p).expect("reason"))
         .collect();
     assert_eq!(written + reasons.len(), archive.files.len(), "{s}");
-    assert!(reasons.iter().any(|r| r.contains("\"reason\":\"unreadable\"")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("missing-sop-instance-uid")), "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("\"reason\":\"unreadable\"")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("missing-sop-instance-uid")),
+        "{reasons:?}"
+    );
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("q")).expect("q").permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("q"))
+            .expect("q")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0, "quarantine must be owner-only");
     }
 }

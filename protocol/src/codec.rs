@@ -110,7 +110,9 @@ pub fn decode_frame(bytes: &[u8]) -> Result<(Message, usize), CodecError> {
         });
     }
     if len < 3 {
-        return Err(CodecError::Malformed("frame shorter than its header".into()));
+        return Err(CodecError::Malformed(
+            "frame shorter than its header".into(),
+        ));
     }
     let version = u16::from_be_bytes([bytes[4], bytes[5]]);
     if version != PROTOCOL_VERSION {
@@ -137,7 +139,9 @@ pub fn decode_frame(bytes: &[u8]) -> Result<(Message, usize), CodecError> {
         return Err(CodecError::TrailingBytes(body.len() - used));
     }
     if Kind::of(&message) != kind {
-        return Err(CodecError::Malformed("frame kind does not match its body".into()));
+        return Err(CodecError::Malformed(
+            "frame kind does not match its body".into(),
+        ));
     }
     Ok((message, total))
 }
@@ -158,20 +162,47 @@ mod tests {
 
     fn message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            (any::<u64>(), any::<u16>(), any::<u16>(), site(), hash()).prop_map(|(id, a, b, site, schema)| {
-                Message::Hello(Hello { id: MessageId(id), min_version: a, max_version: b, site, schema })
-            }),
+            (any::<u64>(), any::<u16>(), any::<u16>(), site(), hash()).prop_map(
+                |(id, a, b, site, schema)| {
+                    Message::Hello(Hello {
+                        id: MessageId(id),
+                        min_version: a,
+                        max_version: b,
+                        site,
+                        schema,
+                    })
+                }
+            ),
             (any::<u64>(), any::<u64>(), any::<u16>(), hash()).prop_map(|(id, r, v, schema)| {
-                Message::Welcome(Welcome { id: MessageId(id), reply_to: MessageId(r), version: v, schema })
+                Message::Welcome(Welcome {
+                    id: MessageId(id),
+                    reply_to: MessageId(r),
+                    version: v,
+                    schema,
+                })
             }),
-            (any::<u64>(), any::<u64>(), any::<u16>(), any::<u16>(), 0..3u8).prop_map(|(id, r, a, b, k)| {
-                let reason = match k {
-                    0 => HandshakeReject::UnsupportedVersion { min_version: a, max_version: b },
-                    1 => HandshakeReject::UnknownSite,
-                    _ => HandshakeReject::AlreadyConnected,
-                };
-                Message::Reject { id: MessageId(id), reply_to: MessageId(r), reason }
-            }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u16>(),
+                any::<u16>(),
+                0..3u8
+            )
+                .prop_map(|(id, r, a, b, k)| {
+                    let reason = match k {
+                        0 => HandshakeReject::UnsupportedVersion {
+                            min_version: a,
+                            max_version: b,
+                        },
+                        1 => HandshakeReject::UnknownSite,
+                        _ => HandshakeReject::AlreadyConnected,
+                    };
+                    Message::Reject {
+                        id: MessageId(id),
+                        reply_to: MessageId(r),
+                        reason,
+                    }
+                }),
         ]
     }
 
@@ -194,7 +225,8 @@ mod tests {
             let frame = encode_frame(&m).expect("encodes");
             let cut = cut.min(frame.len());
             let r = decode_frame(&frame[..frame.len() - cut]);
-            prop_assert!(matches!(r, Err(CodecError::Incomplete { .. })));
+            let incomplete = matches!(r, Err(CodecError::Incomplete { .. }));
+            prop_assert!(incomplete, "expected Incomplete, got {:?}", r);
         }
     }
 
@@ -202,23 +234,57 @@ mod tests {
     fn oversize_unknown_reserved_and_version_are_typed_errors() {
         let mut big = vec![0u8; 7];
         big[..4].copy_from_slice(&(MAX_FRAME_LEN as u32 + 1).to_be_bytes());
-        assert!(matches!(decode_frame(&big), Err(CodecError::Oversize { .. })));
-        let hello_oversize = [&(5000u32).to_be_bytes()[..], &PROTOCOL_VERSION.to_be_bytes(), &[0x01]].concat();
-        assert_eq!(decode_frame(&hello_oversize), Err(CodecError::Oversize { len: 4997, limit: 1024 }));
-        let unknown = [&3u32.to_be_bytes()[..], &PROTOCOL_VERSION.to_be_bytes(), &[0x7F]].concat();
+        assert!(matches!(
+            decode_frame(&big),
+            Err(CodecError::Oversize { .. })
+        ));
+        let hello_oversize = [
+            &(5000u32).to_be_bytes()[..],
+            &PROTOCOL_VERSION.to_be_bytes(),
+            &[0x01],
+        ]
+        .concat();
+        assert_eq!(
+            decode_frame(&hello_oversize),
+            Err(CodecError::Oversize {
+                len: 4997,
+                limit: 1024
+            })
+        );
+        let unknown = [
+            &3u32.to_be_bytes()[..],
+            &PROTOCOL_VERSION.to_be_bytes(),
+            &[0x7F],
+        ]
+        .concat();
         assert_eq!(decode_frame(&unknown), Err(CodecError::UnknownKind(0x7F)));
-        let reserved = [&3u32.to_be_bytes()[..], &PROTOCOL_VERSION.to_be_bytes(), &[0x10]].concat();
+        let reserved = [
+            &3u32.to_be_bytes()[..],
+            &PROTOCOL_VERSION.to_be_bytes(),
+            &[0x10],
+        ]
+        .concat();
         assert_eq!(decode_frame(&reserved), Err(CodecError::ReservedKind(0x10)));
         let future = [&3u32.to_be_bytes()[..], &99u16.to_be_bytes(), &[0x01]].concat();
-        assert_eq!(decode_frame(&future), Err(CodecError::UnsupportedVersion(99)));
+        assert_eq!(
+            decode_frame(&future),
+            Err(CodecError::UnsupportedVersion(99))
+        );
     }
 
     #[test]
     fn a_body_of_the_wrong_kind_is_refused() {
-        let m = Message::Reject { id: MessageId(1), reply_to: MessageId(2), reason: HandshakeReject::UnknownSite };
+        let m = Message::Reject {
+            id: MessageId(1),
+            reply_to: MessageId(2),
+            reason: HandshakeReject::UnknownSite,
+        };
         let mut frame = encode_frame(&m).expect("encodes");
         frame[6] = 0x01; // claims to be a Hello
-        assert!(matches!(decode_frame(&frame), Err(CodecError::Malformed(_))));
+        assert!(matches!(
+            decode_frame(&frame),
+            Err(CodecError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -232,8 +298,14 @@ mod tests {
         });
         let mut frame = encode_frame(&m).expect("encodes");
         // Patch the site id bytes "abc" to "A c" in place.
-        let pos = frame.windows(3).position(|w| w == b"abc").expect("site id in frame");
+        let pos = frame
+            .windows(3)
+            .position(|w| w == b"abc")
+            .expect("site id in frame");
         frame[pos] = b'A';
-        assert!(matches!(decode_frame(&frame), Err(CodecError::Malformed(_))));
+        assert!(matches!(
+            decode_frame(&frame),
+            Err(CodecError::Malformed(_))
+        ));
     }
 }

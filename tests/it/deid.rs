@@ -27,7 +27,9 @@ fn policy(options: &[DeidOption]) -> DeidPolicy {
 }
 
 fn open(bytes: &[u8]) -> DefaultDicomObject {
-    OpenFileOptions::new().from_reader(bytes).expect("re-opens with dicom-object")
+    OpenFileOptions::new()
+        .from_reader(bytes)
+        .expect("re-opens with dicom-object")
 }
 
 fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
@@ -44,7 +46,10 @@ fn items(obj: &InMemDicomObject, tag: Tag) -> Vec<InMemDicomObject> {
 }
 
 /// Every file of the sample archive, de-identified in process: (input, output, output bytes).
-fn deid_sample(policy: &DeidPolicy, keys: &Keys) -> Vec<(DefaultDicomObject, Deidentified, Vec<u8>)> {
+fn deid_sample(
+    policy: &DeidPolicy,
+    keys: &Keys,
+) -> Vec<(DefaultDicomObject, Deidentified, Vec<u8>)> {
     let dir = tempfile::tempdir().expect("tempdir");
     let archive = sample::write_sample_archive(dir.path()).expect("archive");
     let deid = Deidentifier::new(policy, keys);
@@ -55,7 +60,11 @@ fn deid_sample(policy: &DeidPolicy, keys: &Keys) -> Vec<(DefaultDicomObject, Dei
             out.push((open(&bytes), d, encoded));
         }
     }
-    assert_eq!(out.len(), archive.files.len() - 2, "all but the two broken files");
+    assert_eq!(
+        out.len(),
+        archive.files.len() - 2,
+        "all but the two broken files"
+    );
     out
 }
 
@@ -72,7 +81,8 @@ fn per_option_exactly_the_kept_attributes_survive() {
     for option in options {
         let p = policy(option.as_slice());
         let k = keys(1);
-        let (_, out) = batch::deidentify_bytes(&Deidentifier::new(&p, &k), &bytes).expect("de-identified");
+        let (_, out) =
+            batch::deidentify_bytes(&Deidentifier::new(&p, &k), &bytes).expect("de-identified");
         let obj = open(&out);
         let mut kept = 0;
         for pl in planted.iter() {
@@ -80,11 +90,17 @@ fn per_option_exactly_the_kept_attributes_survive() {
             let rule = &table.rules()[row];
             let expect = option.is_some_and(|o| rule.option(o) == Some(OptionAction::K));
             let value = if pl.vr == VR::SQ {
-                items(&obj, pl.tag).first().and_then(|i| text(i, Tag(0x0008, 0x0104)))
+                items(&obj, pl.tag)
+                    .first()
+                    .and_then(|i| text(i, Tag(0x0008, 0x0104)))
             } else if matches!(pl.vr, VR::OB | VR::UN) {
                 obj.get(pl.tag)
                     .and_then(|e| e.value().to_bytes().ok())
-                    .map(|b| String::from_utf8_lossy(&b).trim_end_matches('\0').to_owned())
+                    .map(|b| {
+                        String::from_utf8_lossy(&b)
+                            .trim_end_matches('\0')
+                            .to_owned()
+                    })
             } else {
                 text(&obj, pl.tag)
             };
@@ -93,14 +109,21 @@ fn per_option_exactly_the_kept_attributes_survive() {
                 continue; // times are kept by both date options and carry a common value
             }
             if survived != expect {
-                failures.push(format!("{option:?} {} {}: survived={survived}", rule.pattern, rule.keyword));
+                failures.push(format!(
+                    "{option:?} {} {}: survived={survived}",
+                    rule.pattern, rule.keyword
+                ));
             }
             kept += usize::from(survived);
             if option == Some(DeidOption::RetainLongitudinalModifiedDates) && pl.vr == VR::DA {
                 if let Some(v) = &value {
                     if !v.is_empty() {
                         let d = dates::Date::parse_da(v).expect("shifted dates stay valid");
-                        assert!(d < dates::Date::parse_da(&pl.needle).expect("planted"), "{} shifted back", rule.keyword);
+                        assert!(
+                            d < dates::Date::parse_da(&pl.needle).expect("planted"),
+                            "{} shifted back",
+                            rule.keyword
+                        );
                     }
                 }
             }
@@ -109,50 +132,91 @@ fn per_option_exactly_the_kept_attributes_survive() {
             break;
         }
         if let Some(o) = option {
-            let k_rows = planted.iter().filter(|pl| pl.row.is_some_and(|r| table.rules()[r].option(o) == Some(OptionAction::K))).count();
+            let k_rows = planted
+                .iter()
+                .filter(|pl| {
+                    pl.row
+                        .is_some_and(|r| table.rules()[r].option(o) == Some(OptionAction::K))
+                })
+                .count();
             assert_eq!(kept, k_rows, "{o}: kept {kept} of {k_rows} planted K rows");
         } else {
             assert_eq!(kept, 0, "basic profile keeps nothing planted");
         }
     }
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn clean_descriptors_keeps_only_allow_listed_phrases() {
     let (canary, planted) = sample::canary_object("DESC");
     let bytes = sample::encode(canary, ts::EXPLICIT_LE).expect("encode");
-    let study_desc = planted.iter().find(|p| p.tag == Tag(0x0008, 0x1030)).expect("planted").needle.clone();
+    let study_desc = planted
+        .iter()
+        .find(|p| p.tag == Tag(0x0008, 0x1030))
+        .expect("planted")
+        .needle
+        .clone();
     let mut p = policy(&[DeidOption::CleanDescriptors]);
     p.descriptor_allow_list = vec![format!("  {}  ", study_desc.to_lowercase())];
     let k = keys(1);
-    let (_, out) = batch::deidentify_bytes(&Deidentifier::new(&p, &k), &bytes).expect("de-identified");
+    let (_, out) =
+        batch::deidentify_bytes(&Deidentifier::new(&p, &k), &bytes).expect("de-identified");
     let obj = open(&out);
-    assert_eq!(text(&obj, Tag(0x0008, 0x1030)).as_deref(), Some(study_desc.as_str()));
-    assert_eq!(text(&obj, Tag(0x0008, 0x103E)).as_deref(), Some(""), "series description emptied");
+    assert_eq!(
+        text(&obj, Tag(0x0008, 0x1030)).as_deref(),
+        Some(study_desc.as_str())
+    );
+    assert_eq!(
+        text(&obj, Tag(0x0008, 0x103E)).as_deref(),
+        Some(""),
+        "series description emptied"
+    );
 }
 
 #[test]
 fn same_inputs_and_secret_give_byte_identical_outputs() {
-    let p = policy(&[DeidOption::RetainLongitudinalModifiedDates, DeidOption::RetainPatientCharacteristics]);
+    let p = policy(&[
+        DeidOption::RetainLongitudinalModifiedDates,
+        DeidOption::RetainPatientCharacteristics,
+    ]);
     let a = deid_sample(&p, &keys(9));
     let b = deid_sample(&p, &keys(9));
     assert_eq!(a.len(), b.len());
     for ((_, da, ba), (_, db, bb)) in a.iter().zip(&b) {
         assert_eq!(da.relative_path(), db.relative_path());
-        assert!(ba == bb, "outputs differ for {}", da.relative_path().display());
+        assert!(
+            ba == bb,
+            "outputs differ for {}",
+            da.relative_path().display()
+        );
     }
     let c = deid_sample(&p, &keys(10));
-    assert!(a.iter().zip(&c).all(|((_, x, _), (_, y, _))| x.patient != y.patient), "another secret, other pseudonyms");
+    assert!(
+        a.iter()
+            .zip(&c)
+            .all(|((_, x, _), (_, y, _))| x.patient != y.patient),
+        "another secret, other pseudonyms"
+    );
 }
 
-fn uids_and_pseudonyms(outputs: &[(DefaultDicomObject, Deidentified, Vec<u8>)]) -> BTreeSet<String> {
+fn uids_and_pseudonyms(
+    outputs: &[(DefaultDicomObject, Deidentified, Vec<u8>)],
+) -> BTreeSet<String> {
     let mut set = BTreeSet::new();
     for (_, d, bytes) in outputs {
         set.insert(d.patient.to_string());
         let s = String::from_utf8_lossy(bytes);
         for part in s.split(|c: char| !(c.is_ascii_digit() || c == '.')) {
-            if part.starts_with("2.25.") && part.len() > 20 && part != node::deid::IMPLEMENTATION_CLASS_UID {
+            if part.starts_with("2.25.")
+                && part.len() > 20
+                && part != node::deid::IMPLEMENTATION_CLASS_UID
+            {
                 set.insert(part.to_owned());
             }
         }
@@ -189,7 +253,10 @@ fn references_across_series_resolve_after_deidentification() {
         .filter(|(i, _, _)| sop(i) == sample::sop::CT)
         .map(|(_, _, b)| text(&open(b), Tag(0x0020, 0x000E)).unwrap_or_default())
         .collect();
-    let (_, _, seg) = outputs.iter().find(|(i, _, _)| sop(i) == sample::sop::SEG).expect("seg");
+    let (_, _, seg) = outputs
+        .iter()
+        .find(|(i, _, _)| sop(i) == sample::sop::SEG)
+        .expect("seg");
     let seg = open(seg);
     let series_items = items(&seg, Tag(0x0008, 0x1115));
     let refs = items(&series_items[0], Tag(0x0008, 0x114A));
@@ -197,17 +264,30 @@ fn references_across_series_resolve_after_deidentification() {
     for r in &refs {
         let uid = text(r, Tag(0x0008, 0x1155)).expect("referenced uid");
         assert!(ct_instances.contains(&uid), "SEG reference {uid} resolves");
-        assert_eq!(text(r, Tag(0x0008, 0x1150)).as_deref(), Some(sample::sop::CT), "class UID kept");
+        assert_eq!(
+            text(r, Tag(0x0008, 0x1150)).as_deref(),
+            Some(sample::sop::CT),
+            "class UID kept"
+        );
     }
     assert!(ct_series.contains(&text(&series_items[0], Tag(0x0020, 0x000E)).expect("series ref")));
     // The SR keeps its coded finding and image reference, not its text, name or date.
-    let (_, _, sr) = outputs.iter().find(|(i, _, _)| sop(i) == sample::sop::BASIC_TEXT_SR).expect("sr");
+    let (_, _, sr) = outputs
+        .iter()
+        .find(|(i, _, _)| sop(i) == sample::sop::BASIC_TEXT_SR)
+        .expect("sr");
     let sr = open(sr);
     let top = items(&sr, Tag(0x0040, 0xA730));
-    let types: Vec<String> = top.iter().filter_map(|i| text(i, Tag(0x0040, 0xA040))).collect();
+    let types: Vec<String> = top
+        .iter()
+        .filter_map(|i| text(i, Tag(0x0040, 0xA040)))
+        .collect();
     assert_eq!(types, ["CONTAINER"], "TEXT and PNAME items removed");
     let inner = items(&top[0], Tag(0x0040, 0xA730));
-    let inner_types: Vec<String> = inner.iter().filter_map(|i| text(i, Tag(0x0040, 0xA040))).collect();
+    let inner_types: Vec<String> = inner
+        .iter()
+        .filter_map(|i| text(i, Tag(0x0040, 0xA040)))
+        .collect();
     assert_eq!(inner_types, ["IMAGE", "CODE"], "DATE item removed");
     let img = items(&inner[0], Tag(0x0008, 0x1199));
     let uid = text(&img[0], Tag(0x0008, 0x1155)).expect("image ref");
@@ -229,17 +309,29 @@ fn outputs_keep_the_type1_attributes_their_iod_requires_and_the_transfer_syntax(
         );
         let class = text(input, Tag(0x0008, 0x0016)).unwrap_or_default();
         for &tag in iods.mandatory_type1(&class) {
-            let had = text(input, tag).is_some_and(|v| !v.is_empty()) || matches!(input.get(tag).map(|e| e.value()), Some(Value::Sequence(_) | Value::PixelSequence(_)));
+            let had = text(input, tag).is_some_and(|v| !v.is_empty())
+                || matches!(
+                    input.get(tag).map(|e| e.value()),
+                    Some(Value::Sequence(_) | Value::PixelSequence(_))
+                );
             if !had {
                 continue;
             }
-            let present = out.get(tag).is_some_and(|e| !matches!(e.value(), Value::Primitive(dicom_core::PrimitiveValue::Empty)));
+            let present = out.get(tag).is_some_and(|e| {
+                !matches!(
+                    e.value(),
+                    Value::Primitive(dicom_core::PrimitiveValue::Empty)
+                )
+            });
             assert!(present, "{} lost Type 1 {tag}", d.relative_path().display());
             checked += 1;
         }
         assert_eq!(text(&out, Tag(0x0012, 0x0062)).as_deref(), Some("YES"));
         assert_eq!(text(&out, Tag(0x0028, 0x0303)).as_deref(), Some("REMOVED"));
-        let codes: Vec<String> = items(&out, Tag(0x0012, 0x0064)).iter().filter_map(|i| text(i, Tag(0x0008, 0x0100))).collect();
+        let codes: Vec<String> = items(&out, Tag(0x0012, 0x0064))
+            .iter()
+            .filter_map(|i| text(i, Tag(0x0008, 0x0100)))
+            .collect();
         assert_eq!(codes, ["113100"]);
     }
     assert!(checked > 100, "checked {checked} Type 1 attributes");
@@ -263,8 +355,12 @@ fn pixel_data_passes_through_byte_for_byte() {
         assert_eq!(a, b, "{}", d.relative_path().display());
         with_pixels += usize::from(!a.is_empty());
         // Uncompressed little endian: the raw encoded value is the file's tail in both.
-        if input.meta().transfer_syntax().trim_end_matches('\0') == ts::EXPLICIT_LE && !a.is_empty() {
-            assert!(bytes.ends_with(&a), "raw pixel bytes at the end of the output");
+        if input.meta().transfer_syntax().trim_end_matches('\0') == ts::EXPLICIT_LE && !a.is_empty()
+        {
+            assert!(
+                bytes.ends_with(&a),
+                "raw pixel bytes at the end of the output"
+            );
         }
     }
     assert!(with_pixels >= 18, "{with_pixels} objects with pixel data");
@@ -272,36 +368,74 @@ fn pixel_data_passes_through_byte_for_byte() {
 
 #[test]
 fn modified_dates_shift_every_date_of_a_patient_by_the_same_days_and_ages_are_banded() {
-    let p = policy(&[DeidOption::RetainLongitudinalModifiedDates, DeidOption::RetainPatientCharacteristics]);
+    let p = policy(&[
+        DeidOption::RetainLongitudinalModifiedDates,
+        DeidOption::RetainPatientCharacteristics,
+    ]);
     let outputs = deid_sample(&p, &keys(6));
     let mut shifts: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
     let shift_between = |a: &str, b: &str| {
-        let (a, b) = (dates::Date::parse_da(a).expect("date"), dates::Date::parse_da(b).expect("date"));
-        (0..=4000u32).find(|n| a.minus_days(*n) == b).map(i64::from).unwrap_or(-1)
+        let (a, b) = (
+            dates::Date::parse_da(a).expect("date"),
+            dates::Date::parse_da(b).expect("date"),
+        );
+        (0..=4000u32)
+            .find(|n| a.minus_days(*n) == b)
+            .map(i64::from)
+            .unwrap_or(-1)
     };
     for (input, d, bytes) in &outputs {
         let out = open(bytes);
-        let (Some(a), Some(b)) = (text(input, Tag(0x0008, 0x0020)), text(&out, Tag(0x0008, 0x0020))) else {
+        let (Some(a), Some(b)) = (
+            text(input, Tag(0x0008, 0x0020)),
+            text(&out, Tag(0x0008, 0x0020)),
+        ) else {
             continue;
         };
-        shifts.entry(d.patient.to_string()).or_default().insert(shift_between(&a, &b));
+        shifts
+            .entry(d.patient.to_string())
+            .or_default()
+            .insert(shift_between(&a, &b));
         assert_eq!(text(&out, Tag(0x0028, 0x0303)).as_deref(), Some("MODIFIED"));
         let Some(age) = text(&out, Tag(0x0010, 0x1010)) else {
-            assert!(text(input, Tag(0x0010, 0x0030)).is_none(), "age computed when the birth date is known");
+            assert!(
+                text(input, Tag(0x0010, 0x0030)).is_none(),
+                "age computed when the birth date is known"
+            );
             continue;
         };
-        assert!(age.ends_with('Y') && age[..3].parse::<u32>().is_ok_and(|y| y % 5 == 0 || y == 90), "{age}");
-        assert_eq!(text(&out, Tag(0x0010, 0x0040)), text(input, Tag(0x0010, 0x0040)), "sex kept");
+        assert!(
+            age.ends_with('Y') && age[..3].parse::<u32>().is_ok_and(|y| y % 5 == 0 || y == 90),
+            "{age}"
+        );
+        assert_eq!(
+            text(&out, Tag(0x0010, 0x0040)),
+            text(input, Tag(0x0010, 0x0040)),
+            "sex kept"
+        );
     }
     assert_eq!(shifts.len(), 3);
     for (patient, s) in &shifts {
-        assert_eq!(s.len(), 1, "{patient}: one shift for all objects, got {s:?}");
+        assert_eq!(
+            s.len(),
+            1,
+            "{patient}: one shift for all objects, got {s:?}"
+        );
         let n = *s.iter().next().unwrap_or(&0);
         assert!((1..=3650).contains(&n), "{patient}: shift {n}");
     }
     // Born 1930-01-01, studied 2019: 89 years old -> band 85; the others by their bands.
-    let ages: BTreeSet<String> = outputs.iter().filter_map(|(_, _, b)| text(&open(b), Tag(0x0010, 0x1010))).collect();
-    assert_eq!(ages, ["035Y", "060Y", "085Y"].into_iter().map(String::from).collect());
+    let ages: BTreeSet<String> = outputs
+        .iter()
+        .filter_map(|(_, _, b)| text(&open(b), Tag(0x0010, 0x1010)))
+        .collect();
+    assert_eq!(
+        ages,
+        ["035Y", "060Y", "085Y"]
+            .into_iter()
+            .map(String::from)
+            .collect()
+    );
 }
 
 #[test]
@@ -315,13 +449,36 @@ fn overlays_go_under_the_basic_profile_and_are_zeroed_under_clean_graphics() {
             .expect("an input with an overlay")
     };
     let basic = find_overlay(&policy(&[]));
-    assert!(basic.iter().all(|e| e.tag().group() != 0x6000), "whole overlay group removed");
+    assert!(
+        basic.iter().all(|e| e.tag().group() != 0x6000),
+        "whole overlay group removed"
+    );
     let cleaned = find_overlay(&policy(&[DeidOption::CleanGraphics]));
-    let data = cleaned.get(Tag(0x6000, 0x3000)).expect("overlay data kept").value().to_bytes().expect("bytes").into_owned();
-    assert!(!data.is_empty() && data.iter().all(|b| *b == 0), "overlay plane zero-filled");
-    assert_eq!(text(&cleaned, Tag(0x6000, 0x0022)).as_deref(), Some(""), "overlay description emptied");
-    assert_eq!(text(&cleaned, Tag(0x6000, 0x4000)).as_deref(), Some(""), "overlay comments emptied");
-    assert!(cleaned.get(Tag(0x6000, 0x0010)).is_some(), "overlay geometry kept");
+    let data = cleaned
+        .get(Tag(0x6000, 0x3000))
+        .expect("overlay data kept")
+        .value()
+        .to_bytes()
+        .expect("bytes")
+        .into_owned();
+    assert!(
+        !data.is_empty() && data.iter().all(|b| *b == 0),
+        "overlay plane zero-filled"
+    );
+    assert_eq!(
+        text(&cleaned, Tag(0x6000, 0x0022)).as_deref(),
+        Some(""),
+        "overlay description emptied"
+    );
+    assert_eq!(
+        text(&cleaned, Tag(0x6000, 0x4000)).as_deref(),
+        Some(""),
+        "overlay comments emptied"
+    );
+    assert!(
+        cleaned.get(Tag(0x6000, 0x0010)).is_some(),
+        "overlay geometry kept"
+    );
 }
 
 #[test]
@@ -334,11 +491,28 @@ fn safe_private_attributes_survive_only_with_their_option_and_creator() {
             .expect("an MR")
     };
     let basic = mr(&policy(&[]));
-    assert!(basic.iter().all(|e| e.tag().group() % 2 == 0), "no private element under the basic profile");
+    assert!(
+        basic.iter().all(|e| e.tag().group() % 2 == 0),
+        "no private element under the basic profile"
+    );
     let safe = mr(&policy(&[DeidOption::RetainSafePrivate]));
-    let private: Vec<Tag> = safe.iter().map(|e| e.tag()).filter(|t| t.group() % 2 == 1).collect();
-    assert_eq!(private, [Tag(0x0019, 0x0010), Tag(0x0019, 0x100C)], "only the safe B-value and its creator");
-    let b_value = safe.get(Tag(0x0019, 0x100C)).expect("kept").value().to_bytes().expect("bytes").into_owned();
+    let private: Vec<Tag> = safe
+        .iter()
+        .map(|e| e.tag())
+        .filter(|t| t.group() % 2 == 1)
+        .collect();
+    assert_eq!(
+        private,
+        [Tag(0x0019, 0x0010), Tag(0x0019, 0x100C)],
+        "only the safe B-value and its creator"
+    );
+    let b_value = safe
+        .get(Tag(0x0019, 0x100C))
+        .expect("kept")
+        .value()
+        .to_bytes()
+        .expect("bytes")
+        .into_owned();
     assert_eq!(b_value, b"1000", "value byte for byte");
 }
 
@@ -354,7 +528,10 @@ fn dcmtk_reads_every_output_and_sees_no_identifying_value() {
     let p = policy(&[]);
     let k = keys(11);
     let summary = batch::deidentify_folder(&paths, &Deidentifier::new(&p, &k)).expect("batch");
-    assert_eq!(summary.written + summary.quarantined_total(), archive.files.len());
+    assert_eq!(
+        summary.written + summary.quarantined_total(),
+        archive.files.len()
+    );
     let outputs = batch::list_inputs(&paths.output).expect("outputs");
     assert_eq!(outputs.len(), summary.written);
     for f in outputs {
@@ -365,10 +542,18 @@ fn dcmtk_reads_every_output_and_sees_no_identifying_value() {
             .expect("dcmdump is installed by scripts/test.sh");
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success() && !stderr.contains("E:"), "dcmdump refused {}: {stderr}", f.display());
+        assert!(
+            out.status.success() && !stderr.contains("E:"),
+            "dcmdump refused {}: {stderr}",
+            f.display()
+        );
         assert!(stdout.contains("(0012,0062) CS [YES]"), "{stdout}");
         for value in &archive.identifying {
-            assert!(!stdout.contains(value.as_str()), "{value} visible to dcmdump in {}", rel(&paths.output, &f));
+            assert!(
+                !stdout.contains(value.as_str()),
+                "{value} visible to dcmdump in {}",
+                rel(&paths.output, &f)
+            );
         }
     }
 }

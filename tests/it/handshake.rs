@@ -25,6 +25,16 @@ fn a_framed_hello_is_welcomed_and_a_stranger_is_refused() {
     assert!(matches!(back, Message::Welcome(w) if w.reply_to == MessageId(42)));
 
     let b = SiteId::new("site-b").expect("valid");
-    let actions = registry.handle(&b, Message::Hello(Hello { id: MessageId(1), min_version: 1, max_version: 1, site: b.clone(), schema: None }), 2);
+    let actions = registry.handle(
+        &b,
+        Message::Hello(Hello {
+            id: MessageId(1),
+            min_version: 1,
+            max_version: 1,
+            site: b.clone(),
+            schema: None,
+        }),
+        2,
+    );
     assert!(actions.contains(&Action::Close));
 }

@@ -120,8 +120,8 @@ pub fn shift_dt(value: &str, days: u32) -> Option<String> {
     if !date.bytes().all(|b| b.is_ascii_digit()) || !matches!(date.len(), 4 | 6 | 8) {
         return None;
     }
-    let offset_ok = offset.is_empty()
-        || (offset.len() == 5 && offset[1..].bytes().all(|b| b.is_ascii_digit()));
+    let offset_ok =
+        offset.is_empty() || (offset.len() == 5 && offset[1..].bytes().all(|b| b.is_ascii_digit()));
     if !rest.bytes().all(|b| b.is_ascii_digit() || b == b'.') || !offset_ok {
         return None;
     }

@@ -34,7 +34,8 @@ impl Dictionary {
         let mut d = Dictionary::default();
         for line in text.lines().skip(1) {
             let mut cells = line.split('\t');
-            let (Some(tag), Some(_kw), Some(vr)) = (cells.next(), cells.next(), cells.next()) else {
+            let (Some(tag), Some(_kw), Some(vr)) = (cells.next(), cells.next(), cells.next())
+            else {
                 continue;
             };
             let Some(vr) = parse_vr(vr) else { continue };

@@ -132,7 +132,10 @@ impl IodTables {
                 None => (None, parse_tag(&path)),
             };
             let Some(tag) = tag else { continue };
-            modules.entry(get(&r, 0)).or_default().push((parent, tag, ty));
+            modules
+                .entry(get(&r, 0))
+                .or_default()
+                .push((parent, tag, ty));
         }
         for r in rows(iod_modules) {
             let iod = get(&r, 0);
@@ -203,30 +206,66 @@ mod tests {
         let t = IodTables::standard();
         assert_eq!(t.iod_of(CT), Some("CT Image"));
         // Patient ID is Type 2 in the Patient module.
-        assert_eq!(t.lookup(CT, Position::Top, Tag(0x0010, 0x0020)), IodLookup::Type(AttrType::Two));
+        assert_eq!(
+            t.lookup(CT, Position::Top, Tag(0x0010, 0x0020)),
+            IodLookup::Type(AttrType::Two)
+        );
         // Study Instance UID is Type 1.
-        assert_eq!(t.lookup(CT, Position::Top, Tag(0x0020, 0x000D)), IodLookup::Type(AttrType::One));
+        assert_eq!(
+            t.lookup(CT, Position::Top, Tag(0x0020, 0x000D)),
+            IodLookup::Type(AttrType::One)
+        );
         // Referenced SOP Instance UID inside Referenced Patient Sequence: Type 1 at the first level.
         assert_eq!(
-            t.lookup(CT, Position::FirstLevel { parent: Tag(0x0008, 0x1120) }, Tag(0x0008, 0x1155)),
+            t.lookup(
+                CT,
+                Position::FirstLevel {
+                    parent: Tag(0x0008, 0x1120)
+                },
+                Tag(0x0008, 0x1155)
+            ),
             IodLookup::Type(AttrType::One)
         );
         // Overlay Data in any overlay group folds onto 60xx.
-        assert!(matches!(t.lookup(CT, Position::Top, Tag(0x6002, 0x3000)), IodLookup::Type(_)));
+        assert!(matches!(
+            t.lookup(CT, Position::Top, Tag(0x6002, 0x3000)),
+            IodLookup::Type(_)
+        ));
         // Not part of a CT image.
-        assert_eq!(t.lookup(CT, Position::Top, Tag(0x0040, 0xA730)), IodLookup::NotInIod);
+        assert_eq!(
+            t.lookup(CT, Position::Top, Tag(0x0040, 0xA730)),
+            IodLookup::NotInIod
+        );
         // SR is not covered, nor are deep levels.
-        assert_eq!(t.lookup("1.2.840.10008.5.1.4.1.1.88.11", Position::Top, Tag(0x0010, 0x0020)), IodLookup::NotCovered);
-        assert_eq!(t.lookup(CT, Position::Deeper, Tag(0x0010, 0x0020)), IodLookup::NotCovered);
+        assert_eq!(
+            t.lookup(
+                "1.2.840.10008.5.1.4.1.1.88.11",
+                Position::Top,
+                Tag(0x0010, 0x0020)
+            ),
+            IodLookup::NotCovered
+        );
+        assert_eq!(
+            t.lookup(CT, Position::Deeper, Tag(0x0010, 0x0020)),
+            IodLookup::NotCovered
+        );
     }
 
     #[test]
     fn mandatory_type1_attributes_of_ct() {
         let t = IodTables::standard();
         let m = t.mandatory_type1(CT);
-        for tag in [Tag(0x0020, 0x000D), Tag(0x0020, 0x000E), Tag(0x0008, 0x0016), Tag(0x0008, 0x0018)] {
+        for tag in [
+            Tag(0x0020, 0x000D),
+            Tag(0x0020, 0x000E),
+            Tag(0x0008, 0x0016),
+            Tag(0x0008, 0x0018),
+        ] {
             assert!(m.contains(&tag), "{tag}");
         }
-        assert_eq!(t.iod_of("1.2.840.10008.5.1.4.1.1.1.1.1"), Some("Digital X-Ray Image"));
+        assert_eq!(
+            t.iod_of("1.2.840.10008.5.1.4.1.1.1.1.1"),
+            Some("Digital X-Ray Image")
+        );
     }
 }

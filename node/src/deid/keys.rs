@@ -17,9 +17,13 @@ pub const MIN_SECRET_LEN: usize = 32;
 /// Errors about secrets.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    #[error("site secret is {0} bytes; it must be at least {MIN_SECRET_LEN} bytes of random data (hex-encoded in the file)")]
+    #[error(
+        "site secret is {0} bytes; it must be at least {MIN_SECRET_LEN} bytes of random data (hex-encoded in the file)"
+    )]
     TooShort(usize),
-    #[error("site secret file is not hex: write {MIN_SECRET_LEN} or more random bytes as hex digits, e.g. `fedcurate-node secret generate`")]
+    #[error(
+        "site secret file is not hex: write {MIN_SECRET_LEN} or more random bytes as hex digits, e.g. `fedcurate-node secret generate`"
+    )]
     NotHex,
     #[error("the system random number generator failed")]
     Random,
@@ -274,15 +278,24 @@ mod tests {
     #[test]
     fn pseudonyms_and_shifts_depend_on_identity_and_key() {
         let k = keys(1);
-        let a = PatientIdentity::Id { id: "12345".into(), issuer: "".into() };
-        let b = PatientIdentity::Id { id: "1234".into(), issuer: "5".into() };
+        let a = PatientIdentity::Id {
+            id: "12345".into(),
+            issuer: "".into(),
+        };
+        let b = PatientIdentity::Id {
+            id: "1234".into(),
+            issuer: "5".into(),
+        };
         assert_ne!(k.pseudonym(&a), k.pseudonym(&b));
         assert_eq!(k.pseudonym(&a), keys(1).pseudonym(&a));
         assert_ne!(k.pseudonym(&a), keys(2).pseudonym(&a));
         assert_eq!(k.pseudonym(&a).as_str().len(), 17);
         let range = 10..=20;
         for i in 0..100 {
-            let id = PatientIdentity::Id { id: i.to_string(), issuer: String::new() };
+            let id = PatientIdentity::Id {
+                id: i.to_string(),
+                issuer: String::new(),
+            };
             let d = k.date_shift_days(&id, &range);
             assert!(range.contains(&d));
         }
@@ -294,7 +307,10 @@ mod tests {
         let s = Secret::random().expect("rng");
         let back = Secret::from_hex(&format!("{}\n", s.to_hex())).expect("hex");
         assert_eq!(back.to_hex(), s.to_hex());
-        assert!(matches!(Secret::from_hex("abcd"), Err(SecretError::TooShort(2))));
+        assert!(matches!(
+            Secret::from_hex("abcd"),
+            Err(SecretError::TooShort(2))
+        ));
         assert!(matches!(Secret::from_hex("zz"), Err(SecretError::NotHex)));
         assert!(!format!("{s:?}").contains(&s.to_hex()));
     }

@@ -17,8 +17,8 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::ops::RangeInclusive;
 
-use dicom_core::value::{DataSetSequence, PrimitiveValue, Value};
 use dicom_core::header::Header;
+use dicom_core::value::{DataSetSequence, PrimitiveValue, Value};
 use dicom_core::{DataElement, Length, Tag, VR};
 use dicom_object::mem::InMemElement;
 use dicom_object::{DefaultDicomObject, FileMetaTableBuilder, InMemDicomObject};
@@ -95,9 +95,13 @@ impl Default for DeidPolicy {
 /// A policy that cannot be applied.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
-    #[error("options retain-longitudinal-full-dates and retain-longitudinal-modified-dates exclude each other (PS3.15 E.3.6); choose one")]
+    #[error(
+        "options retain-longitudinal-full-dates and retain-longitudinal-modified-dates exclude each other (PS3.15 E.3.6); choose one"
+    )]
     BothDateOptions,
-    #[error("date shift range {0}..={1} is invalid: the minimum must be at least 1 day and not above the maximum")]
+    #[error(
+        "date shift range {0}..={1} is invalid: the minimum must be at least 1 day and not above the maximum"
+    )]
     DateShiftRange(u32, u32),
     #[error("age band lower bounds must start at 0 and increase strictly")]
     AgeBands,
@@ -132,7 +136,8 @@ impl DeidPolicy {
             .into_iter()
             .map(|n| {
                 DeidOption::from_config_name(n).ok_or_else(|| {
-                    let known: Vec<&str> = DeidOption::ALL.iter().map(|o| o.config_name()).collect();
+                    let known: Vec<&str> =
+                        DeidOption::ALL.iter().map(|o| o.config_name()).collect();
                     PolicyError::UnknownOption(n.to_owned(), known.join(", "))
                 })
             })
@@ -445,13 +450,25 @@ impl<'a> Deidentifier<'a> {
     /// Attributes the profile writes at the top level (E.1.1 items 6, and the options'
     /// own attributes).
     fn finish_top_level(&self, orig: &InMemDicomObject, out: &mut InMemDicomObject, p: &Pseudonym) {
-        out.put(element(tags::PATIENT_ID, VR::LO, PrimitiveValue::from(p.as_str())));
-        out.put(element(tags::PATIENT_NAME, VR::PN, PrimitiveValue::from(p.as_str())));
+        out.put(element(
+            tags::PATIENT_ID,
+            VR::LO,
+            PrimitiveValue::from(p.as_str()),
+        ));
+        out.put(element(
+            tags::PATIENT_NAME,
+            VR::PN,
+            PrimitiveValue::from(p.as_str()),
+        ));
         if self.policy.has(DeidOption::RetainPatientCharacteristics) {
             match self.age_years(orig) {
                 Some(years) => {
                     let band = dates::band_age(years, &self.policy.age_band_lower_bounds);
-                    out.put(element(tags::PATIENT_AGE, VR::AS, PrimitiveValue::from(band)));
+                    out.put(element(
+                        tags::PATIENT_AGE,
+                        VR::AS,
+                        PrimitiveValue::from(band),
+                    ));
                 }
                 None => {
                     out.remove_element(tags::PATIENT_AGE);
@@ -464,21 +481,39 @@ impl<'a> Deidentifier<'a> {
             PrimitiveValue::from("YES"),
         ));
         let mut method = vec![format!("PS3.15 {} Basic Profile", table::EDITION)];
-        method.extend(self.policy.options.iter().map(|o| o.config_name().to_owned()));
+        method.extend(
+            self.policy
+                .options
+                .iter()
+                .map(|o| o.config_name().to_owned()),
+        );
         out.put(element(tags::DEIDENTIFICATION_METHOD, VR::LO, strs(method)));
         let code_item = |c: &table::MethodCode| {
             InMemDicomObject::from_element_iter([
-                element(tags::CODE_VALUE, VR::SH, PrimitiveValue::from(c.value.as_str())),
+                element(
+                    tags::CODE_VALUE,
+                    VR::SH,
+                    PrimitiveValue::from(c.value.as_str()),
+                ),
                 element(
                     tags::CODING_SCHEME_DESIGNATOR,
                     VR::SH,
                     PrimitiveValue::from(c.scheme.as_str()),
                 ),
-                element(tags::CODE_MEANING, VR::LO, PrimitiveValue::from(c.meaning.as_str())),
+                element(
+                    tags::CODE_MEANING,
+                    VR::LO,
+                    PrimitiveValue::from(c.meaning.as_str()),
+                ),
             ])
         };
         let mut items = vec![code_item(table::basic_profile_code())];
-        items.extend(self.policy.options.iter().map(|o| code_item(o.method_code())));
+        items.extend(
+            self.policy
+                .options
+                .iter()
+                .map(|o| code_item(o.method_code())),
+        );
         out.put(sequence(tags::DEIDENTIFICATION_METHOD_CODE_SEQUENCE, items));
         let longitudinal = if self.policy.has(DeidOption::RetainLongitudinalFullDates) {
             "UNMODIFIED"
@@ -512,7 +547,11 @@ impl<'a> Deidentifier<'a> {
             let t = e.tag();
             if t.group() % 2 == 1 {
                 if let PrivateKind::Creator { block } = private_kind(t) {
-                    let c = e.value().to_str().map(|s| s.into_owned()).unwrap_or_default();
+                    let c = e
+                        .value()
+                        .to_str()
+                        .map(|s| s.into_owned())
+                        .unwrap_or_default();
                     creators.insert((t.group(), block), (c, e));
                 }
             }
@@ -703,7 +742,9 @@ impl<'a> Deidentifier<'a> {
             }
             (Action::Dummy, _) if vr == VR::UI => self.apply(inst, e, Action::RemapUid, pos),
             (Action::Dummy, _) => Some(element(tag, vr, dummy_value(vr))),
-            (Action::Keep | Action::RemapUid, Value::Sequence(s)) => Some(sequence(tag, self.walk_items(inst, s.items(), tag, pos))),
+            (Action::Keep | Action::RemapUid, Value::Sequence(s)) => {
+                Some(sequence(tag, self.walk_items(inst, s.items(), tag, pos)))
+            }
             (Action::Keep, _) => Some(e.clone()),
             (Action::RemapUid, Value::Primitive(_)) => {
                 let values = strings_of(e)
@@ -800,7 +841,9 @@ impl<'a> Deidentifier<'a> {
                     Value::Primitive(p) if is_data => {
                         let len = p.calculate_byte_len();
                         Some(match vr {
-                            VR::OW => element(tag, vr, PrimitiveValue::U16(vec![0u16; len / 2].into())),
+                            VR::OW => {
+                                element(tag, vr, PrimitiveValue::U16(vec![0u16; len / 2].into()))
+                            }
                             _ => element(tag, VR::OB, PrimitiveValue::U8(vec![0u8; len].into())),
                         })
                     }

@@ -32,7 +32,9 @@ impl SafePrivate {
             let (Some(tag), Some(creator)) = (cells.next(), cells.next()) else {
                 continue;
             };
-            let Some((g, e)) = tag.split_once(',') else { continue };
+            let Some((g, e)) = tag.split_once(',') else {
+                continue;
+            };
             let (Ok(g), Some(Ok(low))) = (
                 u16::from_str_radix(g, 16),
                 e.get(2..4).map(|l| u8::from_str_radix(l, 16)),
@@ -57,8 +59,11 @@ impl SafePrivate {
     /// Whether the private data element `tag`, whose block was reserved by `creator`, is safe.
     pub fn is_safe(&self, tag: Tag, creator: &str) -> bool {
         let creator = creator.trim_end_matches([' ', '\0']);
-        self.entries
-            .contains(&(tag.group(), (tag.element() & 0xFF) as u8, creator.to_owned()))
+        self.entries.contains(&(
+            tag.group(),
+            (tag.element() & 0xFF) as u8,
+            creator.to_owned(),
+        ))
     }
 }
 
@@ -104,8 +109,14 @@ mod tests {
 
     #[test]
     fn private_kinds() {
-        assert_eq!(private_kind(Tag(0x0009, 0x0010)), PrivateKind::Creator { block: 0x10 });
-        assert_eq!(private_kind(Tag(0x0009, 0x10AB)), PrivateKind::Data { block: 0x10 });
+        assert_eq!(
+            private_kind(Tag(0x0009, 0x0010)),
+            PrivateKind::Creator { block: 0x10 }
+        );
+        assert_eq!(
+            private_kind(Tag(0x0009, 0x10AB)),
+            PrivateKind::Data { block: 0x10 }
+        );
         assert_eq!(private_kind(Tag(0x0009, 0x0000)), PrivateKind::Other);
         assert_eq!(private_kind(Tag(0x0009, 0x0005)), PrivateKind::Other);
     }

@@ -188,7 +188,9 @@ impl TagPattern {
         match self {
             Self::Exact(t) => t == tag,
             Self::CurveGroup => is_repeating_group(tag.group(), 0x5000),
-            Self::OverlayElement(e) => is_repeating_group(tag.group(), 0x6000) && tag.element() == e,
+            Self::OverlayElement(e) => {
+                is_repeating_group(tag.group(), 0x6000) && tag.element() == e
+            }
             Self::Private => tag.group() % 2 == 1,
         }
     }
@@ -266,7 +268,9 @@ pub struct RuleTable {
 
 /// A defect in the embedded standard data; only possible if the data files were edited.
 #[derive(Debug, thiserror::Error)]
-#[error("embedded standard table {file} line {line}: {problem}; restore node/data/standard from the provenance note")]
+#[error(
+    "embedded standard table {file} line {line}: {problem}; restore node/data/standard from the provenance note"
+)]
 pub struct TableError {
     pub file: &'static str,
     pub line: usize,
@@ -505,8 +509,18 @@ mod tests {
         for (g, e, kw, basic) in [
             (0x0010, 0x0012, "NameToUse", BasicAction::X),
             (0x0070, 0x0006, "UnformattedTextValue", BasicAction::D),
-            (0x300A, 0x0054, "TableTopPositionAlignmentUID", BasicAction::U),
-            (0x0040, 0xB020, "WaveformAnnotationSequence", BasicAction::XD),
+            (
+                0x300A,
+                0x0054,
+                "TableTopPositionAlignmentUID",
+                BasicAction::U,
+            ),
+            (
+                0x0040,
+                0xB020,
+                "WaveformAnnotationSequence",
+                BasicAction::XD,
+            ),
             (0x0010, 0x2161, "EthnicGroupCodeSequence", BasicAction::X),
         ] {
             let r = rule(g, e);
@@ -528,7 +542,12 @@ mod tests {
         };
         check(0x0010, 0x0010, BasicAction::Z, &[]);
         check(0x0010, 0x0020, BasicAction::ZD, &[]);
-        check(0x0020, 0x000D, BasicAction::U, &[(RetainUids, OptionAction::K)]);
+        check(
+            0x0020,
+            0x000D,
+            BasicAction::U,
+            &[(RetainUids, OptionAction::K)],
+        );
         check(
             0x0008,
             0x0020,
@@ -550,7 +569,12 @@ mod tests {
             BasicAction::X,
             &[(RetainPatientCharacteristics, OptionAction::K)],
         );
-        check(0x0008, 0x1030, BasicAction::X, &[(CleanDescriptors, OptionAction::C)]);
+        check(
+            0x0008,
+            0x1030,
+            BasicAction::X,
+            &[(CleanDescriptors, OptionAction::C)],
+        );
         check(0x0008, 0x1140, BasicAction::XZU, &[]);
         check(0x0008, 0x2112, BasicAction::XZU, &[]);
         assert!(rule(0x0010, 0x0010).name.find('\n').is_none());
@@ -559,13 +583,24 @@ mod tests {
     #[test]
     fn pattern_rows_match_repeating_groups_only() {
         let t = table();
-        assert_eq!(t.lookup(Tag(0x6002, 0x3000)).map(|r| r.pattern), Some(TagPattern::OverlayElement(0x3000)));
-        assert_eq!(t.lookup(Tag(0x601E, 0x4000)).map(|r| r.pattern), Some(TagPattern::OverlayElement(0x4000)));
+        assert_eq!(
+            t.lookup(Tag(0x6002, 0x3000)).map(|r| r.pattern),
+            Some(TagPattern::OverlayElement(0x3000))
+        );
+        assert_eq!(
+            t.lookup(Tag(0x601E, 0x4000)).map(|r| r.pattern),
+            Some(TagPattern::OverlayElement(0x4000))
+        );
         assert!(t.lookup(Tag(0x6020, 0x3000)).is_none());
         assert!(t.lookup(Tag(0x6002, 0x0010)).is_none());
-        assert_eq!(t.lookup(Tag(0x5010, 0x0005)).map(|r| r.pattern), Some(TagPattern::CurveGroup));
+        assert_eq!(
+            t.lookup(Tag(0x5010, 0x0005)).map(|r| r.pattern),
+            Some(TagPattern::CurveGroup)
+        );
         assert!(t.lookup(Tag(0x5011, 0x0005)).is_none());
-        let private = t.private_rule().map(|r| (r.basic, r.option(DeidOption::RetainSafePrivate)));
+        let private = t
+            .private_rule()
+            .map(|r| (r.basic, r.option(DeidOption::RetainSafePrivate)));
         assert_eq!(private, Some((BasicAction::X, Some(OptionAction::C))));
         assert!(TagPattern::Private.matches(Tag(0x0009, 0x1010)));
         assert!(!TagPattern::Private.matches(Tag(0x0008, 0x1010)));
@@ -575,19 +610,55 @@ mod tests {
     fn cid_7050_codes_map_to_their_columns() {
         let expect = [
             (DeidOption::CleanGraphics, "113103", "Clean Graphics Option"),
-            (DeidOption::CleanStructuredContent, "113104", "Clean Structured Content Option"),
-            (DeidOption::CleanDescriptors, "113105", "Clean Descriptors Option"),
-            (DeidOption::RetainLongitudinalFullDates, "113106", "Retain Longitudinal Temporal Information Full Dates Option"),
-            (DeidOption::RetainLongitudinalModifiedDates, "113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
-            (DeidOption::RetainPatientCharacteristics, "113108", "Retain Patient Characteristics Option"),
-            (DeidOption::RetainDeviceIdentity, "113109", "Retain Device Identity Option"),
+            (
+                DeidOption::CleanStructuredContent,
+                "113104",
+                "Clean Structured Content Option",
+            ),
+            (
+                DeidOption::CleanDescriptors,
+                "113105",
+                "Clean Descriptors Option",
+            ),
+            (
+                DeidOption::RetainLongitudinalFullDates,
+                "113106",
+                "Retain Longitudinal Temporal Information Full Dates Option",
+            ),
+            (
+                DeidOption::RetainLongitudinalModifiedDates,
+                "113107",
+                "Retain Longitudinal Temporal Information Modified Dates Option",
+            ),
+            (
+                DeidOption::RetainPatientCharacteristics,
+                "113108",
+                "Retain Patient Characteristics Option",
+            ),
+            (
+                DeidOption::RetainDeviceIdentity,
+                "113109",
+                "Retain Device Identity Option",
+            ),
             (DeidOption::RetainUids, "113110", "Retain UIDs Option"),
-            (DeidOption::RetainSafePrivate, "113111", "Retain Safe Private Option"),
-            (DeidOption::RetainInstitutionIdentity, "113112", "Retain Institution Identity Option"),
+            (
+                DeidOption::RetainSafePrivate,
+                "113111",
+                "Retain Safe Private Option",
+            ),
+            (
+                DeidOption::RetainInstitutionIdentity,
+                "113112",
+                "Retain Institution Identity Option",
+            ),
         ];
         for (o, value, meaning) in expect {
             let c = o.method_code();
-            assert_eq!((c.value.as_str(), c.meaning.as_str(), c.scheme.as_str()), (value, meaning, "DCM"), "{o}");
+            assert_eq!(
+                (c.value.as_str(), c.meaning.as_str(), c.scheme.as_str()),
+                (value, meaning, "DCM"),
+                "{o}"
+            );
         }
         assert_eq!(basic_profile_code().value, "113100");
         assert_eq!(method_codes().len(), 13);
