@@ -15,4 +15,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 command -v dcmdump >/dev/null 2>&1 || { echo "dcmdump (dcmtk) is required by the tests and could not be installed" >&2; exit 1; }
 
-cargo test --workspace --all-targets --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --all-targets --locked 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+# One closing line over every test binary (cargo prints one per binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$rc"
