@@ -19,10 +19,16 @@ use crate::deid::{Deidentifier, Finding};
 /// Errors that stop a batch (I/O on the node's own folders); content problems are not errors.
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
+    /// The failing entry's path is not named: below the root the user gave, folder names can
+    /// be identifying (`SMITH_JOHN_19560312/`).
     #[error(
-        "cannot read the input folder: {0}; check that it exists and the node's user can read it"
+        "cannot list the input folder {root} ({kind:?} at depth {depth}); check that it exists and the node's user can read every folder in it"
     )]
-    InputFolder(#[source] walkdir::Error),
+    InputFolder {
+        root: PathBuf,
+        kind: Option<io::ErrorKind>,
+        depth: usize,
+    },
     #[error("cannot write to the {what} folder {path}: {source}; check free space and permissions")]
     Write {
         what: &'static str,
@@ -170,7 +176,11 @@ fn quarantine(
 pub fn list_inputs(root: &Path) -> Result<Vec<PathBuf>, BatchError> {
     let mut files = Vec::new();
     for entry in walkdir::WalkDir::new(root).sort_by_file_name() {
-        let entry = entry.map_err(BatchError::InputFolder)?;
+        let entry = entry.map_err(|e| BatchError::InputFolder {
+            root: root.to_owned(),
+            kind: e.io_error().map(io::Error::kind),
+            depth: e.depth(),
+        })?;
         if entry.file_type().is_file() {
             files.push(entry.into_path());
         }
