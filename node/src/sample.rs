@@ -856,6 +856,14 @@ pub fn write_sample_archive(root: &Path) -> io::Result<SampleArchive> {
     let mut identifying = Vec::new();
     for (pi, p) in patients.iter().enumerate() {
         identifying.extend([p.id.clone(), p.name.clone(), p.birth_date.clone()]);
+        // Non-ASCII names are stored in their character set's bytes: also look for their
+        // ASCII runs, which are the same bytes in every set used here.
+        identifying.extend(
+            p.name
+                .split(|c: char| !c.is_ascii())
+                .filter(|run| run.len() >= 5)
+                .map(str::to_owned),
+        );
         let st = Study {
             uid: format!("{ORIGINAL_UID_ROOT}.{}.1", pi + 1),
             date: format!("2019031{}", pi + 2),
