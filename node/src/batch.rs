@@ -1,29 +1,40 @@
-//! De-identify a folder of DICOM files: the I/O edge around [`crate::deid`].
+//! De-identify a folder of DICOM files: the I/O edge around [`crate::deid`], with the
+//! [`Catalog`] as the source of truth.
 //!
-//! Every input ends as exactly one output file or one quarantine entry. Outputs are written
-//! to a temporary file in their destination folder, flushed and renamed, so a killed process
-//! leaves no half-written output. Logs name content hashes and pseudonyms, never a path or a
-//! value from the input.
+//! Every input ends as exactly one output file, one duplicate record, one quarantine entry, or
+//! (for a file this node wrote itself) an own-output record. Work is done in batches: outputs
+//! are written to temporary files in their destination folders, then flushed to disk, renamed,
+//! their folders flushed, and only then does the batch's catalog transaction commit. A kill at
+//! any instant leaves no half-written output and no catalog row without its file; re-running
+//! the same command skips what is recorded and finishes the rest.
+//!
+//! Logs name content hashes and pseudonyms, never a path or a value from the input.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use dicom_object::OpenFileOptions;
+use ring::hmac;
 
+use crate::audit::{AuditRecord, utc_now};
+use crate::catalog::{Catalog, CatalogError, InputRecord, QuarantineEntry, RecordedOutcome};
 use crate::deid::keys::{Pseudonym, hex};
-use crate::deid::{Deidentifier, Finding};
+use crate::deid::{Deidentified, Deidentifier, Finding};
+use crate::vault::{self, VaultKey};
 
-/// Errors that stop a batch (I/O on the node's own folders); content problems are not errors.
+/// Prefix of the node's temporary files; leftovers of a killed run are swept on start.
+pub const TEMP_PREFIX: &str = ".fc-tmp-";
+
+/// Errors that stop a batch (I/O on the node's own folders, the catalog); content problems
+/// are not errors.
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
     /// The failing entry's path is not named: below the root the user gave, folder names can
     /// be identifying (`SMITH_JOHN_19560312/`).
-    #[error(
-        "cannot list the input folder {root} ({kind:?} at depth {depth}); check that it exists and the node's user can read every folder in it"
-    )]
+    #[error("cannot list the input folder {root} ({kind:?} at depth {depth}); check that it exists and the node's user can read every folder in it")]
     InputFolder {
         root: PathBuf,
         kind: Option<io::ErrorKind>,
@@ -38,6 +49,12 @@ pub enum BatchError {
     },
     #[error("the output folder {0} is inside the input folder; choose an output outside it")]
     OutputInsideInput(PathBuf),
+    #[error("the quarantine folder must not be inside the output folder {0}")]
+    QuarantineInsideOutput(PathBuf),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("re-identification map: {0}")]
+    Vault(#[from] vault::VaultError),
 }
 
 /// Where a batch reads and writes.
@@ -51,27 +68,34 @@ pub struct BatchPaths {
     pub quarantine: PathBuf,
 }
 
-/// What happened to one input.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Written to the output tree.
-    Written { patient: Pseudonym, path: PathBuf },
-    /// Identical to an input already written in this batch; recorded once.
-    Duplicate,
-    /// Refused, with a machine-readable reason.
-    Quarantined { reason: String },
+/// How a run is made.
+#[derive(Debug)]
+pub struct RunSettings<'a> {
+    /// `pseudonymise` or `anonymise`, as recorded in the catalog.
+    pub mode: &'a str,
+    /// Edition of the rules.
+    pub edition: &'a str,
+    /// Options in force, comma-separated (`basic` when none).
+    pub options: String,
+    /// Key of the re-identification map; `None`: no map is kept (always so when anonymising).
+    pub vault_key: Option<&'a VaultKey>,
+    /// Inputs per durable batch (files flushed together, one catalog transaction).
+    pub batch_size: usize,
 }
 
-/// Counts of a batch. `inputs == written + duplicates + quarantined`.
+/// Counts of a run over one input folder. Outcome counts cover every input of the folder,
+/// including those recorded by earlier (possibly interrupted) runs, so that
+/// `inputs == written + duplicates + quarantined + own_outputs`.
 #[derive(Clone, Debug, Default)]
 pub struct Summary {
     pub inputs: usize,
+    /// Inputs whose outcome was already recorded before this run.
+    pub done_before: usize,
     pub written: usize,
     pub duplicates: usize,
+    pub own_outputs: usize,
     pub quarantined: BTreeMap<String, usize>,
     pub patients: BTreeSet<Pseudonym>,
-    pub studies: BTreeSet<String>,
-    pub series: BTreeSet<String>,
     pub bytes_in: u64,
     pub elapsed: Duration,
 }
@@ -81,20 +105,34 @@ impl Summary {
     pub fn quarantined_total(&self) -> usize {
         self.quarantined.values().sum()
     }
+
+    fn count(&mut self, outcome: RecordedOutcome, reason: Option<&str>) {
+        match outcome {
+            RecordedOutcome::Written => self.written += 1,
+            RecordedOutcome::Duplicate => self.duplicates += 1,
+            RecordedOutcome::OwnOutput => self.own_outputs += 1,
+            RecordedOutcome::Quarantined => {
+                *self
+                    .quarantined
+                    .entry(reason.unwrap_or("unknown").to_owned())
+                    .or_default() += 1
+            }
+        }
+    }
 }
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "inputs        {}", self.inputs)?;
+        writeln!(f, "  done before {}", self.done_before)?;
         writeln!(f, "written       {}", self.written)?;
         writeln!(f, "duplicates    {}", self.duplicates)?;
+        writeln!(f, "own output    {}", self.own_outputs)?;
         writeln!(f, "quarantined   {}", self.quarantined_total())?;
         for (reason, n) in &self.quarantined {
             writeln!(f, "  {reason:<28} {n}")?;
         }
-        writeln!(f, "patients      {}", self.patients.len())?;
-        writeln!(f, "studies       {}", self.studies.len())?;
-        writeln!(f, "series        {}", self.series.len())?;
+        writeln!(f, "patients      {} (new in this run)", self.patients.len())?;
         let secs = self.elapsed.as_secs_f64().max(1e-9);
         write!(
             f,
@@ -106,7 +144,7 @@ impl std::fmt::Display for Summary {
     }
 }
 
-/// Short content hash of an input, the only way logs refer to it.
+/// SHA-256 of content, hex: the only way logs and the catalog refer to an input.
 pub fn content_hash(bytes: &[u8]) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
@@ -119,25 +157,87 @@ fn write_err<'p>(what: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -
     }
 }
 
-/// Write `bytes` to `path` atomically: temporary file in the same folder, flush to disk, rename.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
-    let name = path
+fn temp_path(dest: &Path) -> PathBuf {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let name = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    dir.join(format!("{TEMP_PREFIX}{}-{n}-{name}", std::process::id()))
+}
+
+/// Write `bytes` to `path` atomically and durably on its own: temporary file in the same
+/// folder, flush, rename, flush the folder.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut batch = DurableBatch::default();
+    batch.stage(path, bytes)?;
+    batch.commit()
+}
+
+/// Files staged to become durable together.
+#[derive(Debug, Default)]
+pub struct DurableBatch {
+    staged: Vec<(PathBuf, PathBuf)>,
+}
+
+impl DurableBatch {
+    /// Write `bytes` to a temporary file next to `dest` (not yet flushed or visible).
+    pub fn stage(&mut self, dest: &Path, bytes: &[u8]) -> io::Result<()> {
+        let dir = dest.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir)?;
+        let tmp = temp_path(dest);
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        self.staged.push((tmp, dest.to_owned()));
+        Ok(())
     }
-    result
+
+    /// Number of staged files.
+    pub fn len(&self) -> usize {
+        self.staged.len()
+    }
+
+    /// Whether nothing is staged.
+    pub fn is_empty(&self) -> bool {
+        self.staged.is_empty()
+    }
+
+    /// Flush every staged file, rename each into place, then flush their folders.
+    pub fn commit(&mut self) -> io::Result<()> {
+        for (tmp, _) in &self.staged {
+            fs::OpenOptions::new().write(true).open(tmp)?.sync_all()?;
+        }
+        let mut dirs = BTreeSet::new();
+        for (tmp, dest) in self.staged.drain(..) {
+            fs::rename(&tmp, &dest)?;
+            if let Some(d) = dest.parent() {
+                dirs.insert(d.to_owned());
+            }
+        }
+        for d in dirs {
+            fs::File::open(&d)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// Remove temporary files a killed run left under `root`.
+pub fn sweep_temporaries(root: &Path) -> io::Result<usize> {
+    let mut n = 0;
+    if !root.exists() {
+        return Ok(0);
+    }
+    for entry in walkdir::WalkDir::new(root).into_iter().flatten() {
+        if entry.file_type().is_file()
+            && entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX)
+        {
+            fs::remove_file(entry.path())?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 #[cfg(unix)]
@@ -151,28 +251,13 @@ fn restrict(_path: &Path, _mode: u32) -> io::Result<()> {
     Ok(())
 }
 
-fn quarantine(
-    paths: &BatchPaths,
-    hash: &str,
-    bytes: &[u8],
-    reason: &str,
-    detail: &str,
-) -> Result<(), BatchError> {
-    let q = &paths.quarantine;
+/// Create the quarantine folder with owner-only permissions.
+pub fn ensure_quarantine(q: &Path) -> Result<(), BatchError> {
     fs::create_dir_all(q).map_err(write_err("quarantine", q))?;
-    restrict(q, 0o700).map_err(write_err("quarantine", q))?;
-    let file = q.join(format!("{hash}.dcm"));
-    write_atomically(&file, bytes).map_err(write_err("quarantine", q))?;
-    restrict(&file, 0o600).map_err(write_err("quarantine", q))?;
-    let note = serde_json::json!({ "content_sha256": hash, "reason": reason, "detail": detail });
-    let note_path = q.join(format!("{hash}.reason.json"));
-    write_atomically(&note_path, format!("{note}\n").as_bytes())
-        .map_err(write_err("quarantine", q))?;
-    restrict(&note_path, 0o600).map_err(write_err("quarantine", q))?;
-    Ok(())
+    restrict(q, 0o700).map_err(write_err("quarantine", q))
 }
 
-/// All regular files under `root`, in a stable order.
+/// All regular files under `root`, in a stable order, skipping the node's temporaries.
 pub fn list_inputs(root: &Path) -> Result<Vec<PathBuf>, BatchError> {
     let mut files = Vec::new();
     for entry in walkdir::WalkDir::new(root).sort_by_file_name() {
@@ -181,7 +266,9 @@ pub fn list_inputs(root: &Path) -> Result<Vec<PathBuf>, BatchError> {
             kind: e.io_error().map(io::Error::kind),
             depth: e.depth(),
         })?;
-        if entry.file_type().is_file() {
+        if entry.file_type().is_file()
+            && !entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX)
+        {
             files.push(entry.into_path());
         }
     }
@@ -192,7 +279,7 @@ pub fn list_inputs(root: &Path) -> Result<Vec<PathBuf>, BatchError> {
 pub fn deidentify_bytes(
     deid: &Deidentifier<'_>,
     bytes: &[u8],
-) -> Result<(crate::deid::Deidentified, Vec<u8>), (String, String)> {
+) -> Result<(Deidentified, Vec<u8>), (String, String)> {
     let obj = OpenFileOptions::new()
         .from_reader(bytes)
         .map_err(|e| ("unreadable".to_owned(), e.to_string()))?;
@@ -206,106 +293,308 @@ pub fn deidentify_bytes(
     Ok((out, buf))
 }
 
-/// De-identify every file under `paths.input` into `paths.output`.
+/// An input found in phase one.
+struct Found {
+    path: PathBuf,
+    path_key: String,
+    content_hash: String,
+}
+
+/// Records of one batch, committed together.
+#[derive(Default)]
+struct Pending {
+    files: DurableBatch,
+    inputs: Vec<InputRecord>,
+    quarantine: Vec<QuarantineEntry>,
+    vault: Vec<(String, Vec<u8>, Vec<u8>)>,
+}
+
+/// De-identify every file under `paths.input` into `paths.output`, recording everything in
+/// `catalog`.
 pub fn deidentify_folder(
     paths: &BatchPaths,
     deid: &Deidentifier<'_>,
+    catalog: &mut Catalog,
+    settings: &RunSettings<'_>,
 ) -> Result<Summary, BatchError> {
     let started = Instant::now();
-    if let (Ok(i), Ok(o)) = (paths.input.canonicalize(), paths.output.canonicalize()) {
-        if o.starts_with(&i) {
+    fs::create_dir_all(&paths.output).map_err(write_err("output", &paths.output))?;
+    ensure_quarantine(&paths.quarantine)?;
+    if let (Ok(i), Ok(o), Ok(q)) = (
+        paths.input.canonicalize(),
+        paths.output.canonicalize(),
+        paths.quarantine.canonicalize(),
+    ) {
+        if o.starts_with(&i) && o != i {
             return Err(BatchError::OutputInsideInput(paths.output.clone()));
         }
-    }
-    let inputs = list_inputs(&paths.input)?;
-    fs::create_dir_all(&paths.output).map_err(write_err("output", &paths.output))?;
-    let mut summary = Summary::default();
-    let mut written: HashMap<PathBuf, String> = HashMap::new();
-    for path in inputs {
-        summary.inputs += 1;
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) => {
-                // Unreadable input: nothing to quarantine but the reason.
-                let reason = "unreadable-file".to_owned();
-                tracing::warn!(reason = %reason, error_kind = ?e.kind(), "input could not be read");
-                *summary.quarantined.entry(reason).or_default() += 1;
-                continue;
-            }
-        };
-        summary.bytes_in += bytes.len() as u64;
-        let hash = content_hash(&bytes);
-        let short = &hash[..16];
-        match step(paths, deid, &bytes, &hash, &mut written)? {
-            (Outcome::Written { patient, path: out }, study, series) => {
-                tracing::info!(input = short, patient = %patient, "de-identified");
-                summary.written += 1;
-                summary.patients.insert(patient);
-                summary.studies.insert(study);
-                summary.series.insert(series);
-                let _ = out;
-            }
-            (Outcome::Duplicate, ..) => {
-                tracing::info!(input = short, "duplicate of an input already written");
-                summary.duplicates += 1;
-            }
-            (Outcome::Quarantined { reason }, ..) => {
-                tracing::warn!(input = short, reason = %reason, "quarantined");
-                *summary.quarantined.entry(reason).or_default() += 1;
-            }
+        if q.starts_with(&o) {
+            return Err(BatchError::QuarantineInsideOutput(paths.output.clone()));
         }
     }
+    let swept = sweep_temporaries(&paths.output).map_err(write_err("output", &paths.output))?
+        + sweep_temporaries(&paths.quarantine).map_err(write_err("quarantine", &paths.quarantine))?;
+    if swept > 0 {
+        tracing::info!(files = swept, "removed temporary files of an interrupted run");
+    }
+    let run = catalog.start_run(&utc_now(), settings.mode, settings.edition, &settings.options)?;
+    let salt = catalog.path_salt()?;
+    let salt = hmac::Key::new(hmac::HMAC_SHA256, &salt);
+
+    // Phase one: find inputs, hash them, set aside what is already recorded.
+    let mut summary = Summary::default();
+    let mut todo = Vec::new();
+    for path in list_inputs(&paths.input)? {
+        summary.inputs += 1;
+        let rel = path.strip_prefix(&paths.input).unwrap_or(&path);
+        let path_key = hex(&hmac::sign(&salt, rel.to_string_lossy().as_bytes()).as_ref()[..16]);
+        let content_hash = match fs::read(&path) {
+            Ok(b) => content_hash(&b),
+            Err(_) => "unreadable".to_owned(),
+        };
+        if let Some((outcome, reason)) = catalog.recorded(&path_key, &content_hash)? {
+            summary.done_before += 1;
+            summary.count(outcome, reason.as_deref());
+            continue;
+        }
+        todo.push(Found {
+            path,
+            path_key,
+            content_hash,
+        });
+    }
+    // Within a run, the smallest content hash wins a UID conflict: process in hash order.
+    todo.sort_by(|a, b| a.content_hash.cmp(&b.content_hash).then(a.path.cmp(&b.path)));
+
+    let mut written_this_run: HashMap<String, String> = HashMap::new();
+    let mut output_hashes: HashSet<String> = HashSet::new();
+    let mut vaulted: HashSet<String> = HashSet::new();
+    let batch_size = settings.batch_size.max(1);
+    for chunk in todo.chunks(batch_size) {
+        let mut pending = Pending::default();
+        for found in chunk {
+            let record = step(
+                paths,
+                deid,
+                catalog,
+                settings,
+                found,
+                &mut pending,
+                &mut written_this_run,
+                &mut output_hashes,
+                &mut vaulted,
+                &mut summary,
+            )?;
+            summary.count(record.outcome, record.reason.as_deref());
+            pending.inputs.push(record);
+        }
+        pending
+            .files
+            .commit()
+            .map_err(write_err("output", &paths.output))?;
+        catalog.commit_batch(
+            run,
+            settings.edition,
+            &settings.options,
+            &pending.inputs,
+            &pending.quarantine,
+            &pending.vault,
+            &[],
+        )?;
+    }
     summary.elapsed = started.elapsed();
+    let audit = AuditRecord::now(
+        "run",
+        serde_json::json!({
+            "run": run,
+            "mode": settings.mode,
+            "edition": settings.edition,
+            "options": settings.options,
+            "inputs": summary.inputs,
+            "done_before": summary.done_before,
+            "written": summary.written,
+            "duplicates": summary.duplicates,
+            "own_outputs": summary.own_outputs,
+            "quarantined": summary.quarantined_total(),
+        }),
+    );
+    catalog.commit_batch(run, settings.edition, &settings.options, &[], &[], &[], &[audit])?;
+    catalog.finish_run(run, &utc_now())?;
     Ok(summary)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn step(
     paths: &BatchPaths,
     deid: &Deidentifier<'_>,
-    bytes: &[u8],
-    hash: &str,
-    written: &mut HashMap<PathBuf, String>,
-) -> Result<(Outcome, String, String), BatchError> {
-    let (out, encoded) = match deidentify_bytes(deid, bytes) {
-        Ok(x) => x,
-        Err((reason, detail)) => {
-            quarantine(paths, hash, bytes, &reason, &detail)?;
-            return Ok((
-                Outcome::Quarantined { reason },
-                String::new(),
-                String::new(),
-            ));
+    catalog: &Catalog,
+    settings: &RunSettings<'_>,
+    found: &Found,
+    pending: &mut Pending,
+    written_this_run: &mut HashMap<String, String>,
+    output_hashes: &mut HashSet<String>,
+    vaulted: &mut HashSet<String>,
+    summary: &mut Summary,
+) -> Result<InputRecord, BatchError> {
+    let mut record = InputRecord {
+        path_key: found.path_key.clone(),
+        content_hash: found.content_hash.clone(),
+        outcome: RecordedOutcome::Quarantined,
+        reason: None,
+        output_path: None,
+        output_hash: None,
+        patient: None,
+        study: None,
+        series: None,
+        instance: None,
+    };
+    let short = found.content_hash.get(..16).unwrap_or(&found.content_hash).to_owned();
+    let bytes = match fs::read(&found.path) {
+        Ok(b) if content_hash(&b) == found.content_hash => b,
+        // Unreadable, or changed since it was hashed: recorded as such; the next run sees the
+        // new content as a new input.
+        Ok(_) | Err(_) => {
+            tracing::warn!(input = %short, "input could not be read, or changed while the run was going on");
+            record.reason = Some("unreadable-file".into());
+            return Ok(record);
         }
     };
-    let rel = out.relative_path();
-    let out_hash = content_hash(&encoded);
-    if let Some(previous) = written.get(&rel) {
-        if *previous == out_hash {
-            return Ok((Outcome::Duplicate, String::new(), String::new()));
-        }
-        let reason = "uid-conflict".to_owned();
-        quarantine(
-            paths,
-            hash,
-            bytes,
-            &reason,
-            "another input with the same SOP Instance UID and different content was written first",
-        )?;
-        return Ok((
-            Outcome::Quarantined { reason },
-            String::new(),
-            String::new(),
-        ));
+    summary.bytes_in += bytes.len() as u64;
+    if output_hashes.contains(&found.content_hash) || catalog.is_own_output(&found.content_hash)? {
+        tracing::info!(input = %short, "own output: not de-identified again");
+        record.outcome = RecordedOutcome::OwnOutput;
+        return Ok(record);
     }
-    let dest = paths.output.join(&rel);
-    write_atomically(&dest, &encoded).map_err(write_err("output", &paths.output))?;
-    written.insert(rel.clone(), out_hash);
-    Ok((
-        Outcome::Written {
-            patient: out.patient.clone(),
-            path: rel,
-        },
-        out.study_token,
-        out.series_token,
-    ))
+    let quarantine = |reason: String, detail: String, pending: &mut Pending| -> Result<(), BatchError> {
+        let q = &paths.quarantine;
+        pending
+            .files
+            .stage(&q.join(format!("{}.dcm", found.content_hash)), &bytes)
+            .map_err(write_err("quarantine", q))?;
+        tracing::warn!(input = %short, reason = %reason, "quarantined");
+        pending.quarantine.push(QuarantineEntry {
+            id: found.content_hash.clone(),
+            reason,
+            detail,
+            quarantined_at: utc_now(),
+            released_at: None,
+        });
+        Ok(())
+    };
+    let (out, encoded) = match deidentify_bytes(deid, &bytes) {
+        Ok(x) => x,
+        Err((reason, detail)) => {
+            quarantine(reason.clone(), detail, pending)?;
+            record.reason = Some(reason);
+            return Ok(record);
+        }
+    };
+    let rel = out.relative_path().to_string_lossy().into_owned();
+    let out_hash = content_hash(&encoded);
+    record.patient = Some(out.patient.to_string());
+    record.study = Some(out.study_token.clone());
+    record.series = Some(out.series_token.clone());
+    record.instance = Some(out.instance_token.clone());
+    let existing = match written_this_run.get(&rel) {
+        Some(h) => Some(h.clone()),
+        None => catalog.output_hash_at(&rel)?,
+    };
+    match existing {
+        Some(h) if h == out_hash => {
+            tracing::info!(input = %short, "duplicate of an input already written");
+            record.outcome = RecordedOutcome::Duplicate;
+            record.output_path = Some(rel);
+            record.output_hash = Some(out_hash);
+        }
+        Some(_) => {
+            let reason = "uid-conflict".to_owned();
+            quarantine(
+                reason.clone(),
+                "another input with the same SOP Instance UID and different content was recorded first".into(),
+                pending,
+            )?;
+            record.reason = Some(reason);
+        }
+        None => {
+            pending
+                .files
+                .stage(&paths.output.join(&rel), &encoded)
+                .map_err(write_err("output", &paths.output))?;
+            if let Some(key) = settings.vault_key {
+                let p = out.patient.to_string();
+                if vaulted.insert(p.clone()) {
+                    let (nonce, ct) = vault::seal(key, &p, &out.original)?;
+                    pending.vault.push((p, nonce, ct));
+                }
+            }
+            tracing::info!(input = %short, patient = %out.patient, "de-identified");
+            summary.patients.insert(out.patient.clone());
+            written_this_run.insert(rel.clone(), out_hash.clone());
+            output_hashes.insert(out_hash.clone());
+            record.outcome = RecordedOutcome::Written;
+            record.output_path = Some(rel);
+            record.output_hash = Some(out_hash);
+        }
+    }
+    Ok(record)
+}
+
+/// Retry a quarantined original with the current configuration; on success its output is
+/// written, the catalog updated, the original removed from quarantine. Returns the new
+/// output's relative path, or the reason it still fails.
+pub fn release(
+    id: &str,
+    paths: &BatchPaths,
+    deid: &Deidentifier<'_>,
+    catalog: &mut Catalog,
+    vault_key: Option<&VaultKey>,
+) -> Result<Result<String, String>, BatchError> {
+    let entries = catalog.quarantine_entries(false)?;
+    let matches: Vec<&QuarantineEntry> = entries.iter().filter(|e| e.id.starts_with(id)).collect();
+    let entry = match matches.as_slice() {
+        [one] => *one,
+        [] => return Ok(Err(format!("no quarantined input with id {id}; see `fedcurate-node quarantine list`"))),
+        _ => return Ok(Err(format!("id {id} is ambiguous; give more characters"))),
+    };
+    let original = paths.quarantine.join(format!("{}.dcm", entry.id));
+    let bytes = fs::read(&original).map_err(write_err("quarantine", &paths.quarantine))?;
+    let (out, encoded) = match deidentify_bytes(deid, &bytes) {
+        Ok(x) => x,
+        Err((reason, _)) => return Ok(Err(format!("still refused: {reason}"))),
+    };
+    let rel = out.relative_path().to_string_lossy().into_owned();
+    let out_hash = content_hash(&encoded);
+    if let Some(h) = catalog.output_hash_at(&rel)? {
+        if h != out_hash {
+            return Ok(Err("still refused: uid-conflict (another instance with this SOP Instance UID is in the output)".into()));
+        }
+    }
+    write_atomically(&paths.output.join(&rel), &encoded).map_err(write_err("output", &paths.output))?;
+    let mut sealed = Vec::new();
+    if let Some(key) = vault_key {
+        let p = out.patient.to_string();
+        if catalog.vault_entry(&p)?.is_none() {
+            let (n, c) = vault::seal(key, &p, &out.original)?;
+            sealed.push((p, n, c));
+        }
+    }
+    let record = InputRecord {
+        path_key: String::new(),
+        content_hash: entry.id.clone(),
+        outcome: RecordedOutcome::Written,
+        reason: None,
+        output_path: Some(rel.clone()),
+        output_hash: Some(out_hash),
+        patient: Some(out.patient.to_string()),
+        study: Some(out.study_token),
+        series: Some(out.series_token),
+        instance: Some(out.instance_token),
+    };
+    let audit = AuditRecord::now(
+        "quarantine-release",
+        serde_json::json!({ "input": entry.id, "reason_was": entry.reason, "patient": out.patient.to_string() }),
+    );
+    catalog.release(&entry.id, &utc_now(), &record, &sealed, &audit)?;
+    fs::remove_file(&original).map_err(write_err("quarantine", &paths.quarantine))?;
+    Ok(Ok(rel))
 }

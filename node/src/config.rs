@@ -39,10 +39,18 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "config [deid] mode is \"pseudonymise\" but no site_secret_file is set; set it, or use --anonymise"
-    )]
-    NoSecret,
+    #[error("cannot create the site secret {path}: {source}; check that the data directory is writable by the node's user")]
+    SecretCreate {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config [deid] reidentification_map = true needs vault_key_file; create a key with `fedcurate-node secret generate --out FILE` and keep it apart from the data directory's backups")]
+    NoVaultKey,
+    #[error("config [deid] vault_key_file {path}: {message}")]
+    VaultKey { path: PathBuf, message: String },
+    #[error("config [deid] batch_size must be between 1 and 100000")]
+    BatchSize,
 }
 
 /// How patients are made unrecognisable.
@@ -63,9 +71,21 @@ pub struct DeidConfig {
     /// `pseudonymise` (default) or `anonymise`.
     #[serde(default)]
     pub mode: DeidMode,
-    /// File holding the site secret as hex (at least 32 random bytes). Required to pseudonymise.
+    /// File holding the site secret as hex (at least 32 random bytes); default
+    /// `<data_dir>/site.secret`, generated (owner-only) on first use.
     #[serde(default)]
     pub site_secret_file: Option<PathBuf>,
+    /// Keep an encrypted re-identification map (pseudonym → original identifiers) in the
+    /// catalog. Never kept when anonymising.
+    #[serde(default)]
+    pub reidentification_map: bool,
+    /// File holding the map's AES-256 key as 64 hex digits; required with the map.
+    #[serde(default)]
+    pub vault_key_file: Option<PathBuf>,
+    /// Inputs per durable batch: their files are flushed together and recorded in one
+    /// catalog transaction.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
     /// Options of the Basic Application Level Confidentiality Profile, by name.
     #[serde(default)]
     pub options: Vec<String>,
@@ -83,6 +103,9 @@ pub struct DeidConfig {
     pub age_band_lower_bounds: Vec<u32>,
 }
 
+fn default_batch_size() -> usize {
+    64
+}
 fn default_shift_min() -> u32 {
     1
 }
@@ -98,6 +121,9 @@ impl Default for DeidConfig {
         DeidConfig {
             mode: DeidMode::default(),
             site_secret_file: None,
+            reidentification_map: false,
+            vault_key_file: None,
+            batch_size: default_batch_size(),
             options: Vec::new(),
             descriptor_allow_list: Vec::new(),
             date_shift_min_days: default_shift_min(),
@@ -126,6 +152,12 @@ impl NodeConfig {
             message: e.to_string(),
         })?;
         cfg.deid.policy()?;
+        if !(1..=100_000).contains(&cfg.deid.batch_size) {
+            return Err(ConfigError::BatchSize);
+        }
+        if cfg.deid.reidentification_map && cfg.deid.vault_key_file.is_none() {
+            return Err(ConfigError::NoVaultKey);
+        }
         Ok(cfg)
     }
 
@@ -157,27 +189,84 @@ impl DeidConfig {
         Ok(policy)
     }
 
-    /// The secret for this run: the site secret, or a fresh one when anonymising.
-    pub fn secret(&self, anonymise: bool) -> Result<Secret, ConfigError> {
-        if anonymise || self.mode == DeidMode::Anonymise {
+    /// Whether this run anonymises.
+    pub fn anonymises(&self, flag: bool) -> bool {
+        flag || self.mode == DeidMode::Anonymise
+    }
+
+    /// Where the site secret lives.
+    pub fn secret_path(&self, data_dir: &Path) -> PathBuf {
+        self.site_secret_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("site.secret"))
+    }
+
+    /// The secret for this run: the site secret (generated, owner-only, on first use), or a
+    /// fresh one held only in memory when anonymising.
+    pub fn secret(&self, data_dir: &Path, anonymise: bool) -> Result<Secret, ConfigError> {
+        if self.anonymises(anonymise) {
             return Secret::random().map_err(|source| ConfigError::Secret {
                 path: PathBuf::from("<random>"),
                 source,
             });
         }
-        let path = self
-            .site_secret_file
-            .as_ref()
-            .ok_or(ConfigError::NoSecret)?;
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretRead {
+        let path = self.secret_path(data_dir);
+        if !path.exists() {
+            let secret = Secret::random().map_err(|source| ConfigError::Secret {
+                path: path.clone(),
+                source,
+            })?;
+            write_secret_file(&path, &secret).map_err(|source| ConfigError::SecretCreate {
+                path: path.clone(),
+                source,
+            })?;
+            tracing::info!(fingerprint = %secret.fingerprint(), "generated a new site secret; back it up with `fedcurate-node secret backup`");
+            return Ok(secret);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::SecretRead {
             path: path.clone(),
             source,
         })?;
-        Secret::from_hex(&text).map_err(|source| ConfigError::Secret {
-            path: path.clone(),
-            source,
-        })
+        Secret::from_hex(&text).map_err(|source| ConfigError::Secret { path, source })
     }
+
+    /// The vault key, if a map is kept in this run.
+    pub fn vault_key(&self, anonymise: bool) -> Result<Option<crate::vault::VaultKey>, ConfigError> {
+        if !self.reidentification_map || self.anonymises(anonymise) {
+            return Ok(None);
+        }
+        let path = self.vault_key_file.clone().ok_or(ConfigError::NoVaultKey)?;
+        read_vault_key(&path).map(Some)
+    }
+}
+
+/// Read a vault key file.
+pub fn read_vault_key(path: &Path) -> Result<crate::vault::VaultKey, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::VaultKey {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    crate::vault::VaultKey::from_hex(&text).map_err(|e| ConfigError::VaultKey {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Write a secret file (hex), owner-only, refusing to overwrite.
+pub fn write_secret_file(path: &Path, secret: &Secret) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    std::io::Write::write_all(&mut f, format!("{}\n", secret.to_hex()).as_bytes())?;
+    f.sync_all()
 }
 
 #[cfg(test)]
@@ -219,7 +308,19 @@ mod tests {
                 .expect("policy")
                 .has(DeidOption::CleanDescriptors)
         );
-        assert!(matches!(cfg.deid.secret(false), Err(ConfigError::NoSecret)));
-        assert!(cfg.deid.secret(true).is_ok());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = cfg.deid.secret(dir.path(), false).expect("generated on first use");
+        let again = cfg.deid.secret(dir.path(), false).expect("read back");
+        assert_eq!(first.to_hex(), again.to_hex());
+        let anon = cfg.deid.secret(dir.path(), true).expect("random");
+        assert_ne!(anon.to_hex(), first.to_hex());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("site.secret")).expect("file").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let e = NodeConfig::parse("data_dir = \"/x\"\n[deid]\nreidentification_map = true\n", p).expect_err("no key");
+        assert!(matches!(e, ConfigError::NoVaultKey));
     }
 }

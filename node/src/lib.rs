@@ -1,7 +1,10 @@
 //! The fedcurate site node: ingest, de-identification, and (in later stages) curation,
 //! harmonisation, statistics and export. See `ARCHITECTURE.md` for the codemap.
 
+pub mod audit;
 pub mod batch;
+pub mod catalog;
 pub mod config;
 pub mod deid;
 pub mod sample;
+pub mod vault;

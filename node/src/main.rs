@@ -1,34 +1,38 @@
 //! `fedcurate-node`: the site node's command line.
 
+use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
-use node::batch::{self, BatchPaths, Summary};
-use node::config::NodeConfig;
+use node::audit::{self, AuditRecord};
+use node::batch::{self, BatchPaths, RunSettings, Summary};
+use node::catalog::Catalog;
+use node::config::{self, NodeConfig};
 use node::deid::keys::{Keys, Secret};
 use node::deid::table::{self, DeidOption, RuleTable};
 use node::deid::{DeidPolicy, Deidentifier};
 use node::sample;
+use node::vault;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "fedcurate-node",
-    version,
-    about = "fedcurate site node: de-identify, curate and export medical images without them leaving the hospital"
-)]
+#[command(name = "fedcurate-node", version, about = "fedcurate site node: de-identify, curate and export medical images without them leaving the hospital")]
 struct Cli {
     /// Configuration file (default: the embedded deploy/node.toml).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Override the config's data directory.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// De-identify a folder of DICOM files (PS3.15 Annex E).
+    /// De-identify a folder of DICOM files (PS3.15 Annex E); re-running resumes.
     Deid(DeidArgs),
     /// Generate a sample archive and de-identify it: the node's job end to end.
     Demo {
@@ -36,10 +40,32 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// The catalog of everything done.
+    Catalog {
+        #[command(subcommand)]
+        command: CatalogCommand,
+    },
+    /// Inputs the node refused.
+    Quarantine {
+        #[command(subcommand)]
+        command: QuarantineCommand,
+    },
     /// Manage the site secret.
     Secret {
         #[command(subcommand)]
         command: SecretCommand,
+    },
+    /// Look up the original identifiers behind a pseudonym (needs the vault key; audited).
+    Reidentify {
+        pseudonym: String,
+        /// Which identifier to print.
+        #[arg(long, value_enum, default_value = "patient-id")]
+        field: Field,
+    },
+    /// The audit chain.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
     },
 }
 
@@ -54,9 +80,6 @@ struct DeidArgs {
     /// Folder for the de-identified output (default: <data_dir>/deid).
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Folder for refused originals (default: <data_dir>/quarantine).
-    #[arg(long)]
-    quarantine: Option<PathBuf>,
     /// Anonymise: a fresh random secret for this run only; the output cannot be re-linked.
     #[arg(long)]
     anonymise: bool,
@@ -66,12 +89,67 @@ struct DeidArgs {
 }
 
 #[derive(Subcommand, Debug)]
+enum CatalogCommand {
+    /// Write the catalog as JSON lines (pseudonymous keys, hashes, outcomes, reasons).
+    Export {
+        /// File to write (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum QuarantineCommand {
+    /// List quarantined inputs with their reasons.
+    List {
+        /// Include entries already released.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Retry a quarantined input with the current configuration (after review).
+    Release {
+        /// The entry's id (a prefix of its content hash is enough).
+        id: String,
+        /// Output folder (default: <data_dir>/deid).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum SecretCommand {
-    /// Write a new random site secret (hex) to a file readable by its owner only.
+    /// Write a new random secret (hex) to a file readable by its owner only.
     Generate {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Copy the site secret to a backup file (owner-only).
+    Backup {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Put a backed-up site secret in place (refuses to replace a different one).
+    Restore {
+        #[arg(long)]
+        from: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Check that no audit entry was edited, removed or reordered.
+    Verify,
+    /// Print the audit entries.
+    List,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Field {
+    PatientId,
+    Issuer,
+    Name,
+    BirthDate,
+    All,
 }
 
 fn main() -> Result<()> {
@@ -84,17 +162,61 @@ fn main() -> Result<()> {
         )
         .init();
     let cli = Cli::parse();
-    let config = match &cli.config {
+    let mut config = match &cli.config {
         Some(p) => NodeConfig::load(p)?,
         None => NodeConfig::embedded()?,
     };
+    if let Some(d) = cli.data_dir {
+        config.data_dir = d;
+    }
     match cli.command {
         Command::Deid(args) => deid(&config, args),
         Command::Demo { dir } => demo(dir),
-        Command::Secret {
-            command: SecretCommand::Generate { out },
-        } => generate_secret(&out),
+        Command::Catalog {
+            command: CatalogCommand::Export { out },
+        } => export(&config, out.as_deref()),
+        Command::Quarantine { command } => quarantine(&config, command),
+        Command::Secret { command } => secret(&config, command),
+        Command::Reidentify { pseudonym, field } => reidentify(&config, &pseudonym, field),
+        Command::Audit { command } => audit_cmd(&config, command),
     }
+}
+
+/// The data directory, locked for this process, and its catalog.
+struct DataDir {
+    root: PathBuf,
+    catalog: Catalog,
+    _lock: File,
+}
+
+fn open_data_dir(root: &Path) -> Result<DataDir> {
+    std::fs::create_dir_all(root)
+        .with_context(|| format!("creating the data directory {}", root.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting {} to its owner", root.display()))?;
+    }
+    let lock_path = root.join("node.lock");
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        bail!(
+            "another fedcurate-node process is using the data directory {}; wait for it to finish",
+            root.display()
+        );
+    }
+    let catalog = Catalog::open(&root.join("catalog.sqlite"))?;
+    Ok(DataDir {
+        root: root.to_owned(),
+        catalog,
+        _lock: lock,
+    })
 }
 
 fn policy_with(config: &NodeConfig, extra: &[String]) -> Result<DeidPolicy> {
@@ -106,31 +228,31 @@ fn policy_with(config: &NodeConfig, extra: &[String]) -> Result<DeidPolicy> {
     Ok(policy)
 }
 
+fn options_text(policy: &DeidPolicy) -> String {
+    if policy.options.is_empty() {
+        "basic".to_owned()
+    } else {
+        policy
+            .options
+            .iter()
+            .map(|o| o.config_name())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
 fn print_profile_info(policy: &DeidPolicy) {
     let t = RuleTable::standard();
-    println!(
-        "DICOM PS3.15 {} Table E.1-1, {} rows",
-        table::EDITION,
-        t.rules().len()
-    );
+    println!("DICOM PS3.15 {} Table E.1-1, {} rows", table::EDITION, t.rules().len());
     let basic = table::basic_profile_code();
-    println!(
-        "profile   {} {} ({})",
-        basic.scheme, basic.value, basic.meaning
-    );
+    println!("profile   {} {} ({})", basic.scheme, basic.value, basic.meaning);
     if policy.options.is_empty() {
         println!("options   none (basic profile only)");
     }
     for o in DeidOption::ALL {
         let c = o.method_code();
         let mark = if policy.has(o) { "on " } else { "off" };
-        println!(
-            "  [{mark}] {:<36} {} {} ({})",
-            o.config_name(),
-            c.scheme,
-            c.value,
-            c.meaning
-        );
+        println!("  [{mark}] {:<36} {} {} ({})", o.config_name(), c.scheme, c.value, c.meaning);
     }
     println!(
         "date shift {}..={} days; age bands {:?}; descriptor allow-list {} phrases",
@@ -150,30 +272,33 @@ fn deid(config: &NodeConfig, args: DeidArgs) -> Result<()> {
     let Some(input) = args.input else {
         bail!("--input is required");
     };
-    let secret = config.deid.secret(args.anonymise)?;
+    let mut dd = open_data_dir(&config.data_dir)?;
+    let anonymise = config.deid.anonymises(args.anonymise);
+    let secret = config.deid.secret(&dd.root, anonymise)?;
     let keys = Keys::derive(&secret);
     drop(secret);
+    let vault_key = config.deid.vault_key(anonymise)?;
     let paths = BatchPaths {
         input,
-        output: args.output.unwrap_or_else(|| config.data_dir.join("deid")),
-        quarantine: args
-            .quarantine
-            .unwrap_or_else(|| config.data_dir.join("quarantine")),
+        output: args.output.unwrap_or_else(|| dd.root.join("deid")),
+        quarantine: dd.root.join("quarantine"),
     };
-    let anonymised = args.anonymise || config.deid.mode == node::config::DeidMode::Anonymise;
+    let settings = RunSettings {
+        mode: if anonymise { "anonymise" } else { "pseudonymise" },
+        edition: table::EDITION,
+        options: options_text(&policy),
+        vault_key: vault_key.as_ref(),
+        batch_size: config.deid.batch_size,
+    };
     tracing::info!(
         edition = table::EDITION,
-        options = policy.options.len(),
-        mode = if anonymised {
-            "anonymise"
-        } else {
-            "pseudonymise"
-        },
+        options = %settings.options,
+        mode = settings.mode,
         key = keys.fingerprint(),
         "de-identification started"
     );
     let deid = Deidentifier::new(&policy, &keys);
-    let summary = batch::deidentify_folder(&paths, &deid)?;
+    let summary = batch::deidentify_folder(&paths, &deid, &mut dd.catalog, &settings)?;
     print_summary(&summary, &paths);
     Ok(())
 }
@@ -183,32 +308,194 @@ fn print_summary(summary: &Summary, paths: &BatchPaths) {
     println!("output        {}", paths.output.display());
     if summary.quarantined_total() > 0 {
         println!(
-            "quarantine    {} (reasons in *.reason.json)",
+            "quarantine    {} (see `fedcurate-node quarantine list`)",
             paths.quarantine.display()
         );
     }
 }
 
-fn generate_secret(out: &Path) -> Result<()> {
+fn export(config: &NodeConfig, out: Option<&Path>) -> Result<()> {
+    let dd = open_data_dir(&config.data_dir)?;
+    let mut w: Box<dyn Write> = match out {
+        Some(p) => Box::new(File::create(p).with_context(|| format!("creating {}", p.display()))?),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut profiles = std::collections::HashMap::new();
+    for (r, run) in dd.catalog.inputs()? {
+        if !profiles.contains_key(&run) {
+            profiles.insert(run, dd.catalog.run_profile(run)?);
+        }
+        let (edition, options) = &profiles[&run];
+        let line = serde_json::json!({
+            "path_key": r.path_key,
+            "content_sha256": r.content_hash,
+            "outcome": r.outcome.as_str(),
+            "reason": r.reason,
+            "output_path": r.output_path,
+            "output_sha256": r.output_hash,
+            "patient": r.patient,
+            "study": r.study,
+            "series": r.series,
+            "instance": r.instance,
+            "edition": edition,
+            "options": options,
+            "run": run,
+        });
+        writeln!(w, "{line}")?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+fn deidentifier_parts(config: &NodeConfig, root: &Path) -> Result<(DeidPolicy, Keys, Option<vault::VaultKey>)> {
+    let policy = policy_with(config, &[])?;
+    if config.deid.anonymises(false) {
+        bail!("quarantine release needs the site secret: it is not available in anonymise mode");
+    }
+    let secret = config.deid.secret(root, false)?;
+    Ok((policy, Keys::derive(&secret), config.deid.vault_key(false)?))
+}
+
+fn quarantine(config: &NodeConfig, command: QuarantineCommand) -> Result<()> {
+    let mut dd = open_data_dir(&config.data_dir)?;
+    match command {
+        QuarantineCommand::List { all } => {
+            let entries = dd.catalog.quarantine_entries(all)?;
+            println!("{:<16}  {:<28}  {:<20}  released", "id", "reason", "quarantined at");
+            for e in &entries {
+                println!(
+                    "{:<16}  {:<28}  {:<20}  {}",
+                    &e.id[..e.id.len().min(16)],
+                    e.reason,
+                    e.quarantined_at,
+                    e.released_at.as_deref().unwrap_or("-")
+                );
+            }
+            println!("{} entries in {}", entries.len(), dd.root.join("quarantine").display());
+            Ok(())
+        }
+        QuarantineCommand::Release { id, output } => {
+            let (policy, keys, vault_key) = deidentifier_parts(config, &dd.root)?;
+            let paths = BatchPaths {
+                input: PathBuf::new(),
+                output: output.unwrap_or_else(|| dd.root.join("deid")),
+                quarantine: dd.root.join("quarantine"),
+            };
+            let deid = Deidentifier::new(&policy, &keys);
+            match batch::release(&id, &paths, &deid, &mut dd.catalog, vault_key.as_ref())? {
+                Ok(rel) => {
+                    println!("released: written to {}", paths.output.join(rel).display());
+                    Ok(())
+                }
+                Err(why) => bail!("{why}"),
+            }
+        }
+    }
+}
+
+fn generate_secret(out: &Path) -> Result<Secret> {
     if out.exists() {
-        bail!(
-            "{} already exists; refusing to overwrite a site secret (it would break linkage with earlier batches)",
-            out.display()
-        );
+        bail!("{} already exists; refusing to overwrite a secret (it would break linkage with earlier batches)", out.display());
     }
     let secret = Secret::random()?;
-    batch::write_atomically(out, format!("{}\n", secret.to_hex()).as_bytes())
-        .with_context(|| format!("writing {}", out.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o600))?;
+    config::write_secret_file(out, &secret).with_context(|| format!("writing {}", out.display()))?;
+    Ok(secret)
+}
+
+fn secret(config: &NodeConfig, command: SecretCommand) -> Result<()> {
+    match command {
+        SecretCommand::Generate { out } => {
+            let s = generate_secret(&out)?;
+            println!("secret written to {} (fingerprint {})", out.display(), s.fingerprint());
+        }
+        SecretCommand::Backup { out } => {
+            let mut dd = open_data_dir(&config.data_dir)?;
+            let s = config.deid.secret(&dd.root, false)?;
+            if out.exists() {
+                bail!("{} already exists; choose a new backup file", out.display());
+            }
+            config::write_secret_file(&out, &s).with_context(|| format!("writing {}", out.display()))?;
+            dd.catalog.audit(&AuditRecord::now(
+                "secret-backup",
+                serde_json::json!({ "fingerprint": s.fingerprint() }),
+            ))?;
+            println!("site secret (fingerprint {}) backed up to {}", s.fingerprint(), out.display());
+            println!("keep the backup offline and owner-readable only: whoever has it can recompute pseudonyms");
+        }
+        SecretCommand::Restore { from } => {
+            let mut dd = open_data_dir(&config.data_dir)?;
+            let text = std::fs::read_to_string(&from).with_context(|| format!("reading {}", from.display()))?;
+            let restored = Secret::from_hex(&text)?;
+            let target = config.deid.secret_path(&dd.root);
+            if target.exists() {
+                let current = Secret::from_hex(&std::fs::read_to_string(&target)?)?;
+                if current.to_hex() == restored.to_hex() {
+                    println!("the site secret in place already is this one (fingerprint {})", restored.fingerprint());
+                    return Ok(());
+                }
+                bail!(
+                    "{} holds a different secret (fingerprint {}); move it away first if you really mean to replace it",
+                    target.display(),
+                    current.fingerprint()
+                );
+            }
+            config::write_secret_file(&target, &restored).with_context(|| format!("writing {}", target.display()))?;
+            dd.catalog.audit(&AuditRecord::now(
+                "secret-restore",
+                serde_json::json!({ "fingerprint": restored.fingerprint() }),
+            ))?;
+            println!("site secret restored to {} (fingerprint {})", target.display(), restored.fingerprint());
+        }
     }
-    println!(
-        "site secret written to {} (fingerprint {})",
-        out.display(),
-        secret.fingerprint()
-    );
+    Ok(())
+}
+
+fn reidentify(config: &NodeConfig, pseudonym: &str, field: Field) -> Result<()> {
+    let mut dd = open_data_dir(&config.data_dir)?;
+    let key_path = config
+        .deid
+        .vault_key_file
+        .clone()
+        .context("config [deid] vault_key_file is not set: re-identification needs the vault key")?;
+    let key = config::read_vault_key(&key_path)?;
+    let Some((nonce, ct)) = dd.catalog.vault_entry(pseudonym)? else {
+        bail!("no re-identification map entry for {pseudonym}");
+    };
+    let id = vault::open(&key, pseudonym, &nonce, &ct)?;
+    let field_name = format!("{field:?}");
+    dd.catalog.audit(&AuditRecord::now(
+        "reidentify",
+        serde_json::json!({ "pseudonym": pseudonym, "field": field_name }),
+    ))?;
+    match field {
+        Field::PatientId => println!("{}", id.patient_id),
+        Field::Issuer => println!("{}", id.issuer),
+        Field::Name => println!("{}", id.name),
+        Field::BirthDate => println!("{}", id.birth_date),
+        Field::All => {
+            println!("patient id  {}", id.patient_id);
+            println!("issuer      {}", id.issuer);
+            println!("name        {}", id.name);
+            println!("birth date  {}", id.birth_date);
+        }
+    }
+    Ok(())
+}
+
+fn audit_cmd(config: &NodeConfig, command: AuditCommand) -> Result<()> {
+    let dd = open_data_dir(&config.data_dir)?;
+    let entries = dd.catalog.audit_entries()?;
+    match command {
+        AuditCommand::Verify => {
+            let n = audit::verify(&entries)?;
+            println!("audit chain intact: {n} entries");
+        }
+        AuditCommand::List => {
+            for e in &entries {
+                println!("{:>6}  {}  {:<10} {:<20} {}", e.seq, e.record.at, e.record.actor, e.record.action, e.record.detail);
+            }
+        }
+    }
     Ok(())
 }
 
@@ -218,48 +505,45 @@ fn demo(dir: Option<PathBuf>) -> Result<()> {
         None => std::env::temp_dir().join(format!("fedcurate-demo-{}", std::process::id())),
     };
     if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() {
-        bail!(
-            "{} is not empty; give an empty or new folder with --dir",
-            dir.display()
-        );
+        bail!("{} is not empty; give an empty or new folder with --dir", dir.display());
     }
     let archive = sample::write_sample_archive(&dir.join("archive"))?;
-    println!(
-        "sample archive: {} files in {}",
-        archive.files.len(),
-        archive.root.display()
-    );
-    let secret_path = dir.join("site.secret");
-    generate_secret(&secret_path)?;
-    let secret = Secret::from_hex(&std::fs::read_to_string(&secret_path)?)?;
+    println!("sample archive: {} files in {}", archive.files.len(), archive.root.display());
+    let mut dd = open_data_dir(&dir.join("data"))?;
+    let mut cfg = config::DeidConfig::default();
+    cfg.options = vec![
+        "retain-patient-characteristics".into(),
+        "retain-longitudinal-modified-dates".into(),
+        "clean-descriptors".into(),
+    ];
+    cfg.descriptor_allow_list = vec!["CT CHEST WITH CONTRAST".into()];
+    let policy = cfg.policy()?;
+    let secret = cfg.secret(&dd.root, false)?;
+    println!("site secret   {} (fingerprint {})", cfg.secret_path(&dd.root).display(), secret.fingerprint());
     let keys = Keys::derive(&secret);
-    let mut policy = DeidPolicy::default();
-    policy
-        .options
-        .insert(DeidOption::RetainPatientCharacteristics);
-    policy
-        .options
-        .insert(DeidOption::RetainLongitudinalModifiedDates);
-    policy.options.insert(DeidOption::CleanDescriptors);
-    policy.descriptor_allow_list = vec!["CT CHEST WITH CONTRAST".into()];
-    policy.validate()?;
+    let vault_path = dd.root.join("vault.key");
+    let vault_key = vault::VaultKey::from_hex(&generate_secret(&vault_path)?.to_hex())?;
     print_profile_info(&policy);
     let paths = BatchPaths {
         input: archive.root.clone(),
         output: dir.join("deid"),
-        quarantine: dir.join("quarantine"),
+        quarantine: dd.root.join("quarantine"),
     };
-    let summary = batch::deidentify_folder(&paths, &Deidentifier::new(&policy, &keys))?;
+    let settings = RunSettings {
+        mode: "pseudonymise",
+        edition: table::EDITION,
+        options: options_text(&policy),
+        vault_key: Some(&vault_key),
+        batch_size: 8,
+    };
+    let deid = Deidentifier::new(&policy, &keys);
+    let summary = batch::deidentify_folder(&paths, &deid, &mut dd.catalog, &settings)?;
     print_summary(&summary, &paths);
     // Prove the point: no identifying value of the archive survives in any output byte or path.
     let mut leaks = 0usize;
     for file in batch::list_inputs(&paths.output)? {
         let bytes = std::fs::read(&file)?;
-        let rel = file
-            .strip_prefix(&paths.output)
-            .unwrap_or(&file)
-            .to_string_lossy()
-            .into_owned();
+        let rel = file.strip_prefix(&paths.output).unwrap_or(&file).to_string_lossy().into_owned();
         for value in &archive.identifying {
             let found_in_bytes = bytes.windows(value.len()).any(|w| w == value.as_bytes());
             if found_in_bytes || rel.contains(value.as_str()) {
@@ -267,10 +551,13 @@ fn demo(dir: Option<PathBuf>) -> Result<()> {
             }
         }
     }
-    println!(
-        "leak check    {leaks} identifying values found in the output ({} checked in every file)",
-        archive.identifying.len()
-    );
+    println!("leak check    {leaks} identifying values found in the output ({} checked in every file)", archive.identifying.len());
+    // Resuming is a no-op: everything is recorded.
+    let again = batch::deidentify_folder(&paths, &deid, &mut dd.catalog, &settings)?;
+    println!("re-run        {} of {} inputs already done, nothing rewritten", again.done_before, again.inputs);
+    println!("catalog       {} (re-identification map: {} patients, key {})", dd.root.join("catalog.sqlite").display(), dd.catalog.vault_len()?, vault_path.display());
+    let n = audit::verify(&dd.catalog.audit_entries()?)?;
+    println!("audit chain   intact, {n} entries");
     if leaks > 0 {
         bail!("the demo found identifying values in the output");
     }

@@ -1019,6 +1019,43 @@ pub fn write_sample_archive(root: &Path) -> io::Result<SampleArchive> {
     })
 }
 
+/// Write a larger archive of CT series: `patients` patients with one series of `slices`
+/// slices each, in explicit VR little endian. Returns the files written.
+pub fn write_bulk_archive(root: &Path, patients: usize, slices: u16) -> io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for pi in 0..patients {
+        let p = Patient {
+            id: format!("BULK-{pi:05}"),
+            issuer: "HOSP-B".into(),
+            name: format!("Bulk^Patient{pi}"),
+            birth_date: format!("19{:02}0101", 30 + pi % 60),
+            sex: if pi % 2 == 0 { "F".into() } else { "M".into() },
+            charset: None,
+        };
+        let st = Study {
+            uid: format!("{ORIGINAL_UID_ROOT}.8.{pi}"),
+            date: "20210601".into(),
+            time: "090000".into(),
+            accession: format!("BACC{pi:05}"),
+            description: "CT CHEST WITH CONTRAST".into(),
+            referring_physician: "Referrer^Bob".into(),
+            institution: "Bulk Hospital".into(),
+        };
+        let se = Series {
+            uid: format!("{}.1", st.uid),
+            number: 1,
+            description: "Thorax".into(),
+            frame_of_reference: format!("{}.1.0", st.uid),
+            station: "CT01".into(),
+        };
+        for i in 1..=slices {
+            let name = format!("p{pi:04}/s{i:04}.dcm");
+            write(root, &mut files, &name, &encode(ct_slice(&p, &st, &se, i), ts::EXPLICIT_LE)?)?;
+        }
+    }
+    Ok(files)
+}
+
 /// Tag of an element, for callers without the `Header` trait in scope.
 pub fn tag_of(e: &InMemElement) -> Tag {
     e.tag()

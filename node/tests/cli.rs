@@ -51,20 +51,10 @@ fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
-/// Write a config with a fresh site secret.
+/// Write a config whose data directory is `dir/data` (the site secret is generated there).
 fn config(dir: &Path, extra: &str) -> PathBuf {
-    let secret = dir.join("site.secret");
-    run(bin().args(["secret", "generate", "--out"]).arg(&secret));
     let cfg = dir.join("node.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "data_dir = {:?}\n[deid]\nsite_secret_file = {:?}\n{extra}",
-            dir.join("data"),
-            secret
-        ),
-    )
-    .expect("config written");
+    std::fs::write(&cfg, format!("data_dir = {:?}\n[deid]\n{extra}", dir.join("data"))).expect("config written");
     cfg
 }
 
@@ -176,29 +166,26 @@ fn profile_info_prints_edition_and_active_options() {
 }
 
 #[test]
-fn bad_options_and_missing_secrets_are_explained() {
+fn bad_options_and_missing_keys_are_explained() {
     let out = bin()
         .args(["deid", "--profile-info", "--option", "retain-everything"])
         .output()
         .expect("runs");
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        e.contains("retain-everything") && e.contains("known options"),
-        "{e}"
-    );
+    assert!(e.contains("retain-everything") && e.contains("known options"), "{e}");
     let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path(), "reidentification_map = true\n");
     let out = bin()
+        .arg("--config")
+        .arg(&cfg)
         .args(["deid", "--input"])
         .arg(dir.path())
         .output()
         .expect("runs");
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        e.contains("site_secret_file") && e.contains("--anonymise"),
-        "{e}"
-    );
+    assert!(e.contains("vault_key_file") && e.contains("secret generate"), "{e}");
 }
 
 #[test]
@@ -222,37 +209,23 @@ fn every_input_is_written_or_quarantined_with_a_reason() {
         .args(["deid", "--anonymise", "--input"])
         .arg(&archive.root)
         .arg("--output")
-        .arg(dir.path().join("out"))
-        .arg("--quarantine")
-        .arg(dir.path().join("q")));
+        .arg(dir.path().join("out")));
     let s = String::from_utf8_lossy(&out.stdout);
     let written = files_under(&dir.path().join("out")).len();
-    let q = files_under(&dir.path().join("q"));
-    let reasons: Vec<String> = q
-        .iter()
-        .filter(|p| p.to_string_lossy().ends_with(".reason.json"))
-        .map(|p| std::fs::read_to_string(p).expect("reason"))
-        .collect();
-    assert_eq!(written + reasons.len(), archive.files.len(), "{s}");
-    assert!(
-        reasons
-            .iter()
-            .any(|r| r.contains("\"reason\":\"unreadable\"")),
-        "{reasons:?}"
-    );
-    assert!(
-        reasons
-            .iter()
-            .any(|r| r.contains("missing-sop-instance-uid")),
-        "{reasons:?}"
-    );
+    let quarantined = files_under(&dir.path().join("data/quarantine"));
+    assert_eq!(written + quarantined.len(), archive.files.len(), "{s}");
+    let list = run(bin().arg("--config").arg(&cfg).args(["quarantine", "list"]));
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(list.contains("unreadable") && list.contains("missing-sop-instance-uid"), "{list}");
+    assert!(list.contains("2 entries"), "{list}");
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("q"))
-            .expect("q")
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o077, 0, "quarantine must be owner-only");
+        for p in ["data", "data/quarantine", "data/catalog.sqlite"] {
+            let mode = std::fs::metadata(dir.path().join(p)).expect("exists").permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{p} must be owner-only");
+        }
     }
+    assert!(!dir.path().join("data/site.secret").exists(), "anonymisation keeps no secret");
 }
+

@@ -8,7 +8,8 @@ use dicom_core::header::Header;
 use dicom_core::value::Value;
 use dicom_core::{Tag, VR};
 use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
-use node::batch::{self, BatchPaths};
+use node::batch::{self, BatchPaths, RunSettings};
+use node::catalog::Catalog;
 use node::deid::iod::IodTables;
 use node::deid::keys::{Keys, Secret};
 use node::deid::table::{DeidOption, OptionAction, RuleTable};
@@ -527,7 +528,16 @@ fn dcmtk_reads_every_output_and_sees_no_identifying_value() {
     };
     let p = policy(&[]);
     let k = keys(11);
-    let summary = batch::deidentify_folder(&paths, &Deidentifier::new(&p, &k)).expect("batch");
+    let mut catalog = Catalog::open(&dir.path().join("catalog.sqlite")).expect("catalog");
+    let settings = RunSettings {
+        mode: "pseudonymise",
+        edition: "2026c",
+        options: "basic".into(),
+        vault_key: None,
+        batch_size: 4,
+    };
+    let summary = batch::deidentify_folder(&paths, &Deidentifier::new(&p, &k), &mut catalog, &settings)
+        .expect("batch");
     assert_eq!(
         summary.written + summary.quarantined_total(),
         archive.files.len()

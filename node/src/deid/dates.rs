@@ -76,6 +76,13 @@ impl Date {
         Date { year, month, day }
     }
 
+    /// This date plus `days` (which may be negative).
+    pub fn plus_days(self, days: i64) -> Self {
+        let (year, month, day) =
+            civil_from_days(days_from_civil(self.year, self.month, self.day) + days);
+        Date { year, month, day }
+    }
+
     /// Whole years from `self` (birth) to `other`.
     pub fn years_until(self, other: Date) -> i64 {
         let mut y = other.year - self.year;

@@ -10,6 +10,7 @@ use std::ops::RangeInclusive;
 
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
 
 /// Minimum length of a site secret in bytes.
 pub const MIN_SECRET_LEN: usize = 32;
@@ -158,6 +159,21 @@ impl PatientIdentity {
             }
         }
         out
+    }
+}
+
+/// The original identifiers of a patient. Never logged: `Debug` prints nothing of them.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct OriginalIdentity {
+    pub patient_id: String,
+    pub issuer: String,
+    pub name: String,
+    pub birth_date: String,
+}
+
+impl fmt::Debug for OriginalIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OriginalIdentity(..)")
     }
 }
 

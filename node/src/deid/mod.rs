@@ -25,7 +25,7 @@ use dicom_object::{DefaultDicomObject, FileMetaTableBuilder, InMemDicomObject};
 
 use self::dictionary::Dictionary;
 use self::iod::{IodLookup, IodTables, Position};
-use self::keys::{Keys, PatientIdentity, Pseudonym};
+use self::keys::{Keys, OriginalIdentity, PatientIdentity, Pseudonym};
 use self::private::{PrivateKind, SafePrivate, private_kind};
 use self::table::{BasicAction, DeidOption, OptionAction, Rule, RuleTable};
 
@@ -216,6 +216,8 @@ pub struct Deidentified {
     pub series_token: String,
     /// Keyed hash of the original SOP Instance UID.
     pub instance_token: String,
+    /// The original identifiers, for the encrypted re-identification map only.
+    pub original: OriginalIdentity,
 }
 
 impl Deidentified {
@@ -444,6 +446,12 @@ impl<'a> Deidentifier<'a> {
             study_token: self.keys.path_token("study", &study),
             series_token: self.keys.path_token("series", &series),
             instance_token: self.keys.path_token("instance", &sop_instance),
+            original: OriginalIdentity {
+                patient_id: text_of(obj, tags::PATIENT_ID).unwrap_or_default(),
+                issuer: text_of(obj, tags::ISSUER_OF_PATIENT_ID).unwrap_or_default(),
+                name: text_of(obj, tags::PATIENT_NAME).unwrap_or_default(),
+                birth_date: text_of(obj, tags::PATIENT_BIRTH_DATE).unwrap_or_default(),
+            },
         })
     }
 

@@ -1,0 +1,609 @@
+//! The catalog: a SQLite database in the node's data directory, the source of truth for what
+//! has been done. Every input, its outcome, the output it produced, quarantine entries, the
+//! encrypted re-identification map and the audit chain live here.
+//!
+//! All SQL of the node is in this module, so another backend (a shared PostgreSQL for several
+//! node workers) can be added without touching the pipeline. The schema is versioned with
+//! `PRAGMA user_version` and migrated forward on open.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+use crate::audit::{AuditEntry, AuditRecord};
+
+/// Catalog errors: I/O and database failures, never content problems.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("catalog {path}: {source}; check the data directory's permissions and free space")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("catalog {path} has schema version {found}, newer than this build understands ({known}); upgrade fedcurate-node")]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+}
+
+/// Schema migrations, applied in order; index + 1 is the schema version they lead to.
+const MIGRATIONS: &[&str] = &[
+    // 1: inputs, runs, quarantine, vault, audit.
+    r#"
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY,
+        started_at TEXT NOT NULL,
+        finished_at TEXT,
+        mode TEXT NOT NULL,
+        edition TEXT NOT NULL,
+        options TEXT NOT NULL
+    );
+    CREATE TABLE inputs (
+        id INTEGER PRIMARY KEY,
+        path_key TEXT NOT NULL,
+        content_hash TEXT NOT NULL,
+        outcome TEXT NOT NULL CHECK (outcome IN ('written', 'duplicate', 'quarantined', 'own-output')),
+        reason TEXT,
+        output_path TEXT,
+        output_hash TEXT,
+        patient TEXT,
+        study TEXT,
+        series TEXT,
+        instance TEXT,
+        edition TEXT NOT NULL,
+        options TEXT NOT NULL,
+        run_id INTEGER NOT NULL REFERENCES runs(id),
+        UNIQUE (path_key, content_hash)
+    );
+    CREATE INDEX inputs_output_path ON inputs(output_path);
+    CREATE INDEX inputs_output_hash ON inputs(output_hash);
+    CREATE INDEX inputs_content_hash ON inputs(content_hash);
+    CREATE TABLE quarantine (
+        id TEXT PRIMARY KEY,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        quarantined_at TEXT NOT NULL,
+        released_at TEXT
+    );
+    CREATE TABLE vault (
+        pseudonym TEXT PRIMARY KEY,
+        nonce BLOB NOT NULL,
+        ciphertext BLOB NOT NULL
+    );
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    "#,
+];
+
+/// The outcome of one input as recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordedOutcome {
+    Written,
+    Duplicate,
+    Quarantined,
+    /// The input is a file this node wrote (recognised by its hash): not processed again.
+    OwnOutput,
+}
+
+impl RecordedOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Written => "written",
+            Self::Duplicate => "duplicate",
+            Self::Quarantined => "quarantined",
+            Self::OwnOutput => "own-output",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "written" => Self::Written,
+            "duplicate" => Self::Duplicate,
+            "own-output" => Self::OwnOutput,
+            _ => Self::Quarantined,
+        }
+    }
+}
+
+/// One row of `inputs`: only pseudonymous keys and hashes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InputRecord {
+    /// Keyed hash of the input's path relative to the input folder.
+    pub path_key: String,
+    pub content_hash: String,
+    pub outcome: RecordedOutcome,
+    pub reason: Option<String>,
+    /// Output path relative to the output folder (pseudonym and keyed hashes only).
+    pub output_path: Option<String>,
+    pub output_hash: Option<String>,
+    pub patient: Option<String>,
+    pub study: Option<String>,
+    pub series: Option<String>,
+    pub instance: Option<String>,
+}
+
+/// A quarantine entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuarantineEntry {
+    /// Content hash of the original file (its name in the quarantine folder).
+    pub id: String,
+    pub reason: String,
+    /// Parser detail; may quote the file, so it stays in the data directory.
+    pub detail: String,
+    pub quarantined_at: String,
+    pub released_at: Option<String>,
+}
+
+/// Totals of the catalog by outcome.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub written: usize,
+    pub duplicates: usize,
+    pub quarantined: usize,
+    pub own_outputs: usize,
+}
+
+/// The catalog.
+#[derive(Debug)]
+pub struct Catalog {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Catalog {
+    fn err(&self) -> impl Fn(rusqlite::Error) -> CatalogError + '_ {
+        |source| CatalogError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Open (creating and migrating as needed) the catalog at `path`.
+    pub fn open(path: &Path) -> Result<Self, CatalogError> {
+        let sq = |source| CatalogError::Sqlite {
+            path: path.to_owned(),
+            source,
+        };
+        let existed = path.exists();
+        let conn = Connection::open(path).map_err(sq)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
+        )
+        .map_err(sq)?;
+        #[cfg(unix)]
+        if !existed {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        let mut cat = Catalog {
+            conn,
+            path: path.to_owned(),
+        };
+        cat.migrate()?;
+        Ok(cat)
+    }
+
+    /// The current schema version.
+    pub fn schema_version(&self) -> Result<i64, CatalogError> {
+        self.conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(self.err())
+    }
+
+    fn migrate(&mut self) -> Result<(), CatalogError> {
+        let current = self.schema_version()?;
+        let known = MIGRATIONS.len() as i64;
+        if current > known {
+            return Err(CatalogError::TooNew {
+                path: self.path.clone(),
+                found: current,
+                known,
+            });
+        }
+        let path = self.path.clone();
+        let sq = |source| CatalogError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            let tx = self.conn.transaction().map_err(sq)?;
+            tx.execute_batch(sql).map_err(sq)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(sq)?;
+            tx.commit().map_err(sq)?;
+        }
+        Ok(())
+    }
+
+    /// A random per-catalog salt for keyed path hashes (created on first use).
+    pub fn path_salt(&self) -> Result<Vec<u8>, CatalogError> {
+        let existing: Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'path_salt'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(self.err())?;
+        if let Some(s) = existing {
+            return Ok(s);
+        }
+        let mut salt = vec![0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
+            .map_err(|_| CatalogError::Sqlite {
+                path: self.path.clone(),
+                source: rusqlite::Error::InvalidQuery,
+            })?;
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('path_salt', ?1)",
+                params![salt],
+            )
+            .map_err(self.err())?;
+        Ok(salt)
+    }
+
+    /// Start a run; returns its id.
+    pub fn start_run(&self, at: &str, mode: &str, edition: &str, options: &str) -> Result<i64, CatalogError> {
+        self.conn
+            .execute(
+                "INSERT INTO runs (started_at, mode, edition, options) VALUES (?1, ?2, ?3, ?4)",
+                params![at, mode, edition, options],
+            )
+            .map_err(self.err())?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Mark a run finished.
+    pub fn finish_run(&self, run: i64, at: &str) -> Result<(), CatalogError> {
+        self.conn
+            .execute("UPDATE runs SET finished_at = ?1 WHERE id = ?2", params![at, run])
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// The recorded outcome (and reason) of this input (path and content), if any.
+    pub fn recorded(
+        &self,
+        path_key: &str,
+        content_hash: &str,
+    ) -> Result<Option<(RecordedOutcome, Option<String>)>, CatalogError> {
+        self.conn
+            .query_row(
+                "SELECT outcome, reason FROM inputs WHERE path_key = ?1 AND content_hash = ?2",
+                params![path_key, content_hash],
+                |r| Ok((RecordedOutcome::parse(&r.get::<_, String>(0)?), r.get(1)?)),
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// Whether `hash` is the hash of a file this node wrote.
+    pub fn is_own_output(&self, hash: &str) -> Result<bool, CatalogError> {
+        self.conn
+            .query_row(
+                "SELECT 1 FROM inputs WHERE output_hash = ?1 AND outcome = 'written' LIMIT 1",
+                params![hash],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|r| r.is_some())
+            .map_err(self.err())
+    }
+
+    /// The output hash already recorded for an output path, if any.
+    pub fn output_hash_at(&self, output_path: &str) -> Result<Option<String>, CatalogError> {
+        self.conn
+            .query_row(
+                "SELECT output_hash FROM inputs WHERE output_path = ?1 AND outcome = 'written' LIMIT 1",
+                params![output_path],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// Record a batch in one transaction (after its files are durable).
+    pub fn commit_batch(
+        &mut self,
+        run: i64,
+        edition: &str,
+        options: &str,
+        inputs: &[InputRecord],
+        quarantine: &[QuarantineEntry],
+        vault: &[(String, Vec<u8>, Vec<u8>)],
+        audit: &[AuditRecord],
+    ) -> Result<(), CatalogError> {
+        let path = self.path.clone();
+        let sq = |source| CatalogError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sq)?;
+        for r in inputs {
+            tx.execute(
+                "INSERT OR REPLACE INTO inputs (path_key, content_hash, outcome, reason, output_path, output_hash,
+                 patient, study, series, instance, edition, options, run_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                params![
+                    r.path_key,
+                    r.content_hash,
+                    r.outcome.as_str(),
+                    r.reason,
+                    r.output_path,
+                    r.output_hash,
+                    r.patient,
+                    r.study,
+                    r.series,
+                    r.instance,
+                    edition,
+                    options,
+                    run
+                ],
+            )
+            .map_err(sq)?;
+        }
+        for q in quarantine {
+            tx.execute(
+                "INSERT OR REPLACE INTO quarantine (id, reason, detail, quarantined_at, released_at)
+                 VALUES (?1, ?2, ?3, ?4, NULL)",
+                params![q.id, q.reason, q.detail, q.quarantined_at],
+            )
+            .map_err(sq)?;
+        }
+        for (pseudonym, nonce, ciphertext) in vault {
+            tx.execute(
+                "INSERT OR IGNORE INTO vault (pseudonym, nonce, ciphertext) VALUES (?1, ?2, ?3)",
+                params![pseudonym, nonce, ciphertext],
+            )
+            .map_err(sq)?;
+        }
+        for a in audit {
+            append_audit(&tx, a).map_err(sq)?;
+        }
+        tx.commit().map_err(sq)
+    }
+
+    /// Every input record, in insertion order.
+    pub fn inputs(&self) -> Result<Vec<(InputRecord, i64)>, CatalogError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT path_key, content_hash, outcome, reason, output_path, output_hash, patient, study,
+                 series, instance, run_id FROM inputs ORDER BY id",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    InputRecord {
+                        path_key: r.get(0)?,
+                        content_hash: r.get(1)?,
+                        outcome: RecordedOutcome::parse(&r.get::<_, String>(2)?),
+                        reason: r.get(3)?,
+                        output_path: r.get(4)?,
+                        output_hash: r.get(5)?,
+                        patient: r.get(6)?,
+                        study: r.get(7)?,
+                        series: r.get(8)?,
+                        instance: r.get(9)?,
+                    },
+                    r.get(10)?,
+                ))
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+    }
+
+    /// Edition and options an input row was made with, by run id.
+    pub fn run_profile(&self, run: i64) -> Result<(String, String), CatalogError> {
+        self.conn
+            .query_row(
+                "SELECT edition, options FROM runs WHERE id = ?1",
+                params![run],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(self.err())
+    }
+
+    /// Totals by outcome over every recorded input.
+    pub fn totals(&self) -> Result<Totals, CatalogError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT outcome, COUNT(*) FROM inputs GROUP BY outcome")
+            .map_err(self.err())?;
+        let mut t = Totals::default();
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(self.err())?;
+        for row in rows {
+            let (o, n) = row.map_err(self.err())?;
+            let n = n as usize;
+            match RecordedOutcome::parse(&o) {
+                RecordedOutcome::Written => t.written += n,
+                RecordedOutcome::Duplicate => t.duplicates += n,
+                RecordedOutcome::Quarantined => t.quarantined += n,
+                RecordedOutcome::OwnOutput => t.own_outputs += n,
+            }
+        }
+        Ok(t)
+    }
+
+    /// Quarantine entries (all, or only those not released).
+    pub fn quarantine_entries(&self, include_released: bool) -> Result<Vec<QuarantineEntry>, CatalogError> {
+        let sql = if include_released {
+            "SELECT id, reason, detail, quarantined_at, released_at FROM quarantine ORDER BY quarantined_at, id"
+        } else {
+            "SELECT id, reason, detail, quarantined_at, released_at FROM quarantine WHERE released_at IS NULL ORDER BY quarantined_at, id"
+        };
+        let mut st = self.conn.prepare(sql).map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(QuarantineEntry {
+                    id: r.get(0)?,
+                    reason: r.get(1)?,
+                    detail: r.get(2)?,
+                    quarantined_at: r.get(3)?,
+                    released_at: r.get(4)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+    }
+
+    /// Record the release of a quarantined input that now produced `output`.
+    pub fn release(
+        &mut self,
+        id: &str,
+        at: &str,
+        output: &InputRecord,
+        vault: &[(String, Vec<u8>, Vec<u8>)],
+        audit: &AuditRecord,
+    ) -> Result<(), CatalogError> {
+        let path = self.path.clone();
+        let sq = |source| CatalogError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sq)?;
+        tx.execute(
+            "UPDATE quarantine SET released_at = ?1 WHERE id = ?2",
+            params![at, id],
+        )
+        .map_err(sq)?;
+        tx.execute(
+            "UPDATE inputs SET outcome = 'written', reason = NULL, output_path = ?1, output_hash = ?2,
+             patient = ?3, study = ?4, series = ?5, instance = ?6 WHERE content_hash = ?7 AND outcome = 'quarantined'",
+            params![
+                output.output_path,
+                output.output_hash,
+                output.patient,
+                output.study,
+                output.series,
+                output.instance,
+                id
+            ],
+        )
+        .map_err(sq)?;
+        for (pseudonym, nonce, ciphertext) in vault {
+            tx.execute(
+                "INSERT OR IGNORE INTO vault (pseudonym, nonce, ciphertext) VALUES (?1, ?2, ?3)",
+                params![pseudonym, nonce, ciphertext],
+            )
+            .map_err(sq)?;
+        }
+        append_audit(&tx, audit).map_err(sq)?;
+        tx.commit().map_err(sq)
+    }
+
+    /// The encrypted map entry of a pseudonym.
+    pub fn vault_entry(&self, pseudonym: &str) -> Result<Option<(Vec<u8>, Vec<u8>)>, CatalogError> {
+        self.conn
+            .query_row(
+                "SELECT nonce, ciphertext FROM vault WHERE pseudonym = ?1",
+                params![pseudonym],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// Number of entries in the re-identification map.
+    pub fn vault_len(&self) -> Result<usize, CatalogError> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM vault", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as usize)
+            .map_err(self.err())
+    }
+
+    /// Append one audit record on its own.
+    pub fn audit(&mut self, record: &AuditRecord) -> Result<(), CatalogError> {
+        let path = self.path.clone();
+        let sq = |source| CatalogError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sq)?;
+        append_audit(&tx, record).map_err(sq)?;
+        tx.commit().map_err(sq)
+    }
+
+    /// The audit chain, in order.
+    pub fn audit_entries(&self) -> Result<Vec<AuditEntry>, CatalogError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT seq, at, actor, action, detail, prev_hash, hash FROM audit ORDER BY seq")
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(AuditEntry {
+                    seq: r.get(0)?,
+                    record: AuditRecord {
+                        at: r.get(1)?,
+                        actor: r.get(2)?,
+                        action: r.get(3)?,
+                        detail: r.get(4)?,
+                    },
+                    prev_hash: r.get(5)?,
+                    hash: r.get(6)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+    }
+
+    /// Direct access for tests that tamper with the database on purpose.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+fn append_audit(tx: &Transaction<'_>, record: &AuditRecord) -> rusqlite::Result<()> {
+    let last: Option<(i64, String)> = tx
+        .query_row(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let (seq, prev) = match last {
+        Some((s, h)) => (s + 1, h),
+        None => (1, crate::audit::GENESIS.to_owned()),
+    };
+    let hash = crate::audit::chain_hash(seq, &prev, record);
+    tx.execute(
+        "INSERT INTO audit (seq, at, actor, action, detail, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![seq, record.at, record.actor, record.action, record.detail, prev, hash],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_run_once_and_refuse_newer_schemas() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("catalog.sqlite");
+        let c = Catalog::open(&p).expect("open");
+        assert_eq!(c.schema_version().expect("version"), MIGRATIONS.len() as i64);
+        let salt = c.path_salt().expect("salt");
+        drop(c);
+        let c = Catalog::open(&p).expect("reopen");
+        assert_eq!(c.path_salt().expect("salt"), salt, "salt is stable");
+        c.connection().pragma_update(None, "user_version", 99).expect("set");
+        drop(c);
+        assert!(matches!(Catalog::open(&p), Err(CatalogError::TooNew { found: 99, .. })));
+    }
+}
