@@ -158,7 +158,12 @@ mod tests {
                     detail: format!("{{\"written\":{seq}}}"),
                 };
                 let hash = chain_hash(seq, &prev, &record);
-                let e = AuditEntry { seq, record, prev_hash: prev.clone(), hash: hash.clone() };
+                let e = AuditEntry {
+                    seq,
+                    record,
+                    prev_hash: prev.clone(),
+                    hash: hash.clone(),
+                };
                 prev = hash;
                 e
             })
@@ -178,7 +183,11 @@ mod tests {
         let mut rehashed = good.clone();
         rehashed[1].record.actor = "mallory".into();
         rehashed[1].hash = chain_hash(2, &rehashed[1].prev_hash, &rehashed[1].record);
-        assert_eq!(verify(&rehashed).map_err(|b| b.seq), Err(3), "the next entry no longer points to it");
+        assert_eq!(
+            verify(&rehashed).map_err(|b| b.seq),
+            Err(3),
+            "the next entry no longer points to it"
+        );
     }
 
     #[test]

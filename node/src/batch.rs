@@ -20,7 +20,9 @@ use dicom_object::OpenFileOptions;
 use ring::hmac;
 
 use crate::audit::{AuditRecord, utc_now};
-use crate::catalog::{Catalog, CatalogError, InputRecord, QuarantineEntry, RecordedOutcome};
+use crate::catalog::{
+    BatchRecords, Catalog, CatalogError, InputRecord, QuarantineEntry, RecordedOutcome, RunProfile,
+};
 use crate::deid::keys::{Pseudonym, hex};
 use crate::deid::{Deidentified, Deidentifier, Finding};
 use crate::vault::{self, VaultKey};
@@ -34,7 +36,9 @@ pub const TEMP_PREFIX: &str = ".fc-tmp-";
 pub enum BatchError {
     /// The failing entry's path is not named: below the root the user gave, folder names can
     /// be identifying (`SMITH_JOHN_19560312/`).
-    #[error("cannot list the input folder {root} ({kind:?} at depth {depth}); check that it exists and the node's user can read every folder in it")]
+    #[error(
+        "cannot list the input folder {root} ({kind:?} at depth {depth}); check that it exists and the node's user can read every folder in it"
+    )]
     InputFolder {
         root: PathBuf,
         kind: Option<io::ErrorKind>,
@@ -300,13 +304,11 @@ struct Found {
     content_hash: String,
 }
 
-/// Records of one batch, committed together.
+/// Files and records of one batch, made durable and committed together.
 #[derive(Default)]
 struct Pending {
     files: DurableBatch,
-    inputs: Vec<InputRecord>,
-    quarantine: Vec<QuarantineEntry>,
-    vault: Vec<(String, Vec<u8>, Vec<u8>)>,
+    records: BatchRecords,
 }
 
 /// De-identify every file under `paths.input` into `paths.output`, recording everything in
@@ -333,11 +335,25 @@ pub fn deidentify_folder(
         }
     }
     let swept = sweep_temporaries(&paths.output).map_err(write_err("output", &paths.output))?
-        + sweep_temporaries(&paths.quarantine).map_err(write_err("quarantine", &paths.quarantine))?;
+        + sweep_temporaries(&paths.quarantine)
+            .map_err(write_err("quarantine", &paths.quarantine))?;
     if swept > 0 {
-        tracing::info!(files = swept, "removed temporary files of an interrupted run");
+        tracing::info!(
+            files = swept,
+            "removed temporary files of an interrupted run"
+        );
     }
-    let run = catalog.start_run(&utc_now(), settings.mode, settings.edition, &settings.options)?;
+    let run = catalog.start_run(
+        &utc_now(),
+        settings.mode,
+        settings.edition,
+        &settings.options,
+    )?;
+    let profile = RunProfile {
+        id: run,
+        edition: settings.edition,
+        options: &settings.options,
+    };
     let salt = catalog.path_salt()?;
     let salt = hmac::Key::new(hmac::HMAC_SHA256, &salt);
 
@@ -364,11 +380,15 @@ pub fn deidentify_folder(
         });
     }
     // Within a run, the smallest content hash wins a UID conflict: process in hash order.
-    todo.sort_by(|a, b| a.content_hash.cmp(&b.content_hash).then(a.path.cmp(&b.path)));
+    todo.sort_by(|a, b| {
+        a.content_hash
+            .cmp(&b.content_hash)
+            .then(a.path.cmp(&b.path))
+    });
 
     let mut written_this_run: HashMap<String, String> = HashMap::new();
     let mut output_hashes: HashSet<String> = HashSet::new();
-    let mut vaulted: HashSet<String> = HashSet::new();
+    let mut vaulted: HashMap<String, vault::OriginalIdentity> = HashMap::new();
     let batch_size = settings.batch_size.max(1);
     for chunk in todo.chunks(batch_size) {
         let mut pending = Pending::default();
@@ -386,21 +406,13 @@ pub fn deidentify_folder(
                 &mut summary,
             )?;
             summary.count(record.outcome, record.reason.as_deref());
-            pending.inputs.push(record);
+            pending.records.inputs.push(record);
         }
         pending
             .files
             .commit()
             .map_err(write_err("output", &paths.output))?;
-        catalog.commit_batch(
-            run,
-            settings.edition,
-            &settings.options,
-            &pending.inputs,
-            &pending.quarantine,
-            &pending.vault,
-            &[],
-        )?;
+        catalog.commit_batch(&profile, &pending.records)?;
     }
     summary.elapsed = started.elapsed();
     let audit = AuditRecord::now(
@@ -418,7 +430,13 @@ pub fn deidentify_folder(
             "quarantined": summary.quarantined_total(),
         }),
     );
-    catalog.commit_batch(run, settings.edition, &settings.options, &[], &[], &[], &[audit])?;
+    catalog.commit_batch(
+        &profile,
+        &BatchRecords {
+            audit: vec![audit],
+            ..BatchRecords::default()
+        },
+    )?;
     catalog.finish_run(run, &utc_now())?;
     Ok(summary)
 }
@@ -433,7 +451,7 @@ fn step(
     pending: &mut Pending,
     written_this_run: &mut HashMap<String, String>,
     output_hashes: &mut HashSet<String>,
-    vaulted: &mut HashSet<String>,
+    vaulted: &mut HashMap<String, vault::OriginalIdentity>,
     summary: &mut Summary,
 ) -> Result<InputRecord, BatchError> {
     let mut record = InputRecord {
@@ -448,7 +466,11 @@ fn step(
         series: None,
         instance: None,
     };
-    let short = found.content_hash.get(..16).unwrap_or(&found.content_hash).to_owned();
+    let short = found
+        .content_hash
+        .get(..16)
+        .unwrap_or(&found.content_hash)
+        .to_owned();
     let bytes = match fs::read(&found.path) {
         Ok(b) if content_hash(&b) == found.content_hash => b,
         // Unreadable, or changed since it was hashed: recorded as such; the next run sees the
@@ -465,22 +487,23 @@ fn step(
         record.outcome = RecordedOutcome::OwnOutput;
         return Ok(record);
     }
-    let quarantine = |reason: String, detail: String, pending: &mut Pending| -> Result<(), BatchError> {
-        let q = &paths.quarantine;
-        pending
-            .files
-            .stage(&q.join(format!("{}.dcm", found.content_hash)), &bytes)
-            .map_err(write_err("quarantine", q))?;
-        tracing::warn!(input = %short, reason = %reason, "quarantined");
-        pending.quarantine.push(QuarantineEntry {
-            id: found.content_hash.clone(),
-            reason,
-            detail,
-            quarantined_at: utc_now(),
-            released_at: None,
-        });
-        Ok(())
-    };
+    let quarantine =
+        |reason: String, detail: String, pending: &mut Pending| -> Result<(), BatchError> {
+            let q = &paths.quarantine;
+            pending
+                .files
+                .stage(&q.join(format!("{}.dcm", found.content_hash)), &bytes)
+                .map_err(write_err("quarantine", q))?;
+            tracing::warn!(input = %short, reason = %reason, "quarantined");
+            pending.records.quarantine.push(QuarantineEntry {
+                id: found.content_hash.clone(),
+                reason,
+                detail,
+                quarantined_at: utc_now(),
+                released_at: None,
+            });
+            Ok(())
+        };
     let (out, encoded) = match deidentify_bytes(deid, &bytes) {
         Ok(x) => x,
         Err((reason, detail)) => {
@@ -522,10 +545,19 @@ fn step(
                 .map_err(write_err("output", &paths.output))?;
             if let Some(key) = settings.vault_key {
                 let p = out.patient.to_string();
-                if vaulted.insert(p.clone()) {
-                    let (nonce, ct) = vault::seal(key, &p, &out.original)?;
-                    pending.vault.push((p, nonce, ct));
+                let known = match vaulted.get(&p) {
+                    Some(k) => Some(k.clone()),
+                    None => match catalog.vault_entry(&p)? {
+                        Some((n, c)) => Some(vault::open(key, &p, &n, &c)?),
+                        None => None,
+                    },
+                };
+                let merged = vault::merge(known.as_ref(), &out.original);
+                if known.as_ref() != Some(&merged) {
+                    let (nonce, ct) = vault::seal(key, &p, &merged)?;
+                    pending.records.vault.push((p.clone(), nonce, ct));
                 }
+                vaulted.insert(p, merged);
             }
             tracing::info!(input = %short, patient = %out.patient, "de-identified");
             summary.patients.insert(out.patient.clone());
@@ -553,7 +585,11 @@ pub fn release(
     let matches: Vec<&QuarantineEntry> = entries.iter().filter(|e| e.id.starts_with(id)).collect();
     let entry = match matches.as_slice() {
         [one] => *one,
-        [] => return Ok(Err(format!("no quarantined input with id {id}; see `fedcurate-node quarantine list`"))),
+        [] => {
+            return Ok(Err(format!(
+                "no quarantined input with id {id}; see `fedcurate-node quarantine list`"
+            )));
+        }
         _ => return Ok(Err(format!("id {id} is ambiguous; give more characters"))),
     };
     let original = paths.quarantine.join(format!("{}.dcm", entry.id));
@@ -564,12 +600,15 @@ pub fn release(
     };
     let rel = out.relative_path().to_string_lossy().into_owned();
     let out_hash = content_hash(&encoded);
-    if let Some(h) = catalog.output_hash_at(&rel)? {
-        if h != out_hash {
+    if let Some(h) = catalog.output_hash_at(&rel)?
+        && h != out_hash
+    {
+        {
             return Ok(Err("still refused: uid-conflict (another instance with this SOP Instance UID is in the output)".into()));
         }
     }
-    write_atomically(&paths.output.join(&rel), &encoded).map_err(write_err("output", &paths.output))?;
+    write_atomically(&paths.output.join(&rel), &encoded)
+        .map_err(write_err("output", &paths.output))?;
     let mut sealed = Vec::new();
     if let Some(key) = vault_key {
         let p = out.patient.to_string();

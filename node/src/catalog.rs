@@ -21,7 +21,9 @@ pub enum CatalogError {
         #[source]
         source: rusqlite::Error,
     },
-    #[error("catalog {path} has schema version {found}, newer than this build understands ({known}); upgrade fedcurate-node")]
+    #[error(
+        "catalog {path} has schema version {found}, newer than this build understands ({known}); upgrade fedcurate-node"
+    )]
     TooNew {
         path: PathBuf,
         found: i64,
@@ -145,6 +147,24 @@ pub struct QuarantineEntry {
     pub released_at: Option<String>,
 }
 
+/// The run a batch belongs to.
+#[derive(Clone, Copy, Debug)]
+pub struct RunProfile<'a> {
+    pub id: i64,
+    pub edition: &'a str,
+    pub options: &'a str,
+}
+
+/// What one batch records.
+#[derive(Debug, Default)]
+pub struct BatchRecords {
+    pub inputs: Vec<InputRecord>,
+    pub quarantine: Vec<QuarantineEntry>,
+    /// (pseudonym, nonce, ciphertext)
+    pub vault: Vec<(String, Vec<u8>, Vec<u8>)>,
+    pub audit: Vec<AuditRecord>,
+}
+
 /// Totals of the catalog by outcome.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
@@ -239,11 +259,12 @@ impl Catalog {
             return Ok(s);
         }
         let mut salt = vec![0u8; 32];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
-            .map_err(|_| CatalogError::Sqlite {
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt).map_err(
+            |_| CatalogError::Sqlite {
                 path: self.path.clone(),
                 source: rusqlite::Error::InvalidQuery,
-            })?;
+            },
+        )?;
         self.conn
             .execute(
                 "INSERT INTO meta (key, value) VALUES ('path_salt', ?1)",
@@ -254,7 +275,13 @@ impl Catalog {
     }
 
     /// Start a run; returns its id.
-    pub fn start_run(&self, at: &str, mode: &str, edition: &str, options: &str) -> Result<i64, CatalogError> {
+    pub fn start_run(
+        &self,
+        at: &str,
+        mode: &str,
+        edition: &str,
+        options: &str,
+    ) -> Result<i64, CatalogError> {
         self.conn
             .execute(
                 "INSERT INTO runs (started_at, mode, edition, options) VALUES (?1, ?2, ?3, ?4)",
@@ -267,7 +294,10 @@ impl Catalog {
     /// Mark a run finished.
     pub fn finish_run(&self, run: i64, at: &str) -> Result<(), CatalogError> {
         self.conn
-            .execute("UPDATE runs SET finished_at = ?1 WHERE id = ?2", params![at, run])
+            .execute(
+                "UPDATE runs SET finished_at = ?1 WHERE id = ?2",
+                params![at, run],
+            )
             .map_err(self.err())?;
         Ok(())
     }
@@ -316,14 +346,16 @@ impl Catalog {
     /// Record a batch in one transaction (after its files are durable).
     pub fn commit_batch(
         &mut self,
-        run: i64,
-        edition: &str,
-        options: &str,
-        inputs: &[InputRecord],
-        quarantine: &[QuarantineEntry],
-        vault: &[(String, Vec<u8>, Vec<u8>)],
-        audit: &[AuditRecord],
+        run: &RunProfile<'_>,
+        batch: &BatchRecords,
     ) -> Result<(), CatalogError> {
+        let BatchRecords {
+            inputs,
+            quarantine,
+            vault,
+            audit,
+        } = batch;
+        let (run, edition, options) = (run.id, run.edition, run.options);
         let path = self.path.clone();
         let sq = |source| CatalogError::Sqlite {
             path: path.clone(),
@@ -363,7 +395,7 @@ impl Catalog {
         }
         for (pseudonym, nonce, ciphertext) in vault {
             tx.execute(
-                "INSERT OR IGNORE INTO vault (pseudonym, nonce, ciphertext) VALUES (?1, ?2, ?3)",
+                "INSERT OR REPLACE INTO vault (pseudonym, nonce, ciphertext) VALUES (?1, ?2, ?3)",
                 params![pseudonym, nonce, ciphertext],
             )
             .map_err(sq)?;
@@ -440,7 +472,10 @@ impl Catalog {
     }
 
     /// Quarantine entries (all, or only those not released).
-    pub fn quarantine_entries(&self, include_released: bool) -> Result<Vec<QuarantineEntry>, CatalogError> {
+    pub fn quarantine_entries(
+        &self,
+        include_released: bool,
+    ) -> Result<Vec<QuarantineEntry>, CatalogError> {
         let sql = if include_released {
             "SELECT id, reason, detail, quarantined_at, released_at FROM quarantine ORDER BY quarantined_at, id"
         } else {
@@ -507,7 +542,10 @@ impl Catalog {
     }
 
     /// The encrypted map entry of a pseudonym.
-    pub fn vault_entry(&self, pseudonym: &str) -> Result<Option<(Vec<u8>, Vec<u8>)>, CatalogError> {
+    pub fn vault_entry(
+        &self,
+        pseudonym: &str,
+    ) -> Result<Option<crate::vault::SealedEntry>, CatalogError> {
         self.conn
             .query_row(
                 "SELECT nonce, ciphertext FROM vault WHERE pseudonym = ?1",
@@ -542,7 +580,9 @@ impl Catalog {
     pub fn audit_entries(&self) -> Result<Vec<AuditEntry>, CatalogError> {
         let mut st = self
             .conn
-            .prepare("SELECT seq, at, actor, action, detail, prev_hash, hash FROM audit ORDER BY seq")
+            .prepare(
+                "SELECT seq, at, actor, action, detail, prev_hash, hash FROM audit ORDER BY seq",
+            )
             .map_err(self.err())?;
         let rows = st
             .query_map([], |r| {
@@ -597,13 +637,21 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("catalog.sqlite");
         let c = Catalog::open(&p).expect("open");
-        assert_eq!(c.schema_version().expect("version"), MIGRATIONS.len() as i64);
+        assert_eq!(
+            c.schema_version().expect("version"),
+            MIGRATIONS.len() as i64
+        );
         let salt = c.path_salt().expect("salt");
         drop(c);
         let c = Catalog::open(&p).expect("reopen");
         assert_eq!(c.path_salt().expect("salt"), salt, "salt is stable");
-        c.connection().pragma_update(None, "user_version", 99).expect("set");
+        c.connection()
+            .pragma_update(None, "user_version", 99)
+            .expect("set");
         drop(c);
-        assert!(matches!(Catalog::open(&p), Err(CatalogError::TooNew { found: 99, .. })));
+        assert!(matches!(
+            Catalog::open(&p),
+            Err(CatalogError::TooNew { found: 99, .. })
+        ));
     }
 }

@@ -39,13 +39,17 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot create the site secret {path}: {source}; check that the data directory is writable by the node's user")]
+    #[error(
+        "cannot create the site secret {path}: {source}; check that the data directory is writable by the node's user"
+    )]
     SecretCreate {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("config [deid] reidentification_map = true needs vault_key_file; create a key with `fedcurate-node secret generate --out FILE` and keep it apart from the data directory's backups")]
+    #[error(
+        "config [deid] reidentification_map = true needs vault_key_file; create a key with `fedcurate-node secret generate --out FILE` and keep it apart from the data directory's backups"
+    )]
     NoVaultKey,
     #[error("config [deid] vault_key_file {path}: {message}")]
     VaultKey { path: PathBuf, message: String },
@@ -231,7 +235,10 @@ impl DeidConfig {
     }
 
     /// The vault key, if a map is kept in this run.
-    pub fn vault_key(&self, anonymise: bool) -> Result<Option<crate::vault::VaultKey>, ConfigError> {
+    pub fn vault_key(
+        &self,
+        anonymise: bool,
+    ) -> Result<Option<crate::vault::VaultKey>, ConfigError> {
         if !self.reidentification_map || self.anonymises(anonymise) {
             return Ok(None);
         }
@@ -309,7 +316,10 @@ mod tests {
                 .has(DeidOption::CleanDescriptors)
         );
         let dir = tempfile::tempdir().expect("tempdir");
-        let first = cfg.deid.secret(dir.path(), false).expect("generated on first use");
+        let first = cfg
+            .deid
+            .secret(dir.path(), false)
+            .expect("generated on first use");
         let again = cfg.deid.secret(dir.path(), false).expect("read back");
         assert_eq!(first.to_hex(), again.to_hex());
         let anon = cfg.deid.secret(dir.path(), true).expect("random");
@@ -317,10 +327,17 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join("site.secret")).expect("file").permissions().mode();
+            let mode = std::fs::metadata(dir.path().join("site.secret"))
+                .expect("file")
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
-        let e = NodeConfig::parse("data_dir = \"/x\"\n[deid]\nreidentification_map = true\n", p).expect_err("no key");
+        let e = NodeConfig::parse(
+            "data_dir = \"/x\"\n[deid]\nreidentification_map = true\n",
+            p,
+        )
+        .expect_err("no key");
         assert!(matches!(e, ConfigError::NoVaultKey));
     }
 }

@@ -18,7 +18,11 @@ use node::sample;
 use node::vault;
 
 #[derive(Parser, Debug)]
-#[command(name = "fedcurate-node", version, about = "fedcurate site node: de-identify, curate and export medical images without them leaving the hospital")]
+#[command(
+    name = "fedcurate-node",
+    version,
+    about = "fedcurate site node: de-identify, curate and export medical images without them leaving the hospital"
+)]
 struct Cli {
     /// Configuration file (default: the embedded deploy/node.toml).
     #[arg(long, global = true)]
@@ -243,16 +247,29 @@ fn options_text(policy: &DeidPolicy) -> String {
 
 fn print_profile_info(policy: &DeidPolicy) {
     let t = RuleTable::standard();
-    println!("DICOM PS3.15 {} Table E.1-1, {} rows", table::EDITION, t.rules().len());
+    println!(
+        "DICOM PS3.15 {} Table E.1-1, {} rows",
+        table::EDITION,
+        t.rules().len()
+    );
     let basic = table::basic_profile_code();
-    println!("profile   {} {} ({})", basic.scheme, basic.value, basic.meaning);
+    println!(
+        "profile   {} {} ({})",
+        basic.scheme, basic.value, basic.meaning
+    );
     if policy.options.is_empty() {
         println!("options   none (basic profile only)");
     }
     for o in DeidOption::ALL {
         let c = o.method_code();
         let mark = if policy.has(o) { "on " } else { "off" };
-        println!("  [{mark}] {:<36} {} {} ({})", o.config_name(), c.scheme, c.value, c.meaning);
+        println!(
+            "  [{mark}] {:<36} {} {} ({})",
+            o.config_name(),
+            c.scheme,
+            c.value,
+            c.meaning
+        );
     }
     println!(
         "date shift {}..={} days; age bands {:?}; descriptor allow-list {} phrases",
@@ -284,7 +301,11 @@ fn deid(config: &NodeConfig, args: DeidArgs) -> Result<()> {
         quarantine: dd.root.join("quarantine"),
     };
     let settings = RunSettings {
-        mode: if anonymise { "anonymise" } else { "pseudonymise" },
+        mode: if anonymise {
+            "anonymise"
+        } else {
+            "pseudonymise"
+        },
         edition: table::EDITION,
         options: options_text(&policy),
         vault_key: vault_key.as_ref(),
@@ -322,10 +343,10 @@ fn export(config: &NodeConfig, out: Option<&Path>) -> Result<()> {
     };
     let mut profiles = std::collections::HashMap::new();
     for (r, run) in dd.catalog.inputs()? {
-        if !profiles.contains_key(&run) {
-            profiles.insert(run, dd.catalog.run_profile(run)?);
-        }
-        let (edition, options) = &profiles[&run];
+        let (edition, options) = match profiles.entry(run) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(dd.catalog.run_profile(run)?),
+        };
         let line = serde_json::json!({
             "path_key": r.path_key,
             "content_sha256": r.content_hash,
@@ -347,7 +368,10 @@ fn export(config: &NodeConfig, out: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-fn deidentifier_parts(config: &NodeConfig, root: &Path) -> Result<(DeidPolicy, Keys, Option<vault::VaultKey>)> {
+fn deidentifier_parts(
+    config: &NodeConfig,
+    root: &Path,
+) -> Result<(DeidPolicy, Keys, Option<vault::VaultKey>)> {
     let policy = policy_with(config, &[])?;
     if config.deid.anonymises(false) {
         bail!("quarantine release needs the site secret: it is not available in anonymise mode");
@@ -361,7 +385,10 @@ fn quarantine(config: &NodeConfig, command: QuarantineCommand) -> Result<()> {
     match command {
         QuarantineCommand::List { all } => {
             let entries = dd.catalog.quarantine_entries(all)?;
-            println!("{:<16}  {:<28}  {:<20}  released", "id", "reason", "quarantined at");
+            println!(
+                "{:<16}  {:<28}  {:<20}  released",
+                "id", "reason", "quarantined at"
+            );
             for e in &entries {
                 println!(
                     "{:<16}  {:<28}  {:<20}  {}",
@@ -371,7 +398,11 @@ fn quarantine(config: &NodeConfig, command: QuarantineCommand) -> Result<()> {
                     e.released_at.as_deref().unwrap_or("-")
                 );
             }
-            println!("{} entries in {}", entries.len(), dd.root.join("quarantine").display());
+            println!(
+                "{} entries in {}",
+                entries.len(),
+                dd.root.join("quarantine").display()
+            );
             Ok(())
         }
         QuarantineCommand::Release { id, output } => {
@@ -395,10 +426,14 @@ fn quarantine(config: &NodeConfig, command: QuarantineCommand) -> Result<()> {
 
 fn generate_secret(out: &Path) -> Result<Secret> {
     if out.exists() {
-        bail!("{} already exists; refusing to overwrite a secret (it would break linkage with earlier batches)", out.display());
+        bail!(
+            "{} already exists; refusing to overwrite a secret (it would break linkage with earlier batches)",
+            out.display()
+        );
     }
     let secret = Secret::random()?;
-    config::write_secret_file(out, &secret).with_context(|| format!("writing {}", out.display()))?;
+    config::write_secret_file(out, &secret)
+        .with_context(|| format!("writing {}", out.display()))?;
     Ok(secret)
 }
 
@@ -406,7 +441,11 @@ fn secret(config: &NodeConfig, command: SecretCommand) -> Result<()> {
     match command {
         SecretCommand::Generate { out } => {
             let s = generate_secret(&out)?;
-            println!("secret written to {} (fingerprint {})", out.display(), s.fingerprint());
+            println!(
+                "secret written to {} (fingerprint {})",
+                out.display(),
+                s.fingerprint()
+            );
         }
         SecretCommand::Backup { out } => {
             let mut dd = open_data_dir(&config.data_dir)?;
@@ -414,23 +453,34 @@ fn secret(config: &NodeConfig, command: SecretCommand) -> Result<()> {
             if out.exists() {
                 bail!("{} already exists; choose a new backup file", out.display());
             }
-            config::write_secret_file(&out, &s).with_context(|| format!("writing {}", out.display()))?;
+            config::write_secret_file(&out, &s)
+                .with_context(|| format!("writing {}", out.display()))?;
             dd.catalog.audit(&AuditRecord::now(
                 "secret-backup",
                 serde_json::json!({ "fingerprint": s.fingerprint() }),
             ))?;
-            println!("site secret (fingerprint {}) backed up to {}", s.fingerprint(), out.display());
-            println!("keep the backup offline and owner-readable only: whoever has it can recompute pseudonyms");
+            println!(
+                "site secret (fingerprint {}) backed up to {}",
+                s.fingerprint(),
+                out.display()
+            );
+            println!(
+                "keep the backup offline and owner-readable only: whoever has it can recompute pseudonyms"
+            );
         }
         SecretCommand::Restore { from } => {
             let mut dd = open_data_dir(&config.data_dir)?;
-            let text = std::fs::read_to_string(&from).with_context(|| format!("reading {}", from.display()))?;
+            let text = std::fs::read_to_string(&from)
+                .with_context(|| format!("reading {}", from.display()))?;
             let restored = Secret::from_hex(&text)?;
             let target = config.deid.secret_path(&dd.root);
             if target.exists() {
                 let current = Secret::from_hex(&std::fs::read_to_string(&target)?)?;
                 if current.to_hex() == restored.to_hex() {
-                    println!("the site secret in place already is this one (fingerprint {})", restored.fingerprint());
+                    println!(
+                        "the site secret in place already is this one (fingerprint {})",
+                        restored.fingerprint()
+                    );
                     return Ok(());
                 }
                 bail!(
@@ -439,12 +489,17 @@ fn secret(config: &NodeConfig, command: SecretCommand) -> Result<()> {
                     current.fingerprint()
                 );
             }
-            config::write_secret_file(&target, &restored).with_context(|| format!("writing {}", target.display()))?;
+            config::write_secret_file(&target, &restored)
+                .with_context(|| format!("writing {}", target.display()))?;
             dd.catalog.audit(&AuditRecord::now(
                 "secret-restore",
                 serde_json::json!({ "fingerprint": restored.fingerprint() }),
             ))?;
-            println!("site secret restored to {} (fingerprint {})", target.display(), restored.fingerprint());
+            println!(
+                "site secret restored to {} (fingerprint {})",
+                target.display(),
+                restored.fingerprint()
+            );
         }
     }
     Ok(())
@@ -452,11 +507,9 @@ fn secret(config: &NodeConfig, command: SecretCommand) -> Result<()> {
 
 fn reidentify(config: &NodeConfig, pseudonym: &str, field: Field) -> Result<()> {
     let mut dd = open_data_dir(&config.data_dir)?;
-    let key_path = config
-        .deid
-        .vault_key_file
-        .clone()
-        .context("config [deid] vault_key_file is not set: re-identification needs the vault key")?;
+    let key_path = config.deid.vault_key_file.clone().context(
+        "config [deid] vault_key_file is not set: re-identification needs the vault key",
+    )?;
     let key = config::read_vault_key(&key_path)?;
     let Some((nonce, ct)) = dd.catalog.vault_entry(pseudonym)? else {
         bail!("no re-identification map entry for {pseudonym}");
@@ -492,7 +545,10 @@ fn audit_cmd(config: &NodeConfig, command: AuditCommand) -> Result<()> {
         }
         AuditCommand::List => {
             for e in &entries {
-                println!("{:>6}  {}  {:<10} {:<20} {}", e.seq, e.record.at, e.record.actor, e.record.action, e.record.detail);
+                println!(
+                    "{:>6}  {}  {:<10} {:<20} {}",
+                    e.seq, e.record.at, e.record.actor, e.record.action, e.record.detail
+                );
             }
         }
     }
@@ -505,21 +561,34 @@ fn demo(dir: Option<PathBuf>) -> Result<()> {
         None => std::env::temp_dir().join(format!("fedcurate-demo-{}", std::process::id())),
     };
     if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() {
-        bail!("{} is not empty; give an empty or new folder with --dir", dir.display());
+        bail!(
+            "{} is not empty; give an empty or new folder with --dir",
+            dir.display()
+        );
     }
     let archive = sample::write_sample_archive(&dir.join("archive"))?;
-    println!("sample archive: {} files in {}", archive.files.len(), archive.root.display());
+    println!(
+        "sample archive: {} files in {}",
+        archive.files.len(),
+        archive.root.display()
+    );
     let mut dd = open_data_dir(&dir.join("data"))?;
-    let mut cfg = config::DeidConfig::default();
-    cfg.options = vec![
-        "retain-patient-characteristics".into(),
-        "retain-longitudinal-modified-dates".into(),
-        "clean-descriptors".into(),
-    ];
-    cfg.descriptor_allow_list = vec!["CT CHEST WITH CONTRAST".into()];
+    let cfg = config::DeidConfig {
+        options: vec![
+            "retain-patient-characteristics".into(),
+            "retain-longitudinal-modified-dates".into(),
+            "clean-descriptors".into(),
+        ],
+        descriptor_allow_list: vec!["CT CHEST WITH CONTRAST".into()],
+        ..config::DeidConfig::default()
+    };
     let policy = cfg.policy()?;
     let secret = cfg.secret(&dd.root, false)?;
-    println!("site secret   {} (fingerprint {})", cfg.secret_path(&dd.root).display(), secret.fingerprint());
+    println!(
+        "site secret   {} (fingerprint {})",
+        cfg.secret_path(&dd.root).display(),
+        secret.fingerprint()
+    );
     let keys = Keys::derive(&secret);
     let vault_path = dd.root.join("vault.key");
     let vault_key = vault::VaultKey::from_hex(&generate_secret(&vault_path)?.to_hex())?;
@@ -543,7 +612,11 @@ fn demo(dir: Option<PathBuf>) -> Result<()> {
     let mut leaks = 0usize;
     for file in batch::list_inputs(&paths.output)? {
         let bytes = std::fs::read(&file)?;
-        let rel = file.strip_prefix(&paths.output).unwrap_or(&file).to_string_lossy().into_owned();
+        let rel = file
+            .strip_prefix(&paths.output)
+            .unwrap_or(&file)
+            .to_string_lossy()
+            .into_owned();
         for value in &archive.identifying {
             let found_in_bytes = bytes.windows(value.len()).any(|w| w == value.as_bytes());
             if found_in_bytes || rel.contains(value.as_str()) {
@@ -551,11 +624,22 @@ fn demo(dir: Option<PathBuf>) -> Result<()> {
             }
         }
     }
-    println!("leak check    {leaks} identifying values found in the output ({} checked in every file)", archive.identifying.len());
+    println!(
+        "leak check    {leaks} identifying values found in the output ({} checked in every file)",
+        archive.identifying.len()
+    );
     // Resuming is a no-op: everything is recorded.
     let again = batch::deidentify_folder(&paths, &deid, &mut dd.catalog, &settings)?;
-    println!("re-run        {} of {} inputs already done, nothing rewritten", again.done_before, again.inputs);
-    println!("catalog       {} (re-identification map: {} patients, key {})", dd.root.join("catalog.sqlite").display(), dd.catalog.vault_len()?, vault_path.display());
+    println!(
+        "re-run        {} of {} inputs already done, nothing rewritten",
+        again.done_before, again.inputs
+    );
+    println!(
+        "catalog       {} (re-identification map: {} patients, key {})",
+        dd.root.join("catalog.sqlite").display(),
+        dd.catalog.vault_len()?,
+        vault_path.display()
+    );
     let n = audit::verify(&dd.catalog.audit_entries()?)?;
     println!("audit chain   intact, {n} entries");
     if leaks > 0 {

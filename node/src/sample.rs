@@ -1050,7 +1050,12 @@ pub fn write_bulk_archive(root: &Path, patients: usize, slices: u16) -> io::Resu
         };
         for i in 1..=slices {
             let name = format!("p{pi:04}/s{i:04}.dcm");
-            write(root, &mut files, &name, &encode(ct_slice(&p, &st, &se, i), ts::EXPLICIT_LE)?)?;
+            write(
+                root,
+                &mut files,
+                &name,
+                &encode(ct_slice(&p, &st, &se, i), ts::EXPLICIT_LE)?,
+            )?;
         }
     }
     Ok(files)

@@ -12,9 +12,13 @@ pub use crate::deid::keys::OriginalIdentity;
 /// Vault errors.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum VaultError {
-    #[error("vault key file must hold exactly 32 bytes as 64 hex digits; create one with `fedcurate-node secret generate --out FILE`")]
+    #[error(
+        "vault key file must hold exactly 32 bytes as 64 hex digits; create one with `fedcurate-node secret generate --out FILE`"
+    )]
     BadKey,
-    #[error("the re-identification map entry does not decrypt with this key: wrong vault key, or the entry was altered")]
+    #[error(
+        "the re-identification map entry does not decrypt with this key: wrong vault key, or the entry was altered"
+    )]
     WrongKey,
     #[error("the system random number generator failed")]
     Random,
@@ -46,24 +50,61 @@ impl VaultKey {
     }
 }
 
+/// An encrypted map entry: (nonce, ciphertext with tag).
+pub type SealedEntry = (Vec<u8>, Vec<u8>);
+
+/// What is known of a patient after seeing `new`: fields empty so far are filled from it
+/// (objects of one patient do not all carry every identifier).
+pub fn merge(known: Option<&OriginalIdentity>, new: &OriginalIdentity) -> OriginalIdentity {
+    let Some(k) = known else {
+        return new.clone();
+    };
+    let pick = |a: &String, b: &String| if a.is_empty() { b.clone() } else { a.clone() };
+    OriginalIdentity {
+        patient_id: pick(&k.patient_id, &new.patient_id),
+        issuer: pick(&k.issuer, &new.issuer),
+        name: pick(&k.name, &new.name),
+        birth_date: pick(&k.birth_date, &new.birth_date),
+    }
+}
+
 /// Encrypt the identity of `pseudonym`: returns (nonce, ciphertext with tag).
-pub fn seal(key: &VaultKey, pseudonym: &str, identity: &OriginalIdentity) -> Result<(Vec<u8>, Vec<u8>), VaultError> {
+pub fn seal(
+    key: &VaultKey,
+    pseudonym: &str,
+    identity: &OriginalIdentity,
+) -> Result<(Vec<u8>, Vec<u8>), VaultError> {
     let mut nonce = [0u8; NONCE_LEN];
-    SystemRandom::new().fill(&mut nonce).map_err(|_| VaultError::Random)?;
+    SystemRandom::new()
+        .fill(&mut nonce)
+        .map_err(|_| VaultError::Random)?;
     let mut data = serde_json::to_vec(identity).map_err(|_| VaultError::Random)?;
     key.0
-        .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(pseudonym.as_bytes()), &mut data)
+        .seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(pseudonym.as_bytes()),
+            &mut data,
+        )
         .map_err(|_| VaultError::Random)?;
     Ok((nonce.to_vec(), data))
 }
 
 /// Decrypt an entry.
-pub fn open(key: &VaultKey, pseudonym: &str, nonce: &[u8], ciphertext: &[u8]) -> Result<OriginalIdentity, VaultError> {
+pub fn open(
+    key: &VaultKey,
+    pseudonym: &str,
+    nonce: &[u8],
+    ciphertext: &[u8],
+) -> Result<OriginalIdentity, VaultError> {
     let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| VaultError::WrongKey)?;
     let mut data = ciphertext.to_vec();
     let plain = key
         .0
-        .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(pseudonym.as_bytes()), &mut data)
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(pseudonym.as_bytes()),
+            &mut data,
+        )
         .map_err(|_| VaultError::WrongKey)?;
     serde_json::from_slice(plain).map_err(|_| VaultError::WrongKey)
 }
@@ -78,9 +119,17 @@ mod tests {
 
     #[test]
     fn round_trip_wrong_key_and_moved_entry() {
-        let id = OriginalIdentity { patient_id: "MRN-1".into(), issuer: "H".into(), name: "Doe^Jane".into(), birth_date: "19560312".into() };
+        let id = OriginalIdentity {
+            patient_id: "MRN-1".into(),
+            issuer: "H".into(),
+            name: "Doe^Jane".into(),
+            birth_date: "19560312".into(),
+        };
         let (n, c) = seal(&key(1), "PABC", &id).expect("seal");
-        assert!(!c.windows(5).any(|w| w == b"MRN-1"), "ciphertext hides the identifiers");
+        assert!(
+            !c.windows(5).any(|w| w == b"MRN-1"),
+            "ciphertext hides the identifiers"
+        );
         assert_eq!(open(&key(1), "PABC", &n, &c), Ok(id));
         assert_eq!(open(&key(2), "PABC", &n, &c), Err(VaultError::WrongKey));
         assert_eq!(open(&key(1), "PXYZ", &n, &c), Err(VaultError::WrongKey));

@@ -54,7 +54,11 @@ fn contains(hay: &[u8], needle: &str) -> bool {
 /// Write a config whose data directory is `dir/data` (the site secret is generated there).
 fn config(dir: &Path, extra: &str) -> PathBuf {
     let cfg = dir.join("node.toml");
-    std::fs::write(&cfg, format!("data_dir = {:?}\n[deid]\n{extra}", dir.join("data"))).expect("config written");
+    std::fs::write(
+        &cfg,
+        format!("data_dir = {:?}\n[deid]\n{extra}", dir.join("data")),
+    )
+    .expect("config written");
     cfg
 }
 
@@ -173,7 +177,10 @@ fn bad_options_and_missing_keys_are_explained() {
         .expect("runs");
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("retain-everything") && e.contains("known options"), "{e}");
+    assert!(
+        e.contains("retain-everything") && e.contains("known options"),
+        "{e}"
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = config(dir.path(), "reidentification_map = true\n");
     let out = bin()
@@ -185,7 +192,10 @@ fn bad_options_and_missing_keys_are_explained() {
         .expect("runs");
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("vault_key_file") && e.contains("secret generate"), "{e}");
+    assert!(
+        e.contains("vault_key_file") && e.contains("secret generate"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -216,16 +226,24 @@ fn every_input_is_written_or_quarantined_with_a_reason() {
     assert_eq!(written + quarantined.len(), archive.files.len(), "{s}");
     let list = run(bin().arg("--config").arg(&cfg).args(["quarantine", "list"]));
     let list = String::from_utf8_lossy(&list.stdout);
-    assert!(list.contains("unreadable") && list.contains("missing-sop-instance-uid"), "{list}");
+    assert!(
+        list.contains("unreadable") && list.contains("missing-sop-instance-uid"),
+        "{list}"
+    );
     assert!(list.contains("2 entries"), "{list}");
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         for p in ["data", "data/quarantine", "data/catalog.sqlite"] {
-            let mode = std::fs::metadata(dir.path().join(p)).expect("exists").permissions().mode();
+            let mode = std::fs::metadata(dir.path().join(p))
+                .expect("exists")
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o077, 0, "{p} must be owner-only");
         }
     }
-    assert!(!dir.path().join("data/site.secret").exists(), "anonymisation keeps no secret");
+    assert!(
+        !dir.path().join("data/site.secret").exists(),
+        "anonymisation keeps no secret"
+    );
 }
-

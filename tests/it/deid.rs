@@ -116,17 +116,19 @@ fn per_option_exactly_the_kept_attributes_survive() {
                 ));
             }
             kept += usize::from(survived);
-            if option == Some(DeidOption::RetainLongitudinalModifiedDates) && pl.vr == VR::DA {
-                if let Some(v) = &value {
-                    if !v.is_empty() {
-                        let d = dates::Date::parse_da(v).expect("shifted dates stay valid");
-                        assert!(
-                            d < dates::Date::parse_da(&pl.needle).expect("planted"),
-                            "{} shifted back",
-                            rule.keyword
-                        );
-                    }
-                }
+            if option == Some(DeidOption::RetainLongitudinalModifiedDates)
+                && pl.vr == VR::DA
+                && rule.option(DeidOption::RetainLongitudinalModifiedDates) == Some(OptionAction::C)
+            {
+                let v = value.as_deref().unwrap_or_default();
+                let d = dates::Date::parse_da(v).unwrap_or_else(|| {
+                    panic!("{} kept as a valid shifted date, got {v:?}", rule.keyword)
+                });
+                assert!(
+                    d < dates::Date::parse_da(&pl.needle).expect("planted"),
+                    "{} shifted back",
+                    rule.keyword
+                );
             }
         }
         if !failures.is_empty() {
@@ -536,8 +538,9 @@ fn dcmtk_reads_every_output_and_sees_no_identifying_value() {
         vault_key: None,
         batch_size: 4,
     };
-    let summary = batch::deidentify_folder(&paths, &Deidentifier::new(&p, &k), &mut catalog, &settings)
-        .expect("batch");
+    let summary =
+        batch::deidentify_folder(&paths, &Deidentifier::new(&p, &k), &mut catalog, &settings)
+            .expect("batch");
     assert_eq!(
         summary.written + summary.quarantined_total(),
         archive.files.len()

@@ -46,7 +46,7 @@ impl Secret {
     /// Parse the hex text of a secret file (whitespace ignored).
     pub fn from_hex(text: &str) -> Result<Self, SecretError> {
         let hex: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-        if hex.len() % 2 != 0 {
+        if !hex.len().is_multiple_of(2) {
             return Err(SecretError::NotHex);
         }
         let mut out = Vec::with_capacity(hex.len() / 2);

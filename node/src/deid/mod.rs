@@ -553,22 +553,22 @@ impl<'a> Deidentifier<'a> {
         let mut creators: HashMap<(u16, u8), (String, &InMemElement)> = HashMap::new();
         for e in obj.iter() {
             let t = e.tag();
-            if t.group() % 2 == 1 {
-                if let PrivateKind::Creator { block } = private_kind(t) {
-                    let c = e
-                        .value()
-                        .to_str()
-                        .map(|s| s.into_owned())
-                        .unwrap_or_default();
-                    creators.insert((t.group(), block), (c, e));
-                }
+            if !t.group().is_multiple_of(2)
+                && let PrivateKind::Creator { block } = private_kind(t)
+            {
+                let c = e
+                    .value()
+                    .to_str()
+                    .map(|s| s.into_owned())
+                    .unwrap_or_default();
+                creators.insert((t.group(), block), (c, e));
             }
         }
         let mut used_blocks: HashSet<(u16, u8)> = HashSet::new();
         let mut out: Vec<InMemElement> = Vec::new();
         for e in obj.iter() {
             let tag = e.tag();
-            if tag.group() % 2 == 1 {
+            if !tag.group().is_multiple_of(2) {
                 if let Some(kept) = self.private_element(inst, e, pos, &creators) {
                     if let PrivateKind::Data { block } = private_kind(tag) {
                         used_blocks.insert((tag.group(), block));

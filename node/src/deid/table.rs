@@ -222,7 +222,7 @@ impl fmt::Display for TagPattern {
 
 /// Whether `group` is one of the 16 even repeating groups starting at `base` (5000 or 6000).
 pub fn is_repeating_group(group: u16, base: u16) -> bool {
-    (base..=base + 0x1E).contains(&group) && group % 2 == 0
+    (base..=base + 0x1E).contains(&group) && group.is_multiple_of(2)
 }
 
 /// One row of Table E.1-1.
@@ -375,15 +375,15 @@ impl RuleTable {
         if let Some(&i) = self.exact.get(&tag) {
             return Some(&self.rules[i]);
         }
-        if is_repeating_group(tag.group(), 0x6000) {
-            if let Some(&i) = self.overlay.get(&tag.element()) {
-                return Some(&self.rules[i]);
-            }
+        if is_repeating_group(tag.group(), 0x6000)
+            && let Some(&i) = self.overlay.get(&tag.element())
+        {
+            return Some(&self.rules[i]);
         }
-        if is_repeating_group(tag.group(), 0x5000) {
-            if let Some(i) = self.curve {
-                return Some(&self.rules[i]);
-            }
+        if is_repeating_group(tag.group(), 0x5000)
+            && let Some(i) = self.curve
+        {
+            return Some(&self.rules[i]);
         }
         None
     }
