@@ -44,6 +44,18 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Write a synthetic archive (for trying the node, and for measuring it).
+    Sample {
+        /// Folder to write (must not exist or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Patients, one CT series each.
+        #[arg(long, default_value_t = 20)]
+        patients: usize,
+        /// Slices per series.
+        #[arg(long, default_value_t = 50)]
+        slices: u16,
+    },
     /// The catalog of everything done.
     Catalog {
         #[command(subcommand)]
@@ -176,6 +188,18 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Deid(args) => deid(&config, args),
         Command::Demo { dir } => demo(dir),
+        Command::Sample {
+            out,
+            patients,
+            slices,
+        } => {
+            if out.exists() && std::fs::read_dir(&out)?.next().is_some() {
+                bail!("{} is not empty", out.display());
+            }
+            let files = sample::write_bulk_archive(&out, patients, slices)?;
+            println!("{} files written to {}", files.len(), out.display());
+            Ok(())
+        }
         Command::Catalog {
             command: CatalogCommand::Export { out },
         } => export(&config, out.as_deref()),
