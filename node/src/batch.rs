@@ -16,7 +16,6 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use dicom_object::OpenFileOptions;
 use ring::hmac;
 
 use crate::audit::{AuditRecord, utc_now};
@@ -284,9 +283,7 @@ pub fn deidentify_bytes(
     deid: &Deidentifier<'_>,
     bytes: &[u8],
 ) -> Result<(Deidentified, Vec<u8>), (String, String)> {
-    let obj = OpenFileOptions::new()
-        .from_reader(bytes)
-        .map_err(|e| ("unreadable".to_owned(), e.to_string()))?;
+    let obj = crate::read::read_object(bytes).map_err(|r| (r.reason.to_owned(), r.detail))?;
     let out = deid
         .deidentify(&obj)
         .map_err(|f: Finding| (f.code(), f.to_string()))?;

@@ -6,5 +6,6 @@ pub mod batch;
 pub mod catalog;
 pub mod config;
 pub mod deid;
+pub mod read;
 pub mod sample;
 pub mod vault;

@@ -1061,6 +1061,302 @@ pub fn write_bulk_archive(root: &Path, patients: usize, slices: u16) -> io::Resu
     Ok(files)
 }
 
+/// Raw explicit VR little endian element bytes (short or long length form by VR).
+pub fn raw_element(g: u16, e: u16, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&g.to_le_bytes());
+    out.extend_from_slice(&e.to_le_bytes());
+    out.extend_from_slice(vr);
+    if matches!(vr, b"OB" | b"OW" | b"SQ" | b"UN" | b"UT") {
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    } else {
+        out.extend_from_slice(&(value.len() as u16).to_le_bytes());
+    }
+    out.extend_from_slice(value);
+    out
+}
+
+fn raw_undefined(g: u16, e: u16, vr: &[u8; 2]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&g.to_le_bytes());
+    out.extend_from_slice(&e.to_le_bytes());
+    out.extend_from_slice(vr);
+    out.extend_from_slice(&[0, 0, 0xFF, 0xFF, 0xFF, 0xFF]);
+    out
+}
+
+fn raw_marker(e: u16, len: u32) -> Vec<u8> {
+    let mut out = vec![0xFE, 0xFF];
+    out.extend_from_slice(&e.to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
+    out
+}
+
+fn implicit_element(g: u16, e: u16, value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&g.to_le_bytes());
+    out.extend_from_slice(&e.to_le_bytes());
+    out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    out.extend_from_slice(value);
+    out
+}
+
+/// The messy files real archives hold, each named; `identifying` is planted in each where it
+/// fits so tests can check it never reaches an output.
+pub fn messy_files(identifying: &str) -> io::Result<Vec<(&'static str, Vec<u8>)>> {
+    let p = Patient {
+        id: format!("{identifying}-ID"),
+        issuer: "HOSP-M".into(),
+        name: format!("{identifying}^Messy"),
+        birth_date: "19500505".into(),
+        sex: "M".into(),
+        charset: None,
+    };
+    let st = Study {
+        uid: format!("{ORIGINAL_UID_ROOT}.6.1"),
+        date: "20220202".into(),
+        time: "101010".into(),
+        accession: "MACC1".into(),
+        description: "messy".into(),
+        referring_physician: "Ref^Messy".into(),
+        institution: "Messy Hospital".into(),
+    };
+    let se = |n: i32| Series {
+        uid: format!("{}.{n}", st.uid),
+        number: n,
+        description: "messy".into(),
+        frame_of_reference: format!("{}.{n}.0", st.uid),
+        station: "M1".into(),
+    };
+    let slice = |n: i32| ct_slice(&p, &st, &se(n), 1);
+    let full = encode(slice(1), ts::EXPLICIT_LE)?;
+    let mut files: Vec<(&'static str, Vec<u8>)> = Vec::new();
+    // Without preamble: "DICM" first.
+    files.push(("no-preamble", full[128..].to_vec()));
+    // Without any meta group: a bare data set in each encoding.
+    for (name, syntax) in [
+        ("bare-implicit-le", ts::IMPLICIT_LE),
+        ("bare-explicit-le", ts::EXPLICIT_LE),
+        ("bare-explicit-be", ts::EXPLICIT_BE),
+    ] {
+        let obj = slice(match syntax {
+            ts::IMPLICIT_LE => 2,
+            ts::EXPLICIT_LE => 3,
+            _ => 4,
+        });
+        let bytes = encode(obj, syntax)?;
+        let file = dicom_object::OpenFileOptions::new()
+            .from_reader(bytes.as_slice())
+            .map_err(io::Error::other)?;
+        let mut dataset = Vec::new();
+        file.write_dataset(&mut dataset).map_err(io::Error::other)?;
+        files.push((name, dataset));
+    }
+    // Meta group without group length, and without transfer syntax.
+    let meta_elements = |with_ts: bool, sop_uid: &str| {
+        let pad = |s: &str| {
+            let mut b = s.as_bytes().to_vec();
+            if b.len() % 2 == 1 {
+                b.push(0);
+            }
+            b
+        };
+        let mut m = raw_element(0x0002, 0x0001, b"OB", &[0, 1]);
+        m.extend(raw_element(0x0002, 0x0002, b"UI", &pad(sop::CT)));
+        m.extend(raw_element(0x0002, 0x0003, b"UI", &pad(sop_uid)));
+        if with_ts {
+            m.extend(raw_element(0x0002, 0x0010, b"UI", &pad(ts::EXPLICIT_LE)));
+        }
+        m
+    };
+    for (name, with_ts, n) in [
+        ("meta-without-group-length", true, 5),
+        ("meta-without-transfer-syntax", false, 6),
+    ] {
+        let obj = slice(n);
+        let uid = format!("{}.1", se(n).uid);
+        let bytes = encode(obj, ts::EXPLICIT_LE)?;
+        let file = dicom_object::OpenFileOptions::new()
+            .from_reader(bytes.as_slice())
+            .map_err(io::Error::other)?;
+        let mut out = vec![0u8; 128];
+        out.extend_from_slice(b"DICM");
+        out.extend(meta_elements(with_ts, &uid));
+        file.write_dataset(&mut out).map_err(io::Error::other)?;
+        files.push((name, out));
+    }
+    files.push(("deflated", encode(slice(7), ts::DEFLATED_LE)?));
+    files.push(("big-endian", encode(slice(8), ts::EXPLICIT_BE)?));
+    // Truncated in the middle of the header, and inside the pixel data.
+    let t = encode(slice(9), ts::EXPLICIT_LE)?;
+    files.push(("truncated-header", t[..t.len() / 3].to_vec()));
+    let t = encode(slice(10), ts::EXPLICIT_LE)?;
+    files.push(("truncated-pixel-data", t[..t.len() - 40].to_vec()));
+    // Pixel data whose declared length is shorter than the image needs.
+    let mut short = slice(11);
+    short.put(DataElement::new(
+        Tag(0x7FE0, 0x0010),
+        VR::OW,
+        PrimitiveValue::U16(vec![1u16; 10].into()),
+    ));
+    files.push(("short-pixel-data", encode(short, ts::EXPLICIT_LE)?));
+    files.push(("odd-length", odd_length_file(&p, &st, &se(12))));
+    // An undefined-length item closed by a sequence delimiter instead of an item delimiter.
+    let mut body = vec![0u8; 128];
+    body.extend_from_slice(b"DICM");
+    let uid = format!("{}.1", se(13).uid);
+    let meta = meta_elements(true, &uid);
+    body.extend(raw_element(
+        0x0002,
+        0x0000,
+        b"UL",
+        &(meta.len() as u32).to_le_bytes(),
+    ));
+    body.extend(meta);
+    body.extend(raw_element(
+        0x0008,
+        0x0016,
+        b"UI",
+        b"1.2.840.10008.5.1.4.1.1.2\0",
+    ));
+    body.extend(raw_element(
+        0x0008,
+        0x0018,
+        b"UI",
+        format!("{uid}\0").as_bytes(),
+    ));
+    body.extend(raw_undefined(0x0008, 0x1140, b"SQ"));
+    body.extend(raw_marker(0xE000, 0xFFFF_FFFF));
+    body.extend(raw_element(
+        0x0008,
+        0x1150,
+        b"UI",
+        b"1.2.840.10008.5.1.4.1.1.2\0",
+    ));
+    body.extend(raw_marker(0xE0DD, 0)); // should be E00D first
+    body.extend(raw_element(
+        0x0010,
+        0x0010,
+        b"PN",
+        format!("{identifying}^Delim ").as_bytes(),
+    ));
+    files.push(("wrong-item-delimiter", body));
+    // A DICOMDIR naming the patient and an input path.
+    let mut dir = InMemDicomObject::new_empty();
+    put_text(&mut dir, Tag(0x0004, 0x1130), VR::CS, "ARCHIVE");
+    dir.put(seq(
+        Tag(0x0004, 0x1220),
+        vec![item(vec![
+            text(Tag(0x0004, 0x1430), VR::CS, "PATIENT"),
+            text(Tag(0x0010, 0x0010), VR::PN, &p.name),
+            text(Tag(0x0004, 0x1500), VR::CS, &format!("{identifying}\\IM1")),
+        ])],
+    ));
+    let meta = FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid("1.2.840.10008.1.3.10")
+        .media_storage_sop_instance_uid(format!("{}.99", st.uid))
+        .transfer_syntax(ts::EXPLICIT_LE)
+        .build()
+        .map_err(io::Error::other)?;
+    let mut out = Vec::new();
+    dir.with_exact_meta(meta)
+        .write_all(&mut out)
+        .map_err(io::Error::other)?;
+    files.push(("dicomdir", out));
+    // A private sequence encoded as UN (CP-246: its content is implicit VR little endian), with
+    // a person name inside; and a standard sequence the dictionary knows, encoded as UN.
+    let mut un = encode(slice(14), ts::EXPLICIT_LE)?;
+    let pixel_at = un.len() - (8 * 8 * 2 + 12);
+    let mut inner = raw_marker(0xE000, 0xFFFF_FFFF);
+    inner.extend(implicit_element(
+        0x0010,
+        0x0010,
+        format!("{identifying}^Unseq ").as_bytes(),
+    ));
+    inner.extend(raw_marker(0xE00D, 0));
+    inner.extend(raw_marker(0xE0DD, 0));
+    let mut private = raw_element(0x0029, 0x0010, b"LO", b"ACME UN SEQ ");
+    private.extend(raw_undefined(0x0029, 0x1001, b"UN"));
+    private.extend(inner.clone());
+    // (0040,A730) would sort later; use (0008,1115) Referenced Series Sequence, before pixels.
+    let mut public = raw_undefined(0x0040, 0x0275, b"UN");
+    public.extend(inner);
+    let tail = un.split_off(pixel_at);
+    // Elements must stay in tag order: insert before (0040,..)/(7FE0,0010) by rebuilding.
+    let file = dicom_object::OpenFileOptions::new()
+        .from_reader(encode(slice(14), ts::EXPLICIT_LE)?.as_slice())
+        .map_err(io::Error::other)?;
+    let mut head = Vec::new();
+    file.meta().write(&mut head).map_err(io::Error::other)?;
+    let mut obj: InMemDicomObject = file.into_inner();
+    obj.remove_element(Tag(0x0040, 0x0275));
+    obj.remove_element(Tag(0x7FE0, 0x0010));
+    let mut ds = Vec::new();
+    let explicit = dicom_encoding::TransferSyntaxIndex::get(
+        &dicom_transfer_syntax_registry::TransferSyntaxRegistry,
+        ts::EXPLICIT_LE,
+    )
+    .ok_or_else(|| io::Error::other("explicit VR little endian is registered"))?;
+    obj.write_dataset_with_ts(&mut ds, explicit)
+        .map_err(io::Error::other)?;
+    let mut out = vec![0u8; 128];
+    out.extend_from_slice(b"DICM");
+    out.extend(head);
+    // Data set elements are in tag order; 0029 and 0040 go after the rest of groups < 0x0029
+    // only if nothing in between: split the data set at the first element of group >= 0x0029.
+    let split = first_element_at_or_after(&ds, 0x0029).unwrap_or(ds.len());
+    out.extend_from_slice(&ds[..split]);
+    out.extend(private);
+    let split2 = first_element_at_or_after(&ds, 0x0041).unwrap_or(ds.len());
+    out.extend_from_slice(&ds[split..split2]);
+    out.extend(public);
+    out.extend_from_slice(&ds[split2..]);
+    out.extend(tail);
+    files.push(("un-sequences", out));
+    Ok(files)
+}
+
+/// Offset of the first top-level element of group >= `group` in an explicit VR LE data set.
+fn first_element_at_or_after(ds: &[u8], group: u16) -> Option<usize> {
+    let mut at = 0;
+    while at + 8 <= ds.len() {
+        let g = u16::from_le_bytes([ds[at], ds[at + 1]]);
+        if g >= group {
+            return Some(at);
+        }
+        let vr = &ds[at + 4..at + 6];
+        let (header, len) = if matches!(
+            vr,
+            b"OB"
+                | b"OW"
+                | b"SQ"
+                | b"UN"
+                | b"UT"
+                | b"UC"
+                | b"UR"
+                | b"OD"
+                | b"OF"
+                | b"OL"
+                | b"OV"
+                | b"SV"
+                | b"UV"
+        ) {
+            (
+                12,
+                u32::from_le_bytes([ds[at + 8], ds[at + 9], ds[at + 10], ds[at + 11]]),
+            )
+        } else {
+            (8, u32::from(u16::from_le_bytes([ds[at + 6], ds[at + 7]])))
+        };
+        if len == u32::MAX {
+            return None; // undefined length: not needed by the fixtures above
+        }
+        at += header + len as usize;
+    }
+    None
+}
+
 /// Tag of an element, for callers without the `Header` trait in scope.
 pub fn tag_of(e: &InMemElement) -> Tag {
     e.tag()

@@ -204,7 +204,7 @@ fn demo_runs_end_to_end_and_finds_no_leak() {
     let out = run(bin().arg("demo").arg("--dir").arg(dir.path().join("demo")));
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("leak check    0 identifying values"), "{s}");
-    assert!(s.contains("quarantined   2"), "{s}");
+    assert!(s.contains("quarantined   3"), "{s}");
     assert!(s.contains("patients      3"), "{s}");
 }
 
@@ -227,10 +227,12 @@ fn every_input_is_written_or_quarantined_with_a_reason() {
     let list = run(bin().arg("--config").arg(&cfg).args(["quarantine", "list"]));
     let list = String::from_utf8_lossy(&list.stdout);
     assert!(
-        list.contains("unreadable") && list.contains("missing-sop-instance-uid"),
+        list.contains("not-dicom")
+            && list.contains("missing-sop-instance-uid")
+            && list.contains("odd-length"),
         "{list}"
     );
-    assert!(list.contains("2 entries"), "{list}");
+    assert!(list.contains("3 entries"), "{list}");
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

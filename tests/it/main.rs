@@ -4,3 +4,4 @@
 
 mod deid;
 mod handshake;
+mod messy;
