@@ -105,6 +105,9 @@ pub struct DeidConfig {
     /// Retain Patient Characteristics: lower bounds of the age bands, in years, from 0.
     #[serde(default = "default_bands")]
     pub age_band_lower_bounds: Vec<u32>,
+    /// Masking rules for burned-in text (`[[deid.masking_rules]]`).
+    #[serde(default)]
+    pub masking_rules: Vec<crate::deid::pixels::MaskingRule>,
 }
 
 fn default_batch_size() -> usize {
@@ -133,6 +136,7 @@ impl Default for DeidConfig {
             date_shift_min_days: default_shift_min(),
             date_shift_max_days: default_shift_max(),
             age_band_lower_bounds: default_bands(),
+            masking_rules: Vec::new(),
         }
     }
 }
@@ -188,6 +192,7 @@ impl DeidConfig {
             descriptor_allow_list: self.descriptor_allow_list.clone(),
             date_shift_days: self.date_shift_min_days..=self.date_shift_max_days,
             age_band_lower_bounds: self.age_band_lower_bounds.clone(),
+            masking_rules: self.masking_rules.clone(),
         };
         policy.validate()?;
         Ok(policy)

@@ -423,6 +423,16 @@ pub fn encapsulated_us(p: &Patient, st: &Study, se: &Series, index: u16) -> InMe
     o
 }
 
+/// An ultrasound multi-frame image with native 16-bit pixel data and no Burned In Annotation
+/// attribute: it may carry burned-in text.
+pub fn us_multiframe_native(p: &Patient, st: &Study, se: &Series, frames: u32) -> InMemDicomObject {
+    let uid = format!("{}.1", se.uid);
+    let mut o = base_object(p, st, se, "1.2.840.10008.5.1.4.1.1.3.1", &uid, "US");
+    put_text(&mut o, Tag(0x0008, 0x1090), VR::LO, "Sono 5");
+    image_pixel(&mut o, 8, 8, frames, 9);
+    o
+}
+
 /// A segmentation referencing images of another series (references must still resolve
 /// after de-identification).
 pub fn segmentation(

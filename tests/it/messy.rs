@@ -53,3 +53,132 @@ fn every_messy_case_has_its_expected_outcome_and_leaks_nothing() {
         assert_eq!(got, want, "{name}");
     }
 }
+
+fn us_input(frames: u32) -> dicom_object::InMemDicomObject {
+    let p = sample::Patient {
+        id: "US-1".into(),
+        issuer: String::new(),
+        name: "Sono^Pat".into(),
+        birth_date: "19700101".into(),
+        sex: "F".into(),
+        charset: None,
+    };
+    let st = sample::Study {
+        uid: format!("{}.5.1", sample::ORIGINAL_UID_ROOT),
+        date: "20230101".into(),
+        time: "120000".into(),
+        accession: "USACC".into(),
+        description: "US".into(),
+        referring_physician: "Ref^US".into(),
+        institution: "US Hospital".into(),
+    };
+    let se = sample::Series {
+        uid: format!("{}.5.1.1", sample::ORIGINAL_UID_ROOT),
+        number: 1,
+        description: "US".into(),
+        frame_of_reference: format!("{}.5.1.1.0", sample::ORIGINAL_UID_ROOT),
+        station: "US1".into(),
+    };
+    sample::us_multiframe_native(&p, &st, &se, frames)
+}
+
+fn rules(toml_text: &str) -> Vec<node::deid::pixels::MaskingRule> {
+    let cfg =
+        node::config::NodeConfig::parse(toml_text, std::path::Path::new("t.toml")).expect("config");
+    cfg.deid.masking_rules
+}
+
+#[test]
+fn burned_in_risk_is_quarantined_unless_a_rule_masks_it() {
+    let keys = Keys::derive(&Secret::from_bytes(vec![4; 32]).expect("secret"));
+    let input = sample::encode(us_input(3), sample::ts::EXPLICIT_LE).expect("encode");
+    // No rule: quarantined.
+    let none = DeidPolicy::default();
+    let err =
+        batch::deidentify_bytes(&Deidentifier::new(&none, &keys), &input).expect_err("refused");
+    assert_eq!(err.0, "burned-in-risk");
+    // A rule for another matrix size does not cover it.
+    let mut other = DeidPolicy::default();
+    other.masking_rules = rules(
+        "data_dir = \"/x\"\n[[deid.masking_rules]]\nrows = 9\ncolumns = 8\nrectangles = [{ x = 0, y = 0, width = 8, height = 2 }]\n",
+    );
+    assert_eq!(
+        batch::deidentify_bytes(&Deidentifier::new(&other, &keys), &input)
+            .expect_err("refused")
+            .0,
+        "burned-in-risk"
+    );
+    // The matching rule masks the top two rows of every frame, and only them.
+    let mut policy = DeidPolicy::default();
+    policy.masking_rules = rules(
+        "data_dir = \"/x\"\n[[deid.masking_rules]]\nmanufacturer = \"acme medical\"\nmodel = \"SONO 5\"\nrows = 8\ncolumns = 8\nrectangles = [{ x = 0, y = 0, width = 8, height = 2 }]\n",
+    );
+    let (_, out) =
+        batch::deidentify_bytes(&Deidentifier::new(&policy, &keys), &input).expect("masked");
+    let inp = dicom_object::OpenFileOptions::new()
+        .from_reader(input.as_slice())
+        .expect("input");
+    let obj = dicom_object::OpenFileOptions::new()
+        .from_reader(out.as_slice())
+        .expect("output");
+    let tag = dicom_core::Tag(0x7FE0, 0x0010);
+    let before = inp
+        .get(tag)
+        .expect("pixels")
+        .value()
+        .to_multi_int::<u16>()
+        .expect("words");
+    let after = obj
+        .get(tag)
+        .expect("pixels")
+        .value()
+        .to_multi_int::<u16>()
+        .expect("words");
+    assert_eq!(before.len(), 3 * 64);
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        let row = (i % 64) / 8;
+        if row < 2 {
+            assert_eq!(*a, 0, "pixel {i} masked");
+        } else {
+            assert_eq!(a, b, "pixel {i} untouched");
+        }
+    }
+    assert_eq!(
+        obj.meta().transfer_syntax().trim_end_matches('\0'),
+        sample::ts::EXPLICIT_LE
+    );
+    let text = |t: dicom_core::Tag| {
+        obj.get(t)
+            .and_then(|e| e.value().to_str().ok().map(|s| s.trim().to_owned()))
+    };
+    assert_eq!(text(dicom_core::Tag(0x0028, 0x0301)).as_deref(), Some("NO"));
+    let codes = match obj.get(dicom_core::Tag(0x0012, 0x0064)).map(|e| e.value()) {
+        Some(dicom_core::value::Value::Sequence(s)) => s
+            .items()
+            .iter()
+            .filter_map(|i| {
+                i.get(dicom_core::Tag(0x0008, 0x0100))
+                    .and_then(|e| e.value().to_str().ok().map(|s| s.into_owned()))
+            })
+            .collect::<Vec<_>>(),
+        _ => Vec::new(),
+    };
+    assert!(codes.iter().any(|c| c == "113101"), "{codes:?}");
+    // Compressed pixel data under a rule cannot be masked here: quarantined.
+    let mut compressed = us_input(1);
+    compressed.put(dicom_core::DataElement::new(
+        tag,
+        dicom_core::VR::OB,
+        dicom_core::value::Value::from(dicom_core::value::PixelFragmentSequence::new(
+            vec![0u32],
+            vec![vec![0xFFu8, 0xD8, 0xFF, 0xD9]],
+        )),
+    ));
+    let bytes = sample::encode(compressed, sample::ts::JPEG_BASELINE).expect("encode");
+    assert_eq!(
+        batch::deidentify_bytes(&Deidentifier::new(&policy, &keys), &bytes)
+            .expect_err("refused")
+            .0,
+        "burned-in-compressed"
+    );
+}

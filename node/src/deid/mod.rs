@@ -10,6 +10,7 @@ pub mod dates;
 pub mod dictionary;
 pub mod iod;
 pub mod keys;
+pub mod pixels;
 pub mod private;
 pub mod table;
 
@@ -79,6 +80,8 @@ pub struct DeidPolicy {
     pub date_shift_days: RangeInclusive<u32>,
     /// Retain Patient Characteristics writes the age as the lower bound of its band.
     pub age_band_lower_bounds: Vec<u32>,
+    /// Objects that may carry burned-in text are quarantined unless one of these covers them.
+    pub masking_rules: Vec<pixels::MaskingRule>,
 }
 
 impl Default for DeidPolicy {
@@ -88,6 +91,7 @@ impl Default for DeidPolicy {
             descriptor_allow_list: Vec::new(),
             date_shift_days: 1..=3650,
             age_band_lower_bounds: (0..=85).step_by(5).collect(),
+            masking_rules: Vec::new(),
         }
     }
 }
@@ -177,6 +181,12 @@ pub enum Finding {
         keyword: &'static str,
         reason: &'static str,
     },
+    /// The object may carry burned-in text and no masking rule covers it.
+    BurnedInRisk { why: &'static str },
+    /// A masking rule covers the object but its pixel data is compressed.
+    BurnedInCompressed,
+    /// A masking rule covers the object but its pixel layout cannot be masked.
+    Unmaskable { detail: String },
     /// The output could not be assembled (file meta information).
     Unwritable { detail: String },
 }
@@ -186,6 +196,9 @@ impl Finding {
     pub fn code(&self) -> String {
         match self {
             Self::MissingAttribute { reason, .. } => (*reason).to_owned(),
+            Self::BurnedInRisk { .. } => "burned-in-risk".to_owned(),
+            Self::BurnedInCompressed => "burned-in-compressed".to_owned(),
+            Self::Unmaskable { .. } => "unmaskable-pixel-data".to_owned(),
             Self::Unwritable { .. } => "unwritable".to_owned(),
         }
     }
@@ -200,6 +213,15 @@ impl fmt::Display for Finding {
                 tag.group(),
                 tag.element()
             ),
+            Self::BurnedInRisk { why } => write!(
+                f,
+                "may carry burned-in text ({why}); add a masking rule for this device and matrix size, or review and release"
+            ),
+            Self::BurnedInCompressed => write!(
+                f,
+                "a masking rule covers this object but its pixel data is compressed; it is not decoded and re-encoded here"
+            ),
+            Self::Unmaskable { detail } => write!(f, "pixel data cannot be masked: {detail}"),
             Self::Unwritable { detail } => write!(f, "output header could not be built: {detail}"),
         }
     }
@@ -413,6 +435,14 @@ impl<'a> Deidentifier<'a> {
         let study = text_of(obj, tags::STUDY_INSTANCE_UID).unwrap_or_default();
         let series = text_of(obj, tags::SERIES_INSTANCE_UID).unwrap_or_default();
 
+        let risk = pixels::burned_in_risk(obj);
+        let mask = match risk {
+            Some(why) => Some(
+                pixels::matching_rule(obj, &self.policy.masking_rules)
+                    .ok_or(Finding::BurnedInRisk { why })?,
+            ),
+            None => None,
+        };
         let identity = Self::patient_identity(obj);
         let patient = self.keys.pseudonym(&identity);
         let inst = Instance {
@@ -423,7 +453,13 @@ impl<'a> Deidentifier<'a> {
         };
 
         let mut out = self.walk(&inst, obj, Position::Top);
-        self.finish_top_level(obj, &mut out, &patient);
+        if let Some(rule) = mask {
+            pixels::apply_mask(&mut out, rule).map_err(|e| match e {
+                pixels::MaskError::Compressed => Finding::BurnedInCompressed,
+                pixels::MaskError::Unsupported(detail) => Finding::Unmaskable { detail },
+            })?;
+        }
+        self.finish_top_level(obj, &mut out, &patient, mask.is_some());
 
         let new_sop_instance = if self.policy.has(DeidOption::RetainUids) {
             sop_instance.clone()
@@ -457,7 +493,13 @@ impl<'a> Deidentifier<'a> {
 
     /// Attributes the profile writes at the top level (E.1.1 items 6, and the options'
     /// own attributes).
-    fn finish_top_level(&self, orig: &InMemDicomObject, out: &mut InMemDicomObject, p: &Pseudonym) {
+    fn finish_top_level(
+        &self,
+        orig: &InMemDicomObject,
+        out: &mut InMemDicomObject,
+        p: &Pseudonym,
+        masked: bool,
+    ) {
         out.put(element(
             tags::PATIENT_ID,
             VR::LO,
@@ -495,6 +537,9 @@ impl<'a> Deidentifier<'a> {
                 .iter()
                 .map(|o| o.config_name().to_owned()),
         );
+        if masked {
+            method.push("clean-pixel-data (masking rule)".to_owned());
+        }
         out.put(element(tags::DEIDENTIFICATION_METHOD, VR::LO, strs(method)));
         let code_item = |c: &table::MethodCode| {
             InMemDicomObject::from_element_iter([
@@ -522,6 +567,9 @@ impl<'a> Deidentifier<'a> {
                 .iter()
                 .map(|o| code_item(o.method_code())),
         );
+        if masked && let Some(c) = table::method_codes().iter().find(|c| c.value == "113101") {
+            items.push(code_item(c));
+        }
         out.put(sequence(tags::DEIDENTIFICATION_METHOD_CODE_SEQUENCE, items));
         let longitudinal = if self.policy.has(DeidOption::RetainLongitudinalFullDates) {
             "UNMODIFIED"
