@@ -98,10 +98,12 @@ fn burned_in_risk_is_quarantined_unless_a_rule_masks_it() {
         batch::deidentify_bytes(&Deidentifier::new(&none, &keys), &input).expect_err("refused");
     assert_eq!(err.0, "burned-in-risk");
     // A rule for another matrix size does not cover it.
-    let mut other = DeidPolicy::default();
-    other.masking_rules = rules(
-        "data_dir = \"/x\"\n[[deid.masking_rules]]\nrows = 9\ncolumns = 8\nrectangles = [{ x = 0, y = 0, width = 8, height = 2 }]\n",
-    );
+    let other = DeidPolicy {
+        masking_rules: rules(
+            "data_dir = \"/x\"\n[[deid.masking_rules]]\nrows = 9\ncolumns = 8\nrectangles = [{ x = 0, y = 0, width = 8, height = 2 }]\n",
+        ),
+        ..DeidPolicy::default()
+    };
     assert_eq!(
         batch::deidentify_bytes(&Deidentifier::new(&other, &keys), &input)
             .expect_err("refused")
@@ -109,10 +111,12 @@ fn burned_in_risk_is_quarantined_unless_a_rule_masks_it() {
         "burned-in-risk"
     );
     // The matching rule masks the top two rows of every frame, and only them.
-    let mut policy = DeidPolicy::default();
-    policy.masking_rules = rules(
-        "data_dir = \"/x\"\n[[deid.masking_rules]]\nmanufacturer = \"acme medical\"\nmodel = \"SONO 5\"\nrows = 8\ncolumns = 8\nrectangles = [{ x = 0, y = 0, width = 8, height = 2 }]\n",
-    );
+    let policy = DeidPolicy {
+        masking_rules: rules(
+            "data_dir = \"/x\"\n[[deid.masking_rules]]\nmanufacturer = \"acme medical\"\nmodel = \"SONO 5\"\nrows = 8\ncolumns = 8\nrectangles = [{ x = 0, y = 0, width = 8, height = 2 }]\n",
+        ),
+        ..DeidPolicy::default()
+    };
     let (_, out) =
         batch::deidentify_bytes(&Deidentifier::new(&policy, &keys), &input).expect("masked");
     let inp = dicom_object::OpenFileOptions::new()
