@@ -16,6 +16,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
 use ring::hmac;
 
 use crate::audit::{AuditRecord, utc_now};
@@ -71,6 +72,28 @@ pub struct BatchPaths {
     pub quarantine: PathBuf,
 }
 
+/// Where a run reports its progress (a progress bar, periodic log lines, nothing).
+pub trait Progress: Sync + std::fmt::Debug {
+    /// The run found `total` inputs, of which `done` were already recorded.
+    fn start(&self, total: u64, done: u64) {
+        let _ = (total, done);
+    }
+    /// `n` more inputs have an outcome.
+    fn advance(&self, n: u64) {
+        let _ = n;
+    }
+    /// The run is over.
+    fn finish(&self) {}
+}
+
+/// No progress reporting.
+#[derive(Debug)]
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// Upper bound of the bytes read into memory for one batch, whatever `batch_size` says.
+pub const MAX_BATCH_BYTES: u64 = 256 * 1024 * 1024;
+
 /// How a run is made.
 #[derive(Debug)]
 pub struct RunSettings<'a> {
@@ -84,6 +107,8 @@ pub struct RunSettings<'a> {
     pub vault_key: Option<&'a VaultKey>,
     /// Inputs per durable batch (files flushed together, one catalog transaction).
     pub batch_size: usize,
+    /// Progress reporting.
+    pub progress: &'a dyn Progress,
 }
 
 /// Counts of a run over one input folder. Outcome counts cover every input of the folder,
@@ -278,11 +303,11 @@ pub fn list_inputs(root: &Path) -> Result<Vec<PathBuf>, BatchError> {
     Ok(files)
 }
 
+/// The de-identified object and its encoding, or (reason, detail) of a refusal.
+pub type DeidOutcome = Result<(Deidentified, Vec<u8>), (String, String)>;
+
 /// De-identify one file's bytes: the pure part of a batch step.
-pub fn deidentify_bytes(
-    deid: &Deidentifier<'_>,
-    bytes: &[u8],
-) -> Result<(Deidentified, Vec<u8>), (String, String)> {
+pub fn deidentify_bytes(deid: &Deidentifier<'_>, bytes: &[u8]) -> DeidOutcome {
     let obj = crate::read::read_object(bytes).map_err(|r| (r.reason.to_owned(), r.detail))?;
     let out = deid
         .deidentify(&obj)
@@ -299,6 +324,45 @@ struct Found {
     path: PathBuf,
     path_key: String,
     content_hash: String,
+    size: u64,
+}
+
+/// The parallel, pure part of one input's processing.
+enum Prepared {
+    /// Unreadable, or changed since it was hashed.
+    Unreadable,
+    Read {
+        bytes: Vec<u8>,
+        result: Box<DeidOutcome>,
+    },
+}
+
+fn prepare(deid: &Deidentifier<'_>, found: &Found) -> Prepared {
+    match fs::read(&found.path) {
+        Ok(bytes) if content_hash(&bytes) == found.content_hash => {
+            let result = Box::new(deidentify_bytes(deid, &bytes));
+            Prepared::Read { bytes, result }
+        }
+        _ => Prepared::Unreadable,
+    }
+}
+
+/// Split work into batches of at most `count` inputs and about `max_bytes` bytes.
+fn batches(todo: &[Found], count: usize, max_bytes: u64) -> Vec<&[Found]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, f) in todo.iter().enumerate() {
+        if i > start && (i - start >= count || bytes + f.size > max_bytes) {
+            out.push(&todo[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += f.size;
+    }
+    if start < todo.len() {
+        out.push(&todo[start..]);
+    }
+    out
 }
 
 /// Files and records of one batch, made durable and committed together.
@@ -354,28 +418,38 @@ pub fn deidentify_folder(
     let salt = catalog.path_salt()?;
     let salt = hmac::Key::new(hmac::HMAC_SHA256, &salt);
 
-    // Phase one: find inputs, hash them, set aside what is already recorded.
+    // Phase one: find inputs, hash them (in parallel), set aside what is already recorded.
     let mut summary = Summary::default();
+    let found: Vec<Found> = list_inputs(&paths.input)?
+        .into_par_iter()
+        .map(|path| {
+            let rel = path.strip_prefix(&paths.input).unwrap_or(&path);
+            let path_key = hex(&hmac::sign(&salt, rel.to_string_lossy().as_bytes()).as_ref()[..16]);
+            let (content_hash, size) = match fs::read(&path) {
+                Ok(b) => (content_hash(&b), b.len() as u64),
+                Err(_) => ("unreadable".to_owned(), 0),
+            };
+            Found {
+                path,
+                path_key,
+                content_hash,
+                size,
+            }
+        })
+        .collect();
     let mut todo = Vec::new();
-    for path in list_inputs(&paths.input)? {
+    for f in found {
         summary.inputs += 1;
-        let rel = path.strip_prefix(&paths.input).unwrap_or(&path);
-        let path_key = hex(&hmac::sign(&salt, rel.to_string_lossy().as_bytes()).as_ref()[..16]);
-        let content_hash = match fs::read(&path) {
-            Ok(b) => content_hash(&b),
-            Err(_) => "unreadable".to_owned(),
-        };
-        if let Some((outcome, reason)) = catalog.recorded(&path_key, &content_hash)? {
+        if let Some((outcome, reason)) = catalog.recorded(&f.path_key, &f.content_hash)? {
             summary.done_before += 1;
             summary.count(outcome, reason.as_deref());
             continue;
         }
-        todo.push(Found {
-            path,
-            path_key,
-            content_hash,
-        });
+        todo.push(f);
     }
+    settings
+        .progress
+        .start(summary.inputs as u64, summary.done_before as u64);
     // Within a run, the smallest content hash wins a UID conflict: process in hash order.
     todo.sort_by(|a, b| {
         a.content_hash
@@ -387,15 +461,17 @@ pub fn deidentify_folder(
     let mut output_hashes: HashSet<String> = HashSet::new();
     let mut vaulted: HashMap<String, vault::OriginalIdentity> = HashMap::new();
     let batch_size = settings.batch_size.max(1);
-    for chunk in todo.chunks(batch_size) {
+    for chunk in batches(&todo, batch_size, MAX_BATCH_BYTES) {
         let mut pending = Pending::default();
-        for found in chunk {
+        // De-identification in parallel; outcomes, conflicts and writes in hash order.
+        let prepared: Vec<Prepared> = chunk.par_iter().map(|f| prepare(deid, f)).collect();
+        for (found, prepared) in chunk.iter().zip(prepared) {
             let record = step(
                 paths,
-                deid,
                 catalog,
                 settings,
                 found,
+                prepared,
                 &mut pending,
                 &mut written_this_run,
                 &mut output_hashes,
@@ -410,7 +486,9 @@ pub fn deidentify_folder(
             .commit()
             .map_err(write_err("output", &paths.output))?;
         catalog.commit_batch(&profile, &pending.records)?;
+        settings.progress.advance(chunk.len() as u64);
     }
+    settings.progress.finish();
     summary.elapsed = started.elapsed();
     let audit = AuditRecord::now(
         "run",
@@ -441,10 +519,10 @@ pub fn deidentify_folder(
 #[allow(clippy::too_many_arguments)]
 fn step(
     paths: &BatchPaths,
-    deid: &Deidentifier<'_>,
     catalog: &Catalog,
     settings: &RunSettings<'_>,
     found: &Found,
+    prepared: Prepared,
     pending: &mut Pending,
     written_this_run: &mut HashMap<String, String>,
     output_hashes: &mut HashSet<String>,
@@ -468,11 +546,11 @@ fn step(
         .get(..16)
         .unwrap_or(&found.content_hash)
         .to_owned();
-    let bytes = match fs::read(&found.path) {
-        Ok(b) if content_hash(&b) == found.content_hash => b,
+    let (bytes, result) = match prepared {
+        Prepared::Read { bytes, result } => (bytes, result),
         // Unreadable, or changed since it was hashed: recorded as such; the next run sees the
         // new content as a new input.
-        Ok(_) | Err(_) => {
+        Prepared::Unreadable => {
             tracing::warn!(input = %short, "input could not be read, or changed while the run was going on");
             record.reason = Some("unreadable-file".into());
             return Ok(record);
@@ -480,7 +558,7 @@ fn step(
     };
     summary.bytes_in += bytes.len() as u64;
     if output_hashes.contains(&found.content_hash) || catalog.is_own_output(&found.content_hash)? {
-        tracing::info!(input = %short, "own output: not de-identified again");
+        tracing::debug!(input = %short, "own output: not de-identified again");
         record.outcome = RecordedOutcome::OwnOutput;
         return Ok(record);
     }
@@ -501,7 +579,7 @@ fn step(
             });
             Ok(())
         };
-    let (out, encoded) = match deidentify_bytes(deid, &bytes) {
+    let (out, encoded) = match *result {
         Ok(x) => x,
         Err((reason, detail)) => {
             quarantine(reason.clone(), detail, pending)?;
@@ -521,7 +599,7 @@ fn step(
     };
     match existing {
         Some(h) if h == out_hash => {
-            tracing::info!(input = %short, "duplicate of an input already written");
+            tracing::debug!(input = %short, "duplicate of an input already written");
             record.outcome = RecordedOutcome::Duplicate;
             record.output_path = Some(rel);
             record.output_hash = Some(out_hash);
@@ -556,7 +634,7 @@ fn step(
                 }
                 vaulted.insert(p, merged);
             }
-            tracing::info!(input = %short, patient = %out.patient, "de-identified");
+            tracing::debug!(input = %short, patient = %out.patient, "de-identified");
             summary.patients.insert(out.patient.clone());
             written_this_run.insert(rel.clone(), out_hash.clone());
             output_hashes.insert(out_hash.clone());

@@ -3,6 +3,9 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -324,6 +327,7 @@ fn deid(config: &NodeConfig, args: DeidArgs) -> Result<()> {
         output: args.output.unwrap_or_else(|| dd.root.join("deid")),
         quarantine: dd.root.join("quarantine"),
     };
+    let progress = progress_reporter();
     let settings = RunSettings {
         mode: if anonymise {
             "anonymise"
@@ -334,6 +338,7 @@ fn deid(config: &NodeConfig, args: DeidArgs) -> Result<()> {
         options: options_text(&policy),
         vault_key: vault_key.as_ref(),
         batch_size: config.deid.batch_size,
+        progress: progress.as_ref(),
     };
     tracing::info!(
         edition = table::EDITION,
@@ -346,6 +351,76 @@ fn deid(config: &NodeConfig, args: DeidArgs) -> Result<()> {
     let summary = batch::deidentify_folder(&paths, &deid, &mut dd.catalog, &settings)?;
     print_summary(&summary, &paths);
     Ok(())
+}
+
+/// A progress bar on a terminal.
+#[derive(Debug)]
+struct BarProgress(indicatif::ProgressBar);
+
+impl batch::Progress for BarProgress {
+    fn start(&self, total: u64, done: u64) {
+        self.0.set_length(total);
+        self.0.set_position(done);
+    }
+    fn advance(&self, n: u64) {
+        self.0.inc(n);
+    }
+    fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+/// Plain progress lines (for journald and pipes), at most every ten seconds.
+#[derive(Debug)]
+struct LogProgress {
+    total: AtomicU64,
+    done: AtomicU64,
+    started: Instant,
+    last: Mutex<Instant>,
+}
+
+impl batch::Progress for LogProgress {
+    fn start(&self, total: u64, done: u64) {
+        self.total.store(total, Ordering::Relaxed);
+        self.done.store(done, Ordering::Relaxed);
+        tracing::info!(total, already_done = done, "inputs found");
+    }
+    fn advance(&self, n: u64) {
+        let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
+        if last.elapsed() >= Duration::from_secs(10) {
+            *last = Instant::now();
+            let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+            tracing::info!(
+                done,
+                total = self.total.load(Ordering::Relaxed),
+                files_per_s = (done as f64 / secs).round(),
+                "progress"
+            );
+        }
+    }
+}
+
+fn progress_reporter() -> Box<dyn batch::Progress> {
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} inputs  {per_sec}  eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Box::new(BarProgress(bar))
+    } else {
+        Box::new(LogProgress {
+            total: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            started: Instant::now(),
+            last: Mutex::new(Instant::now()),
+        })
+    }
 }
 
 fn print_summary(summary: &Summary, paths: &BatchPaths) {
@@ -628,6 +703,7 @@ fn demo(dir: Option<PathBuf>) -> Result<()> {
         options: options_text(&policy),
         vault_key: Some(&vault_key),
         batch_size: 8,
+        progress: &batch::NoProgress,
     };
     let deid = Deidentifier::new(&policy, &keys);
     let summary = batch::deidentify_folder(&paths, &deid, &mut dd.catalog, &settings)?;

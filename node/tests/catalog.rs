@@ -120,7 +120,7 @@ impl Lcg {
 fn killed_runs_resume_and_account_for_every_input_exactly_once() {
     let site = Site::new("batch_size = 7\n");
     let input = site.path("in");
-    let mut files = sample::write_bulk_archive(&input, 24, 12).expect("bulk archive");
+    let mut files = sample::write_bulk_archive(&input, 40, 12).expect("bulk archive");
     files.extend(
         sample::write_sample_archive(&input.join("mixed"))
             .expect("sample")
@@ -145,7 +145,7 @@ fn killed_runs_resume_and_account_for_every_input_exactly_once() {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn");
-        let delay = Duration::from_millis(20 + rng.next(500));
+        let delay = Duration::from_millis(5 + rng.next(150));
         let started = Instant::now();
         while started.elapsed() < delay {
             if child.try_wait().expect("wait").is_some() {

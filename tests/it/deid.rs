@@ -537,6 +537,7 @@ fn dcmtk_reads_every_output_and_sees_no_identifying_value() {
         options: "basic".into(),
         vault_key: None,
         batch_size: 4,
+        progress: &batch::NoProgress,
     };
     let summary =
         batch::deidentify_folder(&paths, &Deidentifier::new(&p, &k), &mut catalog, &settings)
