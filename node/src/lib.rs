@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod batch;
+pub mod bench;
 pub mod catalog;
 pub mod config;
 pub mod deid;

@@ -267,6 +267,20 @@ pub fn ct_slice(p: &Patient, st: &Study, se: &Series, index: u16) -> InMemDicomO
     o
 }
 
+/// A CT slice with a `rows` × `cols` 16-bit image (for benchmarks).
+pub fn ct_slice_sized(
+    p: &Patient,
+    st: &Study,
+    se: &Series,
+    index: u16,
+    rows: u16,
+    cols: u16,
+) -> InMemDicomObject {
+    let mut o = ct_slice(p, st, se, index);
+    image_pixel(&mut o, rows, cols, 1, index);
+    o
+}
+
 /// Put an overlay plane in group 6000 with a burned-in-style label.
 pub fn add_overlay(o: &mut InMemDicomObject, label: &str) {
     put_u16(o, Tag(0x6000, 0x0010), 8);

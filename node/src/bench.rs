@@ -1,0 +1,198 @@
+//! `fedcurate-node bench`: de-identification throughput against a read-and-write-back
+//! baseline, measured in the same run on the same generated archive, with the same batching,
+//! parallelism and fsync policy. Not a test and not run in CI.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+
+use crate::batch::{self, BatchPaths, DurableBatch, NoProgress, RunSettings};
+use crate::catalog::Catalog;
+use crate::deid::keys::{Keys, Secret};
+use crate::deid::table::{DeidOption, EDITION};
+use crate::deid::{DeidPolicy, Deidentifier};
+use crate::sample::{self, ts};
+use crate::vault::VaultKey;
+
+/// One measured phase.
+#[derive(Clone, Debug)]
+pub struct Phase {
+    pub name: &'static str,
+    pub files: usize,
+    pub bytes: u64,
+    pub elapsed: Duration,
+    /// Peak resident memory during the phase, in bytes (Linux `VmHWM`), if known.
+    pub peak_rss: Option<u64>,
+}
+
+impl Phase {
+    pub fn files_per_s(&self) -> f64 {
+        self.files as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+    pub fn mb_per_s(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Reset the kernel's peak-RSS counter for this process (Linux); harmless elsewhere.
+fn reset_peak() {
+    let _ = fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Peak resident set size since the last reset, from `/proc/self/status`.
+pub fn peak_rss() -> Option<u64> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Generate `files` 512×512 16-bit CT slices (100 per series) under `dir`.
+pub fn generate(dir: &Path, files: usize) -> io::Result<Vec<PathBuf>> {
+    let per_series = 100usize;
+    let mut out = Vec::with_capacity(files);
+    let patients = files.div_ceil(per_series);
+    let work: Vec<(usize, usize)> = (0..patients)
+        .flat_map(|p| (0..per_series).map(move |i| (p, i)))
+        .take(files)
+        .collect();
+    let written: Vec<io::Result<PathBuf>> = work
+        .par_iter()
+        .map(|&(pi, i)| {
+            let p = sample::Patient {
+                id: format!("BENCH-{pi:05}"),
+                issuer: "HOSP-BENCH".into(),
+                name: format!("Bench^Patient{pi}"),
+                birth_date: "19600101".into(),
+                sex: "F".into(),
+                charset: None,
+            };
+            let st = sample::Study {
+                uid: format!("{}.7.{pi}", sample::ORIGINAL_UID_ROOT),
+                date: "20240101".into(),
+                time: "080000".into(),
+                accession: format!("BA{pi:06}"),
+                description: "CT CHEST WITH CONTRAST".into(),
+                referring_physician: "Ref^Bench".into(),
+                institution: "Bench Hospital".into(),
+            };
+            let se = sample::Series {
+                uid: format!("{}.1", st.uid),
+                number: 1,
+                description: "Thorax 1mm".into(),
+                frame_of_reference: format!("{}.1.0", st.uid),
+                station: "CTBENCH".into(),
+            };
+            let obj = sample::ct_slice_sized(&p, &st, &se, (i + 1) as u16, 512, 512);
+            let path = dir.join(format!("p{pi:05}/{i:04}.dcm"));
+            if let Some(d) = path.parent() {
+                fs::create_dir_all(d)?;
+            }
+            fs::write(&path, sample::encode(obj, ts::EXPLICIT_LE)?)?;
+            Ok(path)
+        })
+        .collect();
+    for w in written {
+        out.push(w?);
+    }
+    Ok(out)
+}
+
+/// The baseline: read each file, parse it, encode it again and write it back, in the same
+/// batches (parallel within a batch, flushed together) as the de-identifier.
+pub fn baseline(files: &[PathBuf], out: &Path, batch_size: usize) -> io::Result<Phase> {
+    reset_peak();
+    let started = Instant::now();
+    let mut bytes_total = 0u64;
+    for chunk in files.chunks(batch_size.max(1)) {
+        let encoded: Vec<io::Result<(u64, Vec<u8>)>> = chunk
+            .par_iter()
+            .map(|f| {
+                let bytes = fs::read(f)?;
+                let obj = dicom_object::OpenFileOptions::new()
+                    .from_reader(bytes.as_slice())
+                    .map_err(io::Error::other)?;
+                let mut buf = Vec::with_capacity(bytes.len());
+                obj.write_all(&mut buf).map_err(io::Error::other)?;
+                Ok((bytes.len() as u64, buf))
+            })
+            .collect();
+        let mut durable = DurableBatch::default();
+        for (i, e) in encoded.into_iter().enumerate() {
+            let (n, buf) = e?;
+            bytes_total += n;
+            let name = chunk[i]
+                .strip_prefix(chunk[i].ancestors().nth(2).unwrap_or(Path::new("")))
+                .unwrap_or(&chunk[i]);
+            durable.stage(&out.join(name), &buf)?;
+        }
+        durable.commit()?;
+    }
+    Ok(Phase {
+        name: "baseline: read, parse, write back",
+        files: files.len(),
+        bytes: bytes_total,
+        elapsed: started.elapsed(),
+        peak_rss: peak_rss(),
+    })
+}
+
+/// De-identification with every option (Modified Dates rather than Full Dates: the two
+/// exclude each other), the re-identification map and the catalog.
+pub fn deidentify(
+    input: &Path,
+    work: &Path,
+    batch_size: usize,
+) -> Result<Phase, Box<dyn std::error::Error>> {
+    let mut policy = DeidPolicy::default();
+    policy.options.extend(
+        DeidOption::ALL
+            .into_iter()
+            .filter(|o| *o != DeidOption::RetainLongitudinalFullDates),
+    );
+    policy.descriptor_allow_list = vec!["CT CHEST WITH CONTRAST".into()];
+    policy.validate()?;
+    let keys = Keys::derive(&Secret::random()?);
+    let vault_key = VaultKey::from_hex(&Secret::random()?.to_hex())?;
+    fs::create_dir_all(work)?;
+    let mut catalog = Catalog::open(&work.join("catalog.sqlite"))?;
+    let paths = BatchPaths {
+        input: input.to_owned(),
+        output: work.join("deid"),
+        quarantine: work.join("quarantine"),
+    };
+    let options = policy
+        .options
+        .iter()
+        .map(|o| o.config_name())
+        .collect::<Vec<_>>()
+        .join(",");
+    let settings = RunSettings {
+        mode: "pseudonymise",
+        edition: EDITION,
+        options,
+        vault_key: Some(&vault_key),
+        batch_size,
+        progress: &NoProgress,
+    };
+    reset_peak();
+    let deid = Deidentifier::new(&policy, &keys);
+    let summary = batch::deidentify_folder(&paths, &deid, &mut catalog, &settings)?;
+    if summary.written != summary.inputs {
+        return Err(format!(
+            "bench archive: only {} of {} inputs written",
+            summary.written, summary.inputs
+        )
+        .into());
+    }
+    Ok(Phase {
+        name: "de-identify: every option, catalog, map",
+        files: summary.inputs,
+        bytes: summary.bytes_in,
+        elapsed: summary.elapsed,
+        peak_rss: peak_rss(),
+    })
+}
