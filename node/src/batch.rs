@@ -308,14 +308,35 @@ pub type DeidOutcome = Result<(Deidentified, Vec<u8>), (String, String)>;
 
 /// De-identify one file's bytes: the pure part of a batch step.
 pub fn deidentify_bytes(deid: &Deidentifier<'_>, bytes: &[u8]) -> DeidOutcome {
-    let obj = crate::read::read_object(bytes).map_err(|r| (r.reason.to_owned(), r.detail))?;
-    let out = deid
+    let read =
+        crate::read::read_object_preserving(bytes).map_err(|r| (r.reason.to_owned(), r.detail))?;
+    let obj = read.object;
+    let mut out = deid
         .deidentify(&obj)
         .map_err(|f: Finding| (f.code(), f.to_string()))?;
+    if let Some(original) = &read.restore_charset {
+        // A placeholder of the original's length, replaced by the original bytes below.
+        let placeholder = format!("{:<width$}", "ISO_IR 100", width = original.len());
+        out.object.put(dicom_core::DataElement::new(
+            dicom_core::Tag(0x0008, 0x0005),
+            dicom_core::VR::CS,
+            dicom_core::PrimitiveValue::from(placeholder),
+        ));
+    }
     let mut buf = Vec::new();
     out.object
         .write_all(&mut buf)
         .map_err(|e| ("unwritable".to_owned(), e.to_string()))?;
+    if let Some(original) = &read.restore_charset {
+        let big_endian = out.object.meta().transfer_syntax().trim_end_matches('\0')
+            == crate::sample::ts::EXPLICIT_BE;
+        if !crate::read::restore_charset(&mut buf, original, big_endian) {
+            return Err((
+                "unwritable".to_owned(),
+                "the original Specific Character Set could not be restored".to_owned(),
+            ));
+        }
+    }
     Ok((out, buf))
 }
 

@@ -251,6 +251,109 @@ fn end_of_implicit_sequence(bytes: &[u8], mut at: usize) -> Option<usize> {
     Some(at)
 }
 
+/// Character sets whose text dicom-rs decodes and re-encodes byte for byte.
+fn charset_round_trips(value: &str) -> bool {
+    matches!(
+        value.trim_matches([' ', '\0']),
+        "" | "ISO_IR 6" | "ISO_IR 100" | "ISO_IR 192"
+    )
+}
+
+/// An object read so that text in any character set survives byte for byte.
+#[derive(Debug)]
+pub struct ReadObject {
+    pub object: DefaultDicomObject,
+    /// When set, the object's text was decoded byte-for-byte as ISO_IR 100 and the encoded
+    /// output's Specific Character Set value must be put back to these bytes (same length).
+    pub restore_charset: Option<Vec<u8>>,
+}
+
+/// Where the value of the top-level Specific Character Set starts, and its length, in an
+/// uncompressed file whose data set starts at `dataset`.
+fn find_charset_value(bytes: &[u8], dataset: usize, big_endian: bool) -> Option<(usize, usize)> {
+    let window = bytes.get(dataset..)?;
+    let limit = window.len().min(4096);
+    let tag: [u8; 4] = if big_endian {
+        [0x00, 0x08, 0x00, 0x05]
+    } else {
+        [0x08, 0x00, 0x05, 0x00]
+    };
+    let at = window[..limit].windows(4).position(|w| w == tag)? + dataset;
+    if bytes.get(at + 4..at + 6) == Some(b"CS") {
+        let l = bytes.get(at + 6..at + 8)?;
+        let len = if big_endian {
+            u16::from_be_bytes([l[0], l[1]])
+        } else {
+            u16::from_le_bytes([l[0], l[1]])
+        };
+        Some((at + 8, usize::from(len)))
+    } else {
+        let len = u32le(bytes, at + 4)? as usize;
+        Some((at + 8, len))
+    }
+}
+
+/// Read one input file so that kept text stays byte-identical whatever its character set:
+/// for sets dicom-rs cannot round-trip (code extensions, unsupported sets), the value of
+/// Specific Character Set is swapped for ISO_IR 100 before parsing (every byte then maps to
+/// one character and back), and the original value is restored in the output.
+pub fn read_object_preserving(bytes: &[u8]) -> Result<ReadObject, Refusal> {
+    let object = read_object(bytes)?;
+    let charset = object
+        .get(Tag(0x0008, 0x0005))
+        .and_then(|e| e.value().to_str().ok().map(|s| s.into_owned()))
+        .unwrap_or_default();
+    let ts = object
+        .meta()
+        .transfer_syntax()
+        .trim_end_matches('\0')
+        .to_owned();
+    if charset_round_trips(&charset)
+        || ts == ts::DEFLATED_LE
+        || bytes.get(128..132) != Some(b"DICM")
+    {
+        return Ok(ReadObject {
+            object,
+            restore_charset: None,
+        });
+    }
+    let dataset = scan_meta(bytes, 132).end;
+    let Some((at, len)) = find_charset_value(bytes, dataset, ts == ts::EXPLICIT_BE) else {
+        return Ok(ReadObject {
+            object,
+            restore_charset: None,
+        });
+    };
+    const LATIN1: &[u8] = b"ISO_IR 100";
+    if len < LATIN1.len() || at + len > bytes.len() {
+        return Ok(ReadObject {
+            object,
+            restore_charset: None,
+        });
+    }
+    let original = bytes[at..at + len].to_vec();
+    let mut patched = bytes.to_vec();
+    patched[at..at + len].fill(b' ');
+    patched[at..at + LATIN1.len()].copy_from_slice(LATIN1);
+    let object = read_object(&patched)?;
+    Ok(ReadObject {
+        object,
+        restore_charset: Some(original),
+    })
+}
+
+/// Put the original Specific Character Set value back into an encoded output.
+pub fn restore_charset(encoded: &mut [u8], original: &[u8], big_endian: bool) -> bool {
+    let dataset = scan_meta(encoded, 132).end;
+    match find_charset_value(encoded, dataset, big_endian) {
+        Some((at, len)) if len == original.len() && at + len <= encoded.len() => {
+            encoded[at..at + len].copy_from_slice(original);
+            true
+        }
+        _ => false,
+    }
+}
+
 /// Read one input file.
 pub fn read_object(bytes: &[u8]) -> Result<DefaultDicomObject, Refusal> {
     let magic_at = if bytes.get(128..132) == Some(b"DICM") {

@@ -1341,6 +1341,96 @@ pub fn messy_files(identifying: &str) -> io::Result<Vec<(&'static str, Vec<u8>)>
     Ok(files)
 }
 
+/// A file in `\ISO 2022 IR 87` (Japanese with code extensions): a kept Manufacturer and an
+/// identifying Patient's Name both hold ISO 2022 escape sequences. Returns the file and the
+/// raw bytes of the Manufacturer value.
+pub fn iso2022_file() -> (Vec<u8>, Vec<u8>) {
+    charset_file(b"\\ISO 2022 IR 87 ", b"\x1b$B\x3b\x33\x45\x44\x1b(B")
+}
+
+/// A file in a character set given by its raw Specific Character Set value, with `kept` (raw
+/// bytes in that set) inside the kept Manufacturer and an identifying Patient's Name in it too.
+pub fn charset_file(charset: &[u8], kept: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let pad = |mut b: Vec<u8>, with: u8| {
+        if b.len() % 2 == 1 {
+            b.push(with);
+        }
+        b
+    };
+    let uid = format!("{ORIGINAL_UID_ROOT}.4.1.1.1");
+    let mut meta = raw_element(0x0002, 0x0001, b"OB", &[0, 1]);
+    meta.extend(raw_element(
+        0x0002,
+        0x0002,
+        b"UI",
+        &pad(sop::CT.as_bytes().to_vec(), 0),
+    ));
+    meta.extend(raw_element(
+        0x0002,
+        0x0003,
+        b"UI",
+        &pad(uid.as_bytes().to_vec(), 0),
+    ));
+    meta.extend(raw_element(
+        0x0002,
+        0x0010,
+        b"UI",
+        &pad(ts::EXPLICIT_LE.as_bytes().to_vec(), 0),
+    ));
+    let mut out = vec![0u8; 128];
+    out.extend_from_slice(b"DICM");
+    out.extend(raw_element(
+        0x0002,
+        0x0000,
+        b"UL",
+        &(meta.len() as u32).to_le_bytes(),
+    ));
+    out.extend(meta);
+    let manufacturer: Vec<u8> = [b"ACME ".as_slice(), kept].concat();
+    let manufacturer = pad(manufacturer, b' ');
+    let name: Vec<u8> = [
+        b"Yamada^Tarou=".as_slice(),
+        b"\x1b$B",
+        &[0x3B, 0x33, 0x45, 0x44],
+        b"\x1b(B",
+        b"^",
+        b"\x1b$B",
+        &[0x42, 0x40, 0x4F, 0x3A],
+        b"\x1b(B",
+    ]
+    .concat();
+    out.extend(raw_element(0x0008, 0x0005, b"CS", charset));
+    out.extend(raw_element(
+        0x0008,
+        0x0016,
+        b"UI",
+        &pad(sop::CT.as_bytes().to_vec(), 0),
+    ));
+    out.extend(raw_element(
+        0x0008,
+        0x0018,
+        b"UI",
+        &pad(uid.as_bytes().to_vec(), 0),
+    ));
+    out.extend(raw_element(0x0008, 0x0060, b"CS", b"CT"));
+    out.extend(raw_element(0x0008, 0x0070, b"LO", &manufacturer));
+    out.extend(raw_element(0x0010, 0x0010, b"PN", &pad(name, b' ')));
+    out.extend(raw_element(0x0010, 0x0020, b"LO", b"JP-0001 "));
+    out.extend(raw_element(
+        0x0020,
+        0x000D,
+        b"UI",
+        &pad(format!("{ORIGINAL_UID_ROOT}.4.1").into_bytes(), 0),
+    ));
+    out.extend(raw_element(
+        0x0020,
+        0x000E,
+        b"UI",
+        &pad(format!("{ORIGINAL_UID_ROOT}.4.1.1").into_bytes(), 0),
+    ));
+    (out, manufacturer)
+}
+
 /// Offset of the first top-level element of group >= `group` in an explicit VR LE data set.
 fn first_element_at_or_after(ds: &[u8], group: u16) -> Option<usize> {
     let mut at = 0;

@@ -186,3 +186,62 @@ fn burned_in_risk_is_quarantined_unless_a_rule_masks_it() {
         "burned-in-compressed"
     );
 }
+
+#[test]
+fn text_in_iso_2022_is_kept_byte_for_byte_and_identifying_text_goes() {
+    let (file, manufacturer) = sample::iso2022_file();
+    let keys = Keys::derive(&Secret::from_bytes(vec![5; 32]).expect("secret"));
+    let policy = DeidPolicy::default();
+    let (d, out) =
+        batch::deidentify_bytes(&Deidentifier::new(&policy, &keys), &file).expect("written");
+    let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    assert!(find(&out, &manufacturer), "kept text byte-identical");
+    assert!(find(&out, b"\\ISO 2022 IR 87 "), "character set restored");
+    assert!(!find(&out, b"Yamada"), "identifying text removed");
+    assert!(
+        !find(&out, &[0x42, 0x40, 0x4F, 0x3A]),
+        "identifying ideographic text removed"
+    );
+    assert!(find(&out, d.patient.as_str().as_bytes()));
+    let o = dicom_object::OpenFileOptions::new()
+        .from_reader(out.as_slice())
+        .expect("re-opens");
+    let cs = o
+        .get(dicom_core::Tag(0x0008, 0x0005))
+        .expect("charset")
+        .value()
+        .to_str()
+        .expect("text")
+        .into_owned();
+    assert!(cs.contains("ISO 2022 IR 87"), "{cs}");
+}
+
+#[test]
+fn text_in_an_unsupported_character_set_is_kept_byte_for_byte() {
+    // A set dicom-rs does not know, with bytes above 0x7F in the kept text.
+    let kept = [0xC4u8, 0xE9, 0xFC, 0xB5];
+    let (file, manufacturer) = sample::charset_file(b"ISO_IR 999  ", &kept);
+    let keys = Keys::derive(&Secret::from_bytes(vec![6; 32]).expect("secret"));
+    let policy = DeidPolicy::default();
+    let (_, out) =
+        batch::deidentify_bytes(&Deidentifier::new(&policy, &keys), &file).expect("written");
+    let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    assert!(find(&out, &manufacturer), "kept text byte-identical");
+    assert!(find(&out, b"ISO_IR 999  "), "character set restored");
+    assert!(!find(&out, b"Yamada"), "identifying text removed");
+}
+
+#[test]
+fn korean_with_code_extensions_is_kept_byte_for_byte() {
+    // ISO 2022 IR 149: the escape sequence designating KS X 1001 into G1, then two characters.
+    let kept = [0x1Bu8, 0x24, 0x29, 0x43, 0xC8, 0xAB, 0xB1, 0xE6];
+    let (file, manufacturer) = sample::charset_file(b"\\ISO 2022 IR 149", &kept);
+    let keys = Keys::derive(&Secret::from_bytes(vec![7; 32]).expect("secret"));
+    let policy = DeidPolicy::default();
+    let (_, out) =
+        batch::deidentify_bytes(&Deidentifier::new(&policy, &keys), &file).expect("written");
+    let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    assert!(find(&out, &manufacturer), "kept text byte-identical");
+    assert!(find(&out, b"\\ISO 2022 IR 149"), "character set restored");
+    assert!(!find(&out, b"Yamada"), "identifying text removed");
+}
