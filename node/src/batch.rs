@@ -126,6 +126,8 @@ pub struct Summary {
     pub patients: BTreeSet<Pseudonym>,
     pub bytes_in: u64,
     pub elapsed: Duration,
+    /// Peak resident memory of the process (Linux), if known.
+    pub peak_rss: Option<u64>,
 }
 
 impl Summary {
@@ -161,6 +163,9 @@ impl std::fmt::Display for Summary {
             writeln!(f, "  {reason:<28} {n}")?;
         }
         writeln!(f, "patients      {} (new in this run)", self.patients.len())?;
+        if let Some(p) = self.peak_rss {
+            writeln!(f, "peak memory   {} MB", p / 1_000_000)?;
+        }
         let secs = self.elapsed.as_secs_f64().max(1e-9);
         write!(
             f,
@@ -218,6 +223,39 @@ impl DurableBatch {
         let tmp = temp_path(dest);
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
+        self.staged.push((tmp, dest.to_owned()));
+        Ok(())
+    }
+
+    /// Copy `src` to a temporary file next to `dest` (streamed).
+    pub fn stage_copy(&mut self, dest: &Path, src: &Path) -> io::Result<()> {
+        let dir = dest.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir)?;
+        let tmp = temp_path(dest);
+        fs::copy(src, &tmp)?;
+        self.staged.push((tmp, dest.to_owned()));
+        Ok(())
+    }
+
+    /// Write `head` then the bytes `start..end` of `src` to a temporary file next to `dest`.
+    pub fn stage_parts(
+        &mut self,
+        dest: &Path,
+        head: &[u8],
+        src: &Path,
+        start: u64,
+        end: u64,
+    ) -> io::Result<()> {
+        use std::io::{Read, Seek};
+        let dir = dest.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir)?;
+        let tmp = temp_path(dest);
+        let mut out = io::BufWriter::new(fs::File::create(&tmp)?);
+        out.write_all(head)?;
+        let mut input = fs::File::open(src)?;
+        input.seek(io::SeekFrom::Start(start))?;
+        io::copy(&mut input.take(end - start), &mut out)?;
+        out.flush()?;
         self.staged.push((tmp, dest.to_owned()));
         Ok(())
     }
@@ -348,24 +386,159 @@ struct Found {
     size: u64,
 }
 
+/// Files at least this large are not read into memory: their header is de-identified and
+/// their pixel data copied as bytes from the input to the output.
+pub const LARGE_FILE: u64 = 64 * 1024 * 1024;
+/// How much of a large file is read to find its header.
+const HEAD_LIMIT: u64 = 32 * 1024 * 1024;
+
+/// An input's bytes: in memory, or (large files) left in the file.
+enum Input {
+    Bytes(Vec<u8>),
+    File { path: PathBuf, len: u64 },
+}
+
+impl Input {
+    fn len(&self) -> u64 {
+        match self {
+            Input::Bytes(b) => b.len() as u64,
+            Input::File { len, .. } => *len,
+        }
+    }
+
+    fn stage(&self, files: &mut DurableBatch, dest: &Path) -> io::Result<()> {
+        match self {
+            Input::Bytes(b) => files.stage(dest, b),
+            Input::File { path, .. } => files.stage_copy(dest, path),
+        }
+    }
+}
+
+/// A de-identified output: in memory, or a new header followed by a byte range of the input.
+enum Output {
+    Bytes(Vec<u8>),
+    Parts {
+        header: Vec<u8>,
+        path: PathBuf,
+        start: u64,
+        end: u64,
+    },
+}
+
+impl Output {
+    fn stage(&self, files: &mut DurableBatch, dest: &Path) -> io::Result<()> {
+        match self {
+            Output::Bytes(b) => files.stage(dest, b),
+            Output::Parts {
+                header,
+                path,
+                start,
+                end,
+            } => files.stage_parts(dest, header, path, *start, *end),
+        }
+    }
+}
+
+/// The de-identified object, its output and the output's hash, or (reason, detail).
+type Processed = Result<(Deidentified, Output, String), (String, String)>;
+
 /// The parallel, pure part of one input's processing.
 enum Prepared {
     /// Unreadable, or changed since it was hashed.
     Unreadable,
     Read {
-        bytes: Vec<u8>,
-        result: Box<DeidOutcome>,
+        input: Input,
+        result: Box<Processed>,
     },
 }
 
 fn prepare(deid: &Deidentifier<'_>, found: &Found) -> Prepared {
+    if found.size >= LARGE_FILE
+        && let Some(p) = prepare_large(deid, found)
+    {
+        return p;
+    }
     match fs::read(&found.path) {
         Ok(bytes) if content_hash(&bytes) == found.content_hash => {
-            let result = Box::new(deidentify_bytes(deid, &bytes));
-            Prepared::Read { bytes, result }
+            let result = deidentify_bytes(deid, &bytes).map(|(d, out)| {
+                let h = content_hash(&out);
+                (d, Output::Bytes(out), h)
+            });
+            Prepared::Read {
+                input: Input::Bytes(bytes),
+                result: Box::new(result),
+            }
         }
         _ => Prepared::Unreadable,
     }
+}
+
+/// Large files: parse and de-identify only the header; the pixel data is copied as bytes.
+/// `None` falls back to reading the whole file (deflated data, a masking rule to apply, an
+/// unusual layout).
+fn prepare_large(deid: &Deidentifier<'_>, found: &Found) -> Option<Prepared> {
+    use std::io::Read;
+    let mut f = fs::File::open(&found.path).ok()?;
+    let len = f.metadata().ok()?.len();
+    let mut head = vec![0u8; len.min(HEAD_LIMIT) as usize];
+    f.read_exact(&mut head).ok()?;
+    let (start, end) = crate::read::locate_pixel_data(&head, &mut f, len)?;
+    let input = Input::File {
+        path: found.path.clone(),
+        len,
+    };
+    let result = match deidentify_bytes(deid, &head[..start]) {
+        Err((reason, _)) if reason == "unmaskable-pixel-data" => return None,
+        Err(e) => Err(e),
+        Ok((d, header)) => {
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            ctx.update(&header);
+            hash_range(&mut f, start as u64, end, &mut ctx).ok()?;
+            let h = hex(ctx.finish().as_ref());
+            Ok((
+                d,
+                Output::Parts {
+                    header,
+                    path: found.path.clone(),
+                    start: start as u64,
+                    end,
+                },
+                h,
+            ))
+        }
+    };
+    Some(Prepared::Read {
+        input,
+        result: Box::new(result),
+    })
+}
+
+fn hash_range(
+    f: &mut fs::File,
+    start: u64,
+    end: u64,
+    ctx: &mut ring::digest::Context,
+) -> io::Result<()> {
+    use std::io::{Read, Seek};
+    f.seek(io::SeekFrom::Start(start))?;
+    let mut remaining = end - start;
+    let mut buf = vec![0u8; 1 << 20];
+    while remaining > 0 {
+        let n = (remaining as usize).min(buf.len());
+        f.read_exact(&mut buf[..n])?;
+        ctx.update(&buf[..n]);
+        remaining -= n as u64;
+    }
+    Ok(())
+}
+
+/// SHA-256 of a file, streamed, and its length.
+pub fn hash_file(path: &Path) -> io::Result<(String, u64)> {
+    let mut f = fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    hash_range(&mut f, 0, len, &mut ctx)?;
+    Ok((hex(ctx.finish().as_ref()), len))
 }
 
 /// Split work into batches of at most `count` inputs and about `max_bytes` bytes.
@@ -378,7 +551,7 @@ fn batches(todo: &[Found], count: usize, max_bytes: u64) -> Vec<&[Found]> {
             start = i;
             bytes = 0;
         }
-        bytes += f.size;
+        bytes += f.size.min(LARGE_FILE);
     }
     if start < todo.len() {
         out.push(&todo[start..]);
@@ -446,10 +619,8 @@ pub fn deidentify_folder(
         .map(|path| {
             let rel = path.strip_prefix(&paths.input).unwrap_or(&path);
             let path_key = hex(&hmac::sign(&salt, rel.to_string_lossy().as_bytes()).as_ref()[..16]);
-            let (content_hash, size) = match fs::read(&path) {
-                Ok(b) => (content_hash(&b), b.len() as u64),
-                Err(_) => ("unreadable".to_owned(), 0),
-            };
+            let (content_hash, size) =
+                hash_file(&path).unwrap_or_else(|_| ("unreadable".to_owned(), 0));
             Found {
                 path,
                 path_key,
@@ -511,6 +682,7 @@ pub fn deidentify_folder(
     }
     settings.progress.finish();
     summary.elapsed = started.elapsed();
+    summary.peak_rss = crate::bench::peak_rss();
     let audit = AuditRecord::now(
         "run",
         serde_json::json!({
@@ -567,8 +739,8 @@ fn step(
         .get(..16)
         .unwrap_or(&found.content_hash)
         .to_owned();
-    let (bytes, result) = match prepared {
-        Prepared::Read { bytes, result } => (bytes, result),
+    let (input, result) = match prepared {
+        Prepared::Read { input, result } => (input, result),
         // Unreadable, or changed since it was hashed: recorded as such; the next run sees the
         // new content as a new input.
         Prepared::Unreadable => {
@@ -577,7 +749,7 @@ fn step(
             return Ok(record);
         }
     };
-    summary.bytes_in += bytes.len() as u64;
+    summary.bytes_in += input.len();
     if output_hashes.contains(&found.content_hash) || catalog.is_own_output(&found.content_hash)? {
         tracing::debug!(input = %short, "own output: not de-identified again");
         record.outcome = RecordedOutcome::OwnOutput;
@@ -586,9 +758,11 @@ fn step(
     let quarantine =
         |reason: String, detail: String, pending: &mut Pending| -> Result<(), BatchError> {
             let q = &paths.quarantine;
-            pending
-                .files
-                .stage(&q.join(format!("{}.dcm", found.content_hash)), &bytes)
+            input
+                .stage(
+                    &mut pending.files,
+                    &q.join(format!("{}.dcm", found.content_hash)),
+                )
                 .map_err(write_err("quarantine", q))?;
             tracing::warn!(input = %short, reason = %reason, "quarantined");
             pending.records.quarantine.push(QuarantineEntry {
@@ -600,7 +774,7 @@ fn step(
             });
             Ok(())
         };
-    let (out, encoded) = match *result {
+    let (out, encoded, out_hash) = match *result {
         Ok(x) => x,
         Err((reason, detail)) => {
             quarantine(reason.clone(), detail, pending)?;
@@ -609,7 +783,6 @@ fn step(
         }
     };
     let rel = out.relative_path().to_string_lossy().into_owned();
-    let out_hash = content_hash(&encoded);
     record.patient = Some(out.patient.to_string());
     record.study = Some(out.study_token.clone());
     record.series = Some(out.series_token.clone());
@@ -635,9 +808,8 @@ fn step(
             record.reason = Some(reason);
         }
         None => {
-            pending
-                .files
-                .stage(&paths.output.join(&rel), &encoded)
+            encoded
+                .stage(&mut pending.files, &paths.output.join(&rel))
                 .map_err(write_err("output", &paths.output))?;
             if let Some(key) = settings.vault_key {
                 let p = out.patient.to_string();

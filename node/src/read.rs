@@ -293,6 +293,93 @@ fn find_charset_value(bytes: &[u8], dataset: usize, big_endian: bool) -> Option<
     }
 }
 
+/// Where the top-level Pixel Data element of a large file lies: `(start, end)` byte offsets,
+/// found from the file's first bytes `head` (which must hold the whole header) and, for
+/// encapsulated pixel data, by walking its items in `file`. `None` when the layout is not one
+/// that can be copied as bytes (deflated, no file meta, no consistent Pixel Data element).
+pub fn locate_pixel_data<F: std::io::Read + std::io::Seek>(
+    head: &[u8],
+    file: &mut F,
+    file_len: u64,
+) -> Option<(usize, u64)> {
+    if head.get(128..132) != Some(b"DICM") {
+        return None;
+    }
+    let scan = scan_meta(head, 132);
+    let ts = scan.transfer_syntax?;
+    let (be, implicit) = match ts.as_str() {
+        ts::EXPLICIT_LE | ts::JPEG_BASELINE | ts::RLE => (false, false),
+        ts::EXPLICIT_BE => (true, false),
+        ts::IMPLICIT_LE => (false, true),
+        t if t.starts_with("1.2.840.10008.1.2.4.") => (false, false),
+        _ => return None,
+    };
+    let tag: [u8; 4] = if be {
+        [0x7F, 0xE0, 0x00, 0x10]
+    } else {
+        [0xE0, 0x7F, 0x10, 0x00]
+    };
+    let u32at = |at: usize| -> Option<u32> {
+        let b = head.get(at..at + 4)?;
+        let a = [b[0], b[1], b[2], b[3]];
+        Some(if be {
+            u32::from_be_bytes(a)
+        } else {
+            u32::from_le_bytes(a)
+        })
+    };
+    let mut from = scan.end;
+    while let Some(rel) = head.get(from..)?.windows(4).position(|w| w == tag) {
+        let pos = from + rel;
+        from = pos + 1;
+        let (header, len) = if implicit {
+            (8usize, u32at(pos + 4)?)
+        } else {
+            let vr = head.get(pos + 4..pos + 6)?;
+            if !(vr == b"OB" || vr == b"OW") || head.get(pos + 6..pos + 8) != Some(&[0, 0]) {
+                continue;
+            }
+            (12usize, u32at(pos + 8)?)
+        };
+        if len != u32::MAX {
+            let end = (pos + header) as u64 + u64::from(len);
+            if end == file_len {
+                return Some((pos, end));
+            }
+            continue;
+        }
+        // Encapsulated: items until the sequence delimiter.
+        let mut at = (pos + header) as u64;
+        loop {
+            let mut item = [0u8; 8];
+            file.seek(std::io::SeekFrom::Start(at)).ok()?;
+            file.read_exact(&mut item).ok()?;
+            let (g, e, l) = if be {
+                (
+                    u16::from_be_bytes([item[0], item[1]]),
+                    u16::from_be_bytes([item[2], item[3]]),
+                    u32::from_be_bytes([item[4], item[5], item[6], item[7]]),
+                )
+            } else {
+                (
+                    u16::from_le_bytes([item[0], item[1]]),
+                    u16::from_le_bytes([item[2], item[3]]),
+                    u32::from_le_bytes([item[4], item[5], item[6], item[7]]),
+                )
+            };
+            match (g, e) {
+                (0xFFFE, 0xE000) if l != u32::MAX => at += 8 + u64::from(l),
+                (0xFFFE, 0xE0DD) => return Some((pos, at + 8)),
+                _ => break,
+            }
+            if at > file_len {
+                break;
+            }
+        }
+    }
+    None
+}
+
 /// Read one input file so that kept text stays byte-identical whatever its character set:
 /// for sets dicom-rs cannot round-trip (code extensions, unsupported sets), the value of
 /// Specific Character Set is swapped for ISO_IR 100 before parsing (every byte then maps to

@@ -437,6 +437,38 @@ pub fn encapsulated_us(p: &Patient, st: &Study, se: &Series, index: u16) -> InMe
     o
 }
 
+/// An enhanced CT with `frames` frames of 512×512 16-bit pixels (about half a megabyte per
+/// frame): a large multi-frame file.
+pub fn large_multiframe(frames: u32) -> InMemDicomObject {
+    let p = Patient {
+        id: "LARGE-1".into(),
+        issuer: "HOSP-L".into(),
+        name: "Large^Patient".into(),
+        birth_date: "19610101".into(),
+        sex: "M".into(),
+        charset: None,
+    };
+    let st = Study {
+        uid: format!("{ORIGINAL_UID_ROOT}.3.1"),
+        date: "20240303".into(),
+        time: "111111".into(),
+        accession: "LACC1".into(),
+        description: "CT CHEST WITH CONTRAST".into(),
+        referring_physician: "Ref^Large".into(),
+        institution: "Large Hospital".into(),
+    };
+    let se = Series {
+        uid: format!("{}.1", st.uid),
+        number: 1,
+        description: "Large".into(),
+        frame_of_reference: format!("{}.1.0", st.uid),
+        station: "CTL".into(),
+    };
+    let mut o = enhanced_ct(&p, &st, &se, frames);
+    image_pixel(&mut o, 512, 512, frames, 5);
+    o
+}
+
 /// An ultrasound multi-frame image with native 16-bit pixel data and no Burned In Annotation
 /// attribute: it may carry burned-in text.
 pub fn us_multiframe_native(p: &Patient, st: &Study, se: &Series, frames: u32) -> InMemDicomObject {

@@ -517,3 +517,56 @@ fn secret_backup_and_restore_keep_pseudonyms_stable() {
     assert!(e.contains("different secret"), "{e}");
     let _ = ts::EXPLICIT_LE;
 }
+
+#[test]
+fn a_large_multi_frame_file_is_processed_within_a_memory_bound() {
+    let site = Site::new("");
+    let input = site.path("in");
+    std::fs::create_dir_all(&input).expect("dir");
+    let frames = 320; // 512 x 512 x 2 bytes x 320 = 168 MB of pixel data
+    let bytes = sample::encode(sample::large_multiframe(frames), ts::EXPLICIT_LE).expect("encode");
+    let size = bytes.len() as u64;
+    let pixel_len = 512 * 512 * 2 * frames as usize;
+    let input_tail = sha256(&bytes[bytes.len() - pixel_len..]);
+    std::fs::write(input.join("large.dcm"), &bytes).expect("write");
+    drop(bytes);
+    let out = run(&mut site.deid(&input, &site.path("out")));
+    let s = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(s.contains("written       1"), "{s}");
+    let peak_mb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("peak memory"))
+        .and_then(|v| v.trim().trim_end_matches(" MB").parse().ok())
+        .expect("peak memory reported");
+    assert!(
+        peak_mb * 1_000_000 < size / 2,
+        "peak {peak_mb} MB for a {} MB file",
+        size / 1_000_000
+    );
+    let written = files_under(&site.path("out"));
+    let out_bytes = std::fs::read(&written[0]).expect("output");
+    assert_eq!(
+        sha256(&out_bytes[out_bytes.len() - pixel_len..]),
+        input_tail,
+        "pixel data copied byte for byte"
+    );
+    let obj = dicom_object::OpenFileOptions::new()
+        .from_reader(out_bytes.as_slice())
+        .expect("a complete file");
+    let text = |t| {
+        obj.get(t).and_then(|e: &dicom_object::mem::InMemElement| {
+            e.value().to_str().ok().map(|s| s.into_owned())
+        })
+    };
+    assert_eq!(
+        text(dicom_core::Tag(0x0012, 0x0062)).as_deref(),
+        Some("YES")
+    );
+    assert!(!out_bytes.windows(13).any(|w| w == b"Large^Patient"));
+    let rows = site.export();
+    assert_eq!(
+        field(&rows[0], "output_sha256"),
+        Some(sha256(&out_bytes).as_str()),
+        "catalog hash of the streamed output"
+    );
+}
