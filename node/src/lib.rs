@@ -10,3 +10,4 @@ pub mod deid;
 pub mod read;
 pub mod sample;
 pub mod vault;
+pub mod volume;

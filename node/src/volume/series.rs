@@ -1,0 +1,376 @@
+//! DICOM series to volumes: group instances (and frames of enhanced multi-frame objects),
+//! sort slices by their position along the slice normal, decode pixel data, apply Rescale
+//! Slope/Intercept, and compute the affine from Image Orientation/Position (Patient),
+//! converted from DICOM LPS to NIfTI RAS. Geometry problems are findings, not errors.
+
+use std::collections::BTreeMap;
+
+use dicom_core::Tag;
+use dicom_core::value::Value;
+use dicom_object::{DefaultDicomObject, InMemDicomObject};
+use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder};
+use ndarray::Array4;
+
+use super::{Affine, StoredType, Volume};
+
+/// A geometry or decoding problem of a series.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SeriesFinding {
+    /// Gaps larger than the median spacing by more than half of it: slices are missing.
+    MissingSlices { gaps: usize },
+    /// Spacing between slices varies by more than 1 %.
+    UnevenSpacing { min: f64, max: f64 },
+    /// Two or more slices at the same position (the first is kept).
+    DuplicatePositions { count: usize },
+    /// The series mixes orientations (split into several volumes).
+    MixedOrientation,
+    /// The series mixes matrix sizes (split into several volumes).
+    MixedSize,
+    /// Slices are not stacked along the normal of their planes (gantry tilt).
+    GantryTilt { degrees: f64 },
+    /// The pixel data cannot be decoded (transfer syntax or codec).
+    Undecodable { transfer_syntax: String, detail: String },
+    /// No usable geometry (orientation or position missing).
+    NoGeometry,
+}
+
+impl SeriesFinding {
+    /// Machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MissingSlices { .. } => "missing-slices",
+            Self::UnevenSpacing { .. } => "uneven-spacing",
+            Self::DuplicatePositions { .. } => "duplicate-positions",
+            Self::MixedOrientation => "mixed-orientation",
+            Self::MixedSize => "mixed-size",
+            Self::GantryTilt { .. } => "gantry-tilt",
+            Self::Undecodable { .. } => "undecodable",
+            Self::NoGeometry => "no-geometry",
+        }
+    }
+}
+
+/// One assembled volume of a series.
+#[derive(Debug)]
+pub struct AssembledVolume {
+    /// The series' (de-identified) Series Instance UID.
+    pub series_uid: String,
+    /// The study's (de-identified) Study Instance UID.
+    pub study_uid: String,
+    /// Patient pseudonym (Patient ID of the de-identified object).
+    pub patient: String,
+    pub modality: String,
+    /// Index of this volume within its series (echoes, orientations, sizes).
+    pub part: usize,
+    pub volume: Option<Volume>,
+    pub findings: Vec<SeriesFinding>,
+}
+
+fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
+    obj.get(tag)
+        .and_then(|e| e.value().to_str().ok().map(|s| s.trim_matches([' ', '\0']).to_owned()))
+        .filter(|s| !s.is_empty())
+}
+
+fn floats(obj: &InMemDicomObject, tag: Tag) -> Option<Vec<f64>> {
+    let e = obj.get(tag)?;
+    e.value().to_multi_float64().ok().filter(|v| !v.is_empty())
+}
+
+fn number(obj: &InMemDicomObject, tag: Tag) -> Option<f64> {
+    floats(obj, tag).and_then(|v| v.first().copied())
+}
+
+fn first_item(obj: &InMemDicomObject, tag: Tag) -> Option<&InMemDicomObject> {
+    match obj.get(tag)?.value() {
+        Value::Sequence(s) => s.items().first(),
+        _ => None,
+    }
+}
+
+/// Look up a functional-group attribute: per-frame item first, then shared.
+fn functional(
+    per_frame: Option<&InMemDicomObject>,
+    shared: Option<&InMemDicomObject>,
+    group: Tag,
+    tag: Tag,
+) -> Option<Vec<f64>> {
+    [per_frame, shared]
+        .into_iter()
+        .flatten()
+        .find_map(|g| first_item(g, group).and_then(|i| floats(i, tag)))
+}
+
+/// One slice: a single-frame instance or one frame of a multi-frame instance.
+#[derive(Clone, Debug)]
+struct Slice {
+    object: usize,
+    frame: u32,
+    iop: [f64; 6],
+    ipp: [f64; 3],
+    spacing: [f64; 2],
+    rows: u32,
+    cols: u32,
+    slope: f64,
+    intercept: f64,
+    echo: i64,
+    temporal: i64,
+}
+
+const PLANE_POSITION: Tag = Tag(0x0020, 0x9113);
+const PLANE_ORIENTATION: Tag = Tag(0x0020, 0x9116);
+const PIXEL_MEASURES: Tag = Tag(0x0028, 0x9110);
+const PIXEL_VALUE_TRANSFORMATION: Tag = Tag(0x0028, 0x9145);
+const IPP: Tag = Tag(0x0020, 0x0032);
+const IOP: Tag = Tag(0x0020, 0x0037);
+const PIXEL_SPACING: Tag = Tag(0x0028, 0x0030);
+const SLOPE: Tag = Tag(0x0028, 0x1053);
+const INTERCEPT: Tag = Tag(0x0028, 0x1052);
+
+fn slices_of(index: usize, obj: &InMemDicomObject) -> Vec<Slice> {
+    let rows = number(obj, Tag(0x0028, 0x0010)).unwrap_or(0.0) as u32;
+    let cols = number(obj, Tag(0x0028, 0x0011)).unwrap_or(0.0) as u32;
+    let echo = number(obj, Tag(0x0018, 0x0086)).unwrap_or(0.0) as i64;
+    let temporal = number(obj, Tag(0x0020, 0x0100)).unwrap_or(0.0) as i64;
+    let frames = number(obj, Tag(0x0028, 0x0008)).unwrap_or(1.0).max(1.0) as u32;
+    let per_frame: Vec<InMemDicomObject> = match obj.get(Tag(0x5200, 0x9230)).map(|e| e.value()) {
+        Some(Value::Sequence(s)) => s.items().to_vec(),
+        _ => Vec::new(),
+    };
+    let shared = first_item(obj, Tag(0x5200, 0x9229));
+    let as3 = |v: &[f64]| [v[0], v[1], v[2]];
+    let as6 = |v: &[f64]| [v[0], v[1], v[2], v[3], v[4], v[5]];
+    let mut out = Vec::new();
+    for frame in 0..frames {
+        let pf = per_frame.get(frame as usize);
+        let iop = functional(pf, shared, PLANE_ORIENTATION, IOP).or_else(|| floats(obj, IOP));
+        let ipp = functional(pf, shared, PLANE_POSITION, IPP).or_else(|| floats(obj, IPP));
+        let spacing = functional(pf, shared, PIXEL_MEASURES, PIXEL_SPACING).or_else(|| floats(obj, PIXEL_SPACING));
+        let slope = functional(pf, shared, PIXEL_VALUE_TRANSFORMATION, SLOPE).or_else(|| floats(obj, SLOPE));
+        let intercept = functional(pf, shared, PIXEL_VALUE_TRANSFORMATION, INTERCEPT).or_else(|| floats(obj, INTERCEPT));
+        let (Some(iop), Some(ipp)) = (iop.filter(|v| v.len() >= 6), ipp.filter(|v| v.len() >= 3)) else {
+            continue;
+        };
+        let spacing = spacing.filter(|v| v.len() >= 2).map_or([1.0, 1.0], |v| [v[0], v[1]]);
+        out.push(Slice {
+            object: index,
+            frame,
+            iop: as6(&iop),
+            ipp: as3(&ipp),
+            spacing,
+            rows,
+            cols,
+            slope: slope.and_then(|v| v.first().copied()).unwrap_or(1.0),
+            intercept: intercept.and_then(|v| v.first().copied()).unwrap_or(0.0),
+            echo,
+            temporal,
+        });
+    }
+    out
+}
+
+fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
+    [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
+}
+
+fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
+    a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+}
+
+/// Assemble the volumes of a set of (de-identified) DICOM objects.
+pub fn assemble(objects: &[DefaultDicomObject]) -> Vec<AssembledVolume> {
+    // series uid -> slices
+    let mut by_series: BTreeMap<String, Vec<Slice>> = BTreeMap::new();
+    let mut no_geometry: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, obj) in objects.iter().enumerate() {
+        if obj.get(Tag(0x7FE0, 0x0010)).is_none() {
+            continue;
+        }
+        let series = text(obj, Tag(0x0020, 0x000E)).unwrap_or_default();
+        let s = slices_of(i, obj);
+        if s.is_empty() {
+            *no_geometry.entry(series).or_default() = i;
+            continue;
+        }
+        by_series.entry(series).or_default().extend(s);
+    }
+    let mut out = Vec::new();
+    for (series, obj_index) in no_geometry {
+        if !by_series.contains_key(&series) {
+            let obj = &objects[obj_index];
+            out.push(AssembledVolume {
+                series_uid: series,
+                study_uid: text(obj, Tag(0x0020, 0x000D)).unwrap_or_default(),
+                patient: text(obj, Tag(0x0010, 0x0020)).unwrap_or_default(),
+                modality: text(obj, Tag(0x0008, 0x0060)).unwrap_or_default(),
+                part: 0,
+                volume: None,
+                findings: vec![SeriesFinding::NoGeometry],
+            });
+        }
+    }
+    for (series, slices) in by_series {
+        // Sub-groups by orientation, size, echo and temporal position.
+        let mut groups: BTreeMap<(Vec<i64>, u32, u32, i64, i64), Vec<Slice>> = BTreeMap::new();
+        for s in slices {
+            let key = (
+                s.iop.iter().map(|v| (v * 1e4).round() as i64).collect(),
+                s.rows,
+                s.cols,
+                s.echo,
+                s.temporal,
+            );
+            groups.entry(key).or_default().push(s);
+        }
+        let orientations: std::collections::BTreeSet<Vec<i64>> = groups.keys().map(|k| k.0.clone()).collect();
+        let sizes: std::collections::BTreeSet<(u32, u32)> = groups.keys().map(|k| (k.1, k.2)).collect();
+        for (part, (_, group)) in groups.into_iter().enumerate() {
+            let first = &objects[group[0].object];
+            let mut findings = Vec::new();
+            if orientations.len() > 1 {
+                findings.push(SeriesFinding::MixedOrientation);
+            }
+            if sizes.len() > 1 {
+                findings.push(SeriesFinding::MixedSize);
+            }
+            let volume = build(objects, group, &mut findings);
+            out.push(AssembledVolume {
+                series_uid: series.clone(),
+                study_uid: text(first, Tag(0x0020, 0x000D)).unwrap_or_default(),
+                patient: text(first, Tag(0x0010, 0x0020)).unwrap_or_default(),
+                modality: text(first, Tag(0x0008, 0x0060)).unwrap_or_default(),
+                part,
+                volume,
+                findings,
+            });
+        }
+    }
+    out
+}
+
+fn build(objects: &[DefaultDicomObject], mut slices: Vec<Slice>, findings: &mut Vec<SeriesFinding>) -> Option<Volume> {
+    let row_dir = [slices[0].iop[0], slices[0].iop[1], slices[0].iop[2]];
+    let col_dir = [slices[0].iop[3], slices[0].iop[4], slices[0].iop[5]];
+    let normal = cross(row_dir, col_dir);
+    slices.sort_by(|a, b| dot(a.ipp, normal).total_cmp(&dot(b.ipp, normal)));
+    // Duplicate positions: keep the first.
+    let before = slices.len();
+    slices.dedup_by(|b, a| (dot(a.ipp, normal) - dot(b.ipp, normal)).abs() < 1e-3);
+    if slices.len() < before {
+        findings.push(SeriesFinding::DuplicatePositions { count: before - slices.len() });
+    }
+    let positions: Vec<f64> = slices.iter().map(|s| dot(s.ipp, normal)).collect();
+    let gaps: Vec<f64> = positions.windows(2).map(|w| w[1] - w[0]).collect();
+    let step = if gaps.is_empty() {
+        None
+    } else {
+        let mut sorted = gaps.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
+        let missing = gaps.iter().filter(|g| **g > median * 1.5).count();
+        if missing > 0 {
+            findings.push(SeriesFinding::MissingSlices { gaps: missing });
+        }
+        let (min, max) = (sorted[0], sorted[sorted.len() - 1]);
+        if median > 0.0 && (max - min) / median > 0.01 {
+            findings.push(SeriesFinding::UnevenSpacing { min, max });
+        }
+        Some(median)
+    };
+    // Slice vector: measured from first to last position (accounts for tilt).
+    let n = slices.len();
+    let (first, last) = (slices[0].ipp, slices[n - 1].ipp);
+    let slice_vec = if n > 1 {
+        let d = [last[0] - first[0], last[1] - first[1], last[2] - first[2]];
+        [d[0] / (n - 1) as f64, d[1] / (n - 1) as f64, d[2] / (n - 1) as f64]
+    } else {
+        let t = step.unwrap_or(1.0);
+        [normal[0] * t, normal[1] * t, normal[2] * t]
+    };
+    let len = dot(slice_vec, slice_vec).sqrt();
+    if len > 0.0 {
+        let cos = (dot(slice_vec, normal) / len).clamp(-1.0, 1.0);
+        let degrees = cos.acos().to_degrees();
+        if degrees > 0.5 {
+            findings.push(SeriesFinding::GantryTilt { degrees });
+        }
+    }
+    let (rows, cols) = (slices[0].rows as usize, slices[0].cols as usize);
+    let [row_spacing, col_spacing] = slices[0].spacing;
+    // LPS affine: i (column index) along the row direction, j (row index) along the column
+    // direction, k along the measured slice vector; RAS negates the first two axes.
+    let lps = [
+        [row_dir[0] * col_spacing, col_dir[0] * row_spacing, slice_vec[0], first[0]],
+        [row_dir[1] * col_spacing, col_dir[1] * row_spacing, slice_vec[1], first[1]],
+        [row_dir[2] * col_spacing, col_dir[2] * row_spacing, slice_vec[2], first[2]],
+    ];
+    let affine: Affine = [
+        [-lps[0][0], -lps[0][1], -lps[0][2], -lps[0][3]],
+        [-lps[1][0], -lps[1][1], -lps[1][2], -lps[1][3]],
+        lps[2],
+        [0.0, 0.0, 0.0, 1.0],
+    ];
+    // Decode pixel data, object by object.
+    let samples = objects[slices[0].object]
+        .get(Tag(0x0028, 0x0002))
+        .and_then(|e| e.value().to_int::<usize>().ok())
+        .unwrap_or(1)
+        .max(1);
+    let mut data = Array4::<f32>::zeros((cols, rows, n, samples));
+    let raw = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
+    let mut integral = true;
+    let mut decoded: BTreeMap<usize, dicom_pixeldata::DecodedPixelData<'_>> = BTreeMap::new();
+    for (k, s) in slices.iter().enumerate() {
+        let obj = &objects[s.object];
+        if !decoded.contains_key(&s.object) {
+            match obj.decode_pixel_data() {
+                Ok(d) => {
+                    decoded.insert(s.object, d);
+                }
+                Err(e) => {
+                    findings.push(SeriesFinding::Undecodable {
+                        transfer_syntax: obj.meta().transfer_syntax().trim_end_matches('\0').to_owned(),
+                        detail: e.to_string(),
+                    });
+                    return None;
+                }
+            }
+        }
+        let d = decoded.get(&s.object)?;
+        let values: Vec<f32> = match d.to_vec_frame_with_options::<f32>(s.frame, &raw) {
+            Ok(v) => v,
+            Err(e) => {
+                findings.push(SeriesFinding::Undecodable {
+                    transfer_syntax: obj.meta().transfer_syntax().trim_end_matches('\0').to_owned(),
+                    detail: e.to_string(),
+                });
+                return None;
+            }
+        };
+        if values.len() < rows * cols * samples {
+            findings.push(SeriesFinding::Undecodable {
+                transfer_syntax: obj.meta().transfer_syntax().to_owned(),
+                detail: "frame shorter than its geometry".into(),
+            });
+            return None;
+        }
+        integral &= s.slope.fract() == 0.0 && s.intercept.fract() == 0.0;
+        for r in 0..rows {
+            for c in 0..cols {
+                for ch in 0..samples {
+                    let v = f64::from(values[(r * cols + c) * samples + ch]);
+                    data[[c, r, k, ch]] = (v * s.slope + s.intercept) as f32;
+                }
+            }
+        }
+    }
+    let stored = if samples == 3 {
+        StoredType::Rgb24
+    } else if integral {
+        let (min, max) = data.iter().fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+        if min >= -32768.0 && max <= 32767.0 { StoredType::I16 } else { StoredType::F32 }
+    } else {
+        StoredType::F32
+    };
+    Some(Volume { data, affine, stored })
+}
