@@ -362,13 +362,23 @@ pub fn enhanced_ct(p: &Patient, st: &Study, se: &Series, frames: u32) -> InMemDi
         &format!("{}{}", st.date, st.time),
     );
     put_text(&mut o, Tag(0x0020, 0x0013), VR::IS, "1");
-    let shared = item(vec![seq(
-        Tag(0x0028, 0x9110),
-        vec![item(vec![
-            text(Tag(0x0018, 0x0050), VR::DS, "1.25"),
-            text(Tag(0x0028, 0x0030), VR::DS, "0.7\\0.7"),
-        ])],
-    )]);
+    let shared = item(vec![
+        seq(
+            Tag(0x0020, 0x9116),
+            vec![item(vec![text(
+                Tag(0x0020, 0x0037),
+                VR::DS,
+                "1\\0\\0\\0\\1\\0",
+            )])],
+        ),
+        seq(
+            Tag(0x0028, 0x9110),
+            vec![item(vec![
+                text(Tag(0x0018, 0x0050), VR::DS, "1.25"),
+                text(Tag(0x0028, 0x0030), VR::DS, "0.7\\0.7"),
+            ])],
+        ),
+    ]);
     o.put(seq(Tag(0x5200, 0x9229), vec![shared]));
     let per_frame = (0..frames)
         .map(|f| {

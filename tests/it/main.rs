@@ -5,3 +5,4 @@
 mod deid;
 mod handshake;
 mod messy;
+mod volume;

@@ -194,9 +194,21 @@ pub fn from_quaternion(q: [f64; 3], qfac: f64, spacing: [f64; 3], offset: [f64; 
     let [b, c, d] = q;
     let a = (1.0 - (b * b + c * c + d * d)).max(0.0).sqrt();
     let r = [
-        [a * a + b * b - c * c - d * d, 2.0 * (b * c - a * d), 2.0 * (b * d + a * c)],
-        [2.0 * (b * c + a * d), a * a + c * c - b * b - d * d, 2.0 * (c * d - a * b)],
-        [2.0 * (b * d - a * c), 2.0 * (c * d + a * b), a * a + d * d - c * c - b * b],
+        [
+            a * a + b * b - c * c - d * d,
+            2.0 * (b * c - a * d),
+            2.0 * (b * d + a * c),
+        ],
+        [
+            2.0 * (b * c + a * d),
+            a * a + c * c - b * b - d * d,
+            2.0 * (c * d - a * b),
+        ],
+        [
+            2.0 * (b * d - a * c),
+            2.0 * (c * d + a * b),
+            a * a + d * d - c * c - b * b,
+        ],
     ];
     let qfac = if qfac < 0.0 { -1.0 } else { 1.0 };
     let mut m = [[0.0; 4]; 4];
@@ -215,7 +227,10 @@ mod tests {
     use super::*;
 
     fn close(a: &Affine, b: &Affine) -> bool {
-        a.iter().flatten().zip(b.iter().flatten()).all(|(x, y)| (x - y).abs() < 1e-5)
+        a.iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .all(|(x, y)| (x - y).abs() < 1e-5)
     }
 
     #[test]
@@ -223,8 +238,18 @@ mod tests {
         let (s, c) = (0.3f64.sin(), 0.3f64.cos());
         let cases: [Affine; 3] = [
             diagonal([0.7, 0.8, 2.5]),
-            [[-0.7 * c, 0.0, 2.5 * s, 10.0], [0.0, -0.7, 0.0, 20.0], [0.7 * s, 0.0, 2.5 * c, -5.0], [0.0, 0.0, 0.0, 1.0]],
-            [[0.5, 0.0, 0.0, 1.0], [0.0, 0.5, 0.0, 2.0], [0.0, 0.0, -3.0, 3.0], [0.0, 0.0, 0.0, 1.0]],
+            [
+                [-0.7 * c, 0.0, 2.5 * s, 10.0],
+                [0.0, -0.7, 0.0, 20.0],
+                [0.7 * s, 0.0, 2.5 * c, -5.0],
+                [0.0, 0.0, 0.0, 1.0],
+            ],
+            [
+                [0.5, 0.0, 0.0, 1.0],
+                [0.0, 0.5, 0.0, 2.0],
+                [0.0, 0.0, -3.0, 3.0],
+                [0.0, 0.0, 0.0, 1.0],
+            ],
         ];
         for a in cases {
             let (q, qfac, spacing) = to_quaternion(&a);

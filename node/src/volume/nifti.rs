@@ -28,7 +28,9 @@ pub enum Flavour {
 pub enum NiftiError {
     #[error("cannot read: {0}")]
     Io(#[from] io::Error),
-    #[error("not a NIfTI or Analyze header (sizeof_hdr is neither 348 nor 540 in either byte order)")]
+    #[error(
+        "not a NIfTI or Analyze header (sizeof_hdr is neither 348 nor 540 in either byte order)"
+    )]
     NotNifti,
     #[error("unsupported datatype code {0}")]
     Datatype(i16),
@@ -105,8 +107,16 @@ impl Cursor<'_> {
 
 /// Parse a header from its first bytes (at least 348, or 540 for NIfTI-2).
 pub fn parse_header(b: &[u8]) -> Result<Header, NiftiError> {
-    let le = |n: usize| b.get(0..4).map(|s| i32::from_le_bytes([s[0], s[1], s[2], s[3]])) == Some(n as i32);
-    let be = |n: usize| b.get(0..4).map(|s| i32::from_be_bytes([s[0], s[1], s[2], s[3]])) == Some(n as i32);
+    let le = |n: usize| {
+        b.get(0..4)
+            .map(|s| i32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+            == Some(n as i32)
+    };
+    let be = |n: usize| {
+        b.get(0..4)
+            .map(|s| i32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+            == Some(n as i32)
+    };
     let (size, big_endian) = if le(348) {
         (348, false)
     } else if be(348) {
@@ -119,7 +129,10 @@ pub fn parse_header(b: &[u8]) -> Result<Header, NiftiError> {
         return Err(NiftiError::NotNifti);
     };
     if b.len() < size {
-        return Err(NiftiError::Truncated { have: b.len(), need: size });
+        return Err(NiftiError::Truncated {
+            have: b.len(),
+            need: size,
+        });
     }
     let c = Cursor { b, be: big_endian };
     if size == 540 {
@@ -132,7 +145,14 @@ pub fn parse_header(b: &[u8]) -> Result<Header, NiftiError> {
         }
         let qform_code = c.i32(344);
         let sform_code = c.i32(348);
-        let srow = |row: usize| [c.f64(400 + 32 * row), c.f64(408 + 32 * row), c.f64(416 + 32 * row), c.f64(424 + 32 * row)];
+        let srow = |row: usize| {
+            [
+                c.f64(400 + 32 * row),
+                c.f64(408 + 32 * row),
+                c.f64(416 + 32 * row),
+                c.f64(424 + 32 * row),
+            ]
+        };
         let affine = pick_affine(
             sform_code,
             qform_code,
@@ -168,7 +188,14 @@ pub fn parse_header(b: &[u8]) -> Result<Header, NiftiError> {
         *p = c.f32(76 + 4 * i);
     }
     let (affine, slope, inter) = if flavour == Flavour::Nifti1 {
-        let srow = |row: usize| [c.f32(280 + 16 * row), c.f32(284 + 16 * row), c.f32(288 + 16 * row), c.f32(292 + 16 * row)];
+        let srow = |row: usize| {
+            [
+                c.f32(280 + 16 * row),
+                c.f32(284 + 16 * row),
+                c.f32(288 + 16 * row),
+                c.f32(292 + 16 * row),
+            ]
+        };
         let affine = pick_affine(
             i32::from(c.i16(254)),
             i32::from(c.i16(252)),
@@ -181,7 +208,11 @@ pub fn parse_header(b: &[u8]) -> Result<Header, NiftiError> {
     } else {
         // Analyze: spacing only; SPM's funused1 (offset 112) is a scale factor when non-zero.
         let s = c.f32(112);
-        (pick_affine(0, 0, [[0.0; 4]; 3], [0.0; 3], [0.0; 3], &pixdim), if s == 0.0 { 1.0 } else { s }, 0.0)
+        (
+            pick_affine(0, 0, [[0.0; 4]; 3], [0.0; 3], [0.0; 3], &pixdim),
+            if s == 0.0 { 1.0 } else { s },
+            0.0,
+        )
     };
     Ok(Header {
         flavour,
@@ -238,7 +269,9 @@ fn read_all(path: &Path) -> io::Result<Vec<u8>> {
 /// The image file paired with a `.hdr` (`.img` or `.img.gz`).
 pub fn image_pair(header: &Path) -> Option<PathBuf> {
     let name = header.file_name()?.to_string_lossy().into_owned();
-    let stem = name.strip_suffix(".hdr.gz").or_else(|| name.strip_suffix(".hdr"))?;
+    let stem = name
+        .strip_suffix(".hdr.gz")
+        .or_else(|| name.strip_suffix(".hdr"))?;
     [format!("{stem}.img"), format!("{stem}.img.gz")]
         .into_iter()
         .map(|n| header.with_file_name(n))
@@ -255,12 +288,19 @@ pub fn is_nifti_path(path: &Path) -> bool {
 pub fn read(path: &Path) -> Result<(Header, Volume), NiftiError> {
     let bytes = read_all(path)?;
     let header = parse_header(&bytes)?;
-    let data: Vec<u8> = if header.single_file || (header.flavour != Flavour::Analyze && !path.to_string_lossy().contains(".hdr")) {
-        bytes.get(header.vox_offset as usize..).unwrap_or(&[]).to_vec()
+    let data: Vec<u8> = if header.single_file
+        || (header.flavour != Flavour::Analyze && !path.to_string_lossy().contains(".hdr"))
+    {
+        bytes
+            .get(header.vox_offset as usize..)
+            .unwrap_or(&[])
+            .to_vec()
     } else {
         let img = image_pair(path).ok_or(NiftiError::MissingImage)?;
         let all = read_all(&img)?;
-        all.get(header.vox_offset as usize..).unwrap_or(&[]).to_vec()
+        all.get(header.vox_offset as usize..)
+            .unwrap_or(&[])
+            .to_vec()
     };
     let volume = decode(&header, &data)?;
     Ok((header, volume))
@@ -269,18 +309,26 @@ pub fn read(path: &Path) -> Result<(Header, Volume), NiftiError> {
 /// Decode voxel data for a header.
 pub fn decode(header: &Header, data: &[u8]) -> Result<Volume, NiftiError> {
     let d = &header.dims;
-    if d.is_empty() || d.len() > 4 || d.iter().any(|&x| x < 1) || d.get(3).is_some_and(|&t| t != 1) {
+    if d.is_empty() || d.len() > 4 || d.iter().any(|&x| x < 1) || d.get(3).is_some_and(|&t| t != 1)
+    {
         return Err(NiftiError::Dimensions(d.clone()));
     }
     let ni = d[0] as usize;
     let nj = d.get(1).copied().unwrap_or(1) as usize;
     let nk = d.get(2).copied().unwrap_or(1) as usize;
-    let channels = if header.datatype == StoredType::Rgb24 { 3 } else { 1 };
+    let channels = if header.datatype == StoredType::Rgb24 {
+        3
+    } else {
+        1
+    };
     let bytes_per = (header.datatype.bits() as usize / 8).max(1) / channels.max(1);
     let n = ni * nj * nk;
     let need = n * channels * bytes_per;
     if data.len() < need {
-        return Err(NiftiError::Truncated { have: data.len(), need });
+        return Err(NiftiError::Truncated {
+            have: data.len(),
+            need,
+        });
     }
     let be = header.big_endian;
     let word = |at: usize, len: usize| -> [u8; 8] {
@@ -331,7 +379,11 @@ pub fn decode(header: &Header, data: &[u8]) -> Result<Volume, NiftiError> {
                 let v = i + ni * (j + nj * k);
                 for c in 0..channels {
                     let raw = value(v * channels + c);
-                    out[[i, j, k, c]] = if scaled { (raw * slope + inter) as f32 } else { raw as f32 };
+                    out[[i, j, k, c]] = if scaled {
+                        (raw * slope + inter) as f32
+                    } else {
+                        raw as f32
+                    };
                 }
             }
         }
@@ -352,11 +404,19 @@ fn clamp_round(v: f32, lo: f64, hi: f64) -> f64 {
 pub fn encode(volume: &Volume) -> Vec<u8> {
     let (ni, nj, nk) = volume.shape();
     let channels = volume.channels();
-    let stored = if channels == 3 { StoredType::Rgb24 } else { volume.stored };
+    let stored = if channels == 3 {
+        StoredType::Rgb24
+    } else {
+        volume.stored
+    };
     let mut h = vec![0u8; 352];
-    let put_i16 = |h: &mut Vec<u8>, at: usize, v: i16| h[at..at + 2].copy_from_slice(&v.to_le_bytes());
-    let put_i32 = |h: &mut Vec<u8>, at: usize, v: i32| h[at..at + 4].copy_from_slice(&v.to_le_bytes());
-    let put_f32 = |h: &mut Vec<u8>, at: usize, v: f64| h[at..at + 4].copy_from_slice(&(v as f32).to_le_bytes());
+    let put_i16 =
+        |h: &mut Vec<u8>, at: usize, v: i16| h[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    let put_i32 =
+        |h: &mut Vec<u8>, at: usize, v: i32| h[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    let put_f32 = |h: &mut Vec<u8>, at: usize, v: f64| {
+        h[at..at + 4].copy_from_slice(&(v as f32).to_le_bytes())
+    };
     put_i32(&mut h, 0, 348);
     h[38] = b'r';
     let dims = [3i16, ni as i16, nj as i16, nk as i16, 1, 1, 1, 1];
@@ -397,12 +457,23 @@ pub fn encode(volume: &Volume) -> Vec<u8> {
                 for c in 0..channels {
                     let v = volume.data[[i, j, k, c]];
                     match stored {
-                        StoredType::U8 | StoredType::Rgb24 => out.push(clamp_round(v, 0.0, 255.0) as u8),
+                        StoredType::U8 | StoredType::Rgb24 => {
+                            out.push(clamp_round(v, 0.0, 255.0) as u8)
+                        }
                         StoredType::I8 => out.push((clamp_round(v, -128.0, 127.0) as i8) as u8),
-                        StoredType::I16 => out.extend_from_slice(&(clamp_round(v, -32768.0, 32767.0) as i16).to_le_bytes()),
-                        StoredType::U16 => out.extend_from_slice(&(clamp_round(v, 0.0, 65535.0) as u16).to_le_bytes()),
-                        StoredType::I32 => out.extend_from_slice(&(clamp_round(v, f64::from(i32::MIN), f64::from(i32::MAX)) as i32).to_le_bytes()),
-                        StoredType::U32 => out.extend_from_slice(&(clamp_round(v, 0.0, f64::from(u32::MAX)) as u32).to_le_bytes()),
+                        StoredType::I16 => out.extend_from_slice(
+                            &(clamp_round(v, -32768.0, 32767.0) as i16).to_le_bytes(),
+                        ),
+                        StoredType::U16 => out.extend_from_slice(
+                            &(clamp_round(v, 0.0, 65535.0) as u16).to_le_bytes(),
+                        ),
+                        StoredType::I32 => out.extend_from_slice(
+                            &(clamp_round(v, f64::from(i32::MIN), f64::from(i32::MAX)) as i32)
+                                .to_le_bytes(),
+                        ),
+                        StoredType::U32 => out.extend_from_slice(
+                            &(clamp_round(v, 0.0, f64::from(u32::MAX)) as u32).to_le_bytes(),
+                        ),
                         StoredType::F32 => out.extend_from_slice(&v.to_le_bytes()),
                         StoredType::F64 => out.extend_from_slice(&f64::from(v).to_le_bytes()),
                     }
@@ -415,9 +486,10 @@ pub fn encode(volume: &Volume) -> Vec<u8> {
 
 /// Gzip bytes with no file name and no modification time in the gzip header.
 pub fn gzip(bytes: &[u8], level: u32) -> io::Result<Vec<u8>> {
-    let mut enc = flate2::GzBuilder::new()
-        .mtime(0)
-        .write(Vec::with_capacity(bytes.len() / 2), flate2::Compression::new(level));
+    let mut enc = flate2::GzBuilder::new().mtime(0).write(
+        Vec::with_capacity(bytes.len() / 2),
+        flate2::Compression::new(level),
+    );
     enc.write_all(bytes)?;
     enc.finish()
 }
@@ -435,7 +507,9 @@ mod tests {
         let mut data = Array4::<f32>::zeros((5, 4, 3, channels));
         for ((i, j, k, c), v) in data.indexed_iter_mut() {
             *v = match stored {
-                StoredType::I8 | StoredType::I16 | StoredType::I32 => (i as f32) * 10.0 - (j as f32) * 7.0 + (k as f32) - c as f32,
+                StoredType::I8 | StoredType::I16 | StoredType::I32 => {
+                    (i as f32) * 10.0 - (j as f32) * 7.0 + (k as f32) - c as f32
+                }
                 StoredType::F32 | StoredType::F64 => i as f32 * 0.25 - j as f32 + k as f32 * 1.5,
                 _ => (i + 2 * j + 3 * k + c) as f32,
             };
@@ -443,7 +517,12 @@ mod tests {
         let (s, co) = (0.2f64.sin(), 0.2f64.cos());
         Volume {
             data,
-            affine: [[-0.8 * co, 0.0, 2.0 * s, 12.0], [0.0, 0.9, 0.0, -30.0], [0.8 * s, 0.0, 2.0 * co, 7.5], [0.0, 0.0, 0.0, 1.0]],
+            affine: [
+                [-0.8 * co, 0.0, 2.0 * s, 12.0],
+                [0.0, 0.9, 0.0, -30.0],
+                [0.8 * s, 0.0, 2.0 * co, 7.5],
+                [0.0, 0.0, 0.0, 1.0],
+            ],
             stored,
         }
     }
@@ -497,8 +576,14 @@ mod tests {
         let hd = parse_header(&h).expect("nifti-2");
         assert_eq!((hd.flavour, hd.big_endian), (Flavour::Nifti2, true));
         let vol = decode(&hd, &h[544..]).expect("data");
-        assert_eq!(vol.data.iter().copied().collect::<Vec<_>>(), vec![1.0, 5.0, 3.0, 7.0]);
-        assert_eq!(vol.spacing().map(|s| (s * 10.0).round() / 10.0), [0.5, 0.5, 3.0]);
+        assert_eq!(
+            vol.data.iter().copied().collect::<Vec<_>>(),
+            vec![1.0, 5.0, 3.0, 7.0]
+        );
+        assert_eq!(
+            vol.spacing().map(|s| (s * 10.0).round() / 10.0),
+            [0.5, 0.5, 3.0]
+        );
         // Analyze 7.5, little endian, uint8, without magic.
         let mut a = vec![0u8; 348];
         a[0..4].copy_from_slice(&348i32.to_le_bytes());
@@ -513,8 +598,14 @@ mod tests {
         let va = decode(&ha, &[9, 10]).expect("data");
         assert_eq!(va.data.iter().copied().collect::<Vec<_>>(), vec![9.0, 10.0]);
         assert_eq!(va.spacing()[0], 1.5);
-        assert!(matches!(parse_header(&[0u8; 400]), Err(NiftiError::NotNifti)));
-        assert!(matches!(decode(&ha, &[1]), Err(NiftiError::Truncated { .. })));
+        assert!(matches!(
+            parse_header(&[0u8; 400]),
+            Err(NiftiError::NotNifti)
+        ));
+        assert!(matches!(
+            decode(&ha, &[1]),
+            Err(NiftiError::Truncated { .. })
+        ));
     }
 
     #[test]
@@ -524,7 +615,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("v.nii.gz");
         std::fs::write(&p, encode_gz(&v).expect("gz")).expect("write");
-        let obj = ReaderOptions::new().read_file(&p).expect("nifti crate reads our file");
+        let obj = ReaderOptions::new()
+            .read_file(&p)
+            .expect("nifti crate reads our file");
         let h = obj.header();
         assert_eq!(h.dim[1..4], [5, 4, 3]);
         assert_eq!(h.sform_code, 1);

@@ -29,7 +29,10 @@ pub enum SeriesFinding {
     /// Slices are not stacked along the normal of their planes (gantry tilt).
     GantryTilt { degrees: f64 },
     /// The pixel data cannot be decoded (transfer syntax or codec).
-    Undecodable { transfer_syntax: String, detail: String },
+    Undecodable {
+        transfer_syntax: String,
+        detail: String,
+    },
     /// No usable geometry (orientation or position missing).
     NoGeometry,
 }
@@ -68,7 +71,12 @@ pub struct AssembledVolume {
 
 fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
     obj.get(tag)
-        .and_then(|e| e.value().to_str().ok().map(|s| s.trim_matches([' ', '\0']).to_owned()))
+        .and_then(|e| {
+            e.value()
+                .to_str()
+                .ok()
+                .map(|s| s.trim_matches([' ', '\0']).to_owned())
+        })
         .filter(|s| !s.is_empty())
 }
 
@@ -145,13 +153,19 @@ fn slices_of(index: usize, obj: &InMemDicomObject) -> Vec<Slice> {
         let pf = per_frame.get(frame as usize);
         let iop = functional(pf, shared, PLANE_ORIENTATION, IOP).or_else(|| floats(obj, IOP));
         let ipp = functional(pf, shared, PLANE_POSITION, IPP).or_else(|| floats(obj, IPP));
-        let spacing = functional(pf, shared, PIXEL_MEASURES, PIXEL_SPACING).or_else(|| floats(obj, PIXEL_SPACING));
-        let slope = functional(pf, shared, PIXEL_VALUE_TRANSFORMATION, SLOPE).or_else(|| floats(obj, SLOPE));
-        let intercept = functional(pf, shared, PIXEL_VALUE_TRANSFORMATION, INTERCEPT).or_else(|| floats(obj, INTERCEPT));
-        let (Some(iop), Some(ipp)) = (iop.filter(|v| v.len() >= 6), ipp.filter(|v| v.len() >= 3)) else {
+        let spacing = functional(pf, shared, PIXEL_MEASURES, PIXEL_SPACING)
+            .or_else(|| floats(obj, PIXEL_SPACING));
+        let slope = functional(pf, shared, PIXEL_VALUE_TRANSFORMATION, SLOPE)
+            .or_else(|| floats(obj, SLOPE));
+        let intercept = functional(pf, shared, PIXEL_VALUE_TRANSFORMATION, INTERCEPT)
+            .or_else(|| floats(obj, INTERCEPT));
+        let (Some(iop), Some(ipp)) = (iop.filter(|v| v.len() >= 6), ipp.filter(|v| v.len() >= 3))
+        else {
             continue;
         };
-        let spacing = spacing.filter(|v| v.len() >= 2).map_or([1.0, 1.0], |v| [v[0], v[1]]);
+        let spacing = spacing
+            .filter(|v| v.len() >= 2)
+            .map_or([1.0, 1.0], |v| [v[0], v[1]]);
         out.push(Slice {
             object: index,
             frame,
@@ -170,7 +184,11 @@ fn slices_of(index: usize, obj: &InMemDicomObject) -> Vec<Slice> {
 }
 
 fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
-    [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
+    [
+        a[1] * b[2] - a[2] * b[1],
+        a[2] * b[0] - a[0] * b[2],
+        a[0] * b[1] - a[1] * b[0],
+    ]
 }
 
 fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
@@ -222,8 +240,10 @@ pub fn assemble(objects: &[DefaultDicomObject]) -> Vec<AssembledVolume> {
             );
             groups.entry(key).or_default().push(s);
         }
-        let orientations: std::collections::BTreeSet<Vec<i64>> = groups.keys().map(|k| k.0.clone()).collect();
-        let sizes: std::collections::BTreeSet<(u32, u32)> = groups.keys().map(|k| (k.1, k.2)).collect();
+        let orientations: std::collections::BTreeSet<Vec<i64>> =
+            groups.keys().map(|k| k.0.clone()).collect();
+        let sizes: std::collections::BTreeSet<(u32, u32)> =
+            groups.keys().map(|k| (k.1, k.2)).collect();
         for (part, (_, group)) in groups.into_iter().enumerate() {
             let first = &objects[group[0].object];
             let mut findings = Vec::new();
@@ -248,7 +268,11 @@ pub fn assemble(objects: &[DefaultDicomObject]) -> Vec<AssembledVolume> {
     out
 }
 
-fn build(objects: &[DefaultDicomObject], mut slices: Vec<Slice>, findings: &mut Vec<SeriesFinding>) -> Option<Volume> {
+fn build(
+    objects: &[DefaultDicomObject],
+    mut slices: Vec<Slice>,
+    findings: &mut Vec<SeriesFinding>,
+) -> Option<Volume> {
     let row_dir = [slices[0].iop[0], slices[0].iop[1], slices[0].iop[2]];
     let col_dir = [slices[0].iop[3], slices[0].iop[4], slices[0].iop[5]];
     let normal = cross(row_dir, col_dir);
@@ -257,7 +281,9 @@ fn build(objects: &[DefaultDicomObject], mut slices: Vec<Slice>, findings: &mut 
     let before = slices.len();
     slices.dedup_by(|b, a| (dot(a.ipp, normal) - dot(b.ipp, normal)).abs() < 1e-3);
     if slices.len() < before {
-        findings.push(SeriesFinding::DuplicatePositions { count: before - slices.len() });
+        findings.push(SeriesFinding::DuplicatePositions {
+            count: before - slices.len(),
+        });
     }
     let positions: Vec<f64> = slices.iter().map(|s| dot(s.ipp, normal)).collect();
     let gaps: Vec<f64> = positions.windows(2).map(|w| w[1] - w[0]).collect();
@@ -282,7 +308,11 @@ fn build(objects: &[DefaultDicomObject], mut slices: Vec<Slice>, findings: &mut 
     let (first, last) = (slices[0].ipp, slices[n - 1].ipp);
     let slice_vec = if n > 1 {
         let d = [last[0] - first[0], last[1] - first[1], last[2] - first[2]];
-        [d[0] / (n - 1) as f64, d[1] / (n - 1) as f64, d[2] / (n - 1) as f64]
+        [
+            d[0] / (n - 1) as f64,
+            d[1] / (n - 1) as f64,
+            d[2] / (n - 1) as f64,
+        ]
     } else {
         let t = step.unwrap_or(1.0);
         [normal[0] * t, normal[1] * t, normal[2] * t]
@@ -300,9 +330,24 @@ fn build(objects: &[DefaultDicomObject], mut slices: Vec<Slice>, findings: &mut 
     // LPS affine: i (column index) along the row direction, j (row index) along the column
     // direction, k along the measured slice vector; RAS negates the first two axes.
     let lps = [
-        [row_dir[0] * col_spacing, col_dir[0] * row_spacing, slice_vec[0], first[0]],
-        [row_dir[1] * col_spacing, col_dir[1] * row_spacing, slice_vec[1], first[1]],
-        [row_dir[2] * col_spacing, col_dir[2] * row_spacing, slice_vec[2], first[2]],
+        [
+            row_dir[0] * col_spacing,
+            col_dir[0] * row_spacing,
+            slice_vec[0],
+            first[0],
+        ],
+        [
+            row_dir[1] * col_spacing,
+            col_dir[1] * row_spacing,
+            slice_vec[1],
+            first[1],
+        ],
+        [
+            row_dir[2] * col_spacing,
+            col_dir[2] * row_spacing,
+            slice_vec[2],
+            first[2],
+        ],
     ];
     let affine: Affine = [
         [-lps[0][0], -lps[0][1], -lps[0][2], -lps[0][3]],
@@ -329,7 +374,11 @@ fn build(objects: &[DefaultDicomObject], mut slices: Vec<Slice>, findings: &mut 
                 }
                 Err(e) => {
                     findings.push(SeriesFinding::Undecodable {
-                        transfer_syntax: obj.meta().transfer_syntax().trim_end_matches('\0').to_owned(),
+                        transfer_syntax: obj
+                            .meta()
+                            .transfer_syntax()
+                            .trim_end_matches('\0')
+                            .to_owned(),
                         detail: e.to_string(),
                     });
                     return None;
@@ -341,7 +390,11 @@ fn build(objects: &[DefaultDicomObject], mut slices: Vec<Slice>, findings: &mut 
             Ok(v) => v,
             Err(e) => {
                 findings.push(SeriesFinding::Undecodable {
-                    transfer_syntax: obj.meta().transfer_syntax().trim_end_matches('\0').to_owned(),
+                    transfer_syntax: obj
+                        .meta()
+                        .transfer_syntax()
+                        .trim_end_matches('\0')
+                        .to_owned(),
                     detail: e.to_string(),
                 });
                 return None;
@@ -367,10 +420,20 @@ fn build(objects: &[DefaultDicomObject], mut slices: Vec<Slice>, findings: &mut 
     let stored = if samples == 3 {
         StoredType::Rgb24
     } else if integral {
-        let (min, max) = data.iter().fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
-        if min >= -32768.0 && max <= 32767.0 { StoredType::I16 } else { StoredType::F32 }
+        let (min, max) = data
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+        if min >= -32768.0 && max <= 32767.0 {
+            StoredType::I16
+        } else {
+            StoredType::F32
+        }
     } else {
         StoredType::F32
     };
-    Some(Volume { data, affine, stored })
+    Some(Volume {
+        data,
+        affine,
+        stored,
+    })
 }
