@@ -7,6 +7,7 @@ pub mod bench;
 pub mod catalog;
 pub mod config;
 pub mod deid;
+pub mod export;
 pub mod read;
 pub mod sample;
 pub mod vault;

@@ -75,6 +75,29 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Export de-identified series for training code (NIfTI volumes, or nnU-Net v2 layout).
+    Export {
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// Export folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Folder of de-identified DICOM (default: <data_dir>/deid).
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// nnU-Net dataset id.
+        #[arg(long, default_value_t = 500)]
+        dataset_id: u16,
+        /// nnU-Net dataset name.
+        #[arg(long, default_value = "fedcurate")]
+        dataset_name: String,
+        /// Seed of the train/validation/test assignment.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Fractions of patients in train, validation, test.
+        #[arg(long, value_delimiter = ',', default_values_t = [0.7, 0.15, 0.15])]
+        split: Vec<f64>,
+    },
     /// The catalog of everything done.
     Catalog {
         #[command(subcommand)]
@@ -179,6 +202,12 @@ enum AuditCommand {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum ExportFormat {
+    Nifti,
+    Nnunet,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum Field {
     PatientId,
     Issuer,
@@ -207,6 +236,46 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Deid(args) => deid(&config, args),
         Command::Demo { dir } => demo(dir),
+        Command::Export {
+            format,
+            out,
+            input,
+            dataset_id,
+            dataset_name,
+            seed,
+            split,
+        } => {
+            let input = input.unwrap_or_else(|| config.data_dir.join("deid"));
+            let fractions = match split.as_slice() {
+                [a, b, c] => [*a, *b, *c],
+                _ => bail!("--split takes three fractions: train,validation,test"),
+            };
+            let opts = node::export::ExportOptions {
+                format: match format {
+                    ExportFormat::Nifti => node::export::Format::Nifti,
+                    ExportFormat::Nnunet => node::export::Format::NnUnet,
+                },
+                dataset_id,
+                dataset_name,
+                seed,
+                fractions,
+            };
+            let s = node::export::export(&input, &out, &opts)?;
+            println!(
+                "exported {} volumes of {} patients to {} ({} series skipped: no geometry or undecodable)",
+                s.volumes,
+                s.patients,
+                out.display(),
+                s.skipped
+            );
+            if matches!(format, ExportFormat::Nnunet) {
+                println!(
+                    "splits by patient: train {} / validation {} / test {} cases",
+                    s.splits[0], s.splits[1], s.splits[2]
+                );
+            }
+            Ok(())
+        }
         Command::Bench {
             dir,
             files,

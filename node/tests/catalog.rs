@@ -570,3 +570,101 @@ fn a_large_multi_frame_file_is_processed_within_a_memory_bound() {
         "catalog hash of the streamed output"
     );
 }
+
+#[test]
+fn export_writes_nifti_volumes_and_an_nnunet_dataset_split_by_patient() {
+    use ::nifti::{NiftiObject, ReaderOptions};
+    let site = Site::new("");
+    let input = site.path("in");
+    sample::write_bulk_archive(&input, 7, 4).expect("archive");
+    sample::write_sample_archive(&input.join("mixed")).expect("sample");
+    run(&mut site.deid(&input, &site.path("data/deid")));
+    let nifti_dir = site.path("nifti");
+    let out = run(site
+        .cmd()
+        .args(["export", "--format", "nifti", "--out"])
+        .arg(&nifti_dir));
+    let s = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(s.contains("exported"), "{s}");
+    let manifest = std::fs::read_to_string(nifti_dir.join("manifest.jsonl")).expect("manifest");
+    let lines: Vec<serde_json::Value> = manifest
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert!(lines.len() >= 10, "{} volumes", lines.len());
+    for l in &lines {
+        let file = nifti_dir.join(field(l, "file").expect("file"));
+        let obj = ReaderOptions::new()
+            .read_file(&file)
+            .expect("the nifti crate reads our export");
+        let shape: Vec<u64> = l["shape"]
+            .as_array()
+            .expect("shape")
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .collect();
+        let dims: Vec<u64> = obj.header().dim[1..4].iter().map(|d| *d as u64).collect();
+        assert_eq!(dims, shape);
+    }
+    let bulk: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["shape"] == serde_json::json!([8, 8, 4]))
+        .collect();
+    assert_eq!(bulk.len(), 7, "one 8x8x4 volume per bulk patient");
+    for needle in ["BULK-", "Bulk^", "MRN-", "Doe"] {
+        assert!(!manifest.contains(needle), "{needle} in the manifest");
+        for f in files_under(&nifti_dir) {
+            assert!(!f.to_string_lossy().contains(needle));
+        }
+    }
+    let nn = site.path("nn");
+    run(site
+        .cmd()
+        .args(["export", "--format", "nnunet", "--seed", "3", "--out"])
+        .arg(&nn));
+    let root = nn.join("Dataset500_fedcurate");
+    let dataset: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("dataset.json")).expect("dataset"))
+            .expect("json");
+    assert_eq!(dataset["file_ending"], ".nii.gz");
+    let images = files_under(&root.join("imagesTr"));
+    assert_eq!(dataset["numTraining"].as_u64(), Some(images.len() as u64));
+    assert!(
+        images
+            .iter()
+            .all(|p| p.to_string_lossy().ends_with("_0000.nii.gz"))
+    );
+    let splits: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("splits.json")).expect("splits"))
+            .expect("json");
+    let patient_of = |case: &serde_json::Value| {
+        case.as_str()
+            .unwrap_or("")
+            .split('_')
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    };
+    let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+    let mut total = 0;
+    for set in ["train", "validation", "test"] {
+        for case in splits[set].as_array().expect("list") {
+            total += 1;
+            let p = patient_of(case);
+            if let Some(prev) = seen.insert(p.clone(), set) {
+                assert_eq!(prev, set, "patient {p} in two sets");
+            }
+        }
+    }
+    assert_eq!(total, images.len());
+    let again = site.path("nn2");
+    run(site
+        .cmd()
+        .args(["export", "--format", "nnunet", "--seed", "3", "--out"])
+        .arg(&again));
+    assert_eq!(
+        std::fs::read(root.join("splits.json")).expect("a"),
+        std::fs::read(again.join("Dataset500_fedcurate/splits.json")).expect("b"),
+        "deterministic from the seed"
+    );
+}

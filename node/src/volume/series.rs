@@ -109,6 +109,9 @@ fn functional(
         .find_map(|g| first_item(g, group).and_then(|i| floats(i, tag)))
 }
 
+/// Volumes of a series are split by orientation (rounded), rows, columns, echo, temporal position.
+type GroupKey = (Vec<i64>, u32, u32, i64, i64);
+
 /// One slice: a single-frame instance or one frame of a multi-frame instance.
 #[derive(Clone, Debug)]
 struct Slice {
@@ -229,7 +232,7 @@ pub fn assemble(objects: &[DefaultDicomObject]) -> Vec<AssembledVolume> {
     }
     for (series, slices) in by_series {
         // Sub-groups by orientation, size, echo and temporal position.
-        let mut groups: BTreeMap<(Vec<i64>, u32, u32, i64, i64), Vec<Slice>> = BTreeMap::new();
+        let mut groups: BTreeMap<GroupKey, Vec<Slice>> = BTreeMap::new();
         for s in slices {
             let key = (
                 s.iop.iter().map(|v| (v * 1e4).round() as i64).collect(),
@@ -367,25 +370,23 @@ fn build(
     let mut decoded: BTreeMap<usize, dicom_pixeldata::DecodedPixelData<'_>> = BTreeMap::new();
     for (k, s) in slices.iter().enumerate() {
         let obj = &objects[s.object];
-        if !decoded.contains_key(&s.object) {
-            match obj.decode_pixel_data() {
-                Ok(d) => {
-                    decoded.insert(s.object, d);
-                }
-                Err(e) => {
+        let d = match decoded.entry(s.object) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => match obj.decode_pixel_data() {
+                Ok(d) => e.insert(d),
+                Err(err) => {
                     findings.push(SeriesFinding::Undecodable {
                         transfer_syntax: obj
                             .meta()
                             .transfer_syntax()
                             .trim_end_matches('\0')
                             .to_owned(),
-                        detail: e.to_string(),
+                        detail: err.to_string(),
                     });
                     return None;
                 }
-            }
-        }
-        let d = decoded.get(&s.object)?;
+            },
+        };
         let values: Vec<f32> = match d.to_vec_frame_with_options::<f32>(s.frame, &raw) {
             Ok(v) => v,
             Err(e) => {

@@ -1,0 +1,276 @@
+//! Export de-identified series for training code: NIfTI volumes with a manifest, or the
+//! nnU-Net v2 raw dataset layout with train/validation/test splits assigned by patient.
+//!
+//! Names are derived from pseudonyms and keyed hashes of de-identified UIDs, never from input
+//! names. Everything is written atomically.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use dicom_object::OpenFileOptions;
+
+use crate::batch::{content_hash, list_inputs, write_atomically};
+use crate::volume::nifti;
+use crate::volume::series::{AssembledVolume, assemble};
+
+/// Export layouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Nifti,
+    NnUnet,
+}
+
+/// Export errors (I/O on the node's own folders).
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("cannot read the de-identified folder {0}: {1}")]
+    Read(PathBuf, String),
+    #[error("cannot write the export to {path}: {source}; check free space and permissions")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "split fractions must be three non-negative numbers summing to 1 (train, validation, test)"
+    )]
+    Fractions,
+}
+
+/// Export options.
+#[derive(Clone, Debug)]
+pub struct ExportOptions {
+    pub format: Format,
+    /// nnU-Net dataset id (`DatasetNNN_name`).
+    pub dataset_id: u16,
+    pub dataset_name: String,
+    /// Seed of the split assignment.
+    pub seed: u64,
+    /// Fractions of patients in train, validation and test.
+    pub fractions: [f64; 3],
+}
+
+/// What an export wrote.
+#[derive(Clone, Debug, Default)]
+pub struct ExportSummary {
+    pub volumes: usize,
+    pub skipped: usize,
+    pub patients: usize,
+    pub splits: [usize; 3],
+}
+
+/// A short, stable key of a de-identified UID (never an original value).
+fn key(uid: &str) -> String {
+    content_hash(uid.as_bytes())[..12].to_owned()
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
+    write_atomically(path, bytes).map_err(|source| ExportError::Write {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Deterministic split of patients: within each stratum, patients are ordered by a hash of
+/// (seed, patient) and cut by the fractions.
+pub fn split_patients(
+    patients: &BTreeMap<String, String>,
+    seed: u64,
+    fractions: [f64; 3],
+) -> BTreeMap<String, usize> {
+    let mut strata: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (p, stratum) in patients {
+        strata.entry(stratum.as_str()).or_default().push(p.as_str());
+    }
+    let mut out = BTreeMap::new();
+    for (_, mut members) in strata {
+        members.sort_by_key(|p| content_hash(format!("{seed}:{p}").as_bytes()));
+        let n = members.len() as f64;
+        let train = (n * fractions[0]).round() as usize;
+        let val = (n * fractions[1]).round() as usize;
+        for (i, p) in members.into_iter().enumerate() {
+            let set = if i < train {
+                0
+            } else if i < train + val {
+                1
+            } else {
+                2
+            };
+            out.insert(p.to_owned(), set);
+        }
+    }
+    out
+}
+
+/// Export every series found under `input` (de-identified DICOM) to `out`.
+pub fn export(
+    input: &Path,
+    out: &Path,
+    opts: &ExportOptions,
+) -> Result<ExportSummary, ExportError> {
+    let f = opts.fractions;
+    if f.iter().any(|x| *x < 0.0) || (f.iter().sum::<f64>() - 1.0).abs() > 1e-6 {
+        return Err(ExportError::Fractions);
+    }
+    let files =
+        list_inputs(input).map_err(|e| ExportError::Read(input.to_owned(), e.to_string()))?;
+    let objects: Vec<_> = files
+        .iter()
+        .filter_map(|p| {
+            let bytes = fs::read(p).ok()?;
+            OpenFileOptions::new().from_reader(bytes.as_slice()).ok()
+        })
+        .collect();
+    let volumes = assemble(&objects);
+    let mut summary = ExportSummary::default();
+    let mut manifest = String::new();
+    let mut cases: Vec<(&AssembledVolume, String)> = Vec::new();
+    for v in &volumes {
+        let Some(vol) = &v.volume else {
+            summary.skipped += 1;
+            continue;
+        };
+        let findings: Vec<&str> = v.findings.iter().map(|f| f.code()).collect();
+        let (ni, nj, nk) = vol.shape();
+        let series_key = if v.part > 0 {
+            format!("{}_{}", key(&v.series_uid), v.part)
+        } else {
+            key(&v.series_uid)
+        };
+        let rel = match opts.format {
+            Format::Nifti => format!("{}/{}/{series_key}.nii.gz", v.patient, key(&v.study_uid)),
+            Format::NnUnet => String::new(),
+        };
+        manifest.push_str(
+            &serde_json::json!({
+                "patient": v.patient,
+                "study": key(&v.study_uid),
+                "series": series_key,
+                "modality": v.modality,
+                "shape": [ni, nj, nk],
+                "spacing": vol.spacing(),
+                "findings": findings,
+                "file": rel,
+            })
+            .to_string(),
+        );
+        manifest.push('\n');
+        if opts.format == Format::Nifti {
+            let bytes = nifti::encode_gz(vol).map_err(|source| ExportError::Write {
+                path: out.to_owned(),
+                source,
+            })?;
+            write(&out.join(&rel), &bytes)?;
+        } else {
+            cases.push((v, series_key));
+        }
+        summary.volumes += 1;
+    }
+    match opts.format {
+        Format::Nifti => write(&out.join("manifest.jsonl"), manifest.as_bytes())?,
+        Format::NnUnet => {
+            let root = out.join(format!(
+                "Dataset{:03}_{}",
+                opts.dataset_id, opts.dataset_name
+            ));
+            let mut patients: BTreeMap<String, String> = BTreeMap::new();
+            let mut names = Vec::new();
+            for (v, series_key) in &cases {
+                patients
+                    .entry(v.patient.clone())
+                    .or_insert_with(|| v.modality.clone());
+                let case = format!("{}_{}", v.patient, series_key);
+                let vol = v.volume.as_ref().ok_or(ExportError::Fractions)?;
+                let bytes = nifti::encode_gz(vol).map_err(|source| ExportError::Write {
+                    path: root.clone(),
+                    source,
+                })?;
+                write(
+                    &root.join("imagesTr").join(format!("{case}_0000.nii.gz")),
+                    &bytes,
+                )?;
+                names.push((case, v.patient.clone()));
+            }
+            let assignment = split_patients(&patients, opts.seed, opts.fractions);
+            let mut sets: [Vec<String>; 3] = Default::default();
+            for (case, patient) in &names {
+                let s = assignment.get(patient).copied().unwrap_or(0);
+                sets[s].push(case.clone());
+            }
+            for (i, s) in sets.iter().enumerate() {
+                summary.splits[i] = s.len();
+            }
+            let modality = cases
+                .first()
+                .map(|(v, _)| v.modality.clone())
+                .unwrap_or_default();
+            let dataset = serde_json::json!({
+                "channel_names": { "0": modality },
+                "labels": { "background": 0 },
+                "numTraining": names.len(),
+                "file_ending": ".nii.gz",
+                "name": opts.dataset_name,
+                "description": "exported by fedcurate-node from de-identified DICOM; labels arrive with annotation",
+            });
+            write(
+                &root.join("dataset.json"),
+                serde_json::to_string_pretty(&dataset)
+                    .unwrap_or_default()
+                    .as_bytes(),
+            )?;
+            let splits = serde_json::json!({
+                "seed": opts.seed,
+                "by": "patient",
+                "stratified_by": "modality",
+                "train": sets[0],
+                "validation": sets[1],
+                "test": sets[2],
+            });
+            write(
+                &root.join("splits.json"),
+                serde_json::to_string_pretty(&splits)
+                    .unwrap_or_default()
+                    .as_bytes(),
+            )?;
+            write(&root.join("manifest.jsonl"), manifest.as_bytes())?;
+            summary.patients = patients.len();
+        }
+    }
+    if opts.format == Format::Nifti {
+        summary.patients = volumes
+            .iter()
+            .map(|v| &v.patient)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+    }
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_are_by_patient_deterministic_and_stratified() {
+        let patients: BTreeMap<String, String> = (0..40)
+            .map(|i| {
+                (
+                    format!("P{i:03}"),
+                    if i % 4 == 0 { "MR".into() } else { "CT".into() },
+                )
+            })
+            .collect();
+        let a = split_patients(&patients, 7, [0.7, 0.15, 0.15]);
+        assert_eq!(a, split_patients(&patients, 7, [0.7, 0.15, 0.15]));
+        assert_ne!(a, split_patients(&patients, 8, [0.7, 0.15, 0.15]));
+        let count = |modality: &str, set: usize| {
+            a.iter()
+                .filter(|(p, s)| **s == set && patients[*p] == modality)
+                .count()
+        };
+        assert_eq!((count("CT", 0), count("CT", 1), count("CT", 2)), (21, 5, 4));
+        assert_eq!((count("MR", 0), count("MR", 1), count("MR", 2)), (7, 2, 1));
+    }
+}
