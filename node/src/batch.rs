@@ -26,6 +26,7 @@ use crate::catalog::{
 use crate::deid::keys::{Pseudonym, hex};
 use crate::deid::{Deidentified, Deidentifier, Finding};
 use crate::vault::{self, VaultKey};
+use crate::volume::deid::SubjectRule;
 
 /// Prefix of the node's temporary files; leftovers of a killed run are swept on start.
 pub const TEMP_PREFIX: &str = ".fc-tmp-";
@@ -109,6 +110,8 @@ pub struct RunSettings<'a> {
     pub batch_size: usize,
     /// Progress reporting.
     pub progress: &'a dyn Progress,
+    /// How NIfTI/Analyze inputs map to subjects.
+    pub subjects: &'a SubjectRule,
 }
 
 /// Counts of a run over one input folder. Outcome counts cover every input of the folder,
@@ -414,9 +417,11 @@ impl Input {
     }
 }
 
-/// A de-identified output: in memory, or a new header followed by a byte range of the input.
+/// A de-identified output: in memory, or a new header followed by a byte range of the input,
+/// with companion files (a NIfTI sidecar) written next to it.
 enum Output {
     Bytes(Vec<u8>),
+    WithCompanions(Vec<u8>, Vec<(String, Vec<u8>)>),
     Parts {
         header: Vec<u8>,
         path: PathBuf,
@@ -429,6 +434,18 @@ impl Output {
     fn stage(&self, files: &mut DurableBatch, dest: &Path) -> io::Result<()> {
         match self {
             Output::Bytes(b) => files.stage(dest, b),
+            Output::WithCompanions(b, companions) => {
+                files.stage(dest, b)?;
+                for (suffix, bytes) in companions {
+                    let name = dest
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let stem = name.split('.').next().unwrap_or_default();
+                    files.stage(&dest.with_file_name(format!("{stem}{suffix}")), bytes)?;
+                }
+                Ok(())
+            }
             Output::Parts {
                 header,
                 path,
@@ -439,8 +456,32 @@ impl Output {
     }
 }
 
-/// The de-identified object, its output and the output's hash, or (reason, detail).
-type Processed = Result<(Deidentified, Output, String), (String, String)>;
+/// Where a de-identified input goes and under which pseudonymous keys.
+struct Placed {
+    patient: Pseudonym,
+    study: Option<String>,
+    series: Option<String>,
+    instance: String,
+    /// Output path relative to the output folder.
+    rel: String,
+    original: vault::OriginalIdentity,
+}
+
+impl From<Deidentified> for Placed {
+    fn from(d: Deidentified) -> Self {
+        Placed {
+            rel: d.relative_path().to_string_lossy().into_owned(),
+            patient: d.patient,
+            study: Some(d.study_token),
+            series: Some(d.series_token),
+            instance: d.instance_token,
+            original: d.original,
+        }
+    }
+}
+
+/// The placement, the output and the output's hash, or (reason, detail).
+type Processed = Result<(Placed, Output, String), (String, String)>;
 
 /// The parallel, pure part of one input's processing.
 enum Prepared {
@@ -452,7 +493,40 @@ enum Prepared {
     },
 }
 
-fn prepare(deid: &Deidentifier<'_>, found: &Found) -> Prepared {
+fn prepare(
+    deid: &Deidentifier<'_>,
+    found: &Found,
+    input_root: &Path,
+    subjects: &SubjectRule,
+) -> Prepared {
+    if crate::volume::nifti::is_nifti_path(&found.path) {
+        let rel = found.path.strip_prefix(input_root).unwrap_or(&found.path);
+        let result =
+            crate::volume::deid::deidentify(&found.path, rel, deid.keys(), deid.policy(), subjects)
+                .map(|n| {
+                    let h = content_hash(&n.image);
+                    let placed = Placed {
+                        rel: format!("{}/nifti/{}.nii.gz", n.patient, n.token),
+                        patient: n.patient,
+                        study: None,
+                        series: None,
+                        instance: n.token,
+                        original: n.original,
+                    };
+                    let output = match n.sidecar {
+                        Some(s) => Output::WithCompanions(n.image, vec![(".json".to_owned(), s)]),
+                        None => Output::Bytes(n.image),
+                    };
+                    (placed, output, h)
+                });
+        return Prepared::Read {
+            input: Input::File {
+                path: found.path.clone(),
+                len: found.size,
+            },
+            result: Box::new(result),
+        };
+    }
     if found.size >= LARGE_FILE
         && let Some(p) = prepare_large(deid, found)
     {
@@ -462,7 +536,7 @@ fn prepare(deid: &Deidentifier<'_>, found: &Found) -> Prepared {
         Ok(bytes) if content_hash(&bytes) == found.content_hash => {
             let result = deidentify_bytes(deid, &bytes).map(|(d, out)| {
                 let h = content_hash(&out);
-                (d, Output::Bytes(out), h)
+                (Placed::from(d), Output::Bytes(out), h)
             });
             Prepared::Read {
                 input: Input::Bytes(bytes),
@@ -496,7 +570,7 @@ fn prepare_large(deid: &Deidentifier<'_>, found: &Found) -> Option<Prepared> {
             hash_range(&mut f, start as u64, end, &mut ctx).ok()?;
             let h = hex(ctx.finish().as_ref());
             Ok((
-                d,
+                Placed::from(d),
                 Output::Parts {
                     header,
                     path: found.path.clone(),
@@ -615,6 +689,9 @@ pub fn deidentify_folder(
     // Phase one: find inputs, hash them (in parallel), set aside what is already recorded.
     let mut summary = Summary::default();
     let found: Vec<Found> = list_inputs(&paths.input)?
+        .into_iter()
+        .filter(|p| !crate::volume::deid::is_companion(p))
+        .collect::<Vec<_>>()
         .into_par_iter()
         .map(|path| {
             let rel = path.strip_prefix(&paths.input).unwrap_or(&path);
@@ -656,7 +733,10 @@ pub fn deidentify_folder(
     for chunk in batches(&todo, batch_size, MAX_BATCH_BYTES) {
         let mut pending = Pending::default();
         // De-identification in parallel; outcomes, conflicts and writes in hash order.
-        let prepared: Vec<Prepared> = chunk.par_iter().map(|f| prepare(deid, f)).collect();
+        let prepared: Vec<Prepared> = chunk
+            .par_iter()
+            .map(|f| prepare(deid, f, &paths.input, settings.subjects))
+            .collect();
         for (found, prepared) in chunk.iter().zip(prepared) {
             let record = step(
                 paths,
@@ -782,11 +862,11 @@ fn step(
             return Ok(record);
         }
     };
-    let rel = out.relative_path().to_string_lossy().into_owned();
+    let rel = out.rel.clone();
     record.patient = Some(out.patient.to_string());
-    record.study = Some(out.study_token.clone());
-    record.series = Some(out.series_token.clone());
-    record.instance = Some(out.instance_token.clone());
+    record.study = out.study.clone();
+    record.series = out.series.clone();
+    record.instance = Some(out.instance.clone());
     let existing = match written_this_run.get(&rel) {
         Some(h) => Some(h.clone()),
         None => catalog.output_hash_at(&rel)?,

@@ -177,6 +177,7 @@ pub fn deidentify(
         vault_key: Some(&vault_key),
         batch_size,
         progress: &NoProgress,
+        subjects: &crate::volume::deid::SubjectRule::default(),
     };
     reset_peak();
     let deid = Deidentifier::new(&policy, &keys);

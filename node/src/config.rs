@@ -108,6 +108,13 @@ pub struct DeidConfig {
     /// Masking rules for burned-in text (`[[deid.masking_rules]]`).
     #[serde(default)]
     pub masking_rules: Vec<crate::deid::pixels::MaskingRule>,
+    /// NIfTI/Analyze inputs: CSV of `relative path (file or folder),subject`.
+    #[serde(default)]
+    pub nifti_subject_mapping: Option<PathBuf>,
+    /// NIfTI/Analyze inputs: the first N folders of the relative path name the subject
+    /// (e.g. 1 for `sub-01/anat/t1.nii.gz`). Without mapping or depth, each file is a subject.
+    #[serde(default)]
+    pub nifti_subject_folder_depth: Option<usize>,
 }
 
 fn default_batch_size() -> usize {
@@ -137,6 +144,8 @@ impl Default for DeidConfig {
             date_shift_max_days: default_shift_max(),
             age_band_lower_bounds: default_bands(),
             masking_rules: Vec::new(),
+            nifti_subject_mapping: None,
+            nifti_subject_folder_depth: None,
         }
     }
 }
@@ -196,6 +205,29 @@ impl DeidConfig {
         };
         policy.validate()?;
         Ok(policy)
+    }
+
+    /// How NIfTI/Analyze inputs map to subjects.
+    pub fn subject_rule(&self) -> Result<crate::volume::deid::SubjectRule, ConfigError> {
+        let mapping = match &self.nifti_subject_mapping {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Parse {
+                    path: p.clone(),
+                    message: e.to_string(),
+                })?;
+                crate::volume::deid::SubjectRule::parse_mapping(&text).map_err(|message| {
+                    ConfigError::Parse {
+                        path: p.clone(),
+                        message,
+                    }
+                })?
+            }
+            None => Default::default(),
+        };
+        Ok(crate::volume::deid::SubjectRule {
+            mapping,
+            folder_depth: self.nifti_subject_folder_depth,
+        })
     }
 
     /// Whether this run anonymises.

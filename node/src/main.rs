@@ -419,6 +419,7 @@ fn deid(config: &NodeConfig, args: DeidArgs) -> Result<()> {
         quarantine: dd.root.join("quarantine"),
     };
     let progress = progress_reporter();
+    let subjects = config.deid.subject_rule()?;
     let settings = RunSettings {
         mode: if anonymise {
             "anonymise"
@@ -430,6 +431,7 @@ fn deid(config: &NodeConfig, args: DeidArgs) -> Result<()> {
         vault_key: vault_key.as_ref(),
         batch_size: config.deid.batch_size,
         progress: progress.as_ref(),
+        subjects: &subjects,
     };
     tracing::info!(
         edition = table::EDITION,
@@ -795,6 +797,7 @@ fn demo(dir: Option<PathBuf>) -> Result<()> {
         vault_key: Some(&vault_key),
         batch_size: 8,
         progress: &batch::NoProgress,
+        subjects: &node::volume::deid::SubjectRule::default(),
     };
     let deid = Deidentifier::new(&policy, &keys);
     let summary = batch::deidentify_folder(&paths, &deid, &mut dd.catalog, &settings)?;

@@ -1473,6 +1473,112 @@ pub fn charset_file(charset: &[u8], kept: &[u8]) -> (Vec<u8>, Vec<u8>) {
     (out, manufacturer)
 }
 
+/// NIfTI-1 (with an extension), NIfTI-2, and Analyze 7.5 (`.hdr`/`.img`) inputs with `marker`
+/// planted in every text field, the extension, a JSON sidecar and the folder name. Returns
+/// the image paths written and the volume they all hold.
+pub fn nifti_fixtures(
+    dir: &Path,
+    marker: &str,
+) -> io::Result<(Vec<PathBuf>, crate::volume::Volume)> {
+    use crate::volume::{StoredType, Volume, nifti};
+    let mut data = ndarray::Array4::<f32>::zeros((6, 5, 4, 1));
+    for ((i, j, k, _), v) in data.indexed_iter_mut() {
+        *v = (i * 100 + j * 10 + k) as f32 - 50.0;
+    }
+    let volume = Volume {
+        data,
+        affine: [
+            [-1.5, 0.0, 0.0, 90.0],
+            [0.0, 1.5, 0.0, -120.0],
+            [0.0, 0.0, 3.0, -60.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ],
+        stored: StoredType::I16,
+    };
+    let folder = dir.join(format!("{marker}_SUBJECT"));
+    std::fs::create_dir_all(&folder)?;
+    let text = |h: &mut [u8], at: usize, len: usize, s: &str| {
+        let b = s.as_bytes();
+        let n = b.len().min(len);
+        h[at..at + n].copy_from_slice(&b[..n]);
+    };
+    let short = &marker[..marker.len().min(8)];
+    // NIfTI-1 with every text field and one extension.
+    let plain = nifti::encode(&volume);
+    let mut h = plain[..348].to_vec();
+    text(&mut h, 4, 10, short); // data_type
+    text(&mut h, 14, 18, marker); // db_name
+    text(&mut h, 148, 80, &format!("{marker} descrip")); // descrip
+    text(&mut h, 228, 24, marker); // aux_file
+    text(&mut h, 328, 16, marker); // intent_name
+    let mut ext = Vec::new();
+    let payload = format!("{marker} extension payload PatientName=Doe^Jane");
+    let esize = (8 + payload.len()).div_ceil(16) * 16;
+    ext.extend_from_slice(&(esize as i32).to_le_bytes());
+    ext.extend_from_slice(&6i32.to_le_bytes()); // ecode: comment
+    ext.extend_from_slice(payload.as_bytes());
+    ext.resize(esize, 0);
+    h[108..112].copy_from_slice(&((352 + esize) as f32).to_le_bytes());
+    let mut n1 = h;
+    n1.extend_from_slice(&[1, 0, 0, 0]);
+    n1.extend_from_slice(&ext);
+    n1.extend_from_slice(&plain[352..]);
+    let p1 = folder.join(format!("{marker}_t1.nii.gz"));
+    std::fs::write(&p1, crate::volume::nifti::gzip(&n1, 6)?)?;
+    std::fs::write(
+        folder.join(format!("{marker}_t1.json")),
+        serde_json::to_vec(&serde_json::json!({
+            "PatientName": marker, "InstitutionName": marker, "SeriesInstanceUID": format!("1.2.{}", marker.len()),
+            "AcquisitionDateTime": "2019-03-12T10:00:00", "ImageComments": format!("{marker} comment"),
+            "RepetitionTime": 2.3, "Modality": "MR",
+        }))
+        .map_err(io::Error::other)?,
+    )?;
+    // NIfTI-2 (540-byte header), little endian, int16, descrip planted.
+    let mut h2 = vec![0u8; 544];
+    h2[0..4].copy_from_slice(&540i32.to_le_bytes());
+    h2[4..12].copy_from_slice(b"n+2\0\r\n\x1a\n");
+    h2[12..14].copy_from_slice(&4i16.to_le_bytes());
+    h2[14..16].copy_from_slice(&16i16.to_le_bytes());
+    for (i, d) in [3i64, 6, 5, 4, 1, 1, 1, 1].iter().enumerate() {
+        h2[16 + 8 * i..24 + 8 * i].copy_from_slice(&d.to_le_bytes());
+    }
+    for (i, p) in [1.0f64, 1.5, 1.5, 3.0].iter().enumerate() {
+        h2[104 + 8 * i..112 + 8 * i].copy_from_slice(&p.to_le_bytes());
+    }
+    h2[168..176].copy_from_slice(&544i64.to_le_bytes());
+    h2[176..184].copy_from_slice(&1.0f64.to_le_bytes());
+    text(&mut h2, 240, 80, &format!("{marker} nifti2"));
+    text(&mut h2, 320, 24, marker);
+    text(&mut h2, 508, 16, marker);
+    h2.extend_from_slice(&plain[352..]);
+    let p2 = folder.join("scan_n2.nii");
+    std::fs::write(&p2, &h2)?;
+    // Analyze 7.5 pair, big endian.
+    let mut a = vec![0u8; 348];
+    a[0..4].copy_from_slice(&348i32.to_be_bytes());
+    for (i, d) in [3i16, 6, 5, 4, 1].iter().enumerate() {
+        a[40 + 2 * i..42 + 2 * i].copy_from_slice(&d.to_be_bytes());
+    }
+    a[70..72].copy_from_slice(&4i16.to_be_bytes());
+    a[72..74].copy_from_slice(&16i16.to_be_bytes());
+    for (i, p) in [0.0f32, 1.5, 1.5, 3.0].iter().enumerate() {
+        a[76 + 4 * i..80 + 4 * i].copy_from_slice(&p.to_be_bytes());
+    }
+    text(&mut a, 148, 80, &format!("{marker} analyze"));
+    for at in [253usize, 263, 273, 283, 293, 303] {
+        text(&mut a, at, 10, short);
+    }
+    let mut img = Vec::new();
+    for v in plain[352..].chunks(2) {
+        img.extend_from_slice(&[v[1], v[0]]);
+    }
+    let pa = folder.join("scan_a.hdr");
+    std::fs::write(&pa, &a)?;
+    std::fs::write(folder.join("scan_a.img"), &img)?;
+    Ok((vec![p1, p2, pa], volume))
+}
+
 /// Offset of the first top-level element of group >= `group` in an explicit VR LE data set.
 fn first_element_at_or_after(ds: &[u8], group: u16) -> Option<usize> {
     let mut at = 0;

@@ -249,3 +249,100 @@ fn every_input_is_written_or_quarantined_with_a_reason() {
         "anonymisation keeps no secret"
     );
 }
+
+#[test]
+fn nifti_and_analyze_inputs_are_deidentified_with_the_same_guarantees() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("in");
+    let marker = "NIFTIMARKQ";
+    let (images, volume) = sample::nifti_fixtures(&input, marker).expect("fixtures");
+    let cfg = config(dir.path(), "nifti_subject_folder_depth = 1\n");
+    let out_dir = dir.path().join("out");
+    let out = run(bin()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["deid", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&out_dir));
+    let s = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        s.contains(&format!("inputs        {}", images.len())),
+        "{s}"
+    );
+    assert!(
+        s.contains(&format!("written       {}", images.len())),
+        "{s}"
+    );
+    let logs = [out.stdout.as_slice(), out.stderr.as_slice()].concat();
+    let outputs = files_under(&out_dir);
+    let niis: Vec<&PathBuf> = outputs
+        .iter()
+        .filter(|p| p.to_string_lossy().ends_with(".nii.gz"))
+        .collect();
+    let jsons: Vec<&PathBuf> = outputs
+        .iter()
+        .filter(|p| p.to_string_lossy().ends_with(".json"))
+        .collect();
+    assert_eq!((niis.len(), jsons.len()), (3, 1), "{outputs:?}");
+    // One subject (the folder): one pseudonym for all three.
+    let patients: std::collections::BTreeSet<String> = niis
+        .iter()
+        .map(|p| {
+            p.strip_prefix(&out_dir)
+                .expect("under")
+                .components()
+                .next()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(patients.len(), 1);
+    let needles = [marker, &marker[..8], "Doe^Jane", "2019-03-12"];
+    for p in &outputs {
+        let raw = std::fs::read(p).expect("read");
+        let mut plain = Vec::new();
+        if p.to_string_lossy().ends_with(".gz") {
+            use std::io::Read;
+            flate2::read::GzDecoder::new(raw.as_slice())
+                .read_to_end(&mut plain)
+                .expect("gunzip");
+            assert_eq!(raw[3] & 0x08, 0, "no file name in the gzip header");
+            assert_eq!(
+                &raw[4..8],
+                &[0, 0, 0, 0],
+                "no time stamp in the gzip header"
+            );
+        }
+        for n in needles {
+            assert!(
+                !contains(&raw, n) && !contains(&plain, n),
+                "{n} in {}",
+                p.display()
+            );
+            assert!(
+                !p.to_string_lossy().contains(n),
+                "{n} in path {}",
+                p.display()
+            );
+        }
+    }
+    for n in needles {
+        assert!(!contains(&logs, n), "{n} in the logs");
+    }
+    let export = run(bin().arg("--config").arg(&cfg).args(["catalog", "export"]));
+    for n in needles {
+        assert!(!contains(&export.stdout, n), "{n} in the catalog export");
+    }
+    for p in &niis {
+        let (h, v) = node::volume::nifti::read(p).expect("our output reads back");
+        assert_eq!(h.dims, vec![6, 5, 4]);
+        assert_eq!(v.data, volume.data, "voxel values kept");
+    }
+    let sidecar: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(jsons[0]).expect("sidecar")).expect("json");
+    assert_eq!(
+        sidecar,
+        serde_json::json!({"Modality": "MR", "RepetitionTime": 2.3})
+    );
+}

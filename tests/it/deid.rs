@@ -538,6 +538,7 @@ fn dcmtk_reads_every_output_and_sees_no_identifying_value() {
         vault_key: None,
         batch_size: 4,
         progress: &batch::NoProgress,
+        subjects: &node::volume::deid::SubjectRule::default(),
     };
     let summary =
         batch::deidentify_folder(&paths, &Deidentifier::new(&p, &k), &mut catalog, &settings)

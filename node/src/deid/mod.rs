@@ -392,6 +392,16 @@ impl<'a> Deidentifier<'a> {
         }
     }
 
+    /// The policy in force.
+    pub fn policy(&self) -> &DeidPolicy {
+        self.policy
+    }
+
+    /// The keys in use.
+    pub fn keys(&self) -> &Keys {
+        self.keys
+    }
+
     /// The patient identity an object carries.
     pub fn patient_identity(obj: &InMemDicomObject) -> PatientIdentity {
         if let Some(id) = text_of(obj, tags::PATIENT_ID) {

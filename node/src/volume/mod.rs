@@ -5,6 +5,7 @@
 //! `c` the channel (1, or 3 for RGB). The affine maps voxel indices to RAS millimetres, as in
 //! NIfTI's sform.
 
+pub mod deid;
 pub mod nifti;
 pub mod series;
 
