@@ -5,7 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
+# dcmtk: a real third-party reader of our outputs, and the encoder of compressed fixtures.
 command -v dcmdump >/dev/null 2>&1 || need_apt+=(dcmtk)
+# cmake and a C++ compiler build CharLS for the JPEG-LS decoder (cargo feature jpegls).
+command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need_apt[*]}"
   SUDO=""
@@ -18,7 +22,7 @@ command -v dcmdump >/dev/null 2>&1 || { echo "dcmdump (dcmtk) is required by the
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --all-targets --locked 2>&1 | tee "$log"
+cargo test --workspace --all-targets --locked --features tests/jpegls 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 # One closing line over every test binary (cargo prints one per binary).

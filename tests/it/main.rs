@@ -2,6 +2,7 @@
 //! archives (options, determinism, references, anonymisation, IOD validity, pixel data, a
 //! real third-party reader), and the handshake across protocol and coordinator.
 
+mod codecs;
 mod deid;
 mod handshake;
 mod messy;
