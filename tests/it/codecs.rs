@@ -187,7 +187,7 @@ fn compressed_pixel_data_passes_through_and_decodes() {
             .volume
             .as_ref()
             .unwrap_or_else(|| panic!("{tool}: decoded ({:?})", vols[0].findings));
-        let reference = if source == &plain8 {
+        let reference = if source == plain8 {
             &reference8
         } else {
             &reference16
