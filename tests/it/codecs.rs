@@ -211,6 +211,59 @@ fn compressed_pixel_data_passes_through_and_decodes() {
             );
         }
     }
+    // JPEG 2000 lossless, encoded by OpenJPEG's opj_compress and wrapped in code.
+    let raw_path = dir.path().join("slice.rawl");
+    let plain = open(&plain16);
+    let pixels = plain
+        .get(Tag(0x7FE0, 0x0010))
+        .expect("pixels")
+        .value()
+        .to_bytes()
+        .expect("bytes")
+        .into_owned();
+    std::fs::write(&raw_path, &pixels).expect("raw");
+    let j2k = dir.path().join("slice.j2k");
+    let out = Command::new("opj_compress")
+        .arg("-i")
+        .arg(&raw_path)
+        .arg("-o")
+        .arg(&j2k)
+        .args(["-F", "32,32,1,16,u"])
+        .output()
+        .expect("opj_compress (libopenjp2-tools, installed by scripts/test.sh)");
+    assert!(
+        out.status.success(),
+        "opj_compress: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut stream = std::fs::read(&j2k).expect("codestream");
+    if stream.len() % 2 == 1 {
+        stream.push(0);
+    }
+    let mut obj = ct(false);
+    obj.put(DataElement::new(
+        Tag(0x7FE0, 0x0010),
+        VR::OB,
+        dicom_core::value::Value::from(dicom_core::value::PixelFragmentSequence::new(
+            Vec::<u32>::new(),
+            vec![stream],
+        )),
+    ));
+    let j2k_dcm = dir.path().join("j2k.dcm");
+    std::fs::write(
+        &j2k_dcm,
+        sample::encode(obj, "1.2.840.10008.1.2.4.90").expect("encode"),
+    )
+    .expect("write");
+    let vols = assemble(&[deidentified(&j2k_dcm).0]);
+    let v = vols[0]
+        .volume
+        .as_ref()
+        .unwrap_or_else(|| panic!("JPEG 2000 decoded ({:?})", vols[0].findings));
+    assert_eq!(
+        v.data, reference16,
+        "JPEG 2000 lossless decode equals the original"
+    );
     // 12-bit lossy JPEG (process 4) is not supported by the decoder: a finding, not a crash.
     let twelve = dir.path().join("c12.dcm");
     dcmtk("dcmcjpeg", &["--encode-extended"], &plain16, &twelve);
