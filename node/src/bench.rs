@@ -197,3 +197,99 @@ pub fn deidentify(
         peak_rss: peak_rss(),
     })
 }
+
+/// Timings of the volume benchmark.
+#[derive(Clone, Debug)]
+pub struct VolumeBench {
+    pub slices: usize,
+    pub voxel_bytes: u64,
+    pub read: Duration,
+    pub assemble: Duration,
+    pub write_nii: Duration,
+    pub write_nii_gz: Duration,
+    pub nii_gz_bytes: u64,
+}
+
+/// Generate one 512×512 CT series of `slices` slices, then time: reading and parsing the
+/// files alone; reading, parsing and assembling the volume; writing it as `.nii`; and as
+/// `.nii.gz`.
+pub fn volume(dir: &Path, slices: usize) -> Result<VolumeBench, Box<dyn std::error::Error>> {
+    let files = generate_series(&dir.join("series"), slices)?;
+    let read_all = || -> io::Result<Vec<dicom_object::DefaultDicomObject>> {
+        files
+            .par_iter()
+            .map(|f| {
+                let bytes = fs::read(f)?;
+                dicom_object::OpenFileOptions::new()
+                    .from_reader(bytes.as_slice())
+                    .map_err(io::Error::other)
+            })
+            .collect()
+    };
+    let t = Instant::now();
+    let objects = read_all()?;
+    let read = t.elapsed();
+    drop(objects);
+    let t = Instant::now();
+    let objects = read_all()?;
+    let vols = crate::volume::series::assemble(&objects);
+    let assemble = t.elapsed();
+    let vol = vols
+        .first()
+        .and_then(|v| v.volume.as_ref())
+        .ok_or("the benchmark series did not assemble")?;
+    let t = Instant::now();
+    let nii = crate::volume::nifti::encode(vol);
+    batch::write_atomically(&dir.join("v.nii"), &nii)?;
+    let write_nii = t.elapsed();
+    let t = Instant::now();
+    let gz = crate::volume::nifti::gzip(&nii, 1)?;
+    batch::write_atomically(&dir.join("v.nii.gz"), &gz)?;
+    let write_nii_gz = t.elapsed();
+    Ok(VolumeBench {
+        slices,
+        voxel_bytes: (512 * 512 * 2 * slices) as u64,
+        read,
+        assemble,
+        write_nii,
+        write_nii_gz,
+        nii_gz_bytes: gz.len() as u64,
+    })
+}
+
+fn generate_series(dir: &Path, slices: usize) -> io::Result<Vec<PathBuf>> {
+    let p = sample::Patient {
+        id: "VB".into(),
+        issuer: String::new(),
+        name: "Volume^Bench".into(),
+        birth_date: "19600101".into(),
+        sex: "F".into(),
+        charset: None,
+    };
+    let st = sample::Study {
+        uid: format!("{}.7.9", sample::ORIGINAL_UID_ROOT),
+        date: "20240101".into(),
+        time: "080000".into(),
+        accession: "VB".into(),
+        description: "vb".into(),
+        referring_physician: "R^B".into(),
+        institution: "B".into(),
+    };
+    let se = sample::Series {
+        uid: format!("{}.1", st.uid),
+        number: 1,
+        description: "vb".into(),
+        frame_of_reference: format!("{}.1.0", st.uid),
+        station: "B".into(),
+    };
+    fs::create_dir_all(dir)?;
+    (0..slices)
+        .into_par_iter()
+        .map(|i| {
+            let obj = sample::ct_slice_sized(&p, &st, &se, (i + 1) as u16, 512, 512);
+            let path = dir.join(format!("{i:04}.dcm"));
+            fs::write(&path, sample::encode(obj, ts::EXPLICIT_LE)?)?;
+            Ok(path)
+        })
+        .collect()
+}

@@ -74,6 +74,9 @@ enum Command {
         /// Keep the generated archive and outputs.
         #[arg(long)]
         keep: bool,
+        /// Measure series assembly and NIfTI writing instead (a 512x512 series of this many slices).
+        #[arg(long)]
+        volume: Option<usize>,
     },
     /// Export de-identified series for training code (NIfTI volumes, or nnU-Net v2 layout).
     Export {
@@ -281,7 +284,11 @@ fn main() -> Result<()> {
             files,
             batch_size,
             keep,
-        } => bench(dir, files, batch_size, keep),
+            volume,
+        } => match volume {
+            Some(slices) => bench_volume(dir, slices, keep),
+            None => bench(dir, files, batch_size, keep),
+        },
         Command::Sample {
             out,
             patients,
@@ -881,6 +888,51 @@ fn bench(dir: Option<PathBuf>, files: usize, batch_size: usize, keep: bool) -> R
     println!(
         "ratio de-identify / baseline: {:.2}",
         deid.files_per_s() / base.files_per_s()
+    );
+    if !keep {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    Ok(())
+}
+
+fn bench_volume(dir: Option<PathBuf>, slices: usize, keep: bool) -> Result<()> {
+    let dir = dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("fedcurate-vbench-{}", std::process::id()))
+    });
+    if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() {
+        bail!(
+            "{} is not empty; give an empty or new folder with --dir",
+            dir.display()
+        );
+    }
+    println!(
+        "generating a 512x512x{slices} int16 CT series in {} ...",
+        dir.display()
+    );
+    let b = node::bench::volume(&dir, slices).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mb = b.voxel_bytes as f64 / 1e6;
+    let row = |name: &str, d: Duration| {
+        println!(
+            "{name:<44} {:>8.3} s {:>9.1} MB/s",
+            d.as_secs_f64(),
+            mb / d.as_secs_f64().max(1e-9)
+        );
+    };
+    println!(
+        "{} slices, {:.0} MB of voxels, {} threads",
+        b.slices,
+        mb,
+        rayon::current_num_threads()
+    );
+    row("read and parse the files only", b.read);
+    row("read, parse, decode and assemble", b.assemble);
+    row("write .nii (uncompressed)", b.write_nii);
+    row("write .nii.gz (gzip level 1)", b.write_nii_gz);
+    println!(
+        "assembly + .nii: {:.2} s; assembly + .nii.gz: {:.2} s ({:.0} MB compressed)",
+        (b.assemble + b.write_nii).as_secs_f64(),
+        (b.assemble + b.write_nii_gz).as_secs_f64(),
+        b.nii_gz_bytes as f64 / 1e6
     );
     if !keep {
         std::fs::remove_dir_all(&dir)?;

@@ -9,7 +9,7 @@ use dicom_core::Tag;
 use dicom_core::value::Value;
 use dicom_object::{DefaultDicomObject, InMemDicomObject};
 use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder};
-use ndarray::Array4;
+use ndarray::{Array4, Axis, ShapeBuilder};
 
 use super::{Affine, StoredType, Volume};
 
@@ -364,7 +364,62 @@ fn build(
         .and_then(|e| e.value().to_int::<usize>().ok())
         .unwrap_or(1)
         .max(1);
-    let mut data = Array4::<f32>::zeros((cols, rows, n, samples));
+    // Fortran order: i (column) fastest, as in NIfTI files.
+    let mut data = Array4::<f32>::zeros((cols, rows, n, samples).f());
+    let distinct_objects = {
+        let mut seen = std::collections::BTreeSet::new();
+        slices.iter().all(|s| seen.insert(s.object))
+    };
+    if distinct_objects {
+        // One frame per object: decode in parallel.
+        use rayon::prelude::*;
+        let raw = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
+        let decoded: Vec<Result<Vec<f32>, String>> = slices
+            .par_iter()
+            .map(|s| {
+                if let Some(v) = native_frame(&objects[s.object], s.frame) {
+                    return Ok(v);
+                }
+                objects[s.object]
+                    .decode_pixel_data()
+                    .map_err(|e| e.to_string())?
+                    .to_vec_frame_with_options::<f32>(s.frame, &raw)
+                    .map_err(|e| e.to_string())
+            })
+            .collect();
+        let mut integral = true;
+        for (k, (s, values)) in slices.iter().zip(decoded).enumerate() {
+            let values = match values {
+                Ok(v) if v.len() >= rows * cols * samples => v,
+                Ok(_) | Err(_) => {
+                    let obj = &objects[s.object];
+                    findings.push(SeriesFinding::Undecodable {
+                        transfer_syntax: obj
+                            .meta()
+                            .transfer_syntax()
+                            .trim_end_matches('\0')
+                            .to_owned(),
+                        detail:
+                            "the pixel data could not be decoded, or is shorter than its geometry"
+                                .into(),
+                    });
+                    return None;
+                }
+            };
+            integral &= s.slope.fract() == 0.0 && s.intercept.fract() == 0.0;
+            let (slope, intercept) = (s.slope as f32, s.intercept as f32);
+            for ch in 0..samples {
+                let mut channel = data.index_axis_mut(Axis(3), ch);
+                let mut plane = channel.index_axis_mut(Axis(2), k);
+                for r in 0..rows {
+                    for c in 0..cols {
+                        plane[[c, r]] = values[(r * cols + c) * samples + ch] * slope + intercept;
+                    }
+                }
+            }
+        }
+        return Some(finish(data, samples, integral, affine));
+    }
     let raw = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
     let mut integral = true;
     let mut decoded: BTreeMap<usize, dicom_pixeldata::DecodedPixelData<'_>> = BTreeMap::new();
@@ -418,12 +473,77 @@ fn build(
             }
         }
     }
+    Some(finish(data, samples, integral, affine))
+}
+
+/// Raw stored values of one frame of native (uncompressed) single-sample pixel data, without
+/// going through the general decoder: the common case, read at memory speed.
+fn native_frame(obj: &DefaultDicomObject, frame: u32) -> Option<Vec<f32>> {
+    let int = |t: Tag| obj.get(t).and_then(|e| e.value().to_int::<u32>().ok());
+    let rows = int(Tag(0x0028, 0x0010))? as usize;
+    let cols = int(Tag(0x0028, 0x0011))? as usize;
+    let bits = int(Tag(0x0028, 0x0100))?;
+    let stored = int(Tag(0x0028, 0x0101)).unwrap_or(bits);
+    let signed = int(Tag(0x0028, 0x0103)).unwrap_or(0) == 1;
+    if int(Tag(0x0028, 0x0002)).unwrap_or(1) != 1 || stored == 0 || stored > bits {
+        return None;
+    }
+    let n = rows * cols;
+    let start = n * frame as usize;
+    let Value::Primitive(p) = obj.get(Tag(0x7FE0, 0x0010))?.value() else {
+        return None;
+    };
+    let mask = if stored >= 32 {
+        u32::MAX
+    } else {
+        (1u32 << stored) - 1
+    };
+    let convert = |raw: u32| -> f32 {
+        let v = raw & mask;
+        if signed && stored < 32 && v & (1 << (stored - 1)) != 0 {
+            (i64::from(v) - (1i64 << stored)) as f32
+        } else {
+            v as f32
+        }
+    };
+    match (p, bits) {
+        (dicom_core::PrimitiveValue::U16(v), 16) => Some(
+            v.get(start..start + n)?
+                .iter()
+                .map(|x| convert(u32::from(*x)))
+                .collect(),
+        ),
+        (dicom_core::PrimitiveValue::I16(v), 16) => Some(
+            v.get(start..start + n)?
+                .iter()
+                .map(|x| convert(u32::from(*x as u16)))
+                .collect(),
+        ),
+        (dicom_core::PrimitiveValue::U8(v), 8) => Some(
+            v.get(start..start + n)?
+                .iter()
+                .map(|x| convert(u32::from(*x)))
+                .collect(),
+        ),
+        (dicom_core::PrimitiveValue::U8(v), 16) => Some(
+            v.get(2 * start..2 * (start + n))?
+                .chunks_exact(2)
+                .map(|b| convert(u32::from(u16::from_le_bytes([b[0], b[1]]))))
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+fn finish(data: Array4<f32>, samples: usize, integral: bool, affine: Affine) -> Volume {
     let stored = if samples == 3 {
         StoredType::Rgb24
     } else if integral {
-        let (min, max) = data
-            .iter()
-            .fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+        let range = |(a, b): (f32, f32), v: &f32| (a.min(*v), b.max(*v));
+        let (min, max) = match data.as_slice_memory_order() {
+            Some(values) => values.iter().fold((f32::MAX, f32::MIN), range),
+            None => data.iter().fold((f32::MAX, f32::MIN), range),
+        };
         if min >= -32768.0 && max <= 32767.0 {
             StoredType::I16
         } else {
@@ -432,9 +552,9 @@ fn build(
     } else {
         StoredType::F32
     };
-    Some(Volume {
+    Volume {
         data,
         affine,
         stored,
-    })
+    }
 }
