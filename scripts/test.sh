@@ -10,6 +10,8 @@ command -v dcmdump >/dev/null 2>&1 || need_apt+=(dcmtk)
 # cmake and a C++ compiler build CharLS for the JPEG-LS decoder (cargo feature jpegls).
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+# dcm2niix: the reference converter our volumes must overlay.
+command -v dcm2niix >/dev/null 2>&1 || need_apt+=(dcm2niix)
 # OpenJPEG's encoder makes the JPEG 2000 fixtures.
 command -v opj_compress >/dev/null 2>&1 || need_apt+=(libopenjp2-tools)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -19,7 +21,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
-for tool in dcmdump dcmcjpeg dcmcjpls cmake opj_compress; do
+for tool in dcmdump dcmcjpeg dcmcjpls cmake opj_compress dcm2niix; do
   command -v "$tool" >/dev/null 2>&1 || { echo "$tool is required by the tests and could not be installed" >&2; exit 1; }
 done
 

@@ -269,3 +269,87 @@ fn enhanced_multi_frame_and_big_endian_series_assemble() {
         "big and little endian decode alike"
     );
 }
+
+/// The inverse of an affine's 3x3 part applied to a point minus its translation.
+fn to_voxel(a: &node::volume::Affine, w: [f64; 3]) -> [f64; 3] {
+    let m = [
+        [a[0][0], a[0][1], a[0][2]],
+        [a[1][0], a[1][1], a[1][2]],
+        [a[2][0], a[2][1], a[2][2]],
+    ];
+    let d = [w[0] - a[0][3], w[1] - a[1][3], w[2] - a[2][3]];
+    let det = m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+        - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+        + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]);
+    let inv = |r: usize, c: usize| {
+        let (r1, r2) = ((c + 1) % 3, (c + 2) % 3);
+        let (c1, c2) = ((r + 1) % 3, (r + 2) % 3);
+        (m[r1][c1] * m[r2][c2] - m[r1][c2] * m[r2][c1]) / det
+    };
+    [
+        inv(0, 0) * d[0] + inv(0, 1) * d[1] + inv(0, 2) * d[2],
+        inv(1, 0) * d[0] + inv(1, 1) * d[1] + inv(1, 2) * d[2],
+        inv(2, 0) * d[0] + inv(2, 1) * d[1] + inv(2, 2) * d[2],
+    ]
+}
+
+#[test]
+fn our_volume_overlays_the_one_dcm2niix_writes() {
+    let t = 0.35f64;
+    let r = [t.cos(), t.sin(), 0.0];
+    let c = [-t.sin() * 0.8, t.cos() * 0.8, 0.6];
+    let n = cross(r, c);
+    let objects = series(r, c, [n[0] * 2.5, n[1] * 2.5, n[2] * 2.5], 6, &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dicom = dir.path().join("dicom");
+    std::fs::create_dir_all(&dicom).expect("dir");
+    for (i, o) in objects.iter().enumerate() {
+        o.write_to_file(dicom.join(format!("{i}.dcm")))
+            .expect("write");
+    }
+    let out = std::process::Command::new("dcm2niix")
+        .args(["-z", "n", "-b", "n", "-f", "ref", "-o"])
+        .arg(dir.path())
+        .arg(&dicom)
+        .output()
+        .expect("dcm2niix (Debian package, installed by scripts/test.sh)");
+    assert!(
+        out.status.success(),
+        "dcm2niix: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, theirs) =
+        node::volume::nifti::read(&dir.path().join("ref.nii")).expect("dcm2niix output");
+    let ours = assemble(&objects).remove(0).volume.expect("volume");
+    assert_eq!(
+        {
+            let mut a = [ours.shape().0, ours.shape().1, ours.shape().2];
+            a.sort();
+            a
+        },
+        {
+            let mut b = [theirs.shape().0, theirs.shape().1, theirs.shape().2];
+            b.sort();
+            b
+        }
+    );
+    // Every voxel centre of ours lands on a voxel centre of theirs with the same value.
+    let (ni, nj, nk) = ours.shape();
+    for k in 0..nk {
+        for j in 0..nj {
+            for i in 0..ni {
+                let w = ours.world(i as f64, j as f64, k as f64);
+                let v = to_voxel(&theirs.affine, w);
+                let idx = v.map(|x| x.round());
+                for a in 0..3 {
+                    assert!(
+                        (v[a] - idx[a]).abs() < 1e-2,
+                        "voxel ({i},{j},{k}) maps to {v:?}"
+                    );
+                }
+                let their = theirs.data[[idx[0] as usize, idx[1] as usize, idx[2] as usize, 0]];
+                assert_eq!(ours.data[[i, j, k, 0]], their, "voxel ({i},{j},{k})");
+            }
+        }
+    }
+}
