@@ -39,6 +39,24 @@ pub enum ExportError {
     Fractions,
 }
 
+/// The category splits are stratified by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stratify {
+    None,
+    Modality,
+    Sex,
+}
+
+impl Stratify {
+    fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Modality => "modality",
+            Self::Sex => "sex",
+        }
+    }
+}
+
 /// Export options.
 #[derive(Clone, Debug)]
 pub struct ExportOptions {
@@ -50,6 +68,8 @@ pub struct ExportOptions {
     pub seed: u64,
     /// Fractions of patients in train, validation and test.
     pub fractions: [f64; 3],
+    /// Category the splits are stratified by.
+    pub stratify: Stratify,
 }
 
 /// What an export wrote.
@@ -178,9 +198,12 @@ pub fn export(
             let mut patients: BTreeMap<String, String> = BTreeMap::new();
             let mut names = Vec::new();
             for (v, series_key) in &cases {
-                patients
-                    .entry(v.patient.clone())
-                    .or_insert_with(|| v.modality.clone());
+                let category = match opts.stratify {
+                    Stratify::None => String::new(),
+                    Stratify::Modality => v.modality.clone(),
+                    Stratify::Sex => v.sex.clone(),
+                };
+                patients.entry(v.patient.clone()).or_insert(category);
                 let case = format!("{}_{}", v.patient, series_key);
                 let vol = v.volume.as_ref().ok_or(ExportError::Fractions)?;
                 let bytes = nifti::encode_gz(vol).map_err(|source| ExportError::Write {
@@ -223,7 +246,7 @@ pub fn export(
             let splits = serde_json::json!({
                 "seed": opts.seed,
                 "by": "patient",
-                "stratified_by": "modality",
+                "stratified_by": opts.stratify.name(),
                 "train": sets[0],
                 "validation": sets[1],
                 "test": sets[2],

@@ -100,6 +100,9 @@ enum Command {
         /// Fractions of patients in train, validation, test.
         #[arg(long, value_delimiter = ',', default_values_t = [0.7, 0.15, 0.15])]
         split: Vec<f64>,
+        /// Category the splits are stratified by.
+        #[arg(long, value_enum, default_value = "modality")]
+        stratify: StratifyBy,
     },
     /// The catalog of everything done.
     Catalog {
@@ -205,6 +208,13 @@ enum AuditCommand {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum StratifyBy {
+    None,
+    Modality,
+    Sex,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum ExportFormat {
     Nifti,
     Nnunet,
@@ -247,6 +257,7 @@ fn main() -> Result<()> {
             dataset_name,
             seed,
             split,
+            stratify,
         } => {
             let input = input.unwrap_or_else(|| config.data_dir.join("deid"));
             let fractions = match split.as_slice() {
@@ -262,6 +273,11 @@ fn main() -> Result<()> {
                 dataset_name,
                 seed,
                 fractions,
+                stratify: match stratify {
+                    StratifyBy::None => node::export::Stratify::None,
+                    StratifyBy::Modality => node::export::Stratify::Modality,
+                    StratifyBy::Sex => node::export::Stratify::Sex,
+                },
             };
             let s = node::export::export(&input, &out, &opts)?;
             println!(

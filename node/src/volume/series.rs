@@ -63,6 +63,9 @@ pub struct AssembledVolume {
     /// Patient pseudonym (Patient ID of the de-identified object).
     pub patient: String,
     pub modality: String,
+    /// Patient's Sex of the de-identified object (kept only under Retain Patient
+    /// Characteristics), `unknown` otherwise.
+    pub sex: String,
     /// Index of this volume within its series (echoes, orientations, sizes).
     pub part: usize,
     pub volume: Option<Volume>,
@@ -224,6 +227,7 @@ pub fn assemble(objects: &[DefaultDicomObject]) -> Vec<AssembledVolume> {
                 study_uid: text(obj, Tag(0x0020, 0x000D)).unwrap_or_default(),
                 patient: text(obj, Tag(0x0010, 0x0020)).unwrap_or_default(),
                 modality: text(obj, Tag(0x0008, 0x0060)).unwrap_or_default(),
+                sex: text(obj, Tag(0x0010, 0x0040)).unwrap_or_else(|| "unknown".into()),
                 part: 0,
                 volume: None,
                 findings: vec![SeriesFinding::NoGeometry],
@@ -262,6 +266,7 @@ pub fn assemble(objects: &[DefaultDicomObject]) -> Vec<AssembledVolume> {
                 study_uid: text(first, Tag(0x0020, 0x000D)).unwrap_or_default(),
                 patient: text(first, Tag(0x0010, 0x0020)).unwrap_or_default(),
                 modality: text(first, Tag(0x0008, 0x0060)).unwrap_or_default(),
+                sex: text(first, Tag(0x0010, 0x0040)).unwrap_or_else(|| "unknown".into()),
                 part,
                 volume,
                 findings,
