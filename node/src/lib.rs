@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod config;
 pub mod deid;
 pub mod export;
+pub mod harmonise;
 pub mod read;
 pub mod sample;
 pub mod vault;

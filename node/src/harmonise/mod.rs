@@ -1,0 +1,479 @@
+//! Intensity harmonisation and discretisation: pure functions of a volume, a foreground mask
+//! and a (possibly fitted) model. Methods that learn something from a set of volumes produce
+//! mergeable summaries (`protocol::summary`) whose merge equals fitting on the pooled data.
+//!
+//! Reference semantics: `intensity-normalization` 2.2.4 for z-score, KDE, FCM, WhiteStripe,
+//! Nyúl and LSQ; IBSI for μ±3σ re-segmentation and discretisation; pyradiomics for its
+//! normalisation and `binWidth`; DICOM PS3.3 C.11.2.1.2 for windowing; nnU-Net for CT.
+
+pub mod stats;
+
+use protocol::summary::{CT_HU_BINS, CT_HU_MIN, CtSummary, NYUL_LANDMARKS, NyulSummary, to_fixed};
+use serde::{Deserialize, Serialize};
+
+use self::stats::{Contrast, mean_std, otsu, percentile, percentiles, tissue_mode};
+use crate::volume::{StoredType, Volume};
+
+/// Version of the serialised model format.
+pub const MODEL_VERSION: u32 = 1;
+
+/// Nyúl–Udupa landmark percentiles.
+pub const NYUL_PERCENTILES: [f64; NYUL_LANDMARKS] = [1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0];
+
+/// How the foreground (the voxels statistics are taken over) is chosen.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Foreground {
+    /// Otsu's threshold over the whole volume (the default).
+    Otsu,
+    /// `intensity-normalization` 2.2.4's convention: voxels above 1e-6.
+    Positive,
+    /// A supplied mask (label map > 0), one entry per voxel in memory order.
+    Mask(Vec<bool>),
+}
+
+/// VOI windowing functions (PS3.3 C.11.2.1.2).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WindowFunction {
+    Linear,
+    LinearExact,
+    Sigmoid,
+}
+
+/// Discretisation modes.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "mode")]
+pub enum Discretisation {
+    /// IBSI fixed bin number: ⌊Ng·(x − min)/(max − min)⌋ + 1, max → Ng.
+    FixedBinNumber { bins: u32 },
+    /// IBSI fixed bin size: ⌊(x − lower)/w⌋ + 1, with `lower` the re-segmentation lower bound
+    /// (the ROI minimum when absent).
+    FixedBinSize { width: f64, lower: Option<f64> },
+    /// pyradiomics `binWidth`: ⌊x/W⌋ − ⌊min/W⌋ + 1 (edges aligned to 0; not IBSI).
+    PyradiomicsBinWidth { width: f64 },
+}
+
+/// A method and its parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "method")]
+pub enum Method {
+    MinMax,
+    Percentile { low: f64, high: f64 },
+    /// IBSI outlier filtering: voxels outside μ ± nσ of the ROI leave the mask.
+    MuSigmaIbsi { n: f64 },
+    /// pyradiomics: whole-image z-score, clipped to ±n.
+    MuSigmaPyradiomics { n: f64 },
+    ZScore,
+    Kde { contrast: Contrast },
+    WhiteStripe { contrast: Contrast, width: f64 },
+    Fcm,
+    Nyul,
+    Lsq,
+    CtWindow { center: f64, width: f64, function: WindowFunction },
+    CtNnunet,
+    Discretise(Discretisation),
+}
+
+/// What a population method learnt.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Fitted {
+    /// Per-volume methods learn nothing across volumes.
+    None,
+    Nyul { summary: NyulSummary },
+    Ct { summary: CtSummary },
+    /// LSQ: the standard tissue means (CSF, GM, WM) of the reference volume.
+    Lsq { standard_means: [f64; 3] },
+}
+
+/// A harmonisation model: method, parameters and fitted state; saved and reloaded as JSON.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Model {
+    pub version: u32,
+    pub method: Method,
+    pub fitted: Fitted,
+}
+
+/// Harmonisation problems (content, not I/O).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum HarmoniseError {
+    #[error("the foreground is empty: supply a mask, or use another foreground rule")]
+    EmptyForeground,
+    #[error("method {0} needs a fitted model; fit it first (or merge site summaries)")]
+    NotFitted(&'static str),
+    #[error("model format version {0} is not supported (this build reads {MODEL_VERSION})")]
+    Version(u32),
+    #[error("the mask has {mask} entries for {voxels} voxels")]
+    MaskSize { mask: usize, voxels: usize },
+    #[error("the tissue mode or scale is zero: the volume cannot be normalised by this method")]
+    Degenerate,
+}
+
+/// The result: a float32 volume with the input's geometry, and for IBSI re-segmentation the
+/// new ROI.
+#[derive(Debug)]
+pub struct Harmonised {
+    pub volume: Volume,
+    pub roi: Option<Vec<bool>>,
+}
+
+fn values(v: &Volume) -> Vec<f64> {
+    match v.data.as_slice_memory_order() {
+        Some(s) => s.iter().map(|x| f64::from(*x)).collect(),
+        None => v.data.iter().map(|x| f64::from(*x)).collect(),
+    }
+}
+
+fn with_values(v: &Volume, out: &[f64]) -> Volume {
+    let mut data = v.data.clone();
+    match data.as_slice_memory_order_mut() {
+        Some(s) => s.iter_mut().zip(out).for_each(|(d, o)| *d = *o as f32),
+        None => data.iter_mut().zip(out).for_each(|(d, o)| *d = *o as f32),
+    }
+    Volume {
+        data,
+        affine: v.affine,
+        stored: StoredType::F32,
+    }
+}
+
+/// The foreground mask (memory order).
+pub fn foreground(v: &[f64], rule: &Foreground) -> Result<Vec<bool>, HarmoniseError> {
+    let mask = match rule {
+        Foreground::Otsu => {
+            let t = otsu(v);
+            v.iter().map(|x| *x > t).collect()
+        }
+        Foreground::Positive => v.iter().map(|x| *x > 1e-6).collect(),
+        Foreground::Mask(m) => {
+            if m.len() != v.len() {
+                return Err(HarmoniseError::MaskSize { mask: m.len(), voxels: v.len() });
+            }
+            m.clone()
+        }
+    };
+    if !mask.iter().any(|b| *b) {
+        return Err(HarmoniseError::EmptyForeground);
+    }
+    Ok(mask)
+}
+
+fn voi(v: &[f64], mask: &[bool]) -> Vec<f64> {
+    v.iter().zip(mask).filter(|(_, m)| **m).map(|(x, _)| *x).collect()
+}
+
+/// Fuzzy c-means on foreground intensities (c = 3, m = 2, error 0.005, 50 iterations, as
+/// `skfuzzy.cmeans` in the reference), initialised at the 20th/50th/80th percentiles.
+/// Returns centres ascending (CSF, GM, WM) and the membership-weighted tissue means.
+pub fn fcm(voi: &[f64]) -> ([f64; 3], [f64; 3]) {
+    let mut copy = voi.to_vec();
+    let init = percentiles(&mut copy, &[20.0, 50.0, 80.0]);
+    let mut c = [init[0], init[1], init[2]];
+    let memberships = |c: &[f64; 3], x: f64| -> [f64; 3] {
+        let d: Vec<f64> = c.iter().map(|ci| (x - ci).abs().max(1e-12)).collect();
+        let mut u = [0.0; 3];
+        for i in 0..3 {
+            u[i] = 1.0 / (0..3).map(|k| (d[i] / d[k]).powi(2)).sum::<f64>();
+        }
+        u
+    };
+    for _ in 0..50 {
+        let mut num = [0.0; 3];
+        let mut den = [0.0; 3];
+        for &x in voi {
+            let u = memberships(&c, x);
+            for i in 0..3 {
+                let w = u[i] * u[i];
+                num[i] += w * x;
+                den[i] += w;
+            }
+        }
+        let next = [num[0] / den[0], num[1] / den[1], num[2] / den[2]];
+        let change = (0..3).map(|i| (next[i] - c[i]).abs()).fold(0.0, f64::max);
+        c = next;
+        if change < 0.005 {
+            break;
+        }
+    }
+    c.sort_by(f64::total_cmp);
+    let mut wsum = [0.0; 3];
+    let mut wx = [0.0; 3];
+    for &x in voi {
+        let u = memberships(&c, x);
+        for i in 0..3 {
+            wsum[i] += u[i];
+            wx[i] += u[i] * x;
+        }
+    }
+    (c, [wx[0] / wsum[0], wx[1] / wsum[1], wx[2] / wsum[2]])
+}
+
+/// Mapped Nyúl landmarks of one volume (its P1 → 1, P99 → 100).
+fn nyul_landmarks(voi: &mut [f64]) -> ([f64; NYUL_LANDMARKS], [f64; NYUL_LANDMARKS]) {
+    let l = percentiles(voi, &NYUL_PERCENTILES);
+    let (lo, hi) = (l[0], l[NYUL_LANDMARKS - 1]);
+    let mut raw = [0.0; NYUL_LANDMARKS];
+    let mut mapped = [0.0; NYUL_LANDMARKS];
+    for i in 0..NYUL_LANDMARKS {
+        raw[i] = l[i];
+        mapped[i] = 1.0 + (l[i] - lo) * (100.0 - 1.0) / (hi - lo);
+    }
+    (raw, mapped)
+}
+
+/// Nyúl summary of one volume.
+pub fn fit_nyul(v: &Volume, rule: &Foreground) -> Result<NyulSummary, HarmoniseError> {
+    let x = values(v);
+    let mask = foreground(&x, rule)?;
+    let mut roi = voi(&x, &mask);
+    let (_, mapped) = nyul_landmarks(&mut roi);
+    let mut s = NyulSummary {
+        volumes: 1,
+        ..NyulSummary::default()
+    };
+    for (o, m) in s.landmark_sums.iter_mut().zip(mapped) {
+        *o = to_fixed(m);
+    }
+    Ok(s)
+}
+
+/// CT summary of one volume's foreground (HU).
+pub fn fit_ct(v: &Volume, rule: &Foreground) -> Result<CtSummary, HarmoniseError> {
+    let x = values(v);
+    let mask = foreground(&x, rule)?;
+    let mut s = CtSummary::default();
+    for hu in voi(&x, &mask) {
+        s.count += 1;
+        s.sum += to_fixed(hu);
+        s.sum_squares += to_fixed(hu * hu / 1000.0);
+        let bin = (hu.round() as i64 - i64::from(CT_HU_MIN)).clamp(0, CT_HU_BINS as i64 - 1) as usize;
+        s.histogram[bin] += 1;
+    }
+    Ok(s)
+}
+
+/// Piecewise-linear interpolation through (xs, ys), extrapolating with the end segments.
+fn interp_extrapolate(x: f64, xs: &[f64], ys: &[f64]) -> f64 {
+    let n = xs.len();
+    let seg = if x <= xs[0] {
+        0
+    } else if x >= xs[n - 1] {
+        n - 2
+    } else {
+        xs.partition_point(|v| *v <= x).saturating_sub(1).min(n - 2)
+    };
+    let (x0, x1, y0, y1) = (xs[seg], xs[seg + 1], ys[seg], ys[seg + 1]);
+    if x1 == x0 { y0 } else { y0 + (x - x0) * (y1 - y0) / (x1 - x0) }
+}
+
+/// Apply a model to a volume.
+pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised, HarmoniseError> {
+    if model.version != MODEL_VERSION {
+        return Err(HarmoniseError::Version(model.version));
+    }
+    let x = values(v);
+    let done = |out: Vec<f64>| Ok(Harmonised { volume: with_values(v, &out), roi: None });
+    let mask = || foreground(&x, rule);
+    match &model.method {
+        Method::MinMax => {
+            let roi = voi(&x, &mask()?);
+            let (lo, hi) = roi.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(*v), b.max(*v)));
+            if hi <= lo {
+                return Err(HarmoniseError::Degenerate);
+            }
+            done(x.iter().map(|v| (v - lo) / (hi - lo)).collect())
+        }
+        Method::Percentile { low, high } => {
+            let mut roi = voi(&x, &mask()?);
+            let p = percentiles(&mut roi, &[*low, *high]);
+            if p[1] <= p[0] {
+                return Err(HarmoniseError::Degenerate);
+            }
+            done(x.iter().map(|v| (v.clamp(p[0], p[1]) - p[0]) / (p[1] - p[0])).collect())
+        }
+        Method::MuSigmaIbsi { n } => {
+            let m = mask()?;
+            let (mu, sd) = mean_std(&voi(&x, &m));
+            let roi = x.iter().zip(&m).map(|(v, inside)| *inside && (v - mu).abs() <= n * sd).collect();
+            Ok(Harmonised { volume: with_values(v, &x), roi: Some(roi) })
+        }
+        Method::MuSigmaPyradiomics { n } => {
+            let (mu, sd) = mean_std(&x);
+            if sd == 0.0 {
+                return Err(HarmoniseError::Degenerate);
+            }
+            done(x.iter().map(|v| ((v - mu) / sd).clamp(-n, *n)).collect())
+        }
+        Method::ZScore => {
+            let (mu, sd) = mean_std(&voi(&x, &mask()?));
+            if sd == 0.0 {
+                return Err(HarmoniseError::Degenerate);
+            }
+            done(x.iter().map(|v| (v - mu) / sd).collect())
+        }
+        Method::Kde { contrast } => {
+            let mode = tissue_mode(&voi(&x, &mask()?), *contrast);
+            if mode == 0.0 {
+                return Err(HarmoniseError::Degenerate);
+            }
+            done(x.iter().map(|v| v / mode).collect())
+        }
+        Method::WhiteStripe { contrast, width } => {
+            let m = mask()?;
+            let roi = voi(&x, &m);
+            let mode = tissue_mode(&roi, *contrast);
+            let q = roi.iter().filter(|v| **v < mode).count() as f64 / roi.len() as f64;
+            let (lo, hi) = ((q - width).max(0.0), (q + width).min(1.0));
+            let mut copy = roi.clone();
+            let b = percentiles(&mut copy, &[lo * 100.0, hi * 100.0]);
+            let stripe: Vec<f64> = x
+                .iter()
+                .zip(&m)
+                .map(|(v, inside)| if *inside { *v } else { 0.0 })
+                .filter(|v| *v > b[0] && *v < b[1])
+                .collect();
+            let (mu, sd) = mean_std(&stripe);
+            if sd == 0.0 {
+                return Err(HarmoniseError::Degenerate);
+            }
+            done(x.iter().map(|v| (v - mu) / sd).collect())
+        }
+        Method::Fcm => {
+            let (_, means) = fcm(&voi(&x, &mask()?));
+            if means[2] == 0.0 {
+                return Err(HarmoniseError::Degenerate);
+            }
+            done(x.iter().map(|v| v / means[2]).collect())
+        }
+        Method::Nyul => {
+            let Fitted::Nyul { summary } = &model.fitted else {
+                return Err(HarmoniseError::NotFitted("nyul"));
+            };
+            let scale = summary.standard_scale().ok_or(HarmoniseError::NotFitted("nyul"))?;
+            let mut roi = voi(&x, &mask()?);
+            let (raw, _) = nyul_landmarks(&mut roi);
+            done(x.iter().map(|v| interp_extrapolate(*v, &raw, &scale)).collect())
+        }
+        Method::Lsq => {
+            let Fitted::Lsq { standard_means } = &model.fitted else {
+                return Err(HarmoniseError::NotFitted("lsq"));
+            };
+            let (_, m) = fcm(&voi(&x, &mask()?));
+            let mtm: f64 = m.iter().map(|a| a * a).sum();
+            let mts: f64 = m.iter().zip(standard_means).map(|(a, b)| a * b).sum();
+            if mts == 0.0 {
+                return Err(HarmoniseError::Degenerate);
+            }
+            let sf = mtm / mts;
+            done(x.iter().map(|v| v / sf).collect())
+        }
+        Method::CtWindow { center, width, function } => {
+            let (lo, hi) = (0.0, 1.0);
+            done(x.iter().map(|v| window(*v, *center, *width, *function, lo, hi)).collect())
+        }
+        Method::CtNnunet => {
+            let Fitted::Ct { summary } = &model.fitted else {
+                return Err(HarmoniseError::NotFitted("ct-nnunet"));
+            };
+            let (Some(mean), Some(sd), Some(p05), Some(p995)) = (summary.mean(), summary.std(), summary.percentile(0.5), summary.percentile(99.5)) else {
+                return Err(HarmoniseError::NotFitted("ct-nnunet"));
+            };
+            if sd == 0.0 {
+                return Err(HarmoniseError::Degenerate);
+            }
+            done(x.iter().map(|v| (v.clamp(p05, p995) - mean) / sd).collect())
+        }
+        Method::Discretise(d) => {
+            let m = mask()?;
+            let roi = voi(&x, &m);
+            let (lo, hi) = roi.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(*v), b.max(*v)));
+            let bin = |v: f64| -> f64 {
+                match d {
+                    Discretisation::FixedBinNumber { bins } => {
+                        let ng = f64::from(*bins);
+                        if v < hi && hi > lo { ((ng * (v - lo) / (hi - lo)).floor() + 1.0).min(ng) } else { ng }
+                    }
+                    Discretisation::FixedBinSize { width, lower } => ((v - lower.unwrap_or(lo)) / width).floor() + 1.0,
+                    Discretisation::PyradiomicsBinWidth { width } => (v / width).floor() - (lo / width).floor() + 1.0,
+                }
+            };
+            done(x.iter().zip(&m).map(|(v, inside)| if *inside { bin(*v) } else { 0.0 }).collect())
+        }
+    }
+}
+
+/// DICOM VOI windowing of one value into [y_min, y_max].
+pub fn window(x: f64, c: f64, w: f64, f: WindowFunction, y_min: f64, y_max: f64) -> f64 {
+    match f {
+        WindowFunction::Linear | WindowFunction::LinearExact => {
+            let (c, w) = if f == WindowFunction::Linear { (c - 0.5, (w - 1.0).max(f64::MIN_POSITIVE)) } else { (c, w) };
+            if x <= c - w / 2.0 {
+                y_min
+            } else if x > c + w / 2.0 {
+                y_max
+            } else {
+                ((x - c) / w + 0.5) * (y_max - y_min) + y_min
+            }
+        }
+        WindowFunction::Sigmoid => (y_max - y_min) / (1.0 + (-4.0 * (x - c) / w).exp()) + y_min,
+    }
+}
+
+/// Fit a model over volumes (all of one site, or pooled).
+pub fn fit(method: &Method, volumes: &[Volume], rule: &Foreground) -> Result<Model, HarmoniseError> {
+    let fitted = match method {
+        Method::Nyul => {
+            let mut s = NyulSummary::default();
+            for v in volumes {
+                s.merge(&fit_nyul(v, rule)?);
+            }
+            Fitted::Nyul { summary: s }
+        }
+        Method::CtNnunet => {
+            let mut s = CtSummary::default();
+            for v in volumes {
+                s.merge(&fit_ct(v, rule)?);
+            }
+            Fitted::Ct { summary: s }
+        }
+        Method::Lsq => {
+            let first = volumes.first().ok_or(HarmoniseError::NotFitted("lsq"))?;
+            let x = values(first);
+            let roi = voi(&x, &foreground(&x, rule)?);
+            let (_, means) = fcm(&roi);
+            if means[0] == 0.0 {
+                return Err(HarmoniseError::Degenerate);
+            }
+            Fitted::Lsq { standard_means: [1.0, means[1] / means[0], means[2] / means[0]] }
+        }
+        _ => Fitted::None,
+    };
+    Ok(Model {
+        version: MODEL_VERSION,
+        method: method.clone(),
+        fitted,
+    })
+}
+
+/// Merge the fitted state of site models of the same method (summaries add).
+pub fn merge(models: &[Model]) -> Option<Model> {
+    let first = models.first()?.clone();
+    let mut out = first;
+    for m in &models[1..] {
+        if m.method != out.method {
+            return None;
+        }
+        match (&mut out.fitted, &m.fitted) {
+            (Fitted::Nyul { summary: a }, Fitted::Nyul { summary: b }) => a.merge(b),
+            (Fitted::Ct { summary: a }, Fitted::Ct { summary: b }) => a.merge(b),
+            (Fitted::None, Fitted::None) => {}
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// One value's percentile helper for callers.
+pub fn value_percentile(values: &mut [f64], p: f64) -> f64 {
+    percentile(values, p)
+}

@@ -1,0 +1,212 @@
+//! Statistics the harmonisation methods share: linear-time percentiles (numpy's linear
+//! interpolation), moments, Otsu's threshold, and the tissue-mode finder of
+//! `intensity-normalization` 2.2.4 (statsmodels' FFT Gaussian KDE with an absolute bandwidth of
+//! max/80 on a 128-point grid).
+
+/// Percentiles (0–100) of `values`, numpy's default linear interpolation, computed by
+/// successive linear-time selection (no full sort). `values` is reordered.
+pub fn percentiles(values: &mut [f64], ps: &[f64]) -> Vec<f64> {
+    let n = values.len();
+    if n == 0 {
+        return vec![f64::NAN; ps.len()];
+    }
+    // Ranks needed, ascending, with where each percentile reads them.
+    let mut wanted: Vec<(usize, f64, usize)> = ps
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let pos = (p / 100.0).clamp(0.0, 1.0) * (n - 1) as f64;
+            (pos.floor() as usize, pos - pos.floor(), i)
+        })
+        .collect();
+    wanted.sort_by_key(|w| w.0);
+    let mut out = vec![0.0; ps.len()];
+    let mut start = 0usize;
+    let mut cache: Option<(usize, f64)> = None;
+    for (lo, frac, i) in wanted {
+        let lo_value = match cache {
+            Some((k, v)) if k == lo => v,
+            _ => {
+                let (_, v, _) = values[start..].select_nth_unstable_by(lo - start, f64::total_cmp);
+                let v = *v;
+                start = lo;
+                cache = Some((lo, v));
+                v
+            }
+        };
+        let value = if frac > 0.0 && lo + 1 < n {
+            let next = values[lo + 1..].iter().copied().fold(f64::INFINITY, f64::min);
+            lo_value + frac * (next - lo_value)
+        } else {
+            lo_value
+        };
+        out[i] = value;
+    }
+    out
+}
+
+/// One percentile.
+pub fn percentile(values: &mut [f64], p: f64) -> f64 {
+    percentiles(values, &[p])[0]
+}
+
+/// Mean and population standard deviation.
+pub fn mean_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
+/// Otsu's threshold over a 256-bin histogram of `values`.
+pub fn otsu(values: &[f64]) -> f64 {
+    let (min, max) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(*v), b.max(*v)));
+    if !(max > min) {
+        return min;
+    }
+    let bins = 256usize;
+    let width = (max - min) / bins as f64;
+    let mut hist = vec![0u64; bins];
+    for v in values {
+        let b = (((v - min) / width) as usize).min(bins - 1);
+        hist[b] += 1;
+    }
+    let centre = |b: usize| min + (b as f64 + 0.5) * width;
+    let total = values.len() as f64;
+    let sum_all: f64 = hist.iter().enumerate().map(|(b, c)| centre(b) * *c as f64).sum();
+    let (mut w0, mut sum0, mut best, mut threshold) = (0.0, 0.0, -1.0, min);
+    for (b, c) in hist.iter().enumerate() {
+        w0 += *c as f64;
+        sum0 += centre(b) * *c as f64;
+        let w1 = total - w0;
+        if w0 == 0.0 || w1 == 0.0 {
+            continue;
+        }
+        let m0 = sum0 / w0;
+        let m1 = (sum_all - sum0) / w1;
+        let between = w0 * w1 * (m0 - m1) * (m0 - m1);
+        if between > best {
+            best = between;
+            threshold = min + (b as f64 + 1.0) * width;
+        }
+    }
+    threshold
+}
+
+/// statsmodels `KDEUnivariate(kernel="gau", bw=max/80, gridsize=80, fft=True)`: the grid
+/// (128 points from min − 3 bw to max + 3 bw) and the density on it.
+pub fn smooth_histogram(values: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let n = values.len();
+    let (min, max) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(*v), b.max(*v)));
+    let bw = max / 80.0;
+    let m = 128usize;
+    let a = min - 3.0 * bw;
+    let b = max + 3.0 * bw;
+    let delta = (b - a) / (m - 1) as f64;
+    let range = b - a;
+    // Linear binning (statsmodels fast_linbin, interior points).
+    let mut binned = vec![0.0f64; m];
+    for v in values {
+        let lxi = (v - a) / delta;
+        let li = lxi as usize;
+        let rem = lxi - li as f64;
+        if li >= 1 && li < m - 1 {
+            binned[li] += 1.0 - rem;
+            binned[li + 1] += rem;
+        }
+    }
+    for x in &mut binned {
+        *x /= delta * n as f64;
+    }
+    // Real DFT, Silverman's Gaussian transform, inverse (numpy rfft/irfft conventions).
+    let half = m / 2;
+    let mut re = vec![0.0; half + 1];
+    let mut im = vec![0.0; half + 1];
+    for j in 0..=half {
+        let (mut sr, mut si) = (0.0, 0.0);
+        for (k, x) in binned.iter().enumerate() {
+            let angle = -2.0 * std::f64::consts::PI * (j * k) as f64 / m as f64;
+            sr += x * angle.cos();
+            si += x * angle.sin();
+        }
+        let jf = j as f64;
+        let fac1 = 2.0 * (std::f64::consts::PI * bw / range).powi(2);
+        let bc = 1.0 - (1.0 / 3.0) * (jf / m as f64 * std::f64::consts::PI).powi(2);
+        let fac = (-jf * jf * fac1).exp() / bc;
+        re[j] = sr * fac;
+        im[j] = if j == 0 || j == half { 0.0 } else { si * fac };
+    }
+    let grid: Vec<f64> = (0..m).map(|i| a + i as f64 * delta).collect();
+    let density: Vec<f64> = (0..m)
+        .map(|k| {
+            let mut s = re[0];
+            for j in 1..half {
+                let angle = 2.0 * std::f64::consts::PI * (j * k) as f64 / m as f64;
+                s += 2.0 * (re[j] * angle.cos() - im[j] * angle.sin());
+            }
+            s += re[half] * (std::f64::consts::PI * k as f64).cos();
+            100.0 * s / m as f64
+        })
+        .collect();
+    (grid, density)
+}
+
+/// Which tissue peak a contrast normalises to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Contrast {
+    /// T1 (and "other"): the last peak.
+    T1,
+    /// T2: the largest peak.
+    T2,
+    /// FLAIR: the largest peak.
+    Flair,
+    /// PD: the first peak.
+    Pd,
+}
+
+fn local_maxima(pdf: &[f64]) -> Vec<usize> {
+    (1..pdf.len().saturating_sub(1)).filter(|&i| pdf[i] > pdf[i - 1] && pdf[i] > pdf[i + 1]).collect()
+}
+
+/// The tissue mode of a contrast (intensity-normalization 2.2.4 `get_tissue_mode`).
+pub fn tissue_mode(voi: &[f64], contrast: Contrast) -> f64 {
+    match contrast {
+        Contrast::T2 | Contrast::Flair => {
+            let (grid, pdf) = smooth_histogram(voi);
+            let i = pdf.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+            grid[i]
+        }
+        Contrast::T1 | Contrast::Pd => {
+            let tail = if contrast == Contrast::T1 { 96.0 } else { 99.0 };
+            let mut copy = voi.to_vec();
+            let threshold = percentile(&mut copy, tail);
+            let kept: Vec<f64> = voi.iter().copied().filter(|v| *v <= threshold).collect();
+            let (grid, pdf) = smooth_histogram(&kept);
+            let maxima = local_maxima(&pdf);
+            let i = if contrast == Contrast::T1 { maxima.last() } else { maxima.first() };
+            i.map_or(grid[0], |&i| grid[i])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_match_numpy_linear_interpolation() {
+        let mut v: Vec<f64> = vec![5.0, 1.0, 4.0, 2.0, 3.0];
+        assert_eq!(percentiles(&mut v, &[0.0, 25.0, 50.0, 90.0, 100.0, 10.0]), vec![1.0, 2.0, 3.0, 4.6, 5.0, 1.4]);
+        let mut w: Vec<f64> = (0..1001).map(|i| ((i * 7919) % 1001) as f64).collect();
+        let p = percentiles(&mut w, &[1.0, 99.0, 50.0]);
+        assert_eq!(p, vec![10.0, 990.0, 500.0]);
+    }
+
+    #[test]
+    fn otsu_separates_two_classes() {
+        let v: Vec<f64> = (0..1000).map(|i| if i % 2 == 0 { 10.0 + (i % 7) as f64 } else { 100.0 + (i % 5) as f64 }).collect();
+        let t = otsu(&v);
+        assert!(t > 17.0 && t < 100.0, "{t}");
+    }
+}
