@@ -14,6 +14,12 @@ command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v dcm2niix >/dev/null 2>&1 || need_apt+=(dcm2niix)
 # OpenJPEG's encoder makes the JPEG 2000 fixtures.
 command -v opj_compress >/dev/null 2>&1 || need_apt+=(libopenjp2-tools)
+# The Python reference for harmonisation (its golden outputs are committed in tests/golden;
+# scripts/reference/harmonise_reference.py regenerates them and the test script checks they
+# are still what the reference computes).
+if ! python3 -c "import intensity_normalization" >/dev/null 2>&1; then
+  python3 -m pip install --quiet "intensity-normalization==2.2.4"
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need_apt[*]}"
   SUDO=""
@@ -24,6 +30,23 @@ fi
 for tool in dcmdump dcmcjpeg dcmcjpls cmake opj_compress dcm2niix; do
   command -v "$tool" >/dev/null 2>&1 || { echo "$tool is required by the tests and could not be installed" >&2; exit 1; }
 done
+
+# The committed golden outputs must be exactly what the pinned reference computes today.
+regen=$(mktemp)
+python3 scripts/reference/harmonise_reference.py > "$regen"
+if ! cmp -s "$regen" tests/golden/harmonise-2.2.4.json; then
+  # FCM starts from random memberships in the reference: compare all but FCM exactly.
+  python3 - "$regen" tests/golden/harmonise-2.2.4.json <<'PY'
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:3])
+for name in a["methods"]:
+    if name.startswith("fcm"):
+        continue
+    if a["methods"][name] != b["methods"][name]:
+        sys.exit(f"golden output of {name} differs from intensity-normalization 2.2.4: regenerate tests/golden")
+PY
+fi
+rm -f "$regen"
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -131,13 +131,29 @@ mod tests {
     use proptest::prelude::*;
 
     fn nyul() -> impl Strategy<Value = NyulSummary> {
-        (proptest::array::uniform11(-1_000_000_000i64..1_000_000_000), 0u64..1000)
-            .prop_map(|(landmark_sums, volumes)| NyulSummary { landmark_sums, volumes })
+        (
+            proptest::array::uniform11(-1_000_000_000i64..1_000_000_000),
+            0u64..1000,
+        )
+            .prop_map(|(landmark_sums, volumes)| NyulSummary {
+                landmark_sums,
+                volumes,
+            })
     }
 
     fn ct() -> impl Strategy<Value = CtSummary> {
-        (0u64..1_000_000, -1_000_000_000i64..1_000_000_000, 0i64..1_000_000_000, proptest::collection::vec(0u64..1000, CT_HU_BINS))
-            .prop_map(|(count, sum, sum_squares, histogram)| CtSummary { count, sum, sum_squares, histogram })
+        (
+            0u64..1_000_000,
+            -1_000_000_000i64..1_000_000_000,
+            0i64..1_000_000_000,
+            proptest::collection::vec(0u64..1000, CT_HU_BINS),
+        )
+            .prop_map(|(count, sum, sum_squares, histogram)| CtSummary {
+                count,
+                sum,
+                sum_squares,
+                histogram,
+            })
     }
 
     proptest! {
@@ -174,12 +190,19 @@ mod tests {
             s.histogram[(hu - CT_HU_MIN) as usize] += 1;
         }
         assert_eq!(s.mean(), Some(16.0));
-        let var = [-1000.0f64, 0.0, 40.0, 40.0, 1000.0].iter().map(|x| (x - 16.0).powi(2)).sum::<f64>() / 5.0;
+        let var = [-1000.0f64, 0.0, 40.0, 40.0, 1000.0]
+            .iter()
+            .map(|x| (x - 16.0).powi(2))
+            .sum::<f64>()
+            / 5.0;
         assert!((s.std().unwrap_or_default() - var.sqrt()).abs() < 1e-6);
         assert_eq!(s.percentile(50.0), Some(40.0));
         assert_eq!(s.percentile(0.0), Some(-1000.0));
         assert_eq!(s.percentile(100.0), Some(1000.0));
-        let n = NyulSummary { landmark_sums: [to_fixed(3.0); NYUL_LANDMARKS], volumes: 2 };
+        let n = NyulSummary {
+            landmark_sums: [to_fixed(3.0); NYUL_LANDMARKS],
+            volumes: 2,
+        };
         assert_eq!(n.standard_scale().map(|s| s[0]), Some(1.5));
     }
 }

@@ -5,5 +5,6 @@
 mod codecs;
 mod deid;
 mod handshake;
+mod harmonise;
 mod messy;
 mod volume;

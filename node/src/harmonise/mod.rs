@@ -18,7 +18,9 @@ use crate::volume::{StoredType, Volume};
 pub const MODEL_VERSION: u32 = 1;
 
 /// Nyúl–Udupa landmark percentiles.
-pub const NYUL_PERCENTILES: [f64; NYUL_LANDMARKS] = [1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0];
+pub const NYUL_PERCENTILES: [f64; NYUL_LANDMARKS] = [
+    1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0,
+];
 
 /// How the foreground (the voxels statistics are taken over) is chosen.
 #[derive(Clone, Debug, PartialEq)]
@@ -58,18 +60,34 @@ pub enum Discretisation {
 #[serde(rename_all = "kebab-case", tag = "method")]
 pub enum Method {
     MinMax,
-    Percentile { low: f64, high: f64 },
+    Percentile {
+        low: f64,
+        high: f64,
+    },
     /// IBSI outlier filtering: voxels outside μ ± nσ of the ROI leave the mask.
-    MuSigmaIbsi { n: f64 },
+    MuSigmaIbsi {
+        n: f64,
+    },
     /// pyradiomics: whole-image z-score, clipped to ±n.
-    MuSigmaPyradiomics { n: f64 },
+    MuSigmaPyradiomics {
+        n: f64,
+    },
     ZScore,
-    Kde { contrast: Contrast },
-    WhiteStripe { contrast: Contrast, width: f64 },
+    Kde {
+        contrast: Contrast,
+    },
+    WhiteStripe {
+        contrast: Contrast,
+        width: f64,
+    },
     Fcm,
     Nyul,
     Lsq,
-    CtWindow { center: f64, width: f64, function: WindowFunction },
+    CtWindow {
+        center: f64,
+        width: f64,
+        function: WindowFunction,
+    },
     CtNnunet,
     Discretise(Discretisation),
 }
@@ -80,10 +98,16 @@ pub enum Method {
 pub enum Fitted {
     /// Per-volume methods learn nothing across volumes.
     None,
-    Nyul { summary: NyulSummary },
-    Ct { summary: CtSummary },
+    Nyul {
+        summary: NyulSummary,
+    },
+    Ct {
+        summary: CtSummary,
+    },
     /// LSQ: the standard tissue means (CSF, GM, WM) of the reference volume.
-    Lsq { standard_means: [f64; 3] },
+    Lsq {
+        standard_means: [f64; 3],
+    },
 }
 
 /// A harmonisation model: method, parameters and fitted state; saved and reloaded as JSON.
@@ -147,7 +171,10 @@ pub fn foreground(v: &[f64], rule: &Foreground) -> Result<Vec<bool>, HarmoniseEr
         Foreground::Positive => v.iter().map(|x| *x > 1e-6).collect(),
         Foreground::Mask(m) => {
             if m.len() != v.len() {
-                return Err(HarmoniseError::MaskSize { mask: m.len(), voxels: v.len() });
+                return Err(HarmoniseError::MaskSize {
+                    mask: m.len(),
+                    voxels: v.len(),
+                });
             }
             m.clone()
         }
@@ -159,7 +186,11 @@ pub fn foreground(v: &[f64], rule: &Foreground) -> Result<Vec<bool>, HarmoniseEr
 }
 
 fn voi(v: &[f64], mask: &[bool]) -> Vec<f64> {
-    v.iter().zip(mask).filter(|(_, m)| **m).map(|(x, _)| *x).collect()
+    v.iter()
+        .zip(mask)
+        .filter(|(_, m)| **m)
+        .map(|(x, _)| *x)
+        .collect()
 }
 
 /// Fuzzy c-means on foreground intensities (c = 3, m = 2, error 0.005, 50 iterations, as
@@ -246,7 +277,8 @@ pub fn fit_ct(v: &Volume, rule: &Foreground) -> Result<CtSummary, HarmoniseError
         s.count += 1;
         s.sum += to_fixed(hu);
         s.sum_squares += to_fixed(hu * hu / 1000.0);
-        let bin = (hu.round() as i64 - i64::from(CT_HU_MIN)).clamp(0, CT_HU_BINS as i64 - 1) as usize;
+        let bin =
+            (hu.round() as i64 - i64::from(CT_HU_MIN)).clamp(0, CT_HU_BINS as i64 - 1) as usize;
         s.histogram[bin] += 1;
     }
     Ok(s)
@@ -263,7 +295,11 @@ fn interp_extrapolate(x: f64, xs: &[f64], ys: &[f64]) -> f64 {
         xs.partition_point(|v| *v <= x).saturating_sub(1).min(n - 2)
     };
     let (x0, x1, y0, y1) = (xs[seg], xs[seg + 1], ys[seg], ys[seg + 1]);
-    if x1 == x0 { y0 } else { y0 + (x - x0) * (y1 - y0) / (x1 - x0) }
+    if x1 == x0 {
+        y0
+    } else {
+        y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+    }
 }
 
 /// Apply a model to a volume.
@@ -272,12 +308,21 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
         return Err(HarmoniseError::Version(model.version));
     }
     let x = values(v);
-    let done = |out: Vec<f64>| Ok(Harmonised { volume: with_values(v, &out), roi: None });
+    let done = |out: Vec<f64>| {
+        Ok(Harmonised {
+            volume: with_values(v, &out),
+            roi: None,
+        })
+    };
     let mask = || foreground(&x, rule);
     match &model.method {
         Method::MinMax => {
             let roi = voi(&x, &mask()?);
-            let (lo, hi) = roi.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(*v), b.max(*v)));
+            let (lo, hi) = roi
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+                    (a.min(*v), b.max(*v))
+                });
             if hi <= lo {
                 return Err(HarmoniseError::Degenerate);
             }
@@ -289,13 +334,24 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
             if p[1] <= p[0] {
                 return Err(HarmoniseError::Degenerate);
             }
-            done(x.iter().map(|v| (v.clamp(p[0], p[1]) - p[0]) / (p[1] - p[0])).collect())
+            done(
+                x.iter()
+                    .map(|v| (v.clamp(p[0], p[1]) - p[0]) / (p[1] - p[0]))
+                    .collect(),
+            )
         }
         Method::MuSigmaIbsi { n } => {
             let m = mask()?;
             let (mu, sd) = mean_std(&voi(&x, &m));
-            let roi = x.iter().zip(&m).map(|(v, inside)| *inside && (v - mu).abs() <= n * sd).collect();
-            Ok(Harmonised { volume: with_values(v, &x), roi: Some(roi) })
+            let roi = x
+                .iter()
+                .zip(&m)
+                .map(|(v, inside)| *inside && (v - mu).abs() <= n * sd)
+                .collect();
+            Ok(Harmonised {
+                volume: with_values(v, &x),
+                roi: Some(roi),
+            })
         }
         Method::MuSigmaPyradiomics { n } => {
             let (mu, sd) = mean_std(&x);
@@ -349,10 +405,16 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
             let Fitted::Nyul { summary } = &model.fitted else {
                 return Err(HarmoniseError::NotFitted("nyul"));
             };
-            let scale = summary.standard_scale().ok_or(HarmoniseError::NotFitted("nyul"))?;
+            let scale = summary
+                .standard_scale()
+                .ok_or(HarmoniseError::NotFitted("nyul"))?;
             let mut roi = voi(&x, &mask()?);
             let (raw, _) = nyul_landmarks(&mut roi);
-            done(x.iter().map(|v| interp_extrapolate(*v, &raw, &scale)).collect())
+            done(
+                x.iter()
+                    .map(|v| interp_extrapolate(*v, &raw, &scale))
+                    .collect(),
+            )
         }
         Method::Lsq => {
             let Fitted::Lsq { standard_means } = &model.fitted else {
@@ -367,15 +429,28 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
             let sf = mtm / mts;
             done(x.iter().map(|v| v / sf).collect())
         }
-        Method::CtWindow { center, width, function } => {
+        Method::CtWindow {
+            center,
+            width,
+            function,
+        } => {
             let (lo, hi) = (0.0, 1.0);
-            done(x.iter().map(|v| window(*v, *center, *width, *function, lo, hi)).collect())
+            done(
+                x.iter()
+                    .map(|v| window(*v, *center, *width, *function, lo, hi))
+                    .collect(),
+            )
         }
         Method::CtNnunet => {
             let Fitted::Ct { summary } = &model.fitted else {
                 return Err(HarmoniseError::NotFitted("ct-nnunet"));
             };
-            let (Some(mean), Some(sd), Some(p05), Some(p995)) = (summary.mean(), summary.std(), summary.percentile(0.5), summary.percentile(99.5)) else {
+            let (Some(mean), Some(sd), Some(p05), Some(p995)) = (
+                summary.mean(),
+                summary.std(),
+                summary.percentile(0.5),
+                summary.percentile(99.5),
+            ) else {
                 return Err(HarmoniseError::NotFitted("ct-nnunet"));
             };
             if sd == 0.0 {
@@ -386,18 +461,35 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
         Method::Discretise(d) => {
             let m = mask()?;
             let roi = voi(&x, &m);
-            let (lo, hi) = roi.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(*v), b.max(*v)));
+            let (lo, hi) = roi
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+                    (a.min(*v), b.max(*v))
+                });
             let bin = |v: f64| -> f64 {
                 match d {
                     Discretisation::FixedBinNumber { bins } => {
                         let ng = f64::from(*bins);
-                        if v < hi && hi > lo { ((ng * (v - lo) / (hi - lo)).floor() + 1.0).min(ng) } else { ng }
+                        if v < hi && hi > lo {
+                            ((ng * (v - lo) / (hi - lo)).floor() + 1.0).min(ng)
+                        } else {
+                            ng
+                        }
                     }
-                    Discretisation::FixedBinSize { width, lower } => ((v - lower.unwrap_or(lo)) / width).floor() + 1.0,
-                    Discretisation::PyradiomicsBinWidth { width } => (v / width).floor() - (lo / width).floor() + 1.0,
+                    Discretisation::FixedBinSize { width, lower } => {
+                        ((v - lower.unwrap_or(lo)) / width).floor() + 1.0
+                    }
+                    Discretisation::PyradiomicsBinWidth { width } => {
+                        (v / width).floor() - (lo / width).floor() + 1.0
+                    }
                 }
             };
-            done(x.iter().zip(&m).map(|(v, inside)| if *inside { bin(*v) } else { 0.0 }).collect())
+            done(
+                x.iter()
+                    .zip(&m)
+                    .map(|(v, inside)| if *inside { bin(*v) } else { 0.0 })
+                    .collect(),
+            )
         }
     }
 }
@@ -406,7 +498,11 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
 pub fn window(x: f64, c: f64, w: f64, f: WindowFunction, y_min: f64, y_max: f64) -> f64 {
     match f {
         WindowFunction::Linear | WindowFunction::LinearExact => {
-            let (c, w) = if f == WindowFunction::Linear { (c - 0.5, (w - 1.0).max(f64::MIN_POSITIVE)) } else { (c, w) };
+            let (c, w) = if f == WindowFunction::Linear {
+                (c - 0.5, (w - 1.0).max(f64::MIN_POSITIVE))
+            } else {
+                (c, w)
+            };
             if x <= c - w / 2.0 {
                 y_min
             } else if x > c + w / 2.0 {
@@ -420,7 +516,11 @@ pub fn window(x: f64, c: f64, w: f64, f: WindowFunction, y_min: f64, y_max: f64)
 }
 
 /// Fit a model over volumes (all of one site, or pooled).
-pub fn fit(method: &Method, volumes: &[Volume], rule: &Foreground) -> Result<Model, HarmoniseError> {
+pub fn fit(
+    method: &Method,
+    volumes: &[Volume],
+    rule: &Foreground,
+) -> Result<Model, HarmoniseError> {
     let fitted = match method {
         Method::Nyul => {
             let mut s = NyulSummary::default();
@@ -444,7 +544,9 @@ pub fn fit(method: &Method, volumes: &[Volume], rule: &Foreground) -> Result<Mod
             if means[0] == 0.0 {
                 return Err(HarmoniseError::Degenerate);
             }
-            Fitted::Lsq { standard_means: [1.0, means[1] / means[0], means[2] / means[0]] }
+            Fitted::Lsq {
+                standard_means: [1.0, means[1] / means[0], means[2] / means[0]],
+            }
         }
         _ => Fitted::None,
     };

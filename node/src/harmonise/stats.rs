@@ -35,7 +35,10 @@ pub fn percentiles(values: &mut [f64], ps: &[f64]) -> Vec<f64> {
             }
         };
         let value = if frac > 0.0 && lo + 1 < n {
-            let next = values[lo + 1..].iter().copied().fold(f64::INFINITY, f64::min);
+            let next = values[lo + 1..]
+                .iter()
+                .copied()
+                .fold(f64::INFINITY, f64::min);
             lo_value + frac * (next - lo_value)
         } else {
             lo_value
@@ -60,8 +63,12 @@ pub fn mean_std(values: &[f64]) -> (f64, f64) {
 
 /// Otsu's threshold over a 256-bin histogram of `values`.
 pub fn otsu(values: &[f64]) -> f64 {
-    let (min, max) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(*v), b.max(*v)));
-    if !(max > min) {
+    let (min, max) = values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(*v), b.max(*v))
+        });
+    if max.partial_cmp(&min) != Some(std::cmp::Ordering::Greater) {
         return min;
     }
     let bins = 256usize;
@@ -73,7 +80,11 @@ pub fn otsu(values: &[f64]) -> f64 {
     }
     let centre = |b: usize| min + (b as f64 + 0.5) * width;
     let total = values.len() as f64;
-    let sum_all: f64 = hist.iter().enumerate().map(|(b, c)| centre(b) * *c as f64).sum();
+    let sum_all: f64 = hist
+        .iter()
+        .enumerate()
+        .map(|(b, c)| centre(b) * *c as f64)
+        .sum();
     let (mut w0, mut sum0, mut best, mut threshold) = (0.0, 0.0, -1.0, min);
     for (b, c) in hist.iter().enumerate() {
         w0 += *c as f64;
@@ -97,7 +108,11 @@ pub fn otsu(values: &[f64]) -> f64 {
 /// (128 points from min − 3 bw to max + 3 bw) and the density on it.
 pub fn smooth_histogram(values: &[f64]) -> (Vec<f64>, Vec<f64>) {
     let n = values.len();
-    let (min, max) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(*v), b.max(*v)));
+    let (min, max) = values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(*v), b.max(*v))
+        });
     let bw = max / 80.0;
     let m = 128usize;
     let a = min - 3.0 * bw;
@@ -166,7 +181,9 @@ pub enum Contrast {
 }
 
 fn local_maxima(pdf: &[f64]) -> Vec<usize> {
-    (1..pdf.len().saturating_sub(1)).filter(|&i| pdf[i] > pdf[i - 1] && pdf[i] > pdf[i + 1]).collect()
+    (1..pdf.len().saturating_sub(1))
+        .filter(|&i| pdf[i] > pdf[i - 1] && pdf[i] > pdf[i + 1])
+        .collect()
 }
 
 /// The tissue mode of a contrast (intensity-normalization 2.2.4 `get_tissue_mode`).
@@ -174,7 +191,11 @@ pub fn tissue_mode(voi: &[f64], contrast: Contrast) -> f64 {
     match contrast {
         Contrast::T2 | Contrast::Flair => {
             let (grid, pdf) = smooth_histogram(voi);
-            let i = pdf.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+            let i = pdf
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(i, _)| i);
             grid[i]
         }
         Contrast::T1 | Contrast::Pd => {
@@ -184,7 +205,11 @@ pub fn tissue_mode(voi: &[f64], contrast: Contrast) -> f64 {
             let kept: Vec<f64> = voi.iter().copied().filter(|v| *v <= threshold).collect();
             let (grid, pdf) = smooth_histogram(&kept);
             let maxima = local_maxima(&pdf);
-            let i = if contrast == Contrast::T1 { maxima.last() } else { maxima.first() };
+            let i = if contrast == Contrast::T1 {
+                maxima.last()
+            } else {
+                maxima.first()
+            };
             i.map_or(grid[0], |&i| grid[i])
         }
     }
@@ -197,7 +222,10 @@ mod tests {
     #[test]
     fn percentiles_match_numpy_linear_interpolation() {
         let mut v: Vec<f64> = vec![5.0, 1.0, 4.0, 2.0, 3.0];
-        assert_eq!(percentiles(&mut v, &[0.0, 25.0, 50.0, 90.0, 100.0, 10.0]), vec![1.0, 2.0, 3.0, 4.6, 5.0, 1.4]);
+        assert_eq!(
+            percentiles(&mut v, &[0.0, 25.0, 50.0, 90.0, 100.0, 10.0]),
+            vec![1.0, 2.0, 3.0, 4.6, 5.0, 1.4]
+        );
         let mut w: Vec<f64> = (0..1001).map(|i| ((i * 7919) % 1001) as f64).collect();
         let p = percentiles(&mut w, &[1.0, 99.0, 50.0]);
         assert_eq!(p, vec![10.0, 990.0, 500.0]);
@@ -205,7 +233,15 @@ mod tests {
 
     #[test]
     fn otsu_separates_two_classes() {
-        let v: Vec<f64> = (0..1000).map(|i| if i % 2 == 0 { 10.0 + (i % 7) as f64 } else { 100.0 + (i % 5) as f64 }).collect();
+        let v: Vec<f64> = (0..1000)
+            .map(|i| {
+                if i % 2 == 0 {
+                    10.0 + (i % 7) as f64
+                } else {
+                    100.0 + (i % 5) as f64
+                }
+            })
+            .collect();
         let t = otsu(&v);
         assert!(v.iter().all(|x| (*x < 50.0) == (*x < t)), "{t}");
     }
