@@ -86,6 +86,19 @@ const MIGRATIONS: &[&str] = &[
         hash TEXT NOT NULL
     );
     "#,
+    // 2: provenance of harmonised volumes.
+    r#"
+    CREATE TABLE harmonised (
+        id INTEGER PRIMARY KEY,
+        output_path TEXT NOT NULL,
+        output_hash TEXT NOT NULL,
+        source_hash TEXT NOT NULL,
+        method TEXT NOT NULL,
+        model_version INTEGER NOT NULL,
+        model_hash TEXT NOT NULL,
+        at TEXT NOT NULL
+    );
+    "#,
 ];
 
 /// The outcome of one input as recorded.
@@ -163,6 +176,22 @@ pub struct BatchRecords {
     /// (pseudonym, nonce, ciphertext)
     pub vault: Vec<(String, Vec<u8>, Vec<u8>)>,
     pub audit: Vec<AuditRecord>,
+}
+
+/// Provenance of one harmonised volume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HarmonisedRecord {
+    /// Path relative to the harmonisation output folder.
+    pub output_path: String,
+    pub output_hash: String,
+    /// Hash of the volume file it was made from.
+    pub source_hash: String,
+    /// The method and its parameters (JSON).
+    pub method: String,
+    pub model_version: u32,
+    /// SHA-256 of the serialised model.
+    pub model_hash: String,
+    pub at: String,
 }
 
 /// Totals of the catalog by outcome.
@@ -596,6 +625,40 @@ impl Catalog {
                     },
                     prev_hash: r.get(5)?,
                     hash: r.get(6)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+    }
+
+    /// Record the provenance of a harmonised volume.
+    pub fn record_harmonised(&self, p: &HarmonisedRecord) -> Result<(), CatalogError> {
+        self.conn
+            .execute(
+                "INSERT INTO harmonised (output_path, output_hash, source_hash, method, model_version, model_hash, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![p.output_path, p.output_hash, p.source_hash, p.method, p.model_version, p.model_hash, p.at],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Provenance records of harmonised volumes.
+    pub fn harmonised(&self) -> Result<Vec<HarmonisedRecord>, CatalogError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT output_path, output_hash, source_hash, method, model_version, model_hash, at FROM harmonised ORDER BY id")
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(HarmonisedRecord {
+                    output_path: r.get(0)?,
+                    output_hash: r.get(1)?,
+                    source_hash: r.get(2)?,
+                    method: r.get(3)?,
+                    model_version: r.get(4)?,
+                    model_hash: r.get(5)?,
+                    at: r.get(6)?,
                 })
             })
             .map_err(self.err())?;

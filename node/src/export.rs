@@ -70,6 +70,9 @@ pub struct ExportOptions {
     pub fractions: [f64; 3],
     /// Category the splits are stratified by.
     pub stratify: Stratify,
+    /// Use the harmonised volumes of this folder (made by `harmonise` from a NIfTI export of
+    /// the same data) instead of the raw ones.
+    pub harmonised: Option<PathBuf>,
 }
 
 /// What an export wrote.
@@ -146,7 +149,7 @@ pub fn export(
     let volumes = assemble(&objects);
     let mut summary = ExportSummary::default();
     let mut manifest = String::new();
-    let mut cases: Vec<(&AssembledVolume, String)> = Vec::new();
+    let mut cases: Vec<(&AssembledVolume, String, Option<Vec<u8>>)> = Vec::new();
     for v in &volumes {
         let Some(vol) = &v.volume else {
             summary.skipped += 1;
@@ -159,8 +162,19 @@ pub fn export(
         } else {
             key(&v.series_uid)
         };
+        let nifti_rel = format!("{}/{}/{series_key}.nii.gz", v.patient, key(&v.study_uid));
+        let harmonised = match &opts.harmonised {
+            Some(dir) => match fs::read(dir.join(&nifti_rel)) {
+                Ok(b) => Some(b),
+                Err(_) => {
+                    summary.skipped += 1;
+                    continue;
+                }
+            },
+            None => None,
+        };
         let rel = match opts.format {
-            Format::Nifti => format!("{}/{}/{series_key}.nii.gz", v.patient, key(&v.study_uid)),
+            Format::Nifti => nifti_rel.clone(),
             Format::NnUnet => String::new(),
         };
         manifest.push_str(
@@ -173,18 +187,22 @@ pub fn export(
                 "spacing": vol.spacing(),
                 "findings": findings,
                 "file": rel,
+                "harmonised": harmonised.is_some(),
             })
             .to_string(),
         );
         manifest.push('\n');
         if opts.format == Format::Nifti {
-            let bytes = nifti::encode_gz(vol).map_err(|source| ExportError::Write {
-                path: out.to_owned(),
-                source,
-            })?;
+            let bytes = match harmonised {
+                Some(b) => b,
+                None => nifti::encode_gz(vol).map_err(|source| ExportError::Write {
+                    path: out.to_owned(),
+                    source,
+                })?,
+            };
             write(&out.join(&rel), &bytes)?;
         } else {
-            cases.push((v, series_key));
+            cases.push((v, series_key, harmonised));
         }
         summary.volumes += 1;
     }
@@ -197,7 +215,7 @@ pub fn export(
             ));
             let mut patients: BTreeMap<String, String> = BTreeMap::new();
             let mut names = Vec::new();
-            for (v, series_key) in &cases {
+            for (v, series_key, harmonised) in &cases {
                 let category = match opts.stratify {
                     Stratify::None => String::new(),
                     Stratify::Modality => v.modality.clone(),
@@ -206,10 +224,13 @@ pub fn export(
                 patients.entry(v.patient.clone()).or_insert(category);
                 let case = format!("{}_{}", v.patient, series_key);
                 let vol = v.volume.as_ref().ok_or(ExportError::Fractions)?;
-                let bytes = nifti::encode_gz(vol).map_err(|source| ExportError::Write {
-                    path: root.clone(),
-                    source,
-                })?;
+                let bytes = match harmonised {
+                    Some(b) => b.clone(),
+                    None => nifti::encode_gz(vol).map_err(|source| ExportError::Write {
+                        path: root.clone(),
+                        source,
+                    })?,
+                };
                 write(
                     &root.join("imagesTr").join(format!("{case}_0000.nii.gz")),
                     &bytes,
@@ -227,7 +248,7 @@ pub fn export(
             }
             let modality = cases
                 .first()
-                .map(|(v, _)| v.modality.clone())
+                .map(|(v, _, _)| v.modality.clone())
                 .unwrap_or_default();
             let dataset = serde_json::json!({
                 "channel_names": { "0": modality },

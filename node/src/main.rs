@@ -103,7 +103,12 @@ enum Command {
         /// Category the splits are stratified by.
         #[arg(long, value_enum, default_value = "modality")]
         stratify: StratifyBy,
+        /// Use the harmonised volumes in this folder (made by `harmonise` from a NIfTI export).
+        #[arg(long)]
+        harmonised: Option<PathBuf>,
     },
+    /// Harmonise the intensities of NIfTI volumes (e.g. an `export --format nifti` folder).
+    Harmonise(HarmoniseArgs),
     /// The catalog of everything done.
     Catalog {
         #[command(subcommand)]
@@ -207,6 +212,97 @@ enum AuditCommand {
     List,
 }
 
+#[derive(clap::Args, Debug)]
+struct HarmoniseArgs {
+    /// Folder of NIfTI volumes.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output folder (mirrors the input's names, float32 NIfTI, plus model.json).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum)]
+    method: MethodName,
+    /// MR contrast for KDE and WhiteStripe (from the protocol, not from image descriptions).
+    #[arg(long, value_enum, default_value = "t1")]
+    contrast: ContrastName,
+    /// WhiteStripe width.
+    #[arg(long, default_value_t = 0.05)]
+    stripe_width: f64,
+    /// Percentile clipping bounds.
+    #[arg(long, default_value_t = 1.0)]
+    low: f64,
+    #[arg(long, default_value_t = 99.0)]
+    high: f64,
+    /// μ ± nσ.
+    #[arg(long, default_value_t = 3.0)]
+    n_sigma: f64,
+    /// Discretisation: number of bins (IBSI FBN).
+    #[arg(long, default_value_t = 32)]
+    bins: u32,
+    /// Discretisation: bin width (IBSI FBS, pyradiomics binWidth).
+    #[arg(long, default_value_t = 25.0)]
+    bin_width: f64,
+    /// Discretisation: lower bound of the re-segmentation range (IBSI FBS).
+    #[arg(long)]
+    lower: Option<f64>,
+    /// CT window centre and width (HU), and function.
+    #[arg(long, default_value_t = 40.0)]
+    window_center: f64,
+    #[arg(long, default_value_t = 400.0)]
+    window_width: f64,
+    #[arg(long, value_enum, default_value = "linear")]
+    window_function: WindowName,
+    /// Foreground: Otsu (default) or the reference's > 0 convention.
+    #[arg(long, value_enum, default_value = "otsu")]
+    foreground: ForegroundName,
+    /// Folder of label maps mirroring the input names; voxels > 0 are the foreground.
+    #[arg(long)]
+    masks: Option<PathBuf>,
+    /// Apply this saved model instead of fitting one.
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum MethodName {
+    MinMax,
+    Percentile,
+    MuSigmaIbsi,
+    MuSigmaPyradiomics,
+    Zscore,
+    Kde,
+    Whitestripe,
+    Fcm,
+    Nyul,
+    Lsq,
+    CtWindow,
+    CtNnunet,
+    Fbn,
+    Fbs,
+    PyradiomicsBinWidth,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ContrastName {
+    T1,
+    T2,
+    Flair,
+    Pd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum WindowName {
+    Linear,
+    LinearExact,
+    Sigmoid,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ForegroundName {
+    Otsu,
+    Positive,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum StratifyBy {
     None,
@@ -258,6 +354,7 @@ fn main() -> Result<()> {
             seed,
             split,
             stratify,
+            harmonised,
         } => {
             let input = input.unwrap_or_else(|| config.data_dir.join("deid"));
             let fractions = match split.as_slice() {
@@ -278,6 +375,7 @@ fn main() -> Result<()> {
                     StratifyBy::Modality => node::export::Stratify::Modality,
                     StratifyBy::Sex => node::export::Stratify::Sex,
                 },
+                harmonised,
             };
             let s = node::export::export(&input, &out, &opts)?;
             println!(
@@ -322,6 +420,7 @@ fn main() -> Result<()> {
         } => export(&config, out.as_deref()),
         Command::Quarantine { command } => quarantine(&config, command),
         Command::Secret { command } => secret(&config, command),
+        Command::Harmonise(args) => harmonise(&config, args),
         Command::Reidentify { pseudonym, field } => reidentify(&config, &pseudonym, field),
         Command::Audit { command } => audit_cmd(&config, command),
     }
@@ -953,5 +1052,141 @@ fn bench_volume(dir: Option<PathBuf>, slices: usize, keep: bool) -> Result<()> {
     if !keep {
         std::fs::remove_dir_all(&dir)?;
     }
+    Ok(())
+}
+
+fn harmonise(config: &NodeConfig, a: HarmoniseArgs) -> Result<()> {
+    use node::harmonise::stats::Contrast;
+    use node::harmonise::{self as h, Discretisation, Foreground, Method, WindowFunction};
+    let contrast = match a.contrast {
+        ContrastName::T1 => Contrast::T1,
+        ContrastName::T2 => Contrast::T2,
+        ContrastName::Flair => Contrast::Flair,
+        ContrastName::Pd => Contrast::Pd,
+    };
+    let method = match a.method {
+        MethodName::MinMax => Method::MinMax,
+        MethodName::Percentile => Method::Percentile {
+            low: a.low,
+            high: a.high,
+        },
+        MethodName::MuSigmaIbsi => Method::MuSigmaIbsi { n: a.n_sigma },
+        MethodName::MuSigmaPyradiomics => Method::MuSigmaPyradiomics { n: a.n_sigma },
+        MethodName::Zscore => Method::ZScore,
+        MethodName::Kde => Method::Kde { contrast },
+        MethodName::Whitestripe => Method::WhiteStripe {
+            contrast,
+            width: a.stripe_width,
+        },
+        MethodName::Fcm => Method::Fcm,
+        MethodName::Nyul => Method::Nyul,
+        MethodName::Lsq => Method::Lsq,
+        MethodName::CtWindow => Method::CtWindow {
+            center: a.window_center,
+            width: a.window_width,
+            function: match a.window_function {
+                WindowName::Linear => WindowFunction::Linear,
+                WindowName::LinearExact => WindowFunction::LinearExact,
+                WindowName::Sigmoid => WindowFunction::Sigmoid,
+            },
+        },
+        MethodName::CtNnunet => Method::CtNnunet,
+        MethodName::Fbn => Method::Discretise(Discretisation::FixedBinNumber { bins: a.bins }),
+        MethodName::Fbs => Method::Discretise(Discretisation::FixedBinSize {
+            width: a.bin_width,
+            lower: a.lower,
+        }),
+        MethodName::PyradiomicsBinWidth => {
+            Method::Discretise(Discretisation::PyradiomicsBinWidth { width: a.bin_width })
+        }
+    };
+    let files: Vec<PathBuf> = batch::list_inputs(&a.input)?
+        .into_iter()
+        .filter(|p| node::volume::nifti::is_nifti_path(p))
+        .collect();
+    if files.is_empty() {
+        bail!("no NIfTI volumes under {}", a.input.display());
+    }
+    let mut volumes = Vec::new();
+    let mut rules = Vec::new();
+    for f in &files {
+        let (_, v) =
+            node::volume::nifti::read(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+        let rel = f.strip_prefix(&a.input).unwrap_or(f).to_owned();
+        let rule = match &a.masks {
+            Some(dir) => {
+                let (_, m) = node::volume::nifti::read(&dir.join(&rel))
+                    .map_err(|e| anyhow::anyhow!("mask for {}: {e}", rel.display()))?;
+                Foreground::Mask(m.data.iter().map(|x| *x > 0.0).collect())
+            }
+            None => match a.foreground {
+                ForegroundName::Otsu => Foreground::Otsu,
+                ForegroundName::Positive => Foreground::Positive,
+            },
+        };
+        volumes.push((rel, v, node::batch::hash_file(f)?.0));
+        rules.push(rule);
+    }
+    let model = match &a.model {
+        Some(p) => {
+            let m: h::Model = serde_json::from_slice(&std::fs::read(p)?)
+                .with_context(|| format!("reading model {}", p.display()))?;
+            if m.method != method {
+                bail!(
+                    "model {} is for {:?}, not {:?}",
+                    p.display(),
+                    m.method,
+                    method
+                );
+            }
+            m
+        }
+        None => {
+            // Fitting: a summary per volume with its own mask, merged (equal to pooled fitting).
+            let per: Vec<h::Model> = volumes
+                .iter()
+                .zip(&rules)
+                .map(|((_, v, _), r)| h::fit(&method, std::slice::from_ref(v), r))
+                .collect::<Result<_, _>>()?;
+            if matches!(method, Method::Lsq) {
+                per.into_iter().next().context("no volume to fit on")?
+            } else {
+                h::merge(&per).context("no volume to fit on")?
+            }
+        }
+    };
+    let model_json = serde_json::to_vec_pretty(&model)?;
+    let model_hash = batch::content_hash(&model_json);
+    batch::write_atomically(&a.out.join("model.json"), &model_json)?;
+    let dd = open_data_dir(&config.data_dir)?;
+    let method_json = serde_json::to_string(&model.method)?;
+    for ((rel, v, source_hash), rule) in volumes.iter().zip(&rules) {
+        let out =
+            h::apply(&model, v, rule).map_err(|e| anyhow::anyhow!("{}: {e}", rel.display()))?;
+        let name = rel
+            .to_string_lossy()
+            .replace(".nii.gz", "")
+            .replace(".nii", "")
+            .replace(".hdr", "");
+        let rel_out = format!("{name}.nii.gz");
+        let bytes = node::volume::nifti::encode_gz(&out.volume)?;
+        batch::write_atomically(&a.out.join(&rel_out), &bytes)?;
+        dd.catalog
+            .record_harmonised(&node::catalog::HarmonisedRecord {
+                output_path: rel_out,
+                output_hash: batch::content_hash(&bytes),
+                source_hash: source_hash.clone(),
+                method: method_json.clone(),
+                model_version: model.version,
+                model_hash: model_hash.clone(),
+                at: audit::utc_now(),
+            })?;
+    }
+    println!(
+        "harmonised {} volumes with {method_json} (model {} in {})",
+        volumes.len(),
+        &model_hash[..12],
+        a.out.join("model.json").display()
+    );
     Ok(())
 }

@@ -668,3 +668,117 @@ fn export_writes_nifti_volumes_and_an_nnunet_dataset_split_by_patient() {
         "deterministic from the seed"
     );
 }
+
+#[test]
+fn harmonise_fits_saves_reapplies_and_feeds_the_export() {
+    let site = Site::new("");
+    let input = site.path("in");
+    sample::write_bulk_archive(&input, 4, 5).expect("archive");
+    run(&mut site.deid(&input, &site.path("data/deid")));
+    let nifti_dir = site.path("nifti");
+    run(site
+        .cmd()
+        .args(["export", "--format", "nifti", "--out"])
+        .arg(&nifti_dir));
+    let harm = site.path("harm");
+    let out = run(site
+        .cmd()
+        .args([
+            "harmonise",
+            "--method",
+            "nyul",
+            "--foreground",
+            "positive",
+            "--input",
+        ])
+        .arg(&nifti_dir)
+        .arg("--out")
+        .arg(&harm));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("harmonised 4 volumes"));
+    let model = harm.join("model.json");
+    let fitted: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&model).expect("model")).expect("json");
+    assert_eq!(fitted["version"], 1);
+    assert_eq!(fitted["fitted"]["summary"]["volumes"], 4);
+    // Applying the saved model again gives the same volumes, byte for byte.
+    let again = site.path("harm2");
+    run(site
+        .cmd()
+        .args([
+            "harmonise",
+            "--method",
+            "nyul",
+            "--foreground",
+            "positive",
+            "--input",
+        ])
+        .arg(&nifti_dir)
+        .arg("--out")
+        .arg(&again)
+        .arg("--model")
+        .arg(&model));
+    let a: Vec<PathBuf> = files_under(&harm)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".nii.gz"))
+        .collect();
+    assert_eq!(a.len(), 4);
+    for p in &a {
+        let twin = again.join(p.strip_prefix(&harm).expect("under"));
+        assert_eq!(
+            std::fs::read(p).expect("a"),
+            std::fs::read(&twin).expect("b"),
+            "{}",
+            p.display()
+        );
+        let (h, v) = node::volume::nifti::read(p).expect("float32 NIfTI");
+        assert_eq!(h.datatype, node::volume::StoredType::F32);
+        let max = v.data.iter().copied().fold(f32::MIN, f32::max);
+        assert!(
+            max > 90.0 && max < 110.0,
+            "Nyul output range ~1..100, max {max}"
+        );
+    }
+    // A model for another method is refused.
+    let e = fails(
+        site.cmd()
+            .args(["harmonise", "--method", "zscore", "--input"])
+            .arg(&nifti_dir)
+            .arg("--out")
+            .arg(site.path("x"))
+            .arg("--model")
+            .arg(&model),
+    );
+    assert!(e.contains("is for"), "{e}");
+    // Provenance is in the catalog; the export takes the harmonised volumes.
+    let db = rusqlite::Connection::open(site.path("data/catalog.sqlite")).expect("catalog");
+    let n: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM harmonised WHERE method LIKE '%nyul%'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(n, 8);
+    drop(db);
+    let nn = site.path("nn");
+    run(site
+        .cmd()
+        .args(["export", "--format", "nnunet", "--out"])
+        .arg(&nn)
+        .arg("--harmonised")
+        .arg(&harm));
+    let manifest =
+        std::fs::read_to_string(nn.join("Dataset500_fedcurate/manifest.jsonl")).expect("manifest");
+    assert_eq!(
+        manifest.matches("\"harmonised\":true").count(),
+        4,
+        "{manifest}"
+    );
+    let images = files_under(&nn.join("Dataset500_fedcurate/imagesTr"));
+    let (h, _) = node::volume::nifti::read(&images[0]).expect("image");
+    assert_eq!(
+        h.datatype,
+        node::volume::StoredType::F32,
+        "the harmonised float32 volume was exported"
+    );
+}
