@@ -77,6 +77,9 @@ enum Command {
         /// Measure series assembly and NIfTI writing instead (a 512x512 series of this many slices).
         #[arg(long)]
         volume: Option<usize>,
+        /// Measure every harmonisation method on a volume of this many voxels per side instead.
+        #[arg(long)]
+        harmonise: Option<usize>,
     },
     /// Export de-identified series for training code (NIfTI volumes, or nnU-Net v2 layout).
     Export {
@@ -399,9 +402,11 @@ fn main() -> Result<()> {
             batch_size,
             keep,
             volume,
-        } => match volume {
-            Some(slices) => bench_volume(dir, slices, keep),
-            None => bench(dir, files, batch_size, keep),
+            harmonise,
+        } => match (volume, harmonise) {
+            (Some(slices), _) => bench_volume(dir, slices, keep),
+            (None, Some(n)) => bench_harmonise(dir, n),
+            (None, None) => bench(dir, files, batch_size, keep),
         },
         Command::Sample {
             out,
@@ -1188,5 +1193,22 @@ fn harmonise(config: &NodeConfig, a: HarmoniseArgs) -> Result<()> {
         &model_hash[..12],
         a.out.join("model.json").display()
     );
+    Ok(())
+}
+
+fn bench_harmonise(dir: Option<PathBuf>, n: usize) -> Result<()> {
+    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("fedcurate-hbench-{}", std::process::id())));
+    println!("{n}^3 float32 volume ({:.0} MB), {} threads", (n * n * n * 4) as f64 / 1e6, rayon::current_num_threads());
+    let (baseline, timings) = node::bench::harmonise(&dir, n).map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("{:<32} {:>9.3} s", "read + write the volume (NIfTI)", baseline.as_secs_f64());
+    for t in &timings {
+        println!(
+            "{:<32} {:>9.3} s   {:>5.2}x the read+write pass",
+            t.name,
+            t.elapsed.as_secs_f64(),
+            t.elapsed.as_secs_f64() / baseline.as_secs_f64().max(1e-9)
+        );
+    }
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

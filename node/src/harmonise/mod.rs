@@ -195,26 +195,40 @@ fn voi(v: &[f64], mask: &[bool]) -> Vec<f64> {
 
 /// Fuzzy c-means on foreground intensities (c = 3, m = 2, error 0.005, 50 iterations, as
 /// `skfuzzy.cmeans` in the reference), initialised at the 20th/50th/80th percentiles.
-/// Returns centres ascending (CSF, GM, WM) and the membership-weighted tissue means.
+/// Memberships depend on intensity only, so the iterations run over a fine histogram (65,536
+/// bins, each at the mean of its voxels) weighted by counts: exact up to the bin width, and
+/// independent of the number of voxels. Returns centres ascending (CSF, GM, WM) and the
+/// membership-weighted tissue means.
 pub fn fcm(voi: &[f64]) -> ([f64; 3], [f64; 3]) {
+    let (lo, hi) = voi.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(*v), b.max(*v)));
+    const BINS: usize = 65_536;
+    let width = if hi > lo { (hi - lo) / BINS as f64 } else { 1.0 };
+    let mut count = vec![0.0f64; BINS];
+    let mut sum = vec![0.0f64; BINS];
+    for &x in voi {
+        let b = (((x - lo) / width) as usize).min(BINS - 1);
+        count[b] += 1.0;
+        sum[b] += x;
+    }
+    let points: Vec<(f64, f64)> = count.iter().zip(&sum).filter(|(c, _)| **c > 0.0).map(|(c, s)| (s / c, *c)).collect();
     let mut copy = voi.to_vec();
     let init = percentiles(&mut copy, &[20.0, 50.0, 80.0]);
     let mut c = [init[0], init[1], init[2]];
     let memberships = |c: &[f64; 3], x: f64| -> [f64; 3] {
-        let d: Vec<f64> = c.iter().map(|ci| (x - ci).abs().max(1e-12)).collect();
+        let d = [(x - c[0]).abs().max(1e-12), (x - c[1]).abs().max(1e-12), (x - c[2]).abs().max(1e-12)];
         let mut u = [0.0; 3];
         for i in 0..3 {
-            u[i] = 1.0 / (0..3).map(|k| (d[i] / d[k]).powi(2)).sum::<f64>();
+            u[i] = 1.0 / ((d[i] / d[0]).powi(2) + (d[i] / d[1]).powi(2) + (d[i] / d[2]).powi(2));
         }
         u
     };
     for _ in 0..50 {
         let mut num = [0.0; 3];
         let mut den = [0.0; 3];
-        for &x in voi {
+        for &(x, n) in &points {
             let u = memberships(&c, x);
             for i in 0..3 {
-                let w = u[i] * u[i];
+                let w = u[i] * u[i] * n;
                 num[i] += w * x;
                 den[i] += w;
             }
@@ -229,11 +243,11 @@ pub fn fcm(voi: &[f64]) -> ([f64; 3], [f64; 3]) {
     c.sort_by(f64::total_cmp);
     let mut wsum = [0.0; 3];
     let mut wx = [0.0; 3];
-    for &x in voi {
+    for &(x, n) in &points {
         let u = memberships(&c, x);
         for i in 0..3 {
-            wsum[i] += u[i];
-            wx[i] += u[i] * x;
+            wsum[i] += u[i] * n;
+            wx[i] += u[i] * n * x;
         }
     }
     (c, [wx[0] / wsum[0], wx[1] / wsum[1], wx[2] / wsum[2]])
