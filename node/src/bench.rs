@@ -316,10 +316,18 @@ pub fn synthetic_volume(n: usize, scale: f64, seed: u64) -> crate::volume::Volum
                 if r2 >= r * r {
                     continue;
                 }
-                let base = if r2 < (r * 0.43).powi(2) { 900.0 } else if r2 < (r * 0.71).powi(2) { 600.0 } else { 300.0 };
+                let base = if r2 < (r * 0.43).powi(2) {
+                    900.0
+                } else if r2 < (r * 0.71).powi(2) {
+                    600.0
+                } else {
+                    300.0
+                };
                 let mut noise = 0.0;
                 for _ in 0..2 {
-                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     noise += ((state >> 33) % 1001) as f64 / 10.0 - 50.0;
                 }
                 data[[i, j, k, 0]] = ((base + noise) * scale) as f32;
@@ -335,11 +343,19 @@ pub fn synthetic_volume(n: usize, scale: f64, seed: u64) -> crate::volume::Volum
 
 /// Time every method on an `n`³ float32 volume, and a read-and-write pass of the same
 /// volume as NIfTI as the memory-bound baseline.
-pub fn harmonise(dir: &Path, n: usize) -> Result<(Duration, Vec<MethodTiming>), Box<dyn std::error::Error>> {
+pub fn harmonise(
+    dir: &Path,
+    n: usize,
+) -> Result<(Duration, Vec<MethodTiming>), Box<dyn std::error::Error>> {
     use crate::harmonise::stats::Contrast;
-    use crate::harmonise::{self as h, Discretisation, Fitted, Foreground, Method, Model, WindowFunction};
+    use crate::harmonise::{
+        self as h, Discretisation, Fitted, Foreground, Method, Model, WindowFunction,
+    };
     fs::create_dir_all(dir)?;
-    let vols: Vec<crate::volume::Volume> = [(1.0, 1u64), (1.2, 2), (0.9, 3)].iter().map(|(s, seed)| synthetic_volume(n, *s, *seed)).collect();
+    let vols: Vec<crate::volume::Volume> = [(1.0, 1u64), (1.2, 2), (0.9, 3)]
+        .iter()
+        .map(|(s, seed)| synthetic_volume(n, *s, *seed))
+        .collect();
     let path = dir.join("v.nii");
     fs::write(&path, crate::volume::nifti::encode(&vols[0]))?;
     let t = Instant::now();
@@ -347,25 +363,64 @@ pub fn harmonise(dir: &Path, n: usize) -> Result<(Duration, Vec<MethodTiming>), 
     fs::write(dir.join("copy.nii"), crate::volume::nifti::encode(&v))?;
     let baseline = t.elapsed();
     let rule = Foreground::Positive;
-    let per = |m: Method| Model { version: h::MODEL_VERSION, method: m, fitted: Fitted::None };
+    let per = |m: Method| Model {
+        version: h::MODEL_VERSION,
+        method: m,
+        fitted: Fitted::None,
+    };
     let mut out = Vec::new();
-    let mut time = |name: &str, f: &mut dyn FnMut() -> Result<(), h::HarmoniseError>| -> Result<(), h::HarmoniseError> {
+    let mut time = |name: &str,
+                    f: &mut dyn FnMut() -> Result<(), h::HarmoniseError>|
+     -> Result<(), h::HarmoniseError> {
         let t = Instant::now();
         f()?;
-        out.push(MethodTiming { name: name.to_owned(), elapsed: t.elapsed() });
+        out.push(MethodTiming {
+            name: name.to_owned(),
+            elapsed: t.elapsed(),
+        });
         Ok(())
     };
     let v0 = &vols[0];
     for (name, m) in [
         ("z-score", Method::ZScore),
         ("min-max", Method::MinMax),
-        ("percentile 1-99", Method::Percentile { low: 1.0, high: 99.0 }),
-        ("mu+-3sigma (pyradiomics)", Method::MuSigmaPyradiomics { n: 3.0 }),
-        ("KDE (T1)", Method::Kde { contrast: Contrast::T1 }),
-        ("WhiteStripe (T1)", Method::WhiteStripe { contrast: Contrast::T1, width: 0.05 }),
+        (
+            "percentile 1-99",
+            Method::Percentile {
+                low: 1.0,
+                high: 99.0,
+            },
+        ),
+        (
+            "mu+-3sigma (pyradiomics)",
+            Method::MuSigmaPyradiomics { n: 3.0 },
+        ),
+        (
+            "KDE (T1)",
+            Method::Kde {
+                contrast: Contrast::T1,
+            },
+        ),
+        (
+            "WhiteStripe (T1)",
+            Method::WhiteStripe {
+                contrast: Contrast::T1,
+                width: 0.05,
+            },
+        ),
         ("FCM", Method::Fcm),
-        ("CT window", Method::CtWindow { center: 40.0, width: 400.0, function: WindowFunction::Linear }),
-        ("IBSI FBN 32", Method::Discretise(Discretisation::FixedBinNumber { bins: 32 })),
+        (
+            "CT window",
+            Method::CtWindow {
+                center: 40.0,
+                width: 400.0,
+                function: WindowFunction::Linear,
+            },
+        ),
+        (
+            "IBSI FBN 32",
+            Method::Discretise(Discretisation::FixedBinNumber { bins: 32 }),
+        ),
     ] {
         let model = per(m);
         time(name, &mut || h::apply(&model, v0, &rule).map(|_| ()))?;

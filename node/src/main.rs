@@ -1197,10 +1197,21 @@ fn harmonise(config: &NodeConfig, a: HarmoniseArgs) -> Result<()> {
 }
 
 fn bench_harmonise(dir: Option<PathBuf>, n: usize) -> Result<()> {
-    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("fedcurate-hbench-{}", std::process::id())));
-    println!("{n}^3 float32 volume ({:.0} MB), {} threads", (n * n * n * 4) as f64 / 1e6, rayon::current_num_threads());
-    let (baseline, timings) = node::bench::harmonise(&dir, n).map_err(|e| anyhow::anyhow!("{e}"))?;
-    println!("{:<32} {:>9.3} s", "read + write the volume (NIfTI)", baseline.as_secs_f64());
+    let dir = dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("fedcurate-hbench-{}", std::process::id()))
+    });
+    println!(
+        "{n}^3 float32 volume ({:.0} MB), {} threads",
+        (n * n * n * 4) as f64 / 1e6,
+        rayon::current_num_threads()
+    );
+    let (baseline, timings) =
+        node::bench::harmonise(&dir, n).map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!(
+        "{:<32} {:>9.3} s",
+        "read + write the volume (NIfTI)",
+        baseline.as_secs_f64()
+    );
     for t in &timings {
         println!(
             "{:<32} {:>9.3} s   {:>5.2}x the read+write pass",

@@ -8,7 +8,9 @@
 
 pub mod stats;
 
+use ndarray::ShapeBuilder;
 use protocol::summary::{CT_HU_BINS, CT_HU_MIN, CtSummary, NYUL_LANDMARKS, NyulSummary, to_fixed};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use self::stats::{Contrast, mean_std, otsu, percentile, percentiles, tissue_mode};
@@ -141,19 +143,25 @@ pub struct Harmonised {
     pub roi: Option<Vec<bool>>,
 }
 
-fn values(v: &Volume) -> Vec<f64> {
+/// The voxels in memory order, without copying when the volume is contiguous.
+fn values(v: &Volume) -> std::borrow::Cow<'_, [f32]> {
     match v.data.as_slice_memory_order() {
-        Some(s) => s.iter().map(|x| f64::from(*x)).collect(),
-        None => v.data.iter().map(|x| f64::from(*x)).collect(),
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(v.data.iter().copied().collect()),
     }
 }
 
-fn with_values(v: &Volume, out: &[f64]) -> Volume {
-    let mut data = v.data.clone();
-    match data.as_slice_memory_order_mut() {
-        Some(s) => s.iter_mut().zip(out).for_each(|(d, o)| *d = *o as f32),
-        None => data.iter_mut().zip(out).for_each(|(d, o)| *d = *o as f32),
+/// A float32 volume with `v`'s geometry and layout, from per-voxel values in memory order.
+fn mapped(v: &Volume, x: &[f32], f: impl Fn(f64) -> f64 + Sync) -> Volume {
+    let out: Vec<f32> = x.par_iter().map(|a| f(f64::from(*a)) as f32).collect();
+    let shape = v.data.raw_dim();
+    let fortran = !v.data.is_standard_layout() && v.data.t().is_standard_layout();
+    let data = if fortran {
+        ndarray::Array4::from_shape_vec(shape.f(), out)
+    } else {
+        ndarray::Array4::from_shape_vec(shape, out)
     }
+    .unwrap_or_else(|_| v.data.clone());
     Volume {
         data,
         affine: v.affine,
@@ -162,13 +170,13 @@ fn with_values(v: &Volume, out: &[f64]) -> Volume {
 }
 
 /// The foreground mask (memory order).
-pub fn foreground(v: &[f64], rule: &Foreground) -> Result<Vec<bool>, HarmoniseError> {
+pub fn foreground(v: &[f32], rule: &Foreground) -> Result<Vec<bool>, HarmoniseError> {
     let mask = match rule {
         Foreground::Otsu => {
             let t = otsu(v);
-            v.iter().map(|x| *x > t).collect()
+            v.par_iter().map(|x| f64::from(*x) > t).collect()
         }
-        Foreground::Positive => v.iter().map(|x| *x > 1e-6).collect(),
+        Foreground::Positive => v.par_iter().map(|x| f64::from(*x) > 1e-6).collect(),
         Foreground::Mask(m) => {
             if m.len() != v.len() {
                 return Err(HarmoniseError::MaskSize {
@@ -185,9 +193,9 @@ pub fn foreground(v: &[f64], rule: &Foreground) -> Result<Vec<bool>, HarmoniseEr
     Ok(mask)
 }
 
-fn voi(v: &[f64], mask: &[bool]) -> Vec<f64> {
-    v.iter()
-        .zip(mask)
+fn voi(v: &[f32], mask: &[bool]) -> Vec<f32> {
+    v.par_iter()
+        .zip(mask.par_iter())
         .filter(|(_, m)| **m)
         .map(|(x, _)| *x)
         .collect()
@@ -199,23 +207,37 @@ fn voi(v: &[f64], mask: &[bool]) -> Vec<f64> {
 /// bins, each at the mean of its voxels) weighted by counts: exact up to the bin width, and
 /// independent of the number of voxels. Returns centres ascending (CSF, GM, WM) and the
 /// membership-weighted tissue means.
-pub fn fcm(voi: &[f64]) -> ([f64; 3], [f64; 3]) {
-    let (lo, hi) = voi.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(*v), b.max(*v)));
+pub fn fcm<T: stats::Sample>(voi: &[T]) -> ([f64; 3], [f64; 3]) {
+    let (lo, hi) = stats::min_max(voi);
     const BINS: usize = 65_536;
-    let width = if hi > lo { (hi - lo) / BINS as f64 } else { 1.0 };
+    let width = if hi > lo {
+        (hi - lo) / BINS as f64
+    } else {
+        1.0
+    };
     let mut count = vec![0.0f64; BINS];
     let mut sum = vec![0.0f64; BINS];
-    for &x in voi {
+    for x in voi {
+        let x: f64 = (*x).into();
         let b = (((x - lo) / width) as usize).min(BINS - 1);
         count[b] += 1.0;
         sum[b] += x;
     }
-    let points: Vec<(f64, f64)> = count.iter().zip(&sum).filter(|(c, _)| **c > 0.0).map(|(c, s)| (s / c, *c)).collect();
+    let points: Vec<(f64, f64)> = count
+        .iter()
+        .zip(&sum)
+        .filter(|(c, _)| **c > 0.0)
+        .map(|(c, s)| (s / c, *c))
+        .collect();
     let mut copy = voi.to_vec();
     let init = percentiles(&mut copy, &[20.0, 50.0, 80.0]);
     let mut c = [init[0], init[1], init[2]];
     let memberships = |c: &[f64; 3], x: f64| -> [f64; 3] {
-        let d = [(x - c[0]).abs().max(1e-12), (x - c[1]).abs().max(1e-12), (x - c[2]).abs().max(1e-12)];
+        let d = [
+            (x - c[0]).abs().max(1e-12),
+            (x - c[1]).abs().max(1e-12),
+            (x - c[2]).abs().max(1e-12),
+        ];
         let mut u = [0.0; 3];
         for i in 0..3 {
             u[i] = 1.0 / ((d[i] / d[0]).powi(2) + (d[i] / d[1]).powi(2) + (d[i] / d[2]).powi(2));
@@ -254,7 +276,7 @@ pub fn fcm(voi: &[f64]) -> ([f64; 3], [f64; 3]) {
 }
 
 /// Mapped Nyúl landmarks of one volume (its P1 → 1, P99 → 100).
-fn nyul_landmarks(voi: &mut [f64]) -> ([f64; NYUL_LANDMARKS], [f64; NYUL_LANDMARKS]) {
+fn nyul_landmarks(voi: &mut [f32]) -> ([f64; NYUL_LANDMARKS], [f64; NYUL_LANDMARKS]) {
     let l = percentiles(voi, &NYUL_PERCENTILES);
     let (lo, hi) = (l[0], l[NYUL_LANDMARKS - 1]);
     let mut raw = [0.0; NYUL_LANDMARKS];
@@ -288,6 +310,7 @@ pub fn fit_ct(v: &Volume, rule: &Foreground) -> Result<CtSummary, HarmoniseError
     let mask = foreground(&x, rule)?;
     let mut s = CtSummary::default();
     for hu in voi(&x, &mask) {
+        let hu = f64::from(hu);
         s.count += 1;
         s.sum += to_fixed(hu);
         s.sum_squares += to_fixed(hu * hu / 1000.0);
@@ -322,98 +345,92 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
         return Err(HarmoniseError::Version(model.version));
     }
     let x = values(v);
-    let done = |out: Vec<f64>| {
+    let x: &[f32] = &x;
+    let done = |f: &(dyn Fn(f64) -> f64 + Sync)| {
         Ok(Harmonised {
-            volume: with_values(v, &out),
+            volume: mapped(v, x, f),
             roi: None,
         })
     };
-    let mask = || foreground(&x, rule);
+    let mask = || foreground(x, rule);
     match &model.method {
         Method::MinMax => {
-            let roi = voi(&x, &mask()?);
-            let (lo, hi) = roi
-                .iter()
-                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-                    (a.min(*v), b.max(*v))
-                });
+            let (lo, hi) = stats::min_max(&voi(x, &mask()?));
             if hi <= lo {
                 return Err(HarmoniseError::Degenerate);
             }
-            done(x.iter().map(|v| (v - lo) / (hi - lo)).collect())
+            done(&|v| (v - lo) / (hi - lo))
         }
         Method::Percentile { low, high } => {
-            let mut roi = voi(&x, &mask()?);
+            let mut roi = voi(x, &mask()?);
             let p = percentiles(&mut roi, &[*low, *high]);
             if p[1] <= p[0] {
                 return Err(HarmoniseError::Degenerate);
             }
-            done(
-                x.iter()
-                    .map(|v| (v.clamp(p[0], p[1]) - p[0]) / (p[1] - p[0]))
-                    .collect(),
-            )
+            done(&|v| (v.clamp(p[0], p[1]) - p[0]) / (p[1] - p[0]))
         }
         Method::MuSigmaIbsi { n } => {
             let m = mask()?;
-            let (mu, sd) = mean_std(&voi(&x, &m));
+            let (mu, sd) = mean_std(&voi(x, &m));
             let roi = x
-                .iter()
-                .zip(&m)
-                .map(|(v, inside)| *inside && (v - mu).abs() <= n * sd)
+                .par_iter()
+                .zip(m.par_iter())
+                .map(|(v, inside)| *inside && (f64::from(*v) - mu).abs() <= n * sd)
                 .collect();
             Ok(Harmonised {
-                volume: with_values(v, &x),
+                volume: mapped(v, x, |a| a),
                 roi: Some(roi),
             })
         }
         Method::MuSigmaPyradiomics { n } => {
-            let (mu, sd) = mean_std(&x);
+            let (mu, sd) = mean_std(x);
             if sd == 0.0 {
                 return Err(HarmoniseError::Degenerate);
             }
-            done(x.iter().map(|v| ((v - mu) / sd).clamp(-n, *n)).collect())
+            done(&|v| ((v - mu) / sd).clamp(-n, *n))
         }
         Method::ZScore => {
-            let (mu, sd) = mean_std(&voi(&x, &mask()?));
+            let (mu, sd) = mean_std(&voi(x, &mask()?));
             if sd == 0.0 {
                 return Err(HarmoniseError::Degenerate);
             }
-            done(x.iter().map(|v| (v - mu) / sd).collect())
+            done(&|v| (v - mu) / sd)
         }
         Method::Kde { contrast } => {
-            let mode = tissue_mode(&voi(&x, &mask()?), *contrast);
+            let mode = tissue_mode(&voi(x, &mask()?), *contrast);
             if mode == 0.0 {
                 return Err(HarmoniseError::Degenerate);
             }
-            done(x.iter().map(|v| v / mode).collect())
+            done(&|v| v / mode)
         }
         Method::WhiteStripe { contrast, width } => {
             let m = mask()?;
-            let roi = voi(&x, &m);
+            let roi = voi(x, &m);
             let mode = tissue_mode(&roi, *contrast);
-            let q = roi.iter().filter(|v| **v < mode).count() as f64 / roi.len() as f64;
+            let below = roi.par_iter().filter(|v| f64::from(**v) < mode).count();
+            let q = below as f64 / roi.len() as f64;
             let (lo, hi) = ((q - width).max(0.0), (q + width).min(1.0));
             let mut copy = roi.clone();
             let b = percentiles(&mut copy, &[lo * 100.0, hi * 100.0]);
-            let stripe: Vec<f64> = x
-                .iter()
-                .zip(&m)
+            // The reference's stripe: (image · mask) strictly inside (ws_l, ws_u).
+            let stripe: Vec<f32> = x
+                .par_iter()
+                .zip(m.par_iter())
                 .map(|(v, inside)| if *inside { *v } else { 0.0 })
-                .filter(|v| *v > b[0] && *v < b[1])
+                .filter(|v| f64::from(*v) > b[0] && f64::from(*v) < b[1])
                 .collect();
             let (mu, sd) = mean_std(&stripe);
             if sd == 0.0 {
                 return Err(HarmoniseError::Degenerate);
             }
-            done(x.iter().map(|v| (v - mu) / sd).collect())
+            done(&|v| (v - mu) / sd)
         }
         Method::Fcm => {
-            let (_, means) = fcm(&voi(&x, &mask()?));
+            let (_, means) = fcm(&voi(x, &mask()?));
             if means[2] == 0.0 {
                 return Err(HarmoniseError::Degenerate);
             }
-            done(x.iter().map(|v| v / means[2]).collect())
+            done(&|v| v / means[2])
         }
         Method::Nyul => {
             let Fitted::Nyul { summary } = &model.fitted else {
@@ -422,39 +439,28 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
             let scale = summary
                 .standard_scale()
                 .ok_or(HarmoniseError::NotFitted("nyul"))?;
-            let mut roi = voi(&x, &mask()?);
+            let mut roi = voi(x, &mask()?);
             let (raw, _) = nyul_landmarks(&mut roi);
-            done(
-                x.iter()
-                    .map(|v| interp_extrapolate(*v, &raw, &scale))
-                    .collect(),
-            )
+            done(&|v| interp_extrapolate(v, &raw, &scale))
         }
         Method::Lsq => {
             let Fitted::Lsq { standard_means } = &model.fitted else {
                 return Err(HarmoniseError::NotFitted("lsq"));
             };
-            let (_, m) = fcm(&voi(&x, &mask()?));
+            let (_, m) = fcm(&voi(x, &mask()?));
             let mtm: f64 = m.iter().map(|a| a * a).sum();
             let mts: f64 = m.iter().zip(standard_means).map(|(a, b)| a * b).sum();
             if mts == 0.0 {
                 return Err(HarmoniseError::Degenerate);
             }
             let sf = mtm / mts;
-            done(x.iter().map(|v| v / sf).collect())
+            done(&|v| v / sf)
         }
         Method::CtWindow {
             center,
             width,
             function,
-        } => {
-            let (lo, hi) = (0.0, 1.0);
-            done(
-                x.iter()
-                    .map(|v| window(*v, *center, *width, *function, lo, hi))
-                    .collect(),
-            )
-        }
+        } => done(&|v| window(v, *center, *width, *function, 0.0, 1.0)),
         Method::CtNnunet => {
             let Fitted::Ct { summary } = &model.fitted else {
                 return Err(HarmoniseError::NotFitted("ct-nnunet"));
@@ -470,20 +476,16 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
             if sd == 0.0 {
                 return Err(HarmoniseError::Degenerate);
             }
-            done(x.iter().map(|v| (v.clamp(p05, p995) - mean) / sd).collect())
+            done(&|v| (v.clamp(p05, p995) - mean) / sd)
         }
         Method::Discretise(d) => {
             let m = mask()?;
-            let roi = voi(&x, &m);
-            let (lo, hi) = roi
-                .iter()
-                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-                    (a.min(*v), b.max(*v))
-                });
-            let bin = |v: f64| -> f64 {
+            let (lo, hi) = stats::min_max(&voi(x, &m));
+            let d = *d;
+            let bin = move |v: f64| -> f64 {
                 match d {
                     Discretisation::FixedBinNumber { bins } => {
-                        let ng = f64::from(*bins);
+                        let ng = f64::from(bins);
                         if v < hi && hi > lo {
                             ((ng * (v - lo) / (hi - lo)).floor() + 1.0).min(ng)
                         } else {
@@ -498,12 +500,21 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
                     }
                 }
             };
-            done(
-                x.iter()
-                    .zip(&m)
-                    .map(|(v, inside)| if *inside { bin(*v) } else { 0.0 })
-                    .collect(),
-            )
+            let out: Vec<f32> = x
+                .par_iter()
+                .zip(m.par_iter())
+                .map(|(v, inside)| {
+                    if *inside {
+                        bin(f64::from(*v)) as f32
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            Ok(Harmonised {
+                volume: mapped(v, &out, |a| a),
+                roi: None,
+            })
         }
     }
 }

@@ -1,16 +1,26 @@
 //! Statistics the harmonisation methods share: linear-time percentiles (numpy's linear
 //! interpolation), moments, Otsu's threshold, and the tissue-mode finder of
 //! `intensity-normalization` 2.2.4 (statsmodels' FFT Gaussian KDE with an absolute bandwidth of
-//! max/80 on a 128-point grid).
+//! max/80 on a 128-point grid). Generic over `f32` voxels and `f64` values; sums in `f64`.
+
+use rayon::prelude::*;
+
+/// A voxel value type.
+pub trait Sample: Copy + Into<f64> + PartialOrd + Send + Sync {}
+impl Sample for f32 {}
+impl Sample for f64 {}
+
+fn cmp<T: PartialOrd>(a: &T, b: &T) -> std::cmp::Ordering {
+    a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal)
+}
 
 /// Percentiles (0–100) of `values`, numpy's default linear interpolation, computed by
 /// successive linear-time selection (no full sort). `values` is reordered.
-pub fn percentiles(values: &mut [f64], ps: &[f64]) -> Vec<f64> {
+pub fn percentiles<T: Sample>(values: &mut [T], ps: &[f64]) -> Vec<f64> {
     let n = values.len();
     if n == 0 {
         return vec![f64::NAN; ps.len()];
     }
-    // Ranks needed, ascending, with where each percentile reads them.
     let mut wanted: Vec<(usize, f64, usize)> = ps
         .iter()
         .enumerate()
@@ -27,57 +37,88 @@ pub fn percentiles(values: &mut [f64], ps: &[f64]) -> Vec<f64> {
         let lo_value = match cache {
             Some((k, v)) if k == lo => v,
             _ => {
-                let (_, v, _) = values[start..].select_nth_unstable_by(lo - start, f64::total_cmp);
-                let v = *v;
+                let (_, v, _) = values[start..].select_nth_unstable_by(lo - start, cmp);
+                let v: f64 = (*v).into();
                 start = lo;
                 cache = Some((lo, v));
                 v
             }
         };
-        let value = if frac > 0.0 && lo + 1 < n {
+        out[i] = if frac > 0.0 && lo + 1 < n {
             let next = values[lo + 1..]
                 .iter()
-                .copied()
+                .map(|v| (*v).into())
                 .fold(f64::INFINITY, f64::min);
             lo_value + frac * (next - lo_value)
         } else {
             lo_value
         };
-        out[i] = value;
     }
     out
 }
 
 /// One percentile.
-pub fn percentile(values: &mut [f64], p: f64) -> f64 {
+pub fn percentile<T: Sample>(values: &mut [T], p: f64) -> f64 {
     percentiles(values, &[p])[0]
 }
 
+/// Minimum and maximum.
+pub fn min_max<T: Sample>(values: &[T]) -> (f64, f64) {
+    values
+        .par_iter()
+        .fold(
+            || (f64::INFINITY, f64::NEG_INFINITY),
+            |(a, b), v| {
+                let v: f64 = (*v).into();
+                (a.min(v), b.max(v))
+            },
+        )
+        .reduce(
+            || (f64::INFINITY, f64::NEG_INFINITY),
+            |(a, b), (c, d)| (a.min(c), b.max(d)),
+        )
+}
+
 /// Mean and population standard deviation.
-pub fn mean_std(values: &[f64]) -> (f64, f64) {
+pub fn mean_std<T: Sample>(values: &[T]) -> (f64, f64) {
     let n = values.len().max(1) as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    let var = values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+    let mean = values.par_iter().map(|v| (*v).into()).sum::<f64>() / n;
+    let var = values
+        .par_iter()
+        .map(|v| {
+            let d: f64 = (*v).into() - mean;
+            d * d
+        })
+        .sum::<f64>()
+        / n;
     (mean, var.sqrt())
 }
 
 /// Otsu's threshold over a 256-bin histogram of `values`.
-pub fn otsu(values: &[f64]) -> f64 {
-    let (min, max) = values
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-            (a.min(*v), b.max(*v))
-        });
+pub fn otsu<T: Sample>(values: &[T]) -> f64 {
+    let (min, max) = min_max(values);
     if max.partial_cmp(&min) != Some(std::cmp::Ordering::Greater) {
         return min;
     }
     let bins = 256usize;
     let width = (max - min) / bins as f64;
-    let mut hist = vec![0u64; bins];
-    for v in values {
-        let b = (((v - min) / width) as usize).min(bins - 1);
-        hist[b] += 1;
-    }
+    let hist = values
+        .par_chunks(1 << 16)
+        .map(|chunk| {
+            let mut h = vec![0u64; bins];
+            for v in chunk {
+                let v: f64 = (*v).into();
+                h[(((v - min) / width) as usize).min(bins - 1)] += 1;
+            }
+            h
+        })
+        .reduce(
+            || vec![0u64; bins],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
     let centre = |b: usize| min + (b as f64 + 0.5) * width;
     let total = values.len() as f64;
     let sum_all: f64 = hist
@@ -106,13 +147,9 @@ pub fn otsu(values: &[f64]) -> f64 {
 
 /// statsmodels `KDEUnivariate(kernel="gau", bw=max/80, gridsize=80, fft=True)`: the grid
 /// (128 points from min − 3 bw to max + 3 bw) and the density on it.
-pub fn smooth_histogram(values: &[f64]) -> (Vec<f64>, Vec<f64>) {
+pub fn smooth_histogram<T: Sample>(values: &[T]) -> (Vec<f64>, Vec<f64>) {
     let n = values.len();
-    let (min, max) = values
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-            (a.min(*v), b.max(*v))
-        });
+    let (min, max) = min_max(values);
     let bw = max / 80.0;
     let m = 128usize;
     let a = min - 3.0 * bw;
@@ -120,16 +157,29 @@ pub fn smooth_histogram(values: &[f64]) -> (Vec<f64>, Vec<f64>) {
     let delta = (b - a) / (m - 1) as f64;
     let range = b - a;
     // Linear binning (statsmodels fast_linbin, interior points).
-    let mut binned = vec![0.0f64; m];
-    for v in values {
-        let lxi = (v - a) / delta;
-        let li = lxi as usize;
-        let rem = lxi - li as f64;
-        if li >= 1 && li < m - 1 {
-            binned[li] += 1.0 - rem;
-            binned[li + 1] += rem;
-        }
-    }
+    let mut binned = values
+        .par_chunks(1 << 16)
+        .map(|chunk| {
+            let mut h = vec![0.0f64; m];
+            for v in chunk {
+                let v: f64 = (*v).into();
+                let lxi = (v - a) / delta;
+                let li = lxi as usize;
+                let rem = lxi - li as f64;
+                if li >= 1 && li < m - 1 {
+                    h[li] += 1.0 - rem;
+                    h[li + 1] += rem;
+                }
+            }
+            h
+        })
+        .reduce(
+            || vec![0.0f64; m],
+            |mut x, y| {
+                x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
+                x
+            },
+        );
     for x in &mut binned {
         *x /= delta * n as f64;
     }
@@ -137,16 +187,17 @@ pub fn smooth_histogram(values: &[f64]) -> (Vec<f64>, Vec<f64>) {
     let half = m / 2;
     let mut re = vec![0.0; half + 1];
     let mut im = vec![0.0; half + 1];
+    let pi = std::f64::consts::PI;
     for j in 0..=half {
         let (mut sr, mut si) = (0.0, 0.0);
         for (k, x) in binned.iter().enumerate() {
-            let angle = -2.0 * std::f64::consts::PI * (j * k) as f64 / m as f64;
+            let angle = -2.0 * pi * (j * k) as f64 / m as f64;
             sr += x * angle.cos();
             si += x * angle.sin();
         }
         let jf = j as f64;
-        let fac1 = 2.0 * (std::f64::consts::PI * bw / range).powi(2);
-        let bc = 1.0 - (1.0 / 3.0) * (jf / m as f64 * std::f64::consts::PI).powi(2);
+        let fac1 = 2.0 * (pi * bw / range).powi(2);
+        let bc = 1.0 - (1.0 / 3.0) * (jf / m as f64 * pi).powi(2);
         let fac = (-jf * jf * fac1).exp() / bc;
         re[j] = sr * fac;
         im[j] = if j == 0 || j == half { 0.0 } else { si * fac };
@@ -156,10 +207,10 @@ pub fn smooth_histogram(values: &[f64]) -> (Vec<f64>, Vec<f64>) {
         .map(|k| {
             let mut s = re[0];
             for j in 1..half {
-                let angle = 2.0 * std::f64::consts::PI * (j * k) as f64 / m as f64;
+                let angle = 2.0 * pi * (j * k) as f64 / m as f64;
                 s += 2.0 * (re[j] * angle.cos() - im[j] * angle.sin());
             }
-            s += re[half] * (std::f64::consts::PI * k as f64).cos();
+            s += re[half] * (pi * k as f64).cos();
             100.0 * s / m as f64
         })
         .collect();
@@ -187,7 +238,7 @@ fn local_maxima(pdf: &[f64]) -> Vec<usize> {
 }
 
 /// The tissue mode of a contrast (intensity-normalization 2.2.4 `get_tissue_mode`).
-pub fn tissue_mode(voi: &[f64], contrast: Contrast) -> f64 {
+pub fn tissue_mode<T: Sample>(voi: &[T], contrast: Contrast) -> f64 {
     match contrast {
         Contrast::T2 | Contrast::Flair => {
             let (grid, pdf) = smooth_histogram(voi);
@@ -202,7 +253,11 @@ pub fn tissue_mode(voi: &[f64], contrast: Contrast) -> f64 {
             let tail = if contrast == Contrast::T1 { 96.0 } else { 99.0 };
             let mut copy = voi.to_vec();
             let threshold = percentile(&mut copy, tail);
-            let kept: Vec<f64> = voi.iter().copied().filter(|v| *v <= threshold).collect();
+            let kept: Vec<T> = voi
+                .par_iter()
+                .copied()
+                .filter(|v| (*v).into() <= threshold)
+                .collect();
             let (grid, pdf) = smooth_histogram(&kept);
             let maxima = local_maxima(&pdf);
             let i = if contrast == Contrast::T1 {
