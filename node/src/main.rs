@@ -261,6 +261,9 @@ struct HarmoniseArgs {
     /// Folder of label maps mirroring the input names; voxels > 0 are the foreground.
     #[arg(long)]
     masks: Option<PathBuf>,
+    /// CT: exclude voxels at or below this padding value (e.g. -2000) from the statistics.
+    #[arg(long, allow_hyphen_values = true)]
+    padding_value: Option<f64>,
     /// Apply this saved model instead of fitting one.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -1124,9 +1127,10 @@ fn harmonise(config: &NodeConfig, a: HarmoniseArgs) -> Result<()> {
                     .map_err(|e| anyhow::anyhow!("mask for {}: {e}", rel.display()))?;
                 Foreground::Mask(m.data.iter().map(|x| *x > 0.0).collect())
             }
-            None => match a.foreground {
-                ForegroundName::Otsu => Foreground::Otsu,
-                ForegroundName::Positive => Foreground::Positive,
+            None => match (a.padding_value, a.foreground) {
+                (Some(p), _) => Foreground::AbovePadding(p),
+                (None, ForegroundName::Otsu) => Foreground::Otsu,
+                (None, ForegroundName::Positive) => Foreground::Positive,
             },
         };
         volumes.push((rel, v, node::batch::hash_file(f)?.0));

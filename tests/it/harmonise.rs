@@ -313,3 +313,19 @@ fn ct_windowing_follows_the_dicom_formulas() {
         "{first}"
     );
 }
+
+#[test]
+fn ct_padding_is_excluded_from_the_statistics() {
+    // Padding −2000 around two tissue values: the z-score uses the non-padding voxels only.
+    let v = tiny(&[-2000.0, -2000.0, 0.0, 100.0, -2000.0]);
+    let z = run(Method::ZScore, &v, &Foreground::AbovePadding(-2000.0));
+    assert!(
+        (z[2] + 1.0).abs() < 1e-6 && (z[3] - 1.0).abs() < 1e-6,
+        "{z:?}"
+    );
+    let all = run(Method::ZScore, &v, &Foreground::Mask(vec![true; 5]));
+    assert!(
+        (all[3] - 1.0).abs() > 0.1,
+        "padding would have shifted the statistics: {all:?}"
+    );
+}

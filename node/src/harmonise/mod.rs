@@ -33,6 +33,9 @@ pub enum Foreground {
     Positive,
     /// A supplied mask (label map > 0), one entry per voxel in memory order.
     Mask(Vec<bool>),
+    /// CT padding: voxels at or below the Pixel Padding Value (or Range Limit), e.g. −2000 or
+    /// −3024 HU outside the reconstruction circle, are excluded.
+    AbovePadding(f64),
 }
 
 /// VOI windowing functions (PS3.3 C.11.2.1.2).
@@ -177,6 +180,7 @@ pub fn foreground(v: &[f32], rule: &Foreground) -> Result<Vec<bool>, HarmoniseEr
             v.par_iter().map(|x| f64::from(*x) > t).collect()
         }
         Foreground::Positive => v.par_iter().map(|x| f64::from(*x) > 1e-6).collect(),
+        Foreground::AbovePadding(p) => v.par_iter().map(|x| f64::from(*x) > *p).collect(),
         Foreground::Mask(m) => {
             if m.len() != v.len() {
                 return Err(HarmoniseError::MaskSize {
