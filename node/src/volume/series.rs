@@ -371,46 +371,62 @@ fn build(
         .max(1);
     // Fortran order: i (column) fastest, as in NIfTI files.
     let mut data = Array4::<f32>::zeros((cols, rows, n, samples).f());
-    let distinct_objects = {
-        let mut seen = std::collections::BTreeSet::new();
-        slices.iter().all(|s| seen.insert(s.object))
-    };
-    if distinct_objects {
-        // One frame per object: decode in parallel.
+    // Decode each object once (objects in parallel); native frames are read directly.
+    let mut by_object: BTreeMap<usize, Vec<(usize, u32)>> = BTreeMap::new();
+    for (k, s) in slices.iter().enumerate() {
+        by_object.entry(s.object).or_default().push((k, s.frame));
+    }
+    let raw = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
+    let decoded: Vec<Result<Vec<(usize, Vec<f32>)>, (usize, String)>> = {
         use rayon::prelude::*;
-        let raw = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
-        let decoded: Vec<Result<Vec<f32>, String>> = slices
+        by_object
             .par_iter()
-            .map(|s| {
-                if let Some(v) = native_frame(&objects[s.object], s.frame) {
-                    return Ok(v);
+            .map(|(&object, frames)| {
+                let obj = &objects[object];
+                let mut general = None;
+                let mut out = Vec::with_capacity(frames.len());
+                for &(k, frame) in frames {
+                    let values = match native_frame(obj, frame) {
+                        Some(v) => v,
+                        None => {
+                            if general.is_none() {
+                                general = Some(
+                                    obj.decode_pixel_data()
+                                        .map_err(|e| (object, e.to_string()))?,
+                                );
+                            }
+                            let d = general.as_ref().ok_or((object, String::new()))?;
+                            d.to_vec_frame_with_options::<f32>(frame, &raw)
+                                .map_err(|e| (object, e.to_string()))?
+                        }
+                    };
+                    if values.len() < rows * cols * samples {
+                        return Err((object, "frame shorter than its geometry".to_owned()));
+                    }
+                    out.push((k, values));
                 }
-                objects[s.object]
-                    .decode_pixel_data()
-                    .map_err(|e| e.to_string())?
-                    .to_vec_frame_with_options::<f32>(s.frame, &raw)
-                    .map_err(|e| e.to_string())
+                Ok(out)
             })
-            .collect();
-        let mut integral = true;
-        for (k, (s, values)) in slices.iter().zip(decoded).enumerate() {
-            let values = match values {
-                Ok(v) if v.len() >= rows * cols * samples => v,
-                Ok(_) | Err(_) => {
-                    let obj = &objects[s.object];
-                    findings.push(SeriesFinding::Undecodable {
-                        transfer_syntax: obj
-                            .meta()
-                            .transfer_syntax()
-                            .trim_end_matches('\0')
-                            .to_owned(),
-                        detail:
-                            "the pixel data could not be decoded, or is shorter than its geometry"
-                                .into(),
-                    });
-                    return None;
-                }
-            };
+            .collect()
+    };
+    let mut integral = true;
+    for result in decoded {
+        let frames = match result {
+            Ok(f) => f,
+            Err((object, detail)) => {
+                findings.push(SeriesFinding::Undecodable {
+                    transfer_syntax: objects[object]
+                        .meta()
+                        .transfer_syntax()
+                        .trim_end_matches('\0')
+                        .to_owned(),
+                    detail,
+                });
+                return None;
+            }
+        };
+        for (k, values) in frames {
+            let s = &slices[k];
             integral &= s.slope.fract() == 0.0 && s.intercept.fract() == 0.0;
             let (slope, intercept) = (s.slope as f32, s.intercept as f32);
             for ch in 0..samples {
@@ -420,60 +436,6 @@ fn build(
                     for c in 0..cols {
                         plane[[c, r]] = values[(r * cols + c) * samples + ch] * slope + intercept;
                     }
-                }
-            }
-        }
-        return Some(finish(data, samples, integral, affine));
-    }
-    let raw = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
-    let mut integral = true;
-    let mut decoded: BTreeMap<usize, dicom_pixeldata::DecodedPixelData<'_>> = BTreeMap::new();
-    for (k, s) in slices.iter().enumerate() {
-        let obj = &objects[s.object];
-        let d = match decoded.entry(s.object) {
-            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::btree_map::Entry::Vacant(e) => match obj.decode_pixel_data() {
-                Ok(d) => e.insert(d),
-                Err(err) => {
-                    findings.push(SeriesFinding::Undecodable {
-                        transfer_syntax: obj
-                            .meta()
-                            .transfer_syntax()
-                            .trim_end_matches('\0')
-                            .to_owned(),
-                        detail: err.to_string(),
-                    });
-                    return None;
-                }
-            },
-        };
-        let values: Vec<f32> = match d.to_vec_frame_with_options::<f32>(s.frame, &raw) {
-            Ok(v) => v,
-            Err(e) => {
-                findings.push(SeriesFinding::Undecodable {
-                    transfer_syntax: obj
-                        .meta()
-                        .transfer_syntax()
-                        .trim_end_matches('\0')
-                        .to_owned(),
-                    detail: e.to_string(),
-                });
-                return None;
-            }
-        };
-        if values.len() < rows * cols * samples {
-            findings.push(SeriesFinding::Undecodable {
-                transfer_syntax: obj.meta().transfer_syntax().to_owned(),
-                detail: "frame shorter than its geometry".into(),
-            });
-            return None;
-        }
-        integral &= s.slope.fract() == 0.0 && s.intercept.fract() == 0.0;
-        for r in 0..rows {
-            for c in 0..cols {
-                for ch in 0..samples {
-                    let v = f64::from(values[(r * cols + c) * samples + ch]);
-                    data[[c, r, k, ch]] = (v * s.slope + s.intercept) as f32;
                 }
             }
         }
