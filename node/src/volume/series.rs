@@ -112,6 +112,9 @@ fn functional(
         .find_map(|g| first_item(g, group).and_then(|i| floats(i, tag)))
 }
 
+/// Decoded frames of one object `(slice index, values)`, or `(object, why)` it failed.
+type DecodedObject = Result<Vec<(usize, Vec<f32>)>, (usize, String)>;
+
 /// Volumes of a series are split by orientation (rounded), rows, columns, echo, temporal position.
 type GroupKey = (Vec<i64>, u32, u32, i64, i64);
 
@@ -377,7 +380,7 @@ fn build(
         by_object.entry(s.object).or_default().push((k, s.frame));
     }
     let raw = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
-    let decoded: Vec<Result<Vec<(usize, Vec<f32>)>, (usize, String)>> = {
+    let decoded: Vec<DecodedObject> = {
         use rayon::prelude::*;
         by_object
             .par_iter()
