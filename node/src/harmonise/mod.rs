@@ -233,8 +233,7 @@ pub fn fcm<T: stats::Sample>(voi: &[T]) -> ([f64; 3], [f64; 3]) {
         .filter(|(c, _)| **c > 0.0)
         .map(|(c, s)| (s / c, *c))
         .collect();
-    let mut copy = voi.to_vec();
-    let init = percentiles(&mut copy, &[20.0, 50.0, 80.0]);
+    let init = stats::percentiles_of(voi, &[20.0, 50.0, 80.0]);
     let mut c = [init[0], init[1], init[2]];
     let memberships = |c: &[f64; 3], x: f64| -> [f64; 3] {
         let d = [
@@ -414,8 +413,7 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
             let below = roi.par_iter().filter(|v| f64::from(**v) < mode).count();
             let q = below as f64 / roi.len() as f64;
             let (lo, hi) = ((q - width).max(0.0), (q + width).min(1.0));
-            let mut copy = roi.clone();
-            let b = percentiles(&mut copy, &[lo * 100.0, hi * 100.0]);
+            let b = stats::percentiles_of(&roi, &[lo * 100.0, hi * 100.0]);
             // The reference's stripe: (image · mask) strictly inside (ws_l, ws_u).
             let stripe: Vec<f32> = x
                 .par_iter()

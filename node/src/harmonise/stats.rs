@@ -14,9 +14,105 @@ fn cmp<T: PartialOrd>(a: &T, b: &T) -> std::cmp::Ordering {
     a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal)
 }
 
-/// Percentiles (0–100) of `values`, numpy's default linear interpolation, computed by
-/// successive linear-time selection (no full sort). `values` is reordered.
+/// Percentiles (0–100) of `values`, numpy's default linear interpolation, in linear time
+/// without sorting or copying the values: a 65,536-bin histogram locates the bins holding the
+/// needed ranks, and only those bins' values are gathered and selected. Exact.
 pub fn percentiles<T: Sample>(values: &mut [T], ps: &[f64]) -> Vec<f64> {
+    if values.len() < (1 << 16) {
+        return percentiles_by_selection(values, ps);
+    }
+    percentiles_by_histogram(values, ps)
+}
+
+fn percentiles_by_histogram<T: Sample>(values: &[T], ps: &[f64]) -> Vec<f64> {
+    const BINS: usize = 1 << 16;
+    let n = values.len();
+    let (min, max) = min_max(values);
+    if max.partial_cmp(&min) != Some(std::cmp::Ordering::Greater) {
+        return vec![min; ps.len()];
+    }
+    let scale = BINS as f64 / (max - min);
+    let bin = move |v: f64| (((v - min) * scale) as usize).min(BINS - 1);
+    let hist = values
+        .par_chunks(1 << 16)
+        .map(|chunk| {
+            let mut h = vec![0u32; BINS];
+            for v in chunk {
+                h[bin((*v).into())] += 1;
+            }
+            h
+        })
+        .reduce(
+            || vec![0u32; BINS],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
+    let mut starts = vec![0usize; BINS + 1];
+    for b in 0..BINS {
+        starts[b + 1] = starts[b] + hist[b] as usize;
+    }
+    // Ranks needed: floor and floor + 1 of each position.
+    let mut ranks: Vec<usize> = Vec::new();
+    let pos: Vec<(usize, f64)> = ps
+        .iter()
+        .map(|p| {
+            let x = (p / 100.0).clamp(0.0, 1.0) * (n - 1) as f64;
+            (x.floor() as usize, x - x.floor())
+        })
+        .collect();
+    for &(lo, frac) in &pos {
+        ranks.push(lo);
+        if frac > 0.0 && lo + 1 < n {
+            ranks.push(lo + 1);
+        }
+    }
+    let rank_bin = |r: usize| starts.partition_point(|s| *s <= r) - 1;
+    let mut needed: Vec<usize> = ranks.iter().map(|r| rank_bin(*r)).collect();
+    needed.sort_unstable();
+    needed.dedup();
+    let mut gathered: Vec<Vec<f64>> = values
+        .par_chunks(1 << 16)
+        .map(|chunk| {
+            let mut g: Vec<Vec<f64>> = vec![Vec::new(); needed.len()];
+            for v in chunk {
+                let v: f64 = (*v).into();
+                if let Ok(i) = needed.binary_search(&bin(v)) {
+                    g[i].push(v);
+                }
+            }
+            g
+        })
+        .reduce(
+            || vec![Vec::new(); needed.len()],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, mut y)| x.append(&mut y));
+                a
+            },
+        );
+    for g in &mut gathered {
+        g.sort_unstable_by(f64::total_cmp);
+    }
+    let value_at = |r: usize| -> f64 {
+        let b = rank_bin(r);
+        let i = needed.binary_search(&b).unwrap_or(0);
+        gathered[i][r - starts[b]]
+    };
+    pos.iter()
+        .map(|&(lo, frac)| {
+            let v = value_at(lo);
+            if frac > 0.0 && lo + 1 < n {
+                v + frac * (value_at(lo + 1) - v)
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+/// Percentiles by successive selection (small inputs). `values` is reordered.
+fn percentiles_by_selection<T: Sample>(values: &mut [T], ps: &[f64]) -> Vec<f64> {
     let n = values.len();
     if n == 0 {
         return vec![f64::NAN; ps.len()];
@@ -55,6 +151,14 @@ pub fn percentiles<T: Sample>(values: &mut [T], ps: &[f64]) -> Vec<f64> {
         };
     }
     out
+}
+
+/// Percentiles of values that must not be reordered (no copy for large inputs).
+pub fn percentiles_of<T: Sample>(values: &[T], ps: &[f64]) -> Vec<f64> {
+    if values.len() < (1 << 16) {
+        return percentiles_by_selection(&mut values.to_vec(), ps);
+    }
+    percentiles_by_histogram(values, ps)
 }
 
 /// One percentile.
@@ -148,8 +252,28 @@ pub fn otsu<T: Sample>(values: &[T]) -> f64 {
 /// statsmodels `KDEUnivariate(kernel="gau", bw=max/80, gridsize=80, fft=True)`: the grid
 /// (128 points from min − 3 bw to max + 3 bw) and the density on it.
 pub fn smooth_histogram<T: Sample>(values: &[T]) -> (Vec<f64>, Vec<f64>) {
-    let n = values.len();
-    let (min, max) = min_max(values);
+    smooth_histogram_below(values, f64::INFINITY)
+}
+
+/// [`smooth_histogram`] of the values at or below `upper`, without collecting them.
+pub fn smooth_histogram_below<T: Sample>(values: &[T], upper: f64) -> (Vec<f64>, Vec<f64>) {
+    let (n, min, max) = values
+        .par_iter()
+        .fold(
+            || (0usize, f64::INFINITY, f64::NEG_INFINITY),
+            |(c, a, b), v| {
+                let v: f64 = (*v).into();
+                if v <= upper {
+                    (c + 1, a.min(v), b.max(v))
+                } else {
+                    (c, a, b)
+                }
+            },
+        )
+        .reduce(
+            || (0, f64::INFINITY, f64::NEG_INFINITY),
+            |(c, a, b), (d, e, f)| (c + d, a.min(e), b.max(f)),
+        );
     let bw = max / 80.0;
     let m = 128usize;
     let a = min - 3.0 * bw;
@@ -163,6 +287,9 @@ pub fn smooth_histogram<T: Sample>(values: &[T]) -> (Vec<f64>, Vec<f64>) {
             let mut h = vec![0.0f64; m];
             for v in chunk {
                 let v: f64 = (*v).into();
+                if v > upper {
+                    continue;
+                }
                 let lxi = (v - a) / delta;
                 let li = lxi as usize;
                 let rem = lxi - li as f64;
@@ -251,14 +378,8 @@ pub fn tissue_mode<T: Sample>(voi: &[T], contrast: Contrast) -> f64 {
         }
         Contrast::T1 | Contrast::Pd => {
             let tail = if contrast == Contrast::T1 { 96.0 } else { 99.0 };
-            let mut copy = voi.to_vec();
-            let threshold = percentile(&mut copy, tail);
-            let kept: Vec<T> = voi
-                .par_iter()
-                .copied()
-                .filter(|v| (*v).into() <= threshold)
-                .collect();
-            let (grid, pdf) = smooth_histogram(&kept);
+            let threshold = percentiles_of(voi, &[tail])[0];
+            let (grid, pdf) = smooth_histogram_below(voi, threshold);
             let maxima = local_maxima(&pdf);
             let i = if contrast == Contrast::T1 {
                 maxima.last()
@@ -284,6 +405,23 @@ mod tests {
         let mut w: Vec<f64> = (0..1001).map(|i| ((i * 7919) % 1001) as f64).collect();
         let p = percentiles(&mut w, &[1.0, 99.0, 50.0]);
         assert_eq!(p, vec![10.0, 990.0, 500.0]);
+    }
+
+    #[test]
+    fn histogram_percentiles_equal_selection_exactly() {
+        let mut state = 7u64;
+        let v: Vec<f32> = (0..300_000)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) % 100_000) as f32 / 7.0 - 3000.0
+            })
+            .collect();
+        let ps = [0.0, 0.5, 1.0, 10.0, 33.3, 50.0, 96.0, 99.5, 100.0];
+        let by_hist = percentiles_of(&v, &ps);
+        let by_select = percentiles_by_selection(&mut v.clone(), &ps);
+        assert_eq!(by_hist, by_select);
     }
 
     #[test]
