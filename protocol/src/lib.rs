@@ -8,6 +8,7 @@
 
 pub mod codec;
 pub mod message;
+pub mod schema;
 pub mod summary;
 
 pub use codec::{CodecError, MAX_FRAME_LEN, decode_frame, encode_frame};

@@ -1,0 +1,416 @@
+//! The consortium curation schema: a versioned, hashed TOML document that the coordinator
+//! distributes and every node follows. It says which data is of interest, which
+//! de-identification options the consortium needs, the vocabularies statistics may be broken
+//! down by (so that wire messages carry indices, never free text), which statistics to compute,
+//! the harmonisation recipe, and the privacy policy.
+//!
+//! Its strings are the consortium's own (modality codes, manufacturer names, protocol phrases),
+//! never values taken from a patient's data.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::message::SchemaHash;
+
+/// The schema format this build reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The smallest minimum cell count any site may use.
+pub const MIN_CELL_COUNT_FLOOR: u32 = 5;
+
+/// The whole document.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CurationSchema {
+    /// Format version (1).
+    pub schema_version: u32,
+    /// Short identifier of the consortium protocol (a-z, 0-9, '-').
+    pub id: String,
+    /// Revision of this protocol, increased at every change.
+    pub revision: u32,
+    pub data_of_interest: DataOfInterest,
+    #[serde(default)]
+    pub deidentification: DeidRequirements,
+    pub vocabularies: Vocabularies,
+    #[serde(default)]
+    pub statistics: Statistics,
+    #[serde(default)]
+    pub harmonisation: Option<HarmonisationRecipe>,
+    pub privacy: PrivacyPolicy,
+}
+
+/// Which data the consortium wants.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataOfInterest {
+    /// DICOM modality codes in scope (`CT`, `MR`, ...).
+    pub modalities: Vec<String>,
+    /// Body Part Examined values in scope (empty: any).
+    #[serde(default)]
+    pub body_parts: Vec<String>,
+    /// Acquisition constraints; a series in scope that violates one deviates.
+    #[serde(default)]
+    pub constraints: Vec<Constraint>,
+}
+
+/// An acquisition attribute a constraint can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Acquisition {
+    SliceThickness,
+    PixelSpacing,
+    FieldStrength,
+    Kvp,
+    RepetitionTime,
+    EchoTime,
+    Manufacturer,
+    Rows,
+    Columns,
+    ContrastAgent,
+}
+
+/// One constraint: a numeric range or a set of allowed values, optionally per modality.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Constraint {
+    pub attribute: Acquisition,
+    /// Applies to this modality only (any when absent).
+    #[serde(default)]
+    pub modality: Option<String>,
+    /// Inclusive numeric range `[min, max]`.
+    #[serde(default)]
+    pub range: Option<[f64; 2]>,
+    /// Allowed values (compared case-insensitively).
+    #[serde(default)]
+    pub allowed: Option<Vec<String>>,
+}
+
+/// De-identification options the consortium needs (configuration names, e.g.
+/// `retain-patient-characteristics`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeidRequirements {
+    #[serde(default)]
+    pub options: Vec<String>,
+}
+
+/// Categorical values statistics may be broken down by; on the wire a value is its index.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vocabularies {
+    pub modality: Vec<String>,
+    #[serde(default)]
+    pub manufacturer: Vec<String>,
+    /// Field strength band edges in tesla, ascending.
+    #[serde(default)]
+    pub field_strength_bands: Vec<f64>,
+    /// Age band lower bounds in years, ascending from 0.
+    #[serde(default)]
+    pub age_bands: Vec<u32>,
+    #[serde(default)]
+    pub sex: Vec<String>,
+    #[serde(default)]
+    pub finding_codes: Vec<String>,
+    #[serde(default)]
+    pub label_classes: Vec<String>,
+}
+
+/// A histogram to compute: the quantity and its bin edges.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistogramSpec {
+    /// A quality metric name or `intensity`.
+    pub quantity: String,
+    pub edges: Vec<f64>,
+}
+
+/// Which statistics to compute.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Statistics {
+    /// Counts broken down by these vocabularies (names of [`Vocabularies`] fields).
+    #[serde(default)]
+    pub counts_by: Vec<String>,
+    #[serde(default)]
+    pub histograms: Vec<HistogramSpec>,
+    /// Quality metrics to summarise.
+    #[serde(default)]
+    pub quality_metrics: Vec<String>,
+}
+
+/// The harmonisation recipe.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HarmonisationRecipe {
+    /// Method name as `fedcurate-node harmonise --method` takes it.
+    pub method: String,
+    /// MR contrast the method needs (`t1`, `t2`, `flair`, `pd`).
+    #[serde(default)]
+    pub contrast: Option<String>,
+    /// Numeric parameters by name.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, f64>,
+}
+
+/// What may leave a site.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyPolicy {
+    /// Minimum count per released cell (at least 5; a site may raise it).
+    pub min_cell_count: u32,
+    #[serde(default)]
+    pub differential_privacy: Option<DifferentialPrivacy>,
+}
+
+/// Differential-privacy parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DifferentialPrivacy {
+    pub epsilon: f64,
+    #[serde(default)]
+    pub delta: f64,
+}
+
+/// A schema that cannot be used; `field` names where.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("curation schema, field `{field}`: {message}")]
+pub struct SchemaError {
+    pub field: String,
+    pub message: String,
+}
+
+fn err(field: &str, message: impl Into<String>) -> SchemaError {
+    SchemaError {
+        field: field.to_owned(),
+        message: message.into(),
+    }
+}
+
+const VOCABULARY_NAMES: [&str; 7] = [
+    "modality",
+    "manufacturer",
+    "field_strength_bands",
+    "age_bands",
+    "sex",
+    "finding_codes",
+    "label_classes",
+];
+
+impl CurationSchema {
+    /// Parse and validate a TOML document.
+    pub fn parse(text: &str) -> Result<Self, SchemaError> {
+        let schema: CurationSchema = toml::from_str(text).map_err(|e| {
+            let field = e
+                .message()
+                .split('`')
+                .nth(1)
+                .unwrap_or("document")
+                .to_owned();
+            SchemaError {
+                field,
+                message: e.message().to_owned(),
+            }
+        })?;
+        schema.validate()?;
+        Ok(schema)
+    }
+
+    /// Check every field.
+    pub fn validate(&self) -> Result<(), SchemaError> {
+        if self.schema_version != SCHEMA_VERSION {
+            return Err(err(
+                "schema_version",
+                format!(
+                    "version {} is not supported (this build reads {SCHEMA_VERSION})",
+                    self.schema_version
+                ),
+            ));
+        }
+        let slug = !self.id.is_empty()
+            && self.id.len() <= 64
+            && self
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !slug {
+            return Err(err("id", "must be 1-64 characters of a-z, 0-9 and '-'"));
+        }
+        if self.data_of_interest.modalities.is_empty() {
+            return Err(err(
+                "data_of_interest.modalities",
+                "name at least one modality",
+            ));
+        }
+        for (i, c) in self.data_of_interest.constraints.iter().enumerate() {
+            let f = format!("data_of_interest.constraints[{i}]");
+            match (&c.range, &c.allowed) {
+                (None, None) | (Some(_), Some(_)) => {
+                    return Err(err(&f, "give exactly one of `range` and `allowed`"));
+                }
+                (Some([lo, hi]), None) if !(lo <= hi) || !lo.is_finite() || !hi.is_finite() => {
+                    return Err(err(
+                        &format!("{f}.range"),
+                        "must be [min, max] with min <= max",
+                    ));
+                }
+                (None, Some(a)) if a.is_empty() => {
+                    return Err(err(&format!("{f}.allowed"), "must not be empty"));
+                }
+                _ => {}
+            }
+        }
+        if self.vocabularies.modality.is_empty() {
+            return Err(err(
+                "vocabularies.modality",
+                "must list the modalities statistics may be broken down by",
+            ));
+        }
+        let ascending = |v: &[f64]| v.windows(2).all(|w| w[0] < w[1]);
+        if !ascending(&self.vocabularies.field_strength_bands) {
+            return Err(err(
+                "vocabularies.field_strength_bands",
+                "edges must increase strictly",
+            ));
+        }
+        let bands = &self.vocabularies.age_bands;
+        if !bands.is_empty() && (bands[0] != 0 || bands.windows(2).any(|w| w[0] >= w[1])) {
+            return Err(err(
+                "vocabularies.age_bands",
+                "lower bounds must start at 0 and increase strictly",
+            ));
+        }
+        for (i, name) in self.statistics.counts_by.iter().enumerate() {
+            if !VOCABULARY_NAMES.contains(&name.as_str()) {
+                return Err(err(
+                    &format!("statistics.counts_by[{i}]"),
+                    format!(
+                        "`{name}` is not a vocabulary; known: {}",
+                        VOCABULARY_NAMES.join(", ")
+                    ),
+                ));
+            }
+        }
+        for (i, h) in self.statistics.histograms.iter().enumerate() {
+            if h.edges.len() < 2 || !ascending(&h.edges) {
+                return Err(err(
+                    &format!("statistics.histograms[{i}].edges"),
+                    "need at least two strictly increasing edges",
+                ));
+            }
+        }
+        if self.privacy.min_cell_count < MIN_CELL_COUNT_FLOOR {
+            return Err(err(
+                "privacy.min_cell_count",
+                format!("must be at least {MIN_CELL_COUNT_FLOOR}"),
+            ));
+        }
+        if let Some(dp) = &self.privacy.differential_privacy
+            && (!(dp.epsilon > 0.0) || !(0.0..1.0).contains(&dp.delta))
+        {
+            return Err(err(
+                "privacy.differential_privacy",
+                "epsilon must be > 0 and delta in [0, 1)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The index of a value in a vocabulary (what the wire carries), if listed.
+    pub fn vocabulary_index(&self, vocabulary: &str, value: &str) -> Option<u32> {
+        let list = match vocabulary {
+            "modality" => &self.vocabularies.modality,
+            "manufacturer" => &self.vocabularies.manufacturer,
+            "sex" => &self.vocabularies.sex,
+            "finding_codes" => &self.vocabularies.finding_codes,
+            "label_classes" => &self.vocabularies.label_classes,
+            _ => return None,
+        };
+        list.iter()
+            .position(|v| v.eq_ignore_ascii_case(value.trim()))
+            .map(|i| i as u32)
+    }
+
+    /// The minimum cell count a site uses: the schema's, or a site's higher one.
+    pub fn min_cell_count(&self, site_override: Option<u32>) -> u32 {
+        self.privacy.min_cell_count.max(site_override.unwrap_or(0))
+    }
+}
+
+/// SHA-256 of a schema document's bytes as distributed.
+pub fn schema_hash(text: &str) -> SchemaHash {
+    let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    let mut h = [0u8; 32];
+    h.copy_from_slice(d.as_ref());
+    SchemaHash(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub const EXAMPLE: &str = include_str!("../../deploy/schema.toml");
+
+    #[test]
+    fn the_example_schema_parses_and_hashes_stably() {
+        let s = CurationSchema::parse(EXAMPLE).expect("example schema");
+        assert_eq!(s.schema_version, 1);
+        assert_eq!(schema_hash(EXAMPLE), schema_hash(EXAMPLE));
+        assert_ne!(schema_hash(EXAMPLE), schema_hash(&format!("{EXAMPLE}\n")));
+        assert_eq!(s.vocabulary_index("modality", "mr"), Some(1));
+        assert_eq!(s.min_cell_count(Some(3)), s.privacy.min_cell_count);
+        assert_eq!(s.min_cell_count(Some(50)), 50);
+    }
+
+    #[test]
+    fn each_kind_of_invalid_document_names_its_field() {
+        let cases: [(&str, &str, &str); 9] = [
+            ("schema_version = 1", "schema_version = 2", "schema_version"),
+            ("id = \"brain-mri-2027\"", "id = \"Brain MRI\"", "id"),
+            (
+                "min_cell_count = 10",
+                "min_cell_count = 3",
+                "privacy.min_cell_count",
+            ),
+            (
+                "modalities = [\"CT\", \"MR\"]",
+                "modalities = []",
+                "data_of_interest.modalities",
+            ),
+            (
+                "range = [0.5, 5.0]",
+                "range = [5.0, 0.5]",
+                "data_of_interest.constraints[0].range",
+            ),
+            (
+                "age_bands = [0, 18, 40, 65, 90]",
+                "age_bands = [5, 18]",
+                "vocabularies.age_bands",
+            ),
+            (
+                "counts_by = [\"modality\", \"sex\"]",
+                "counts_by = [\"modality\", \"hospital\"]",
+                "statistics.counts_by[1]",
+            ),
+            (
+                "edges = [0.0, 5.0, 10.0, 20.0, 40.0]",
+                "edges = [0.0]",
+                "statistics.histograms[0].edges",
+            ),
+            (
+                "epsilon = 1.0",
+                "epsilon = 0.0",
+                "privacy.differential_privacy",
+            ),
+        ];
+        for (from, to, field) in cases {
+            assert!(EXAMPLE.contains(from), "example lacks {from}");
+            let bad = EXAMPLE.replacen(from, to, 1);
+            let e = CurationSchema::parse(&bad).expect_err(field);
+            assert_eq!(e.field, field, "{e}");
+        }
+        let unknown = EXAMPLE.replacen("[privacy]", "[privacy]\nleak = true", 1);
+        let e = CurationSchema::parse(&unknown).expect_err("unknown field");
+        assert!(e.to_string().contains("leak"), "{e}");
+    }
+}
