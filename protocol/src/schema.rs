@@ -248,7 +248,7 @@ impl CurationSchema {
                 (None, None) | (Some(_), Some(_)) => {
                     return Err(err(&f, "give exactly one of `range` and `allowed`"));
                 }
-                (Some([lo, hi]), None) if !(lo <= hi) || !lo.is_finite() || !hi.is_finite() => {
+                (Some([lo, hi]), None) if lo > hi || !lo.is_finite() || !hi.is_finite() => {
                     return Err(err(
                         &format!("{f}.range"),
                         "must be [min, max] with min <= max",
@@ -306,7 +306,7 @@ impl CurationSchema {
             ));
         }
         if let Some(dp) = &self.privacy.differential_privacy
-            && (!(dp.epsilon > 0.0) || !(0.0..1.0).contains(&dp.delta))
+            && (dp.epsilon.is_nan() || dp.epsilon <= 0.0 || !(0.0..1.0).contains(&dp.delta))
         {
             return Err(err(
                 "privacy.differential_privacy",
