@@ -6,6 +6,7 @@ pub mod batch;
 pub mod bench;
 pub mod catalog;
 pub mod config;
+pub mod curate;
 pub mod deid;
 pub mod export;
 pub mod harmonise;

@@ -3,6 +3,7 @@
 //! real third-party reader), and the handshake across protocol and coordinator.
 
 mod codecs;
+mod curate;
 mod deid;
 mod handshake;
 mod harmonise;

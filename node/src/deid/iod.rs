@@ -72,12 +72,29 @@ pub enum Position {
 
 type TypeMap = HashMap<(Option<Tag>, Tag), AttrType>;
 
+/// Module usage within an IOD.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Usage {
+    Mandatory,
+    Conditional,
+    UserOptional,
+}
+
+/// A module of an IOD with its top-level attributes and their types.
+#[derive(Clone, Debug)]
+pub struct ModuleSpec {
+    pub key: String,
+    pub usage: Usage,
+    pub attributes: Vec<(Tag, AttrType)>,
+}
+
 /// The generated IOD tables.
 #[derive(Debug, Default)]
 pub struct IodTables {
     sop_to_iod: HashMap<String, String>,
     types: HashMap<String, TypeMap>,
     mandatory_type1: HashMap<String, Vec<Tag>>,
+    modules: HashMap<String, Vec<ModuleSpec>>,
 }
 
 /// Parse `GGGG,EEEE` where `xx` stands for a repeating group's low byte (folded to 00).
@@ -144,6 +161,19 @@ impl IodTables {
             let Some(attrs) = modules.get(&module) else {
                 continue;
             };
+            t.modules.entry(iod.clone()).or_default().push(ModuleSpec {
+                key: module.clone(),
+                usage: match usage.as_str() {
+                    "M" => Usage::Mandatory,
+                    "C" => Usage::Conditional,
+                    _ => Usage::UserOptional,
+                },
+                attributes: attrs
+                    .iter()
+                    .filter(|(parent, _, _)| parent.is_none())
+                    .map(|&(_, tag, ty)| (tag, ty))
+                    .collect(),
+            });
             let map = t.types.entry(iod.clone()).or_default();
             for &(parent, tag, ty) in attrs {
                 let e = map.entry((parent, tag)).or_insert(ty);
@@ -184,6 +214,13 @@ impl IodTables {
             Some(&t) => IodLookup::Type(t),
             None => IodLookup::NotInIod,
         }
+    }
+
+    /// The modules of the IOD of a SOP class, if the tables cover it.
+    pub fn modules(&self, sop_class_uid: &str) -> Option<&[ModuleSpec]> {
+        self.iod_of(sop_class_uid)
+            .and_then(|iod| self.modules.get(iod))
+            .map(Vec::as_slice)
     }
 
     /// Top-level Type 1 attributes of the IOD's mandatory modules.
