@@ -49,7 +49,9 @@ impl Vm {
 
     /// Whether `n` values satisfy the multiplicity.
     pub fn allows(self, n: u32) -> bool {
-        n >= self.min && self.max.is_none_or(|m| n <= m) && (n - self.min) % self.step.max(1) == 0
+        n >= self.min
+            && self.max.is_none_or(|m| n <= m)
+            && (n - self.min).is_multiple_of(self.step.max(1))
     }
 }
 
