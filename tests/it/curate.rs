@@ -72,11 +72,14 @@ fn has(found: &BTreeSet<(String, Option<String>)>, code: &str, tag: Option<&str>
         .any(|(c, t)| c == code && (tag.is_none() || t.as_deref() == tag))
 }
 
+/// An edit that breaks a fixture.
+type Edit = Box<dyn Fn(&mut InMemDicomObject)>;
+
 #[test]
 fn each_conformance_check_fails_its_fixture_and_passes_the_clean_one() {
     let clean = codes(ct());
     let baseline = clean.clone();
-    let mut cases: Vec<(&str, Option<&str>, Box<dyn Fn(&mut InMemDicomObject)>)> = Vec::new();
+    let mut cases: Vec<(&str, Option<&str>, Edit)> = Vec::new();
     cases.push((
         "missing-type1",
         Some("(0020,000D)"),
