@@ -4,6 +4,7 @@
 //! pseudonymous key of the series and a sentence that names no identifying value.
 
 pub mod conformance;
+pub mod quality;
 
 use dicom_core::Tag;
 use serde::Serialize;
