@@ -112,6 +112,19 @@ enum Command {
     },
     /// Harmonise the intensities of NIfTI volumes (e.g. an `export --format nifti` folder).
     Harmonise(HarmoniseArgs),
+    /// Curate the de-identified data: conformance, duplicates, series consistency, geometry,
+    /// protocol conformance against the consortium schema, quality metrics.
+    Curate {
+        /// Folder of de-identified DICOM (default: <data_dir>/deid).
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// The consortium curation schema (TOML).
+        #[arg(long)]
+        schema: Option<PathBuf>,
+        /// Folder for report.json and report.html.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// The catalog of everything done.
     Catalog {
         #[command(subcommand)]
@@ -429,6 +442,7 @@ fn main() -> Result<()> {
         Command::Quarantine { command } => quarantine(&config, command),
         Command::Secret { command } => secret(&config, command),
         Command::Harmonise(args) => harmonise(&config, args),
+        Command::Curate { input, schema, out } => curate(&config, input, schema, &out),
         Command::Reidentify { pseudonym, field } => reidentify(&config, &pseudonym, field),
         Command::Audit { command } => audit_cmd(&config, command),
     }
@@ -1225,5 +1239,104 @@ fn bench_harmonise(dir: Option<PathBuf>, n: usize) -> Result<()> {
         );
     }
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+fn curate(
+    config: &NodeConfig,
+    input: Option<PathBuf>,
+    schema_path: Option<PathBuf>,
+    out: &Path,
+) -> Result<()> {
+    use node::curate::{Finding, Severity};
+    let input = input.unwrap_or_else(|| config.data_dir.join("deid"));
+    let schema = match &schema_path {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let s = protocol::schema::CurationSchema::parse(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            let h = protocol::schema::schema_hash(&text);
+            Some((s, node::deid::keys::hex(&h.0)))
+        }
+        None => None,
+    };
+    let mut site = Vec::new();
+    if let Some((s, _)) = &schema {
+        let policy = config.deid.policy()?;
+        for needed in &s.deidentification.options {
+            let has = node::deid::table::DeidOption::from_config_name(needed)
+                .is_some_and(|o| policy.has(o));
+            if !has {
+                site.push(Finding::new("deid-requirement-unmet", Severity::Error, None, &format!("the consortium needs de-identification option {needed}, which this node's profile does not provide; this node cannot join until it does")));
+            }
+        }
+    }
+    // What the catalog knows: conflicts and duplicates the de-identifier resolved.
+    if config.data_dir.join("catalog.sqlite").exists() {
+        let dd = open_data_dir(&config.data_dir)?;
+        let rows = dd.catalog.inputs()?;
+        let conflicts = rows
+            .iter()
+            .filter(|(r, _)| r.reason.as_deref() == Some("uid-conflict"))
+            .count();
+        if conflicts > 0 {
+            site.push(Finding::new("uid-conflict", Severity::Warning, None, &format!("{conflicts} inputs had the SOP Instance UID of another instance with different content; the first was kept, the others quarantined")));
+        }
+        let duplicates = rows
+            .iter()
+            .filter(|(r, _)| r.outcome == node::catalog::RecordedOutcome::Duplicate)
+            .count();
+        if duplicates > 0 {
+            site.push(Finding::new(
+                "duplicate-instances",
+                Severity::Info,
+                None,
+                &format!(
+                    "{duplicates} inputs were identical copies of instances already de-identified"
+                ),
+            ));
+        }
+        let mut per_study: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+        for (r, _) in &rows {
+            if let Some(study) = &r.study {
+                let e = per_study.entry(study.clone()).or_default();
+                match r.outcome {
+                    node::catalog::RecordedOutcome::Written => e.0 += 1,
+                    node::catalog::RecordedOutcome::Duplicate => e.1 += 1,
+                    _ => {}
+                }
+            }
+        }
+        let twice = per_study.values().filter(|(w, d)| *w > 0 && d >= w).count();
+        if twice > 0 {
+            site.push(Finding::new(
+                "study-imported-twice",
+                Severity::Warning,
+                None,
+                &format!("{twice} studies were imported again in full"),
+            ));
+        }
+    }
+    let report =
+        node::curate::report::curate(&input, schema.as_ref().map(|(s, h)| (s, h.clone())), site)?;
+    std::fs::create_dir_all(out)?;
+    batch::write_atomically(
+        &out.join("report.json"),
+        &serde_json::to_vec_pretty(&report)?,
+    )?;
+    batch::write_atomically(
+        &out.join("report.html"),
+        node::curate::report::html(&report).as_bytes(),
+    )?;
+    println!(
+        "curated {} instances in {} series; report in {}",
+        report.instances,
+        report.series.len(),
+        out.display()
+    );
+    for (code, n) in &report.counts {
+        println!("  {code:<32} {n}");
+    }
     Ok(())
 }

@@ -782,3 +782,121 @@ fn harmonise_fits_saves_reapplies_and_feeds_the_export() {
         "the harmonised float32 volume was exported"
     );
 }
+
+#[test]
+fn curate_reports_findings_protocol_status_and_leaks_nothing() {
+    let site = Site::new(
+        "options = [\"retain-patient-characteristics\", \"retain-longitudinal-modified-dates\"]\n",
+    );
+    let input = site.path("in");
+    let archive = sample::write_sample_archive(&input.join("sample")).expect("sample");
+    sample::write_bulk_archive(&input.join("bulk"), 2, 3).expect("bulk");
+    run(&mut site.deid(&input, &site.path("data/deid")));
+    let schema_text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/schema.toml"
+    ))
+    .expect("schema");
+    // A protocol whose kVp range excludes the CT series (120 kV).
+    let strict = schema_text.replace("range = [80.0, 140.0]", "range = [80.0, 100.0]");
+    let schema = site.path("schema.toml");
+    std::fs::write(&schema, &strict).expect("schema");
+    let out = site.path("report");
+    let printed = run(site
+        .cmd()
+        .args(["curate", "--schema"])
+        .arg(&schema)
+        .arg("--out")
+        .arg(&out));
+    let s = String::from_utf8_lossy(&printed.stdout).into_owned();
+    assert!(s.contains("curated"), "{s}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).expect("json"))
+            .expect("json");
+    assert_eq!(report["report_version"], 1);
+    assert_eq!(report["schema"].as_str().map(str::len), Some(64));
+    let series = report["series"].as_array().expect("series");
+    assert!(series.len() >= 8, "{} series", series.len());
+    let statuses: Vec<String> = series.iter().map(|s| s["protocol"].to_string()).collect();
+    assert!(
+        statuses
+            .iter()
+            .any(|p| p.contains("deviating") && p.contains("kvp outside the protocol")),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().any(|p| p.contains("out-of-scope")),
+        "SEG/SR/US are out of scope: {statuses:?}"
+    );
+    assert!(
+        series
+            .iter()
+            .all(|s| s["series"].as_str().is_some_and(|k| k.len() == 12))
+    );
+    assert!(
+        report["site_findings"].as_array().expect("site").is_empty(),
+        "the profile meets the schema: {}",
+        report["site_findings"]
+    );
+    let with_quality = series
+        .iter()
+        .filter(|s| !s["quality"].as_array().expect("quality").is_empty())
+        .count();
+    assert!(with_quality >= 4);
+    let q = series
+        .iter()
+        .find_map(|s| s["quality"].as_array().and_then(|q| q.first()))
+        .expect("a quality report");
+    for metric in [
+        "snr", "cnr", "cjv", "efc", "fber", "cv", "mean", "range", "variance",
+    ] {
+        assert!(q.get(metric).is_some(), "{metric}");
+    }
+    // The report and the page name no identifying value, and the page loads nothing.
+    let html = std::fs::read_to_string(out.join("report.html")).expect("html");
+    let json = std::fs::read_to_string(out.join("report.json")).expect("json");
+    for v in &archive.identifying {
+        assert!(
+            !json.contains(v.as_str()) && !html.contains(v.as_str()),
+            "{v} in the report"
+        );
+    }
+    assert!(
+        !html.contains("http://") && !html.contains("https://") && !html.contains("<script"),
+        "self-contained"
+    );
+    assert!(html.contains("<svg"), "plots");
+    // A node whose profile lacks a required option is told so.
+    let lacking = Site::new("");
+    run(&mut lacking.deid(&input.join("bulk"), &lacking.path("data/deid")));
+    run(lacking
+        .cmd()
+        .args(["curate", "--schema"])
+        .arg(&schema)
+        .arg("--out")
+        .arg(lacking.path("r")));
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lacking.path("r/report.json")).expect("json"))
+            .expect("json");
+    let codes: Vec<&str> = r["site_findings"]
+        .as_array()
+        .expect("site")
+        .iter()
+        .filter_map(|f| f["code"].as_str())
+        .collect();
+    assert_eq!(codes, ["deid-requirement-unmet", "deid-requirement-unmet"]);
+    // A schema that does not validate is refused with the field named.
+    std::fs::write(
+        &schema,
+        schema_text.replace("min_cell_count = 10", "min_cell_count = 2"),
+    )
+    .expect("schema");
+    let e = fails(
+        site.cmd()
+            .args(["curate", "--schema"])
+            .arg(&schema)
+            .arg("--out")
+            .arg(site.path("r2")),
+    );
+    assert!(e.contains("privacy.min_cell_count"), "{e}");
+}

@@ -5,6 +5,7 @@
 
 pub mod conformance;
 pub mod quality;
+pub mod report;
 
 use dicom_core::Tag;
 use serde::Serialize;
