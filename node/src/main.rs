@@ -80,6 +80,9 @@ enum Command {
         /// Measure every harmonisation method on a volume of this many voxels per side instead.
         #[arg(long)]
         harmonise: Option<usize>,
+        /// Measure curation over this many generated instances instead (100 per series).
+        #[arg(long)]
+        curate: Option<usize>,
     },
     /// Export de-identified series for training code (NIfTI volumes, or nnU-Net v2 layout).
     Export {
@@ -419,10 +422,36 @@ fn main() -> Result<()> {
             keep,
             volume,
             harmonise,
-        } => match (volume, harmonise) {
-            (Some(slices), _) => bench_volume(dir, slices, keep),
-            (None, Some(n)) => bench_harmonise(dir, n),
-            (None, None) => bench(dir, files, batch_size, keep),
+            curate,
+        } => match (volume, harmonise, curate) {
+            (Some(slices), _, _) => bench_volume(dir, slices, keep),
+            (None, Some(n), _) => bench_harmonise(dir, n),
+            (None, None, Some(n)) => {
+                let dir = dir.unwrap_or_else(|| {
+                    std::env::temp_dir().join(format!("fedcurate-cbench-{}", std::process::id()))
+                });
+                let (count, header, full) = node::bench::curate(&dir, n.div_ceil(100), 100)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                println!(
+                    "{count} instances (128x128 CT), {} threads",
+                    rayon::current_num_threads()
+                );
+                println!(
+                    "header-only conformance checks   {:>8.3} s  {:>8.0} instances/s",
+                    header.as_secs_f64(),
+                    count as f64 / header.as_secs_f64()
+                );
+                println!(
+                    "full curation (pixels, volumes)  {:>8.3} s  {:>8.0} instances/s",
+                    full.as_secs_f64(),
+                    count as f64 / full.as_secs_f64()
+                );
+                if !keep {
+                    std::fs::remove_dir_all(&dir)?;
+                }
+                Ok(())
+            }
+            (None, None, None) => bench(dir, files, batch_size, keep),
         },
         Command::Sample {
             out,

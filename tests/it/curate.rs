@@ -241,3 +241,141 @@ fn deidentified_output_is_never_less_conformant_than_its_input() {
     }
     assert!(checked >= 20);
 }
+
+#[test]
+fn duplicates_and_series_inconsistency_are_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let folder = dir.path().join("deid");
+    std::fs::create_dir_all(&folder).expect("dir");
+    // Two slices of one series, then a third with other rows and another frame of reference,
+    // and a copy of the first slice's pixels under a new SOP Instance UID.
+    let mut objects = Vec::new();
+    for i in 1..=2u16 {
+        let mut o = ct();
+        o.put(DataElement::new(
+            Tag(0x0008, 0x0018),
+            VR::UI,
+            PrimitiveValue::from(format!("2.25.100{i}")),
+        ));
+        o.put(DataElement::new(
+            Tag(0x0020, 0x0032),
+            VR::DS,
+            PrimitiveValue::from(format!("0\\0\\{}", f32::from(i) * 2.5)),
+        ));
+        o.put(DataElement::new(
+            Tag(0x0020, 0x0037),
+            VR::DS,
+            PrimitiveValue::from("1\\0\\0\\0\\1\\0"),
+        ));
+        objects.push(o);
+    }
+    let mut odd = ct();
+    odd.put(DataElement::new(
+        Tag(0x0008, 0x0018),
+        VR::UI,
+        PrimitiveValue::from("2.25.1003"),
+    ));
+    odd.put(DataElement::new(
+        Tag(0x0020, 0x0052),
+        VR::UI,
+        PrimitiveValue::from("2.25.999"),
+    ));
+    objects.push(odd);
+    for (i, o) in objects.into_iter().enumerate() {
+        std::fs::write(
+            folder.join(format!("{i}.dcm")),
+            sample::encode(o, sample::ts::EXPLICIT_LE).expect("encode"),
+        )
+        .expect("write");
+    }
+    let report = node::curate::report::curate(&folder, None, Vec::new()).expect("curate");
+    assert_eq!(report.series.len(), 1);
+    let codes: BTreeSet<(&str, Option<&str>)> = report.series[0]
+        .findings
+        .iter()
+        .map(|f| (f.code, f.tag.as_deref()))
+        .collect();
+    assert!(
+        codes.contains(&("series-inconsistent", Some("(0020,0052)"))),
+        "{codes:?}"
+    );
+    assert!(
+        codes.contains(&("duplicate-pixels", None)),
+        "slices 1 and 3 share pixels: {codes:?}"
+    );
+    assert!(
+        !codes.contains(&("series-inconsistent", Some("(0028,0010)"))),
+        "{codes:?}"
+    );
+    // Distinct pixels everywhere: no duplicate finding.
+    let clean = dir.path().join("clean");
+    std::fs::create_dir_all(&clean).expect("dir");
+    for i in 1..=2u16 {
+        let mut o = ct();
+        o.put(DataElement::new(
+            Tag(0x0008, 0x0018),
+            VR::UI,
+            PrimitiveValue::from(format!("2.25.200{i}")),
+        ));
+        let pixels: Vec<u16> = (0..64).map(|p| p * i).collect();
+        o.put(DataElement::new(
+            Tag(0x7FE0, 0x0010),
+            VR::OW,
+            PrimitiveValue::U16(pixels.into()),
+        ));
+        std::fs::write(
+            clean.join(format!("{i}.dcm")),
+            sample::encode(o, sample::ts::EXPLICIT_LE).expect("encode"),
+        )
+        .expect("write");
+    }
+    let report = node::curate::report::curate(&clean, None, Vec::new()).expect("curate");
+    assert!(
+        report.series[0]
+            .findings
+            .iter()
+            .all(|f| f.code != "duplicate-pixels" && f.code != "series-inconsistent"),
+        "{:?}",
+        report.series[0].findings
+    );
+}
+
+#[test]
+fn every_covered_iod_is_checked_without_failure() {
+    let iods = IodTables::standard();
+    for class in [
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.2.840.10008.5.1.4.1.1.4",
+        "1.2.840.10008.5.1.4.1.1.2.1",
+        "1.2.840.10008.5.1.4.1.1.4.1",
+        "1.2.840.10008.5.1.4.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.1.2",
+        "1.2.840.10008.5.1.4.1.1.6.1",
+        "1.2.840.10008.5.1.4.1.1.3.1",
+        "1.2.840.10008.5.1.4.1.1.7",
+        "1.2.840.10008.5.1.4.1.1.7.3",
+        "1.2.840.10008.5.1.4.1.1.128",
+        "1.2.840.10008.5.1.4.1.1.20",
+        "1.2.840.10008.5.1.4.1.1.12.1",
+        "1.2.840.10008.5.1.4.1.1.66.4",
+    ] {
+        assert!(iods.modules(class).is_some(), "{class} covered");
+        let mut o = InMemDicomObject::new_empty();
+        o.put(DataElement::new(
+            Tag(0x0008, 0x0016),
+            VR::UI,
+            PrimitiveValue::from(class),
+        ));
+        o.put(DataElement::new(
+            Tag(0x0008, 0x0018),
+            VR::UI,
+            PrimitiveValue::from("2.25.1"),
+        ));
+        let found = codes(o);
+        assert!(
+            has(&found, "missing-module", None),
+            "{class}: a near-empty object misses mandatory modules"
+        );
+    }
+}
