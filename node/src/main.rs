@@ -1012,6 +1012,62 @@ fn demo(dir: Option<PathBuf>) -> Result<()> {
     if leaks > 0 {
         bail!("the demo found identifying values in the output");
     }
+    // Curate against the example consortium schema, export for training code, harmonise.
+    let schema_text = include_str!("../../deploy/schema.toml");
+    let schema = protocol::schema::CurationSchema::parse(schema_text)?;
+    let hash = node::deid::keys::hex(&protocol::schema::schema_hash(schema_text).0);
+    let report = node::curate::report::curate(&paths.output, Some((&schema, hash)), Vec::new())?;
+    let curation = dir.join("curation");
+    batch::write_atomically(
+        &curation.join("report.json"),
+        &serde_json::to_vec_pretty(&report)?,
+    )?;
+    batch::write_atomically(
+        &curation.join("report.html"),
+        node::curate::report::html(&report).as_bytes(),
+    )?;
+    let count = |code: &str| report.counts.get(code).copied().unwrap_or(0);
+    println!(
+        "curation      {} series: {} in scope, {} deviating, {} out of scope; report {}",
+        report.series.len(),
+        count("protocol-in-scope"),
+        count("protocol-deviating"),
+        count("protocol-out-of-scope"),
+        curation.join("report.html").display()
+    );
+    let export_opts = |format| node::export::ExportOptions {
+        format,
+        dataset_id: 500,
+        dataset_name: "demo".into(),
+        seed: 0,
+        fractions: [0.7, 0.15, 0.15],
+        stratify: node::export::Stratify::Modality,
+        harmonised: None,
+    };
+    let nifti_dir = dir.join("export-nifti");
+    let e = node::export::export(
+        &paths.output,
+        &nifti_dir,
+        &export_opts(node::export::Format::Nifti),
+    )?;
+    println!(
+        "export        {} volumes as NIfTI with manifest in {}",
+        e.volumes,
+        nifti_dir.display()
+    );
+    let nn_dir = dir.join("export-nnunet");
+    let e = node::export::export(
+        &paths.output,
+        &nn_dir,
+        &export_opts(node::export::Format::NnUnet),
+    )?;
+    println!(
+        "export        nnU-Net dataset in {} (train {} / validation {} / test {} cases, split by patient)",
+        nn_dir.display(),
+        e.splits[0],
+        e.splits[1],
+        e.splits[2]
+    );
     Ok(())
 }
 

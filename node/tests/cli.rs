@@ -206,6 +206,9 @@ fn demo_runs_end_to_end_and_finds_no_leak() {
     assert!(s.contains("leak check    0 identifying values"), "{s}");
     assert!(s.contains("quarantined   3"), "{s}");
     assert!(s.contains("patients      3"), "{s}");
+    assert!(s.contains("curation      8 series"), "{s}");
+    assert!(s.contains("volumes as NIfTI"), "{s}");
+    assert!(s.contains("nnU-Net dataset"), "{s}");
 }
 
 #[test]
