@@ -159,6 +159,42 @@ pub struct NodeConfig {
     /// De-identification.
     #[serde(default)]
     pub deid: DeidConfig,
+    /// The DICOM Storage SCP (`fedcurate-node serve`).
+    #[serde(default)]
+    pub scp: ScpSettings,
+}
+
+/// The `[scp]` section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScpSettings {
+    /// The node's AE title.
+    #[serde(default = "default_ae")]
+    pub ae_title: String,
+    /// Address and port to listen on.
+    #[serde(default = "default_bind")]
+    pub bind: std::net::SocketAddr,
+    /// Calling AE titles (optionally with the host they must come from) allowed to send.
+    #[serde(default)]
+    pub allowed: Vec<crate::dimse::scp::AllowedPeer>,
+}
+
+fn default_ae() -> String {
+    "FEDCURATE".into()
+}
+
+fn default_bind() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([0, 0, 0, 0], 11112))
+}
+
+impl Default for ScpSettings {
+    fn default() -> Self {
+        ScpSettings {
+            ae_title: default_ae(),
+            bind: default_bind(),
+            allowed: Vec::new(),
+        }
+    }
 }
 
 impl NodeConfig {

@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod config;
 pub mod curate;
 pub mod deid;
+pub mod dimse;
 pub mod export;
 pub mod harmonise;
 pub mod read;

@@ -115,6 +115,13 @@ enum Command {
     },
     /// Harmonise the intensities of NIfTI volumes (e.g. an `export --format nifti` folder).
     Harmonise(HarmoniseArgs),
+    /// Receive DICOM over the network (Storage SCP: C-ECHO, C-STORE) and de-identify what
+    /// arrives, with the same guarantees as `deid`.
+    Serve {
+        /// Folder for the de-identified output (default: <data_dir>/deid).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// Curate the de-identified data: conformance, duplicates, series consistency, geometry,
     /// protocol conformance against the consortium schema, quality metrics.
     Curate {
@@ -471,6 +478,7 @@ fn main() -> Result<()> {
         Command::Quarantine { command } => quarantine(&config, command),
         Command::Secret { command } => secret(&config, command),
         Command::Harmonise(args) => harmonise(&config, args),
+        Command::Serve { output } => serve(&config, output),
         Command::Curate { input, schema, out } => curate(&config, input, schema, &out),
         Command::Reidentify { pseudonym, field } => reidentify(&config, &pseudonym, field),
         Command::Audit { command } => audit_cmd(&config, command),
@@ -1423,5 +1431,133 @@ fn curate(
     for (code, n) in &report.counts {
         println!("  {code:<32} {n}");
     }
+    Ok(())
+}
+
+/// Move everything in the inbox to the processing folder, de-identify it, and empty it.
+fn process_inbox(
+    inbox: &Path,
+    processing: &Path,
+    paths: &BatchPaths,
+    deid: &Deidentifier<'_>,
+    catalog: &mut Catalog,
+    settings: &RunSettings<'_>,
+) -> Result<usize> {
+    std::fs::create_dir_all(processing)?;
+    for entry in std::fs::read_dir(inbox)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if entry.file_type()?.is_file() && !name.to_string_lossy().starts_with(batch::TEMP_PREFIX) {
+            std::fs::rename(entry.path(), processing.join(name))?;
+        }
+    }
+    let pending = batch::list_inputs(processing)?;
+    if pending.is_empty() {
+        return Ok(0);
+    }
+    let summary = batch::deidentify_folder(paths, deid, catalog, settings)?;
+    for f in pending {
+        std::fs::remove_file(f)?;
+    }
+    tracing::info!(
+        written = summary.written,
+        quarantined = summary.quarantined_total(),
+        duplicates = summary.duplicates,
+        "inbox processed"
+    );
+    Ok(summary.inputs)
+}
+
+fn serve(config: &NodeConfig, output: Option<PathBuf>) -> Result<()> {
+    use std::io::Write as _;
+    let mut dd = open_data_dir(&config.data_dir)?;
+    let policy = policy_with(config, &[])?;
+    let anonymise = config.deid.anonymises(false);
+    let secret = config.deid.secret(&dd.root, anonymise)?;
+    let keys = Keys::derive(&secret);
+    drop(secret);
+    let vault_key = config.deid.vault_key(anonymise)?;
+    let subjects = config.deid.subject_rule()?;
+    let inbox = dd.root.join("inbox");
+    let processing = dd.root.join("inbox-processing");
+    let paths = BatchPaths {
+        input: processing.clone(),
+        output: output.unwrap_or_else(|| dd.root.join("deid")),
+        quarantine: dd.root.join("quarantine"),
+    };
+    let settings = RunSettings {
+        mode: if anonymise {
+            "anonymise"
+        } else {
+            "pseudonymise"
+        },
+        edition: table::EDITION,
+        options: options_text(&policy),
+        vault_key: vault_key.as_ref(),
+        batch_size: config.deid.batch_size,
+        progress: &batch::NoProgress,
+        subjects: &subjects,
+    };
+    let deid = Deidentifier::new(&policy, &keys);
+    if config.scp.allowed.is_empty() {
+        tracing::warn!("[scp] allowed is empty: every association will be refused");
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = node::dimse::scp::bind(
+        node::dimse::scp::ScpConfig {
+            ae_title: config.scp.ae_title.clone(),
+            bind: config.scp.bind,
+            allowed: config.scp.allowed.clone(),
+            inbox: inbox.clone(),
+        },
+        tx,
+    )?;
+    batch::sweep_temporaries(&inbox)?;
+    println!(
+        "listening as {} on {}",
+        config.scp.ae_title, handle.local_addr
+    );
+    std::io::stdout().flush()?;
+    // Replay what a previous run left (received but not processed).
+    let replayed = process_inbox(
+        &inbox,
+        &processing,
+        &paths,
+        &deid,
+        &mut dd.catalog,
+        &settings,
+    )?;
+    if replayed > 0 {
+        tracing::info!(inputs = replayed, "replayed the inbox of an earlier run");
+    }
+    loop {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(()) => {
+                // Let a burst finish, then process it together.
+                std::thread::sleep(Duration::from_millis(300));
+                while rx.try_recv().is_ok() {}
+                process_inbox(
+                    &inbox,
+                    &processing,
+                    &paths,
+                    &deid,
+                    &mut dd.catalog,
+                    &settings,
+                )?;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                process_inbox(
+                    &inbox,
+                    &processing,
+                    &paths,
+                    &deid,
+                    &mut dd.catalog,
+                    &settings,
+                )?;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    handle.shutdown();
     Ok(())
 }

@@ -1,0 +1,315 @@
+//! The Storage SCP: C-ECHO and C-STORE over associations accepted from allowed calling AE
+//! titles (and hosts), several at once, with TCP_NODELAY. A received object is written durably
+//! to the inbox (temporary file, flush, rename, flush the folder) before success is answered.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use dicom_core::Tag;
+use dicom_object::FileMetaTableBuilder;
+use dicom_ul::association::server::{AccessControl, ServerAssociationOptions};
+use dicom_ul::pdu::{
+    AssociationRJServiceUserReason, PDataValue, PDataValueType, Pdu, UserIdentity,
+};
+
+use super::{
+    STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION, command, decode_command, number, response,
+    status, text,
+};
+use crate::batch::write_atomically;
+
+/// A peer allowed to send.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowedPeer {
+    /// Calling AE title.
+    pub ae: String,
+    /// The peer's address; any host when absent.
+    #[serde(default)]
+    pub host: Option<IpAddr>,
+}
+
+/// SCP settings.
+#[derive(Clone, Debug)]
+pub struct ScpConfig {
+    pub ae_title: String,
+    pub bind: SocketAddr,
+    pub allowed: Vec<AllowedPeer>,
+    pub inbox: PathBuf,
+}
+
+/// A running SCP.
+#[derive(Debug)]
+pub struct ScpHandle {
+    pub local_addr: SocketAddr,
+    shutdown: Arc<AtomicBool>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl ScpHandle {
+    /// Stop accepting, and wait for the accept loop to end.
+    pub fn shutdown(mut self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Allowed(Vec<String>);
+
+impl AccessControl for Allowed {
+    fn check_access(
+        &self,
+        _this: &str,
+        calling: &str,
+        _called: &str,
+        _user: Option<&UserIdentity>,
+    ) -> Result<(), AssociationRJServiceUserReason> {
+        if self.0.iter().any(|a| a == calling.trim()) {
+            Ok(())
+        } else {
+            Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized)
+        }
+    }
+}
+
+/// Start listening. Every stored object is announced on `stored`.
+pub fn bind(config: ScpConfig, stored: Sender<()>) -> io::Result<ScpHandle> {
+    std::fs::create_dir_all(&config.inbox)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config.inbox, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let listener = TcpListener::bind(config.bind)?;
+    listener.set_nonblocking(true)?;
+    let local_addr = listener.local_addr()?;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let stop = shutdown.clone();
+    let config = Arc::new(config);
+    let join = std::thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    let config = config.clone();
+                    let stored = stored.clone();
+                    std::thread::spawn(move || {
+                        if let Err(e) = serve_connection(stream, peer, &config, &stored) {
+                            tracing::info!(error = %e, "association ended with an error");
+                        }
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    });
+    Ok(ScpHandle {
+        local_addr,
+        shutdown,
+        join: Some(join),
+    })
+}
+
+static RECEIVED: AtomicU64 = AtomicU64::new(0);
+
+fn inbox_name() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{nanos}-{}-{}.dcm",
+        std::process::id(),
+        RECEIVED.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    config: &ScpConfig,
+    stored: &Sender<()>,
+) -> Result<(), String> {
+    stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    // Hosts: a calling AE restricted to a host may only connect from it.
+    let allowed_here: Vec<String> = config
+        .allowed
+        .iter()
+        .filter(|a| a.host.is_none_or(|h| h == peer.ip()))
+        .map(|a| a.ae.clone())
+        .collect();
+    let mut options = ServerAssociationOptions::new()
+        .ae_access_control(Allowed(allowed_here))
+        .ae_title(config.ae_title.clone())
+        .with_abstract_syntax(VERIFICATION)
+        .max_pdu_length(65536)
+        .read_timeout(Duration::from_secs(60))
+        .write_timeout(Duration::from_secs(60));
+    for c in STORAGE_CLASSES {
+        options = options.with_abstract_syntax(*c);
+    }
+    for t in TRANSFER_SYNTAXES {
+        options = options.with_transfer_syntax(*t);
+    }
+    let mut assoc = options.establish(stream).map_err(|e| e.to_string())?;
+    tracing::info!(peer = %peer.ip(), "association accepted");
+    let contexts: HashMap<u8, (String, String)> = assoc
+        .presentation_contexts()
+        .iter()
+        .map(|pc| {
+            (
+                pc.id,
+                (pc.abstract_syntax.clone(), pc.transfer_syntax.clone()),
+            )
+        })
+        .collect();
+    let mut command_bytes = Vec::new();
+    let mut pending: Option<(u8, dicom_object::InMemDicomObject)> = None;
+    let mut dataset = Vec::new();
+    loop {
+        let pdu = match assoc.receive() {
+            Ok(p) => p,
+            Err(e) => return Err(e.to_string()),
+        };
+        match pdu {
+            Pdu::PData { data } => {
+                for PDataValue {
+                    presentation_context_id,
+                    value_type,
+                    is_last,
+                    data,
+                } in data
+                {
+                    match value_type {
+                        PDataValueType::Command => {
+                            command_bytes.extend_from_slice(&data);
+                            if !is_last {
+                                continue;
+                            }
+                            let cmd =
+                                decode_command(&command_bytes).ok_or("undecodable command set")?;
+                            command_bytes.clear();
+                            let field = number(&cmd, Tag(0x0000, 0x0100)).unwrap_or(0);
+                            let msg_id = number(&cmd, Tag(0x0000, 0x0110)).unwrap_or(0);
+                            match field {
+                                command::C_ECHO_RQ => {
+                                    let rsp = response(
+                                        command::C_ECHO_RSP,
+                                        msg_id,
+                                        VERIFICATION,
+                                        None,
+                                        status::SUCCESS,
+                                    );
+                                    send_command(&mut assoc, presentation_context_id, rsp)?;
+                                }
+                                command::C_STORE_RQ => {
+                                    pending = Some((presentation_context_id, cmd))
+                                }
+                                other => {
+                                    tracing::warn!(
+                                        command = other,
+                                        "unsupported DIMSE command; aborting"
+                                    );
+                                    let _ = assoc.abort();
+                                    return Err("unsupported command".into());
+                                }
+                            }
+                        }
+                        PDataValueType::Data => {
+                            dataset.extend_from_slice(&data);
+                            if !is_last {
+                                continue;
+                            }
+                            let Some((pc, cmd)) = pending.take() else {
+                                return Err("data set without a C-STORE request".into());
+                            };
+                            let class = text(&cmd, Tag(0x0000, 0x0002));
+                            let instance = text(&cmd, Tag(0x0000, 0x1000));
+                            let msg_id = number(&cmd, Tag(0x0000, 0x0110)).unwrap_or(0);
+                            let ts = contexts.get(&pc).map(|c| c.1.clone()).unwrap_or_default();
+                            let st = match store(&config.inbox, &class, &instance, &ts, &dataset) {
+                                Ok(()) => {
+                                    let _ = stored.send(());
+                                    status::SUCCESS
+                                }
+                                Err(e) => {
+                                    tracing::error!(error = %e, "could not store a received object in the inbox");
+                                    status::OUT_OF_RESOURCES
+                                }
+                            };
+                            dataset.clear();
+                            let rsp =
+                                response(command::C_STORE_RSP, msg_id, &class, Some(&instance), st);
+                            send_command(&mut assoc, pc, rsp)?;
+                        }
+                    }
+                }
+            }
+            Pdu::ReleaseRQ => {
+                let _ = assoc.send(&Pdu::ReleaseRP);
+                return Ok(());
+            }
+            Pdu::AbortRQ { .. } => return Ok(()),
+            other => {
+                let _ = assoc.abort();
+                return Err(format!("unexpected PDU {}", other.short_description()));
+            }
+        }
+    }
+}
+
+fn send_command(
+    assoc: &mut dicom_ul::association::server::ServerAssociation<TcpStream>,
+    pc: u8,
+    bytes: Vec<u8>,
+) -> Result<(), String> {
+    assoc
+        .send(&Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pc,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data: bytes,
+            }],
+        })
+        .map_err(|e| e.to_string())
+}
+
+/// Write a received data set to the inbox as a DICOM file, durably.
+fn store(inbox: &Path, class: &str, instance: &str, ts: &str, dataset: &[u8]) -> io::Result<()> {
+    let meta = FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(class)
+        .media_storage_sop_instance_uid(instance)
+        .transfer_syntax(ts)
+        .implementation_class_uid(crate::deid::IMPLEMENTATION_CLASS_UID)
+        .build()
+        .map_err(io::Error::other)?;
+    let mut out = vec![0u8; 128];
+    out.extend_from_slice(b"DICM");
+    meta.write(&mut out).map_err(io::Error::other)?;
+    out.extend_from_slice(dataset);
+    let path = inbox.join(inbox_name());
+    write_atomically(&path, &out)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,283 @@
+//! The Storage SCP against dcmtk's echoscu and storescu (installed by scripts/test.sh).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use node::sample;
+
+fn files_under(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+struct Node {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &Path) -> Node {
+    let cfg = dir.join("node.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\n[scp]\nbind = \"127.0.0.1:0\"\nallowed = [{{ ae = \"STORESCU\" }}, {{ ae = \"ECHOSCU\" }}, {{ ae = \"LOCALONLY\", host = \"127.0.0.1\" }}, {{ ae = \"ELSEWHERE\", host = \"10.9.9.9\" }}]\n",
+            dir.join("data")
+        ),
+    )
+    .expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fedcurate-node"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("serve")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("first line");
+    let port: u16 = line
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    Node {
+        child,
+        port,
+        dir: dir.to_owned(),
+    }
+}
+
+fn dcmtk(tool: &str, args: &[&str]) -> std::process::Output {
+    Command::new(tool)
+        .env("TCP_NODELAY", "1")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool} (dcmtk, installed by scripts/test.sh): {e}"))
+}
+
+fn wait_for(dir: &Path, n: usize) -> usize {
+    let started = Instant::now();
+    loop {
+        let count = files_under(&dir.join("data/deid")).len();
+        if count >= n || started.elapsed() > Duration::from_secs(30) {
+            return count;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn echo_store_and_refusals_against_dcmtk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start(dir.path());
+    let port = node.port.to_string();
+    assert!(
+        dcmtk(
+            "echoscu",
+            &["-aet", "ECHOSCU", "-aec", "FEDCURATE", "127.0.0.1", &port]
+        )
+        .status
+        .success(),
+        "C-ECHO"
+    );
+    assert!(
+        dcmtk(
+            "echoscu",
+            &["-aet", "LOCALONLY", "-aec", "FEDCURATE", "127.0.0.1", &port]
+        )
+        .status
+        .success(),
+        "AE allowed from this host"
+    );
+    for refused in ["NOBODY", "ELSEWHERE"] {
+        let out = dcmtk(
+            "echoscu",
+            &["-aet", refused, "-aec", "FEDCURATE", "127.0.0.1", &port],
+        );
+        assert!(!out.status.success(), "{refused} must be refused");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Calling AE Title Not Recognized"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A malformed PDU: the node drops that connection and keeps serving.
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", node.port)).expect("connect");
+    raw.write_all(&[0x01, 0x00, 0xFF, 0xFF, 0xFF, 0xFF, 1, 2, 3, 4])
+        .expect("garbage");
+    drop(raw);
+    assert!(
+        dcmtk(
+            "echoscu",
+            &["-aet", "ECHOSCU", "-aec", "FEDCURATE", "127.0.0.1", &port]
+        )
+        .status
+        .success(),
+        "still serving"
+    );
+    // Three senders at once, each a distinct set of instances, in several transfer syntaxes:
+    // the sample archive's DICOM files (without the three it must refuse) split in two, and a
+    // bulk CT archive.
+    let input = node.dir.join("in");
+    let archive = sample::write_sample_archive(&node.dir.join("sample")).expect("sample");
+    let good: Vec<&PathBuf> = archive
+        .files
+        .iter()
+        .filter(|f| {
+            let n = f.to_string_lossy();
+            !n.ends_with("readme.txt")
+                && !n.ends_with("odd.dcm")
+                && !n.ends_with("no_sop_instance.dcm")
+        })
+        .collect();
+    for (i, f) in good.iter().enumerate() {
+        let sub = if i % 2 == 0 { "a" } else { "b" };
+        std::fs::create_dir_all(input.join(sub)).expect("dir");
+        std::fs::copy(f, input.join(sub).join(format!("{i}.dcm"))).expect("copy");
+    }
+    sample::write_bulk_archive(&input.join("c"), 3, 4).expect("bulk");
+    let senders: Vec<Child> = ["a", "b", "c"]
+        .iter()
+        .map(|sub| {
+            Command::new("storescu")
+                .env("TCP_NODELAY", "1")
+                .args([
+                    "-aet",
+                    "STORESCU",
+                    "-aec",
+                    "FEDCURATE",
+                    "+sd",
+                    "+r",
+                    "-R",
+                    "-xy",
+                    "127.0.0.1",
+                    &port,
+                ])
+                .arg(input.join(sub))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("storescu")
+        })
+        .collect();
+    for mut s in senders {
+        assert!(
+            s.wait().expect("storescu ends").success(),
+            "storescu reported a failure"
+        );
+    }
+    let expected = good.len() + 12;
+    let written = wait_for(&node.dir, expected);
+    assert_eq!(written, expected, "every received instance de-identified");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        files_under(&node.dir.join("data/inbox")).is_empty(),
+        "inbox emptied"
+    );
+    assert!(files_under(&node.dir.join("data/inbox-processing")).is_empty());
+    for f in files_under(&node.dir.join("data/deid")) {
+        let bytes = std::fs::read(&f).expect("read");
+        for v in &archive.identifying {
+            assert!(
+                !bytes.windows(v.len()).any(|w| w == v.as_bytes()),
+                "{v} in {}",
+                f.display()
+            );
+        }
+    }
+    // An unsupported SOP class is refused at association (no presentation context).
+    let p = sample::Patient {
+        id: "X".into(),
+        issuer: String::new(),
+        name: "X^Y".into(),
+        birth_date: "19700101".into(),
+        sex: "F".into(),
+        charset: None,
+    };
+    let st = sample::Study {
+        uid: "1.2.826.0.1.3680043.10.543.5.5".into(),
+        date: "20240101".into(),
+        time: "000000".into(),
+        accession: "A".into(),
+        description: "d".into(),
+        referring_physician: "R".into(),
+        institution: "I".into(),
+    };
+    let se = sample::Series {
+        uid: "1.2.826.0.1.3680043.10.543.5.5.1".into(),
+        number: 1,
+        description: "s".into(),
+        frame_of_reference: "1.2.826.0.1.3680043.10.543.5.5.1.0".into(),
+        station: "S".into(),
+    };
+    let mut odd = sample::ct_slice(&p, &st, &se, 1);
+    sample::put_text(
+        &mut odd,
+        dicom_core::Tag(0x0008, 0x0016),
+        dicom_core::VR::UI,
+        "1.2.826.0.1.3680043.10.543.77777",
+    );
+    let unsupported = node.dir.join("unsupported.dcm");
+    std::fs::write(
+        &unsupported,
+        sample::encode(odd, sample::ts::EXPLICIT_LE).expect("encode"),
+    )
+    .expect("write");
+    let out = Command::new("storescu")
+        .args(["-aet", "STORESCU", "-aec", "FEDCURATE", "127.0.0.1", &port])
+        .arg(&unsupported)
+        .output()
+        .expect("storescu");
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(
+        !out.status.success()
+            || err.contains("no presentation context")
+            || err.contains("no acceptable presentation"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_inbox_is_replayed_after_a_kill() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Objects received by an earlier run that was killed before processing them.
+    let inbox = dir.path().join("data/inbox");
+    std::fs::create_dir_all(&inbox).expect("inbox");
+    let files = sample::write_bulk_archive(&dir.path().join("in"), 2, 3).expect("bulk");
+    for (i, f) in files.iter().enumerate() {
+        std::fs::copy(f, inbox.join(format!("{i}.dcm"))).expect("copy");
+    }
+    std::fs::write(inbox.join(".fc-tmp-1-half.dcm"), b"DICM partial").expect("temp");
+    let node = start(dir.path());
+    assert_eq!(wait_for(&node.dir, files.len()), files.len(), "replayed");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        files_under(&inbox).is_empty(),
+        "inbox emptied, half-written temporary removed"
+    );
+}
