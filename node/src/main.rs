@@ -58,6 +58,9 @@ enum Command {
         /// Slices per series.
         #[arg(long, default_value_t = 50)]
         slices: u16,
+        /// Rows and columns of each slice.
+        #[arg(long, default_value_t = 8)]
+        matrix: u16,
     },
     /// Measure de-identification against a read-and-write-back baseline (not a test).
     Bench {
@@ -464,11 +467,12 @@ fn main() -> Result<()> {
             out,
             patients,
             slices,
+            matrix,
         } => {
             if out.exists() && std::fs::read_dir(&out)?.next().is_some() {
                 bail!("{} is not empty", out.display());
             }
-            let files = sample::write_bulk_archive(&out, patients, slices)?;
+            let files = sample::write_bulk_archive_sized(&out, patients, slices, matrix)?;
             println!("{} files written to {}", files.len(), out.display());
             Ok(())
         }

@@ -1088,6 +1088,16 @@ pub fn write_sample_archive(root: &Path) -> io::Result<SampleArchive> {
 /// Write a larger archive of CT series: `patients` patients with one series of `slices`
 /// slices each, in explicit VR little endian. Returns the files written.
 pub fn write_bulk_archive(root: &Path, patients: usize, slices: u16) -> io::Result<Vec<PathBuf>> {
+    write_bulk_archive_sized(root, patients, slices, 8)
+}
+
+/// [`write_bulk_archive`] with `matrix` × `matrix` slices.
+pub fn write_bulk_archive_sized(
+    root: &Path,
+    patients: usize,
+    slices: u16,
+    matrix: u16,
+) -> io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for pi in 0..patients {
         let p = Patient {
@@ -1120,7 +1130,10 @@ pub fn write_bulk_archive(root: &Path, patients: usize, slices: u16) -> io::Resu
                 root,
                 &mut files,
                 &name,
-                &encode(ct_slice(&p, &st, &se, i), ts::EXPLICIT_LE)?,
+                &encode(
+                    ct_slice_sized(&p, &st, &se, i, matrix, matrix),
+                    ts::EXPLICIT_LE,
+                )?,
             )?;
         }
     }
