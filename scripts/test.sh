@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+SUDO_CMD=""
+if [ "$(id -u)" -ne 0 ]; then SUDO_CMD="sudo"; fi
 need_apt=()
 # dcmtk: a real third-party reader of our outputs, and the encoder of compressed fixtures.
 command -v dcmdump >/dev/null 2>&1 || need_apt+=(dcmtk)
@@ -12,6 +14,9 @@ command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 # dcm2niix: the reference converter our volumes must overlay.
 command -v dcm2niix >/dev/null 2>&1 || need_apt+=(dcm2niix)
+# Orthanc is the PACS the node pulls from and is pushed to; curl drives its REST API.
+command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # OpenJPEG's encoder makes the JPEG 2000 fixtures.
 command -v opj_compress >/dev/null 2>&1 || need_apt+=(libopenjp2-tools)
 # The Python reference for harmonisation (its golden outputs are committed in tests/golden;
@@ -27,7 +32,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
-for tool in dcmdump dcmcjpeg dcmcjpls cmake opj_compress dcm2niix; do
+# The orthanc package may start a system service on its default ports; the tests run their
+# own instance on free loopback ports, so stop it if it runs (harmless if it does not).
+if command -v service >/dev/null 2>&1; then
+  $SUDO_CMD service orthanc stop >/dev/null 2>&1 || true
+fi
+for tool in dcmdump dcmcjpeg dcmcjpls cmake opj_compress dcm2niix Orthanc curl storescu echoscu; do
   command -v "$tool" >/dev/null 2>&1 || { echo "$tool is required by the tests and could not be installed" >&2; exit 1; }
 done
 

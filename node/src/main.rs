@@ -125,6 +125,28 @@ enum Command {
         #[arg(long)]
         output: Option<PathBuf>,
     },
+    /// Retrieve studies from a PACS (C-FIND at study level, C-MOVE to this node's SCP) and
+    /// de-identify them; a partial retrieval resumes where it stopped.
+    Pull {
+        /// The PACS as AE@host:port.
+        #[arg(long)]
+        from: String,
+        /// Accession numbers (repeatable).
+        #[arg(long = "accession")]
+        accessions: Vec<String>,
+        /// Patient IDs (repeatable).
+        #[arg(long = "patient-id")]
+        patient_ids: Vec<String>,
+        /// Study date range YYYYMMDD-YYYYMMDD.
+        #[arg(long)]
+        date_range: Option<String>,
+        /// CSV with a header naming `accession_number` and/or `patient_id` columns.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        /// Folder for the de-identified output (default: <data_dir>/deid).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// Curate the de-identified data: conformance, duplicates, series consistency, geometry,
     /// protocol conformance against the consortium schema, quality metrics.
     Curate {
@@ -483,6 +505,22 @@ fn main() -> Result<()> {
         Command::Secret { command } => secret(&config, command),
         Command::Harmonise(args) => harmonise(&config, args),
         Command::Serve { output } => serve(&config, output),
+        Command::Pull {
+            from,
+            accessions,
+            patient_ids,
+            date_range,
+            csv,
+            output,
+        } => pull(
+            &config,
+            &from,
+            accessions,
+            patient_ids,
+            date_range,
+            csv,
+            output,
+        ),
         Command::Curate { input, schema, out } => curate(&config, input, schema, &out),
         Command::Reidentify { pseudonym, field } => reidentify(&config, &pseudonym, field),
         Command::Audit { command } => audit_cmd(&config, command),
@@ -1563,5 +1601,193 @@ fn serve(config: &NodeConfig, output: Option<PathBuf>) -> Result<()> {
         }
     }
     handle.shutdown();
+    Ok(())
+}
+
+fn read_query_csv(path: &Path) -> Result<Vec<node::dimse::scu::StudyQuery>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<String> = lines
+        .next()
+        .context("the CSV is empty")?
+        .split(',')
+        .map(|h| h.trim().to_ascii_lowercase())
+        .collect();
+    let col = |name: &str| header.iter().position(|h| h == name);
+    let (acc, pid) = (col("accession_number"), col("patient_id"));
+    if acc.is_none() && pid.is_none() {
+        bail!(
+            "{}: the header must name accession_number and/or patient_id",
+            path.display()
+        );
+    }
+    Ok(lines
+        .map(|l| {
+            let cells: Vec<&str> = l.split(',').map(str::trim).collect();
+            let get = |i: Option<usize>| {
+                i.and_then(|i| cells.get(i))
+                    .filter(|v| !v.is_empty())
+                    .map(|v| (*v).to_owned())
+            };
+            node::dimse::scu::StudyQuery {
+                accession_number: get(acc),
+                patient_id: get(pid),
+                study_date: None,
+            }
+        })
+        .collect())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pull(
+    config: &NodeConfig,
+    from: &str,
+    accessions: Vec<String>,
+    patient_ids: Vec<String>,
+    date_range: Option<String>,
+    csv: Option<PathBuf>,
+    output: Option<PathBuf>,
+) -> Result<()> {
+    use node::dimse::scu::{self, RemoteAe, StudyQuery};
+    use std::io::Write as _;
+    let peer =
+        RemoteAe::parse(from).with_context(|| format!("--from {from:?}: expected AE@host:port"))?;
+    let mut queries: Vec<StudyQuery> = Vec::new();
+    queries.extend(accessions.into_iter().map(|a| StudyQuery {
+        accession_number: Some(a),
+        ..Default::default()
+    }));
+    queries.extend(patient_ids.into_iter().map(|p| StudyQuery {
+        patient_id: Some(p),
+        ..Default::default()
+    }));
+    if let Some(p) = &csv {
+        queries.extend(read_query_csv(p)?);
+    }
+    if let Some(d) = &date_range {
+        if queries.is_empty() {
+            queries.push(StudyQuery::default());
+        }
+        for q in &mut queries {
+            q.study_date = Some(d.clone());
+        }
+    }
+    if queries.is_empty() {
+        bail!("say what to retrieve: --accession, --patient-id, --date-range or --csv");
+    }
+    let mut dd = open_data_dir(&config.data_dir)?;
+    let policy = policy_with(config, &[])?;
+    let anonymise = config.deid.anonymises(false);
+    let secret = config.deid.secret(&dd.root, anonymise)?;
+    let keys = Keys::derive(&secret);
+    drop(secret);
+    let vault_key = config.deid.vault_key(anonymise)?;
+    let subjects = config.deid.subject_rule()?;
+    let inbox = dd.root.join("inbox");
+    let processing = dd.root.join("inbox-processing");
+    let paths = BatchPaths {
+        input: processing.clone(),
+        output: output.unwrap_or_else(|| dd.root.join("deid")),
+        quarantine: dd.root.join("quarantine"),
+    };
+    let settings = RunSettings {
+        mode: if anonymise {
+            "anonymise"
+        } else {
+            "pseudonymise"
+        },
+        edition: table::EDITION,
+        options: options_text(&policy),
+        vault_key: vault_key.as_ref(),
+        batch_size: config.deid.batch_size,
+        progress: &batch::NoProgress,
+        subjects: &subjects,
+    };
+    let deid = Deidentifier::new(&policy, &keys);
+    // Our SCP receives the C-MOVE sub-operations; the PACS is allowed to store to it.
+    let mut allowed = config.scp.allowed.clone();
+    allowed.push(node::dimse::scp::AllowedPeer {
+        ae: peer.ae_title.clone(),
+        host: None,
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = node::dimse::scp::bind(
+        node::dimse::scp::ScpConfig {
+            ae_title: config.scp.ae_title.clone(),
+            bind: config.scp.bind,
+            allowed,
+            inbox: inbox.clone(),
+        },
+        tx,
+    )?;
+    let calling = config.scp.ae_title.clone();
+    let mut studies = std::collections::BTreeSet::new();
+    for q in &queries {
+        studies.extend(scu::find_studies(&calling, &peer, q)?);
+    }
+    // Resume: studies already retrieved are recorded by keyed hash only.
+    let state_path = dd.root.join("pull-state.txt");
+    let done: std::collections::BTreeSet<String> = std::fs::read_to_string(&state_path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let todo: Vec<&String> = studies
+        .iter()
+        .filter(|s| !done.contains(&keys.path_token("pull-study", s)))
+        .collect();
+    println!(
+        "{} studies found, {} already retrieved, {} to retrieve",
+        studies.len(),
+        studies.len() - todo.len(),
+        todo.len()
+    );
+    let mut total = scu::MoveCounts::default();
+    for (i, study) in todo.iter().enumerate() {
+        let counts = scu::move_study(&calling, &peer, study, &config.scp.ae_title)?;
+        // Wait until the received objects are in the inbox, then de-identify them.
+        std::thread::sleep(Duration::from_millis(200));
+        while rx.try_recv().is_ok() {}
+        process_inbox(
+            &inbox,
+            &processing,
+            &paths,
+            &deid,
+            &mut dd.catalog,
+            &settings,
+        )?;
+        if counts.failed == 0 {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&state_path)?;
+            writeln!(f, "{}", keys.path_token("pull-study", study))?;
+            f.sync_all()?;
+        }
+        total.completed += counts.completed;
+        total.failed += counts.failed;
+        println!(
+            "study {}/{}: {} instances retrieved, {} failed",
+            i + 1,
+            todo.len(),
+            counts.completed,
+            counts.failed
+        );
+        std::io::stdout().flush()?;
+    }
+    handle.shutdown();
+    println!(
+        "retrieved {} instances ({} failed); output in {}",
+        total.completed,
+        total.failed,
+        paths.output.display()
+    );
+    if total.failed > 0 {
+        bail!(
+            "{} instances failed to arrive; run the same command again to retry",
+            total.failed
+        );
+    }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! inbox, de-identified by the same batch pipeline (catalog, quarantine, nothing lost).
 
 pub mod scp;
+pub mod scu;
 
 use dicom_core::value::PrimitiveValue;
 use dicom_core::{DataElement, Tag, VR};
