@@ -281,3 +281,85 @@ fn the_inbox_is_replayed_after_a_kill() {
         "inbox emptied, half-written temporary removed"
     );
 }
+
+#[test]
+fn an_abort_mid_transfer_stores_nothing_and_the_node_keeps_serving() {
+    use dicom_ul::association::client::ClientAssociationOptions;
+    use dicom_ul::pdu::{PDataValue, PDataValueType, Pdu};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start(dir.path());
+    let mut assoc = ClientAssociationOptions::new()
+        .calling_ae_title("STORESCU")
+        .called_ae_title("FEDCURATE")
+        .with_presentation_context(sample::sop::CT, vec![sample::ts::EXPLICIT_LE])
+        .establish_with(&format!("FEDCURATE@127.0.0.1:{}", node.port))
+        .expect("associate");
+    let pc = assoc.presentation_contexts()[0].id;
+    let command = node::dimse::encode_command(vec![
+        dicom_core::DataElement::new(
+            dicom_core::Tag(0x0000, 0x0002),
+            dicom_core::VR::UI,
+            dicom_core::PrimitiveValue::from(sample::sop::CT),
+        ),
+        dicom_core::DataElement::new(
+            dicom_core::Tag(0x0000, 0x0100),
+            dicom_core::VR::US,
+            dicom_core::PrimitiveValue::from(0x0001u16),
+        ),
+        dicom_core::DataElement::new(
+            dicom_core::Tag(0x0000, 0x0110),
+            dicom_core::VR::US,
+            dicom_core::PrimitiveValue::from(1u16),
+        ),
+        dicom_core::DataElement::new(
+            dicom_core::Tag(0x0000, 0x0700),
+            dicom_core::VR::US,
+            dicom_core::PrimitiveValue::from(0u16),
+        ),
+        dicom_core::DataElement::new(
+            dicom_core::Tag(0x0000, 0x0800),
+            dicom_core::VR::US,
+            dicom_core::PrimitiveValue::from(0u16),
+        ),
+        dicom_core::DataElement::new(
+            dicom_core::Tag(0x0000, 0x1000),
+            dicom_core::VR::UI,
+            dicom_core::PrimitiveValue::from("2.25.42"),
+        ),
+    ]);
+    assoc
+        .send(&Pdu::PData {
+            data: vec![
+                PDataValue {
+                    presentation_context_id: pc,
+                    value_type: PDataValueType::Command,
+                    is_last: true,
+                    data: command,
+                },
+                PDataValue {
+                    presentation_context_id: pc,
+                    value_type: PDataValueType::Data,
+                    is_last: false,
+                    data: vec![0x08, 0x00, 0x16, 0x00],
+                },
+            ],
+        })
+        .expect("send");
+    assoc.abort().expect("abort");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(files_under(&node.dir.join("data/inbox")).is_empty());
+    assert!(
+        files_under(&node.dir.join("data/deid")).is_empty(),
+        "nothing half-received is stored"
+    );
+    let port = node.port.to_string();
+    assert!(
+        dcmtk(
+            "echoscu",
+            &["-aet", "ECHOSCU", "-aec", "FEDCURATE", "127.0.0.1", &port]
+        )
+        .status
+        .success(),
+        "still serving"
+    );
+}
