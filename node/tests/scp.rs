@@ -363,3 +363,26 @@ fn an_abort_mid_transfer_stores_nothing_and_the_node_keeps_serving() {
         "still serving"
     );
 }
+
+#[test]
+fn an_unsupported_transfer_syntax_is_refused() {
+    use dicom_ul::association::client::ClientAssociationOptions;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start(dir.path());
+    // MPEG-2 Main Profile: not a syntax the node accepts.
+    let result = ClientAssociationOptions::new()
+        .calling_ae_title("STORESCU")
+        .called_ae_title("FEDCURATE")
+        .with_presentation_context(sample::sop::CT, vec!["1.2.840.10008.1.2.4.100"])
+        .establish_with(&format!("FEDCURATE@127.0.0.1:{}", node.port));
+    match result {
+        Err(_) => {}
+        Ok(assoc) => {
+            let accepted = assoc
+                .presentation_contexts()
+                .iter()
+                .any(|pc| pc.reason == dicom_ul::pdu::PresentationContextResultReason::Acceptance);
+            assert!(!accepted, "the presentation context must be refused");
+        }
+    }
+}
