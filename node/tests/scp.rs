@@ -376,7 +376,10 @@ fn an_unsupported_transfer_syntax_is_refused() {
         .with_presentation_context(sample::sop::CT, vec!["1.2.840.10008.1.2.4.100"])
         .establish_with(&format!("FEDCURATE@127.0.0.1:{}", node.port));
     match result {
-        Err(_) => {}
+        Err(e) => {
+            let e = e.to_string().to_lowercase();
+            assert!(e.contains("presentation") || e.contains("context"), "refused for another reason: {e}");
+        }
         Ok(assoc) => {
             let accepted = assoc
                 .presentation_contexts()
