@@ -1544,6 +1544,9 @@ fn serve(config: &NodeConfig, output: Option<PathBuf>) -> Result<()> {
     if config.scp.allowed.is_empty() {
         tracing::warn!("[scp] allowed is empty: every association will be refused");
     }
+    // Half-written objects of a killed run go before anyone can send again.
+    std::fs::create_dir_all(&inbox)?;
+    batch::sweep_temporaries(&inbox)?;
     let (tx, rx) = std::sync::mpsc::channel();
     let handle = node::dimse::scp::bind(
         node::dimse::scp::ScpConfig {
@@ -1554,7 +1557,6 @@ fn serve(config: &NodeConfig, output: Option<PathBuf>) -> Result<()> {
         },
         tx,
     )?;
-    batch::sweep_temporaries(&inbox)?;
     println!(
         "listening as {} on {}",
         config.scp.ae_title, handle.local_addr
@@ -1705,6 +1707,8 @@ fn pull(
         subjects: &subjects,
     };
     let deid = Deidentifier::new(&policy, &keys);
+    std::fs::create_dir_all(&inbox)?;
+    batch::sweep_temporaries(&inbox)?;
     // Our SCP receives the C-MOVE sub-operations; the PACS is allowed to store to it.
     let mut allowed = config.scp.allowed.clone();
     allowed.push(node::dimse::scp::AllowedPeer {

@@ -378,7 +378,10 @@ fn an_unsupported_transfer_syntax_is_refused() {
     match result {
         Err(e) => {
             let e = e.to_string().to_lowercase();
-            assert!(e.contains("presentation") || e.contains("context"), "refused for another reason: {e}");
+            assert!(
+                e.contains("presentation") || e.contains("context"),
+                "refused for another reason: {e}"
+            );
         }
         Ok(assoc) => {
             let accepted = assoc
@@ -387,5 +390,68 @@ fn an_unsupported_transfer_syntax_is_refused() {
                 .any(|pc| pc.reason == dicom_ul::pdu::PresentationContextResultReason::Acceptance);
             assert!(!accepted, "the presentation context must be refused");
         }
+    }
+}
+
+#[test]
+fn a_kill_during_receipt_loses_no_acknowledged_instance() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = sample::write_bulk_archive_sized(&dir.path().join("in"), 4, 100, 256)
+        .expect("bulk archive");
+    let mut node = start(dir.path());
+    let log = dir.path().join("storescu.log");
+    let mut sender = Command::new("storescu")
+        .env("TCP_NODELAY", "1")
+        .args(["-v", "-aet", "STORESCU", "-aec", "FEDCURATE", "+sd", "+r"])
+        .arg("127.0.0.1")
+        .arg(node.port.to_string())
+        .arg(dir.path().join("in"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("storescu");
+    // Kill the node (SIGKILL) once a few objects have arrived, while storescu is still sending.
+    let started = Instant::now();
+    loop {
+        let arrived = ["inbox", "inbox-processing", "deid"]
+            .iter()
+            .map(|d| files_under(&dir.path().join("data").join(d)).len())
+            .sum::<usize>();
+        if arrived >= 20 || started.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    node.child.kill().expect("kill the node");
+    node.child.wait().expect("node ends");
+    let _ = sender.wait().expect("storescu ends");
+    let text = std::fs::read_to_string(&log).expect("storescu log");
+    let acknowledged = text
+        .lines()
+        .filter(|l| l.contains("Received Store Response (Success)"))
+        .count();
+    assert!(
+        acknowledged > 0 && acknowledged < files.len(),
+        "the kill must land mid-transfer: {acknowledged} of {} acknowledged",
+        files.len()
+    );
+    eprintln!(
+        "{acknowledged} of {} acknowledged before the kill",
+        files.len()
+    );
+    // Restart: whatever was acknowledged is de-identified, and nothing stays behind.
+    let node = start(dir.path());
+    let written = wait_for(&node.dir, acknowledged);
+    std::thread::sleep(Duration::from_millis(500));
+    let written = written.max(files_under(&dir.path().join("data/deid")).len());
+    assert!(
+        written >= acknowledged && written <= acknowledged + 1,
+        "{written} de-identified for {acknowledged} acknowledged (at most one stored but unanswered)"
+    );
+    for d in ["inbox", "inbox-processing"] {
+        assert!(
+            files_under(&dir.path().join("data").join(d)).is_empty(),
+            "{d} emptied after the replay"
+        );
     }
 }
