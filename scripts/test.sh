@@ -17,6 +17,8 @@ command -v dcm2niix >/dev/null 2>&1 || need_apt+=(dcm2niix)
 # Orthanc is the PACS the node pulls from and is pushed to; curl drives its REST API.
 command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+# OpenSSL verifies the consortium PKI's certificates and revocation list.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # OpenJPEG's encoder makes the JPEG 2000 fixtures.
 command -v opj_compress >/dev/null 2>&1 || need_apt+=(libopenjp2-tools)
 # The Python reference for harmonisation (its golden outputs are committed in tests/golden;

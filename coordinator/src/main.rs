@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use coordinator::config::CoordinatorConfig;
@@ -25,6 +25,141 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// The consortium's certificate authority.
+    Pki {
+        /// The PKI folder (owner-only; keep it offline and backed up).
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PkiCommand {
+    /// Create the consortium CA (refuses to overwrite one).
+    Init {
+        #[arg(long, default_value = "fedcurate")]
+        consortium: String,
+    },
+    /// Make a key and a client certificate for a site (prefer sign-request).
+    IssueSite {
+        site: String,
+        #[arg(long, default_value_t = coordinator::pki::LEAF_DAYS)]
+        days: i64,
+    },
+    /// Make a key and a server certificate for the coordinator's DNS name.
+    IssueCoordinator {
+        host: String,
+        #[arg(long, default_value_t = coordinator::pki::LEAF_DAYS)]
+        days: i64,
+    },
+    /// Sign a site's certificate request (made by `fedcurate-node pki request`).
+    SignRequest {
+        site: String,
+        csr: PathBuf,
+        #[arg(long, default_value_t = coordinator::pki::LEAF_DAYS)]
+        days: i64,
+    },
+    /// Revoke every certificate of a site or coordinator and re-sign the CRL.
+    Revoke { name: String },
+    /// Replace a certificate before it expires (same key; `--csr` for request-made sites).
+    Renew {
+        name: String,
+        #[arg(long)]
+        coordinator: bool,
+        #[arg(long)]
+        csr: Option<PathBuf>,
+        #[arg(long, default_value_t = coordinator::pki::LEAF_DAYS)]
+        days: i64,
+    },
+    /// Re-sign the CRL with a fresh validity (run it before the CRL's next update).
+    Crl,
+    /// List issued certificates with fingerprint, expiry and status.
+    List,
+}
+
+fn pki(dir: &std::path::Path, command: PkiCommand) -> Result<()> {
+    use coordinator::pki::{Pki, Role};
+    let p = Pki::at(dir);
+    let show = |f: coordinator::pki::IssuedFiles| {
+        println!("certificate {}", f.certificate.display());
+        if let Some(k) = f.key {
+            println!(
+                "key         {} (0600: hand it over on a secure channel)",
+                k.display()
+            );
+        }
+        println!("fingerprint {}", f.record.fingerprint);
+    };
+    match command {
+        PkiCommand::Init { consortium } => {
+            p.init(&consortium)?;
+            println!("consortium CA created in {}", dir.display());
+            println!("distribute {} to every site", p.ca_cert_path().display());
+        }
+        PkiCommand::IssueSite { site, days } => show(p.issue_site(&site, days)?),
+        PkiCommand::IssueCoordinator { host, days } => show(p.issue_coordinator(&host, days)?),
+        PkiCommand::SignRequest { site, csr, days } => {
+            let pem = std::fs::read_to_string(&csr)
+                .with_context(|| format!("reading the request {}", csr.display()))?;
+            show(p.sign_request(&site, &pem, days)?);
+        }
+        PkiCommand::Revoke { name } => {
+            let n = p.revoke(&name)?;
+            println!(
+                "{n} certificate(s) of {name} revoked; {} re-signed: copy it to the coordinator",
+                p.crl_path().display()
+            );
+        }
+        PkiCommand::Renew {
+            name,
+            coordinator,
+            csr,
+            days,
+        } => {
+            let pem = csr
+                .map(|c| {
+                    std::fs::read_to_string(&c)
+                        .with_context(|| format!("reading the request {}", c.display()))
+                })
+                .transpose()?;
+            let role = if coordinator {
+                Role::Coordinator
+            } else {
+                Role::Site
+            };
+            show(p.renew(&name, role, pem.as_deref(), days)?);
+        }
+        PkiCommand::Crl => {
+            p.refresh_crl()?;
+            println!("{} re-signed", p.crl_path().display());
+        }
+        PkiCommand::List => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            for i in p.issued()? {
+                let status = if i.revoked.is_some() {
+                    "revoked".to_owned()
+                } else if i.not_after <= now {
+                    "expired".to_owned()
+                } else if i.superseded {
+                    "superseded".to_owned()
+                } else {
+                    format!("valid, {} days left", (i.not_after - now) / 86_400)
+                };
+                println!(
+                    "{:<11} {:<24} {} {}",
+                    format!("{:?}", i.role).to_lowercase(),
+                    i.name,
+                    i.fingerprint,
+                    status
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -43,5 +178,6 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Pki { dir, command } => pki(&dir, command),
     }
 }

@@ -11,6 +11,7 @@ pub mod deid;
 pub mod dimse;
 pub mod export;
 pub mod harmonise;
+pub mod pki;
 pub mod read;
 pub mod sample;
 pub mod vault;

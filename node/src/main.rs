@@ -38,6 +38,19 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+enum PkiCommand {
+    /// Make the site's key pair and a certificate signing request for the consortium's CA.
+    Request {
+        /// The site's name in the consortium (the certificate's subject).
+        #[arg(long)]
+        site: String,
+        /// Folder for site.key (0600) and site.csr.
+        #[arg(long, default_value = "pki")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum Command {
     /// De-identify a folder of DICOM files (PS3.15 Annex E); re-running resumes.
     Deid(DeidArgs),
@@ -118,6 +131,11 @@ enum Command {
     },
     /// Harmonise the intensities of NIfTI volumes (e.g. an `export --format nifti` folder).
     Harmonise(HarmoniseArgs),
+    /// The site's certificate for the consortium (the key never leaves this machine).
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
     /// Receive DICOM over the network (Storage SCP: C-ECHO, C-STORE) and de-identify what
     /// arrives, with the same guarantees as `deid`.
     Serve {
@@ -445,6 +463,17 @@ fn main() -> Result<()> {
                     s.splits[0], s.splits[1], s.splits[2]
                 );
             }
+            Ok(())
+        }
+        Command::Pki {
+            command: PkiCommand::Request { site, out },
+        } => {
+            let (key, csr) = node::pki::write_site_request(&site, &out)?;
+            println!("key     {} (0600: stays on this machine)", key.display());
+            println!("request {}", csr.display());
+            println!(
+                "send the request to the consortium; it runs `fedcurate-coordinator pki sign-request {site} site.csr`"
+            );
             Ok(())
         }
         Command::Bench {

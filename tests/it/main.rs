@@ -8,4 +8,5 @@ mod deid;
 mod handshake;
 mod harmonise;
 mod messy;
+mod pki;
 mod volume;
