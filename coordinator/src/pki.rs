@@ -43,7 +43,7 @@ pub enum PkiError {
     #[error("{0} holds no consortium CA: run `fedcurate-coordinator pki init --dir {0}` first")]
     NoCa(PathBuf),
     #[error(
-        "{0:?} is not a valid name: use 1 to 63 letters, digits, '-' or '.', starting with a letter or digit"
+        "{0:?} is not a valid name: a site is 1 to 32 characters of a-z, 0-9 and '-'; a coordinator is a DNS host name"
     )]
     BadName(String),
     #[error(
@@ -129,16 +129,23 @@ pub const LEAF_DAYS: i64 = 365;
 /// Validity of each CRL, in days (re-signed on every revocation and by `pki crl`).
 pub const CRL_DAYS: i64 = 30;
 
-fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-        && name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric());
+/// Site names follow the protocol's [`protocol::SiteId`] rules; coordinator names are DNS
+/// host names.
+fn check_name(name: &str, role: Role) -> Result<()> {
+    let ok = match role {
+        Role::Site => protocol::SiteId::new(name).is_ok(),
+        Role::Coordinator => {
+            !name.is_empty()
+                && name.len() <= 253
+                && name.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && !label.starts_with('-')
+                        && !label.ends_with('-')
+                        && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                })
+        }
+    };
     if ok {
         Ok(())
     } else {
@@ -374,7 +381,7 @@ impl Pki {
         days: i64,
         renew: bool,
     ) -> Result<IssuedFiles> {
-        check_name(name)?;
+        check_name(name, role)?;
         let issuer = self.issuer()?;
         let mut r = self.load()?;
         if !renew && Self::active(&r, name, role) {
@@ -423,7 +430,7 @@ impl Pki {
     }
 
     fn sign(&self, site: &str, csr_pem: &str, days: i64, renew: bool) -> Result<IssuedFiles> {
-        check_name(site)?;
+        check_name(site, Role::Site)?;
         let issuer = self.issuer()?;
         let mut r = self.load()?;
         if !renew && Self::active(&r, site, Role::Site) {

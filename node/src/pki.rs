@@ -19,19 +19,8 @@ pub fn site_request(site: &str) -> Result<(String, String), rcgen::Error> {
 /// Write `site.key` (0600, refusing to overwrite one) and `site.csr` into `dir`.
 pub fn write_site_request(site: &str, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     use anyhow::Context;
-    let valid = !site.is_empty()
-        && site.len() <= 63
-        && site
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-        && site
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric());
-    if !valid {
-        anyhow::bail!(
-            "{site:?} is not a valid site name: use 1 to 63 letters, digits, '-' or '.', starting with a letter or digit"
-        );
+    if let Err(e) = protocol::SiteId::new(site) {
+        anyhow::bail!("{site:?}: {e}");
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let key_path = dir.join("site.key");

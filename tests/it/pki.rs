@@ -137,8 +137,14 @@ fn ca_sites_and_coordinator_certificates_verify_with_the_right_usages() {
         matches!(pki.issue_site("site-a", 30), Err(PkiError::Active(_))),
         "a second certificate for an active site needs revoke or renew"
     );
+    for bad in ["../etc", "Site-A", "a.b", ""] {
+        assert!(
+            matches!(pki.issue_site(bad, 30), Err(PkiError::BadName(_))),
+            "site names follow the protocol's SiteId: {bad:?}"
+        );
+    }
     assert!(matches!(
-        pki.issue_site("../etc", 30),
+        pki.issue_coordinator("bad..host", 30),
         Err(PkiError::BadName(_))
     ));
     // A certificate from another CA does not verify against ours.
