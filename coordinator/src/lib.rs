@@ -6,6 +6,7 @@
 //! service that drives it comes with the federation issue.
 
 pub mod config;
+pub mod net;
 pub mod pki;
 pub mod registry;
 

@@ -10,6 +10,7 @@ pub mod curate;
 pub mod deid;
 pub mod dimse;
 pub mod export;
+pub mod federation;
 pub mod harmonise;
 pub mod pki;
 pub mod read;

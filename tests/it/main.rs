@@ -9,4 +9,5 @@ mod handshake;
 mod harmonise;
 mod messy;
 mod pki;
+mod quic;
 mod volume;

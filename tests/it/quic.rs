@@ -1,0 +1,182 @@
+//! The coordinator's QUIC service and a node's dial-out, with a throw-away consortium CA:
+//! mutual TLS 1.3, the fingerprint registry, revocation, and the refusals, each leaving the
+//! coordinator serving the others.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use coordinator::Registry;
+use coordinator::net::{Service, server_config, site_fingerprints};
+use coordinator::pki::Pki;
+use node::federation::{ConnectError, client_config, connect};
+use protocol::{HandshakeReject, Hello, MessageId, PROTOCOL_VERSION, SiteId};
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn hello(site: &str) -> Hello {
+    Hello {
+        id: MessageId(7),
+        min_version: PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
+        site: SiteId::new(site).expect("site id"),
+        schema: None,
+    }
+}
+
+struct Site {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+fn site(pki: &Pki, name: &str) -> Site {
+    let f = pki.issue_site(name, 30).expect("issue site");
+    Site {
+        cert: read(&f.certificate),
+        key: read(&f.key.expect("key")),
+    }
+}
+
+async fn dial(
+    addr: SocketAddr,
+    ca: &[u8],
+    s: &Site,
+    server_name: &str,
+    claim: &str,
+) -> Result<(), ConnectError> {
+    let endpoint =
+        quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
+    let cfg = client_config(ca, &s.cert, &s.key)?;
+    let result = tokio::time::timeout(
+        Duration::from_secs(10),
+        connect(&endpoint, cfg, addr, server_name, hello(claim)),
+    )
+    .await
+    .map_err(|_| ConnectError::NotWelcomed("timed out".into()))?;
+    result.map(|(conn, w)| {
+        assert_eq!(w.reply_to, MessageId(7));
+        conn.close(0u32.into(), b"done");
+    })
+}
+
+#[test]
+fn sites_are_welcomed_over_mutual_tls_and_every_refusal_leaves_the_coordinator_serving() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = Pki::at(&dir.path().join("pki"));
+        pki.init("test").expect("init");
+        let coord = pki.issue_coordinator("localhost", 30).expect("coordinator");
+        let a = site(&pki, "site-a");
+        let b = site(&pki, "site-b");
+        let c = site(&pki, "site-c");
+        pki.revoke("site-c").expect("revoke");
+        let ca = read(&pki.ca_cert_path());
+        let issued = pki.issued().expect("issued");
+        let sites = site_fingerprints(&issued, now());
+        assert_eq!(sites.len(), 2, "the revoked site is not in the registry");
+        let registry = Registry::new(
+            ["site-a", "site-b", "site-c"].map(|s| SiteId::new(s).expect("id")),
+            None,
+        );
+        let registry = Arc::new(Mutex::new(registry));
+        let config = server_config(
+            &ca,
+            &read(&pki.crl_path()),
+            &read(&coord.certificate),
+            &read(&coord.key.clone().expect("key")),
+        )
+        .expect("server config");
+        let service = Service::start(
+            config,
+            "127.0.0.1:0".parse().expect("addr"),
+            registry.clone(),
+            sites,
+        )
+        .expect("service");
+        let addr = service.local_addr().expect("addr");
+
+        dial(addr, &ca, &a, "localhost", "site-a")
+            .await
+            .expect("site-a is welcomed");
+        let contact = |name: &str| {
+            registry
+                .lock()
+                .expect("registry")
+                .site(&SiteId::new(name).expect("id"))
+                .and_then(|s| s.last_contact)
+        };
+        assert!(
+            contact("site-a").is_some(),
+            "the registry saw site-a's hello"
+        );
+        // Revoked: the CRL refuses the certificate during the handshake.
+        let e = dial(addr, &ca, &c, "localhost", "site-c").await;
+        assert!(matches!(e, Err(ConnectError::NotWelcomed(_))), "{e:?}");
+        // A site claiming another's identity.
+        let e = dial(addr, &ca, &b, "localhost", "site-a").await;
+        assert!(
+            matches!(e, Err(ConnectError::Rejected(HandshakeReject::UnknownSite))),
+            "{e:?}"
+        );
+        // A certificate from another consortium's CA.
+        let other = Pki::at(&dir.path().join("other"));
+        other.init("other").expect("other");
+        let stranger = site(&other, "site-b");
+        let e = dial(addr, &ca, &stranger, "localhost", "site-b").await;
+        assert!(matches!(e, Err(ConnectError::NotWelcomed(_))), "{e:?}");
+        // The wrong server name.
+        let e = dial(addr, &ca, &b, "coordinator.example.org", "site-b").await;
+        assert!(matches!(e, Err(ConnectError::NotWelcomed(_))), "{e:?}");
+        assert!(
+            contact("site-c").is_none(),
+            "the revoked site never reached the registry"
+        );
+        // After all of that, the coordinator still serves the others.
+        dial(addr, &ca, &b, "localhost", "site-b")
+            .await
+            .expect("site-b is welcomed");
+        assert!(contact("site-b").is_some());
+
+        // A site certificate cannot act as the coordinator: nodes refuse it.
+        let imposter = pki.issue_site("site-d", 30).expect("site-d");
+        let config = server_config(
+            &ca,
+            &read(&pki.crl_path()),
+            &read(&imposter.certificate),
+            &read(&imposter.key.expect("key")),
+        )
+        .expect("server config");
+        let fake = Service::start(
+            config,
+            "127.0.0.1:0".parse().expect("addr"),
+            registry.clone(),
+            site_fingerprints(&pki.issued().expect("issued"), now()),
+        )
+        .expect("fake service");
+        let e = dial(
+            fake.local_addr().expect("addr"),
+            &ca,
+            &a,
+            "site-d",
+            "site-a",
+        )
+        .await;
+        assert!(matches!(e, Err(ConnectError::NotWelcomed(_))), "{e:?}");
+        service.endpoint.close(0u32.into(), b"test over");
+        fake.endpoint.close(0u32.into(), b"test over");
+    });
+}
