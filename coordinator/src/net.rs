@@ -16,9 +16,6 @@ use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKey
 use crate::pki::{Issued, Role, fingerprint};
 use crate::{Action, Registry};
 
-/// ALPN protocol name of the fedcurate wire protocol.
-pub const ALPN: &[u8] = b"fedcurate/1";
-
 /// What went wrong setting up the service.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -81,7 +78,7 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs(cert, "coordinator certificate")?, key(key_pem)?)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![protocol::ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| NetError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));

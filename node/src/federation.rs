@@ -10,9 +10,6 @@ use protocol::{HandshakeReject, Hello, MAX_FRAME_LEN, Message, Welcome};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-/// ALPN protocol name of the fedcurate wire protocol (the coordinator's must match).
-pub const ALPN: &[u8] = b"fedcurate/1";
-
 /// Why the node is not connected.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -68,7 +65,7 @@ pub fn client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![protocol::ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(quic_err)?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();

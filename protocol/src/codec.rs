@@ -11,6 +11,9 @@ use crate::message::{Message, PROTOCOL_VERSION};
 /// Hard upper bound of any frame, whatever its kind.
 pub const MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
 
+/// ALPN protocol name of the fedcurate wire protocol, set by both ends of every connection.
+pub const ALPN: &[u8] = b"fedcurate/1";
+
 const HEADER_LEN: usize = 4 + 2 + 1;
 
 /// Frame kinds (one per message variant), with their size limits.

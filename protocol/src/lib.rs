@@ -11,7 +11,7 @@ pub mod message;
 pub mod schema;
 pub mod summary;
 
-pub use codec::{CodecError, MAX_FRAME_LEN, decode_frame, encode_frame};
+pub use codec::{ALPN, CodecError, MAX_FRAME_LEN, decode_frame, encode_frame};
 pub use message::{
     HandshakeReject, Hello, Message, MessageId, PROTOCOL_VERSION, SchemaHash, SiteId, SiteIdError,
     Welcome,

@@ -68,6 +68,34 @@ async fn dial(
     })
 }
 
+/// A client that presents no certificate at all.
+async fn dial_without_certificate(addr: SocketAddr, ca: &[u8]) -> Result<(), ConnectError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca) {
+        roots.add(c.expect("CA pem")).expect("root");
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![protocol::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic");
+    let cfg = quinn::ClientConfig::new(Arc::new(quic));
+    let endpoint =
+        quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        connect(&endpoint, cfg, addr, "localhost", hello("site-a")),
+    )
+    .await
+    .map_err(|_| ConnectError::NotWelcomed("timed out".into()))?
+    .map(|_| ())
+}
+
 #[test]
 fn sites_are_welcomed_over_mutual_tls_and_every_refusal_leaves_the_coordinator_serving() {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -132,6 +160,9 @@ fn sites_are_welcomed_over_mutual_tls_and_every_refusal_leaves_the_coordinator_s
             matches!(e, Err(ConnectError::Rejected(HandshakeReject::UnknownSite))),
             "{e:?}"
         );
+        // No client certificate at all.
+        let e = dial_without_certificate(addr, &ca).await;
+        assert!(matches!(e, Err(ConnectError::NotWelcomed(_))), "{e:?}");
         // A certificate from another consortium's CA.
         let other = Pki::at(&dir.path().join("other"));
         other.init("other").expect("other");
