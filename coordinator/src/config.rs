@@ -39,6 +39,26 @@ pub struct CoordinatorConfig {
     pub listen: SocketAddr,
     /// The consortium's sites.
     pub sites: Vec<SiteEntry>,
+    /// Certificates for `serve` (made with `fedcurate-coordinator pki`).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// The coordinator's certificates and the consortium's trust material.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The consortium CA certificate (`pki/ca.crt`).
+    pub ca: PathBuf,
+    /// The CA's revocation list (`pki/crl.pem`), enforced at every handshake.
+    pub crl: PathBuf,
+    /// This coordinator's certificate (`pki issue-coordinator HOST`).
+    pub cert: PathBuf,
+    /// This coordinator's private key (0600).
+    pub key: PathBuf,
+    /// The CA's register of issued certificates (`pki/issued.json`): connections are mapped
+    /// to sites by certificate fingerprint.
+    pub issued: PathBuf,
 }
 
 impl CoordinatorConfig {

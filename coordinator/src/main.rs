@@ -25,6 +25,11 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Serve the nodes over QUIC (mutual TLS); stops cleanly on SIGTERM or Ctrl-C.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// The consortium's certificate authority.
     Pki {
         /// The PKI folder (owner-only; keep it offline and backed up).
@@ -77,6 +82,65 @@ enum PkiCommand {
     Crl,
     /// List issued certificates with fingerprint, expiry and status.
     List,
+}
+
+fn serve(path: &std::path::Path) -> Result<()> {
+    use std::io::Write as _;
+    let cfg = CoordinatorConfig::load(path)?;
+    let tls = cfg.tls.as_ref().with_context(|| {
+        format!(
+            "{}: add a [tls] section (ca, crl, cert, key, issued) to serve",
+            path.display()
+        )
+    })?;
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).with_context(|| format!("reading {} (named in [tls])", p.display()))
+    };
+    let server = coordinator::net::server_config(
+        &read(&tls.ca)?,
+        &read(&tls.crl)?,
+        &read(&tls.cert)?,
+        &read(&tls.key)?,
+    )?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let issued = coordinator::pki::Pki::load_issued(&tls.issued)?;
+    let members: std::collections::BTreeSet<_> = cfg.sites.iter().map(|s| s.id.clone()).collect();
+    let sites: std::collections::HashMap<_, _> = coordinator::net::site_fingerprints(&issued, now)
+        .into_iter()
+        .filter(|(_, site)| members.contains(site))
+        .collect();
+    for m in &members {
+        if !sites.values().any(|s| s == m) {
+            tracing::warn!(site = %m, "no valid certificate issued to this site: it cannot connect");
+        }
+    }
+    let registry = std::sync::Arc::new(std::sync::Mutex::new(coordinator::Registry::new(
+        members, None,
+    )));
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async {
+        // Installed before anyone learns the address, so an early SIGTERM is still clean.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        let service = coordinator::net::Service::start(server, cfg.listen, registry, sites)?;
+        println!("listening on {}", service.local_addr()?);
+        std::io::stdout().flush()?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("stopping: closing connections");
+        service.endpoint.close(0u32.into(), b"coordinator stopping");
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            service.endpoint.wait_idle(),
+        )
+        .await;
+        println!("stopped");
+        Ok(())
+    })
 }
 
 fn pki(dir: &std::path::Path, command: PkiCommand) -> Result<()> {
@@ -179,5 +243,6 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Pki { dir, command } => pki(&dir, command),
+        Command::Serve { config } => serve(&config),
     }
 }

@@ -318,6 +318,14 @@ impl Pki {
         write_atomic(&self.dir.join("issued.json"), text.as_bytes(), false)
     }
 
+    /// The certificates recorded in an `issued.json` (a copy kept next to the coordinator).
+    pub fn load_issued(path: &Path) -> Result<Vec<Issued>> {
+        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+        let r: Registry =
+            serde_json::from_str(&text).map_err(|e| PkiError::Registry(e.to_string()))?;
+        Ok(r.issued)
+    }
+
     /// Every certificate issued so far.
     pub fn issued(&self) -> Result<Vec<Issued>> {
         Ok(self.load()?.issued)

@@ -1,0 +1,138 @@
+//! `fedcurate-coordinator serve` as a process: it welcomes a site over QUIC with mutual TLS
+//! and stops cleanly on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coordinator::pki::Pki;
+use protocol::{Hello, Message, MessageId, PROTOCOL_VERSION, SiteId};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+fn client(ca: &[u8], cert: &[u8], key: &[u8]) -> quinn::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca) {
+        roots.add(c.expect("ca")).expect("root");
+    }
+    let chain: Vec<_> = CertificateDer::pem_slice_iter(cert)
+        .collect::<Result<_, _>>()
+        .expect("chain");
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(key).expect("key"))
+        .expect("client auth");
+    tls.alpn_protocols = vec![protocol::ALPN.to_vec()];
+    quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic"),
+    ))
+}
+
+async fn hello(addr: SocketAddr, cfg: quinn::ClientConfig) -> Message {
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let conn = endpoint
+        .connect_with(cfg, addr, "localhost")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    let frame = protocol::encode_frame(&Message::Hello(Hello {
+        id: MessageId(1),
+        min_version: PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
+        site: SiteId::new("site-a").expect("id"),
+        schema: None,
+    }))
+    .expect("encode");
+    send.write_all(&frame).await.expect("write");
+    send.finish().expect("finish");
+    let bytes = recv.read_to_end(1 << 20).await.expect("answer");
+    conn.close(0u32.into(), b"done");
+    protocol::decode_frame(&bytes).expect("decode").0
+}
+
+#[test]
+fn serve_welcomes_a_site_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::at(&dir.path().join("pki"));
+    pki.init("test").expect("init");
+    let coord = pki.issue_coordinator("localhost", 30).expect("coordinator");
+    let site = pki.issue_site("site-a", 30).expect("site");
+    let p = |x: &std::path::Path| x.display().to_string();
+    let cfg = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\n[[sites]]\nid = \"site-a\"\n[[sites]]\nid = \"site-b\"\n[tls]\nca = {:?}\ncrl = {:?}\ncert = {:?}\nkey = {:?}\nissued = {:?}\n",
+            p(&pki.ca_cert_path()),
+            p(&pki.crl_path()),
+            p(&coord.certificate),
+            p(coord.key.as_ref().expect("key")),
+            p(&dir.path().join("pki/issued.json")),
+        ),
+    )
+    .expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fedcurate-coordinator"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("first line");
+    let addr: SocketAddr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let read = |x: &std::path::Path| std::fs::read(x).expect("read");
+    let answer = rt.block_on(hello(
+        addr,
+        client(
+            &read(&pki.ca_cert_path()),
+            &read(&site.certificate),
+            &read(site.key.as_ref().expect("key")),
+        ),
+    ));
+    assert!(
+        matches!(answer, Message::Welcome(ref w) if w.reply_to == MessageId(1)),
+        "{answer:?}"
+    );
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let started = Instant::now();
+    let exit = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "serve did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "clean exit: {exit:?}");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).expect("rest");
+    assert!(rest.contains("stopped"), "{rest:?}");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert!(
+        err.contains("site-b") && err.contains("no valid certificate"),
+        "a listed site without a certificate is reported: {err}"
+    );
+}
