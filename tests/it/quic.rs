@@ -111,13 +111,14 @@ fn sites_are_welcomed_over_mutual_tls_and_every_refusal_leaves_the_coordinator_s
         let a = site(&pki, "site-a");
         let b = site(&pki, "site-b");
         let c = site(&pki, "site-c");
+        let site_e = site(&pki, "site-e");
         pki.revoke("site-c").expect("revoke");
         let ca = read(&pki.ca_cert_path());
         let issued = pki.issued().expect("issued");
         let sites = site_fingerprints(&issued, now());
-        assert_eq!(sites.len(), 2, "the revoked site is not in the registry");
+        assert_eq!(sites.len(), 3, "the revoked site is not in the registry");
         let registry = Registry::new(
-            ["site-a", "site-b", "site-c"].map(|s| SiteId::new(s).expect("id")),
+            ["site-a", "site-b", "site-c", "site-e"].map(|s| SiteId::new(s).expect("id")),
             None,
         );
         let registry = Arc::new(Mutex::new(registry));
@@ -160,6 +161,59 @@ fn sites_are_welcomed_over_mutual_tls_and_every_refusal_leaves_the_coordinator_s
             matches!(e, Err(ConnectError::Rejected(HandshakeReject::UnknownSite))),
             "{e:?}"
         );
+        // On a welcomed connection: an oversize frame and a frame of an unknown protocol
+        // version are dropped, and the same connection still answers.
+        {
+            let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr"))
+                .expect("client endpoint");
+            let cfg = client_config(&ca, &site_e.cert, &site_e.key).expect("client config");
+            let (conn, _) = connect(&endpoint, cfg, addr, "localhost", hello("site-e"))
+                .await
+                .expect("welcomed");
+            let mut oversize = Vec::new();
+            oversize.extend_from_slice(&(3u32 + 4096).to_be_bytes());
+            oversize.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+            oversize.push(0x01);
+            oversize.extend_from_slice(&[0u8; 4096]);
+            let mut wrong_version =
+                protocol::encode_frame(&protocol::Message::Hello(hello("site-e"))).expect("encode");
+            wrong_version[4..6].copy_from_slice(&(PROTOCOL_VERSION + 1).to_be_bytes());
+            for frame in [oversize, wrong_version] {
+                let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+                send.write_all(&frame).await.expect("write");
+                send.finish().expect("finish");
+                let answer =
+                    tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20))
+                        .await
+                        .expect("answered in time")
+                        .expect("stream ends");
+                assert!(answer.is_empty(), "a bad frame gets no message");
+            }
+            let again =
+                node::federation::request(&conn, &protocol::Message::Hello(hello("site-e")))
+                    .await
+                    .expect("the connection survives");
+            assert!(matches!(again, protocol::Message::Welcome(_)), "{again:?}");
+            // A hello that asks for protocol versions the coordinator does not speak.
+            let mut future = hello("site-e");
+            future.id = MessageId(8);
+            future.min_version = PROTOCOL_VERSION + 1;
+            future.max_version = PROTOCOL_VERSION + 1;
+            let answer = node::federation::request(&conn, &protocol::Message::Hello(future))
+                .await
+                .expect("answered");
+            assert!(
+                matches!(
+                    answer,
+                    protocol::Message::Reject {
+                        reason: HandshakeReject::UnsupportedVersion { .. },
+                        ..
+                    }
+                ),
+                "{answer:?}"
+            );
+            conn.close(0u32.into(), b"done");
+        }
         // No client certificate at all.
         let e = dial_without_certificate(addr, &ca).await;
         assert!(matches!(e, Err(ConnectError::NotWelcomed(_))), "{e:?}");
