@@ -309,7 +309,7 @@ impl Pki {
                 }
             }
         })?;
-        serde_json::from_str(&text).map_err(|e| PkiError::Registry(e.to_string()))
+        parse_registry(&text)
     }
 
     fn save(&self, r: &Registry) -> Result<()> {
@@ -321,9 +321,7 @@ impl Pki {
     /// The certificates recorded in an `issued.json` (a copy kept next to the coordinator).
     pub fn load_issued(path: &Path) -> Result<Vec<Issued>> {
         let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-        let r: Registry =
-            serde_json::from_str(&text).map_err(|e| PkiError::Registry(e.to_string()))?;
-        Ok(r.issued)
+        Ok(parse_registry(&text)?.issued)
     }
 
     /// Every certificate issued so far.
@@ -552,6 +550,10 @@ impl Pki {
         .signed_by(&issuer)?;
         write_atomic(&self.crl_path(), crl.pem()?.as_bytes(), false)
     }
+}
+
+fn parse_registry(text: &str) -> Result<Registry> {
+    serde_json::from_str(text).map_err(|e| PkiError::Registry(e.to_string()))
 }
 
 fn dn_text(v: &rcgen::DnValue) -> String {

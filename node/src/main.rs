@@ -1539,50 +1539,95 @@ fn process_inbox(
     Ok(summary.inputs)
 }
 
+/// What `serve` and `pull` share: the de-identification set-up and the received-object
+/// folders (inbox, processing folder), with half-written objects of a killed run swept.
+struct InboxRun {
+    policy: DeidPolicy,
+    keys: Keys,
+    vault_key: Option<vault::VaultKey>,
+    subjects: node::volume::deid::SubjectRule,
+    anonymise: bool,
+    batch_size: usize,
+    inbox: PathBuf,
+    processing: PathBuf,
+    paths: BatchPaths,
+}
+
+impl InboxRun {
+    fn open(config: &NodeConfig, output: Option<PathBuf>) -> Result<(DataDir, Self)> {
+        let dd = open_data_dir(&config.data_dir)?;
+        let policy = policy_with(config, &[])?;
+        let anonymise = config.deid.anonymises(false);
+        let secret = config.deid.secret(&dd.root, anonymise)?;
+        let keys = Keys::derive(&secret);
+        drop(secret);
+        let inbox = dd.root.join("inbox");
+        let processing = dd.root.join("inbox-processing");
+        // Half-written objects of a killed run go before anyone can send again.
+        std::fs::create_dir_all(&inbox)?;
+        batch::sweep_temporaries(&inbox)?;
+        let paths = BatchPaths {
+            input: processing.clone(),
+            output: output.unwrap_or_else(|| dd.root.join("deid")),
+            quarantine: dd.root.join("quarantine"),
+        };
+        let run = InboxRun {
+            vault_key: config.deid.vault_key(anonymise)?,
+            subjects: config.deid.subject_rule()?,
+            batch_size: config.deid.batch_size,
+            policy,
+            keys,
+            anonymise,
+            inbox,
+            processing,
+            paths,
+        };
+        Ok((dd, run))
+    }
+
+    fn settings(&self) -> RunSettings<'_> {
+        RunSettings {
+            mode: if self.anonymise {
+                "anonymise"
+            } else {
+                "pseudonymise"
+            },
+            edition: table::EDITION,
+            options: options_text(&self.policy),
+            vault_key: self.vault_key.as_ref(),
+            batch_size: self.batch_size,
+            progress: &batch::NoProgress,
+            subjects: &self.subjects,
+        }
+    }
+
+    /// Move what the inbox holds to the processing folder and de-identify it.
+    fn process(&self, deid: &Deidentifier<'_>, catalog: &mut Catalog) -> Result<usize> {
+        process_inbox(
+            &self.inbox,
+            &self.processing,
+            &self.paths,
+            deid,
+            catalog,
+            &self.settings(),
+        )
+    }
+}
+
 fn serve(config: &NodeConfig, output: Option<PathBuf>) -> Result<()> {
     use std::io::Write as _;
-    let mut dd = open_data_dir(&config.data_dir)?;
-    let policy = policy_with(config, &[])?;
-    let anonymise = config.deid.anonymises(false);
-    let secret = config.deid.secret(&dd.root, anonymise)?;
-    let keys = Keys::derive(&secret);
-    drop(secret);
-    let vault_key = config.deid.vault_key(anonymise)?;
-    let subjects = config.deid.subject_rule()?;
-    let inbox = dd.root.join("inbox");
-    let processing = dd.root.join("inbox-processing");
-    let paths = BatchPaths {
-        input: processing.clone(),
-        output: output.unwrap_or_else(|| dd.root.join("deid")),
-        quarantine: dd.root.join("quarantine"),
-    };
-    let settings = RunSettings {
-        mode: if anonymise {
-            "anonymise"
-        } else {
-            "pseudonymise"
-        },
-        edition: table::EDITION,
-        options: options_text(&policy),
-        vault_key: vault_key.as_ref(),
-        batch_size: config.deid.batch_size,
-        progress: &batch::NoProgress,
-        subjects: &subjects,
-    };
-    let deid = Deidentifier::new(&policy, &keys);
+    let (mut dd, run) = InboxRun::open(config, output)?;
+    let deid = Deidentifier::new(&run.policy, &run.keys);
     if config.scp.allowed.is_empty() {
         tracing::warn!("[scp] allowed is empty: every association will be refused");
     }
-    // Half-written objects of a killed run go before anyone can send again.
-    std::fs::create_dir_all(&inbox)?;
-    batch::sweep_temporaries(&inbox)?;
     let (tx, rx) = std::sync::mpsc::channel();
     let handle = node::dimse::scp::bind(
         node::dimse::scp::ScpConfig {
             ae_title: config.scp.ae_title.clone(),
             bind: config.scp.bind,
             allowed: config.scp.allowed.clone(),
-            inbox: inbox.clone(),
+            inbox: run.inbox.clone(),
         },
         tx,
     )?;
@@ -1592,14 +1637,7 @@ fn serve(config: &NodeConfig, output: Option<PathBuf>) -> Result<()> {
     );
     std::io::stdout().flush()?;
     // Replay what a previous run left (received but not processed).
-    let replayed = process_inbox(
-        &inbox,
-        &processing,
-        &paths,
-        &deid,
-        &mut dd.catalog,
-        &settings,
-    )?;
+    let replayed = run.process(&deid, &mut dd.catalog)?;
     if replayed > 0 {
         tracing::info!(inputs = replayed, "replayed the inbox of an earlier run");
     }
@@ -1609,24 +1647,10 @@ fn serve(config: &NodeConfig, output: Option<PathBuf>) -> Result<()> {
                 // Let a burst finish, then process it together.
                 std::thread::sleep(Duration::from_millis(300));
                 while rx.try_recv().is_ok() {}
-                process_inbox(
-                    &inbox,
-                    &processing,
-                    &paths,
-                    &deid,
-                    &mut dd.catalog,
-                    &settings,
-                )?;
+                run.process(&deid, &mut dd.catalog)?;
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                process_inbox(
-                    &inbox,
-                    &processing,
-                    &paths,
-                    &deid,
-                    &mut dd.catalog,
-                    &settings,
-                )?;
+                run.process(&deid, &mut dd.catalog)?;
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
@@ -1707,37 +1731,8 @@ fn pull(
     if queries.is_empty() {
         bail!("say what to retrieve: --accession, --patient-id, --date-range or --csv");
     }
-    let mut dd = open_data_dir(&config.data_dir)?;
-    let policy = policy_with(config, &[])?;
-    let anonymise = config.deid.anonymises(false);
-    let secret = config.deid.secret(&dd.root, anonymise)?;
-    let keys = Keys::derive(&secret);
-    drop(secret);
-    let vault_key = config.deid.vault_key(anonymise)?;
-    let subjects = config.deid.subject_rule()?;
-    let inbox = dd.root.join("inbox");
-    let processing = dd.root.join("inbox-processing");
-    let paths = BatchPaths {
-        input: processing.clone(),
-        output: output.unwrap_or_else(|| dd.root.join("deid")),
-        quarantine: dd.root.join("quarantine"),
-    };
-    let settings = RunSettings {
-        mode: if anonymise {
-            "anonymise"
-        } else {
-            "pseudonymise"
-        },
-        edition: table::EDITION,
-        options: options_text(&policy),
-        vault_key: vault_key.as_ref(),
-        batch_size: config.deid.batch_size,
-        progress: &batch::NoProgress,
-        subjects: &subjects,
-    };
-    let deid = Deidentifier::new(&policy, &keys);
-    std::fs::create_dir_all(&inbox)?;
-    batch::sweep_temporaries(&inbox)?;
+    let (mut dd, run) = InboxRun::open(config, output)?;
+    let deid = Deidentifier::new(&run.policy, &run.keys);
     // Our SCP receives the C-MOVE sub-operations; the PACS is allowed to store to it.
     let mut allowed = config.scp.allowed.clone();
     allowed.push(node::dimse::scp::AllowedPeer {
@@ -1750,7 +1745,7 @@ fn pull(
             ae_title: config.scp.ae_title.clone(),
             bind: config.scp.bind,
             allowed,
-            inbox: inbox.clone(),
+            inbox: run.inbox.clone(),
         },
         tx,
     )?;
@@ -1768,7 +1763,7 @@ fn pull(
         .collect();
     let todo: Vec<&String> = studies
         .iter()
-        .filter(|s| !done.contains(&keys.path_token("pull-study", s)))
+        .filter(|s| !done.contains(&run.keys.path_token("pull-study", s)))
         .collect();
     println!(
         "{} studies found, {} already retrieved, {} to retrieve",
@@ -1782,20 +1777,13 @@ fn pull(
         // Wait until the received objects are in the inbox, then de-identify them.
         std::thread::sleep(Duration::from_millis(200));
         while rx.try_recv().is_ok() {}
-        process_inbox(
-            &inbox,
-            &processing,
-            &paths,
-            &deid,
-            &mut dd.catalog,
-            &settings,
-        )?;
+        run.process(&deid, &mut dd.catalog)?;
         if counts.failed == 0 {
             let mut f = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&state_path)?;
-            writeln!(f, "{}", keys.path_token("pull-study", study))?;
+            writeln!(f, "{}", run.keys.path_token("pull-study", study))?;
             f.sync_all()?;
         }
         total.completed += counts.completed;
@@ -1814,7 +1802,7 @@ fn pull(
         "retrieved {} instances ({} failed); output in {}",
         total.completed,
         total.failed,
-        paths.output.display()
+        run.paths.output.display()
     );
     if total.failed > 0 {
         bail!(
