@@ -42,6 +42,20 @@ pub struct CoordinatorConfig {
     /// Certificates for `serve` (made with `fedcurate-coordinator pki`).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Directory of the coordinator's state (`coordinator.sqlite`) and the consortium report.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// The consortium curation schema to publish (TOML; see `deploy/schema.toml`).
+    #[serde(default)]
+    pub schema: Option<PathBuf>,
+    /// Sites whose reports are needed before the federated harmonisation model is fitted
+    /// (default: every listed site).
+    #[serde(default)]
+    pub min_sites_for_model: Option<usize>,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("coordinator-state")
 }
 
 /// The coordinator's certificates and the consortium's trust material.
@@ -71,6 +85,15 @@ impl CoordinatorConfig {
         if cfg.sites.is_empty() {
             return Err(ConfigError::NoSites {
                 path: path.to_owned(),
+            });
+        }
+        if cfg.min_sites_for_model == Some(0) || cfg.min_sites_for_model > Some(cfg.sites.len()) {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!(
+                    "min_sites_for_model must be between 1 and the number of sites ({})",
+                    cfg.sites.len()
+                ),
             });
         }
         let mut seen = std::collections::BTreeSet::new();

@@ -1,13 +1,18 @@
 //! The fedcurate coordinator. It never sees an image or an identifier: only the protocol's
 //! schemas, aggregates and model updates.
 //!
-//! This first piece is the site registry's handshake as a sans-IO state machine,
-//! `handle(state, site, message, now) -> actions`, tested without a network. The QUIC
-//! service that drives it comes with the federation issue.
+//! `registry` admits sites (the handshake, sans IO); `hub` is the rest of the coordinator's
+//! logic (schema publication, acknowledgements, aggregate checks, federated fits), also sans
+//! IO, over the SQLite `store`; `net` is the QUIC edge; `report` the consortium report; `pki`
+//! the consortium CA.
 
 pub mod config;
+pub mod hub;
 pub mod net;
 pub mod pki;
 pub mod registry;
+pub mod report;
+pub mod store;
 
+pub use hub::Hub;
 pub use registry::{Action, Registry};

@@ -30,6 +30,12 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Write the consortium report (JSON and HTML) from the coordinator's state and print
+    /// where it is.
+    Report {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// The consortium's certificate authority.
     Pki {
         /// The PKI folder (owner-only; keep it offline and backed up).
@@ -84,15 +90,14 @@ enum PkiCommand {
     List,
 }
 
-fn serve(path: &std::path::Path) -> Result<()> {
-    use std::io::Write as _;
-    let cfg = CoordinatorConfig::load(path)?;
-    let tls = cfg.tls.as_ref().with_context(|| {
-        format!(
-            "{}: add a [tls] section (ca, crl, cert, key, issued) to serve",
-            path.display()
-        )
-    })?;
+/// Server TLS and the fingerprint registry from the files named in `[tls]`.
+fn load_tls(
+    cfg: &CoordinatorConfig,
+    tls: &coordinator::config::TlsConfig,
+) -> Result<(
+    quinn::ServerConfig,
+    std::collections::HashMap<String, protocol::SiteId>,
+)> {
     let read = |p: &std::path::Path| {
         std::fs::read(p).with_context(|| format!("reading {} (named in [tls])", p.display()))
     };
@@ -116,20 +121,114 @@ fn serve(path: &std::path::Path) -> Result<()> {
             tracing::warn!(site = %m, "no valid certificate issued to this site: it cannot connect");
         }
     }
-    let registry = std::sync::Arc::new(std::sync::Mutex::new(coordinator::Registry::new(
-        members, None,
-    )));
+    Ok((server, sites))
+}
+
+fn mtimes(tls: &coordinator::config::TlsConfig) -> Vec<Option<std::time::SystemTime>> {
+    [&tls.ca, &tls.crl, &tls.cert, &tls.key, &tls.issued]
+        .iter()
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+/// Open the state directory (owner-only) and the coordinator's logic over it.
+fn open_hub(cfg: &CoordinatorConfig) -> Result<coordinator::Hub> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating the state directory {}", cfg.state_dir.display()))?;
+    std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))?;
+    let store = coordinator::store::Store::open(&cfg.state_dir.join("coordinator.sqlite"))?;
+    let schema = match &cfg.schema {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading the schema {}", p.display()))?;
+            Some(
+                protocol::SchemaDocument::new(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+            )
+        }
+        None => None,
+    };
+    Ok(coordinator::Hub::new(
+        cfg.sites.iter().map(|s| s.id.clone()),
+        store,
+        schema,
+        cfg.min_sites_for_model,
+    )?)
+}
+
+/// Write the consortium report (JSON and HTML) into `state_dir/report/`, atomically.
+fn write_report(hub: &coordinator::Hub, dir: &std::path::Path) -> Result<std::path::PathBuf> {
+    let report = coordinator::report::build(hub)?;
+    let out = dir.join("report");
+    std::fs::create_dir_all(&out)?;
+    let put = |name: &str, bytes: &[u8]| -> Result<()> {
+        let tmp = out.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, bytes)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, out.join(name))?;
+        Ok(())
+    };
+    put("report.json", &serde_json::to_vec_pretty(&report)?)?;
+    put("report.html", coordinator::report::html(&report).as_bytes())?;
+    Ok(out)
+}
+
+fn serve(path: &std::path::Path) -> Result<()> {
+    use std::io::Write as _;
+    let cfg = CoordinatorConfig::load(path)?;
+    let tls = cfg.tls.clone().with_context(|| {
+        format!(
+            "{}: add a [tls] section (ca, crl, cert, key, issued) to serve",
+            path.display()
+        )
+    })?;
+    let (server, sites) = load_tls(&cfg, &tls)?;
+    let hub = open_hub(&cfg)?;
+    tracing::info!(
+        round = hub.round(),
+        schema = hub.schema().map(|(_, s)| s.id.as_str()).unwrap_or("(none)"),
+        "coordinator state opened"
+    );
+    let hub = std::sync::Arc::new(std::sync::Mutex::new(hub));
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async {
         // Installed before anyone learns the address, so an early SIGTERM is still clean.
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
-        let service = coordinator::net::Service::start(server, cfg.listen, registry, sites)?;
+        let service = coordinator::net::Service::start(server, cfg.listen, hub.clone(), sites)?;
         println!("listening on {}", service.local_addr()?);
         std::io::stdout().flush()?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+        let mut seen = mtimes(&tls);
+        let mut reported = u64::MAX;
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+                _ = tick.tick() => {
+                    let now = mtimes(&tls);
+                    if now != seen {
+                        seen = now;
+                        match load_tls(&cfg, &tls) {
+                            Ok((server, sites)) => {
+                                service.reload(server, sites);
+                                tracing::info!("reloaded the certificates, revocation list and register");
+                            }
+                            Err(e) => tracing::error!(error = %format!("{e:#}"), "could not reload [tls]; keeping the previous material"),
+                        }
+                    }
+                    let changes = hub.lock().map(|h| h.changes()).unwrap_or(0);
+                    if changes != reported {
+                        reported = changes;
+                        if let Ok(h) = hub.lock()
+                            && let Err(e) = write_report(&h, &cfg.state_dir)
+                        {
+                            tracing::error!(error = %format!("{e:#}"), "could not write the consortium report");
+                        }
+                    }
+                }
+            }
         }
         tracing::info!("stopping: closing connections");
         service.endpoint.close(0u32.into(), b"coordinator stopping");
@@ -138,6 +237,9 @@ fn serve(path: &std::path::Path) -> Result<()> {
             service.endpoint.wait_idle(),
         )
         .await;
+        if let Ok(h) = hub.lock() {
+            write_report(&h, &cfg.state_dir)?;
+        }
         println!("stopped");
         Ok(())
     })
@@ -244,5 +346,12 @@ fn main() -> Result<()> {
         }
         Command::Pki { dir, command } => pki(&dir, command),
         Command::Serve { config } => serve(&config),
+        Command::Report { config } => {
+            let cfg = CoordinatorConfig::load(&config)?;
+            let hub = open_hub(&cfg)?;
+            let out = write_report(&hub, &cfg.state_dir)?;
+            println!("{}", out.join("report.html").display());
+            Ok(())
+        }
     }
 }

@@ -7,14 +7,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use protocol::{HandshakeReject, MAX_FRAME_LEN, Message, MessageId, SiteId};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 use crate::pki::{Issued, Role, fingerprint};
-use crate::{Action, Registry};
+use crate::{Action, Hub};
 
 /// What went wrong setting up the service.
 #[derive(Debug, thiserror::Error)]
@@ -101,10 +101,14 @@ pub fn site_fingerprints(issued: &[Issued], now: i64) -> HashMap<String, SiteId>
         .collect()
 }
 
+/// The sites by certificate fingerprint; replaced when the CA's register changes.
+pub type SiteMap = Arc<RwLock<HashMap<String, SiteId>>>;
+
 /// The running service.
 #[derive(Debug)]
 pub struct Service {
     pub endpoint: quinn::Endpoint,
+    sites: SiteMap,
 }
 
 impl Service {
@@ -112,50 +116,66 @@ impl Service {
     pub fn start(
         config: quinn::ServerConfig,
         addr: SocketAddr,
-        registry: Arc<Mutex<Registry>>,
+        hub: Arc<Mutex<Hub>>,
         sites: HashMap<String, SiteId>,
     ) -> Result<Self, NetError> {
         let endpoint = quinn::Endpoint::server(config, addr)
             .map_err(|source| NetError::Bind { addr, source })?;
         let ep = endpoint.clone();
-        let sites = Arc::new(sites);
+        let sites: SiteMap = Arc::new(RwLock::new(sites));
+        let map = sites.clone();
         tokio::spawn(async move {
             while let Some(incoming) = ep.accept().await {
-                let registry = registry.clone();
-                let sites = sites.clone();
+                let hub = hub.clone();
+                let map = map.clone();
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
                     match incoming.await {
-                        Ok(conn) => serve_connection(conn, registry, &sites).await,
-                        Err(e) => tracing::warn!(%remote, error = %e, "refused a handshake"),
+                        Ok(conn) => serve_connection(conn, hub, &map).await,
+                        Err(e) => tracing::warn!(
+                            %remote,
+                            error = %e,
+                            "refused a handshake (no or untrusted client certificate, revoked or expired certificate, or wrong protocol)"
+                        ),
                     }
                 });
             }
         });
-        Ok(Service { endpoint })
+        Ok(Service { endpoint, sites })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
     }
+
+    /// Apply new TLS material (e.g. a re-signed revocation list) and a new fingerprint
+    /// registry: new handshakes use them at once; a connection whose certificate is no longer
+    /// registered is refused at its next request.
+    pub fn reload(&self, config: quinn::ServerConfig, sites: HashMap<String, SiteId>) {
+        self.endpoint.set_server_config(Some(config));
+        if let Ok(mut m) = self.sites.write() {
+            *m = sites;
+        }
+    }
 }
 
-fn now() -> u64 {
+fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
-async fn serve_connection(
-    conn: quinn::Connection,
-    registry: Arc<Mutex<Registry>>,
-    sites: &HashMap<String, SiteId>,
-) {
+fn lookup(sites: &SiteMap, fp: Option<&str>) -> Option<SiteId> {
+    let fp = fp?;
+    sites.read().ok()?.get(fp).cloned()
+}
+
+async fn serve_connection(conn: quinn::Connection, hub: Arc<Mutex<Hub>>, sites: &SiteMap) {
     let fp = conn
         .peer_identity()
         .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
         .and_then(|chain| chain.first().map(|c| fingerprint(c.as_ref())));
-    let Some(site) = fp.as_ref().and_then(|f| sites.get(f)).cloned() else {
+    let Some(site) = lookup(sites, fp.as_deref()) else {
         tracing::warn!(
             fingerprint = fp.as_deref().unwrap_or("none"),
             "a certificate of the consortium CA that is not a registered site: closing"
@@ -163,64 +183,96 @@ async fn serve_connection(
         conn.close(1u32.into(), b"unknown site certificate");
         return;
     };
-    tracing::info!(%site, "site connected");
+    tracing::info!(%site, remote = %conn.remote_address(), "site connected");
+    let mut welcomed = false;
     loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
-            Err(_) => break,
+            Err(e) => {
+                tracing::info!(%site, reason = %e, "connection ended");
+                break;
+            }
         };
+        // A certificate revoked while connected loses its connection at the next request.
+        if lookup(sites, fp.as_deref()).as_ref() != Some(&site) {
+            tracing::warn!(%site, "certificate no longer registered (revoked?): closing");
+            conn.close(1u32.into(), b"certificate no longer valid");
+            break;
+        }
         let bytes = match recv.read_to_end(MAX_FRAME_LEN + 16).await {
             Ok(b) => b,
             Err(e) => {
-                tracing::warn!(%site, error = %e, "unreadable request");
+                tracing::warn!(%site, error = %e, "unreadable request (over the frame limit or reset)");
+                let actions = match hub.lock() {
+                    Ok(mut h) => h.bad_frame(&site, &[], now()),
+                    Err(_) => vec![Action::Close],
+                };
+                if answer(&mut send, actions).await {
+                    break;
+                }
                 continue;
             }
         };
-        let message = match protocol::decode_frame(&bytes) {
-            Ok((m, _)) => m,
+        let actions = match protocol::decode_frame(&bytes) {
             Err(e) => {
                 tracing::warn!(%site, error = %e, "rejected a frame");
-                let _ = send.finish();
-                continue;
+                match hub.lock() {
+                    Ok(mut h) => h.bad_frame(&site, &bytes, now()),
+                    Err(_) => vec![Action::Close],
+                }
             }
-        };
-        // The hello must name the certificate's site.
-        let actions = match &message {
-            Message::Hello(h) if h.site != site => {
+            // The hello must name the certificate's site.
+            Ok((Message::Hello(h), _)) if h.site != site => {
                 tracing::warn!(%site, "hello names another site: refused");
                 vec![
                     Action::Reply(Message::Reject {
-                        id: MessageId(now()),
+                        id: MessageId(now() as u64),
                         reply_to: h.id,
                         reason: HandshakeReject::UnknownSite,
                     }),
                     Action::Close,
                 ]
             }
-            _ => match registry.lock() {
-                Ok(mut r) => r.handle(&site, message, now()),
+            Ok((message, _)) => match hub.lock() {
+                Ok(mut h) => {
+                    let actions = h.handle_frame(&site, &bytes, message, now(), welcomed);
+                    let welcome = actions
+                        .iter()
+                        .any(|a| matches!(a, Action::Reply(Message::Welcome(_))));
+                    if welcome && !welcomed {
+                        welcomed = true;
+                        h.connected(&site);
+                    }
+                    actions
+                }
                 Err(_) => vec![Action::Close],
             },
         };
-        let mut close = false;
-        for a in actions {
-            match a {
-                Action::Reply(m) => {
-                    if let Ok(frame) = protocol::encode_frame(&m) {
-                        let _ = send.write_all(&frame).await;
-                    }
-                }
-                Action::Close => close = true,
-            }
-        }
-        let _ = send.finish();
-        if close {
+        if answer(&mut send, actions).await {
             let _ = send.stopped().await;
             conn.close(0u32.into(), b"closed by coordinator");
             break;
         }
     }
-    if let Ok(mut r) = registry.lock() {
-        r.disconnected(&site);
+    if welcomed && let Ok(mut h) = hub.lock() {
+        h.disconnected(&site);
     }
+}
+
+/// Send the replies; true if the connection is to be closed.
+async fn answer(send: &mut quinn::SendStream, actions: Vec<Action>) -> bool {
+    let mut close = false;
+    for a in actions {
+        match a {
+            Action::Reply(m) => match protocol::encode_frame(&m) {
+                Ok(frame) => {
+                    let _ = send.write_all(&frame).await;
+                }
+                Err(e) => tracing::error!(error = %e, "could not encode an answer"),
+            },
+            Action::Close => close = true,
+        }
+    }
+    let _ = send.finish();
+    close
 }

@@ -216,8 +216,9 @@ fn leaf_params(name: &str, role: Role, days: i64) -> Result<CertificateParams> {
         Role::Coordinator => vec![SanType::DnsName(name.try_into()?)],
     };
     let now = OffsetDateTime::now_utc();
-    p.not_before = now - Duration::minutes(5);
     p.not_after = now + Duration::days(days);
+    // (A non-positive validity makes an already expired certificate, for tests of refusal.)
+    p.not_before = (now - Duration::minutes(5)).min(p.not_after - Duration::days(1));
     p.serial_number = Some(random_serial()?);
     p.use_authority_key_identifier_extension = true;
     Ok(p)

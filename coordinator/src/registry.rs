@@ -1,7 +1,7 @@
 //! Site registry: which sites belong to the consortium, which are connected, and the
 //! handshake that admits them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use protocol::{
     HandshakeReject, Hello, Message, MessageId, PROTOCOL_VERSION, SchemaHash, SiteId, Welcome,
@@ -19,8 +19,9 @@ pub enum Action {
 /// State of one registered site.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SiteState {
-    /// Whether a connection of this site is currently admitted.
-    pub connected: bool,
+    /// Connections of this site currently welcomed (a reconnecting site is welcomed before its
+    /// old connection has timed out, so there can briefly be two).
+    pub connections: u32,
     /// Seconds since the epoch of the last message from the site.
     pub last_contact: Option<u64>,
     /// Schema the site reported following.
@@ -33,8 +34,6 @@ pub struct Registry {
     sites: BTreeMap<SiteId, SiteState>,
     schema: Option<SchemaHash>,
     next_id: u64,
-    /// Hello ids already answered per site, so a retried Hello is answered the same way.
-    answered: BTreeMap<SiteId, BTreeSet<MessageId>>,
 }
 
 impl Registry {
@@ -47,7 +46,6 @@ impl Registry {
                 .collect(),
             schema,
             next_id: 1,
-            answered: BTreeMap::new(),
         }
     }
 
@@ -80,7 +78,7 @@ impl Registry {
         match message {
             Message::Hello(hello) => self.hello(peer, hello, now),
             // A coordinator never receives its own kinds of message; refuse and close.
-            Message::Welcome(_) | Message::Reject { .. } => vec![Action::Close],
+            _ => vec![Action::Close],
         }
     }
 
@@ -98,34 +96,33 @@ impl Registry {
                 },
             );
         }
-        let retried = self
-            .answered
-            .get(peer)
-            .is_some_and(|ids| ids.contains(&hello.id));
+        // A site whose certificate proves it is welcomed again on a new connection (its old
+        // one may not have timed out yet), so a reconnect never waits for the coordinator.
         let state = self.sites.entry(peer.clone()).or_default();
-        if state.connected && !retried {
-            return self.reject(hello.id, HandshakeReject::AlreadyConnected);
-        }
-        state.connected = true;
         state.last_contact = Some(now);
         state.schema = hello.schema;
-        self.answered
-            .entry(peer.clone())
-            .or_default()
-            .insert(hello.id);
         let id = self.id();
         vec![Action::Reply(Message::Welcome(Welcome {
             id,
             reply_to: hello.id,
             version: PROTOCOL_VERSION,
             schema: self.schema,
+            round: 0,
+            model: 0,
         }))]
     }
 
-    /// The connection of `peer` ended.
+    /// A connection of `peer` was welcomed.
+    pub fn connected(&mut self, peer: &SiteId) {
+        if let Some(s) = self.sites.get_mut(peer) {
+            s.connections += 1;
+        }
+    }
+
+    /// A welcomed connection of `peer` ended.
     pub fn disconnected(&mut self, peer: &SiteId) {
         if let Some(s) = self.sites.get_mut(peer) {
-            s.connected = false;
+            s.connections = s.connections.saturating_sub(1);
         }
     }
 }
@@ -167,20 +164,16 @@ mod tests {
         let schema = Some(SchemaHash([7; 32]));
         let mut reg = Registry::new([site("site-a"), site("site-b")], schema);
         check(&mut reg, "site-a", hello(1, "site-a", 1, 1), "welcome");
+        reg.connected(&site("site-a"));
         assert!(
             reg.site(&site("site-a"))
-                .is_some_and(|s| s.connected && s.last_contact == Some(100))
+                .is_some_and(|s| s.connections == 1 && s.last_contact == Some(100))
         );
-        // The same Hello retried is answered again, a new one while connected is refused.
-        check(&mut reg, "site-a", hello(1, "site-a", 1, 1), "welcome");
-        check(
-            &mut reg,
-            "site-a",
-            hello(2, "site-a", 1, 1),
-            "AlreadyConnected",
-        );
+        // A reconnecting site is welcomed while its old connection lingers.
+        check(&mut reg, "site-a", hello(2, "site-a", 1, 1), "welcome");
+        reg.connected(&site("site-a"));
         reg.disconnected(&site("site-a"));
-        check(&mut reg, "site-a", hello(3, "site-a", 1, 1), "welcome");
+        assert!(reg.site(&site("site-a")).is_some_and(|s| s.connections == 1));
         // Unknown, impersonating and version-incompatible sites are refused.
         check(&mut reg, "site-z", hello(1, "site-z", 1, 1), "UnknownSite");
         check(&mut reg, "site-b", hello(1, "site-a", 1, 1), "UnknownSite");
@@ -196,6 +189,8 @@ mod tests {
             reply_to: MessageId(1),
             version: 1,
             schema: None,
+            round: 0,
+            model: 0,
         });
         check(&mut reg, "site-b", w, "close");
     }

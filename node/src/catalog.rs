@@ -99,7 +99,34 @@ const MIGRATIONS: &[&str] = &[
         at TEXT NOT NULL
     );
     "#,
+    // 3: the egress log: every message that left for the coordinator.
+    r#"
+    CREATE TABLE egress (
+        seq INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        message_id INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        answer TEXT NOT NULL
+    );
+    "#,
 ];
+
+/// One message that left the node.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct EgressRecord {
+    pub at: String,
+    /// Message kind (`hello`, `schema-ack`, `report`, ...).
+    pub kind: String,
+    pub message_id: u64,
+    /// Size of the frame on the wire.
+    pub bytes: u64,
+    /// SHA-256 of the frame, as sent.
+    pub sha256: String,
+    /// What came back (`ack`, `error ...`, `no answer`, ...).
+    pub answer: String,
+}
 
 /// The outcome of one input as recorded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -659,6 +686,38 @@ impl Catalog {
                     model_version: r.get(4)?,
                     model_hash: r.get(5)?,
                     at: r.get(6)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+    }
+
+    /// Record a message that left for the coordinator.
+    pub fn record_egress(&self, e: &EgressRecord) -> Result<(), CatalogError> {
+        self.conn
+            .execute(
+                "INSERT INTO egress (at, kind, message_id, bytes, sha256, answer) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![e.at, e.kind, e.message_id as i64, e.bytes as i64, e.sha256, e.answer],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// The egress log, oldest first.
+    pub fn egress(&self) -> Result<Vec<EgressRecord>, CatalogError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT at, kind, message_id, bytes, sha256, answer FROM egress ORDER BY seq")
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(EgressRecord {
+                    at: r.get(0)?,
+                    kind: r.get(1)?,
+                    message_id: r.get::<_, i64>(2)? as u64,
+                    bytes: r.get::<_, i64>(3)? as u64,
+                    sha256: r.get(4)?,
+                    answer: r.get(5)?,
                 })
             })
             .map_err(self.err())?;

@@ -2,9 +2,10 @@
 //!
 //! The length covers version, kind and body. Each kind has its own size limit, checked from
 //! the header before any body is decoded; bincode itself decodes with the same limit, so a
-//! hostile length field inside the body cannot make it allocate more. Kinds 0x10–0x1F are
-//! reserved for chunked tensor transfer and 0x20–0x3F for schema and aggregate messages, so
-//! adding them later does not change the meaning of existing frames.
+//! hostile length field inside the body cannot make it allocate more. Kinds 0x01–0x03 are the
+//! handshake, 0x20–0x2F schema, aggregate and model messages; 0x10–0x1F are reserved for
+//! chunked tensor transfer and the rest of 0x20–0x3F for later schema and aggregate
+//! messages, so adding them does not change the meaning of existing frames.
 
 use crate::message::{Message, PROTOCOL_VERSION};
 
@@ -23,7 +24,29 @@ enum Kind {
     Hello = 0x01,
     Welcome = 0x02,
     Reject = 0x03,
+    FetchSchema = 0x20,
+    Schema = 0x21,
+    SchemaAck = 0x22,
+    Report = 0x23,
+    FetchModel = 0x24,
+    Model = 0x25,
+    Ack = 0x2E,
+    Error = 0x2F,
 }
+
+const KINDS: [Kind; 11] = [
+    Kind::Hello,
+    Kind::Welcome,
+    Kind::Reject,
+    Kind::FetchSchema,
+    Kind::Schema,
+    Kind::SchemaAck,
+    Kind::Report,
+    Kind::FetchModel,
+    Kind::Model,
+    Kind::Ack,
+    Kind::Error,
+];
 
 impl Kind {
     fn of(m: &Message) -> Self {
@@ -31,14 +54,22 @@ impl Kind {
             Message::Hello(_) => Kind::Hello,
             Message::Welcome(_) => Kind::Welcome,
             Message::Reject { .. } => Kind::Reject,
+            Message::FetchSchema { .. } => Kind::FetchSchema,
+            Message::Schema { .. } => Kind::Schema,
+            Message::SchemaAck(_) => Kind::SchemaAck,
+            Message::Report(_) => Kind::Report,
+            Message::FetchModel { .. } => Kind::FetchModel,
+            Message::Model(_) => Kind::Model,
+            Message::Ack { .. } => Kind::Ack,
+            Message::Error { .. } => Kind::Error,
         }
     }
 
     fn from_byte(b: u8) -> Result<Self, CodecError> {
+        if let Some(k) = KINDS.iter().find(|k| **k as u8 == b) {
+            return Ok(*k);
+        }
         match b {
-            0x01 => Ok(Kind::Hello),
-            0x02 => Ok(Kind::Welcome),
-            0x03 => Ok(Kind::Reject),
             0x10..=0x3F => Err(CodecError::ReservedKind(b)),
             _ => Err(CodecError::UnknownKind(b)),
         }
@@ -47,7 +78,16 @@ impl Kind {
     /// Largest body this kind may have.
     fn limit(self) -> usize {
         match self {
-            Kind::Hello | Kind::Welcome | Kind::Reject => 1024,
+            Kind::Hello
+            | Kind::Welcome
+            | Kind::Reject
+            | Kind::FetchSchema
+            | Kind::FetchModel
+            | Kind::Ack
+            | Kind::Error => 1024,
+            Kind::SchemaAck => 64 * 1024,
+            Kind::Schema | Kind::Model => 256 * 1024,
+            Kind::Report => 1024 * 1024,
         }
     }
 }
@@ -75,7 +115,13 @@ pub enum CodecError {
 fn config() -> impl bincode::config::Config {
     bincode::config::standard()
         .with_big_endian()
-        .with_limit::<{ 1024 * 1024 }>()
+        .with_limit::<{ 1024 * 1024 + 1024 }>()
+}
+
+/// The kind byte of a frame's header, if the header is complete (for logs and typed errors
+/// about a frame that does not decode).
+pub fn frame_kind(bytes: &[u8]) -> Option<u8> {
+    bytes.get(6).copied()
 }
 
 /// Encode one message as a frame.
@@ -176,14 +222,24 @@ mod tests {
                     })
                 }
             ),
-            (any::<u64>(), any::<u64>(), any::<u16>(), hash()).prop_map(|(id, r, v, schema)| {
-                Message::Welcome(Welcome {
-                    id: MessageId(id),
-                    reply_to: MessageId(r),
-                    version: v,
-                    schema,
-                })
-            }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u16>(),
+                hash(),
+                any::<u32>(),
+                any::<u32>()
+            )
+                .prop_map(|(id, r, v, schema, round, model)| {
+                    Message::Welcome(Welcome {
+                        id: MessageId(id),
+                        reply_to: MessageId(r),
+                        version: v,
+                        schema,
+                        round,
+                        model,
+                    })
+                }),
             (
                 any::<u64>(),
                 any::<u64>(),
@@ -209,7 +265,217 @@ mod tests {
         ]
     }
 
+    fn cell() -> impl Strategy<Value = crate::aggregate::Cell> {
+        use crate::aggregate::Cell;
+        prop_oneof![any::<u64>().prop_map(Cell::Value), Just(Cell::Suppressed)]
+    }
+
+    fn cells(n: usize) -> impl Strategy<Value = Vec<crate::aggregate::Cell>> {
+        proptest::collection::vec(cell(), 0..n)
+    }
+
+    fn moments() -> impl Strategy<Value = crate::aggregate::Moments> {
+        (any::<u64>(), any::<i64>(), any::<i64>(), any::<i64>(), any::<i64>()).prop_map(
+            |(patients, sum, sum_squares, low, high)| crate::aggregate::Moments {
+                patients,
+                sum,
+                sum_squares,
+                low,
+                high,
+            },
+        )
+    }
+
+    fn aggregates() -> impl Strategy<Value = crate::aggregate::SiteAggregates> {
+        use crate::aggregate::*;
+        use crate::summary::*;
+        (
+            any::<u32>(),
+            cell(),
+            cell(),
+            proptest::collection::vec(cells(8).prop_map(|cells| CountTable { cells }), 0..4),
+            proptest::collection::vec(cells(12), 0..4),
+            proptest::collection::vec(
+                (0..Quantity::ALL.len(), proptest::option::of(moments()))
+                    .prop_map(|(q, m)| (Quantity::ALL[q], m)),
+                0..6,
+            ),
+            proptest::option::of(
+                (any::<u64>(), proptest::array::uniform11(any::<i64>()), any::<u64>()).prop_map(
+                    |(patients, landmark_sums, volumes)| NyulRelease {
+                        patients,
+                        summary: NyulSummary {
+                            landmark_sums,
+                            volumes,
+                        },
+                    },
+                ),
+            ),
+            proptest::option::of(
+                (
+                    any::<u64>(),
+                    any::<bool>(),
+                    any::<i64>(),
+                    proptest::collection::vec(any::<u64>(), 0..64),
+                )
+                    .prop_map(|(patients, trimmed, sum, histogram)| CtRelease {
+                        patients,
+                        trimmed,
+                        summary: CtSummary {
+                            count: patients,
+                            sum,
+                            sum_squares: sum,
+                            histogram,
+                        },
+                    }),
+            ),
+        )
+            .prop_map(
+                |(k, patients, series, counts, histograms, moments, nyul, ct)| SiteAggregates {
+                    k,
+                    patients,
+                    series,
+                    counts,
+                    histograms,
+                    moments,
+                    nyul,
+                    ct,
+                },
+            )
+    }
+
+    fn later() -> impl Strategy<Value = Message> {
+        use crate::aggregate::*;
+        let hash32 = any::<[u8; 32]>().prop_map(SchemaHash);
+        prop_oneof![
+            any::<u64>().prop_map(|id| Message::FetchSchema { id: MessageId(id) }),
+            (any::<u64>(), any::<u64>(), 0..2usize).prop_map(|(id, r, extra)| {
+                let text = format!(
+                    "{}{}",
+                    crate::schema::tests::EXAMPLE,
+                    "\n".repeat(extra)
+                );
+                Message::Schema {
+                    id: MessageId(id),
+                    reply_to: MessageId(r),
+                    document: SchemaDocument::new(&text).expect("the example is valid"),
+                }
+            }),
+            (
+                any::<u64>(),
+                hash32.clone(),
+                proptest::collection::vec(any::<u16>(), 0..4),
+                cell(),
+                proptest::array::uniform3(cell()),
+                cells(6),
+                proptest::array::uniform3(cell()),
+                cell()
+            )
+                .prop_map(
+                    |(id, schema, missing, series, status, deviations, findings, quarantined)| {
+                        Message::SchemaAck(SchemaAck {
+                            id: MessageId(id),
+                            schema,
+                            profile: ProfileCheck { missing },
+                            conformance: ConformanceSummary {
+                                series,
+                                status,
+                                deviations,
+                                findings,
+                                quarantined,
+                            },
+                        })
+                    }
+                ),
+            (any::<u64>(), hash32.clone(), any::<u32>(), aggregates()).prop_map(
+                |(id, schema, round, aggregates)| Message::Report(AggregateReport {
+                    id: MessageId(id),
+                    schema,
+                    round,
+                    aggregates,
+                })
+            ),
+            (any::<u64>(), hash32.clone()).prop_map(|(id, schema)| Message::FetchModel {
+                id: MessageId(id),
+                schema
+            }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                hash32,
+                any::<u32>(),
+                any::<u32>(),
+                proptest::array::uniform11(any::<i64>()),
+                any::<u64>()
+            )
+                .prop_map(|(id, r, schema, revision, sites, landmark_sums, volumes)| {
+                    Message::Model(ModelPublication {
+                        id: MessageId(id),
+                        reply_to: MessageId(r),
+                        schema,
+                        revision,
+                        sites,
+                        fit: FederatedFit::Nyul(crate::summary::NyulSummary {
+                            landmark_sums,
+                            volumes,
+                        }),
+                    })
+                }),
+            (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(id, r, duplicate)| {
+                Message::Ack {
+                    id: MessageId(id),
+                    reply_to: MessageId(r),
+                    duplicate,
+                }
+            }),
+            (any::<u64>(), proptest::option::of(any::<u64>()), 0..8u8).prop_map(
+                |(id, r, c)| {
+                    let code = match c {
+                        0 => ErrorCode::BadFrame,
+                        1 => ErrorCode::NotWelcomed,
+                        2 => ErrorCode::SchemaMismatch,
+                        3 => ErrorCode::WrongRound,
+                        4 => ErrorCode::Privacy(PrivacyViolation::SmallCell),
+                        5 => ErrorCode::NotReady,
+                        6 => ErrorCode::NotAcknowledged,
+                        _ => ErrorCode::Unexpected,
+                    };
+                    Message::Error {
+                        id: MessageId(id),
+                        reply_to: r.map(MessageId),
+                        code,
+                    }
+                }
+            ),
+        ]
+    }
+
+    fn any_message() -> impl Strategy<Value = Message> {
+        prop_oneof![message(), later()]
+    }
+
     proptest! {
+        #[test]
+        fn every_later_message_round_trips(m in later()) {
+            let frame = encode_frame(&m).expect("encodes");
+            let (back, used) = decode_frame(&frame).expect("decodes");
+            prop_assert_eq!(used, frame.len());
+            prop_assert_eq!(back, m);
+        }
+
+        #[test]
+        fn mutated_frames_never_panic(
+            m in any_message(),
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)
+        ) {
+            let mut frame = encode_frame(&m).expect("encodes");
+            for (at, b) in flips {
+                let i = at % frame.len();
+                frame[i] ^= b;
+            }
+            let _ = decode_frame(&frame);
+        }
+
         #[test]
         fn every_message_round_trips(m in message()) {
             let frame = encode_frame(&m).expect("encodes");

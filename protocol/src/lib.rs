@@ -6,6 +6,7 @@
 //! (later) tensors — never free text, a pixel buffer, a DICOM element, a date or an identifier
 //! of a patient, study, series or file. Only [`codec`] names the encoding.
 
+pub mod aggregate;
 pub mod codec;
 pub mod message;
 pub mod schema;
@@ -13,6 +14,7 @@ pub mod summary;
 
 pub use codec::{ALPN, CodecError, MAX_FRAME_LEN, decode_frame, encode_frame};
 pub use message::{
-    HandshakeReject, Hello, Message, MessageId, PROTOCOL_VERSION, SchemaHash, SiteId, SiteIdError,
-    Welcome,
+    AggregateReport, ErrorCode, FederatedFit, HandshakeReject, Hello, Message, MessageId,
+    ModelPublication, PROTOCOL_VERSION, SchemaAck, SchemaDocument, SchemaHash, SiteId,
+    SiteIdError, Welcome,
 };

@@ -1,11 +1,18 @@
 //! The messages. The first exchange on every connection is [`Hello`] → [`Welcome`] or
-//! [`HandshakeReject`]; later issues add schema publication, aggregate requests and reports,
-//! and chunked tensor transfer as new variants of [`Message`] (their kinds are reserved in
-//! [`crate::codec`], so adding them is not a version break).
+//! [`HandshakeReject`]. The welcome tells the node what is due: the schema to follow, the
+//! aggregation round to report, the latest harmonisation model. Every later exchange is one
+//! request from the node and one answer, on its own stream: fetch the schema, acknowledge it
+//! with the site's conformance, report aggregates, fetch the model. Nothing dials into a
+//! hospital. Chunked tensor transfer (model updates) comes later as new variants (its kinds
+//! are reserved in [`crate::codec`], so adding them is not a version break).
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+
+use crate::aggregate::{ConformanceSummary, PrivacyViolation, ProfileCheck, SiteAggregates};
+use crate::schema::{CurationSchema, schema_hash};
+use crate::summary::{CtSummary, NyulSummary};
 
 /// Version of the wire protocol this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -94,6 +101,102 @@ pub struct Welcome {
     pub version: u16,
     /// The schema the coordinator publishes; differs from the node's when an update is due.
     pub schema: Option<SchemaHash>,
+    /// The aggregation round the coordinator collects (0: none yet).
+    pub round: u32,
+    /// Revision of the latest published harmonisation model (0: none yet).
+    pub model: u32,
+}
+
+/// A curation schema as distributed: the document's text, which is the consortium's own
+/// (never a patient's), accepted only if it parses and validates, on both ends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SchemaDocument(String);
+
+impl SchemaDocument {
+    /// Wrap a document after validating it.
+    pub fn new(text: &str) -> Result<Self, crate::schema::SchemaError> {
+        CurationSchema::parse(text)?;
+        Ok(SchemaDocument(text.to_owned()))
+    }
+
+    pub fn text(&self) -> &str {
+        &self.0
+    }
+
+    pub fn hash(&self) -> SchemaHash {
+        schema_hash(&self.0)
+    }
+
+    /// The parsed schema (valid by construction).
+    pub fn schema(&self) -> Result<CurationSchema, crate::schema::SchemaError> {
+        CurationSchema::parse(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SchemaDocument {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        SchemaDocument::new(&s).map_err(|_| serde::de::Error::custom("invalid schema document"))
+    }
+}
+
+/// A node accepts a schema and says how it stands against it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemaAck {
+    pub id: MessageId,
+    pub schema: SchemaHash,
+    pub profile: ProfileCheck,
+    pub conformance: ConformanceSummary,
+}
+
+/// A site's aggregates for one round of one schema.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AggregateReport {
+    pub id: MessageId,
+    pub schema: SchemaHash,
+    pub round: u32,
+    pub aggregates: SiteAggregates,
+}
+
+/// What a federated harmonisation fit learnt: the merged summaries of the sites, from which
+/// every node derives exactly the model that fitting on the pooled volumes gives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FederatedFit {
+    Nyul(NyulSummary),
+    Ct(CtSummary),
+}
+
+/// A harmonisation model the coordinator publishes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelPublication {
+    pub id: MessageId,
+    pub reply_to: MessageId,
+    pub schema: SchemaHash,
+    pub revision: u32,
+    /// Sites whose summaries it merges.
+    pub sites: u32,
+    pub fit: FederatedFit,
+}
+
+/// Why a request was not applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The frame could not be decoded (oversize, unknown kind, version, malformed).
+    BadFrame,
+    /// The request came before the hello/welcome exchange.
+    NotWelcomed,
+    /// The request names a schema other than the one published.
+    SchemaMismatch,
+    /// The round is not the one being collected.
+    WrongRound,
+    /// The aggregates break the privacy policy; nothing was stored.
+    Privacy(PrivacyViolation),
+    /// Nothing to answer yet (no schema or model published).
+    NotReady,
+    /// The site's profile does not satisfy the schema, or it has not acknowledged it.
+    NotAcknowledged,
+    /// A message a coordinator never receives.
+    Unexpected,
 }
 
 /// Why the coordinator refused a node at the first exchange.
@@ -104,7 +207,8 @@ pub enum HandshakeReject {
     UnsupportedVersion { min_version: u16, max_version: u16 },
     /// The site is not registered with this consortium.
     UnknownSite,
-    /// The site is already connected on another connection.
+    /// The site is already connected on another connection. (Not sent by this build, which
+    /// welcomes a reconnecting site at once; kept so the wire format stays stable.)
     AlreadyConnected,
 }
 
@@ -118,6 +222,33 @@ pub enum Message {
         reply_to: MessageId,
         reason: HandshakeReject,
     },
+    FetchSchema {
+        id: MessageId,
+    },
+    Schema {
+        id: MessageId,
+        reply_to: MessageId,
+        document: SchemaDocument,
+    },
+    SchemaAck(SchemaAck),
+    Report(AggregateReport),
+    FetchModel {
+        id: MessageId,
+        schema: SchemaHash,
+    },
+    Model(ModelPublication),
+    /// A request was applied (`duplicate`: it had been already, under the same id).
+    Ack {
+        id: MessageId,
+        reply_to: MessageId,
+        duplicate: bool,
+    },
+    Error {
+        id: MessageId,
+        /// The request, when it could be decoded.
+        reply_to: Option<MessageId>,
+        code: ErrorCode,
+    },
 }
 
 impl Message {
@@ -126,7 +257,15 @@ impl Message {
         match self {
             Message::Hello(h) => h.id,
             Message::Welcome(w) => w.id,
-            Message::Reject { id, .. } => *id,
+            Message::Reject { id, .. }
+            | Message::FetchSchema { id }
+            | Message::Schema { id, .. }
+            | Message::FetchModel { id, .. }
+            | Message::Ack { id, .. }
+            | Message::Error { id, .. } => *id,
+            Message::SchemaAck(a) => a.id,
+            Message::Report(r) => r.id,
+            Message::Model(m) => m.id,
         }
     }
 }

@@ -120,9 +120,13 @@ pub struct Vocabularies {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HistogramSpec {
-    /// A quality metric name or `intensity`.
+    /// A quantity measured once per patient: `intensity`, `pixel-spacing`, `slice-thickness`
+    /// or a quality metric (`snr`, `cnr`, `cjv`, `efc`, `fber`, `cv`, ...).
     pub quantity: String,
     pub edges: Vec<f64>,
+    /// Only series of this modality (any when absent).
+    #[serde(default)]
+    pub modality: Option<String>,
 }
 
 /// Which statistics to compute.
@@ -134,7 +138,7 @@ pub struct Statistics {
     pub counts_by: Vec<String>,
     #[serde(default)]
     pub histograms: Vec<HistogramSpec>,
-    /// Quality metrics to summarise.
+    /// Quantities to summarise as moments (quality metric names, or `intensity`, ...).
     #[serde(default)]
     pub quality_metrics: Vec<String>,
 }
@@ -291,7 +295,28 @@ impl CurationSchema {
                 ));
             }
         }
+        let known = || {
+            crate::aggregate::Quantity::ALL
+                .iter()
+                .map(|q| q.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for (i, m) in self.statistics.quality_metrics.iter().enumerate() {
+            if crate::aggregate::Quantity::from_name(m).is_none() {
+                return Err(err(
+                    &format!("statistics.quality_metrics[{i}]"),
+                    format!("`{m}` is not a known quantity; known: {}", known()),
+                ));
+            }
+        }
         for (i, h) in self.statistics.histograms.iter().enumerate() {
+            if crate::aggregate::Quantity::from_name(&h.quantity).is_none() {
+                return Err(err(
+                    &format!("statistics.histograms[{i}].quantity"),
+                    format!("`{}` is not a known quantity; known: {}", h.quantity, known()),
+                ));
+            }
             if h.edges.len() < 2 || !ascending(&h.edges) {
                 return Err(err(
                     &format!("statistics.histograms[{i}].edges"),
@@ -331,6 +356,41 @@ impl CurationSchema {
             .map(|i| i as u32)
     }
 
+    /// Entries (or bands) of a vocabulary; a count table has one more cell, for values not
+    /// listed or missing.
+    pub fn vocabulary_len(&self, vocabulary: &str) -> usize {
+        let v = &self.vocabularies;
+        match vocabulary {
+            "modality" => v.modality.len(),
+            "manufacturer" => v.manufacturer.len(),
+            "field_strength_bands" => v.field_strength_bands.len(),
+            "age_bands" => v.age_bands.len(),
+            "sex" => v.sex.len(),
+            "finding_codes" => v.finding_codes.len(),
+            "label_classes" => v.label_classes.len(),
+            _ => 0,
+        }
+    }
+
+    /// The quantities whose moments a site reports, in order: `quality_metrics`, then the
+    /// histogram quantities not already listed.
+    pub fn moment_quantities(&self) -> Vec<crate::aggregate::Quantity> {
+        let mut out = Vec::new();
+        for n in self
+            .statistics
+            .quality_metrics
+            .iter()
+            .chain(self.statistics.histograms.iter().map(|h| &h.quantity))
+        {
+            if let Some(q) = crate::aggregate::Quantity::from_name(n)
+                && !out.contains(&q)
+            {
+                out.push(q);
+            }
+        }
+        out
+    }
+
     /// The minimum cell count a site uses: the schema's, or a site's higher one.
     pub fn min_cell_count(&self, site_override: Option<u32>) -> u32 {
         self.privacy.min_cell_count.max(site_override.unwrap_or(0))
@@ -346,7 +406,7 @@ pub fn schema_hash(text: &str) -> SchemaHash {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub const EXAMPLE: &str = include_str!("../../deploy/schema.toml");

@@ -3,6 +3,9 @@
 //! after the hello/welcome round-trip, because a TLS 1.3 client finishes its handshake before
 //! the coordinator has checked the client certificate.
 
+pub mod aggregate;
+pub mod session;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -114,6 +117,6 @@ pub async fn connect(
     match request(&conn, &Message::Hello(hello)).await? {
         Message::Welcome(w) => Ok((conn, w)),
         Message::Reject { reason, .. } => Err(ConnectError::Rejected(reason)),
-        Message::Hello(_) => Err(ConnectError::Unexpected),
+        _ => Err(ConnectError::Unexpected),
     }
 }

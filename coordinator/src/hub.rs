@@ -1,0 +1,493 @@
+//! The coordinator's logic, sans IO: admits sites (through the [`Registry`]), publishes the
+//! schema, records acknowledgements and conformance, checks and stores aggregate reports,
+//! fits the federated harmonisation model when enough sites have reported, and answers model
+//! requests. Every request carries an id; a retried request is answered without being
+//! applied twice. State lives in the [`Store`], so a restarted coordinator resumes.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use protocol::aggregate::{
+    ConformanceSummary, PrivacyViolation, SiteAggregates, check_aggregates, check_cells,
+};
+use protocol::schema::CurationSchema;
+use protocol::{
+    AggregateReport, ErrorCode, FederatedFit, Message, MessageId, ModelPublication, SchemaAck,
+    SchemaDocument, SchemaHash, SiteId,
+};
+
+use crate::store::{ModelRecord, Store, StoreError, hash_hex};
+use crate::{Action, Registry};
+
+/// Which fit the schema's harmonisation recipe asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FitKind {
+    Nyul,
+    Ct,
+}
+
+fn fit_kind(schema: &CurationSchema) -> Option<FitKind> {
+    match schema.harmonisation.as_ref()?.method.as_str() {
+        "nyul" => Some(FitKind::Nyul),
+        "ct-nnunet" => Some(FitKind::Ct),
+        _ => None,
+    }
+}
+
+/// The number of cells a count table must have for a vocabulary (entries or bands, plus one
+/// for values not listed).
+pub fn table_len(schema: &CurationSchema, vocabulary: &str) -> usize {
+    schema.vocabulary_len(vocabulary) + 1
+}
+
+/// Does a report have the shape the schema asks for?
+pub fn check_shape(schema: &CurationSchema, a: &SiteAggregates) -> Result<(), PrivacyViolation> {
+    let st = &schema.statistics;
+    let counts_ok = a.counts.len() == st.counts_by.len()
+        && a.counts
+            .iter()
+            .zip(&st.counts_by)
+            .all(|(t, v)| t.cells.len() == table_len(schema, v));
+    let hist_ok = a.histograms.len() == st.histograms.len()
+        && a.histograms
+            .iter()
+            .zip(&st.histograms)
+            .all(|(h, spec)| h.len() == spec.edges.len() + 1);
+    let moments_ok = a.moments.iter().map(|(q, _)| *q).collect::<Vec<_>>()
+        == schema.moment_quantities();
+    if counts_ok && hist_ok && moments_ok {
+        Ok(())
+    } else {
+        Err(PrivacyViolation::Shape)
+    }
+}
+
+fn check_conformance(
+    schema: &CurationSchema,
+    c: &ConformanceSummary,
+    k: u64,
+) -> Result<(), PrivacyViolation> {
+    if c.deviations.len() != schema.data_of_interest.constraints.len() {
+        return Err(PrivacyViolation::Shape);
+    }
+    check_cells(&c.status, k)?;
+    let single = |cells: &[protocol::aggregate::Cell]| {
+        if cells
+            .iter()
+            .any(|x| x.value().is_some_and(|v| v > 0 && v < k))
+        {
+            Err(PrivacyViolation::SmallCell)
+        } else {
+            Ok(())
+        }
+    };
+    single(&c.deviations)?;
+    single(&c.findings)?;
+    single(&[c.series, c.quarantined])
+}
+
+/// The coordinator.
+#[derive(Debug)]
+pub struct Hub {
+    registry: Registry,
+    store: Store,
+    schema: Option<(SchemaDocument, CurationSchema)>,
+    round: u32,
+    members: BTreeSet<SiteId>,
+    /// Reports needed before the model is fitted.
+    min_sites: usize,
+    next_id: u64,
+    /// Every frame received, when tapped (audits and leak tests).
+    tap: Option<Arc<Mutex<Vec<Vec<u8>>>>>,
+    /// Frames handled so far (the report is rewritten when it changes).
+    changes: u64,
+}
+
+impl Hub {
+    /// A coordinator for `members` publishing `schema`. The aggregation round is the stored
+    /// one, or the next when the schema changed since the last run. The model is fitted once
+    /// `min_sites` sites (default: all members) have reported.
+    pub fn new(
+        members: impl IntoIterator<Item = SiteId>,
+        store: Store,
+        schema: Option<SchemaDocument>,
+        min_sites: Option<usize>,
+    ) -> Result<Self, StoreError> {
+        let members: BTreeSet<SiteId> = members.into_iter().collect();
+        let stored_round: u32 = store
+            .meta("round")?
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0);
+        let parsed = match schema {
+            Some(doc) => {
+                let s = doc
+                    .schema()
+                    .map_err(|e| StoreError::Decode(e.to_string()))?;
+                Some((doc, s))
+            }
+            None => None,
+        };
+        let hash = parsed.as_ref().map(|(d, _)| hash_hex(&d.hash()));
+        let round = match (&hash, store.meta("schema")?) {
+            (None, _) => stored_round,
+            (Some(h), Some(prev)) if *h == prev && stored_round > 0 => stored_round,
+            (Some(h), _) => {
+                store.set_meta("schema", h)?;
+                store.set_meta("round", &(stored_round + 1).to_string())?;
+                stored_round + 1
+            }
+        };
+        let next_id: u64 = store
+            .meta("next_id")?
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(1);
+        let min_sites = min_sites.unwrap_or(members.len()).max(1);
+        Ok(Hub {
+            registry: Registry::new(members.clone(), parsed.as_ref().map(|(d, _)| d.hash())),
+            store,
+            schema: parsed,
+            round,
+            members,
+            min_sites,
+            next_id: next_id + 1_000_000,
+            tap: None,
+            changes: 0,
+        })
+    }
+
+    /// Keep a copy of every frame received (for audits and tests).
+    pub fn tap(&mut self) -> Arc<Mutex<Vec<Vec<u8>>>> {
+        let t = Arc::new(Mutex::new(Vec::new()));
+        self.tap = Some(t.clone());
+        t
+    }
+
+    /// Frames handled so far.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn round(&self) -> u32 {
+        self.round
+    }
+
+    pub fn members(&self) -> &BTreeSet<SiteId> {
+        &self.members
+    }
+
+    pub fn schema(&self) -> Option<&(SchemaDocument, CurationSchema)> {
+        self.schema.as_ref()
+    }
+
+    /// Start the next aggregation round: sites report again (e.g. after new data arrived).
+    pub fn next_round(&mut self) -> Result<u32, StoreError> {
+        self.round += 1;
+        self.store.set_meta("round", &self.round.to_string())?;
+        Ok(self.round)
+    }
+
+    fn id(&mut self) -> MessageId {
+        let id = MessageId(self.next_id);
+        self.next_id += 1;
+        if self.next_id % 1000 == 0 {
+            let _ = self.store.set_meta("next_id", &self.next_id.to_string());
+        }
+        id
+    }
+
+    fn error(&mut self, reply_to: Option<MessageId>, code: ErrorCode) -> Vec<Action> {
+        let id = self.id();
+        vec![Action::Reply(Message::Error { id, reply_to, code })]
+    }
+
+    fn ack(&mut self, reply_to: MessageId, duplicate: bool) -> Vec<Action> {
+        let id = self.id();
+        vec![Action::Reply(Message::Ack {
+            id,
+            reply_to,
+            duplicate,
+        })]
+    }
+
+    /// A frame from `peer` that did not decode: log it and answer with a typed error.
+    pub fn bad_frame(&mut self, peer: &SiteId, frame: &[u8], now: i64) -> Vec<Action> {
+        self.changes += 1;
+        if let Some(t) = &self.tap
+            && let Ok(mut t) = t.lock()
+        {
+            t.push(frame.to_vec());
+        }
+        if let Err(e) = self.store.log_received(
+            now,
+            Some(peer),
+            protocol::codec::frame_kind(frame),
+            frame,
+            "bad-frame",
+        ) {
+            tracing::error!(error = %e, "could not log a received frame");
+        }
+        self.error(None, ErrorCode::BadFrame)
+    }
+
+    /// Handle a decoded frame from the connection authenticated as `peer`.
+    pub fn handle_frame(
+        &mut self,
+        peer: &SiteId,
+        frame: &[u8],
+        message: Message,
+        now: i64,
+        welcomed: bool,
+    ) -> Vec<Action> {
+        if let Some(t) = &self.tap
+            && let Ok(mut t) = t.lock()
+        {
+            t.push(frame.to_vec());
+        }
+        self.changes += 1;
+        let kind = protocol::codec::frame_kind(frame);
+        let actions = self.handle(peer, message, now, welcomed);
+        let outcome = match actions.first() {
+            Some(Action::Reply(Message::Error { code, .. })) => format!("error {code:?}"),
+            Some(Action::Reply(Message::Reject { reason, .. })) => format!("reject {reason:?}"),
+            _ => "ok".to_owned(),
+        };
+        if let Err(e) = self
+            .store
+            .log_received(now, Some(peer), kind, frame, &outcome)
+        {
+            tracing::error!(error = %e, "could not log a received frame");
+        }
+        actions
+    }
+
+    /// A connection of `peer` was welcomed (the network edge calls this once per connection).
+    pub fn connected(&mut self, peer: &SiteId) {
+        self.registry.connected(peer);
+    }
+
+    /// Handle a message from `peer` at `now` (seconds since the epoch); `welcomed` says
+    /// whether this connection has had its hello answered with a welcome.
+    pub fn handle(
+        &mut self,
+        peer: &SiteId,
+        message: Message,
+        now: i64,
+        welcomed: bool,
+    ) -> Vec<Action> {
+        if let Message::Hello(_) = message {
+            let mut actions = self.registry.handle(peer, message, now.max(0) as u64);
+            let model = self
+                .store
+                .latest_model()
+                .ok()
+                .flatten()
+                .map_or(0, |m| m.revision);
+            for a in &mut actions {
+                if let Action::Reply(Message::Welcome(w)) = a {
+                    w.round = self.round;
+                    w.model = model;
+                }
+            }
+            if let Err(e) = self.store.touch(peer, now) {
+                tracing::error!(error = %e, "could not record contact");
+            }
+            return actions;
+        }
+        if !welcomed {
+            return self.error(Some(message.id()), ErrorCode::NotWelcomed);
+        }
+        let result = match message {
+            Message::FetchSchema { id } => Ok(self.fetch_schema(id)),
+            Message::SchemaAck(a) => self.schema_ack(peer, a, now),
+            Message::Report(r) => self.report(peer, r, now),
+            Message::FetchModel { id, schema } => self.fetch_model(id, schema),
+            other => Ok(self.error(Some(other.id()), ErrorCode::Unexpected)),
+        };
+        result.unwrap_or_else(|e| {
+            tracing::error!(error = %e, %peer, "state database error; the request was not applied");
+            vec![Action::Close]
+        })
+    }
+
+    fn fetch_schema(&mut self, reply_to: MessageId) -> Vec<Action> {
+        match &self.schema {
+            Some((doc, _)) => {
+                let document = doc.clone();
+                let id = self.id();
+                vec![Action::Reply(Message::Schema {
+                    id,
+                    reply_to,
+                    document,
+                })]
+            }
+            None => self.error(Some(reply_to), ErrorCode::NotReady),
+        }
+    }
+
+    fn current(&self, hash: &SchemaHash) -> Option<&CurationSchema> {
+        self.schema
+            .as_ref()
+            .filter(|(d, _)| d.hash() == *hash)
+            .map(|(_, s)| s)
+    }
+
+    fn schema_ack(
+        &mut self,
+        peer: &SiteId,
+        a: SchemaAck,
+        now: i64,
+    ) -> Result<Vec<Action>, StoreError> {
+        let Some(schema) = self.current(&a.schema) else {
+            return Ok(self.error(Some(a.id), ErrorCode::SchemaMismatch));
+        };
+        let k = u64::from(schema.privacy.min_cell_count);
+        let options = schema.deidentification.options.len();
+        let checked = check_conformance(schema, &a.conformance, k).and_then(|()| {
+            if a.profile.missing.iter().all(|i| usize::from(*i) < options) {
+                Ok(())
+            } else {
+                Err(PrivacyViolation::Shape)
+            }
+        });
+        if let Err(v) = checked {
+            tracing::warn!(%peer, violation = %v, "refused a schema acknowledgement");
+            return Ok(self.error(Some(a.id), ErrorCode::Privacy(v)));
+        }
+        if !self.store.first_application(peer, a.id, now)? {
+            return Ok(self.ack(a.id, true));
+        }
+        self.store
+            .record_ack(peer, &a.schema, &a.profile, &a.conformance, now)?;
+        if a.profile.satisfied() {
+            tracing::info!(%peer, "site acknowledged the schema");
+        } else {
+            tracing::warn!(%peer, missing = a.profile.missing.len(), "site acknowledged the schema but its de-identification profile does not satisfy it; its reports will be refused");
+        }
+        Ok(self.ack(a.id, false))
+    }
+
+    fn report(
+        &mut self,
+        peer: &SiteId,
+        r: AggregateReport,
+        now: i64,
+    ) -> Result<Vec<Action>, StoreError> {
+        let Some(schema) = self.current(&r.schema) else {
+            return Ok(self.error(Some(r.id), ErrorCode::SchemaMismatch));
+        };
+        if r.round != self.round {
+            return Ok(self.error(Some(r.id), ErrorCode::WrongRound));
+        }
+        let k = u64::from(schema.privacy.min_cell_count);
+        if let Err(v) =
+            check_shape(schema, &r.aggregates).and_then(|()| check_aggregates(&r.aggregates, k))
+        {
+            tracing::warn!(%peer, violation = %v, "refused an aggregate report; nothing stored");
+            return Ok(self.error(Some(r.id), ErrorCode::Privacy(v)));
+        }
+        let site = self.store.site(peer)?;
+        let acked = site.acked_schema.as_deref() == Some(hash_hex(&r.schema).as_str())
+            && site.profile.is_some_and(|p| p.satisfied());
+        if !acked {
+            return Ok(self.error(Some(r.id), ErrorCode::NotAcknowledged));
+        }
+        if !self.store.first_application(peer, r.id, now)? {
+            return Ok(self.ack(r.id, true));
+        }
+        self.store
+            .put_report(peer, &r.schema, r.round, &r.aggregates, now)?;
+        tracing::info!(%peer, round = r.round, "aggregate report stored");
+        self.maybe_fit(now)?;
+        Ok(self.ack(r.id, false))
+    }
+
+    /// Fit the model from the current round's reports once enough sites reported, and again
+    /// whenever more sites have reported since the last fit.
+    fn maybe_fit(&mut self, now: i64) -> Result<Option<u32>, StoreError> {
+        let Some((doc, schema)) = &self.schema else {
+            return Ok(None);
+        };
+        let Some(kind) = fit_kind(schema) else {
+            return Ok(None);
+        };
+        let hash = doc.hash();
+        let reports = self.store.reports(&hash, self.round)?;
+        let mut sites = Vec::new();
+        let mut fit: Option<FederatedFit> = None;
+        for (site, a) in &reports {
+            match (kind, &a.nyul, &a.ct, &mut fit) {
+                (FitKind::Nyul, Some(n), _, None) => fit = Some(FederatedFit::Nyul(n.summary.clone())),
+                (FitKind::Nyul, Some(n), _, Some(FederatedFit::Nyul(s))) => s.merge(&n.summary),
+                (FitKind::Ct, _, Some(c), None) => fit = Some(FederatedFit::Ct(c.summary.clone())),
+                (FitKind::Ct, _, Some(c), Some(FederatedFit::Ct(s))) => s.merge(&c.summary),
+                _ => continue,
+            }
+            sites.push(site.clone());
+        }
+        let Some(fit) = fit else { return Ok(None) };
+        if sites.len() < self.min_sites {
+            return Ok(None);
+        }
+        let latest = self.store.latest_model()?;
+        let hex = hash_hex(&hash);
+        if let Some(m) = &latest
+            && m.schema == hex
+            && m.round == self.round
+            && m.sites == sites
+        {
+            return Ok(None);
+        }
+        let revision = latest.map_or(1, |m| m.revision + 1);
+        self.store.put_model(
+            &ModelRecord {
+                revision,
+                schema: hex,
+                round: self.round,
+                sites: sites.clone(),
+                fit,
+            },
+            now,
+        )?;
+        tracing::info!(
+            revision,
+            sites = sites.len(),
+            "published a federated harmonisation model"
+        );
+        Ok(Some(revision))
+    }
+
+    fn fetch_model(
+        &mut self,
+        reply_to: MessageId,
+        schema: SchemaHash,
+    ) -> Result<Vec<Action>, StoreError> {
+        let model = self.store.latest_model()?;
+        match model {
+            Some(m) if m.schema == hash_hex(&schema) => {
+                let id = self.id();
+                Ok(vec![Action::Reply(Message::Model(ModelPublication {
+                    id,
+                    reply_to,
+                    schema,
+                    revision: m.revision,
+                    sites: m.sites.len() as u32,
+                    fit: m.fit,
+                }))])
+            }
+            _ => Ok(self.error(Some(reply_to), ErrorCode::NotReady)),
+        }
+    }
+
+    /// A welcomed connection of `peer` ended.
+    pub fn disconnected(&mut self, peer: &SiteId) {
+        self.registry.disconnected(peer);
+    }
+}

@@ -1,0 +1,527 @@
+//! What a site computes for the consortium, and the privacy policy applied before anything
+//! leaves: per-series facts read from the de-identified output (they stay on the node), then
+//! aggregates over patients with the minimum cell count `k` and complementary suppression
+//! ([`protocol::aggregate`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use dicom_core::Tag;
+use dicom_object::{DefaultDicomObject, OpenFileOptions};
+use protocol::aggregate::{
+    Cell, ConformanceSummary, CountTable, CtRelease, Moments, NyulRelease, ProfileCheck, Quantity,
+    SiteAggregates, bin_of, suppress,
+};
+use protocol::schema::CurationSchema;
+use protocol::summary::{CT_HU_BINS, CT_HU_MIN, CtSummary, NyulSummary, to_fixed};
+
+use crate::curate::report::{CurationReport, ProtocolStatus};
+use crate::curate::{Severity, quality::measure};
+use crate::harmonise::{Foreground, fit_ct, fit_nyul, stats::percentile};
+use crate::volume::series::assemble;
+
+/// What the node knows of one series (never leaves the node).
+#[derive(Clone, Debug, Default)]
+pub struct SeriesFacts {
+    /// Patient pseudonym.
+    pub patient: String,
+    pub modality: String,
+    pub manufacturer: String,
+    pub sex: String,
+    pub age_years: Option<f64>,
+    pub field_strength: Option<f64>,
+    pub values: BTreeMap<Quantity, f64>,
+    pub nyul: Option<NyulSummary>,
+    pub ct: Option<CtSummary>,
+    /// Curation finding codes of the series.
+    pub finding_codes: BTreeSet<String>,
+}
+
+fn text(o: &DefaultDicomObject, tag: Tag) -> String {
+    o.get(tag)
+        .and_then(|e| e.value().to_str().ok().map(|s| s.trim_matches([' ', '\0']).to_owned()))
+        .unwrap_or_default()
+}
+
+fn number(o: &DefaultDicomObject, tag: Tag) -> Option<f64> {
+    text(o, tag)
+        .split('\\')
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .reduce(f64::min)
+}
+
+/// `045Y`, `018M`, `003W`, `010D` → years.
+pub fn age_years(s: &str) -> Option<f64> {
+    let s = s.trim();
+    if s.len() != 4 {
+        return None;
+    }
+    let n: f64 = s[..3].parse().ok()?;
+    match &s[3..] {
+        "Y" => Some(n),
+        "M" => Some(n / 12.0),
+        "W" => Some(n * 7.0 / 365.25),
+        "D" => Some(n / 365.25),
+        _ => None,
+    }
+}
+
+/// Read the de-identified DICOM under `folder` and compute each series' facts: attributes,
+/// quality metrics, median foreground intensity, and the harmonisation summaries the schema's
+/// recipe needs (Nyúl for MR, CT statistics for CT; foreground by Otsu).
+pub fn collect(folder: &Path, schema: &CurationSchema) -> std::io::Result<Vec<SeriesFacts>> {
+    let files = crate::batch::list_inputs(folder).map_err(std::io::Error::other)?;
+    let objects: Vec<DefaultDicomObject> = files
+        .iter()
+        .filter_map(|p| {
+            let bytes = std::fs::read(p).ok()?;
+            OpenFileOptions::new().from_reader(bytes.as_slice()).ok()
+        })
+        .collect();
+    let mut first: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, o) in objects.iter().enumerate() {
+        first
+            .entry(text(o, Tag(0x0020, 0x000E)))
+            .or_insert(i);
+    }
+    let recipe = schema.harmonisation.as_ref().map(|h| h.method.as_str());
+    let volumes = assemble(&objects);
+    let mut out = Vec::new();
+    for (series, &i) in &first {
+        let o = &objects[i];
+        let modality = text(o, Tag(0x0008, 0x0060));
+        let mut f = SeriesFacts {
+            patient: text(o, Tag(0x0010, 0x0020)),
+            manufacturer: text(o, Tag(0x0008, 0x0070)),
+            sex: text(o, Tag(0x0010, 0x0040)),
+            age_years: age_years(&text(o, Tag(0x0010, 0x1010))),
+            field_strength: number(o, Tag(0x0018, 0x0087)),
+            modality: modality.clone(),
+            ..SeriesFacts::default()
+        };
+        if let Some(v) = number(o, Tag(0x0028, 0x0030)) {
+            f.values.insert(Quantity::PixelSpacing, v);
+        }
+        if let Some(v) = number(o, Tag(0x0018, 0x0050)) {
+            f.values.insert(Quantity::SliceThickness, v);
+        }
+        let vol = volumes
+            .iter()
+            .find(|v| &v.series_uid == series && v.volume.is_some())
+            .and_then(|v| v.volume.as_ref());
+        if let Some(vol) = vol {
+            let ct = modality == "CT";
+            let q = measure(vol, ct);
+            for (k, v) in [
+                (Quantity::Snr, q.snr),
+                (Quantity::SnrDietrich, q.snr_dietrich),
+                (Quantity::Cnr, q.cnr),
+                (Quantity::Cjv, q.cjv),
+                (Quantity::Efc, q.efc),
+                (Quantity::Fber, q.fber),
+                (Quantity::Cv, q.cv),
+                (Quantity::ForegroundFraction, q.foreground_fraction),
+            ] {
+                if v.is_finite() {
+                    f.values.insert(k, v);
+                }
+            }
+            if !f.values.contains_key(&Quantity::SliceThickness) {
+                f.values.insert(Quantity::SliceThickness, vol.spacing()[2]);
+            }
+            let x: Vec<f32> = vol.data.iter().copied().collect();
+            let mask = crate::harmonise::foreground(&x, &Foreground::Otsu).ok();
+            if let Some(mask) = mask {
+                let mut fg: Vec<f32> = x
+                    .iter()
+                    .zip(&mask)
+                    .filter(|(_, m)| **m)
+                    .map(|(v, _)| *v)
+                    .collect();
+                if !fg.is_empty() {
+                    f.values.insert(Quantity::Intensity, percentile(&mut fg, 50.0));
+                }
+            }
+            match (recipe, modality.as_str()) {
+                (Some("nyul"), "MR") => f.nyul = fit_nyul(vol, &Foreground::Otsu).ok(),
+                (Some("ct-nnunet"), "CT") => f.ct = fit_ct(vol, &Foreground::Otsu).ok(),
+                _ => {}
+            }
+        }
+        out.push(f);
+    }
+    Ok(out)
+}
+
+/// Attach the curation run's finding codes to the facts (by patient and modality).
+pub fn add_findings(facts: &mut [SeriesFacts], report: &CurationReport) {
+    for s in &report.series {
+        for f in facts
+            .iter_mut()
+            .filter(|f| f.patient == s.patient && f.modality == s.modality)
+        {
+            f.finding_codes
+                .extend(s.findings.iter().map(|x| x.code.to_owned()));
+        }
+    }
+}
+
+fn band(value: f64, lower_bounds: &[f64]) -> Option<usize> {
+    let i = lower_bounds.partition_point(|b| *b <= value);
+    (i > 0).then(|| i - 1)
+}
+
+fn primary(c: u64, k: u64) -> Cell {
+    if c > 0 && c < k {
+        Cell::Suppressed
+    } else {
+        Cell::Value(c)
+    }
+}
+
+/// The categories (cell indices) of one patient's series for a vocabulary.
+fn categories(schema: &CurationSchema, vocabulary: &str, series: &[&SeriesFacts]) -> BTreeSet<usize> {
+    let v = &schema.vocabularies;
+    let other = |len: usize| len;
+    let mut out = BTreeSet::new();
+    let single = |s: &SeriesFacts| -> usize {
+        match vocabulary {
+            "modality" | "manufacturer" | "sex" => {
+                let value = match vocabulary {
+                    "modality" => &s.modality,
+                    "manufacturer" => &s.manufacturer,
+                    _ => &s.sex,
+                };
+                schema
+                    .vocabulary_index(vocabulary, value)
+                    .map_or(other(schema.vocabulary_len(vocabulary)), |i| i as usize)
+            }
+            "field_strength_bands" => s
+                .field_strength
+                .and_then(|x| band(x, &v.field_strength_bands))
+                .unwrap_or(other(v.field_strength_bands.len())),
+            "age_bands" => {
+                let b: Vec<f64> = v.age_bands.iter().map(|x| f64::from(*x)).collect();
+                s.age_years
+                    .and_then(|x| band(x, &b))
+                    .unwrap_or(other(b.len()))
+            }
+            _ => 0,
+        }
+    };
+    match vocabulary {
+        // Patient characteristics: one category per patient (the first series').
+        "sex" | "age_bands" => {
+            if let Some(s) = series.first() {
+                out.insert(single(s));
+            }
+        }
+        "finding_codes" | "label_classes" => {
+            let list = if vocabulary == "finding_codes" {
+                &v.finding_codes
+            } else {
+                &v.label_classes
+            };
+            for s in series {
+                for (i, code) in list.iter().enumerate() {
+                    if s.finding_codes.contains(code) {
+                        out.insert(i);
+                    }
+                }
+            }
+        }
+        _ => {
+            for s in series {
+                out.insert(single(s));
+            }
+        }
+    }
+    out
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// One value per patient: the median over the patient's series (of `modality`, if given).
+fn per_patient(
+    by_patient: &BTreeMap<&str, Vec<&SeriesFacts>>,
+    q: Quantity,
+    modality: Option<&str>,
+) -> Vec<f64> {
+    by_patient
+        .values()
+        .filter_map(|series| {
+            median(
+                series
+                    .iter()
+                    .filter(|s| modality.is_none_or(|m| s.modality.eq_ignore_ascii_case(m)))
+                    .filter_map(|s| s.values.get(&q).copied())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// The site's aggregates for a schema under minimum cell count `k` (the larger of the
+/// schema's and the site's, never below 5).
+pub fn aggregates(facts: &[SeriesFacts], schema: &CurationSchema, k: u32) -> SiteAggregates {
+    let k = k.max(schema.privacy.min_cell_count).max(protocol::schema::MIN_CELL_COUNT_FLOOR);
+    let k64 = u64::from(k);
+    let mut by_patient: BTreeMap<&str, Vec<&SeriesFacts>> = BTreeMap::new();
+    for f in facts {
+        by_patient.entry(f.patient.as_str()).or_default().push(f);
+    }
+    let patients = by_patient.len() as u64;
+    let counts = schema
+        .statistics
+        .counts_by
+        .iter()
+        .map(|vocabulary| {
+            let mut c = vec![0u64; schema.vocabulary_len(vocabulary) + 1];
+            for series in by_patient.values() {
+                for i in categories(schema, vocabulary, series) {
+                    if let Some(x) = c.get_mut(i) {
+                        *x += 1;
+                    }
+                }
+            }
+            CountTable {
+                cells: suppress(&c, k64),
+            }
+        })
+        .collect();
+    let histograms = schema
+        .statistics
+        .histograms
+        .iter()
+        .map(|spec| {
+            let mut c = vec![0u64; spec.edges.len() + 1];
+            if let Some(q) = Quantity::from_name(&spec.quantity) {
+                for v in per_patient(&by_patient, q, spec.modality.as_deref()) {
+                    c[bin_of(v, &spec.edges)] += 1;
+                }
+            }
+            suppress(&c, k64)
+        })
+        .collect();
+    let moments = schema
+        .moment_quantities()
+        .into_iter()
+        .map(|q| (q, Moments::of(&per_patient(&by_patient, q, None), k64)))
+        .collect();
+    // Nyúl: sums over volumes, released when at least k patients contribute.
+    let nyul_patients: Vec<&str> = by_patient
+        .iter()
+        .filter(|(_, s)| s.iter().any(|f| f.nyul.is_some()))
+        .map(|(p, _)| *p)
+        .collect();
+    let nyul = (nyul_patients.len() as u64 >= k64).then(|| {
+        let mut s = NyulSummary::default();
+        for f in facts.iter().filter_map(|f| f.nyul.as_ref()) {
+            s.merge(f);
+        }
+        NyulRelease {
+            patients: nyul_patients.len() as u64,
+            summary: s,
+        }
+    });
+    let ct = ct_release(&by_patient, k64);
+    SiteAggregates {
+        k,
+        patients: primary(patients, k64),
+        series: primary(facts.len() as u64, k64),
+        counts,
+        histograms,
+        moments,
+        nyul,
+        ct,
+    }
+}
+
+/// CT statistics released only where every 1-HU bin holds voxels of at least k patients; bins
+/// that do not are removed and the sums recomputed from the bins (`trimmed`).
+fn ct_release(by_patient: &BTreeMap<&str, Vec<&SeriesFacts>>, k: u64) -> Option<CtRelease> {
+    let per: Vec<CtSummary> = by_patient
+        .values()
+        .filter_map(|series| {
+            let mut s: Option<CtSummary> = None;
+            for c in series.iter().filter_map(|f| f.ct.as_ref()) {
+                match &mut s {
+                    Some(x) => x.merge(c),
+                    None => s = Some(c.clone()),
+                }
+            }
+            s
+        })
+        .collect();
+    if (per.len() as u64) < k {
+        return None;
+    }
+    let mut patients_per_bin = vec![0u64; CT_HU_BINS];
+    let mut pooled = CtSummary::default();
+    for p in &per {
+        pooled.merge(p);
+        for (n, c) in patients_per_bin.iter_mut().zip(&p.histogram) {
+            if *c > 0 {
+                *n += 1;
+            }
+        }
+    }
+    let thin = |i: usize| patients_per_bin[i] > 0 && patients_per_bin[i] < k;
+    if !(0..CT_HU_BINS).any(thin) {
+        return Some(CtRelease {
+            patients: per.len() as u64,
+            trimmed: false,
+            summary: pooled,
+        });
+    }
+    let mut s = CtSummary::default();
+    for (i, c) in pooled.histogram.iter().enumerate() {
+        if *c == 0 || thin(i) {
+            continue;
+        }
+        let hu = f64::from(CT_HU_MIN) + i as f64;
+        s.histogram[i] = *c;
+        s.count += c;
+        s.sum = s.sum.wrapping_add(to_fixed(hu).wrapping_mul(*c as i64));
+        s.sum_squares = s
+            .sum_squares
+            .wrapping_add(to_fixed(hu * hu / 1000.0).wrapping_mul(*c as i64));
+    }
+    Some(CtRelease {
+        patients: per.len() as u64,
+        trimmed: true,
+        summary: s,
+    })
+}
+
+/// The site's conformance summary from a curation run against the schema.
+pub fn conformance(
+    report: &CurationReport,
+    schema: &CurationSchema,
+    quarantined: u64,
+    k: u32,
+) -> ConformanceSummary {
+    let k = u64::from(k.max(schema.privacy.min_cell_count));
+    let mut status = [0u64; 3];
+    let mut deviations = vec![0u64; schema.data_of_interest.constraints.len()];
+    let mut findings = [0u64; 3];
+    for s in &report.series {
+        match &s.protocol {
+            ProtocolStatus::InScope | ProtocolStatus::NoSchema => status[0] += 1,
+            ProtocolStatus::OutOfScope { .. } => status[1] += 1,
+            ProtocolStatus::Deviating { rules } => {
+                status[2] += 1;
+                for (i, c) in schema.data_of_interest.constraints.iter().enumerate() {
+                    let name = serde_json::to_value(c.attribute)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    let applies = c
+                        .modality
+                        .as_ref()
+                        .is_none_or(|m| m.eq_ignore_ascii_case(&s.modality));
+                    if applies && rules.iter().any(|r| r.starts_with(&name)) {
+                        deviations[i] += 1;
+                    }
+                }
+            }
+        }
+        for f in &s.findings {
+            findings[match f.severity {
+                Severity::Info => 0,
+                Severity::Warning => 1,
+                Severity::Error => 2,
+            }] += 1;
+        }
+    }
+    let st = suppress(&status, k);
+    ConformanceSummary {
+        series: primary(report.series.len() as u64, k),
+        status: [st[0], st[1], st[2]],
+        deviations: deviations.iter().map(|c| primary(*c, k)).collect(),
+        findings: findings.map(|c| primary(c, k)),
+        quarantined: primary(quarantined, k),
+    }
+}
+
+/// Which of the schema's required de-identification options this node's profile lacks.
+pub fn profile_check(
+    schema: &CurationSchema,
+    policy: &crate::deid::DeidPolicy,
+) -> ProfileCheck {
+    let missing = schema
+        .deidentification
+        .options
+        .iter()
+        .enumerate()
+        .filter(|(_, name)| {
+            !crate::deid::table::DeidOption::from_config_name(name).is_some_and(|o| policy.has(o))
+        })
+        .map(|(i, _)| i as u16)
+        .collect();
+    ProfileCheck { missing }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SCHEMA: &str = include_str!("../../../deploy/schema.toml");
+
+    fn facts(patient: &str, modality: &str, sex: &str, snr: f64) -> SeriesFacts {
+        let mut f = SeriesFacts {
+            patient: patient.into(),
+            modality: modality.into(),
+            sex: sex.into(),
+            age_years: Some(50.0),
+            ..SeriesFacts::default()
+        };
+        f.values.insert(Quantity::Snr, snr);
+        f
+    }
+
+    #[test]
+    fn counts_are_per_patient_and_suppressed() {
+        let schema = CurationSchema::parse(SCHEMA).expect("schema");
+        let mut all = Vec::new();
+        // 12 women with two MR series each, 3 men with one: men are below k = 10.
+        for i in 0..12 {
+            all.push(facts(&format!("w{i}"), "MR", "F", 10.0 + f64::from(i)));
+            all.push(facts(&format!("w{i}"), "MR", "F", 10.0 + f64::from(i)));
+        }
+        for i in 0..3 {
+            all.push(facts(&format!("m{i}"), "CT", "M", 1.0));
+        }
+        let a = aggregates(&all, &schema, 0);
+        assert_eq!(a.k, 10);
+        assert_eq!(a.patients, Cell::Value(15));
+        let sex = &a.counts[schema.statistics.counts_by.iter().position(|v| v == "sex").expect("sex")];
+        // F = 12 released; M = 3 suppressed; complementary suppression withholds F too
+        // (the only other non-zero cell), O and other stay 0.
+        assert_eq!(
+            sex.cells,
+            vec![Cell::Suppressed, Cell::Suppressed, Cell::Value(0), Cell::Value(0)]
+        );
+        protocol::aggregate::check_aggregates(&a, 10).expect("passes the coordinator's check");
+        let snr = a.moments.iter().find(|(q, _)| *q == Quantity::Snr).and_then(|(_, m)| *m);
+        assert_eq!(snr.map(|m| m.patients), Some(15), "one value per patient");
+    }
+
+    #[test]
+    fn ages_parse() {
+        assert_eq!(age_years("045Y"), Some(45.0));
+        assert_eq!(age_years("018M"), Some(1.5));
+        assert_eq!(age_years("45"), None);
+    }
+}
