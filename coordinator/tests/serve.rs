@@ -1,5 +1,6 @@
-//! `fedcurate-coordinator serve` as a process: it welcomes a site over QUIC with mutual TLS
-//! and stops cleanly on SIGTERM.
+//! `fedcurate-coordinator serve` as a process: it welcomes a site over QUIC with mutual TLS,
+//! enforces a revocation made while it runs (no restart), writes its state and report, and
+//! stops cleanly on SIGTERM.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -33,14 +34,14 @@ fn client(ca: &[u8], cert: &[u8], key: &[u8]) -> quinn::ClientConfig {
     ))
 }
 
-async fn hello(addr: SocketAddr, cfg: quinn::ClientConfig) -> Message {
+async fn hello(addr: SocketAddr, cfg: quinn::ClientConfig) -> Option<Message> {
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
     let conn = endpoint
         .connect_with(cfg, addr, "localhost")
         .expect("connect")
         .await
-        .expect("handshake");
-    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        .ok()?;
+    let (mut send, mut recv) = conn.open_bi().await.ok()?;
     let frame = protocol::encode_frame(&Message::Hello(Hello {
         id: MessageId(1),
         min_version: PROTOCOL_VERSION,
@@ -49,11 +50,11 @@ async fn hello(addr: SocketAddr, cfg: quinn::ClientConfig) -> Message {
         schema: None,
     }))
     .expect("encode");
-    send.write_all(&frame).await.expect("write");
-    send.finish().expect("finish");
-    let bytes = recv.read_to_end(1 << 20).await.expect("answer");
+    send.write_all(&frame).await.ok()?;
+    send.finish().ok()?;
+    let bytes = recv.read_to_end(1 << 20).await.ok()?;
     conn.close(0u32.into(), b"done");
-    protocol::decode_frame(&bytes).expect("decode").0
+    Some(protocol::decode_frame(&bytes).ok()?.0)
 }
 
 #[test]
@@ -68,7 +69,9 @@ fn serve_welcomes_a_site_and_stops_on_sigterm() {
     std::fs::write(
         &cfg,
         format!(
-            "listen = \"127.0.0.1:0\"\n[[sites]]\nid = \"site-a\"\n[[sites]]\nid = \"site-b\"\n[tls]\nca = {:?}\ncrl = {:?}\ncert = {:?}\nkey = {:?}\nissued = {:?}\n",
+            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\nschema = {:?}\n[[sites]]\nid = \"site-a\"\n[[sites]]\nid = \"site-b\"\n[tls]\nca = {:?}\ncrl = {:?}\ncert = {:?}\nkey = {:?}\nissued = {:?}\n",
+            p(&dir.path().join("state")),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/schema.toml"),
             p(&pki.ca_cert_path()),
             p(&pki.crl_path()),
             p(&coord.certificate),
@@ -95,18 +98,29 @@ fn serve_welcomes_a_site_and_stops_on_sigterm() {
 
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let read = |x: &std::path::Path| std::fs::read(x).expect("read");
-    let answer = rt.block_on(hello(
-        addr,
-        client(
-            &read(&pki.ca_cert_path()),
-            &read(&site.certificate),
-            &read(site.key.as_ref().expect("key")),
-        ),
-    ));
+    let cfg_a = client(
+        &read(&pki.ca_cert_path()),
+        &read(&site.certificate),
+        &read(site.key.as_ref().expect("key")),
+    );
+    let answer = rt.block_on(hello(addr, cfg_a.clone()));
     assert!(
-        matches!(answer, Message::Welcome(ref w) if w.reply_to == MessageId(1)),
+        matches!(answer, Some(Message::Welcome(ref w)) if w.reply_to == MessageId(1) && w.round == 1 && w.schema.is_some()),
         "{answer:?}"
     );
+    // Revoked while the coordinator runs: refused at the next handshake, no restart.
+    pki.revoke("site-a").expect("revoke");
+    let started = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        match rt.block_on(hello(addr, cfg_a.clone())) {
+            None => break,
+            Some(m) => assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "still welcomed 15 s after revocation: {m:?}"
+            ),
+        }
+    }
 
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -125,6 +139,11 @@ fn serve_welcomes_a_site_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(exit.success(), "clean exit: {exit:?}");
+    let state = dir.path().join("state");
+    assert!(state.join("coordinator.sqlite").is_file());
+    let report = std::fs::read_to_string(state.join("report/report.json")).expect("report");
+    assert!(report.contains("\"schema_id\": \"brain-mri-2027\""), "{report}");
+    assert!(state.join("report/report.html").is_file());
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).expect("rest");
     assert!(rest.contains("stopped"), "{rest:?}");
@@ -134,5 +153,9 @@ fn serve_welcomes_a_site_and_stops_on_sigterm() {
     assert!(
         err.contains("site-b") && err.contains("no valid certificate"),
         "a listed site without a certificate is reported: {err}"
+    );
+    assert!(
+        err.contains("reloaded the certificates"),
+        "the revocation list was reloaded: {err}"
     );
 }

@@ -692,12 +692,23 @@ impl Catalog {
         rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
     }
 
-    /// Record a message that left for the coordinator.
-    pub fn record_egress(&self, e: &EgressRecord) -> Result<(), CatalogError> {
+    /// Record a message about to leave for the coordinator; returns its sequence number.
+    pub fn record_egress(&self, e: &EgressRecord) -> Result<i64, CatalogError> {
         self.conn
             .execute(
                 "INSERT INTO egress (at, kind, message_id, bytes, sha256, answer) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![e.at, e.kind, e.message_id as i64, e.bytes as i64, e.sha256, e.answer],
+            )
+            .map_err(self.err())?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Record what the coordinator answered to egress record `seq`.
+    pub fn set_egress_answer(&self, seq: i64, answer: &str) -> Result<(), CatalogError> {
+        self.conn
+            .execute(
+                "UPDATE egress SET answer = ?2 WHERE seq = ?1",
+                params![seq, answer],
             )
             .map_err(self.err())?;
         Ok(())

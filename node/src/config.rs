@@ -162,6 +162,51 @@ pub struct NodeConfig {
     /// The DICOM Storage SCP (`fedcurate-node serve`).
     #[serde(default)]
     pub scp: ScpSettings,
+    /// Joining the consortium (`fedcurate-node federate`).
+    #[serde(default)]
+    pub federation: Option<FederationSettings>,
+}
+
+/// The `[federation]` section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationSettings {
+    /// This site's name in the consortium (as in its certificate).
+    pub site: protocol::SiteId,
+    /// The coordinator's address, `host:port` (UDP). The node dials out; nothing dials in.
+    pub coordinator: String,
+    /// The DNS name in the coordinator's certificate (default: the host of `coordinator`).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// The consortium CA certificate.
+    pub ca: PathBuf,
+    /// This site's certificate and private key (0600).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The site's own minimum cell count; the larger of it and the schema's applies (never
+    /// below 5).
+    #[serde(default)]
+    pub min_cell_count: Option<u32>,
+    /// Seconds between polls of the coordinator when running as a service.
+    #[serde(default = "default_poll")]
+    pub poll_seconds: u64,
+}
+
+fn default_poll() -> u64 {
+    30
+}
+
+impl FederationSettings {
+    /// The name the coordinator's certificate must carry.
+    pub fn server_name(&self) -> String {
+        self.server_name.clone().unwrap_or_else(|| {
+            self.coordinator
+                .rsplit_once(':')
+                .map_or(self.coordinator.as_str(), |(h, _)| h)
+                .trim_matches(['[', ']'])
+                .to_owned()
+        })
+    }
 }
 
 /// The `[scp]` section.

@@ -205,6 +205,26 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Join the consortium ([federation] in the config): fetch and acknowledge the schema,
+    /// report aggregates, apply the federated harmonisation model. Runs as a service until
+    /// SIGTERM, or once with --once.
+    Federate {
+        /// Synchronise once and exit.
+        #[arg(long)]
+        once: bool,
+        /// With --once: wait up to this many seconds for the harmonisation model.
+        #[arg(long, default_value_t = 0)]
+        wait_model: u64,
+        /// De-identified DICOM to compute aggregates from (default: <data_dir>/deid).
+        #[arg(long)]
+        input: Option<PathBuf>,
+    },
+    /// The egress log: every message that left for the coordinator (kind, size, SHA-256, answer).
+    Egress {
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -534,6 +554,12 @@ fn main() -> Result<()> {
         Command::Secret { command } => secret(&config, command),
         Command::Harmonise(args) => harmonise(&config, args),
         Command::Serve { output } => serve(&config, output),
+        Command::Federate {
+            once,
+            wait_model,
+            input,
+        } => federate(&config, once, wait_model, input),
+        Command::Egress { json } => egress(&config, json),
         Command::Pull {
             from,
             accessions,
@@ -1502,6 +1528,85 @@ fn curate(
     for (code, n) in &report.counts {
         println!("  {code:<32} {n}");
     }
+    Ok(())
+}
+
+fn federate(config: &NodeConfig, once: bool, wait_model: u64, input: Option<PathBuf>) -> Result<()> {
+    use node::federation::session::Site;
+    if config.federation.is_none() {
+        bail!("add a [federation] section to the node configuration (see deploy/node.toml) to join a consortium");
+    }
+    std::fs::create_dir_all(&config.data_dir)?;
+    let site = Site::new(config, input.unwrap_or_else(|| config.data_dir.join("deid")))?;
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async {
+        let endpoint = quinn::Endpoint::client(std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
+            .context("opening a UDP socket for QUIC")?;
+        if once {
+            let wait = (wait_model > 0).then(|| std::time::Duration::from_secs(wait_model));
+            let out = site.run_once(&endpoint, wait).await?;
+            if let Some((round, model)) = out.welcome {
+                println!("welcomed: round {round}, model revision {model}");
+            }
+            if out.fetched_schema {
+                println!("fetched the consortium schema");
+            }
+            if out.acknowledged {
+                println!("acknowledged the schema");
+            }
+            if let Some(r) = out.reported {
+                println!("reported the aggregates of round {r}");
+            }
+            if let Some(m) = out.applied_model {
+                println!(
+                    "applied harmonisation model revision {m} to {} volumes ({})",
+                    out.harmonised,
+                    config.data_dir.join("harmonised").display()
+                );
+            }
+        } else {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .context("installing the SIGTERM handler")?;
+            let stop = async move {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            };
+            site.run(&endpoint, stop).await;
+            println!("stopped");
+        }
+        endpoint.close(0u32.into(), b"node stopping");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;
+        Ok(())
+    })
+}
+
+fn egress(config: &NodeConfig, json: bool) -> Result<()> {
+    let catalog = node::catalog::Catalog::open(&config.data_dir.join("catalog.sqlite"))?;
+    let rows = catalog.egress()?;
+    if json {
+        for r in &rows {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<13} {:>8} {:<16} answer",
+        "at", "kind", "bytes", "sha256"
+    );
+    for r in &rows {
+        println!(
+            "{:<20} {:<13} {:>8} {:<16} {}",
+            r.at,
+            r.kind,
+            r.bytes,
+            &r.sha256[..16.min(r.sha256.len())],
+            r.answer
+        );
+    }
+    println!("{} messages left this node", rows.len());
     Ok(())
 }
 

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use coordinator::Registry;
+use coordinator::Hub;
+use coordinator::store::Store;
 use coordinator::net::{Service, server_config, site_fingerprints};
 use coordinator::pki::Pki;
 use node::federation::{ConnectError, client_config, connect};
@@ -117,11 +118,19 @@ fn sites_are_welcomed_over_mutual_tls_and_every_refusal_leaves_the_coordinator_s
         let issued = pki.issued().expect("issued");
         let sites = site_fingerprints(&issued, now());
         assert_eq!(sites.len(), 3, "the revoked site is not in the registry");
-        let registry = Registry::new(
-            ["site-a", "site-b", "site-c", "site-e"].map(|s| SiteId::new(s).expect("id")),
+        let old = pki.issue_site("site-x", -1).expect("an expired certificate");
+        let expired = Site {
+            cert: read(&old.certificate),
+            key: read(&old.key.expect("key")),
+        };
+        let hub = Hub::new(
+            ["site-a", "site-b", "site-c", "site-e", "site-x"].map(|s| SiteId::new(s).expect("id")),
+            Store::in_memory().expect("store"),
             None,
-        );
-        let registry = Arc::new(Mutex::new(registry));
+            None,
+        )
+        .expect("hub");
+        let registry = Arc::new(Mutex::new(hub));
         let config = server_config(
             &ca,
             &read(&pki.crl_path()),
@@ -145,6 +154,7 @@ fn sites_are_welcomed_over_mutual_tls_and_every_refusal_leaves_the_coordinator_s
             registry
                 .lock()
                 .expect("registry")
+                .registry()
                 .site(&SiteId::new(name).expect("id"))
                 .and_then(|s| s.last_contact)
         };
@@ -161,8 +171,11 @@ fn sites_are_welcomed_over_mutual_tls_and_every_refusal_leaves_the_coordinator_s
             matches!(e, Err(ConnectError::Rejected(HandshakeReject::UnknownSite))),
             "{e:?}"
         );
+        // Expired: refused during the handshake.
+        let e = dial(addr, &ca, &expired, "localhost", "site-x").await;
+        assert!(matches!(e, Err(ConnectError::NotWelcomed(_))), "{e:?}");
         // On a welcomed connection: an oversize frame and a frame of an unknown protocol
-        // version are dropped, and the same connection still answers.
+        // version get a typed error, and the same connection still answers.
         {
             let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr"))
                 .expect("client endpoint");
@@ -187,7 +200,18 @@ fn sites_are_welcomed_over_mutual_tls_and_every_refusal_leaves_the_coordinator_s
                         .await
                         .expect("answered in time")
                         .expect("stream ends");
-                assert!(answer.is_empty(), "a bad frame gets no message");
+                let (m, _) = protocol::decode_frame(&answer).expect("a typed answer");
+                assert!(
+                    matches!(
+                        m,
+                        protocol::Message::Error {
+                            code: protocol::ErrorCode::BadFrame,
+                            reply_to: None,
+                            ..
+                        }
+                    ),
+                    "{m:?}"
+                );
             }
             let again =
                 node::federation::request(&conn, &protocol::Message::Hello(hello("site-e")))
@@ -227,8 +251,8 @@ fn sites_are_welcomed_over_mutual_tls_and_every_refusal_leaves_the_coordinator_s
         let e = dial(addr, &ca, &b, "coordinator.example.org", "site-b").await;
         assert!(matches!(e, Err(ConnectError::NotWelcomed(_))), "{e:?}");
         assert!(
-            contact("site-c").is_none(),
-            "the revoked site never reached the registry"
+            contact("site-c").is_none() && contact("site-x").is_none(),
+            "the revoked and the expired site never reached the registry"
         );
         // After all of that, the coordinator still serves the others.
         dial(addr, &ca, &b, "localhost", "site-b")

@@ -1,1 +1,608 @@
+//! The node's federation session: dial out, say hello, and do what the welcome says is due —
+//! fetch and acknowledge the schema (with the site's conformance), report the round's
+//! aggregates, fetch the published harmonisation model and apply it locally. Progress is kept
+//! in `federation/state.json` in the data directory, so a restarted node resumes where it
+//! left off; requests carry ids derived from their content, so a retry after a lost answer is
+//! applied once. Every frame that leaves is written to the egress log first.
 
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use protocol::schema::CurationSchema;
+use protocol::{
+    AggregateReport, ErrorCode, FederatedFit, Hello, Message, MessageId, PROTOCOL_VERSION,
+    SchemaAck, SchemaDocument, SchemaHash, Welcome,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{ConnectError, client_config, connect, request};
+use crate::batch::{content_hash, write_atomically};
+use crate::catalog::{Catalog, EgressRecord};
+use crate::config::{FederationSettings, NodeConfig};
+use crate::harmonise::{self as h, Foreground};
+
+/// Session errors.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the coordinator address {0} does not resolve; check [federation] coordinator")]
+    Resolve(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
+    #[error("the coordinator answered {0:?}")]
+    Refused(ErrorCode),
+    #[error("the coordinator's schema is invalid here: {0}")]
+    Schema(String),
+    #[error(
+        "this node's de-identification profile lacks options the consortium requires ({0}); add them to [deid] options and de-identify again"
+    )]
+    Profile(String),
+    #[error("harmonisation: {0}")]
+    Harmonise(String),
+    #[error("unexpected answer from the coordinator")]
+    Unexpected,
+}
+
+/// What the session has done, kept across restarts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionState {
+    /// Hex hash of the schema the node follows (saved as `federation/schema.toml`).
+    pub schema: Option<String>,
+    /// Hex hash of the schema acknowledged.
+    pub acknowledged: Option<String>,
+    /// (schema hash, round) last reported.
+    pub reported: Option<(String, u32)>,
+    /// Revision of the model applied.
+    pub model: u32,
+}
+
+/// What one synchronisation did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncOutcome {
+    pub fetched_schema: bool,
+    pub acknowledged: bool,
+    pub reported: Option<u32>,
+    pub applied_model: Option<u32>,
+    /// Volumes harmonised with the applied model.
+    pub harmonised: usize,
+    pub welcome: Option<(u32, u32)>,
+}
+
+fn hex(h: &SchemaHash) -> String {
+    crate::deid::keys::hex(&h.0)
+}
+
+fn random_id() -> MessageId {
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    MessageId(u64::from_be_bytes(b))
+}
+
+/// An id derived from what the request means, so its retry carries the same id.
+fn derived_id(parts: &[&[u8]]) -> MessageId {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in parts {
+        ctx.update(&(p.len() as u64).to_be_bytes());
+        ctx.update(p);
+    }
+    let d = ctx.finish();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d.as_ref()[..8]);
+    MessageId(u64::from_be_bytes(b))
+}
+
+fn kind_name(m: &Message) -> &'static str {
+    match m {
+        Message::Hello(_) => "hello",
+        Message::FetchSchema { .. } => "fetch-schema",
+        Message::SchemaAck(_) => "schema-ack",
+        Message::Report(_) => "report",
+        Message::FetchModel { .. } => "fetch-model",
+        _ => "other",
+    }
+}
+
+fn answer_name(m: &Result<Message, ConnectError>) -> String {
+    match m {
+        Ok(Message::Welcome(_)) => "welcome".into(),
+        Ok(Message::Reject { reason, .. }) => format!("reject {reason:?}"),
+        Ok(Message::Schema { .. }) => "schema".into(),
+        Ok(Message::Ack { duplicate, .. }) => {
+            if *duplicate {
+                "ack (already applied)".into()
+            } else {
+                "ack".into()
+            }
+        }
+        Ok(Message::Model(m)) => format!("model revision {}", m.revision),
+        Ok(Message::Error { code, .. }) => format!("error {code:?}"),
+        Ok(_) => "unexpected".into(),
+        Err(e) => format!("no answer: {e}"),
+    }
+}
+
+/// A site's federation client.
+pub struct Site {
+    pub settings: FederationSettings,
+    data_dir: PathBuf,
+    /// De-identified DICOM the aggregates are computed from.
+    deid_dir: PathBuf,
+    policy: crate::deid::DeidPolicy,
+    catalog: Catalog,
+    client: quinn::ClientConfig,
+}
+
+impl std::fmt::Debug for Site {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Site")
+            .field("site", &self.settings.site)
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Site {
+    /// A client for the node configured by `config` (which must have a `[federation]`
+    /// section); `deid_dir` is where its de-identified output is.
+    pub fn new(config: &NodeConfig, deid_dir: PathBuf) -> Result<Self, SessionError> {
+        let settings = config.federation.clone().ok_or_else(|| {
+            SessionError::Schema("the node configuration has no [federation] section".into())
+        })?;
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| SessionError::Read {
+                path: p.to_owned(),
+                source,
+            })
+        };
+        let client = client_config(
+            &read(&settings.ca)?,
+            &read(&settings.cert)?,
+            &read(&settings.key)?,
+        )?;
+        std::fs::create_dir_all(config.data_dir.join("federation"))?;
+        let catalog = Catalog::open(&config.data_dir.join("catalog.sqlite"))?;
+        let policy = config
+            .deid
+            .policy()
+            .map_err(|e| SessionError::Schema(e.to_string()))?;
+        Ok(Site {
+            settings,
+            data_dir: config.data_dir.clone(),
+            deid_dir,
+            policy,
+            catalog,
+            client,
+        })
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.data_dir.join("federation").join("state.json")
+    }
+
+    pub fn state(&self) -> SessionState {
+        std::fs::read(self.state_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn save(&self, s: &SessionState) -> Result<(), SessionError> {
+        let bytes = serde_json::to_vec_pretty(s).map_err(std::io::Error::other)?;
+        write_atomically(&self.state_path(), &bytes)?;
+        Ok(())
+    }
+
+    /// The schema the node follows, if it has fetched one.
+    pub fn schema(&self) -> Option<CurationSchema> {
+        let text =
+            std::fs::read_to_string(self.data_dir.join("federation").join("schema.toml")).ok()?;
+        CurationSchema::parse(&text).ok()
+    }
+
+    fn resolve(&self) -> Result<SocketAddr, SessionError> {
+        self.settings
+            .coordinator
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| SessionError::Resolve(self.settings.coordinator.clone()))
+    }
+
+    /// Send a request, with the egress log written before the frame leaves.
+    async fn send(&self, conn: &quinn::Connection, m: &Message) -> Result<Message, SessionError> {
+        let frame = protocol::encode_frame(m).map_err(|e| SessionError::Schema(e.to_string()))?;
+        let seq = self.catalog.record_egress(&EgressRecord {
+            at: crate::audit::utc_now(),
+            kind: kind_name(m).into(),
+            message_id: m.id().0,
+            bytes: frame.len() as u64,
+            sha256: content_hash(&frame),
+            answer: "sent".into(),
+        })?;
+        let answer = request(conn, m).await;
+        self.catalog.set_egress_answer(seq, &answer_name(&answer))?;
+        Ok(answer?)
+    }
+
+    fn hello(&self) -> Hello {
+        let state = self.state();
+        Hello {
+            id: random_id(),
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            site: self.settings.site.clone(),
+            schema: state.schema.as_deref().and_then(|h| {
+                let mut b = [0u8; 32];
+                for (i, o) in b.iter_mut().enumerate() {
+                    *o = u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok()?;
+                }
+                Some(SchemaHash(b))
+            }),
+        }
+    }
+
+    /// Dial the coordinator and say hello (logged as egress).
+    pub async fn connect(
+        &self,
+        endpoint: &quinn::Endpoint,
+    ) -> Result<(quinn::Connection, Welcome), SessionError> {
+        let addr = self.resolve()?;
+        let hello = self.hello();
+        let frame = protocol::encode_frame(&Message::Hello(hello.clone()))
+            .map_err(|e| SessionError::Schema(e.to_string()))?;
+        let seq = self.catalog.record_egress(&EgressRecord {
+            at: crate::audit::utc_now(),
+            kind: "hello".into(),
+            message_id: hello.id.0,
+            bytes: frame.len() as u64,
+            sha256: content_hash(&frame),
+            answer: "sent".into(),
+        })?;
+        let r = connect(
+            endpoint,
+            self.client.clone(),
+            addr,
+            &self.settings.server_name(),
+            hello,
+        )
+        .await;
+        let answer = match &r {
+            Ok(_) => "welcome".to_owned(),
+            Err(e) => format!("not welcomed: {e}"),
+        };
+        self.catalog.set_egress_answer(seq, &answer)?;
+        Ok(r?)
+    }
+
+    /// Say hello again on a live connection: the welcome says what is due.
+    pub async fn poll(&self, conn: &quinn::Connection) -> Result<Welcome, SessionError> {
+        match self.send(conn, &Message::Hello(self.hello())).await? {
+            Message::Welcome(w) => Ok(w),
+            Message::Reject { reason, .. } => {
+                Err(SessionError::Connect(ConnectError::Rejected(reason)))
+            }
+            _ => Err(SessionError::Unexpected),
+        }
+    }
+
+    /// Do everything the welcome says is due.
+    pub async fn sync(
+        &self,
+        conn: &quinn::Connection,
+        welcome: &Welcome,
+    ) -> Result<SyncOutcome, SessionError> {
+        let mut out = SyncOutcome {
+            welcome: Some((welcome.round, welcome.model)),
+            ..SyncOutcome::default()
+        };
+        let Some(published) = welcome.schema else {
+            return Ok(out);
+        };
+        let published_hex = hex(&published);
+        let mut state = self.state();
+        if state.schema.as_deref() != Some(published_hex.as_str()) {
+            let m = self
+                .send(conn, &Message::FetchSchema { id: random_id() })
+                .await?;
+            let document: SchemaDocument = match m {
+                Message::Schema { document, .. } => document,
+                Message::Error { code, .. } => return Err(SessionError::Refused(code)),
+                _ => return Err(SessionError::Unexpected),
+            };
+            if document.hash() != published {
+                return Err(SessionError::Schema(
+                    "the schema fetched does not have the hash the coordinator announced".into(),
+                ));
+            }
+            write_atomically(
+                &self.data_dir.join("federation").join("schema.toml"),
+                document.text().as_bytes(),
+            )?;
+            state.schema = Some(published_hex.clone());
+            self.save(&state)?;
+            out.fetched_schema = true;
+            tracing::info!(schema = &published_hex[..12], "fetched the consortium schema");
+        }
+        let schema = self
+            .schema()
+            .ok_or_else(|| SessionError::Schema("federation/schema.toml is unreadable".into()))?;
+        let k = schema.min_cell_count(self.settings.min_cell_count);
+        let profile = super::aggregate::profile_check(&schema, &self.policy);
+        if state.acknowledged.as_deref() != Some(published_hex.as_str()) {
+            let report = self.curate(&schema, &published_hex)?;
+            let quarantined = self.catalog.totals()?.quarantined as u64;
+            let conformance = super::aggregate::conformance(&report, &schema, quarantined, k);
+            let ack_bytes = serde_json::to_vec(&(&profile, &conformance)).unwrap_or_default();
+            let ack = SchemaAck {
+                id: derived_id(&[b"ack", &published.0, &ack_bytes]),
+                schema: published,
+                profile: profile.clone(),
+                conformance,
+            };
+            match self.send(conn, &Message::SchemaAck(ack)).await? {
+                Message::Ack { .. } => {}
+                Message::Error { code, .. } => return Err(SessionError::Refused(code)),
+                _ => return Err(SessionError::Unexpected),
+            }
+            state.acknowledged = Some(published_hex.clone());
+            self.save(&state)?;
+            out.acknowledged = true;
+            tracing::info!("acknowledged the schema");
+        }
+        if !profile.satisfied() {
+            let names: Vec<&str> = profile
+                .missing
+                .iter()
+                .filter_map(|i| schema.deidentification.options.get(usize::from(*i)))
+                .map(String::as_str)
+                .collect();
+            return Err(SessionError::Profile(names.join(", ")));
+        }
+        let due = (published_hex.clone(), welcome.round);
+        if welcome.round > 0 && state.reported.as_ref() != Some(&due) {
+            let mut facts = super::aggregate::collect(&self.deid_dir, &schema)?;
+            let report = self.curate(&schema, &published_hex)?;
+            super::aggregate::add_findings(&mut facts, &report);
+            let aggregates = super::aggregate::aggregates(&facts, &schema, k);
+            let m = Message::Report(AggregateReport {
+                id: derived_id(&[
+                    b"report",
+                    &published.0,
+                    &welcome.round.to_be_bytes(),
+                    self.settings.site.as_str().as_bytes(),
+                ]),
+                schema: published,
+                round: welcome.round,
+                aggregates,
+            });
+            match self.send(conn, &m).await? {
+                Message::Ack { .. } => {}
+                Message::Error { code, .. } => return Err(SessionError::Refused(code)),
+                _ => return Err(SessionError::Unexpected),
+            }
+            state.reported = Some(due);
+            self.save(&state)?;
+            out.reported = Some(welcome.round);
+            tracing::info!(round = welcome.round, "reported the round's aggregates");
+        }
+        if welcome.model > state.model {
+            let m = self
+                .send(
+                    conn,
+                    &Message::FetchModel {
+                        id: random_id(),
+                        schema: published,
+                    },
+                )
+                .await?;
+            match m {
+                Message::Model(p) => {
+                    out.harmonised = self.apply_model(&p.fit, p.revision)?;
+                    state.model = p.revision;
+                    self.save(&state)?;
+                    out.applied_model = Some(p.revision);
+                }
+                Message::Error {
+                    code: ErrorCode::NotReady,
+                    ..
+                } => {}
+                Message::Error { code, .. } => return Err(SessionError::Refused(code)),
+                _ => return Err(SessionError::Unexpected),
+            }
+        }
+        Ok(out)
+    }
+
+    fn curate(
+        &self,
+        schema: &CurationSchema,
+        hash: &str,
+    ) -> Result<crate::curate::report::CurationReport, SessionError> {
+        Ok(crate::curate::report::curate(
+            &self.deid_dir,
+            Some((schema, hash.to_owned())),
+            Vec::new(),
+        )?)
+    }
+
+    /// Save the federated model and harmonise the de-identified volumes it applies to
+    /// (`harmonised/` in the data directory, provenance in the catalog).
+    pub fn apply_model(&self, fit: &FederatedFit, revision: u32) -> Result<usize, SessionError> {
+        let (method, fitted, modality) = match fit {
+            FederatedFit::Nyul(s) => (h::Method::Nyul, h::Fitted::Nyul { summary: s.clone() }, "MR"),
+            FederatedFit::Ct(s) => (
+                h::Method::CtNnunet,
+                h::Fitted::Ct { summary: s.clone() },
+                "CT",
+            ),
+        };
+        let model = h::Model {
+            version: h::MODEL_VERSION,
+            method,
+            fitted,
+        };
+        let json = serde_json::to_vec_pretty(&model).map_err(std::io::Error::other)?;
+        let model_hash = content_hash(&json);
+        write_atomically(&self.data_dir.join("federation").join("model.json"), &json)?;
+        let volumes = super::super::volume::series::assemble(&read_objects(&self.deid_dir)?);
+        let out_dir = self.data_dir.join("harmonised");
+        let method_json = serde_json::to_string(&model.method).map_err(std::io::Error::other)?;
+        let mut n = 0;
+        for v in volumes.iter().filter(|v| v.modality == modality) {
+            let Some(vol) = &v.volume else { continue };
+            let harmonised = h::apply(&model, vol, &Foreground::Otsu)
+                .map_err(|e| SessionError::Harmonise(e.to_string()))?;
+            let key = &content_hash(v.series_uid.as_bytes())[..16];
+            let rel = format!("{}/{key}-{}.nii.gz", v.patient, v.part);
+            let bytes = crate::volume::nifti::encode_gz(&harmonised.volume)?;
+            write_atomically(&out_dir.join(&rel), &bytes)?;
+            self.catalog
+                .record_harmonised(&crate::catalog::HarmonisedRecord {
+                    output_path: rel,
+                    output_hash: content_hash(&bytes),
+                    source_hash: content_hash(v.series_uid.as_bytes()),
+                    method: method_json.clone(),
+                    model_version: revision,
+                    model_hash: model_hash.clone(),
+                    at: crate::audit::utc_now(),
+                })?;
+            n += 1;
+        }
+        tracing::info!(
+            revision,
+            volumes = n,
+            "applied the federated harmonisation model"
+        );
+        Ok(n)
+    }
+
+    /// Connect and synchronise; when `wait_model` is set and the schema has a harmonisation
+    /// recipe, keep polling until a model newer than the applied one is published (or the
+    /// time is up).
+    pub async fn run_once(
+        &self,
+        endpoint: &quinn::Endpoint,
+        wait_model: Option<Duration>,
+    ) -> Result<SyncOutcome, SessionError> {
+        let (conn, welcome) = self.connect(endpoint).await?;
+        let mut out = self.sync(&conn, &welcome).await?;
+        if let Some(limit) = wait_model {
+            let deadline = tokio::time::Instant::now() + limit;
+            let wants_model = self
+                .schema()
+                .and_then(|s| s.harmonisation)
+                .is_some_and(|h| h.method == "nyul" || h.method == "ct-nnunet");
+            while wants_model && out.applied_model.is_none() && self.state().model == 0 {
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!("no harmonisation model was published in time");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let w = self.poll(&conn).await?;
+                let more = self.sync(&conn, &w).await?;
+                out.applied_model = more.applied_model;
+                out.harmonised += more.harmonised;
+                out.welcome = more.welcome;
+            }
+        }
+        conn.close(0u32.into(), b"done");
+        Ok(out)
+    }
+
+    /// Run as a service: stay connected, poll every `poll_seconds`, reconnect with
+    /// exponential backoff and full jitter (1 s doubling to 5 min) after any failure, until
+    /// `stop` resolves.
+    pub async fn run(
+        &self,
+        endpoint: &quinn::Endpoint,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        let mut failures: u32 = 0;
+        loop {
+            let attempt = async {
+                let (conn, mut welcome) = self.connect(endpoint).await?;
+                tracing::info!(site = %self.settings.site, "connected to the coordinator");
+                loop {
+                    self.sync(&conn, &welcome).await?;
+                    tokio::time::sleep(Duration::from_secs(self.settings.poll_seconds.max(1)))
+                        .await;
+                    welcome = self.poll(&conn).await?;
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), SessionError>(())
+            };
+            tokio::select! {
+                _ = &mut stop => return,
+                r = attempt => {
+                    if let Err(e) = r {
+                        failures = failures.saturating_add(1);
+                        let wait = backoff(failures);
+                        tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "federation session interrupted; reconnecting");
+                        tokio::select! {
+                            _ = &mut stop => return,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: uniform in [0, min(300 s, 1 s · 2^(n−1))].
+pub fn backoff(failures: u32) -> Duration {
+    let cap_ms = 1000u64
+        .saturating_mul(1 << failures.saturating_sub(1).min(20))
+        .min(300_000);
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    Duration::from_millis(u64::from_be_bytes(b) % (cap_ms + 1))
+}
+
+fn read_objects(dir: &Path) -> std::io::Result<Vec<dicom_object::DefaultDicomObject>> {
+    let files = crate::batch::list_inputs(dir).map_err(std::io::Error::other)?;
+    Ok(files
+        .iter()
+        .filter_map(|p| {
+            let bytes = std::fs::read(p).ok()?;
+            dicom_object::OpenFileOptions::new()
+                .from_reader(bytes.as_slice())
+                .ok()
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_bounded_and_grows() {
+        for n in 1..40 {
+            let cap = 1000u64.saturating_mul(1 << (n - 1).min(20)).min(300_000);
+            assert!(backoff(n).as_millis() as u64 <= cap);
+        }
+        // Jitter: many draws at the cap are not all equal.
+        let draws: std::collections::BTreeSet<u128> =
+            (0..20).map(|_| backoff(12).as_millis()).collect();
+        assert!(draws.len() > 5);
+    }
+
+    #[test]
+    fn derived_ids_depend_on_every_part() {
+        let a = derived_id(&[b"report", b"x", &1u32.to_be_bytes()]);
+        assert_eq!(a, derived_id(&[b"report", b"x", &1u32.to_be_bytes()]));
+        assert_ne!(a, derived_id(&[b"report", b"x", &2u32.to_be_bytes()]));
+        assert_ne!(derived_id(&[b"ab", b"c"]), derived_id(&[b"a", b"bc"]));
+    }
+}
