@@ -1140,6 +1140,230 @@ pub fn write_bulk_archive_sized(
     Ok(files)
 }
 
+/// How one hospital's scanners differ: the multi-site sample gives each site its own vendor,
+/// geometry, intensity scale and encoding.
+#[derive(Clone, Debug)]
+pub struct SiteProfile {
+    /// Upper-case tag planted in every identifying value (so leaks can be searched for).
+    pub prefix: String,
+    /// Distinguishes the sites' original UIDs.
+    pub number: u32,
+    pub manufacturer: String,
+    pub field_strength: String,
+    pub patients: usize,
+    /// Multiplies every tissue intensity (scanner gain), and is added to it (offset).
+    pub scale: f64,
+    pub offset: f64,
+    pub pixel_spacing: f64,
+    pub slice_thickness: f64,
+    pub transfer_syntax: &'static str,
+    pub seed: u64,
+}
+
+/// A site's generated archive.
+#[derive(Debug)]
+pub struct SiteArchive {
+    pub files: Vec<PathBuf>,
+    /// Every identifying value planted (names, IDs, dates, accession numbers, UIDs, ...).
+    pub identifying: Vec<String>,
+}
+
+/// A small deterministic generator (xorshift64*), so archives are reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box–Muller).
+    fn normal(&mut self) -> f64 {
+        let u = self.next().max(1e-12);
+        let v = self.next();
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+}
+
+/// Matrix and slices of a multi-site sample MR volume.
+pub const SITE_MATRIX: u16 = 32;
+pub const SITE_SLICES: u16 = 12;
+
+/// Write one site's archive: `patients` T1-weighted brain MR series (an ellipsoid head with
+/// CSF, grey and white matter, Rician-like noise) scaled by the site's scanner, with canaries
+/// in every identifying attribute the generator sets.
+pub fn write_site_archive(root: &Path, site: &SiteProfile) -> io::Result<SiteArchive> {
+    let mut rng = Rng(site.seed.max(1));
+    let mut files = Vec::new();
+    let mut identifying = Vec::new();
+    let pre = &site.prefix;
+    for pi in 0..site.patients {
+        let p = Patient {
+            id: format!("{pre}MRN{pi:04}"),
+            issuer: format!("{pre}ISSUER"),
+            name: format!("{pre}Surname{pi}^Given"),
+            birth_date: format!("19{:02}0{}1{}", 40 + (pi * 7) % 30, 1 + pi % 9, pi % 10),
+            sex: if pi % 2 == 0 { "F".into() } else { "M".into() },
+            charset: None,
+        };
+        let st = Study {
+            uid: format!("{ORIGINAL_UID_ROOT}.{}.{}", 70 + site.number, pi + 1),
+            date: format!("2024{:02}{:02}", 1 + pi % 12, 10 + pi % 18),
+            time: "081500".into(),
+            accession: format!("{pre}ACC{pi:05}"),
+            description: format!("{pre} BRAIN MRI"),
+            referring_physician: format!("{pre}Referrer^Dr{pi}"),
+            institution: format!("{pre} University Hospital"),
+        };
+        let se = Series {
+            uid: format!("{}.1", st.uid),
+            number: 1,
+            description: format!("{pre} T1 MPRAGE"),
+            frame_of_reference: format!("{}.1.0", st.uid),
+            station: format!("{pre}MR01"),
+        };
+        identifying.extend([
+            p.id.clone(),
+            p.issuer.clone(),
+            p.name.clone(),
+            st.accession.clone(),
+            st.description.clone(),
+            st.referring_physician.clone(),
+            st.institution.clone(),
+            se.description.clone(),
+            se.station.clone(),
+            st.uid.clone(),
+        ]);
+        // Per-patient anatomy and intensity variation.
+        let gain = 1.0 + 0.05 * rng.normal();
+        let (rx, ry, rz) = (0.80 + 0.05 * rng.next(), 0.90 + 0.05 * rng.next(), 0.85);
+        let n = usize::from(SITE_MATRIX);
+        for k in 0..SITE_SLICES {
+            let uid = format!("{}.{}", se.uid, k + 1);
+            let mut o = base_object(&p, &st, &se, sop::MR, &uid, "MR");
+            put_text(&mut o, Tag(0x0008, 0x0070), VR::LO, &site.manufacturer);
+            put_text(&mut o, Tag(0x0008, 0x1090), VR::LO, &format!("{pre} Model X"));
+            put_text(&mut o, Tag(0x0010, 0x1010), VR::AS, &format!("0{}Y", 40 + pi % 30));
+            put_text(&mut o, Tag(0x0018, 0x0015), VR::CS, "BRAIN");
+            put_text(&mut o, Tag(0x0018, 0x0020), VR::CS, "GR");
+            put_text(&mut o, Tag(0x0018, 0x0021), VR::CS, "SP");
+            put_text(&mut o, Tag(0x0018, 0x0022), VR::CS, "NONE");
+            put_text(&mut o, Tag(0x0018, 0x0023), VR::CS, "3D");
+            put_text(&mut o, Tag(0x0018, 0x0050), VR::DS, &format!("{}", site.slice_thickness));
+            put_text(&mut o, Tag(0x0018, 0x0080), VR::DS, "2300");
+            put_text(&mut o, Tag(0x0018, 0x0081), VR::DS, "3");
+            put_text(&mut o, Tag(0x0018, 0x0087), VR::DS, &site.field_strength);
+            put_text(&mut o, Tag(0x0018, 0x0091), VR::IS, "1");
+            put_text(&mut o, Tag(0x0020, 0x0013), VR::IS, &(k + 1).to_string());
+            let half = f64::from(SITE_MATRIX) * site.pixel_spacing / 2.0;
+            put_text(
+                &mut o,
+                Tag(0x0020, 0x0032),
+                VR::DS,
+                &format!("-{half}\\-{half}\\{}", f64::from(k) * site.slice_thickness),
+            );
+            put_text(&mut o, Tag(0x0020, 0x0037), VR::DS, "1\\0\\0\\0\\1\\0");
+            put_text(
+                &mut o,
+                Tag(0x0028, 0x0030),
+                VR::DS,
+                &format!("{0}\\{0}", site.pixel_spacing),
+            );
+            put_u16(&mut o, Tag(0x0028, 0x0002), 1);
+            put_text(&mut o, Tag(0x0028, 0x0004), VR::CS, "MONOCHROME2");
+            put_u16(&mut o, Tag(0x0028, 0x0010), SITE_MATRIX);
+            put_u16(&mut o, Tag(0x0028, 0x0011), SITE_MATRIX);
+            put_u16(&mut o, Tag(0x0028, 0x0100), 16);
+            put_u16(&mut o, Tag(0x0028, 0x0101), 16);
+            put_u16(&mut o, Tag(0x0028, 0x0102), 15);
+            put_u16(&mut o, Tag(0x0028, 0x0103), 0);
+            let z = (f64::from(k) + 0.5) / f64::from(SITE_SLICES) * 2.0 - 1.0;
+            let mut pixels = Vec::with_capacity(n * n);
+            for j in 0..n {
+                for i in 0..n {
+                    let x = (i as f64 + 0.5) / n as f64 * 2.0 - 1.0;
+                    let y = (j as f64 + 0.5) / n as f64 * 2.0 - 1.0;
+                    let r = ((x / rx).powi(2) + (y / ry).powi(2) + (z / rz).powi(2)).sqrt();
+                    let tissue = if r > 1.0 {
+                        0.0
+                    } else if r > 0.85 {
+                        0.35
+                    } else if r > 0.55 {
+                        0.65
+                    } else {
+                        1.0
+                    };
+                    let signal = if tissue > 0.0 {
+                        (tissue * 1000.0 * gain * site.scale + site.offset)
+                            * (1.0 + 0.03 * rng.normal())
+                    } else {
+                        // Rician-like background: magnitude of complex noise.
+                        let (a, b) = (rng.normal(), rng.normal());
+                        12.0 * site.scale * (a * a + b * b).sqrt()
+                    };
+                    pixels.push(signal.round().clamp(0.0, 65535.0) as u16);
+                }
+            }
+            o.put(DataElement::new(
+                Tag(0x7FE0, 0x0010),
+                VR::OW,
+                PrimitiveValue::U16(pixels.into()),
+            ));
+            let name = format!("{pre}_{pi:03}/IM{k:04}.dcm");
+            write(root, &mut files, &name, &encode(o, site.transfer_syntax)?)?;
+        }
+    }
+    Ok(SiteArchive { files, identifying })
+}
+
+/// The three sites of the multi-site sample: different vendors, spacings, intensity scales,
+/// field strengths and transfer syntaxes.
+pub fn consortium_sites(patients: usize) -> [SiteProfile; 3] {
+    [
+        SiteProfile {
+            prefix: "ALPHA".into(),
+            number: 1,
+            manufacturer: "SIEMENS".into(),
+            field_strength: "3".into(),
+            patients,
+            scale: 1.0,
+            offset: 0.0,
+            pixel_spacing: 1.0,
+            slice_thickness: 1.0,
+            transfer_syntax: ts::EXPLICIT_LE,
+            seed: 11,
+        },
+        SiteProfile {
+            prefix: "BRAVO".into(),
+            number: 2,
+            manufacturer: "GE MEDICAL SYSTEMS".into(),
+            field_strength: "1.5".into(),
+            patients,
+            scale: 2.4,
+            offset: 150.0,
+            pixel_spacing: 0.9375,
+            slice_thickness: 1.2,
+            transfer_syntax: ts::IMPLICIT_LE,
+            seed: 23,
+        },
+        SiteProfile {
+            prefix: "CHARLIE".into(),
+            number: 3,
+            manufacturer: "Philips".into(),
+            field_strength: "3".into(),
+            patients,
+            scale: 0.45,
+            offset: 40.0,
+            pixel_spacing: 1.1,
+            slice_thickness: 1.5,
+            transfer_syntax: ts::EXPLICIT_LE,
+            seed: 37,
+        },
+    ]
+}
+
 /// Raw explicit VR little endian element bytes (short or long length form by VR).
 pub fn raw_element(g: u16, e: u16, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();

@@ -1,0 +1,439 @@
+//! The federation end to end, in one process, with a throw-away CA: a coordinator and three
+//! site nodes on loopback. The sites de-identify their own generated archives (different
+//! vendors, spacings and intensity scales, canaries in every identifying attribute), fetch
+//! and acknowledge the schema, report aggregates, and apply the federated Nyúl model.
+//!
+//! Checked: pooled statistics equal those computed on all sites' data at once (no cell is
+//! small enough to be suppressed under the first schema); the federated model equals the
+//! model fitted on the pooled volumes; under a stricter schema no released cell is below k;
+//! no canary and no pseudonym reaches any byte the coordinator received or stored.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use coordinator::Hub;
+use coordinator::net::{Service, server_config, site_fingerprints};
+use coordinator::pki::Pki;
+use coordinator::store::Store;
+use node::batch::{self, BatchPaths, RunSettings};
+use node::config::NodeConfig;
+use node::deid::Deidentifier;
+use node::deid::keys::Keys;
+use node::federation::aggregate;
+use node::federation::session::Site;
+use protocol::aggregate::{Cell, add_cells};
+use protocol::schema::CurationSchema;
+use protocol::summary::NyulSummary;
+use protocol::{FederatedFit, SchemaDocument, SiteId};
+
+const PATIENTS: usize = 10;
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn schema_text(k: u32, revision: u32) -> String {
+    format!(
+        r#"schema_version = 1
+id = "brain-t1-test"
+revision = {revision}
+
+[data_of_interest]
+modalities = ["MR"]
+body_parts = ["BRAIN"]
+
+[[data_of_interest.constraints]]
+attribute = "field-strength"
+modality = "MR"
+allowed = ["1.5", "3"]
+
+[deidentification]
+options = ["retain-patient-characteristics"]
+
+[vocabularies]
+modality = ["CT", "MR"]
+manufacturer = ["GE MEDICAL SYSTEMS", "SIEMENS", "Philips"]
+age_bands = [0, 18, 40, 65, 90]
+sex = ["F", "M"]
+
+[statistics]
+counts_by = ["modality", "sex", "age_bands", "manufacturer"]
+quality_metrics = ["snr", "cnr", "slice-thickness", "pixel-spacing"]
+
+[[statistics.histograms]]
+quantity = "intensity"
+modality = "MR"
+edges = [0.0, 200.0, 550.0, 1300.0, 3000.0, 6000.0]
+
+[harmonisation]
+method = "nyul"
+contrast = "t1"
+
+[privacy]
+min_cell_count = {k}
+"#
+    )
+}
+
+fn node_config(data_dir: &Path, site: &str, pki: &Path, coordinator: &str) -> NodeConfig {
+    let text = format!(
+        r#"data_dir = {data:?}
+[deid]
+options = ["retain-patient-characteristics"]
+[federation]
+site = "{site}"
+coordinator = "{coordinator}"
+server_name = "localhost"
+ca = {ca:?}
+cert = {cert:?}
+key = {key:?}
+"#,
+        data = data_dir.display().to_string(),
+        ca = pki.join("ca.crt").display().to_string(),
+        cert = pki.join(format!("sites/{site}.crt")).display().to_string(),
+        key = pki.join(format!("sites/{site}.key")).display().to_string(),
+    );
+    NodeConfig::parse(&text, Path::new("node.toml")).expect("node config")
+}
+
+/// De-identify a site's archive into `<data_dir>/deid`.
+fn deidentify(config: &NodeConfig, input: &Path) -> PathBuf {
+    let out = config.data_dir.join("deid");
+    let paths = BatchPaths {
+        input: input.to_owned(),
+        output: out.clone(),
+        quarantine: config.data_dir.join("quarantine"),
+    };
+    let policy = config.deid.policy().expect("policy");
+    let secret = config.deid.secret(&config.data_dir, false).expect("secret");
+    let keys = Keys::derive(&secret);
+    let mut catalog =
+        node::catalog::Catalog::open(&config.data_dir.join("catalog.sqlite")).expect("catalog");
+    let settings = RunSettings {
+        mode: "pseudonymise",
+        edition: "2026c",
+        options: "retain-patient-characteristics".into(),
+        vault_key: None,
+        batch_size: 64,
+        progress: &batch::NoProgress,
+        subjects: &node::volume::deid::SubjectRule::default(),
+    };
+    let summary = batch::deidentify_folder(
+        &paths,
+        &Deidentifier::new(&policy, &keys),
+        &mut catalog,
+        &settings,
+    )
+    .expect("de-identification");
+    assert_eq!(summary.quarantined_total(), 0, "every sample file is valid");
+    out
+}
+
+fn all_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn three_sites_federate_statistics_and_a_nyul_model_without_leaking() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki_dir = dir.path().join("pki");
+    let pki = Pki::at(&pki_dir);
+    pki.init("test").expect("init");
+    let coord = pki.issue_coordinator("localhost", 30).expect("coordinator");
+    let names = ["site-a", "site-b", "site-c"];
+    for n in names {
+        pki.issue_site(n, 30).expect("site");
+    }
+    let read = |p: &Path| std::fs::read(p).expect("read");
+    let members: Vec<SiteId> = names.iter().map(|n| SiteId::new(n).expect("id")).collect();
+    let state = dir.path().join("coordinator");
+    std::fs::create_dir_all(&state).expect("state dir");
+    let store_path = state.join("coordinator.sqlite");
+    let schema_a = SchemaDocument::new(&schema_text(5, 1)).expect("schema A");
+    let mut hub = Hub::new(
+        members.clone(),
+        Store::open(&store_path).expect("store"),
+        Some(schema_a.clone()),
+        None,
+    )
+    .expect("hub");
+    let tap_a = hub.tap();
+    let hub = Arc::new(Mutex::new(hub));
+
+    // Three sites with their own archives, de-identified locally.
+    let mut identifying = Vec::new();
+    let mut configs = Vec::new();
+    for (name, profile) in names.iter().zip(node::sample::consortium_sites(PATIENTS)) {
+        let input = dir.path().join(format!("{name}-archive"));
+        let archive = node::sample::write_site_archive(&input, &profile).expect("archive");
+        identifying.extend(archive.identifying);
+        let config = node_config(&dir.path().join(name), name, &pki_dir, "127.0.0.1:1");
+        deidentify(&config, &input);
+        configs.push(config);
+    }
+    // Pseudonyms are patient identifiers too: they must not leave either.
+    let mut pseudonyms = Vec::new();
+    let schema_a_parsed = CurationSchema::parse(schema_a.text()).expect("parse");
+    let mut site_facts = Vec::new();
+    for c in &configs {
+        let facts = aggregate::collect(&c.data_dir.join("deid"), &schema_a_parsed).expect("facts");
+        assert_eq!(facts.len(), PATIENTS, "one series per patient");
+        pseudonyms.extend(facts.iter().map(|f| f.patient.clone()));
+        site_facts.push(facts);
+    }
+
+    rt.block_on(async {
+        let server = server_config(
+            &read(&pki.ca_cert_path()),
+            &read(&pki.crl_path()),
+            &read(&coord.certificate),
+            &read(coord.key.as_ref().expect("key")),
+        )
+        .expect("server config");
+        let service = Service::start(
+            server,
+            "127.0.0.1:0".parse().expect("addr"),
+            hub.clone(),
+            site_fingerprints(&pki.issued().expect("issued"), now()),
+        )
+        .expect("service");
+        let addr = service.local_addr().expect("addr").to_string();
+        for c in &mut configs {
+            if let Some(f) = c.federation.as_mut() {
+                f.coordinator = addr.clone();
+            }
+        }
+        let endpoint =
+            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+        let sites: Vec<Site> = configs
+            .iter()
+            .map(|c| Site::new(c, c.data_dir.join("deid")).expect("site"))
+            .collect();
+
+        // Pass 1: every site fetches, acknowledges and reports; the model is fitted once
+        // the last one has reported.
+        for (i, s) in sites.iter().enumerate() {
+            let out = s.run_once(&endpoint, None).await.expect("sync");
+            assert!(out.fetched_schema && out.acknowledged, "{out:?}");
+            assert_eq!(out.reported, Some(1));
+            assert_eq!(out.welcome, Some((1, 0)), "no model before every site reported");
+            assert_eq!(out.applied_model, None, "site {i}");
+        }
+        // Pass 2: the model is published; nothing is reported twice.
+        for s in &sites {
+            let out = s.run_once(&endpoint, None).await.expect("sync");
+            assert_eq!(out.welcome, Some((1, 1)));
+            assert_eq!(out.reported, None, "a reported round is not reported again");
+            assert_eq!(out.applied_model, Some(1));
+            assert_eq!(out.harmonised, PATIENTS);
+        }
+
+        // Pooled statistics equal those of all sites' data at once.
+        let pooled_facts: Vec<_> = site_facts.iter().flatten().cloned().collect();
+        let at_once = aggregate::aggregates(&pooled_facts, &schema_a_parsed, 5);
+        let reports = {
+            let h = hub.lock().expect("hub");
+            h.store()
+                .reports(&schema_a.hash(), 1)
+                .expect("reports")
+        };
+        assert_eq!(reports.len(), 3);
+        for (i, vocabulary) in schema_a_parsed.statistics.counts_by.iter().enumerate() {
+            let mut pooled = Vec::new();
+            for (_, a) in &reports {
+                add_cells(&mut pooled, &a.counts[i].cells);
+            }
+            let expect: Vec<Option<u64>> =
+                at_once.counts[i].cells.iter().map(|c| c.value()).collect();
+            assert_eq!(pooled, expect, "counts by {vocabulary}");
+            assert!(pooled.iter().all(Option::is_some), "nothing suppressed");
+        }
+        let mut hist = Vec::new();
+        for (_, a) in &reports {
+            add_cells(&mut hist, &a.histograms[0]);
+        }
+        assert_eq!(
+            hist,
+            at_once.histograms[0].iter().map(|c| c.value()).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            hist.iter().filter(|c| c.unwrap_or(0) > 0).count(),
+            3,
+            "the sites' intensity scales put each site in its own bin"
+        );
+        for (q, m) in &at_once.moments {
+            let m = m.expect("enough patients");
+            let mut merged: Option<protocol::aggregate::Moments> = None;
+            for (_, a) in &reports {
+                let s = a.moments.iter().find(|(x, _)| x == q).and_then(|(_, m)| *m);
+                let s = s.expect("site moments");
+                match &mut merged {
+                    Some(x) => x.merge(&s),
+                    None => merged = Some(s),
+                }
+            }
+            let merged = merged.expect("merged");
+            assert_eq!(
+                (merged.patients, merged.sum, merged.sum_squares),
+                (m.patients, m.sum, m.sum_squares),
+                "{q:?}"
+            );
+        }
+
+        // The federated model is the pooled fit, exactly.
+        let mut pooled_nyul = NyulSummary::default();
+        for f in &pooled_facts {
+            pooled_nyul.merge(f.nyul.as_ref().expect("MR volumes have a Nyúl summary"));
+        }
+        let model = hub
+            .lock()
+            .expect("hub")
+            .store()
+            .latest_model()
+            .expect("model")
+            .expect("published");
+        assert_eq!(model.fit, FederatedFit::Nyul(pooled_nyul.clone()));
+        assert_eq!(pooled_nyul.volumes, 3 * PATIENTS as u64);
+        // Each node applied it: the spread of median foreground intensity across sites is
+        // far smaller after harmonisation than before.
+        let median_of = |v: &node::volume::Volume| {
+            let x: Vec<f32> = v.data.iter().copied().collect();
+            let t = node::harmonise::stats::otsu(&x);
+            let mut fg: Vec<f32> = x.into_iter().filter(|v| f64::from(*v) > t).collect();
+            node::harmonise::stats::percentile(&mut fg, 50.0)
+        };
+        let spread = |v: &[f64]| {
+            let mean = v.iter().sum::<f64>() / v.len() as f64;
+            let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
+            (hi - lo) / mean
+        };
+        let mut before = Vec::new();
+        let mut after = Vec::new();
+        for (c, facts) in configs.iter().zip(&site_facts) {
+            let v: Vec<f64> = facts
+                .iter()
+                .filter_map(|f| f.values.get(&protocol::aggregate::Quantity::Intensity).copied())
+                .collect();
+            before.push(v.iter().sum::<f64>() / v.len() as f64);
+            let outs: Vec<PathBuf> = all_files(&c.data_dir.join("harmonised"));
+            assert_eq!(outs.len(), PATIENTS);
+            let m: Vec<f64> = outs
+                .iter()
+                .map(|p| median_of(&node::volume::nifti::read(p).expect("nifti").1))
+                .collect();
+            after.push(m.iter().sum::<f64>() / m.len() as f64);
+        }
+        assert!(
+            spread(&after) < spread(&before) / 5.0,
+            "spread before {before:?}, after {after:?}"
+        );
+
+        // A stricter schema: a new round in which small cells are suppressed.
+        let schema_b = SchemaDocument::new(&schema_text(7, 2)).expect("schema B");
+        let tap_b = {
+            let mut h = hub.lock().expect("hub");
+            *h = Hub::new(
+                members.clone(),
+                Store::open(&store_path).expect("store"),
+                Some(schema_b.clone()),
+                None,
+            )
+            .expect("hub");
+            h.tap()
+        };
+        for s in &sites {
+            let out = s.run_once(&endpoint, None).await.expect("sync");
+            assert!(out.fetched_schema && out.acknowledged);
+            assert_eq!(out.reported, Some(2));
+        }
+        let reports = hub
+            .lock()
+            .expect("hub")
+            .store()
+            .reports(&schema_b.hash(), 2)
+            .expect("reports");
+        assert_eq!(reports.len(), 3);
+        let mut suppressed = 0;
+        for (_, a) in &reports {
+            let cells = a
+                .counts
+                .iter()
+                .flat_map(|t| t.cells.iter())
+                .chain(a.histograms.iter().flatten());
+            for c in cells {
+                match c {
+                    Cell::Value(v) => assert!(*v == 0 || *v >= 7, "released {v} < k"),
+                    Cell::Suppressed => suppressed += 1,
+                }
+            }
+            protocol::aggregate::check_aggregates(a, 7).expect("coordinator's check");
+        }
+        // Five women and five men per site are both below k = 7.
+        assert!(suppressed >= 6, "{suppressed} cells suppressed");
+
+        // The egress log lists every frame that left, with its hash.
+        for c in &configs {
+            let cat = node::catalog::Catalog::open(&c.data_dir.join("catalog.sqlite"))
+                .expect("catalog");
+            let log = cat.egress().expect("egress");
+            let reports = log.iter().filter(|e| e.kind == "report").count();
+            assert_eq!(reports, 2, "one report per round");
+            assert!(log.iter().all(|e| e.sha256.len() == 64 && e.answer != "sent"));
+        }
+
+        // Leak test: no canary, original UID or pseudonym in anything the coordinator
+        // received (every frame) or stored (its database and the report).
+        let report = {
+            let h = hub.lock().expect("hub");
+            coordinator::report::build(&h).expect("report")
+        };
+        std::fs::write(
+            state.join("report.json"),
+            serde_json::to_vec(&report).expect("json"),
+        )
+        .expect("write report");
+        std::fs::write(state.join("report.html"), coordinator::report::html(&report))
+            .expect("write html");
+        assert_eq!(report.sites.len(), 3);
+        assert!(report.sites.iter().all(|s| s.acknowledged && s.reported));
+        service.endpoint.close(0u32.into(), b"test over");
+        let mut haystacks: Vec<Vec<u8>> = Vec::new();
+        haystacks.extend(tap_a.lock().expect("tap").iter().cloned());
+        haystacks.extend(tap_b.lock().expect("tap").iter().cloned());
+        assert!(haystacks.len() >= 20, "{} frames", haystacks.len());
+        for f in all_files(&state) {
+            haystacks.push(std::fs::read(&f).expect("read"));
+        }
+        for needle in identifying.iter().chain(&pseudonyms) {
+            for h in &haystacks {
+                assert!(
+                    !contains(h, needle.as_bytes()),
+                    "{needle:?} reached the coordinator"
+                );
+            }
+        }
+    });
+}
