@@ -53,8 +53,8 @@ pub fn check_shape(schema: &CurationSchema, a: &SiteAggregates) -> Result<(), Pr
             .iter()
             .zip(&st.histograms)
             .all(|(h, spec)| h.len() == spec.edges.len() + 1);
-    let moments_ok = a.moments.iter().map(|(q, _)| *q).collect::<Vec<_>>()
-        == schema.moment_quantities();
+    let moments_ok =
+        a.moments.iter().map(|(q, _)| *q).collect::<Vec<_>>() == schema.moment_quantities();
     if counts_ok && hist_ok && moments_ok {
         Ok(())
     } else {
@@ -197,7 +197,7 @@ impl Hub {
     fn id(&mut self) -> MessageId {
         let id = MessageId(self.next_id);
         self.next_id += 1;
-        if self.next_id % 1000 == 0 {
+        if self.next_id.is_multiple_of(1000) {
             let _ = self.store.set_meta("next_id", &self.next_id.to_string());
         }
         id
@@ -306,8 +306,8 @@ impl Hub {
         }
         let result = match message {
             Message::FetchSchema { id } => Ok(self.fetch_schema(id)),
-            Message::SchemaAck(a) => self.schema_ack(peer, a, now),
-            Message::Report(r) => self.report(peer, r, now),
+            Message::SchemaAck(a) => self.schema_ack(peer, *a, now),
+            Message::Report(r) => self.report(peer, *r, now),
             Message::FetchModel { id, schema } => self.fetch_model(id, schema),
             other => Ok(self.error(Some(other.id()), ErrorCode::Unexpected)),
         };
@@ -424,7 +424,9 @@ impl Hub {
         let mut fit: Option<FederatedFit> = None;
         for (site, a) in &reports {
             match (kind, &a.nyul, &a.ct, &mut fit) {
-                (FitKind::Nyul, Some(n), _, None) => fit = Some(FederatedFit::Nyul(n.summary.clone())),
+                (FitKind::Nyul, Some(n), _, None) => {
+                    fit = Some(FederatedFit::Nyul(n.summary.clone()))
+                }
                 (FitKind::Nyul, Some(n), _, Some(FederatedFit::Nyul(s))) => s.merge(&n.summary),
                 (FitKind::Ct, _, Some(c), None) => fit = Some(FederatedFit::Ct(c.summary.clone())),
                 (FitKind::Ct, _, Some(c), Some(FederatedFit::Ct(s))) => s.merge(&c.summary),
@@ -473,14 +475,16 @@ impl Hub {
         match model {
             Some(m) if m.schema == hash_hex(&schema) => {
                 let id = self.id();
-                Ok(vec![Action::Reply(Message::Model(ModelPublication {
-                    id,
-                    reply_to,
-                    schema,
-                    revision: m.revision,
-                    sites: m.sites.len() as u32,
-                    fit: m.fit,
-                }))])
+                Ok(vec![Action::Reply(Message::Model(Box::new(
+                    ModelPublication {
+                        id,
+                        reply_to,
+                        schema,
+                        revision: m.revision,
+                        sites: m.sites.len() as u32,
+                        fit: m.fit,
+                    },
+                )))])
             }
             _ => Ok(self.error(Some(reply_to), ErrorCode::NotReady)),
         }
@@ -489,5 +493,261 @@ impl Hub {
     /// A welcomed connection of `peer` ended.
     pub fn disconnected(&mut self, peer: &SiteId) {
         self.registry.disconnected(peer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::aggregate::{Cell, CountTable, NyulRelease, ProfileCheck};
+    use protocol::summary::NyulSummary;
+
+    const SCHEMA: &str = include_str!("../../deploy/schema.toml");
+
+    fn site(s: &str) -> SiteId {
+        SiteId::new(s).expect("id")
+    }
+
+    fn hub(min_sites: Option<usize>) -> Hub {
+        Hub::new(
+            [site("a"), site("b")],
+            Store::in_memory().expect("store"),
+            Some(SchemaDocument::new(SCHEMA).expect("schema")),
+            min_sites,
+        )
+        .expect("hub")
+    }
+
+    fn conformance(schema: &CurationSchema) -> ConformanceSummary {
+        ConformanceSummary {
+            series: Cell::Value(20),
+            status: [Cell::Value(20), Cell::Value(0), Cell::Value(0)],
+            deviations: vec![Cell::Value(0); schema.data_of_interest.constraints.len()],
+            findings: [Cell::Value(0); 3],
+            quarantined: Cell::Value(0),
+        }
+    }
+
+    fn aggregates(schema: &CurationSchema, landmark: i64) -> SiteAggregates {
+        SiteAggregates {
+            k: schema.privacy.min_cell_count,
+            patients: Cell::Value(20),
+            series: Cell::Value(20),
+            counts: schema
+                .statistics
+                .counts_by
+                .iter()
+                .map(|v| {
+                    let mut cells = vec![Cell::Value(0); table_len(schema, v)];
+                    cells[0] = Cell::Value(20);
+                    CountTable { cells }
+                })
+                .collect(),
+            histograms: schema
+                .statistics
+                .histograms
+                .iter()
+                .map(|h| vec![Cell::Value(0); h.edges.len() + 1])
+                .collect(),
+            moments: schema
+                .moment_quantities()
+                .into_iter()
+                .map(|q| (q, None))
+                .collect(),
+            nyul: Some(NyulRelease {
+                patients: 20,
+                summary: NyulSummary {
+                    landmark_sums: [landmark; 11],
+                    volumes: 20,
+                },
+            }),
+            ct: None,
+        }
+    }
+
+    fn answer(actions: &[Action]) -> &Message {
+        match actions.first() {
+            Some(Action::Reply(m)) => m,
+            other => panic!("no reply: {other:?}"),
+        }
+    }
+
+    fn welcome(h: &mut Hub, s: &str) -> protocol::Welcome {
+        let m = Message::Hello(protocol::Hello {
+            id: MessageId(1),
+            min_version: protocol::PROTOCOL_VERSION,
+            max_version: protocol::PROTOCOL_VERSION,
+            site: site(s),
+            schema: None,
+        });
+        match answer(&h.handle(&site(s), m, 10, false)) {
+            Message::Welcome(w) => w.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn code(actions: &[Action]) -> Option<ErrorCode> {
+        match answer(actions) {
+            Message::Error { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn acknowledge_report_fit_and_every_refusal() {
+        let mut h = hub(None);
+        let schema = h.schema().map(|(_, s)| s.clone()).expect("schema");
+        let hash = h.schema().map(|(d, _)| d.hash()).expect("hash");
+        let w = welcome(&mut h, "a");
+        assert_eq!((w.round, w.model, w.schema), (1, 0, Some(hash)));
+        let report = |id: u64, a: SiteAggregates, round: u32| {
+            Message::Report(Box::new(AggregateReport {
+                id: MessageId(id),
+                schema: hash,
+                round,
+                aggregates: a,
+            }))
+        };
+        // Before the welcome on this connection: refused.
+        let r = h.handle(
+            &site("a"),
+            Message::FetchSchema { id: MessageId(2) },
+            11,
+            false,
+        );
+        assert_eq!(code(&r), Some(ErrorCode::NotWelcomed));
+        let r = h.handle(
+            &site("a"),
+            Message::FetchSchema { id: MessageId(2) },
+            11,
+            true,
+        );
+        assert!(matches!(answer(&r), Message::Schema { document, .. } if document.hash() == hash));
+        // A report before the acknowledgement is refused.
+        let r = h.handle(&site("a"), report(3, aggregates(&schema, 1), 1), 12, true);
+        assert_eq!(code(&r), Some(ErrorCode::NotAcknowledged));
+        let ack = |id: u64, missing: Vec<u16>| {
+            Message::SchemaAck(Box::new(SchemaAck {
+                id: MessageId(id),
+                schema: hash,
+                profile: ProfileCheck { missing },
+                conformance: conformance(&schema),
+            }))
+        };
+        assert!(matches!(
+            answer(&h.handle(&site("a"), ack(4, vec![]), 13, true)),
+            Message::Ack {
+                duplicate: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            answer(&h.handle(&site("a"), ack(4, vec![]), 13, true)),
+            Message::Ack {
+                duplicate: true,
+                ..
+            }
+        ));
+        // A small cell, a single suppression and the wrong shape are refused; nothing stored.
+        let mut small = aggregates(&schema, 1);
+        small.counts[0].cells[1] = Cell::Value(3);
+        let mut single = aggregates(&schema, 1);
+        single.counts[0].cells[1] = Cell::Suppressed;
+        let mut shape = aggregates(&schema, 1);
+        shape.histograms.pop();
+        for (a, v) in [
+            (small, PrivacyViolation::SmallCell),
+            (single, PrivacyViolation::SingleSuppression),
+            (shape, PrivacyViolation::Shape),
+        ] {
+            let r = h.handle(&site("a"), report(5, a, 1), 14, true);
+            assert_eq!(code(&r), Some(ErrorCode::Privacy(v)));
+        }
+        assert!(h.store().reports(&hash, 1).expect("reports").is_empty());
+        let r = h.handle(&site("a"), report(6, aggregates(&schema, 1), 2), 15, true);
+        assert_eq!(code(&r), Some(ErrorCode::WrongRound));
+        let mut other = hash;
+        other.0[0] ^= 1;
+        let r = h.handle(
+            &site("a"),
+            Message::FetchModel {
+                id: MessageId(7),
+                schema: other,
+            },
+            15,
+            true,
+        );
+        assert_eq!(code(&r), Some(ErrorCode::NotReady));
+        // A valid report is stored once, even when retried.
+        for dup in [false, true] {
+            let r = h.handle(
+                &site("a"),
+                report(8, aggregates(&schema, 1_000_000), 1),
+                16,
+                true,
+            );
+            assert!(
+                matches!(answer(&r), Message::Ack { duplicate, .. } if *duplicate == dup),
+                "{r:?}"
+            );
+        }
+        assert_eq!(h.store().reports(&hash, 1).expect("reports").len(), 1);
+        // One site of two: no model yet.
+        assert_eq!(welcome(&mut h, "a").model, 0);
+        welcome(&mut h, "b");
+        h.handle(&site("b"), ack(1, vec![]), 17, true);
+        h.handle(
+            &site("b"),
+            report(2, aggregates(&schema, 3_000_000), 1),
+            18,
+            true,
+        );
+        assert_eq!(welcome(&mut h, "a").model, 1);
+        let r = h.handle(
+            &site("a"),
+            Message::FetchModel {
+                id: MessageId(9),
+                schema: hash,
+            },
+            19,
+            true,
+        );
+        let Message::Model(m) = answer(&r) else {
+            panic!("{r:?}")
+        };
+        let FederatedFit::Nyul(s) = &m.fit else {
+            panic!("nyul")
+        };
+        assert_eq!((s.volumes, s.landmark_sums[0], m.sites), (40, 4_000_000, 2));
+        // A site whose profile lacks an option is recorded, and its reports are refused.
+        let mut h = hub(Some(1));
+        welcome(&mut h, "b");
+        h.handle(&site("b"), ack(1, vec![0]), 20, true);
+        let r = h.handle(&site("b"), report(2, aggregates(&schema, 1), 1), 21, true);
+        assert_eq!(code(&r), Some(ErrorCode::NotAcknowledged));
+        let rec = h.store().site(&site("b")).expect("site");
+        assert_eq!(rec.profile.map(|p| p.missing), Some(vec![0]));
+    }
+
+    #[test]
+    fn the_round_survives_a_restart_and_advances_with_a_new_schema() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("c.sqlite");
+        let open = |text: &str| {
+            Hub::new(
+                [site("a")],
+                Store::open(&db).expect("store"),
+                Some(SchemaDocument::new(text).expect("schema")),
+                None,
+            )
+            .expect("hub")
+        };
+        assert_eq!(open(SCHEMA).round(), 1);
+        assert_eq!(open(SCHEMA).round(), 1, "same schema, same round");
+        let changed = SCHEMA.replacen("revision = 3", "revision = 4", 1);
+        assert_eq!(open(&changed).round(), 2);
+        let mut h = open(&changed);
+        assert_eq!(h.next_round().expect("next"), 3);
+        assert_eq!(open(&changed).round(), 3);
     }
 }

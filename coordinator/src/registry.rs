@@ -173,7 +173,10 @@ mod tests {
         check(&mut reg, "site-a", hello(2, "site-a", 1, 1), "welcome");
         reg.connected(&site("site-a"));
         reg.disconnected(&site("site-a"));
-        assert!(reg.site(&site("site-a")).is_some_and(|s| s.connections == 1));
+        assert!(
+            reg.site(&site("site-a"))
+                .is_some_and(|s| s.connections == 1)
+        );
         // Unknown, impersonating and version-incompatible sites are refused.
         check(&mut reg, "site-z", hello(1, "site-z", 1, 1), "UnknownSite");
         check(&mut reg, "site-b", hello(1, "site-a", 1, 1), "UnknownSite");

@@ -146,9 +146,12 @@ fn categories(schema: &CurationSchema, vocabulary: &str) -> Vec<String> {
         "sex" => v.sex.clone(),
         "finding_codes" => v.finding_codes.clone(),
         "label_classes" => v.label_classes.clone(),
-        "field_strength_bands" => {
-            bands(v.field_strength_bands.iter().map(|x| format!("{x} T")).collect())
-        }
+        "field_strength_bands" => bands(
+            v.field_strength_bands
+                .iter()
+                .map(|x| format!("{x} T"))
+                .collect(),
+        ),
         "age_bands" => bands(v.age_bands.iter().map(|x| format!("{x} y")).collect()),
         _ => Vec::new(),
     };
@@ -206,7 +209,13 @@ pub fn build(hub: &Hub) -> Result<ConsortiumReport, StoreError> {
             reported: a.is_some(),
             patients: a.and_then(|a| a.patients.value()),
             series: a.and_then(|a| a.series.value()),
-            series_status: conf.map(|c| [c.status[0].value(), c.status[1].value(), c.status[2].value()]),
+            series_status: conf.map(|c| {
+                [
+                    c.status[0].value(),
+                    c.status[1].value(),
+                    c.status[2].value(),
+                ]
+            }),
             deviations: conf.map(|c| cells(&c.deviations)).unwrap_or_default(),
             quarantined: conf.and_then(|c| c.quarantined.value()),
         };
@@ -221,10 +230,7 @@ pub fn build(hub: &Hub) -> Result<ConsortiumReport, StoreError> {
             deviations.push(Deviation {
                 site: site.to_string(),
                 code: "deid-profile-insufficient",
-                message: format!(
-                    "de-identification profile lacks {}",
-                    missing.join(", ")
-                ),
+                message: format!("de-identification profile lacks {}", missing.join(", ")),
             });
         }
         if acknowledged && !status.reported {
@@ -354,30 +360,27 @@ pub fn build(hub: &Hub) -> Result<ConsortiumReport, StoreError> {
         });
     }
 
-    let model = store
-        .latest_model()?
-        .filter(|m| m.schema == hex)
-        .map(|m| {
-            let (method, standard_scale, ct) = match &m.fit {
-                FederatedFit::Nyul(s) => ("nyul", s.standard_scale().map(|s| s.to_vec()), None),
-                FederatedFit::Ct(s) => (
-                    "ct-nnunet",
-                    None,
-                    match (s.mean(), s.std(), s.percentile(0.5), s.percentile(99.5)) {
-                        (Some(a), Some(b), Some(c), Some(d)) => Some([a, b, c, d]),
-                        _ => None,
-                    },
-                ),
-            };
-            ModelReport {
-                revision: m.revision,
-                round: m.round,
-                sites: m.sites.iter().map(|s| s.to_string()).collect(),
-                method: method.to_owned(),
-                standard_scale,
-                ct,
-            }
-        });
+    let model = store.latest_model()?.filter(|m| m.schema == hex).map(|m| {
+        let (method, standard_scale, ct) = match &m.fit {
+            FederatedFit::Nyul(s) => ("nyul", s.standard_scale().map(|s| s.to_vec()), None),
+            FederatedFit::Ct(s) => (
+                "ct-nnunet",
+                None,
+                match (s.mean(), s.std(), s.percentile(0.5), s.percentile(99.5)) {
+                    (Some(a), Some(b), Some(c), Some(d)) => Some([a, b, c, d]),
+                    _ => None,
+                },
+            ),
+        };
+        ModelReport {
+            revision: m.revision,
+            round: m.round,
+            sites: m.sites.iter().map(|s| s.to_string()).collect(),
+            method: method.to_owned(),
+            standard_scale,
+            ct,
+        }
+    });
 
     Ok(ConsortiumReport {
         report_version: REPORT_VERSION,
@@ -482,10 +485,17 @@ pub fn html(r: &ConsortiumReport) -> String {
             o,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&s.site),
-            if s.acknowledged { "yes" } else { "<span class=bad>no</span>" },
+            if s.acknowledged {
+                "yes"
+            } else {
+                "<span class=bad>no</span>"
+            },
             match s.profile_satisfied {
                 Some(true) => "satisfies".to_owned(),
-                Some(false) => format!("<span class=bad>lacks {}</span>", esc(&s.missing_options.join(", "))),
+                Some(false) => format!(
+                    "<span class=bad>lacks {}</span>",
+                    esc(&s.missing_options.join(", "))
+                ),
                 None => "-".to_owned(),
             },
             if s.reported { "yes" } else { "no" },
@@ -548,7 +558,13 @@ pub fn html(r: &ConsortiumReport) -> String {
                         let _ = write!(
                             o,
                             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td></tr>",
-                            esc(&m.quantity), esc(s), v.patients, v.mean, v.std, v.low, v.high
+                            esc(&m.quantity),
+                            esc(s),
+                            v.patients,
+                            v.mean,
+                            v.std,
+                            v.low,
+                            v.high
                         );
                     }
                     None => {

@@ -96,6 +96,16 @@ pub struct ModelRecord {
     pub fit: FederatedFit,
 }
 
+/// A frame the coordinator received (never its bytes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Received {
+    pub site: Option<String>,
+    pub kind: Option<u8>,
+    pub bytes: i64,
+    pub sha256: String,
+    pub outcome: String,
+}
+
 /// The coordinator's state database.
 #[derive(Debug)]
 pub struct Store {
@@ -322,15 +332,19 @@ impl Store {
         }))
     }
 
-    /// Frames received: (site, kind, bytes, sha256, outcome), oldest first.
-    pub fn received(
-        &self,
-    ) -> Result<Vec<(Option<String>, Option<u8>, i64, String, String)>, StoreError> {
-        let mut st = self.conn.prepare(
-            "SELECT site, kind, bytes, sha256, outcome FROM received ORDER BY rowid",
-        )?;
+    /// Frames received, oldest first.
+    pub fn received(&self) -> Result<Vec<Received>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT site, kind, bytes, sha256, outcome FROM received ORDER BY rowid")?;
         let rows = st.query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            Ok(Received {
+                site: r.get(0)?,
+                kind: r.get(1)?,
+                bytes: r.get(2)?,
+                sha256: r.get(3)?,
+                outcome: r.get(4)?,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }

@@ -142,7 +142,10 @@ fn serve_welcomes_a_site_and_stops_on_sigterm() {
     let state = dir.path().join("state");
     assert!(state.join("coordinator.sqlite").is_file());
     let report = std::fs::read_to_string(state.join("report/report.json")).expect("report");
-    assert!(report.contains("\"schema_id\": \"brain-mri-2027\""), "{report}");
+    assert!(
+        report.contains("\"schema_id\": \"brain-mri-2027\""),
+        "{report}"
+    );
     assert!(state.join("report/report.html").is_file());
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).expect("rest");

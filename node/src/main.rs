@@ -1531,13 +1531,23 @@ fn curate(
     Ok(())
 }
 
-fn federate(config: &NodeConfig, once: bool, wait_model: u64, input: Option<PathBuf>) -> Result<()> {
+fn federate(
+    config: &NodeConfig,
+    once: bool,
+    wait_model: u64,
+    input: Option<PathBuf>,
+) -> Result<()> {
     use node::federation::session::Site;
     if config.federation.is_none() {
-        bail!("add a [federation] section to the node configuration (see deploy/node.toml) to join a consortium");
+        bail!(
+            "add a [federation] section to the node configuration (see deploy/node.toml) to join a consortium"
+        );
     }
     std::fs::create_dir_all(&config.data_dir)?;
-    let site = Site::new(config, input.unwrap_or_else(|| config.data_dir.join("deid")))?;
+    let site = Site::new(
+        config,
+        input.unwrap_or_else(|| config.data_dir.join("deid")),
+    )?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async {
         let endpoint = quinn::Endpoint::client(std::net::SocketAddr::from(([0, 0, 0, 0], 0)))

@@ -1244,14 +1244,29 @@ pub fn write_site_archive(root: &Path, site: &SiteProfile) -> io::Result<SiteArc
             let uid = format!("{}.{}", se.uid, k + 1);
             let mut o = base_object(&p, &st, &se, sop::MR, &uid, "MR");
             put_text(&mut o, Tag(0x0008, 0x0070), VR::LO, &site.manufacturer);
-            put_text(&mut o, Tag(0x0008, 0x1090), VR::LO, &format!("{pre} Model X"));
-            put_text(&mut o, Tag(0x0010, 0x1010), VR::AS, &format!("0{}Y", 40 + pi % 30));
+            put_text(
+                &mut o,
+                Tag(0x0008, 0x1090),
+                VR::LO,
+                &format!("{pre} Model X"),
+            );
+            put_text(
+                &mut o,
+                Tag(0x0010, 0x1010),
+                VR::AS,
+                &format!("0{}Y", 40 + pi % 30),
+            );
             put_text(&mut o, Tag(0x0018, 0x0015), VR::CS, "BRAIN");
             put_text(&mut o, Tag(0x0018, 0x0020), VR::CS, "GR");
             put_text(&mut o, Tag(0x0018, 0x0021), VR::CS, "SP");
             put_text(&mut o, Tag(0x0018, 0x0022), VR::CS, "NONE");
             put_text(&mut o, Tag(0x0018, 0x0023), VR::CS, "3D");
-            put_text(&mut o, Tag(0x0018, 0x0050), VR::DS, &format!("{}", site.slice_thickness));
+            put_text(
+                &mut o,
+                Tag(0x0018, 0x0050),
+                VR::DS,
+                &format!("{}", site.slice_thickness),
+            );
             put_text(&mut o, Tag(0x0018, 0x0080), VR::DS, "2300");
             put_text(&mut o, Tag(0x0018, 0x0081), VR::DS, "3");
             put_text(&mut o, Tag(0x0018, 0x0087), VR::DS, &site.field_strength);

@@ -179,7 +179,10 @@ impl Moments {
         sorted.sort_by(f64::total_cmp);
         Some(Moments {
             patients: n as u64,
-            sum: values.iter().map(|v| to_fixed(*v)).fold(0, i64::wrapping_add),
+            sum: values
+                .iter()
+                .map(|v| to_fixed(*v))
+                .fold(0, i64::wrapping_add),
             sum_squares: values
                 .iter()
                 .map(|v| to_fixed(v * v))
@@ -308,7 +311,8 @@ pub fn check_aggregates(a: &SiteAggregates, k: u64) -> Result<(), PrivacyViolati
             return Err(PrivacyViolation::TooFewPatients);
         }
     }
-    if a.nyul.as_ref().is_some_and(|n| n.patients < k) || a.ct.as_ref().is_some_and(|c| c.patients < k)
+    if a.nyul.as_ref().is_some_and(|n| n.patients < k)
+        || a.ct.as_ref().is_some_and(|c| c.patients < k)
     {
         return Err(PrivacyViolation::TooFewPatients);
     }
@@ -392,12 +396,18 @@ mod tests {
             suppress(&[20, 3, 15, 0], 5),
             vec![Value(20), Suppressed, Suppressed, Value(0)]
         );
-        assert_eq!(suppress(&[20, 30, 0], 5), vec![Value(20), Value(30), Value(0)]);
+        assert_eq!(
+            suppress(&[20, 30, 0], 5),
+            vec![Value(20), Value(30), Value(0)]
+        );
         assert_eq!(
             suppress(&[2, 2, 9, 40], 5),
             vec![Suppressed, Suppressed, Suppressed, Value(40)]
         );
-        assert_eq!(check_cells(&[Value(3)], 5), Err(PrivacyViolation::SmallCell));
+        assert_eq!(
+            check_cells(&[Value(3)], 5),
+            Err(PrivacyViolation::SmallCell)
+        );
         assert_eq!(
             check_cells(&[Value(30), Suppressed], 5),
             Err(PrivacyViolation::SingleSuppression)

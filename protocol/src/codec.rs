@@ -275,15 +275,22 @@ mod tests {
     }
 
     fn moments() -> impl Strategy<Value = crate::aggregate::Moments> {
-        (any::<u64>(), any::<i64>(), any::<i64>(), any::<i64>(), any::<i64>()).prop_map(
-            |(patients, sum, sum_squares, low, high)| crate::aggregate::Moments {
-                patients,
-                sum,
-                sum_squares,
-                low,
-                high,
-            },
+        (
+            any::<u64>(),
+            any::<i64>(),
+            any::<i64>(),
+            any::<i64>(),
+            any::<i64>(),
         )
+            .prop_map(|(patients, sum, sum_squares, low, high)| {
+                crate::aggregate::Moments {
+                    patients,
+                    sum,
+                    sum_squares,
+                    low,
+                    high,
+                }
+            })
     }
 
     fn aggregates() -> impl Strategy<Value = crate::aggregate::SiteAggregates> {
@@ -301,15 +308,18 @@ mod tests {
                 0..6,
             ),
             proptest::option::of(
-                (any::<u64>(), proptest::array::uniform11(any::<i64>()), any::<u64>()).prop_map(
-                    |(patients, landmark_sums, volumes)| NyulRelease {
+                (
+                    any::<u64>(),
+                    proptest::array::uniform11(any::<i64>()),
+                    any::<u64>(),
+                )
+                    .prop_map(|(patients, landmark_sums, volumes)| NyulRelease {
                         patients,
                         summary: NyulSummary {
                             landmark_sums,
                             volumes,
                         },
-                    },
-                ),
+                    }),
             ),
             proptest::option::of(
                 (
@@ -350,11 +360,7 @@ mod tests {
         prop_oneof![
             any::<u64>().prop_map(|id| Message::FetchSchema { id: MessageId(id) }),
             (any::<u64>(), any::<u64>(), 0..2usize).prop_map(|(id, r, extra)| {
-                let text = format!(
-                    "{}{}",
-                    crate::schema::tests::EXAMPLE,
-                    "\n".repeat(extra)
-                );
+                let text = format!("{}{}", crate::schema::tests::EXAMPLE, "\n".repeat(extra));
                 Message::Schema {
                     id: MessageId(id),
                     reply_to: MessageId(r),
@@ -373,7 +379,7 @@ mod tests {
             )
                 .prop_map(
                     |(id, schema, missing, series, status, deviations, findings, quarantined)| {
-                        Message::SchemaAck(SchemaAck {
+                        Message::SchemaAck(Box::new(SchemaAck {
                             id: MessageId(id),
                             schema,
                             profile: ProfileCheck { missing },
@@ -384,16 +390,16 @@ mod tests {
                                 findings,
                                 quarantined,
                             },
-                        })
+                        }))
                     }
                 ),
             (any::<u64>(), hash32.clone(), any::<u32>(), aggregates()).prop_map(
-                |(id, schema, round, aggregates)| Message::Report(AggregateReport {
+                |(id, schema, round, aggregates)| Message::Report(Box::new(AggregateReport {
                     id: MessageId(id),
                     schema,
                     round,
                     aggregates,
-                })
+                }))
             ),
             (any::<u64>(), hash32.clone()).prop_map(|(id, schema)| Message::FetchModel {
                 id: MessageId(id),
@@ -408,19 +414,21 @@ mod tests {
                 proptest::array::uniform11(any::<i64>()),
                 any::<u64>()
             )
-                .prop_map(|(id, r, schema, revision, sites, landmark_sums, volumes)| {
-                    Message::Model(ModelPublication {
-                        id: MessageId(id),
-                        reply_to: MessageId(r),
-                        schema,
-                        revision,
-                        sites,
-                        fit: FederatedFit::Nyul(crate::summary::NyulSummary {
-                            landmark_sums,
-                            volumes,
-                        }),
-                    })
-                }),
+                .prop_map(
+                    |(id, r, schema, revision, sites, landmark_sums, volumes)| {
+                        Message::Model(Box::new(ModelPublication {
+                            id: MessageId(id),
+                            reply_to: MessageId(r),
+                            schema,
+                            revision,
+                            sites,
+                            fit: FederatedFit::Nyul(crate::summary::NyulSummary {
+                                landmark_sums,
+                                volumes,
+                            }),
+                        }))
+                    }
+                ),
             (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(id, r, duplicate)| {
                 Message::Ack {
                     id: MessageId(id),
@@ -428,25 +436,23 @@ mod tests {
                     duplicate,
                 }
             }),
-            (any::<u64>(), proptest::option::of(any::<u64>()), 0..8u8).prop_map(
-                |(id, r, c)| {
-                    let code = match c {
-                        0 => ErrorCode::BadFrame,
-                        1 => ErrorCode::NotWelcomed,
-                        2 => ErrorCode::SchemaMismatch,
-                        3 => ErrorCode::WrongRound,
-                        4 => ErrorCode::Privacy(PrivacyViolation::SmallCell),
-                        5 => ErrorCode::NotReady,
-                        6 => ErrorCode::NotAcknowledged,
-                        _ => ErrorCode::Unexpected,
-                    };
-                    Message::Error {
-                        id: MessageId(id),
-                        reply_to: r.map(MessageId),
-                        code,
-                    }
+            (any::<u64>(), proptest::option::of(any::<u64>()), 0..8u8).prop_map(|(id, r, c)| {
+                let code = match c {
+                    0 => ErrorCode::BadFrame,
+                    1 => ErrorCode::NotWelcomed,
+                    2 => ErrorCode::SchemaMismatch,
+                    3 => ErrorCode::WrongRound,
+                    4 => ErrorCode::Privacy(PrivacyViolation::SmallCell),
+                    5 => ErrorCode::NotReady,
+                    6 => ErrorCode::NotAcknowledged,
+                    _ => ErrorCode::Unexpected,
+                };
+                Message::Error {
+                    id: MessageId(id),
+                    reply_to: r.map(MessageId),
+                    code,
                 }
-            ),
+            }),
         ]
     }
 

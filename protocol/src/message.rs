@@ -230,13 +230,13 @@ pub enum Message {
         reply_to: MessageId,
         document: SchemaDocument,
     },
-    SchemaAck(SchemaAck),
-    Report(AggregateReport),
+    SchemaAck(Box<SchemaAck>),
+    Report(Box<AggregateReport>),
     FetchModel {
         id: MessageId,
         schema: SchemaHash,
     },
-    Model(ModelPublication),
+    Model(Box<ModelPublication>),
     /// A request was applied (`duplicate`: it had been already, under the same id).
     Ack {
         id: MessageId,

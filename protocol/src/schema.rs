@@ -314,7 +314,11 @@ impl CurationSchema {
             if crate::aggregate::Quantity::from_name(&h.quantity).is_none() {
                 return Err(err(
                     &format!("statistics.histograms[{i}].quantity"),
-                    format!("`{}` is not a known quantity; known: {}", h.quantity, known()),
+                    format!(
+                        "`{}` is not a known quantity; known: {}",
+                        h.quantity,
+                        known()
+                    ),
                 ));
             }
             if h.edges.len() < 2 || !ascending(&h.edges) {

@@ -239,7 +239,11 @@ fn three_sites_federate_statistics_and_a_nyul_model_without_leaking() {
             let out = s.run_once(&endpoint, None).await.expect("sync");
             assert!(out.fetched_schema && out.acknowledged, "{out:?}");
             assert_eq!(out.reported, Some(1));
-            assert_eq!(out.welcome, Some((1, 0)), "no model before every site reported");
+            assert_eq!(
+                out.welcome,
+                Some((1, 0)),
+                "no model before every site reported"
+            );
             assert_eq!(out.applied_model, None, "site {i}");
         }
         // Pass 2: the model is published; nothing is reported twice.
@@ -256,9 +260,7 @@ fn three_sites_federate_statistics_and_a_nyul_model_without_leaking() {
         let at_once = aggregate::aggregates(&pooled_facts, &schema_a_parsed, 5);
         let reports = {
             let h = hub.lock().expect("hub");
-            h.store()
-                .reports(&schema_a.hash(), 1)
-                .expect("reports")
+            h.store().reports(&schema_a.hash(), 1).expect("reports")
         };
         assert_eq!(reports.len(), 3);
         for (i, vocabulary) in schema_a_parsed.statistics.counts_by.iter().enumerate() {
@@ -277,7 +279,10 @@ fn three_sites_federate_statistics_and_a_nyul_model_without_leaking() {
         }
         assert_eq!(
             hist,
-            at_once.histograms[0].iter().map(|c| c.value()).collect::<Vec<_>>()
+            at_once.histograms[0]
+                .iter()
+                .map(|c| c.value())
+                .collect::<Vec<_>>()
         );
         assert_eq!(
             hist.iter().filter(|c| c.unwrap_or(0) > 0).count(),
@@ -327,7 +332,9 @@ fn three_sites_federate_statistics_and_a_nyul_model_without_leaking() {
         };
         let spread = |v: &[f64]| {
             let mean = v.iter().sum::<f64>() / v.len() as f64;
-            let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
+            let (lo, hi) = v
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
             (hi - lo) / mean
         };
         let mut before = Vec::new();
@@ -335,7 +342,11 @@ fn three_sites_federate_statistics_and_a_nyul_model_without_leaking() {
         for (c, facts) in configs.iter().zip(&site_facts) {
             let v: Vec<f64> = facts
                 .iter()
-                .filter_map(|f| f.values.get(&protocol::aggregate::Quantity::Intensity).copied())
+                .filter_map(|f| {
+                    f.values
+                        .get(&protocol::aggregate::Quantity::Intensity)
+                        .copied()
+                })
                 .collect();
             before.push(v.iter().sum::<f64>() / v.len() as f64);
             let outs: Vec<PathBuf> = all_files(&c.data_dir.join("harmonised"));
@@ -396,12 +407,15 @@ fn three_sites_federate_statistics_and_a_nyul_model_without_leaking() {
 
         // The egress log lists every frame that left, with its hash.
         for c in &configs {
-            let cat = node::catalog::Catalog::open(&c.data_dir.join("catalog.sqlite"))
-                .expect("catalog");
+            let cat =
+                node::catalog::Catalog::open(&c.data_dir.join("catalog.sqlite")).expect("catalog");
             let log = cat.egress().expect("egress");
             let reports = log.iter().filter(|e| e.kind == "report").count();
             assert_eq!(reports, 2, "one report per round");
-            assert!(log.iter().all(|e| e.sha256.len() == 64 && e.answer != "sent"));
+            assert!(
+                log.iter()
+                    .all(|e| e.sha256.len() == 64 && e.answer != "sent")
+            );
         }
 
         // Leak test: no canary, original UID or pseudonym in anything the coordinator
@@ -415,8 +429,11 @@ fn three_sites_federate_statistics_and_a_nyul_model_without_leaking() {
             serde_json::to_vec(&report).expect("json"),
         )
         .expect("write report");
-        std::fs::write(state.join("report.html"), coordinator::report::html(&report))
-            .expect("write html");
+        std::fs::write(
+            state.join("report.html"),
+            coordinator::report::html(&report),
+        )
+        .expect("write html");
         assert_eq!(report.sites.len(), 3);
         assert!(report.sites.iter().all(|s| s.acknowledged && s.reported));
         service.endpoint.close(0u32.into(), b"test over");

@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use coordinator::Hub;
-use coordinator::store::Store;
 use coordinator::net::{Service, server_config, site_fingerprints};
 use coordinator::pki::Pki;
+use coordinator::store::Store;
 use node::federation::{ConnectError, client_config, connect};
 use protocol::{HandshakeReject, Hello, MessageId, PROTOCOL_VERSION, SiteId};
 
@@ -118,7 +118,9 @@ fn sites_are_welcomed_over_mutual_tls_and_every_refusal_leaves_the_coordinator_s
         let issued = pki.issued().expect("issued");
         let sites = site_fingerprints(&issued, now());
         assert_eq!(sites.len(), 3, "the revoked site is not in the registry");
-        let old = pki.issue_site("site-x", -1).expect("an expired certificate");
+        let old = pki
+            .issue_site("site-x", -1)
+            .expect("an expired certificate");
         let expired = Site {
             cert: read(&old.certificate),
             key: read(&old.key.expect("key")),

@@ -39,7 +39,12 @@ pub struct SeriesFacts {
 
 fn text(o: &DefaultDicomObject, tag: Tag) -> String {
     o.get(tag)
-        .and_then(|e| e.value().to_str().ok().map(|s| s.trim_matches([' ', '\0']).to_owned()))
+        .and_then(|e| {
+            e.value()
+                .to_str()
+                .ok()
+                .map(|s| s.trim_matches([' ', '\0']).to_owned())
+        })
         .unwrap_or_default()
 }
 
@@ -80,9 +85,7 @@ pub fn collect(folder: &Path, schema: &CurationSchema) -> std::io::Result<Vec<Se
         .collect();
     let mut first: BTreeMap<String, usize> = BTreeMap::new();
     for (i, o) in objects.iter().enumerate() {
-        first
-            .entry(text(o, Tag(0x0020, 0x000E)))
-            .or_insert(i);
+        first.entry(text(o, Tag(0x0020, 0x000E))).or_insert(i);
     }
     let recipe = schema.harmonisation.as_ref().map(|h| h.method.as_str());
     let volumes = assemble(&objects);
@@ -126,9 +129,9 @@ pub fn collect(folder: &Path, schema: &CurationSchema) -> std::io::Result<Vec<Se
                     f.values.insert(k, v);
                 }
             }
-            if !f.values.contains_key(&Quantity::SliceThickness) {
-                f.values.insert(Quantity::SliceThickness, vol.spacing()[2]);
-            }
+            f.values
+                .entry(Quantity::SliceThickness)
+                .or_insert_with(|| vol.spacing()[2]);
             let x: Vec<f32> = vol.data.iter().copied().collect();
             let mask = crate::harmonise::foreground(&x, &Foreground::Otsu).ok();
             if let Some(mask) = mask {
@@ -139,7 +142,8 @@ pub fn collect(folder: &Path, schema: &CurationSchema) -> std::io::Result<Vec<Se
                     .map(|(v, _)| *v)
                     .collect();
                 if !fg.is_empty() {
-                    f.values.insert(Quantity::Intensity, percentile(&mut fg, 50.0));
+                    f.values
+                        .insert(Quantity::Intensity, percentile(&mut fg, 50.0));
                 }
             }
             match (recipe, modality.as_str()) {
@@ -180,7 +184,11 @@ fn primary(c: u64, k: u64) -> Cell {
 }
 
 /// The categories (cell indices) of one patient's series for a vocabulary.
-fn categories(schema: &CurationSchema, vocabulary: &str, series: &[&SeriesFacts]) -> BTreeSet<usize> {
+fn categories(
+    schema: &CurationSchema,
+    vocabulary: &str,
+    series: &[&SeriesFacts],
+) -> BTreeSet<usize> {
     let v = &schema.vocabularies;
     let other = |len: usize| len;
     let mut out = BTreeSet::new();
@@ -275,7 +283,9 @@ fn per_patient(
 /// The site's aggregates for a schema under minimum cell count `k` (the larger of the
 /// schema's and the site's, never below 5).
 pub fn aggregates(facts: &[SeriesFacts], schema: &CurationSchema, k: u32) -> SiteAggregates {
-    let k = k.max(schema.privacy.min_cell_count).max(protocol::schema::MIN_CELL_COUNT_FLOOR);
+    let k = k
+        .max(schema.privacy.min_cell_count)
+        .max(protocol::schema::MIN_CELL_COUNT_FLOOR);
     let k64 = u64::from(k);
     let mut by_patient: BTreeMap<&str, Vec<&SeriesFacts>> = BTreeMap::new();
     for f in facts {
@@ -456,10 +466,7 @@ pub fn conformance(
 }
 
 /// Which of the schema's required de-identification options this node's profile lacks.
-pub fn profile_check(
-    schema: &CurationSchema,
-    policy: &crate::deid::DeidPolicy,
-) -> ProfileCheck {
+pub fn profile_check(schema: &CurationSchema, policy: &crate::deid::DeidPolicy) -> ProfileCheck {
     let missing = schema
         .deidentification
         .options
@@ -506,15 +513,29 @@ mod tests {
         let a = aggregates(&all, &schema, 0);
         assert_eq!(a.k, 10);
         assert_eq!(a.patients, Cell::Value(15));
-        let sex = &a.counts[schema.statistics.counts_by.iter().position(|v| v == "sex").expect("sex")];
+        let sex = &a.counts[schema
+            .statistics
+            .counts_by
+            .iter()
+            .position(|v| v == "sex")
+            .expect("sex")];
         // F = 12 released; M = 3 suppressed; complementary suppression withholds F too
         // (the only other non-zero cell), O and other stay 0.
         assert_eq!(
             sex.cells,
-            vec![Cell::Suppressed, Cell::Suppressed, Cell::Value(0), Cell::Value(0)]
+            vec![
+                Cell::Suppressed,
+                Cell::Suppressed,
+                Cell::Value(0),
+                Cell::Value(0)
+            ]
         );
         protocol::aggregate::check_aggregates(&a, 10).expect("passes the coordinator's check");
-        let snr = a.moments.iter().find(|(q, _)| *q == Quantity::Snr).and_then(|(_, m)| *m);
+        let snr = a
+            .moments
+            .iter()
+            .find(|(q, _)| *q == Quantity::Snr)
+            .and_then(|(_, m)| *m);
         assert_eq!(snr.map(|m| m.patients), Some(15), "one value per patient");
     }
 

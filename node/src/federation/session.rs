@@ -330,7 +330,10 @@ impl Site {
             state.schema = Some(published_hex.clone());
             self.save(&state)?;
             out.fetched_schema = true;
-            tracing::info!(schema = &published_hex[..12], "fetched the consortium schema");
+            tracing::info!(
+                schema = &published_hex[..12],
+                "fetched the consortium schema"
+            );
         }
         let schema = self
             .schema()
@@ -348,7 +351,7 @@ impl Site {
                 profile: profile.clone(),
                 conformance,
             };
-            match self.send(conn, &Message::SchemaAck(ack)).await? {
+            match self.send(conn, &Message::SchemaAck(Box::new(ack))).await? {
                 Message::Ack { .. } => {}
                 Message::Error { code, .. } => return Err(SessionError::Refused(code)),
                 _ => return Err(SessionError::Unexpected),
@@ -373,7 +376,7 @@ impl Site {
             let report = self.curate(&schema, &published_hex)?;
             super::aggregate::add_findings(&mut facts, &report);
             let aggregates = super::aggregate::aggregates(&facts, &schema, k);
-            let m = Message::Report(AggregateReport {
+            let m = Message::Report(Box::new(AggregateReport {
                 id: derived_id(&[
                     b"report",
                     &published.0,
@@ -383,7 +386,7 @@ impl Site {
                 schema: published,
                 round: welcome.round,
                 aggregates,
-            });
+            }));
             match self.send(conn, &m).await? {
                 Message::Ack { .. } => {}
                 Message::Error { code, .. } => return Err(SessionError::Refused(code)),
@@ -438,7 +441,11 @@ impl Site {
     /// (`harmonised/` in the data directory, provenance in the catalog).
     pub fn apply_model(&self, fit: &FederatedFit, revision: u32) -> Result<usize, SessionError> {
         let (method, fitted, modality) = match fit {
-            FederatedFit::Nyul(s) => (h::Method::Nyul, h::Fitted::Nyul { summary: s.clone() }, "MR"),
+            FederatedFit::Nyul(s) => (
+                h::Method::Nyul,
+                h::Fitted::Nyul { summary: s.clone() },
+                "MR",
+            ),
             FederatedFit::Ct(s) => (
                 h::Method::CtNnunet,
                 h::Fitted::Ct { summary: s.clone() },
