@@ -419,6 +419,10 @@ impl Hub {
             return Ok(None);
         };
         let hash = doc.hash();
+        // Decoding every report is only worth it once enough sites have reported.
+        if self.store.report_count(&hash, self.round)? < self.min_sites {
+            return Ok(None);
+        }
         let reports = self.store.reports(&hash, self.round)?;
         let mut sites = Vec::new();
         let mut fit: Option<FederatedFit> = None;

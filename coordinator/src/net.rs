@@ -50,13 +50,14 @@ fn key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, NetError> {
     })
 }
 
-/// Server TLS for the coordinator: `ca` is the consortium CA, `crl` its revocation list.
-pub fn server_config(
+/// Server TLS for the coordinator: `ca` is the consortium CA, `crl` its revocation list;
+/// TLS 1.3 only, client certificates required, ALPN `fedcurate/1`.
+pub fn server_tls(
     ca: &[u8],
     crl: &[u8],
     cert: &[u8],
     key_pem: &[u8],
-) -> Result<quinn::ServerConfig, NetError> {
+) -> Result<rustls::ServerConfig, NetError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for c in certs(ca, "CA certificate")? {
@@ -79,6 +80,17 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs(cert, "coordinator certificate")?, key(key_pem)?)?;
     tls.alpn_protocols = vec![protocol::ALPN.to_vec()];
+    Ok(tls)
+}
+
+/// The QUIC server configuration over [`server_tls`].
+pub fn server_config(
+    ca: &[u8],
+    crl: &[u8],
+    cert: &[u8],
+    key_pem: &[u8],
+) -> Result<quinn::ServerConfig, NetError> {
+    let tls = server_tls(ca, crl, cert, key_pem)?;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| NetError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));

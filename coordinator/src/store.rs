@@ -267,6 +267,16 @@ impl Store {
         Ok(())
     }
 
+    /// How many sites reported (schema, round).
+    pub fn report_count(&self, schema: &SchemaHash, round: u32) -> Result<usize, StoreError> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM reports WHERE schema = ?1 AND round = ?2",
+            params![hash_hex(schema), round],
+            |r| r.get(0),
+        )?;
+        Ok(n as usize)
+    }
+
     /// The reports of (schema, round), by site name.
     pub fn reports(
         &self,

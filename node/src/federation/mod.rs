@@ -39,12 +39,13 @@ fn quic_err(e: impl std::fmt::Display) -> ConnectError {
     ConnectError::Quic(e.to_string())
 }
 
-/// Client TLS for a site: trusts only the consortium CA and presents the site's certificate.
-pub fn client_config(
+/// Client TLS for a site: trusts only the consortium CA and presents the site's certificate;
+/// TLS 1.3 only, ALPN `fedcurate/1`.
+pub fn client_tls(
     ca: &[u8],
     cert: &[u8],
     key: &[u8],
-) -> Result<quinn::ClientConfig, ConnectError> {
+) -> Result<rustls::ClientConfig, ConnectError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca) {
@@ -69,6 +70,17 @@ pub fn client_config(
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)?;
     tls.alpn_protocols = vec![protocol::ALPN.to_vec()];
+    Ok(tls)
+}
+
+/// The QUIC client configuration over [`client_tls`], with a keep-alive below common NAT
+/// timeouts.
+pub fn client_config(
+    ca: &[u8],
+    cert: &[u8],
+    key: &[u8],
+) -> Result<quinn::ClientConfig, ConnectError> {
+    let tls = client_tls(ca, cert, key)?;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(quic_err)?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
