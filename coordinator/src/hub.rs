@@ -19,6 +19,12 @@ use protocol::{
 use crate::store::{ModelRecord, Store, StoreError, hash_hex};
 use crate::{Action, Registry};
 
+fn now_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// Which fit the schema's harmonisation recipe asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum FitKind {
@@ -142,7 +148,7 @@ impl Hub {
             .and_then(|r| r.parse().ok())
             .unwrap_or(1);
         let min_sites = min_sites.unwrap_or(members.len()).max(1);
-        Ok(Hub {
+        let mut hub = Hub {
             registry: Registry::new(members.clone(), parsed.as_ref().map(|(d, _)| d.hash())),
             store,
             schema: parsed,
@@ -152,7 +158,11 @@ impl Hub {
             next_id: next_id + 1_000_000,
             tap: None,
             changes: 0,
-        })
+        };
+        // Resume: a fit that became due while the coordinator was down (or under a new
+        // `min_sites_for_model`) is made now.
+        hub.maybe_fit(now_seconds())?;
+        Ok(hub)
     }
 
     /// Keep a copy of every frame received (for audits and tests).

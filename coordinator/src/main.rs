@@ -336,6 +336,22 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::CheckConfig { config } => {
             let cfg = CoordinatorConfig::load(&config)?;
+            if let Some(p) = &cfg.schema {
+                let text = std::fs::read_to_string(p).with_context(|| {
+                    format!(
+                        "reading the schema {} (named in {})",
+                        p.display(),
+                        config.display()
+                    )
+                })?;
+                let doc = protocol::SchemaDocument::new(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                let s = doc.schema().map_err(|e| anyhow::anyhow!("{e}"))?;
+                println!(
+                    "schema  {} revision {} (k = {})",
+                    s.id, s.revision, s.privacy.min_cell_count
+                );
+            }
             println!("config {} is valid", config.display());
             println!("listen  {}", cfg.listen);
             println!("sites   {}", cfg.sites.len());

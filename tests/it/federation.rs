@@ -454,3 +454,130 @@ fn three_sites_federate_statistics_and_a_nyul_model_without_leaking() {
         }
     });
 }
+
+async fn wait_for(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// A node running as a service survives the coordinator going away: it backs off, retries,
+/// reconnects when the coordinator is back on the same address, and resumes where it left off
+/// (the round it reported is not reported again; the model fitted after the restart is applied).
+#[test]
+fn a_node_service_reconnects_when_the_coordinator_comes_back() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki_dir = dir.path().join("pki");
+    let pki = Pki::at(&pki_dir);
+    pki.init("test").expect("init");
+    let coord = pki.issue_coordinator("localhost", 30).expect("coordinator");
+    pki.issue_site("site-a", 30).expect("site");
+    let read = |p: &Path| std::fs::read(p).expect("read");
+    let input = dir.path().join("archive");
+    let mut profile = node::sample::consortium_sites(5)[0].clone();
+    profile.patients = 5;
+    node::sample::write_site_archive(&input, &profile).expect("archive");
+    let store_path = dir.path().join("coordinator.sqlite");
+    let members = [
+        SiteId::new("site-a").expect("id"),
+        SiteId::new("site-b").expect("id"),
+    ];
+    let doc = SchemaDocument::new(&schema_text(5, 1)).expect("schema");
+    let server = || {
+        server_config(
+            &read(&pki.ca_cert_path()),
+            &read(&pki.crl_path()),
+            &read(&coord.certificate),
+            &read(coord.key.as_ref().expect("key")),
+        )
+        .expect("server")
+    };
+    let fingerprints = || site_fingerprints(&pki.issued().expect("issued"), now());
+    rt.block_on(async {
+        // First coordinator: waits for both sites before fitting, so no model yet.
+        let hub = Hub::new(
+            members.clone(),
+            Store::open(&store_path).expect("store"),
+            Some(doc.clone()),
+            None,
+        )
+        .expect("hub");
+        let first = Service::start(
+            server(),
+            "127.0.0.1:0".parse().expect("addr"),
+            Arc::new(Mutex::new(hub)),
+            fingerprints(),
+        )
+        .expect("service");
+        let addr = first.local_addr().expect("addr");
+        let mut config = node_config(
+            &dir.path().join("site-a"),
+            "site-a",
+            &pki_dir,
+            &addr.to_string(),
+        );
+        if let Some(f) = config.federation.as_mut() {
+            f.poll_seconds = 1;
+        }
+        deidentify(&config, &input);
+        let site = Site::new(&config, config.data_dir.join("deid")).expect("site");
+        let endpoint =
+            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let running = async {
+            site.run(&endpoint, async {
+                let _ = stop_rx.await;
+            })
+            .await;
+        };
+        let drive = async {
+            wait_for("first report", || site.state().reported.is_some()).await;
+            // The coordinator goes away for a while.
+            first.endpoint.close(0u32.into(), b"maintenance");
+            first.endpoint.wait_idle().await;
+            drop(first);
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+            // It comes back on the same address with its state, now fitting from one site.
+            let hub = Hub::new(
+                members.clone(),
+                Store::open(&store_path).expect("store"),
+                Some(doc.clone()),
+                Some(1),
+            )
+            .expect("hub");
+            let hub = Arc::new(Mutex::new(hub));
+            let second = loop {
+                match Service::start(server(), addr, hub.clone(), fingerprints()) {
+                    Ok(s) => break s,
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                }
+            };
+            wait_for("model applied", || site.state().model == 1).await;
+            second.endpoint.close(0u32.into(), b"test over");
+            let _ = stop_tx.send(());
+        };
+        tokio::join!(running, drive);
+        let log = node::catalog::Catalog::open(&config.data_dir.join("catalog.sqlite"))
+            .expect("catalog")
+            .egress()
+            .expect("egress");
+        assert!(
+            log.iter()
+                .any(|e| e.answer.starts_with("no answer") || e.answer.starts_with("not welcomed")),
+            "the failed attempts are in the egress log too: {log:?}"
+        );
+        assert_eq!(
+            log.iter().filter(|e| e.kind == "report").count(),
+            1,
+            "the round is not reported again after the reconnect"
+        );
+        assert!(log.iter().filter(|e| e.kind == "hello").count() >= 3);
+    });
+}

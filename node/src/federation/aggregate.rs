@@ -539,6 +539,55 @@ mod tests {
         assert_eq!(snr.map(|m| m.patients), Some(15), "one value per patient");
     }
 
+    fn ct_patient(name: &str, values: &[i32]) -> SeriesFacts {
+        let mut s = CtSummary::default();
+        for hu in values {
+            let v = f64::from(*hu);
+            s.count += 1;
+            s.sum += to_fixed(v);
+            s.sum_squares += to_fixed(v * v / 1000.0);
+            s.histogram[(hu - CT_HU_MIN) as usize] += 1;
+        }
+        SeriesFacts {
+            patient: name.into(),
+            modality: "CT".into(),
+            ct: Some(s),
+            ..SeriesFacts::default()
+        }
+    }
+
+    #[test]
+    fn ct_bins_with_fewer_than_k_patients_are_trimmed() {
+        // Five patients share HU 0..=9; one of them also has a voxel at 1000 HU.
+        let mut facts: Vec<SeriesFacts> = (0..5)
+            .map(|i| ct_patient(&format!("p{i}"), &(0..10).collect::<Vec<_>>()))
+            .collect();
+        let mut by: BTreeMap<&str, Vec<&SeriesFacts>> = BTreeMap::new();
+        for f in &facts {
+            by.entry(f.patient.as_str()).or_default().push(f);
+        }
+        let exact = ct_release(&by, 5).expect("5 patients");
+        assert!(!exact.trimmed);
+        assert_eq!(exact.summary.count, 50);
+        assert!(
+            ct_release(&by, 6).is_none(),
+            "fewer than k patients: nothing"
+        );
+        facts[0] = ct_patient("p0", &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1000]);
+        let mut by: BTreeMap<&str, Vec<&SeriesFacts>> = BTreeMap::new();
+        for f in &facts {
+            by.entry(f.patient.as_str()).or_default().push(f);
+        }
+        let r = ct_release(&by, 5).expect("5 patients");
+        assert!(r.trimmed);
+        assert_eq!(
+            r.summary.count, 50,
+            "the lone 1000 HU voxel is not released"
+        );
+        assert_eq!(r.summary.histogram[(1000 - CT_HU_MIN) as usize], 0);
+        assert_eq!(r.summary.mean(), Some(4.5));
+    }
+
     #[test]
     fn ages_parse() {
         assert_eq!(age_years("045Y"), Some(45.0));

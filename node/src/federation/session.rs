@@ -22,6 +22,12 @@ use crate::catalog::{Catalog, EgressRecord};
 use crate::config::{FederationSettings, NodeConfig};
 use crate::harmonise::{self as h, Foreground};
 
+/// How long the node waits for the coordinator to answer a connection attempt.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the node waits for the answer to one request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Session errors.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -228,7 +234,14 @@ impl Site {
             sha256: content_hash(&frame),
             answer: "sent".into(),
         })?;
-        let answer = request(conn, m).await;
+        // Nothing waits forever: an unanswered request fails, and the session reconnects.
+        let answer = match tokio::time::timeout(REQUEST_TIMEOUT, request(conn, m)).await {
+            Ok(a) => a,
+            Err(_) => Err(ConnectError::NotWelcomed(format!(
+                "no answer within {} s",
+                REQUEST_TIMEOUT.as_secs()
+            ))),
+        };
         self.catalog.set_egress_answer(seq, &answer_name(&answer))?;
         Ok(answer?)
     }
@@ -267,14 +280,25 @@ impl Site {
             sha256: content_hash(&frame),
             answer: "sent".into(),
         })?;
-        let r = connect(
-            endpoint,
-            self.client.clone(),
-            addr,
-            &self.settings.server_name(),
-            hello,
+        // A coordinator that is down never answers over UDP: give up after a while.
+        let r = match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            connect(
+                endpoint,
+                self.client.clone(),
+                addr,
+                &self.settings.server_name(),
+                hello,
+            ),
         )
-        .await;
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError::NotWelcomed(format!(
+                "no answer within {} s (is the coordinator up and UDP open?)",
+                CONNECT_TIMEOUT.as_secs()
+            ))),
+        };
         let answer = match &r {
             Ok(_) => "welcome".to_owned(),
             Err(e) => format!("not welcomed: {e}"),
