@@ -37,6 +37,13 @@ pub struct SiteEntry {
 pub struct CoordinatorConfig {
     /// UDP address the coordinator will listen on for QUIC.
     pub listen: SocketAddr,
+    /// TCP address of the fallback for sites whose network blocks UDP (the same protocol
+    /// over TLS 1.3 on TCP). Default: the same address as `listen`. Set `tcp_fallback = false`
+    /// to serve QUIC only.
+    #[serde(default)]
+    pub listen_tcp: Option<SocketAddr>,
+    #[serde(default = "default_true")]
+    pub tcp_fallback: bool,
     /// The consortium's sites.
     pub sites: Vec<SiteEntry>,
     /// Certificates for `serve` (made with `fedcurate-coordinator pki`).
@@ -52,6 +59,10 @@ pub struct CoordinatorConfig {
     /// (default: every listed site).
     #[serde(default)]
     pub min_sites_for_model: Option<usize>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_state_dir() -> PathBuf {

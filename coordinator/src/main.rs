@@ -124,6 +124,19 @@ fn load_tls(
     Ok((server, sites))
 }
 
+/// The rustls server configuration for the TCP fallback.
+fn server_tls(tls: &coordinator::config::TlsConfig) -> Result<rustls::ServerConfig> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).with_context(|| format!("reading {} (named in [tls])", p.display()))
+    };
+    Ok(coordinator::net::server_tls(
+        &read(&tls.ca)?,
+        &read(&tls.crl)?,
+        &read(&tls.cert)?,
+        &read(&tls.key)?,
+    )?)
+}
+
 fn mtimes(tls: &coordinator::config::TlsConfig) -> Vec<Option<std::time::SystemTime>> {
     [&tls.ca, &tls.crl, &tls.cert, &tls.key, &tls.issued]
         .iter()
@@ -198,6 +211,20 @@ fn serve(path: &std::path::Path) -> Result<()> {
             .context("installing the SIGTERM handler")?;
         let service = coordinator::net::Service::start(server, cfg.listen, hub.clone(), sites)?;
         println!("listening on {}", service.local_addr()?);
+        let tcp = if cfg.tcp_fallback {
+            let addr = cfg.listen_tcp.unwrap_or(service.local_addr()?);
+            let tcp = coordinator::net::TcpService::start(
+                server_tls(&tls)?,
+                addr,
+                hub.clone(),
+                service.sites(),
+            )
+            .await?;
+            println!("tcp fallback on {}", tcp.local_addr());
+            Some(tcp)
+        } else {
+            None
+        };
         std::io::stdout().flush()?;
         let mut seen = mtimes(&tls);
         let mut reported = u64::MAX;
@@ -213,6 +240,9 @@ fn serve(path: &std::path::Path) -> Result<()> {
                         match load_tls(&cfg, &tls) {
                             Ok((server, sites)) => {
                                 service.reload(server, sites);
+                                if let (Some(t), Ok(c)) = (&tcp, server_tls(&tls)) {
+                                    t.reload(c);
+                                }
                                 tracing::info!("reloaded the certificates, revocation list and register");
                             }
                             Err(e) => tracing::error!(error = %format!("{e:#}"), "could not reload [tls]; keeping the previous material"),
@@ -231,6 +261,9 @@ fn serve(path: &std::path::Path) -> Result<()> {
             }
         }
         tracing::info!("stopping: closing connections");
+        if let Some(t) = &tcp {
+            t.close();
+        }
         service.endpoint.close(0u32.into(), b"coordinator stopping");
         let _ = tokio::time::timeout(
             std::time::Duration::from_secs(5),

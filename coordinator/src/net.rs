@@ -160,6 +160,11 @@ impl Service {
         self.endpoint.local_addr()
     }
 
+    /// The fingerprint registry (shared with a [`TcpService`], so one reload serves both).
+    pub fn sites(&self) -> SiteMap {
+        self.sites.clone()
+    }
+
     /// Apply new TLS material (e.g. a re-signed revocation list) and a new fingerprint
     /// registry: new handshakes use them at once; a connection whose certificate is no longer
     /// registered is refused at its next request.
@@ -225,41 +230,7 @@ async fn serve_connection(conn: quinn::Connection, hub: Arc<Mutex<Hub>>, sites: 
                 continue;
             }
         };
-        let actions = match protocol::decode_frame(&bytes) {
-            Err(e) => {
-                tracing::warn!(%site, error = %e, "rejected a frame");
-                match hub.lock() {
-                    Ok(mut h) => h.bad_frame(&site, &bytes, now()),
-                    Err(_) => vec![Action::Close],
-                }
-            }
-            // The hello must name the certificate's site.
-            Ok((Message::Hello(h), _)) if h.site != site => {
-                tracing::warn!(%site, "hello names another site: refused");
-                vec![
-                    Action::Reply(Message::Reject {
-                        id: MessageId(now() as u64),
-                        reply_to: h.id,
-                        reason: HandshakeReject::UnknownSite,
-                    }),
-                    Action::Close,
-                ]
-            }
-            Ok((message, _)) => match hub.lock() {
-                Ok(mut h) => {
-                    let actions = h.handle_frame(&site, &bytes, message, now(), welcomed);
-                    let welcome = actions
-                        .iter()
-                        .any(|a| matches!(a, Action::Reply(Message::Welcome(_))));
-                    if welcome && !welcomed {
-                        welcomed = true;
-                        h.connected(&site);
-                    }
-                    actions
-                }
-                Err(_) => vec![Action::Close],
-            },
-        };
+        let actions = dispatch(&hub, &site, &bytes, &mut welcomed);
         if answer(&mut send, actions).await {
             let _ = send.stopped().await;
             conn.close(0u32.into(), b"closed by coordinator");
@@ -268,6 +239,46 @@ async fn serve_connection(conn: quinn::Connection, hub: Arc<Mutex<Hub>>, sites: 
     }
     if welcomed && let Ok(mut h) = hub.lock() {
         h.disconnected(&site);
+    }
+}
+
+/// Decode and handle one frame from `site` on a connection (`welcomed` is the connection's
+/// state); the same for QUIC streams and the TCP fallback.
+fn dispatch(hub: &Mutex<Hub>, site: &SiteId, bytes: &[u8], welcomed: &mut bool) -> Vec<Action> {
+    match protocol::decode_frame(bytes) {
+        Err(e) => {
+            tracing::warn!(%site, error = %e, "rejected a frame");
+            match hub.lock() {
+                Ok(mut h) => h.bad_frame(site, bytes, now()),
+                Err(_) => vec![Action::Close],
+            }
+        }
+        // The hello must name the certificate's site.
+        Ok((Message::Hello(h), _)) if h.site != *site => {
+            tracing::warn!(%site, "hello names another site: refused");
+            vec![
+                Action::Reply(Message::Reject {
+                    id: MessageId(now() as u64),
+                    reply_to: h.id,
+                    reason: HandshakeReject::UnknownSite,
+                }),
+                Action::Close,
+            ]
+        }
+        Ok((message, _)) => match hub.lock() {
+            Ok(mut h) => {
+                let actions = h.handle_frame(site, bytes, message, now(), *welcomed);
+                let welcome = actions
+                    .iter()
+                    .any(|a| matches!(a, Action::Reply(Message::Welcome(_))));
+                if welcome && !*welcomed {
+                    *welcomed = true;
+                    h.connected(site);
+                }
+                actions
+            }
+            Err(_) => vec![Action::Close],
+        },
     }
 }
 
@@ -287,4 +298,169 @@ async fn answer(send: &mut quinn::SendStream, actions: Vec<Action>) -> bool {
     }
     let _ = send.finish();
     close
+}
+
+/// The TCP fallback for hospitals that block UDP: the same protocol over TLS 1.3 on TCP, with
+/// the same mutual authentication. Each frame is preceded by a `u32` stream id (big endian),
+/// and its answers carry the same id: a small multiplex in place of QUIC's streams. Requests
+/// on one connection are answered in order.
+#[derive(Debug)]
+pub struct TcpService {
+    local: SocketAddr,
+    tls: Arc<RwLock<Arc<rustls::ServerConfig>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// Largest frame the TCP fallback reads; a longer length field closes the connection (the
+/// stream cannot be resynchronised without reading it).
+const TCP_MAX: usize = MAX_FRAME_LEN;
+
+impl TcpService {
+    /// Bind and start accepting (on the current tokio runtime).
+    pub async fn start(
+        tls: rustls::ServerConfig,
+        addr: SocketAddr,
+        hub: Arc<Mutex<Hub>>,
+        sites: SiteMap,
+    ) -> Result<Self, NetError> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| NetError::Bind { addr, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| NetError::Bind { addr, source })?;
+        let tls = Arc::new(RwLock::new(Arc::new(tls)));
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let config = tls.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = stopped.changed() => break,
+                };
+                let Ok((tcp, remote)) = accepted else {
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let Ok(current) = config.read().map(|c| c.clone()) else {
+                    break;
+                };
+                let (hub, sites, stop) = (hub.clone(), sites.clone(), stopped.clone());
+                tokio::spawn(async move {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(current);
+                    match tokio::time::timeout(
+                        std::time::Duration::from_secs(10),
+                        acceptor.accept(tcp),
+                    )
+                    .await
+                    {
+                        Ok(Ok(stream)) => serve_tcp(stream, hub, &sites, stop).await,
+                        Ok(Err(e)) => tracing::warn!(
+                            %remote,
+                            error = %e,
+                            "refused a TLS handshake on TCP (no or untrusted client certificate, revoked or expired certificate, or wrong protocol)"
+                        ),
+                        Err(_) => tracing::warn!(%remote, "TLS handshake on TCP timed out"),
+                    }
+                });
+            }
+        });
+        Ok(TcpService { local, tls, stop })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Use new TLS material for new connections.
+    pub fn reload(&self, tls: rustls::ServerConfig) {
+        if let Ok(mut t) = self.tls.write() {
+            *t = Arc::new(tls);
+        }
+    }
+
+    /// Stop accepting and close every connection.
+    pub fn close(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+async fn serve_tcp(
+    mut stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    hub: Arc<Mutex<Hub>>,
+    sites: &SiteMap,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fp = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first().map(|c| fingerprint(c.as_ref())));
+    let Some(site) = lookup(sites, fp.as_deref()) else {
+        tracing::warn!(
+            fingerprint = fp.as_deref().unwrap_or("none"),
+            "a certificate of the consortium CA that is not a registered site: closing (TCP)"
+        );
+        let _ = stream.shutdown().await;
+        return;
+    };
+    tracing::info!(%site, "site connected over TCP");
+    let mut welcomed = false;
+    loop {
+        let mut head = [0u8; 8];
+        let read = tokio::select! {
+            r = stream.read_exact(&mut head) => r,
+            _ = stop.changed() => break,
+        };
+        if read.is_err() {
+            break;
+        }
+        let stream_id = [head[0], head[1], head[2], head[3]];
+        let len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]) as usize;
+        if lookup(sites, fp.as_deref()).as_ref() != Some(&site) {
+            tracing::warn!(%site, "certificate no longer registered (revoked?): closing");
+            break;
+        }
+        let actions = if len > TCP_MAX {
+            tracing::warn!(%site, len, "frame over the hard limit on TCP: answering and closing");
+            let mut a = match hub.lock() {
+                Ok(mut h) => h.bad_frame(&site, &head[4..], now()),
+                Err(_) => Vec::new(),
+            };
+            a.push(Action::Close);
+            a
+        } else {
+            let mut frame = vec![0u8; 4 + len];
+            frame[..4].copy_from_slice(&head[4..]);
+            if stream.read_exact(&mut frame[4..]).await.is_err() {
+                break;
+            }
+            dispatch(&hub, &site, &frame, &mut welcomed)
+        };
+        let mut close = false;
+        for a in actions {
+            match a {
+                Action::Reply(m) => {
+                    if let Ok(f) = protocol::encode_frame(&m) {
+                        let mut out = Vec::with_capacity(4 + f.len());
+                        out.extend_from_slice(&stream_id);
+                        out.extend_from_slice(&f);
+                        if stream.write_all(&out).await.is_err() {
+                            close = true;
+                        }
+                    }
+                }
+                Action::Close => close = true,
+            }
+        }
+        let _ = stream.flush().await;
+        if close {
+            break;
+        }
+    }
+    let _ = stream.shutdown().await;
+    if welcomed && let Ok(mut h) = hub.lock() {
+        h.disconnected(&site);
+    }
 }

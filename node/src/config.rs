@@ -178,6 +178,12 @@ pub struct FederationSettings {
     /// The DNS name in the coordinator's certificate (default: the host of `coordinator`).
     #[serde(default)]
     pub server_name: Option<String>,
+    /// `auto` (QUIC, falling back to TLS on TCP when QUIC cannot connect), `quic` or `tcp`.
+    #[serde(default)]
+    pub transport: Transport,
+    /// The coordinator's TCP fallback, `host:port` (default: the same as `coordinator`).
+    #[serde(default)]
+    pub coordinator_tcp: Option<String>,
     /// The consortium CA certificate.
     pub ca: PathBuf,
     /// This site's certificate and private key (0600).
@@ -190,6 +196,16 @@ pub struct FederationSettings {
     /// Seconds between polls of the coordinator when running as a service.
     #[serde(default = "default_poll")]
     pub poll_seconds: u64,
+}
+
+/// How the node reaches the coordinator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    #[default]
+    Auto,
+    Quic,
+    Tcp,
 }
 
 fn default_poll() -> u64 {

@@ -3,6 +3,8 @@
 //! vendors, spacings and intensity scales, canaries in every identifying attribute), fetch
 //! and acknowledge the schema, report aggregates, and apply the federated Nyúl model.
 //!
+//! The third site's network drops UDP: it reaches the coordinator over the TCP fallback.
+//!
 //! Checked: pooled statistics equal those computed on all sites' data at once (no cell is
 //! small enough to be suppressed under the first schema); the federated model equals the
 //! model fitted on the pooled volumes; under a stricter schema no released cell is below k;
@@ -221,9 +223,31 @@ fn three_sites_federate_statistics_and_a_nyul_model_without_leaking() {
         )
         .expect("service");
         let addr = service.local_addr().expect("addr").to_string();
-        for c in &mut configs {
+        let tcp = coordinator::net::TcpService::start(
+            coordinator::net::server_tls(
+                &read(&pki.ca_cert_path()),
+                &read(&pki.crl_path()),
+                &read(&coord.certificate),
+                &read(coord.key.as_ref().expect("key")),
+            )
+            .expect("server tls"),
+            "127.0.0.1:0".parse().expect("addr"),
+            hub.clone(),
+            service.sites(),
+        )
+        .await
+        .expect("tcp fallback");
+        // The third hospital's firewall drops UDP: its QUIC address leads nowhere, and it
+        // falls back to TLS on TCP by itself.
+        let blocked = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+        for (i, c) in configs.iter_mut().enumerate() {
             if let Some(f) = c.federation.as_mut() {
-                f.coordinator = addr.clone();
+                if i == 2 {
+                    f.coordinator = blocked.local_addr().expect("addr").to_string();
+                    f.coordinator_tcp = Some(tcp.local_addr().to_string());
+                } else {
+                    f.coordinator = addr.clone();
+                }
             }
         }
         let endpoint =
@@ -406,10 +430,24 @@ fn three_sites_federate_statistics_and_a_nyul_model_without_leaking() {
         assert!(suppressed >= 6, "{suppressed} cells suppressed");
 
         // The egress log lists every frame that left, with its hash.
-        for c in &configs {
+        for (i, c) in configs.iter().enumerate() {
             let cat =
                 node::catalog::Catalog::open(&c.data_dir.join("catalog.sqlite")).expect("catalog");
             let log = cat.egress().expect("egress");
+            let over_tcp = log
+                .iter()
+                .filter(|e| e.kind == "hello" && e.answer == "welcome (tcp)")
+                .count();
+            if i == 2 {
+                assert!(over_tcp >= 3, "the UDP-blocked site used the TCP fallback");
+                assert!(
+                    log.iter()
+                        .any(|e| e.kind == "hello" && e.answer.starts_with("not welcomed")),
+                    "its QUIC attempt failed first"
+                );
+            } else {
+                assert_eq!(over_tcp, 0, "the others speak QUIC");
+            }
             let reports = log.iter().filter(|e| e.kind == "report").count();
             assert_eq!(reports, 2, "one report per round");
             assert!(
@@ -437,6 +475,7 @@ fn three_sites_federate_statistics_and_a_nyul_model_without_leaking() {
         assert_eq!(report.sites.len(), 3);
         assert!(report.sites.iter().all(|s| s.acknowledged && s.reported));
         service.endpoint.close(0u32.into(), b"test over");
+        tcp.close();
         let mut haystacks: Vec<Vec<u8>> = Vec::new();
         haystacks.extend(tap_a.lock().expect("tap").iter().cloned());
         haystacks.extend(tap_b.lock().expect("tap").iter().cloned());

@@ -69,8 +69,8 @@ async fn dial(
     })
 }
 
-/// A client that presents no certificate at all.
-async fn dial_without_certificate(addr: SocketAddr, ca: &[u8]) -> Result<(), ConnectError> {
+/// Client TLS that presents no certificate at all.
+fn no_certificate_tls(ca: &[u8]) -> rustls::ClientConfig {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -84,7 +84,13 @@ async fn dial_without_certificate(addr: SocketAddr, ca: &[u8]) -> Result<(), Con
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![protocol::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic");
+    tls
+}
+
+/// A client that presents no certificate at all.
+async fn dial_without_certificate(addr: SocketAddr, ca: &[u8]) -> Result<(), ConnectError> {
+    let quic =
+        quinn::crypto::rustls::QuicClientConfig::try_from(no_certificate_tls(ca)).expect("quic");
     let cfg = quinn::ClientConfig::new(Arc::new(quic));
     let endpoint =
         quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
@@ -95,6 +101,153 @@ async fn dial_without_certificate(addr: SocketAddr, ca: &[u8]) -> Result<(), Con
     .await
     .map_err(|_| ConnectError::NotWelcomed("timed out".into()))?
     .map(|_| ())
+}
+
+/// Dial the TCP fallback with `tls` and say hello as `claim`.
+async fn dial_tcp(
+    addr: SocketAddr,
+    tls: rustls::ClientConfig,
+    server_name: &str,
+    claim: &str,
+) -> Result<node::federation::Link, ConnectError> {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        node::federation::connect_tcp(Arc::new(tls), addr, server_name, hello(claim)),
+    )
+    .await
+    .map_err(|_| ConnectError::NotWelcomed("timed out".into()))?
+    .map(|(link, w)| {
+        assert_eq!(w.reply_to, MessageId(7));
+        link
+    })
+}
+
+#[test]
+fn every_refusal_holds_over_the_tcp_fallback() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = Pki::at(&dir.path().join("pki"));
+        pki.init("test").expect("init");
+        let coord = pki.issue_coordinator("localhost", 30).expect("coordinator");
+        let a = site(&pki, "site-a");
+        let b = site(&pki, "site-b");
+        let c = site(&pki, "site-c");
+        pki.revoke("site-c").expect("revoke");
+        let old = pki.issue_site("site-x", -1).expect("expired");
+        let expired = Site {
+            cert: read(&old.certificate),
+            key: read(&old.key.expect("key")),
+        };
+        let ca = read(&pki.ca_cert_path());
+        let hub = Hub::new(
+            ["site-a", "site-b", "site-c", "site-x"].map(|s| SiteId::new(s).expect("id")),
+            Store::in_memory().expect("store"),
+            None,
+            None,
+        )
+        .expect("hub");
+        let hub = Arc::new(Mutex::new(hub));
+        let sites = Arc::new(std::sync::RwLock::new(site_fingerprints(
+            &pki.issued().expect("issued"),
+            now(),
+        )));
+        let tls = coordinator::net::server_tls(
+            &ca,
+            &read(&pki.crl_path()),
+            &read(&coord.certificate),
+            &read(&coord.key.clone().expect("key")),
+        )
+        .expect("server tls");
+        let service = coordinator::net::TcpService::start(
+            tls,
+            "127.0.0.1:0".parse().expect("addr"),
+            hub.clone(),
+            sites,
+        )
+        .await
+        .expect("tcp service");
+        let addr = service.local_addr();
+        let tls_of = |s: &Site| node::federation::client_tls(&ca, &s.cert, &s.key).expect("tls");
+
+        let link = dial_tcp(addr, tls_of(&a), "localhost", "site-a")
+            .await
+            .expect("site-a is welcomed over TCP");
+        // An oversize frame on the welcomed connection gets a typed error; it still answers.
+        let mut huge = protocol::encode_frame(&protocol::Message::FetchSchema { id: MessageId(9) })
+            .expect("encode");
+        huge.truncate(7);
+        huge[..4].copy_from_slice(&(3u32 + 5000).to_be_bytes());
+        huge.extend_from_slice(&[0u8; 5000]);
+        let bad = link.request_frame(&huge).await.expect("answered");
+        let (m, _) = protocol::decode_frame(&bad).expect("a typed answer");
+        assert!(
+            matches!(
+                m,
+                protocol::Message::Error {
+                    code: protocol::ErrorCode::BadFrame,
+                    ..
+                }
+            ),
+            "{m:?}"
+        );
+        let answer = link
+            .request(&protocol::Message::FetchSchema { id: MessageId(10) })
+            .await
+            .expect("answer");
+        assert!(
+            matches!(
+                answer,
+                protocol::Message::Error {
+                    code: protocol::ErrorCode::NotReady,
+                    ..
+                }
+            ),
+            "no schema published: {answer:?}"
+        );
+        link.close().await;
+        for (what, result) in [
+            (
+                "revoked",
+                dial_tcp(addr, tls_of(&c), "localhost", "site-c").await,
+            ),
+            (
+                "expired",
+                dial_tcp(addr, tls_of(&expired), "localhost", "site-x").await,
+            ),
+            (
+                "another site's name",
+                dial_tcp(addr, tls_of(&b), "localhost", "site-a").await,
+            ),
+            (
+                "no certificate",
+                dial_tcp(addr, no_certificate_tls(&ca), "localhost", "site-a").await,
+            ),
+            (
+                "wrong server name",
+                dial_tcp(addr, tls_of(&b), "coordinator.example.org", "site-b").await,
+            ),
+        ] {
+            assert!(result.is_err(), "{what}: welcomed over TCP");
+        }
+        let other = Pki::at(&dir.path().join("other"));
+        other.init("other").expect("other");
+        let stranger = site(&other, "site-b");
+        assert!(
+            dial_tcp(addr, tls_of(&stranger), "localhost", "site-b")
+                .await
+                .is_err(),
+            "another CA: welcomed over TCP"
+        );
+        dial_tcp(addr, tls_of(&b), "localhost", "site-b")
+            .await
+            .expect("after all that, site-b is welcomed");
+        service.close();
+    });
 }
 
 #[test]

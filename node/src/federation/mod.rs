@@ -112,6 +112,132 @@ pub async fn request(conn: &quinn::Connection, message: &Message) -> Result<Mess
     Ok(m)
 }
 
+/// A connection to the coordinator: QUIC, or the TCP fallback (TLS 1.3 on TCP, each frame
+/// preceded by a `u32` stream id that its answer repeats).
+#[derive(Clone)]
+pub enum Link {
+    Quic(quinn::Connection),
+    Tcp(Arc<tokio::sync::Mutex<TcpLink>>),
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.transport())
+    }
+}
+
+/// The TCP fallback's stream.
+pub struct TcpLink {
+    stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    next: u32,
+}
+
+impl std::fmt::Debug for TcpLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpLink").field("next", &self.next).finish()
+    }
+}
+
+impl Link {
+    /// `quic` or `tcp`.
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Link::Quic(_) => "quic",
+            Link::Tcp(_) => "tcp",
+        }
+    }
+
+    /// One request and its answer.
+    pub async fn request(&self, message: &Message) -> Result<Message, ConnectError> {
+        let frame = protocol::encode_frame(message).map_err(quic_err)?;
+        let answer = self.request_frame(&frame).await?;
+        if answer.is_empty() {
+            return Err(ConnectError::NotWelcomed("no answer".into()));
+        }
+        let (m, _) = protocol::decode_frame(&answer).map_err(quic_err)?;
+        Ok(m)
+    }
+
+    /// Send one frame as it is and return the answer's frame bytes (for audits and tests of
+    /// what the coordinator does with frames it cannot decode).
+    pub async fn request_frame(&self, frame: &[u8]) -> Result<Vec<u8>, ConnectError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let lost = |e: &dyn std::fmt::Display| ConnectError::NotWelcomed(e.to_string());
+        match self {
+            Link::Quic(conn) => {
+                let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+                send.write_all(frame).await.map_err(|e| lost(&e))?;
+                send.finish().map_err(quic_err)?;
+                recv.read_to_end(MAX_FRAME_LEN + 16)
+                    .await
+                    .map_err(|e| lost(&e))
+            }
+            Link::Tcp(t) => {
+                let mut t = t.lock().await;
+                let id = t.next;
+                t.next = t.next.wrapping_add(1);
+                let mut out = Vec::with_capacity(4 + frame.len());
+                out.extend_from_slice(&id.to_be_bytes());
+                out.extend_from_slice(frame);
+                t.stream.write_all(&out).await.map_err(|e| lost(&e))?;
+                t.stream.flush().await.map_err(|e| lost(&e))?;
+                let mut head = [0u8; 8];
+                t.stream.read_exact(&mut head).await.map_err(|e| lost(&e))?;
+                let len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]) as usize;
+                if head[..4] != id.to_be_bytes() || len > MAX_FRAME_LEN {
+                    return Err(ConnectError::Unexpected);
+                }
+                let mut answer = vec![0u8; 4 + len];
+                answer[..4].copy_from_slice(&head[4..]);
+                t.stream
+                    .read_exact(&mut answer[4..])
+                    .await
+                    .map_err(|e| lost(&e))?;
+                Ok(answer)
+            }
+        }
+    }
+
+    /// Close the connection.
+    pub async fn close(&self) {
+        use tokio::io::AsyncWriteExt;
+        match self {
+            Link::Quic(c) => c.close(0u32.into(), b"done"),
+            Link::Tcp(t) => {
+                let _ = t.lock().await.stream.shutdown().await;
+            }
+        }
+    }
+}
+
+/// Dial the coordinator's TCP fallback at `addr` and say hello.
+pub async fn connect_tcp(
+    tls: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    server_name: &str,
+    hello: Hello,
+) -> Result<(Link, Welcome), ConnectError> {
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+        .map_err(|e| ConnectError::Quic(e.to_string()))?;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| ConnectError::NotWelcomed(format!("TCP: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| ConnectError::NotWelcomed(format!("TLS on TCP: {e}")))?;
+    let link = Link::Tcp(Arc::new(tokio::sync::Mutex::new(TcpLink {
+        stream,
+        next: 1,
+    })));
+    match link.request(&Message::Hello(hello)).await? {
+        Message::Welcome(w) => Ok((link, w)),
+        Message::Reject { reason, .. } => Err(ConnectError::Rejected(reason)),
+        _ => Err(ConnectError::Unexpected),
+    }
+}
+
 /// Dial the coordinator at `addr` (its certificate must name `server_name`) and say hello.
 /// Returns the connection once welcomed.
 pub async fn connect(

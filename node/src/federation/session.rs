@@ -16,10 +16,10 @@ use protocol::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{ConnectError, client_config, connect, request};
+use super::{ConnectError, Link, client_config, client_tls, connect, connect_tcp};
 use crate::batch::{content_hash, write_atomically};
 use crate::catalog::{Catalog, EgressRecord};
-use crate::config::{FederationSettings, NodeConfig};
+use crate::config::{FederationSettings, NodeConfig, Transport};
 use crate::harmonise::{self as h, Foreground};
 
 /// How long the node waits for the coordinator to answer a connection attempt.
@@ -145,6 +145,9 @@ pub struct Site {
     policy: crate::deid::DeidPolicy,
     catalog: Catalog,
     client: quinn::ClientConfig,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    /// The TCP fallback worked last time: try it first.
+    prefer_tcp: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Site {
@@ -169,11 +172,13 @@ impl Site {
                 source,
             })
         };
-        let client = client_config(
-            &read(&settings.ca)?,
-            &read(&settings.cert)?,
-            &read(&settings.key)?,
-        )?;
+        let (ca, cert, key) = (
+            read(&settings.ca)?,
+            read(&settings.cert)?,
+            read(&settings.key)?,
+        );
+        let client = client_config(&ca, &cert, &key)?;
+        let tls = std::sync::Arc::new(client_tls(&ca, &cert, &key)?);
         std::fs::create_dir_all(config.data_dir.join("federation"))?;
         let catalog = Catalog::open(&config.data_dir.join("catalog.sqlite"))?;
         let policy = config
@@ -187,6 +192,8 @@ impl Site {
             policy,
             catalog,
             client,
+            tls,
+            prefer_tcp: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -224,7 +231,7 @@ impl Site {
     }
 
     /// Send a request, with the egress log written before the frame leaves.
-    async fn send(&self, conn: &quinn::Connection, m: &Message) -> Result<Message, SessionError> {
+    async fn send(&self, conn: &Link, m: &Message) -> Result<Message, SessionError> {
         let frame = protocol::encode_frame(m).map_err(|e| SessionError::Schema(e.to_string()))?;
         let seq = self.catalog.record_egress(&EgressRecord {
             at: crate::audit::utc_now(),
@@ -235,7 +242,7 @@ impl Site {
             answer: "sent".into(),
         })?;
         // Nothing waits forever: an unanswered request fails, and the session reconnects.
-        let answer = match tokio::time::timeout(REQUEST_TIMEOUT, request(conn, m)).await {
+        let answer = match tokio::time::timeout(REQUEST_TIMEOUT, conn.request(m)).await {
             Ok(a) => a,
             Err(_) => Err(ConnectError::NotWelcomed(format!(
                 "no answer within {} s",
@@ -263,12 +270,13 @@ impl Site {
         }
     }
 
-    /// Dial the coordinator and say hello (logged as egress).
-    pub async fn connect(
+    /// One connection attempt over one transport, logged as egress (the hello that left,
+    /// and whether it was welcomed).
+    async fn attempt(
         &self,
         endpoint: &quinn::Endpoint,
-    ) -> Result<(quinn::Connection, Welcome), SessionError> {
-        let addr = self.resolve()?;
+        transport: Transport,
+    ) -> Result<(Link, Welcome), SessionError> {
         let hello = self.hello();
         let frame = protocol::encode_frame(&Message::Hello(hello.clone()))
             .map_err(|e| SessionError::Schema(e.to_string()))?;
@@ -280,35 +288,91 @@ impl Site {
             sha256: content_hash(&frame),
             answer: "sent".into(),
         })?;
-        // A coordinator that is down never answers over UDP: give up after a while.
-        let r = match tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            connect(
-                endpoint,
-                self.client.clone(),
-                addr,
-                &self.settings.server_name(),
-                hello,
-            ),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(ConnectError::NotWelcomed(format!(
-                "no answer within {} s (is the coordinator up and UDP open?)",
-                CONNECT_TIMEOUT.as_secs()
-            ))),
+        let name = self.settings.server_name();
+        let dial = async {
+            match transport {
+                Transport::Tcp => {
+                    let addr = self.resolve_tcp()?;
+                    Ok(connect_tcp(self.tls.clone(), addr, &name, hello).await?)
+                }
+                _ => {
+                    let addr = self.resolve()?;
+                    let (c, w) = connect(endpoint, self.client.clone(), addr, &name, hello).await?;
+                    Ok((Link::Quic(c), w))
+                }
+            }
         };
+        // A coordinator that is down never answers over UDP: give up after a while.
+        let r: Result<(Link, Welcome), SessionError> =
+            match tokio::time::timeout(CONNECT_TIMEOUT, dial).await {
+                Ok(r) => r,
+                Err(_) => Err(SessionError::Connect(ConnectError::NotWelcomed(format!(
+                    "no answer within {} s (is the coordinator up, and {} open?)",
+                    CONNECT_TIMEOUT.as_secs(),
+                    if transport == Transport::Tcp {
+                        "TCP"
+                    } else {
+                        "UDP"
+                    }
+                )))),
+            };
         let answer = match &r {
-            Ok(_) => "welcome".to_owned(),
+            Ok((l, _)) => format!("welcome ({})", l.transport()),
             Err(e) => format!("not welcomed: {e}"),
         };
         self.catalog.set_egress_answer(seq, &answer)?;
-        Ok(r?)
+        r
+    }
+
+    /// Dial the coordinator and say hello: QUIC first, then (with `transport = "auto"`) the
+    /// TCP fallback when QUIC cannot connect. After a fallback succeeded, TCP is tried first.
+    pub async fn connect(
+        &self,
+        endpoint: &quinn::Endpoint,
+    ) -> Result<(Link, Welcome), SessionError> {
+        use std::sync::atomic::Ordering;
+        let order: &[Transport] = match self.settings.transport {
+            Transport::Quic => &[Transport::Quic],
+            Transport::Tcp => &[Transport::Tcp],
+            Transport::Auto if self.prefer_tcp.load(Ordering::Relaxed) => {
+                &[Transport::Tcp, Transport::Quic]
+            }
+            Transport::Auto => &[Transport::Quic, Transport::Tcp],
+        };
+        let mut last = None;
+        for t in order {
+            match self.attempt(endpoint, *t).await {
+                Ok(ok) => {
+                    self.prefer_tcp
+                        .store(*t == Transport::Tcp, Ordering::Relaxed);
+                    return Ok(ok);
+                }
+                // A refusal is an answer: another transport would be refused too.
+                Err(e @ SessionError::Connect(ConnectError::Rejected(_))) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(transport = ?t, error = %e, "could not connect");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or(SessionError::Unexpected))
+    }
+
+    fn resolve_tcp(&self) -> Result<SocketAddr, SessionError> {
+        let target = self
+            .settings
+            .coordinator_tcp
+            .as_deref()
+            .unwrap_or(&self.settings.coordinator);
+        target
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| SessionError::Resolve(target.to_owned()))
     }
 
     /// Say hello again on a live connection: the welcome says what is due.
-    pub async fn poll(&self, conn: &quinn::Connection) -> Result<Welcome, SessionError> {
+    pub async fn poll(&self, conn: &Link) -> Result<Welcome, SessionError> {
         match self.send(conn, &Message::Hello(self.hello())).await? {
             Message::Welcome(w) => Ok(w),
             Message::Reject { reason, .. } => {
@@ -319,11 +383,7 @@ impl Site {
     }
 
     /// Do everything the welcome says is due.
-    pub async fn sync(
-        &self,
-        conn: &quinn::Connection,
-        welcome: &Welcome,
-    ) -> Result<SyncOutcome, SessionError> {
+    pub async fn sync(&self, conn: &Link, welcome: &Welcome) -> Result<SyncOutcome, SessionError> {
         let mut out = SyncOutcome {
             welcome: Some((welcome.round, welcome.model)),
             ..SyncOutcome::default()
@@ -545,7 +605,7 @@ impl Site {
                 out.welcome = more.welcome;
             }
         }
-        conn.close(0u32.into(), b"done");
+        conn.close().await;
         Ok(out)
     }
 
