@@ -319,6 +319,7 @@ impl Hub {
             Message::SchemaAck(a) => self.schema_ack(peer, *a, now),
             Message::Report(r) => self.report(peer, *r, now),
             Message::FetchModel { id, schema } => self.fetch_model(id, schema),
+            Message::Refusal(r) => self.refusal(peer, r, now),
             other => Ok(self.error(Some(other.id()), ErrorCode::Unexpected)),
         };
         result.unwrap_or_else(|e| {
@@ -480,6 +481,24 @@ impl Hub {
         Ok(Some(revision))
     }
 
+    fn refusal(
+        &mut self,
+        peer: &SiteId,
+        r: protocol::Refusal,
+        now: i64,
+    ) -> Result<Vec<Action>, StoreError> {
+        if self.current(&r.schema).is_none() {
+            return Ok(self.error(Some(r.id), ErrorCode::SchemaMismatch));
+        }
+        if !self.store.first_application(peer, r.id, now)? {
+            return Ok(self.ack(r.id, true));
+        }
+        self.store
+            .put_refusal(peer, &r.schema, r.round, r.reason, now)?;
+        tracing::warn!(%peer, round = r.round, reason = ?r.reason, "site declined to release the round's aggregates");
+        Ok(self.ack(r.id, false))
+    }
+
     fn fetch_model(
         &mut self,
         reply_to: MessageId,
@@ -576,6 +595,7 @@ mod tests {
                 },
             }),
             ct: None,
+            noise: None,
         }
     }
 

@@ -37,6 +37,10 @@ pub struct SiteStatus {
     /// Series violating each protocol constraint.
     pub deviations: Vec<Option<u64>>,
     pub quarantined: Option<u64>,
+    /// Why the site declined to release this round, if it did.
+    pub refused: Option<String>,
+    /// Differential privacy the site's report spent (ε), if any.
+    pub dp_epsilon: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -218,7 +222,21 @@ pub fn build(hub: &Hub) -> Result<ConsortiumReport, StoreError> {
             }),
             deviations: conf.map(|c| cells(&c.deviations)).unwrap_or_default(),
             quarantined: conf.and_then(|c| c.quarantined.value()),
+            refused: store
+                .refusal(site, &hash, round)?
+                .filter(|_| a.is_none())
+                .map(|r| format!("{r:?}")),
+            dp_epsilon: a
+                .and_then(|a| a.noise)
+                .map(|n| n.epsilon_micro as f64 / 1e6),
         };
+        if let Some(r) = &status.refused {
+            deviations.push(Deviation {
+                site: site.to_string(),
+                code: "release-declined",
+                message: format!("declined to release round {round}: {r}"),
+            });
+        }
         if !acknowledged {
             deviations.push(Deviation {
                 site: site.to_string(),
@@ -233,7 +251,7 @@ pub fn build(hub: &Hub) -> Result<ConsortiumReport, StoreError> {
                 message: format!("de-identification profile lacks {}", missing.join(", ")),
             });
         }
-        if acknowledged && !status.reported {
+        if acknowledged && !status.reported && status.refused.is_none() {
             deviations.push(Deviation {
                 site: site.to_string(),
                 code: "no-report",

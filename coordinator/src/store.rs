@@ -22,7 +22,8 @@ pub enum StoreError {
     TooNew(i64),
 }
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE sites (
     site TEXT PRIMARY KEY,
@@ -62,7 +63,18 @@ CREATE TABLE received (
     sha256 TEXT NOT NULL,
     outcome TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE refusals (
+    site TEXT NOT NULL,
+    schema TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (site, schema, round)
+);
+"#,
+];
 
 /// Hex of a schema hash (how the store keys schemas).
 pub fn hash_hex(h: &SchemaHash) -> String {
@@ -265,6 +277,41 @@ impl Store {
             params![site.as_str(), hash_hex(schema), round, at, json(aggregates)?],
         )?;
         Ok(())
+    }
+
+    /// Record that a site declined to release (schema, round), and why.
+    pub fn put_refusal(
+        &self,
+        site: &SiteId,
+        schema: &SchemaHash,
+        round: u32,
+        reason: protocol::aggregate::RefusalReason,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO refusals (site, schema, round, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (site, schema, round) DO UPDATE SET reason = excluded.reason, at = excluded.at",
+            params![site.as_str(), hash_hex(schema), round, json(&reason)?, at],
+        )?;
+        Ok(())
+    }
+
+    /// A site's refusal of (schema, round), if any.
+    pub fn refusal(
+        &self,
+        site: &SiteId,
+        schema: &SchemaHash,
+        round: u32,
+    ) -> Result<Option<protocol::aggregate::RefusalReason>, StoreError> {
+        let r: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT reason FROM refusals WHERE site = ?1 AND schema = ?2 AND round = ?3",
+                params![site.as_str(), hash_hex(schema), round],
+                |r| r.get(0),
+            )
+            .optional()?;
+        r.as_deref().map(unjson).transpose()
     }
 
     /// How many sites reported (schema, round).

@@ -111,7 +111,39 @@ const MIGRATIONS: &[&str] = &[
         answer TEXT NOT NULL
     );
     "#,
+    // 4: the privacy ledger: every release (or refusal) of aggregates, what it spent, and
+    // over which patients (hashes of pseudonyms), for the budget and the differencing check.
+    r#"
+    CREATE TABLE releases (
+        seq INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        dataset TEXT NOT NULL,
+        schema TEXT NOT NULL,
+        round INTEGER NOT NULL,
+        epsilon REAL NOT NULL,
+        delta REAL NOT NULL,
+        patients TEXT NOT NULL,
+        outcome TEXT NOT NULL
+    );
+    "#,
 ];
+
+/// One entry of the privacy ledger.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ReleaseRecord {
+    pub at: String,
+    /// The consortium protocol (schema id) the release belongs to.
+    pub dataset: String,
+    pub schema: String,
+    pub round: u32,
+    /// Differential privacy spent (0 when the schema asks for none).
+    pub epsilon: f64,
+    pub delta: f64,
+    /// Hashes of the pseudonyms of the patients the release covers, sorted.
+    pub patients: Vec<String>,
+    /// `released`, `refused-budget`, `refused-differencing`, `awaiting-approval`.
+    pub outcome: String,
+}
 
 /// One message that left the node.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -729,6 +761,43 @@ impl Catalog {
                     bytes: r.get::<_, i64>(3)? as u64,
                     sha256: r.get(4)?,
                     answer: r.get(5)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+    }
+
+    /// Append to the privacy ledger.
+    pub fn record_release(&self, r: &ReleaseRecord) -> Result<(), CatalogError> {
+        let patients = serde_json::to_string(&r.patients).unwrap_or_else(|_| "[]".into());
+        self.conn
+            .execute(
+                "INSERT INTO releases (at, dataset, schema, round, epsilon, delta, patients, outcome)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![r.at, r.dataset, r.schema, r.round, r.epsilon, r.delta, patients, r.outcome],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// The privacy ledger, oldest first.
+    pub fn releases(&self) -> Result<Vec<ReleaseRecord>, CatalogError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT at, dataset, schema, round, epsilon, delta, patients, outcome FROM releases ORDER BY seq")
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| {
+                let patients: String = r.get(6)?;
+                Ok(ReleaseRecord {
+                    at: r.get(0)?,
+                    dataset: r.get(1)?,
+                    schema: r.get(2)?,
+                    round: r.get(3)?,
+                    epsilon: r.get(4)?,
+                    delta: r.get(5)?,
+                    patients: serde_json::from_str(&patients).unwrap_or_default(),
+                    outcome: r.get(7)?,
                 })
             })
             .map_err(self.err())?;

@@ -196,6 +196,28 @@ pub struct FederationSettings {
     /// Seconds between polls of the coordinator when running as a service.
     #[serde(default = "default_poll")]
     pub poll_seconds: u64,
+    /// The site's differential-privacy budget per dataset (consortium protocol): releases
+    /// that would spend more in total are refused.
+    #[serde(default = "default_budget_epsilon")]
+    pub privacy_budget_epsilon: f64,
+    #[serde(default = "default_budget_delta")]
+    pub privacy_budget_delta: f64,
+    /// New kinds of release (a first schema, or one that widens what leaves) wait for
+    /// `fedcurate-node egress approve`. Set to false to let every schema's releases leave.
+    #[serde(default = "default_true")]
+    pub egress_approval: bool,
+}
+
+fn default_budget_epsilon() -> f64 {
+    10.0
+}
+
+fn default_budget_delta() -> f64 {
+    1e-5
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// How the node reaches the coordinator.

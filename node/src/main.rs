@@ -219,11 +219,14 @@ enum Command {
         #[arg(long)]
         input: Option<PathBuf>,
     },
-    /// The egress log: every message that left for the coordinator (kind, size, SHA-256, answer).
+    /// The egress log: every message that left for the coordinator (kind, size, SHA-256,
+    /// answer); the approval queue; the privacy ledger.
     Egress {
         /// Print JSON lines instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        command: Option<EgressCommand>,
     },
 }
 
@@ -244,6 +247,16 @@ struct DeidArgs {
     /// Add a profile option to those in the config (repeatable), e.g. retain-patient-characteristics.
     #[arg(long = "option", value_name = "NAME")]
     options: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum EgressCommand {
+    /// Show what a new schema would make leave, waiting for approval.
+    Pending,
+    /// Approve what is pending (recorded in the audit chain).
+    Approve,
+    /// The privacy ledger: every release or refusal, the ε and δ it spent, per dataset.
+    Ledger,
 }
 
 #[derive(Subcommand, Debug)]
@@ -559,7 +572,7 @@ fn main() -> Result<()> {
             wait_model,
             input,
         } => federate(&config, once, wait_model, input),
-        Command::Egress { json } => egress(&config, json),
+        Command::Egress { json, command } => egress(&config, json, command),
         Command::Pull {
             from,
             accessions,
@@ -1593,7 +1606,77 @@ fn federate(
     })
 }
 
-fn egress(config: &NodeConfig, json: bool) -> Result<()> {
+fn egress(config: &NodeConfig, json: bool, command: Option<EgressCommand>) -> Result<()> {
+    let approvals = node::federation::approval::Approvals::at(&config.data_dir.join("federation"));
+    match command {
+        Some(EgressCommand::Pending) => {
+            match approvals.pending() {
+                None => println!("nothing waits for approval"),
+                Some(p) => {
+                    println!(
+                        "schema {} revision {} would make these leave this site for the first time:",
+                        p.schema_id, p.schema_revision
+                    );
+                    for i in &p.items {
+                        println!("  - {i}");
+                    }
+                    println!("approve with `fedcurate-node egress approve`");
+                }
+            }
+            return Ok(());
+        }
+        Some(EgressCommand::Approve) => {
+            let items = approvals.approve()?;
+            if items.is_empty() {
+                println!("nothing waits for approval");
+                return Ok(());
+            }
+            let mut catalog =
+                node::catalog::Catalog::open(&config.data_dir.join("catalog.sqlite"))?;
+            catalog.audit(&audit::AuditRecord::now(
+                "egress-approve",
+                serde_json::json!({ "approved": items }),
+            ))?;
+            println!(
+                "approved {} kinds of release; they leave at the next synchronisation",
+                items.len()
+            );
+            return Ok(());
+        }
+        Some(EgressCommand::Ledger) => {
+            let catalog = node::catalog::Catalog::open(&config.data_dir.join("catalog.sqlite"))?;
+            let rows = catalog.releases()?;
+            let mut spent: std::collections::BTreeMap<&str, (f64, f64)> = Default::default();
+            for r in &rows {
+                if json {
+                    println!("{}", serde_json::to_string(r)?);
+                } else {
+                    println!(
+                        "{:<20} {:<20} round {:<3} {:<22} eps {:.3} delta {:.1e} ({} patients)",
+                        r.at,
+                        r.dataset,
+                        r.round,
+                        r.outcome,
+                        r.epsilon,
+                        r.delta,
+                        r.patients.len()
+                    );
+                }
+                if r.outcome == "released" {
+                    let e = spent.entry(r.dataset.as_str()).or_default();
+                    e.0 += r.epsilon;
+                    e.1 += r.delta;
+                }
+            }
+            if !json {
+                for (d, (e, dl)) in spent {
+                    println!("spent on {d}: eps {e:.3}, delta {dl:.1e}");
+                }
+            }
+            return Ok(());
+        }
+        None => {}
+    }
     let catalog = node::catalog::Catalog::open(&config.data_dir.join("catalog.sqlite"))?;
     let rows = catalog.egress()?;
     if json {
@@ -1617,6 +1700,12 @@ fn egress(config: &NodeConfig, json: bool) -> Result<()> {
         );
     }
     println!("{} messages left this node", rows.len());
+    if let Some(p) = approvals.pending() {
+        println!(
+            "{} new kinds of release wait for approval: `fedcurate-node egress pending`",
+            p.items.len()
+        );
+    }
     Ok(())
 }
 

@@ -349,3 +349,36 @@ fn nifti_and_analyze_inputs_are_deidentified_with_the_same_guarantees() {
         serde_json::json!({"Modality": "MR", "RepetitionTime": 2.3})
     );
 }
+
+#[test]
+fn egress_approval_queue_previews_approves_and_audits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let fed = data.join("federation");
+    std::fs::create_dir_all(&fed).expect("dir");
+    let schema = protocol::schema::CurationSchema::parse(include_str!("../../deploy/schema.toml"))
+        .expect("schema");
+    let pending = node::federation::approval::Approvals::at(&fed)
+        .check(&schema)
+        .expect("check");
+    assert!(!pending.is_empty());
+    let cfg = config(dir.path(), "");
+    let out = run(bin().arg("--config").arg(&cfg).args(["egress", "pending"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("patients by sex"), "{text}");
+    assert!(text.contains("egress approve"), "{text}");
+    let out = run(bin().arg("--config").arg(&cfg).args(["egress", "approve"]));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("approved {}", pending.len())),
+        "{out:?}"
+    );
+    let out = run(bin().arg("--config").arg(&cfg).args(["egress", "pending"]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing waits"));
+    let out = run(bin().arg("--config").arg(&cfg).args(["audit", "list"]));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("egress-approve"),
+        "{out:?}"
+    );
+    let out = run(bin().arg("--config").arg(&cfg).args(["egress"]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 messages left this node"));
+}

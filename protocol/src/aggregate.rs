@@ -258,6 +258,37 @@ pub struct SiteAggregates {
     pub moments: Vec<(Quantity, Option<Moments>)>,
     pub nyul: Option<NyulRelease>,
     pub ct: Option<CtRelease>,
+    /// Differential-privacy noise the site added to counts and sums, if the schema asks.
+    pub noise: Option<NoiseApplied>,
+}
+
+/// The noise mechanism a site applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mechanism {
+    /// Two-sided geometric noise (δ = 0).
+    DiscreteLaplace,
+    /// Discrete Gaussian noise (δ > 0).
+    DiscreteGaussian,
+}
+
+/// What differential privacy a release spent: ε in millionths, δ in 10^-12 units.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoiseApplied {
+    pub mechanism: Mechanism,
+    pub epsilon_micro: u64,
+    pub delta_pico: u64,
+}
+
+/// Why a site did not release the aggregates of a round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusalReason {
+    /// The release would exceed the site's privacy budget for this dataset.
+    BudgetExhausted,
+    /// The release differs from an earlier one by fewer than k patients, so their
+    /// difference would isolate them.
+    Differencing,
+    /// The release widens what leaves the site; hospital IT has not approved it yet.
+    AwaitingApproval,
 }
 
 /// A site's conformance to the schema, as counts of series (suppressed like any count).

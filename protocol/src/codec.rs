@@ -30,11 +30,12 @@ enum Kind {
     Report = 0x23,
     FetchModel = 0x24,
     Model = 0x25,
+    Refusal = 0x26,
     Ack = 0x2E,
     Error = 0x2F,
 }
 
-const KINDS: [Kind; 11] = [
+const KINDS: [Kind; 12] = [
     Kind::Hello,
     Kind::Welcome,
     Kind::Reject,
@@ -44,6 +45,7 @@ const KINDS: [Kind; 11] = [
     Kind::Report,
     Kind::FetchModel,
     Kind::Model,
+    Kind::Refusal,
     Kind::Ack,
     Kind::Error,
 ];
@@ -60,6 +62,7 @@ impl Kind {
             Message::Report(_) => Kind::Report,
             Message::FetchModel { .. } => Kind::FetchModel,
             Message::Model(_) => Kind::Model,
+            Message::Refusal(_) => Kind::Refusal,
             Message::Ack { .. } => Kind::Ack,
             Message::Error { .. } => Kind::Error,
         }
@@ -83,6 +86,7 @@ impl Kind {
             | Kind::Reject
             | Kind::FetchSchema
             | Kind::FetchModel
+            | Kind::Refusal
             | Kind::Ack
             | Kind::Error => 1024,
             Kind::SchemaAck => 64 * 1024,
@@ -349,6 +353,15 @@ mod tests {
                     histograms,
                     moments,
                     nyul,
+                    noise: (k % 2 == 1).then_some(NoiseApplied {
+                        mechanism: if k % 4 == 1 {
+                            Mechanism::DiscreteLaplace
+                        } else {
+                            Mechanism::DiscreteGaussian
+                        },
+                        epsilon_micro: u64::from(k),
+                        delta_pico: u64::from(k) * 3,
+                    }),
                     ct,
                 },
             )
@@ -400,6 +413,18 @@ mod tests {
                     round,
                     aggregates,
                 }))
+            ),
+            (any::<u64>(), hash32.clone(), any::<u32>(), 0..3u8).prop_map(
+                |(id, schema, round, r)| Message::Refusal(Refusal {
+                    id: MessageId(id),
+                    schema,
+                    round,
+                    reason: match r {
+                        0 => RefusalReason::BudgetExhausted,
+                        1 => RefusalReason::Differencing,
+                        _ => RefusalReason::AwaitingApproval,
+                    },
+                })
             ),
             (any::<u64>(), hash32.clone()).prop_map(|(id, schema)| Message::FetchModel {
                 id: MessageId(id),

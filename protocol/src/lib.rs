@@ -15,6 +15,6 @@ pub mod summary;
 pub use codec::{ALPN, CodecError, MAX_FRAME_LEN, decode_frame, encode_frame};
 pub use message::{
     AggregateReport, ErrorCode, FederatedFit, HandshakeReject, Hello, Message, MessageId,
-    ModelPublication, PROTOCOL_VERSION, SchemaAck, SchemaDocument, SchemaHash, SiteId, SiteIdError,
-    Welcome,
+    ModelPublication, PROTOCOL_VERSION, Refusal, SchemaAck, SchemaDocument, SchemaHash, SiteId,
+    SiteIdError, Welcome,
 };

@@ -158,6 +158,16 @@ pub struct AggregateReport {
     pub aggregates: SiteAggregates,
 }
 
+/// A site declines to release a round's aggregates, and says why (the coordinator records it
+/// and shows it in the report).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub id: MessageId,
+    pub schema: SchemaHash,
+    pub round: u32,
+    pub reason: crate::aggregate::RefusalReason,
+}
+
 /// What a federated harmonisation fit learnt: the merged summaries of the sites, from which
 /// every node derives exactly the model that fitting on the pooled volumes gives.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,6 +242,7 @@ pub enum Message {
     },
     SchemaAck(Box<SchemaAck>),
     Report(Box<AggregateReport>),
+    Refusal(Refusal),
     FetchModel {
         id: MessageId,
         schema: SchemaHash,
@@ -265,6 +276,7 @@ impl Message {
             | Message::Error { id, .. } => *id,
             Message::SchemaAck(a) => a.id,
             Message::Report(r) => r.id,
+            Message::Refusal(r) => r.id,
             Message::Model(m) => m.id,
         }
     }

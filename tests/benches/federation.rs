@@ -122,6 +122,7 @@ fn aggregates(schema: &CurationSchema, seed: u64) -> SiteAggregates {
             trimmed: false,
             summary: ct,
         }),
+        noise: None,
     }
 }
 

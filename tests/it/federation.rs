@@ -91,6 +91,7 @@ server_name = "localhost"
 ca = {ca:?}
 cert = {cert:?}
 key = {key:?}
+egress_approval = false
 "#,
         data = data_dir.display().to_string(),
         ca = pki.join("ca.crt").display().to_string(),
@@ -619,4 +620,175 @@ fn a_node_service_reconnects_when_the_coordinator_comes_back() {
         );
         assert!(log.iter().filter(|e| e.kind == "hello").count() >= 3);
     });
+}
+
+/// The node's privacy ledgers over the wire: a first schema waits for hospital IT's approval;
+/// differential privacy spends the site's budget until a release is refused; a release that
+/// differs from an earlier one by fewer than k patients is refused. Each refusal reaches the
+/// coordinator and the egress log.
+#[test]
+fn approval_budget_and_differencing_refusals() {
+    use protocol::aggregate::RefusalReason;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki_dir = dir.path().join("pki");
+    let pki = Pki::at(&pki_dir);
+    pki.init("test").expect("init");
+    let coord = pki.issue_coordinator("localhost", 30).expect("coordinator");
+    pki.issue_site("site-a", 30).expect("site");
+    let read = |p: &Path| std::fs::read(p).expect("read");
+    let mut profile = node::sample::consortium_sites(5)[0].clone();
+    profile.patients = 10;
+    let input = dir.path().join("archive");
+    node::sample::write_site_archive(&input, &profile).expect("archive");
+    // The site starts with 5 of its 10 patients; the others arrive later.
+    let first = dir.path().join("first");
+    for p in 0..5 {
+        let name = format!("{}_{p:03}", profile.prefix);
+        std::fs::rename(input.join(&name), first.join(&name))
+            .or_else(|_| {
+                std::fs::create_dir_all(&first)?;
+                std::fs::rename(input.join(&name), first.join(&name))
+            })
+            .expect("move");
+    }
+    let dp_schema = schema_text(5, 1).replace(
+        "min_cell_count = 5",
+        "min_cell_count = 5\n\n[privacy.differential_privacy]\nepsilon = 1.0\ndelta = 0.0",
+    );
+    let doc = SchemaDocument::new(&dp_schema).expect("dp schema");
+    let hub = Hub::new(
+        [SiteId::new("site-a").expect("id")],
+        Store::in_memory().expect("store"),
+        Some(doc.clone()),
+        None,
+    )
+    .expect("hub");
+    let hub = Arc::new(Mutex::new(hub));
+    rt.block_on(async {
+        let service = Service::start(
+            server_config(
+                &read(&pki.ca_cert_path()),
+                &read(&pki.crl_path()),
+                &read(&coord.certificate),
+                &read(coord.key.as_ref().expect("key")),
+            )
+            .expect("server"),
+            "127.0.0.1:0".parse().expect("addr"),
+            hub.clone(),
+            site_fingerprints(&pki.issued().expect("issued"), now()),
+        )
+        .expect("service");
+        let addr = service.local_addr().expect("addr").to_string();
+        let mut config = node_config(&dir.path().join("site-a"), "site-a", &pki_dir, &addr);
+        if let Some(f) = config.federation.as_mut() {
+            f.egress_approval = true;
+            f.privacy_budget_epsilon = 2.5;
+        }
+        deidentify(&config, &first);
+        let site = Site::new(&config, config.data_dir.join("deid")).expect("site");
+        let endpoint =
+            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+        let refusal = |round: u32| {
+            hub.lock()
+                .expect("hub")
+                .store()
+                .refusal(&SiteId::new("site-a").expect("id"), &doc.hash(), round)
+                .expect("refusal")
+        };
+
+        // A first schema waits for approval; the coordinator hears why.
+        let out = site.run_once(&endpoint, None).await.expect("sync");
+        assert_eq!(out.refused, Some(RefusalReason::AwaitingApproval));
+        assert_eq!(refusal(1), Some(RefusalReason::AwaitingApproval));
+        let approvals =
+            node::federation::approval::Approvals::at(&config.data_dir.join("federation"));
+        let pending = approvals.pending().expect("a preview");
+        assert!(
+            pending
+                .items
+                .iter()
+                .any(|i| i.starts_with("patients by sex"))
+        );
+        approvals.approve().expect("approve");
+
+        // Released with noise: ε = 1 of a budget of 2.5.
+        let out = site.run_once(&endpoint, None).await.expect("sync");
+        assert_eq!(out.reported, Some(1));
+        let stored = hub
+            .lock()
+            .expect("hub")
+            .store()
+            .reports(&doc.hash(), 1)
+            .expect("reports");
+        let noise = stored[0].1.noise.expect("noise applied");
+        assert_eq!(noise.epsilon_micro, 1_000_000);
+        // Round 2: 2 of 2.5 spent. Round 3 would spend 3: refused.
+        hub.lock().expect("hub").next_round().expect("round");
+        assert_eq!(
+            site.run_once(&endpoint, None).await.expect("sync").reported,
+            Some(2)
+        );
+        hub.lock().expect("hub").next_round().expect("round");
+        let out = site.run_once(&endpoint, None).await.expect("sync");
+        assert_eq!(out.refused, Some(RefusalReason::BudgetExhausted));
+        assert_eq!(refusal(3), Some(RefusalReason::BudgetExhausted));
+
+        // A schema without noise (another dataset): one new patient is refused (it would be
+        // isolated by the difference with the earlier releases), five new ones are released.
+        let plain =
+            SchemaDocument::new(&schema_text(5, 1).replace("brain-t1-test", "brain-t1-plain"))
+                .expect("plain");
+        *hub.lock().expect("hub") = Hub::new(
+            [SiteId::new("site-a").expect("id")],
+            Store::in_memory().expect("store"),
+            Some(plain.clone()),
+            None,
+        )
+        .expect("hub");
+        approvals
+            .check(&plain.schema().expect("schema"))
+            .expect("check");
+        approvals.approve().expect("approve");
+        let one = dir.path().join("one");
+        let name = format!("{}_{:03}", profile.prefix, 5);
+        std::fs::create_dir_all(&one).expect("dir");
+        std::fs::rename(input.join(&name), one.join(&name)).expect("move");
+        deidentify(&config, &one);
+        let out = site.run_once(&endpoint, None).await.expect("sync");
+        assert_eq!(out.refused, Some(RefusalReason::Differencing));
+        deidentify(&config, &input);
+        let out = site.run_once(&endpoint, None).await.expect("sync");
+        assert_eq!(
+            out.reported,
+            Some(1),
+            "ten patients: five more than released before"
+        );
+        service.endpoint.close(0u32.into(), b"test over");
+    });
+    let cat =
+        node::catalog::Catalog::open(&config_path(&dir).join("catalog.sqlite")).expect("catalog");
+    let log = cat.egress().expect("egress");
+    assert_eq!(
+        log.iter().filter(|e| e.kind == "refusal").count(),
+        3,
+        "approval, budget and differencing refusals left as messages"
+    );
+    let ledger = cat.releases().expect("ledger");
+    let spent: f64 = ledger
+        .iter()
+        .filter(|r| r.dataset == "brain-t1-test" && r.outcome == "released")
+        .map(|r| r.epsilon)
+        .sum();
+    assert_eq!(spent, 2.0);
+    assert!(ledger.iter().any(|r| r.outcome == "refused-budget"));
+    assert!(ledger.iter().any(|r| r.outcome == "refused-differencing"));
+}
+
+fn config_path(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("site-a")
 }

@@ -283,6 +283,44 @@ fn per_patient(
 /// The site's aggregates for a schema under minimum cell count `k` (the larger of the
 /// schema's and the site's, never below 5).
 pub fn aggregates(facts: &[SeriesFacts], schema: &CurationSchema, k: u32) -> SiteAggregates {
+    aggregates_with(facts, schema, k, None)
+}
+
+/// Vocabularies in which a patient has exactly one category (sensitivity 1 under DP).
+const PARTITIONS: [&str; 2] = ["sex", "age_bands"];
+
+/// Series per patient counted under differential privacy (bounds the sensitivity).
+pub const DP_SERIES_CAP: usize = 4;
+
+/// The clipping range of a quantity under differential privacy: its first histogram's
+/// outer edges (a quantity without a histogram has no public range: its moments are withheld).
+fn clip_range(schema: &CurationSchema, q: Quantity) -> Option<(f64, f64)> {
+    schema
+        .statistics
+        .histograms
+        .iter()
+        .find(|h| Quantity::from_name(&h.quantity) == Some(q))
+        .and_then(|h| Some((*h.edges.first()?, *h.edges.last()?)))
+}
+
+/// How many statistics a release noises (ε and δ are split evenly over them).
+pub fn dp_statistics(schema: &CurationSchema) -> usize {
+    let moments = schema
+        .moment_quantities()
+        .into_iter()
+        .filter(|q| clip_range(schema, *q).is_some())
+        .count();
+    2 + schema.statistics.counts_by.len() + schema.statistics.histograms.len() + 3 * moments
+}
+
+/// [`aggregates`], with differential-privacy noise on the counts and sums when `noise` is
+/// given: noise first, then the k rules on the noisy counts (post-processing).
+pub fn aggregates_with(
+    facts: &[SeriesFacts],
+    schema: &CurationSchema,
+    k: u32,
+    mut noise: Option<&mut super::privacy::Noise>,
+) -> SiteAggregates {
     let k = k
         .max(schema.privacy.min_cell_count)
         .max(protocol::schema::MIN_CELL_COUNT_FLOOR);
@@ -291,13 +329,29 @@ pub fn aggregates(facts: &[SeriesFacts], schema: &CurationSchema, k: u32) -> Sit
     for f in facts {
         by_patient.entry(f.patient.as_str()).or_default().push(f);
     }
-    let patients = by_patient.len() as u64;
+    fn noisy(noise: &mut Option<&mut super::privacy::Noise>, c: u64, sensitivity: f64) -> u64 {
+        match noise.as_deref_mut() {
+            Some(n) => n.count(c, sensitivity),
+            None => c,
+        }
+    }
+    let patients = noisy(&mut noise, by_patient.len() as u64, 1.0);
+    let series = if noise.is_some() {
+        let capped: usize = by_patient
+            .values()
+            .map(|s| s.len().min(DP_SERIES_CAP))
+            .sum();
+        noisy(&mut noise, capped as u64, DP_SERIES_CAP as f64)
+    } else {
+        facts.len() as u64
+    };
     let counts = schema
         .statistics
         .counts_by
         .iter()
         .map(|vocabulary| {
-            let mut c = vec![0u64; schema.vocabulary_len(vocabulary) + 1];
+            let len = schema.vocabulary_len(vocabulary) + 1;
+            let mut c = vec![0u64; len];
             for series in by_patient.values() {
                 for i in categories(schema, vocabulary, series) {
                     if let Some(x) = c.get_mut(i) {
@@ -305,6 +359,15 @@ pub fn aggregates(facts: &[SeriesFacts], schema: &CurationSchema, k: u32) -> Sit
                     }
                 }
             }
+            let sensitivity = if PARTITIONS.contains(&vocabulary.as_str()) {
+                1.0
+            } else {
+                len as f64
+            };
+            let c: Vec<u64> = c
+                .into_iter()
+                .map(|x| noisy(&mut noise, x, sensitivity))
+                .collect();
             CountTable {
                 cells: suppress(&c, k64),
             }
@@ -321,13 +384,36 @@ pub fn aggregates(facts: &[SeriesFacts], schema: &CurationSchema, k: u32) -> Sit
                     c[bin_of(v, &spec.edges)] += 1;
                 }
             }
+            let c: Vec<u64> = c.into_iter().map(|x| noisy(&mut noise, x, 1.0)).collect();
             suppress(&c, k64)
         })
         .collect();
     let moments = schema
         .moment_quantities()
         .into_iter()
-        .map(|q| (q, Moments::of(&per_patient(&by_patient, q, None), k64)))
+        .map(|q| {
+            let values = per_patient(&by_patient, q, None);
+            let m = match (noise.as_deref_mut(), clip_range(schema, q)) {
+                (None, _) => Moments::of(&values, k64),
+                (Some(_), None) => None,
+                (Some(n), Some((lo, hi))) => {
+                    let clipped: Vec<f64> = values.iter().map(|v| v.clamp(lo, hi)).collect();
+                    let bound = lo.abs().max(hi.abs());
+                    let count = n.count(clipped.len() as u64, 1.0);
+                    let sum = n.real(clipped.iter().sum(), bound);
+                    let squares = n.real(clipped.iter().map(|v| v * v).sum(), bound * bound);
+                    (count >= k64).then(|| Moments {
+                        patients: count,
+                        sum: to_fixed(sum),
+                        sum_squares: to_fixed(squares),
+                        // The public clipping range, not order statistics.
+                        low: to_fixed(lo),
+                        high: to_fixed(hi),
+                    })
+                }
+            };
+            (q, m)
+        })
         .collect();
     // Nyúl: sums over volumes, released when at least k patients contribute.
     let nyul_patients: Vec<&str> = by_patient
@@ -349,12 +435,13 @@ pub fn aggregates(facts: &[SeriesFacts], schema: &CurationSchema, k: u32) -> Sit
     SiteAggregates {
         k,
         patients: primary(patients, k64),
-        series: primary(facts.len() as u64, k64),
+        series: primary(series, k64),
         counts,
         histograms,
         moments,
         nyul,
         ct,
+        noise: noise.map(|n| n.applied()),
     }
 }
 

@@ -4,6 +4,8 @@
 //! the coordinator has checked the client certificate.
 
 pub mod aggregate;
+pub mod approval;
+pub mod privacy;
 pub mod session;
 
 use std::net::SocketAddr;

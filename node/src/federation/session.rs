@@ -9,6 +9,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use protocol::aggregate::RefusalReason;
 use protocol::schema::CurationSchema;
 use protocol::{
     AggregateReport, ErrorCode, FederatedFit, Hello, Message, MessageId, PROTOCOL_VERSION,
@@ -69,6 +70,9 @@ pub struct SessionState {
     pub reported: Option<(String, u32)>,
     /// Revision of the model applied.
     pub model: u32,
+    /// (schema hash, round, reason) of the last refusal sent, so it is sent once.
+    #[serde(default)]
+    pub refused: Option<(String, u32, String)>,
 }
 
 /// What one synchronisation did.
@@ -81,6 +85,8 @@ pub struct SyncOutcome {
     /// Volumes harmonised with the applied model.
     pub harmonised: usize,
     pub welcome: Option<(u32, u32)>,
+    /// The round's aggregates were not released, and why.
+    pub refused: Option<RefusalReason>,
 }
 
 fn hex(h: &SchemaHash) -> String {
@@ -113,6 +119,7 @@ fn kind_name(m: &Message) -> &'static str {
         Message::SchemaAck(_) => "schema-ack",
         Message::Report(_) => "report",
         Message::FetchModel { .. } => "fetch-model",
+        Message::Refusal(_) => "refusal",
         _ => "other",
     }
 }
@@ -424,6 +431,26 @@ impl Site {
             .ok_or_else(|| SessionError::Schema("federation/schema.toml is unreadable".into()))?;
         let k = schema.min_cell_count(self.settings.min_cell_count);
         let profile = super::aggregate::profile_check(&schema, &self.policy);
+        if self.settings.egress_approval {
+            let pending =
+                super::approval::Approvals::at(&self.data_dir.join("federation")).check(&schema)?;
+            if !pending.is_empty() {
+                tracing::warn!(
+                    items = pending.len(),
+                    "new kinds of release wait for approval: review them with `fedcurate-node egress pending`, then run `fedcurate-node egress approve`"
+                );
+                self.refuse(
+                    conn,
+                    &mut state,
+                    published,
+                    welcome.round,
+                    RefusalReason::AwaitingApproval,
+                )
+                .await?;
+                out.refused = Some(RefusalReason::AwaitingApproval);
+                return Ok(out);
+            }
+        }
         if state.acknowledged.as_deref() != Some(published_hex.as_str()) {
             let report = self.curate(&schema, &published_hex)?;
             let quarantined = self.catalog.totals()?.quarantined as u64;
@@ -459,7 +486,76 @@ impl Site {
             let mut facts = super::aggregate::collect(&self.deid_dir, &schema)?;
             let report = self.curate(&schema, &published_hex)?;
             super::aggregate::add_findings(&mut facts, &report);
-            let aggregates = super::aggregate::aggregates(&facts, &schema, k);
+            // The query ledger: a release that differs from an earlier one by fewer than k
+            // patients would isolate them by subtraction.
+            let mut patients: Vec<String> = facts
+                .iter()
+                .map(|f| content_hash(f.patient.as_bytes())[..16].to_owned())
+                .collect();
+            patients.sort();
+            patients.dedup();
+            let ledger = self.catalog.releases()?;
+            let earlier: Vec<Vec<String>> = ledger
+                .iter()
+                .filter(|r| r.outcome == "released")
+                .map(|r| r.patients.clone())
+                .collect();
+            let dp = schema.privacy.differential_privacy.clone();
+            let (eps, delta) = dp.as_ref().map_or((0.0, 0.0), |d| (d.epsilon, d.delta));
+            let (spent_eps, spent_delta) = ledger
+                .iter()
+                .filter(|r| r.outcome == "released" && r.dataset == schema.id)
+                .fold((0.0, 0.0), |(e, d), r| (e + r.epsilon, d + r.delta));
+            let refusal = if super::privacy::isolates_few(&patients, &earlier, k as usize) {
+                Some(RefusalReason::Differencing)
+            } else if dp.is_some()
+                && (spent_eps + eps > self.settings.privacy_budget_epsilon + 1e-12
+                    || spent_delta + delta > self.settings.privacy_budget_delta + 1e-18)
+            {
+                Some(RefusalReason::BudgetExhausted)
+            } else {
+                None
+            };
+            let record = |outcome: &str| crate::catalog::ReleaseRecord {
+                at: crate::audit::utc_now(),
+                dataset: schema.id.clone(),
+                schema: published_hex.clone(),
+                round: welcome.round,
+                epsilon: if outcome == "released" { eps } else { 0.0 },
+                delta: if outcome == "released" { delta } else { 0.0 },
+                patients: patients.clone(),
+                outcome: outcome.to_owned(),
+            };
+            if let Some(reason) = refusal {
+                tracing::warn!(
+                    ?reason,
+                    round = welcome.round,
+                    spent_epsilon = spent_eps,
+                    "the round's aggregates are not released"
+                );
+                if state.refused.as_ref().map(|r| (&r.0, r.1, r.2.as_str()))
+                    != Some((
+                        &published_hex,
+                        welcome.round,
+                        format!("{reason:?}").as_str(),
+                    ))
+                {
+                    self.catalog.record_release(&record(match reason {
+                        RefusalReason::Differencing => "refused-differencing",
+                        _ => "refused-budget",
+                    }))?;
+                }
+                self.refuse(conn, &mut state, published, welcome.round, reason)
+                    .await?;
+                out.refused = Some(reason);
+                return Ok(out);
+            }
+            let mut noise = dp
+                .as_ref()
+                .map(|d| super::privacy::Noise::new(d, super::aggregate::dp_statistics(&schema)));
+            let aggregates = super::aggregate::aggregates_with(&facts, &schema, k, noise.as_mut());
+            // Recorded before it leaves: a crash after sending still counts as spent.
+            self.catalog.record_release(&record("released"))?;
             let m = Message::Report(Box::new(AggregateReport {
                 id: derived_id(&[
                     b"report",
@@ -507,6 +603,40 @@ impl Site {
             }
         }
         Ok(out)
+    }
+
+    /// Tell the coordinator this round's aggregates are not released, once per reason.
+    async fn refuse(
+        &self,
+        conn: &Link,
+        state: &mut SessionState,
+        schema: SchemaHash,
+        round: u32,
+        reason: RefusalReason,
+    ) -> Result<(), SessionError> {
+        let key = (hex(&schema), round, format!("{reason:?}"));
+        if state.refused.as_ref() == Some(&key) {
+            return Ok(());
+        }
+        let m = Message::Refusal(protocol::Refusal {
+            id: derived_id(&[
+                b"refusal",
+                &schema.0,
+                &round.to_be_bytes(),
+                key.2.as_bytes(),
+            ]),
+            schema,
+            round,
+            reason,
+        });
+        match self.send(conn, &m).await? {
+            Message::Ack { .. } => {}
+            Message::Error { code, .. } => return Err(SessionError::Refused(code)),
+            _ => return Err(SessionError::Unexpected),
+        }
+        state.refused = Some(key);
+        self.save(state)?;
+        Ok(())
     }
 
     fn curate(
