@@ -4,7 +4,7 @@
 //! requests. Every request carries an id; a retried request is answered without being
 //! applied twice. State lives in the [`Store`], so a restarted coordinator resumes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use protocol::aggregate::{
@@ -92,6 +92,27 @@ fn check_conformance(
     single(&[c.series, c.quarantined])
 }
 
+/// The secure-aggregation session of the current round. The coordinator keeps the running
+/// sum of masked vectors, never a site's vector on its own.
+#[derive(Debug)]
+struct SecureRound {
+    schema: SchemaHash,
+    round: u32,
+    session: u32,
+    participants: Vec<SiteId>,
+    opened: i64,
+    keys: BTreeMap<SiteId, Vec<protocol::secure::PeerKey>>,
+    fetched: BTreeSet<SiteId>,
+    submitted: BTreeMap<SiteId, MessageId>,
+    sum: Vec<u64>,
+    k: u32,
+    noise: Option<protocol::aggregate::NoiseApplied>,
+    complete: bool,
+}
+
+/// Fewest sites a secure session may sum (with two, each would learn the other's values).
+pub const SECURE_MIN_SITES: usize = 3;
+
 /// The coordinator.
 #[derive(Debug)]
 pub struct Hub {
@@ -107,6 +128,10 @@ pub struct Hub {
     tap: Option<Arc<Mutex<Vec<Vec<u8>>>>>,
     /// Frames handled so far (the report is rewritten when it changes).
     changes: u64,
+    secure: Option<SecureRound>,
+    /// Seconds a secure session may take before it is aborted and restarted without the
+    /// sites that did not take their step.
+    secure_timeout: i64,
 }
 
 impl Hub {
@@ -158,6 +183,8 @@ impl Hub {
             next_id: next_id + 1_000_000,
             tap: None,
             changes: 0,
+            secure: None,
+            secure_timeout: 120,
         };
         // Resume: a fit that became due while the coordinator was down (or under a new
         // `min_sites_for_model`) is made now.
@@ -170,6 +197,11 @@ impl Hub {
         let t = Arc::new(Mutex::new(Vec::new()));
         self.tap = Some(t.clone());
         t
+    }
+
+    /// How long a secure session may wait for its sites before it is restarted without them.
+    pub fn set_secure_timeout(&mut self, seconds: i64) {
+        self.secure_timeout = seconds.max(1);
     }
 
     /// Frames handled so far.
@@ -320,6 +352,17 @@ impl Hub {
             Message::Report(r) => self.report(peer, *r, now),
             Message::FetchModel { id, schema } => self.fetch_model(id, schema),
             Message::Refusal(r) => self.refusal(peer, r, now),
+            Message::SecureJoin { id, schema, round } => {
+                self.secure_join(peer, id, schema, round, now)
+            }
+            Message::SecureKeys(m) => self.secure_keys(peer, *m, now),
+            Message::FetchPeerKeys {
+                id,
+                schema,
+                round,
+                session,
+            } => Ok(self.fetch_peer_keys(peer, id, schema, round, session)),
+            Message::MaskedReport(m) => self.masked_report(peer, *m, now),
             other => Ok(self.error(Some(other.id()), ErrorCode::Unexpected)),
         };
         result.unwrap_or_else(|e| {
@@ -430,11 +473,26 @@ impl Hub {
             return Ok(None);
         };
         let hash = doc.hash();
-        // Decoding every report is only worth it once enough sites have reported.
-        if self.store.report_count(&hash, self.round)? < self.min_sites {
-            return Ok(None);
-        }
-        let reports = self.store.reports(&hash, self.round)?;
+        let reports = if schema.privacy.secure_aggregation {
+            // The secure total stands for its sites together.
+            match self.store.secure_total(&hash, self.round)? {
+                Some((sites, total)) => {
+                    let mut a = total.aggregates;
+                    let fit = match kind {
+                        FitKind::Nyul => a.nyul.take().map(|n| FederatedFit::Nyul(n.summary)),
+                        FitKind::Ct => a.ct.take().map(|c| FederatedFit::Ct(c.summary)),
+                    };
+                    return self.publish(hash, sites, fit, now);
+                }
+                _ => return Ok(None),
+            }
+        } else {
+            // Decoding every report is only worth it once enough sites have reported.
+            if self.store.report_count(&hash, self.round)? < self.min_sites {
+                return Ok(None);
+            }
+            self.store.reports(&hash, self.round)?
+        };
         let mut sites = Vec::new();
         let mut fit: Option<FederatedFit> = None;
         for (site, a) in &reports {
@@ -449,10 +507,21 @@ impl Hub {
             }
             sites.push(site.clone());
         }
-        let Some(fit) = fit else { return Ok(None) };
         if sites.len() < self.min_sites {
             return Ok(None);
         }
+        self.publish(hash, sites, fit, now)
+    }
+
+    /// Store a fitted model as the next revision, unless the same sites were already fitted.
+    fn publish(
+        &mut self,
+        hash: SchemaHash,
+        sites: Vec<SiteId>,
+        fit: Option<FederatedFit>,
+        now: i64,
+    ) -> Result<Option<u32>, StoreError> {
+        let Some(fit) = fit else { return Ok(None) };
         let latest = self.store.latest_model()?;
         let hex = hash_hex(&hash);
         if let Some(m) = &latest
@@ -479,6 +548,316 @@ impl Hub {
             "published a federated harmonisation model"
         );
         Ok(Some(revision))
+    }
+
+    /// Sites that acknowledged the schema with a satisfying profile.
+    fn eligible(&self, hash: &SchemaHash) -> Result<Vec<SiteId>, StoreError> {
+        let hex = hash_hex(hash);
+        let mut out = Vec::new();
+        for m in &self.members {
+            let rec = self.store.site(m)?;
+            if rec.acked_schema.as_deref() == Some(hex.as_str())
+                && rec.profile.is_some_and(|p| p.satisfied())
+            {
+                out.push(m.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    fn next_session(&mut self) -> Result<u32, StoreError> {
+        let n: u32 = self
+            .store
+            .meta("secure_session")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+            + 1;
+        self.store.set_meta("secure_session", &n.to_string())?;
+        Ok(n)
+    }
+
+    fn open_session(
+        &mut self,
+        hash: SchemaHash,
+        participants: Vec<SiteId>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let len = self
+            .schema
+            .as_ref()
+            .map_or(0, |(_, s)| protocol::secure::vector_len(s));
+        let session = self.next_session()?;
+        tracing::info!(
+            session,
+            sites = participants.len(),
+            round = self.round,
+            "opened a secure aggregation session"
+        );
+        self.secure = Some(SecureRound {
+            schema: hash,
+            round: self.round,
+            session,
+            participants,
+            opened: now,
+            keys: BTreeMap::new(),
+            fetched: BTreeSet::new(),
+            submitted: BTreeMap::new(),
+            sum: vec![0; len],
+            k: 0,
+            noise: None,
+            complete: false,
+        });
+        Ok(())
+    }
+
+    /// The current session of the round, opened when enough sites are eligible, and
+    /// restarted without the sites that did not take their step in time.
+    fn current_session(&mut self, hash: SchemaHash, now: i64) -> Result<bool, StoreError> {
+        let stale = self
+            .secure
+            .as_ref()
+            .is_none_or(|s| s.schema != hash || s.round != self.round);
+        if stale {
+            self.secure = None;
+            if self.store.secure_total(&hash, self.round)?.is_some() {
+                return Ok(false);
+            }
+            let eligible = self.eligible(&hash)?;
+            if eligible.len() < self.min_sites.max(SECURE_MIN_SITES) {
+                return Ok(false);
+            }
+            self.open_session(hash, eligible, now)?;
+            return Ok(true);
+        }
+        let Some(s) = &self.secure else {
+            return Ok(false);
+        };
+        if !s.complete && now - s.opened > self.secure_timeout {
+            // Dropout: restart with the sites that reached the furthest step.
+            let survivors: Vec<SiteId> = if !s.submitted.is_empty() {
+                s.submitted.keys().cloned().collect()
+            } else {
+                s.keys.keys().cloned().collect()
+            };
+            let dropped: Vec<String> = s
+                .participants
+                .iter()
+                .filter(|p| !survivors.contains(p))
+                .map(|p| p.to_string())
+                .collect();
+            tracing::warn!(session = s.session, dropped = ?dropped, "a secure session timed out: aborted; the masked vectors received cannot be unmasked and are discarded");
+            self.secure = None;
+            if survivors.len() < SECURE_MIN_SITES {
+                tracing::error!(
+                    "fewer than {SECURE_MIN_SITES} sites remain: the round cannot be summed securely"
+                );
+                return Ok(false);
+            }
+            self.open_session(hash, survivors, now)?;
+        }
+        Ok(self.secure.is_some())
+    }
+
+    fn secure_schema(&self, hash: &SchemaHash) -> Option<&CurationSchema> {
+        self.current(hash).filter(|s| s.privacy.secure_aggregation)
+    }
+
+    fn secure_join(
+        &mut self,
+        peer: &SiteId,
+        id: MessageId,
+        hash: SchemaHash,
+        round: u32,
+        now: i64,
+    ) -> Result<Vec<Action>, StoreError> {
+        if self.secure_schema(&hash).is_none() {
+            return Ok(self.error(Some(id), ErrorCode::SchemaMismatch));
+        }
+        if round != self.round {
+            return Ok(self.error(Some(id), ErrorCode::WrongRound));
+        }
+        if !self.eligible(&hash)?.contains(peer) {
+            return Ok(self.error(Some(id), ErrorCode::NotAcknowledged));
+        }
+        if let Some((sites, _)) = self.store.secure_total(&hash, round)? {
+            let session = self.secure.as_ref().map_or(0, |s| s.session);
+            let reply = self.id();
+            return Ok(vec![Action::Reply(Message::SecureSession(
+                protocol::SecureSession {
+                    id: reply,
+                    reply_to: id,
+                    round,
+                    session,
+                    participants: sites,
+                    complete: true,
+                },
+            ))]);
+        }
+        if !self.current_session(hash, now)? {
+            return Ok(self.error(Some(id), ErrorCode::NotReady));
+        }
+        let Some(s) = &self.secure else {
+            return Ok(self.error(Some(id), ErrorCode::NotReady));
+        };
+        if !s.participants.contains(peer) {
+            return Ok(self.error(Some(id), ErrorCode::NotReady));
+        }
+        let (session, participants) = (s.session, s.participants.clone());
+        let reply = self.id();
+        Ok(vec![Action::Reply(Message::SecureSession(
+            protocol::SecureSession {
+                id: reply,
+                reply_to: id,
+                round,
+                session,
+                participants,
+                complete: false,
+            },
+        ))])
+    }
+
+    fn secure_keys(
+        &mut self,
+        peer: &SiteId,
+        m: protocol::SecureKeys,
+        now: i64,
+    ) -> Result<Vec<Action>, StoreError> {
+        let ok = self.secure.as_ref().is_some_and(|s| {
+            s.schema == m.schema
+                && s.round == m.round
+                && s.session == m.session
+                && s.participants.contains(peer)
+        });
+        if !ok {
+            return Ok(self.error(Some(m.id), ErrorCode::NotReady));
+        }
+        let Some(s) = self.secure.as_mut() else {
+            return Ok(self.error(Some(m.id), ErrorCode::NotReady));
+        };
+        let mut peers: Vec<&SiteId> = m.keys.iter().map(|k| &k.peer).collect();
+        peers.sort();
+        let expected: Vec<&SiteId> = s.participants.iter().filter(|p| *p != peer).collect();
+        if peers != expected {
+            return Ok(self.error(Some(m.id), ErrorCode::Unexpected));
+        }
+        match s.keys.get(peer) {
+            Some(old) if *old == m.keys => return Ok(self.ack(m.id, true)),
+            Some(_) if !s.fetched.is_empty() => {
+                // New keys after others used the old ones: the site lost its keys (restart).
+                tracing::warn!(%peer, session = s.session, "a site replaced its keys mid-session: restarting the session");
+                let (hash, participants) = (s.schema, s.participants.clone());
+                self.open_session(hash, participants, now)?;
+                return Ok(self.error(Some(m.id), ErrorCode::NotReady));
+            }
+            _ => {}
+        }
+        s.keys.insert(peer.clone(), m.keys);
+        Ok(self.ack(m.id, false))
+    }
+
+    fn fetch_peer_keys(
+        &mut self,
+        peer: &SiteId,
+        id: MessageId,
+        hash: SchemaHash,
+        round: u32,
+        session: u32,
+    ) -> Vec<Action> {
+        let Some(s) = self.secure.as_mut() else {
+            return self.error(Some(id), ErrorCode::NotReady);
+        };
+        if s.schema != hash
+            || s.round != round
+            || s.session != session
+            || !s.participants.contains(peer)
+            || s.keys.len() < s.participants.len()
+        {
+            return self.error(Some(id), ErrorCode::NotReady);
+        }
+        let keys: Vec<protocol::secure::PeerKey> = s
+            .keys
+            .iter()
+            .filter(|(from, _)| *from != peer)
+            .filter_map(|(from, keys)| {
+                keys.iter()
+                    .find(|k| &k.peer == peer)
+                    .map(|k| protocol::secure::PeerKey {
+                        peer: from.clone(),
+                        public: k.public,
+                    })
+            })
+            .collect();
+        s.fetched.insert(peer.clone());
+        let reply = self.id();
+        vec![Action::Reply(Message::PeerKeys(Box::new(
+            protocol::PeerKeys {
+                id: reply,
+                reply_to: id,
+                session,
+                keys,
+            },
+        )))]
+    }
+
+    fn masked_report(
+        &mut self,
+        peer: &SiteId,
+        m: protocol::MaskedReport,
+        now: i64,
+    ) -> Result<Vec<Action>, StoreError> {
+        let Some(schema) = self.secure_schema(&m.schema).cloned() else {
+            return Ok(self.error(Some(m.id), ErrorCode::SchemaMismatch));
+        };
+        let Some(s) = self.secure.as_mut() else {
+            return Ok(self.error(Some(m.id), ErrorCode::NotReady));
+        };
+        if s.round != m.round || s.session != m.session || !s.participants.contains(peer) {
+            return Ok(self.error(Some(m.id), ErrorCode::NotReady));
+        }
+        if s.submitted.get(peer) == Some(&m.id) {
+            return Ok(self.ack(m.id, true));
+        }
+        if s.submitted.contains_key(peer) {
+            return Ok(self.error(Some(m.id), ErrorCode::Unexpected));
+        }
+        if m.vector.len() != s.sum.len() {
+            return Ok(self.error(Some(m.id), ErrorCode::Privacy(PrivacyViolation::Shape)));
+        }
+        if m.k < schema.privacy.min_cell_count {
+            return Ok(self.error(Some(m.id), ErrorCode::Privacy(PrivacyViolation::SmallCell)));
+        }
+        protocol::secure::add_into(&mut s.sum, &m.vector);
+        s.submitted.insert(peer.clone(), m.id);
+        s.k = s.k.max(m.k);
+        s.noise = s.noise.or(m.noise);
+        if s.submitted.len() < s.participants.len() {
+            return Ok(self.ack(m.id, false));
+        }
+        // Every participant is in: the masks cancel.
+        s.complete = true;
+        let (hash, round, session, sites) = (s.schema, s.round, s.session, s.participants.clone());
+        let k = u64::from(s.k);
+        let sum = std::mem::take(&mut s.sum);
+        let noise = s.noise;
+        match protocol::secure::decode(&sum, &schema, sites.len() as u32, k) {
+            Ok(mut total) if total.aggregates.patients != protocol::aggregate::Cell::Suppressed => {
+                total.aggregates.noise = noise;
+                self.store
+                    .put_secure_total(&hash, round, session, &sites, &total, now)?;
+                tracing::info!(
+                    session,
+                    sites = sites.len(),
+                    "secure aggregation complete: only the total was learnt"
+                );
+                self.maybe_fit(now)?;
+            }
+            Ok(_) => tracing::warn!(
+                session,
+                "the secure total covers fewer than k patients: not kept"
+            ),
+            Err(e) => tracing::error!(session, error = %e, "could not decode the secure total"),
+        }
+        Ok(self.ack(m.id, false))
     }
 
     fn refusal(

@@ -126,6 +126,8 @@ pub struct ConsortiumReport {
     pub moments: Vec<MomentsReport>,
     pub model: Option<ModelReport>,
     pub deviations: Vec<Deviation>,
+    /// Sites summed by secure aggregation (per-site values are unknown to the coordinator).
+    pub secure_sites: Option<Vec<String>>,
 }
 
 fn cells(c: &[Cell]) -> Vec<Option<u64>> {
@@ -181,11 +183,14 @@ pub fn build(hub: &Hub) -> Result<ConsortiumReport, StoreError> {
             moments: Vec::new(),
             model: None,
             deviations: Vec::new(),
+            secure_sites: None,
         });
     };
     let hash = doc.hash();
     let hex = hash_hex(&hash);
     let reports: BTreeMap<SiteId, _> = store.reports(&hash, round)?.into_iter().collect();
+    // Under secure aggregation only the total over its sites is known.
+    let secure = store.secure_total(&hash, round)?;
     let mut deviations = Vec::new();
     let mut sites = Vec::new();
     for site in hub.members() {
@@ -210,7 +215,10 @@ pub fn build(hub: &Hub) -> Result<ConsortiumReport, StoreError> {
             acknowledged,
             profile_satisfied: rec.profile.as_ref().map(|p| p.satisfied()),
             missing_options: missing.clone(),
-            reported: a.is_some(),
+            reported: a.is_some()
+                || secure
+                    .as_ref()
+                    .is_some_and(|(sites, _)| sites.contains(site)),
             patients: a.and_then(|a| a.patients.value()),
             series: a.and_then(|a| a.series.value()),
             series_status: conf.map(|c| {
@@ -296,6 +304,12 @@ pub fn build(hub: &Hub) -> Result<ConsortiumReport, StoreError> {
                 add_cells(&mut pooled, &t.cells);
             }
         }
+        if let Some(t) = secure
+            .as_ref()
+            .and_then(|(_, t)| t.aggregates.counts.get(i))
+        {
+            pooled = t.cells.iter().map(|c| c.value()).collect();
+        }
         counts.push(CountsReport {
             vocabulary: vocabulary.clone(),
             categories: categories(schema, vocabulary),
@@ -313,6 +327,12 @@ pub fn build(hub: &Hub) -> Result<ConsortiumReport, StoreError> {
                 per_site.insert(site.to_string(), cells(h));
                 add_cells(&mut pooled, h);
             }
+        }
+        if let Some(h) = secure
+            .as_ref()
+            .and_then(|(_, t)| t.aggregates.histograms.get(i))
+        {
+            pooled = h.iter().map(|c| c.value()).collect();
         }
         let exact: Option<Vec<u64>> = pooled.iter().copied().collect();
         let pooled_quantiles = exact.and_then(|c| {
@@ -346,6 +366,14 @@ pub fn build(hub: &Hub) -> Result<ConsortiumReport, StoreError> {
                 }
             }
             per_site.insert(site.to_string(), m.as_ref().map(MomentsSummary::of));
+        }
+        if let Some((_, t)) = &secure {
+            pooled = t
+                .aggregates
+                .moments
+                .iter()
+                .find(|(x, _)| *x == q)
+                .and_then(|(_, m)| *m);
         }
         let pooled = pooled.as_ref().map(MomentsSummary::of);
         // A site whose mean lies more than two pooled standard deviations from the pooled
@@ -413,6 +441,7 @@ pub fn build(hub: &Hub) -> Result<ConsortiumReport, StoreError> {
         moments,
         model,
         deviations,
+        secure_sites: secure.map(|(sites, _)| sites.iter().map(|s| s.to_string()).collect()),
     })
 }
 
@@ -496,6 +525,14 @@ pub fn html(r: &ConsortiumReport) -> String {
         r.round,
         r.k.unwrap_or(0)
     );
+    if let Some(sites) = &r.secure_sites {
+        let _ = write!(
+            o,
+            "<p><b>Secure aggregation:</b> the coordinator learnt only the total over {} sites ({}); per-site values never reached it.</p>",
+            sites.len(),
+            esc(&sites.join(", "))
+        );
+    }
     o.push_str("<h2>Sites</h2><table><tr><th>site</th><th>acknowledged</th><th>profile</th><th>reported</th><th>patients</th><th>series</th><th>in scope</th><th>out of scope</th><th>deviating</th><th>quarantined</th></tr>");
     for s in &r.sites {
         let st = s.series_status.unwrap_or([None, None, None]);

@@ -74,6 +74,17 @@ CREATE TABLE refusals (
     PRIMARY KEY (site, schema, round)
 );
 "#,
+    r#"
+CREATE TABLE secure_totals (
+    schema TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    session INTEGER NOT NULL,
+    sites TEXT NOT NULL,
+    total TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (schema, round)
+);
+"#,
 ];
 
 /// Hex of a schema hash (how the store keys schemas).
@@ -312,6 +323,51 @@ impl Store {
             )
             .optional()?;
         r.as_deref().map(unjson).transpose()
+    }
+
+    /// Store the unmasked total of a secure session (the only thing kept of it).
+    pub fn put_secure_total(
+        &self,
+        schema: &SchemaHash,
+        round: u32,
+        session: u32,
+        sites: &[SiteId],
+        total: &protocol::secure::SecureTotal,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        let names: Vec<&str> = sites.iter().map(|s| s.as_str()).collect();
+        self.conn.execute(
+            "INSERT INTO secure_totals (schema, round, session, sites, total, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (schema, round) DO UPDATE SET session = excluded.session,
+                sites = excluded.sites, total = excluded.total, at = excluded.at",
+            params![hash_hex(schema), round, session, json(&names)?, json(total)?, at],
+        )?;
+        Ok(())
+    }
+
+    /// The secure total of (schema, round), with the sites it sums.
+    pub fn secure_total(
+        &self,
+        schema: &SchemaHash,
+        round: u32,
+    ) -> Result<Option<(Vec<SiteId>, protocol::secure::SecureTotal)>, StoreError> {
+        let row: Option<(String, String)> = self
+            .conn
+            .query_row(
+                "SELECT sites, total FROM secure_totals WHERE schema = ?1 AND round = ?2",
+                params![hash_hex(schema), round],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((sites, total)) = row else {
+            return Ok(None);
+        };
+        let names: Vec<String> = unjson(&sites)?;
+        let sites = names
+            .iter()
+            .map(|s| SiteId::new(s).map_err(|e| StoreError::Decode(e.to_string())))
+            .collect::<Result<_, _>>()?;
+        Ok(Some((sites, unjson(&total)?)))
     }
 
     /// How many sites reported (schema, round).

@@ -31,11 +31,17 @@ enum Kind {
     FetchModel = 0x24,
     Model = 0x25,
     Refusal = 0x26,
+    SecureJoin = 0x27,
+    SecureSession = 0x28,
+    SecureKeys = 0x29,
+    FetchPeerKeys = 0x2A,
+    PeerKeys = 0x2B,
+    MaskedReport = 0x2C,
     Ack = 0x2E,
     Error = 0x2F,
 }
 
-const KINDS: [Kind; 12] = [
+const KINDS: [Kind; 18] = [
     Kind::Hello,
     Kind::Welcome,
     Kind::Reject,
@@ -46,6 +52,12 @@ const KINDS: [Kind; 12] = [
     Kind::FetchModel,
     Kind::Model,
     Kind::Refusal,
+    Kind::SecureJoin,
+    Kind::SecureSession,
+    Kind::SecureKeys,
+    Kind::FetchPeerKeys,
+    Kind::PeerKeys,
+    Kind::MaskedReport,
     Kind::Ack,
     Kind::Error,
 ];
@@ -63,6 +75,12 @@ impl Kind {
             Message::FetchModel { .. } => Kind::FetchModel,
             Message::Model(_) => Kind::Model,
             Message::Refusal(_) => Kind::Refusal,
+            Message::SecureJoin { .. } => Kind::SecureJoin,
+            Message::SecureSession(_) => Kind::SecureSession,
+            Message::SecureKeys(_) => Kind::SecureKeys,
+            Message::FetchPeerKeys { .. } => Kind::FetchPeerKeys,
+            Message::PeerKeys(_) => Kind::PeerKeys,
+            Message::MaskedReport(_) => Kind::MaskedReport,
             Message::Ack { .. } => Kind::Ack,
             Message::Error { .. } => Kind::Error,
         }
@@ -87,11 +105,13 @@ impl Kind {
             | Kind::FetchSchema
             | Kind::FetchModel
             | Kind::Refusal
+            | Kind::SecureJoin
+            | Kind::FetchPeerKeys
             | Kind::Ack
             | Kind::Error => 1024,
-            Kind::SchemaAck => 64 * 1024,
+            Kind::SchemaAck | Kind::SecureSession | Kind::SecureKeys | Kind::PeerKeys => 64 * 1024,
             Kind::Schema | Kind::Model => 256 * 1024,
-            Kind::Report => 1024 * 1024,
+            Kind::Report | Kind::MaskedReport => 1024 * 1024,
         }
     }
 }
@@ -426,6 +446,65 @@ mod tests {
                     },
                 })
             ),
+            (
+                any::<u64>(),
+                hash32.clone(),
+                any::<u32>(),
+                any::<u32>(),
+                proptest::collection::vec((site(), any::<[u8; 32]>()), 0..5),
+                proptest::collection::vec(any::<u64>(), 0..64)
+            )
+                .prop_map(|(id, schema, round, session, keys, vector)| {
+                    let keys: Vec<crate::secure::PeerKey> = keys
+                        .into_iter()
+                        .map(|(peer, public)| crate::secure::PeerKey { peer, public })
+                        .collect();
+                    match id % 5 {
+                        0 => Message::SecureKeys(Box::new(SecureKeys {
+                            id: MessageId(id),
+                            schema,
+                            round,
+                            session,
+                            keys,
+                        })),
+                        1 => Message::PeerKeys(Box::new(PeerKeys {
+                            id: MessageId(id),
+                            reply_to: MessageId(round.into()),
+                            session,
+                            keys,
+                        })),
+                        2 => Message::MaskedReport(Box::new(MaskedReport {
+                            id: MessageId(id),
+                            schema,
+                            round,
+                            session,
+                            k: session,
+                            noise: None,
+                            vector,
+                        })),
+                        3 => Message::SecureSession(SecureSession {
+                            id: MessageId(id),
+                            reply_to: MessageId(1),
+                            round,
+                            session,
+                            participants: keys.into_iter().map(|k| k.peer).collect(),
+                            complete: session % 2 == 0,
+                        }),
+                        _ => Message::FetchPeerKeys {
+                            id: MessageId(id),
+                            schema,
+                            round,
+                            session,
+                        },
+                    }
+                }),
+            (any::<u64>(), hash32.clone(), any::<u32>()).prop_map(|(id, schema, round)| {
+                Message::SecureJoin {
+                    id: MessageId(id),
+                    schema,
+                    round,
+                }
+            }),
             (any::<u64>(), hash32.clone()).prop_map(|(id, schema)| Message::FetchModel {
                 id: MessageId(id),
                 schema

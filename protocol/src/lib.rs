@@ -10,11 +10,12 @@ pub mod aggregate;
 pub mod codec;
 pub mod message;
 pub mod schema;
+pub mod secure;
 pub mod summary;
 
 pub use codec::{ALPN, CodecError, MAX_FRAME_LEN, decode_frame, encode_frame};
 pub use message::{
-    AggregateReport, ErrorCode, FederatedFit, HandshakeReject, Hello, Message, MessageId,
-    ModelPublication, PROTOCOL_VERSION, Refusal, SchemaAck, SchemaDocument, SchemaHash, SiteId,
-    SiteIdError, Welcome,
+    AggregateReport, ErrorCode, FederatedFit, HandshakeReject, Hello, MaskedReport, Message,
+    MessageId, ModelPublication, PROTOCOL_VERSION, PeerKeys, Refusal, SchemaAck, SchemaDocument,
+    SchemaHash, SecureKeys, SecureSession, SiteId, SiteIdError, Welcome,
 };

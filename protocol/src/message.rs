@@ -168,6 +168,53 @@ pub struct Refusal {
     pub reason: crate::aggregate::RefusalReason,
 }
 
+/// Secure aggregation: the session a site is to take part in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecureSession {
+    pub id: MessageId,
+    pub reply_to: MessageId,
+    pub round: u32,
+    /// Increases when a session is aborted (a site dropped out) and restarted without it.
+    pub session: u32,
+    pub participants: Vec<SiteId>,
+    /// The round's total is known (its sites are `participants`): nothing more to do.
+    pub complete: bool,
+}
+
+/// Secure aggregation: a site's public keys for a session, one fresh X25519 key per peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecureKeys {
+    pub id: MessageId,
+    pub schema: SchemaHash,
+    pub round: u32,
+    pub session: u32,
+    pub keys: Vec<crate::secure::PeerKey>,
+}
+
+/// Secure aggregation: the peers' public keys meant for the asking site (`peer` names the
+/// site that made the key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerKeys {
+    pub id: MessageId,
+    pub reply_to: MessageId,
+    pub session: u32,
+    pub keys: Vec<crate::secure::PeerKey>,
+}
+
+/// Secure aggregation: a site's aggregates encoded and masked modulo 2^64.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaskedReport {
+    pub id: MessageId,
+    pub schema: SchemaHash,
+    pub round: u32,
+    pub session: u32,
+    /// The minimum cell count the site applied before masking.
+    pub k: u32,
+    /// Differential-privacy noise the site added before masking, if any.
+    pub noise: Option<crate::aggregate::NoiseApplied>,
+    pub vector: Vec<u64>,
+}
+
 /// What a federated harmonisation fit learnt: the merged summaries of the sites, from which
 /// every node derives exactly the model that fitting on the pooled volumes gives.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,6 +290,21 @@ pub enum Message {
     SchemaAck(Box<SchemaAck>),
     Report(Box<AggregateReport>),
     Refusal(Refusal),
+    SecureJoin {
+        id: MessageId,
+        schema: SchemaHash,
+        round: u32,
+    },
+    SecureSession(SecureSession),
+    SecureKeys(Box<SecureKeys>),
+    FetchPeerKeys {
+        id: MessageId,
+        schema: SchemaHash,
+        round: u32,
+        session: u32,
+    },
+    PeerKeys(Box<PeerKeys>),
+    MaskedReport(Box<MaskedReport>),
     FetchModel {
         id: MessageId,
         schema: SchemaHash,
@@ -277,6 +339,11 @@ impl Message {
             Message::SchemaAck(a) => a.id,
             Message::Report(r) => r.id,
             Message::Refusal(r) => r.id,
+            Message::SecureJoin { id, .. } | Message::FetchPeerKeys { id, .. } => *id,
+            Message::SecureSession(m) => m.id,
+            Message::SecureKeys(m) => m.id,
+            Message::PeerKeys(m) => m.id,
+            Message::MaskedReport(m) => m.id,
             Message::Model(m) => m.id,
         }
     }

@@ -165,6 +165,10 @@ pub struct PrivacyPolicy {
     pub min_cell_count: u32,
     #[serde(default)]
     pub differential_privacy: Option<DifferentialPrivacy>,
+    /// Sites send their aggregates masked (pairwise X25519 masks that cancel in the sum): the
+    /// coordinator learns only totals over at least three sites.
+    #[serde(default)]
+    pub secure_aggregation: bool,
 }
 
 /// Differential-privacy parameters.

@@ -30,13 +30,13 @@ use protocol::{FederatedFit, SchemaDocument, SiteId};
 
 const PATIENTS: usize = 10;
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-fn schema_text(k: u32, revision: u32) -> String {
+pub(crate) fn schema_text(k: u32, revision: u32) -> String {
     format!(
         r#"schema_version = 1
 id = "brain-t1-test"
@@ -79,7 +79,12 @@ min_cell_count = {k}
     )
 }
 
-fn node_config(data_dir: &Path, site: &str, pki: &Path, coordinator: &str) -> NodeConfig {
+pub(crate) fn node_config(
+    data_dir: &Path,
+    site: &str,
+    pki: &Path,
+    coordinator: &str,
+) -> NodeConfig {
     let text = format!(
         r#"data_dir = {data:?}
 [deid]
@@ -102,7 +107,7 @@ egress_approval = false
 }
 
 /// De-identify a site's archive into `<data_dir>/deid`.
-fn deidentify(config: &NodeConfig, input: &Path) -> PathBuf {
+pub(crate) fn deidentify(config: &NodeConfig, input: &Path) -> PathBuf {
     let out = config.data_dir.join("deid");
     let paths = BatchPaths {
         input: input.to_owned(),

@@ -12,4 +12,5 @@ mod harmonise;
 mod messy;
 mod pki;
 mod quic;
+mod secure;
 mod volume;

@@ -6,6 +6,7 @@
 pub mod aggregate;
 pub mod approval;
 pub mod privacy;
+pub mod secure;
 pub mod session;
 
 use std::net::SocketAddr;

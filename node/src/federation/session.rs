@@ -87,6 +87,21 @@ pub struct SyncOutcome {
     pub welcome: Option<(u32, u32)>,
     /// The round's aggregates were not released, and why.
     pub refused: Option<RefusalReason>,
+    /// A secure-aggregation step waits for the other sites.
+    pub secure_waiting: bool,
+}
+
+/// This site's part of the current secure-aggregation session (in memory only: private keys
+/// never touch the disk; a restarted node joins a restarted session).
+#[derive(Debug)]
+struct SecureLocal {
+    schema: SchemaHash,
+    round: u32,
+    session: u32,
+    keys: Option<super::secure::SessionKeys>,
+    masked: Option<(MessageId, Vec<u64>)>,
+    /// The masked vector was acknowledged: wait for the session to complete.
+    submitted: bool,
 }
 
 fn hex(h: &SchemaHash) -> String {
@@ -120,6 +135,10 @@ fn kind_name(m: &Message) -> &'static str {
         Message::Report(_) => "report",
         Message::FetchModel { .. } => "fetch-model",
         Message::Refusal(_) => "refusal",
+        Message::SecureJoin { .. } => "secure-join",
+        Message::SecureKeys(_) => "secure-keys",
+        Message::FetchPeerKeys { .. } => "fetch-peer-keys",
+        Message::MaskedReport(_) => "masked-report",
         _ => "other",
     }
 }
@@ -137,6 +156,8 @@ fn answer_name(m: &Result<Message, ConnectError>) -> String {
             }
         }
         Ok(Message::Model(m)) => format!("model revision {}", m.revision),
+        Ok(Message::SecureSession(s)) => format!("session {}", s.session),
+        Ok(Message::PeerKeys(p)) => format!("{} peer keys", p.keys.len()),
         Ok(Message::Error { code, .. }) => format!("error {code:?}"),
         Ok(_) => "unexpected".into(),
         Err(e) => format!("no answer: {e}"),
@@ -155,6 +176,7 @@ pub struct Site {
     tls: std::sync::Arc<rustls::ClientConfig>,
     /// The TCP fallback worked last time: try it first.
     prefer_tcp: std::sync::atomic::AtomicBool,
+    secure: std::sync::Mutex<Option<SecureLocal>>,
 }
 
 impl std::fmt::Debug for Site {
@@ -201,6 +223,7 @@ impl Site {
             client,
             tls,
             prefer_tcp: std::sync::atomic::AtomicBool::new(false),
+            secure: std::sync::Mutex::new(None),
         })
     }
 
@@ -554,28 +577,49 @@ impl Site {
                 .as_ref()
                 .map(|d| super::privacy::Noise::new(d, super::aggregate::dp_statistics(&schema)));
             let aggregates = super::aggregate::aggregates_with(&facts, &schema, k, noise.as_mut());
-            // Recorded before it leaves: a crash after sending still counts as spent.
-            self.catalog.record_release(&record("released"))?;
-            let m = Message::Report(Box::new(AggregateReport {
-                id: derived_id(&[
-                    b"report",
-                    &published.0,
-                    &welcome.round.to_be_bytes(),
-                    self.settings.site.as_str().as_bytes(),
-                ]),
-                schema: published,
-                round: welcome.round,
-                aggregates,
-            }));
-            match self.send(conn, &m).await? {
-                Message::Ack { .. } => {}
-                Message::Error { code, .. } => return Err(SessionError::Refused(code)),
-                _ => return Err(SessionError::Unexpected),
+            if schema.privacy.secure_aggregation {
+                let done = self
+                    .secure_round(
+                        conn,
+                        published,
+                        welcome.round,
+                        &schema,
+                        &aggregates,
+                        record("released"),
+                    )
+                    .await?;
+                if !done {
+                    out.secure_waiting = true;
+                    return Ok(out);
+                }
+                state.reported = Some(due);
+                self.save(&state)?;
+                out.reported = Some(welcome.round);
+                tracing::info!(round = welcome.round, "sent the round's masked aggregates");
+            } else {
+                // Recorded before it leaves: a crash after sending still counts as spent.
+                self.catalog.record_release(&record("released"))?;
+                let m = Message::Report(Box::new(AggregateReport {
+                    id: derived_id(&[
+                        b"report",
+                        &published.0,
+                        &welcome.round.to_be_bytes(),
+                        self.settings.site.as_str().as_bytes(),
+                    ]),
+                    schema: published,
+                    round: welcome.round,
+                    aggregates,
+                }));
+                match self.send(conn, &m).await? {
+                    Message::Ack { .. } => {}
+                    Message::Error { code, .. } => return Err(SessionError::Refused(code)),
+                    _ => return Err(SessionError::Unexpected),
+                }
+                state.reported = Some(due);
+                self.save(&state)?;
+                out.reported = Some(welcome.round);
+                tracing::info!(round = welcome.round, "reported the round's aggregates");
             }
-            state.reported = Some(due);
-            self.save(&state)?;
-            out.reported = Some(welcome.round);
-            tracing::info!(round = welcome.round, "reported the round's aggregates");
         }
         if welcome.model > state.model {
             let m = self
@@ -603,6 +647,188 @@ impl Site {
             }
         }
         Ok(out)
+    }
+
+    fn secure_local<R>(&self, f: impl FnOnce(&mut Option<SecureLocal>) -> R) -> R {
+        match self.secure.lock() {
+            Ok(mut g) => f(&mut g),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+
+    /// One pass of secure aggregation for the round: join the session, send fresh public keys,
+    /// fetch the peers' keys, send the masked vector. Returns false while a step waits for
+    /// the other sites (the next poll continues where this one stopped).
+    async fn secure_round(
+        &self,
+        conn: &Link,
+        hash: SchemaHash,
+        round: u32,
+        schema: &CurationSchema,
+        aggregates: &protocol::aggregate::SiteAggregates,
+        release: crate::catalog::ReleaseRecord,
+    ) -> Result<bool, SessionError> {
+        let me = self.settings.site.clone();
+        let joined = match self
+            .send(
+                conn,
+                &Message::SecureJoin {
+                    id: random_id(),
+                    schema: hash,
+                    round,
+                },
+            )
+            .await?
+        {
+            Message::SecureSession(s) => s,
+            Message::Error {
+                code: ErrorCode::NotReady,
+                ..
+            } => return Ok(false),
+            Message::Error { code, .. } => return Err(SessionError::Refused(code)),
+            _ => return Err(SessionError::Unexpected),
+        };
+        let session = joined.session;
+        if joined.complete {
+            self.secure_local(|l| *l = None);
+            if !joined.participants.contains(&me) {
+                tracing::warn!(
+                    round,
+                    "the round was summed without this site (it dropped out of the session)"
+                );
+            }
+            return Ok(true);
+        }
+        let submitted = self.secure_local(|l| {
+            l.as_ref().is_some_and(|l| {
+                l.schema == hash && l.round == round && l.session == session && l.submitted
+            })
+        });
+        if submitted {
+            return Ok(false);
+        }
+        let fresh = self.secure_local(|l| {
+            l.as_ref()
+                .is_none_or(|l| l.schema != hash || l.round != round || l.session != session)
+        });
+        if fresh {
+            let (keys, publics) = super::secure::SessionKeys::generate(&me, &joined.participants)
+                .map_err(|e| SessionError::Schema(e.to_string()))?;
+            self.secure_local(|l| {
+                *l = Some(SecureLocal {
+                    schema: hash,
+                    round,
+                    session,
+                    keys: Some(keys),
+                    masked: None,
+                    submitted: false,
+                })
+            });
+            let m = Message::SecureKeys(Box::new(protocol::SecureKeys {
+                id: random_id(),
+                schema: hash,
+                round,
+                session,
+                keys: publics,
+            }));
+            match self.send(conn, &m).await? {
+                Message::Ack { .. } => {}
+                Message::Error {
+                    code: ErrorCode::NotReady,
+                    ..
+                } => {
+                    self.secure_local(|l| *l = None);
+                    return Ok(false);
+                }
+                Message::Error { code, .. } => return Err(SessionError::Refused(code)),
+                _ => return Err(SessionError::Unexpected),
+            }
+        }
+        let have_masked = self.secure_local(|l| l.as_ref().is_some_and(|l| l.masked.is_some()));
+        if !have_masked {
+            let peers = match self
+                .send(
+                    conn,
+                    &Message::FetchPeerKeys {
+                        id: random_id(),
+                        schema: hash,
+                        round,
+                        session,
+                    },
+                )
+                .await?
+            {
+                Message::PeerKeys(p) => p.keys,
+                Message::Error {
+                    code: ErrorCode::NotReady,
+                    ..
+                } => return Ok(false),
+                Message::Error { code, .. } => return Err(SessionError::Refused(code)),
+                _ => return Err(SessionError::Unexpected),
+            };
+            let vector = protocol::secure::encode(aggregates, schema);
+            let context = super::secure::MaskContext {
+                schema: hash,
+                round,
+                session,
+            };
+            let keys = self.secure_local(|l| l.as_mut().and_then(|l| l.keys.take()));
+            let Some(keys) = keys else {
+                return Ok(false);
+            };
+            let masked = keys
+                .mask(&me, &peers, &context, &vector)
+                .map_err(|e| SessionError::Schema(e.to_string()))?;
+            let id = derived_id(&[
+                b"masked",
+                &hash.0,
+                &round.to_be_bytes(),
+                &session.to_be_bytes(),
+                me.as_str().as_bytes(),
+            ]);
+            self.secure_local(|l| {
+                if let Some(l) = l.as_mut() {
+                    l.masked = Some((id, masked));
+                }
+            });
+        }
+        let Some((id, vector)) = self.secure_local(|l| l.as_ref().and_then(|l| l.masked.clone()))
+        else {
+            return Ok(false);
+        };
+        // Recorded before it leaves: a crash after sending still counts as spent.
+        self.catalog.record_release(&release)?;
+        let m = Message::MaskedReport(Box::new(protocol::MaskedReport {
+            id,
+            schema: hash,
+            round,
+            session,
+            k: aggregates.k,
+            noise: aggregates.noise,
+            vector,
+        }));
+        match self.send(conn, &m).await? {
+            Message::Ack { .. } => {
+                // Received; the round is done once every participant's vector is in.
+                self.secure_local(|l| {
+                    if let Some(l) = l.as_mut() {
+                        l.submitted = true;
+                        l.masked = None;
+                    }
+                });
+                Ok(false)
+            }
+            Message::Error {
+                code: ErrorCode::NotReady,
+                ..
+            } => {
+                // The session was restarted without waiting for us: join the next one.
+                self.secure_local(|l| *l = None);
+                Ok(false)
+            }
+            Message::Error { code, .. } => Err(SessionError::Refused(code)),
+            _ => Err(SessionError::Unexpected),
+        }
     }
 
     /// Tell the coordinator this round's aggregates are not released, once per reason.
@@ -716,6 +942,16 @@ impl Site {
     ) -> Result<SyncOutcome, SessionError> {
         let (conn, welcome) = self.connect(endpoint).await?;
         let mut out = self.sync(&conn, &welcome).await?;
+        // Secure aggregation takes several steps with the other sites: keep at it.
+        let deadline = tokio::time::Instant::now() + wait_model.unwrap_or(Duration::from_secs(120));
+        while out.secure_waiting && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let w = self.poll(&conn).await?;
+            let more = self.sync(&conn, &w).await?;
+            out.secure_waiting = more.secure_waiting;
+            out.reported = out.reported.or(more.reported);
+            out.welcome = more.welcome;
+        }
         if let Some(limit) = wait_model {
             let deadline = tokio::time::Instant::now() + limit;
             let wants_model = self

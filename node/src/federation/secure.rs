@@ -1,0 +1,180 @@
+//! The site's side of secure aggregation: one fresh X25519 key pair per peer per session
+//! (ring's ephemeral keys are single-use), a shared secret per pair, expanded by HKDF-SHA256
+//! and ChaCha20 into a mask as long as the vector; the site with the smaller name adds the
+//! mask, the other subtracts it, so every pair's masks cancel in the coordinator's sum.
+
+use protocol::secure::PeerKey;
+use protocol::{SchemaHash, SiteId};
+use ring::agreement::{self, EphemeralPrivateKey, UnparsedPublicKey, X25519};
+use ring::{aead, hkdf};
+
+/// What can go wrong computing masks.
+#[derive(Debug, thiserror::Error)]
+pub enum MaskError {
+    #[error("the system random generator failed")]
+    Random,
+    #[error("a peer's public key is not a valid X25519 key")]
+    BadPeerKey,
+    #[error("no key of ours for peer {0}")]
+    MissingKey(String),
+}
+
+/// This site's private keys for one session, one per peer.
+pub struct SessionKeys {
+    privates: Vec<(SiteId, EphemeralPrivateKey)>,
+}
+
+impl std::fmt::Debug for SessionKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionKeys")
+            .field("peers", &self.privates.len())
+            .finish()
+    }
+}
+
+impl SessionKeys {
+    /// Fresh key pairs for every participant but `me`; returns the public keys to send.
+    pub fn generate(
+        me: &SiteId,
+        participants: &[SiteId],
+    ) -> Result<(Self, Vec<PeerKey>), MaskError> {
+        let rng = ring::rand::SystemRandom::new();
+        let mut privates = Vec::new();
+        let mut publics = Vec::new();
+        for p in participants.iter().filter(|p| *p != me) {
+            let k = EphemeralPrivateKey::generate(&X25519, &rng).map_err(|_| MaskError::Random)?;
+            let public = k.compute_public_key().map_err(|_| MaskError::Random)?;
+            let mut b = [0u8; 32];
+            b.copy_from_slice(public.as_ref());
+            publics.push(PeerKey {
+                peer: p.clone(),
+                public: b,
+            });
+            privates.push((p.clone(), k));
+        }
+        Ok((SessionKeys { privates }, publics))
+    }
+
+    /// Mask `vector` with every peer's key (consumes the private keys).
+    pub fn mask(
+        self,
+        me: &SiteId,
+        peers: &[PeerKey],
+        context: &MaskContext,
+        vector: &[u64],
+    ) -> Result<Vec<u64>, MaskError> {
+        let mut out = vector.to_vec();
+        let mut privates = self.privates;
+        for pk in peers {
+            let i = privates
+                .iter()
+                .position(|(p, _)| *p == pk.peer)
+                .ok_or_else(|| MaskError::MissingKey(pk.peer.to_string()))?;
+            let (_, private) = privates.swap_remove(i);
+            let stream = agreement::agree_ephemeral(
+                private,
+                &UnparsedPublicKey::new(&X25519, pk.public),
+                |shared| prg(shared, context, vector.len()),
+            )
+            .map_err(|_| MaskError::BadPeerKey)??;
+            let add = me < &pk.peer;
+            for (o, m) in out.iter_mut().zip(stream) {
+                *o = if add {
+                    o.wrapping_add(m)
+                } else {
+                    o.wrapping_sub(m)
+                };
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What binds a mask to its session, so masks of different sessions are independent.
+#[derive(Clone, Debug)]
+pub struct MaskContext {
+    pub schema: SchemaHash,
+    pub round: u32,
+    pub session: u32,
+}
+
+/// The PRG: HKDF-SHA256 of the shared secret (salted with the session) keys ChaCha20, whose
+/// keystream (ChaCha20-Poly1305 sealing zeros; the tag is dropped) gives the words.
+fn prg(shared: &[u8], c: &MaskContext, words: usize) -> Result<Vec<u64>, MaskError> {
+    let mut salt = b"fedcurate secure sum v1".to_vec();
+    salt.extend_from_slice(&c.schema.0);
+    salt.extend_from_slice(&c.round.to_be_bytes());
+    salt.extend_from_slice(&c.session.to_be_bytes());
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &salt).extract(shared);
+    let okm = prk
+        .expand(&[b"mask"], &aead::CHACHA20_POLY1305)
+        .map_err(|_| MaskError::Random)?;
+    let key = aead::LessSafeKey::new(aead::UnboundKey::from(okm));
+    let mut buf = vec![0u8; words * 8];
+    // The tag authenticates nothing here: only the keystream is used.
+    let _tag = key
+        .seal_in_place_separate_tag(
+            aead::Nonce::assume_unique_for_key([0u8; 12]),
+            aead::Aad::empty(),
+            &mut buf,
+        )
+        .map_err(|_| MaskError::Random)?;
+    Ok(buf
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairwise_masks_cancel_in_the_sum() {
+        let sites: Vec<SiteId> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|s| SiteId::new(s).expect("id"))
+            .collect();
+        let ctx = MaskContext {
+            schema: SchemaHash([3; 32]),
+            round: 1,
+            session: 1,
+        };
+        let values: Vec<Vec<u64>> = (0..4u64).map(|i| vec![i, 100 + i, u64::MAX - i]).collect();
+        let mut keys = Vec::new();
+        let mut publics = Vec::new();
+        for s in &sites {
+            let (k, p) = SessionKeys::generate(s, &sites).expect("keys");
+            keys.push(k);
+            publics.push(p);
+        }
+        let mut sum = vec![0u64; 3];
+        let mut masked_all = Vec::new();
+        for (i, (s, k)) in sites.iter().zip(keys).enumerate() {
+            // The keys the others made for site i.
+            let peers: Vec<PeerKey> = sites
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(j, other)| {
+                    let key = publics[j]
+                        .iter()
+                        .find(|p| &p.peer == s)
+                        .expect("key for me");
+                    PeerKey {
+                        peer: other.clone(),
+                        public: key.public,
+                    }
+                })
+                .collect();
+            let masked = k.mask(s, &peers, &ctx, &values[i]).expect("mask");
+            assert_ne!(masked, values[i]);
+            protocol::secure::add_into(&mut sum, &masked);
+            masked_all.push(masked);
+        }
+        let plain: Vec<u64> = (0..3)
+            .map(|j| values.iter().fold(0u64, |a, v| a.wrapping_add(v[j])))
+            .collect();
+        assert_eq!(sum, plain);
+    }
+}

@@ -1,0 +1,261 @@
+//! Secure aggregation over the wire: four sites join a session, one disappears after sending
+//! its keys, the coordinator aborts the session when it times out and restarts it with the
+//! three that took their step; they send fresh masked vectors. Checked: each masked vector
+//! the coordinator received looks like uniform noise (χ² on its words), the unmasked total
+//! equals the plain sum of the three sites' aggregates, and the model is fitted from it.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use coordinator::Hub;
+use coordinator::net::{Service, server_config, site_fingerprints};
+use coordinator::pki::Pki;
+use coordinator::store::Store;
+use node::federation::aggregate;
+use node::federation::session::Site;
+use protocol::aggregate::{Cell, ConformanceSummary, ProfileCheck};
+use protocol::{Message, MessageId, SchemaDocument, SiteId};
+
+use crate::federation::{deidentify, node_config, now, schema_text};
+
+/// χ² of the top four bits of each word against the uniform distribution (15 df).
+fn chi_square_top_bits(words: &[u64]) -> f64 {
+    let mut bins = [0f64; 16];
+    for w in words {
+        bins[(w >> 60) as usize] += 1.0;
+    }
+    let e = words.len() as f64 / 16.0;
+    bins.iter().map(|o| (o - e) * (o - e) / e).sum()
+}
+
+#[test]
+fn secure_sum_survives_a_dropout_and_reveals_only_the_total() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki_dir = dir.path().join("pki");
+    let pki = Pki::at(&pki_dir);
+    pki.init("test").expect("init");
+    let coord = pki.issue_coordinator("localhost", 30).expect("coordinator");
+    let names = ["site-a", "site-b", "site-c", "site-d"];
+    for n in names {
+        pki.issue_site(n, 30).expect("site");
+    }
+    let read = |p: &Path| std::fs::read(p).expect("read");
+    let text = schema_text(5, 1).replace(
+        "min_cell_count = 5",
+        "min_cell_count = 5\nsecure_aggregation = true",
+    );
+    let doc = SchemaDocument::new(&text).expect("schema");
+    let schema = doc.schema().expect("parse");
+    let members: Vec<SiteId> = names.iter().map(|n| SiteId::new(n).expect("id")).collect();
+    let mut hub = Hub::new(
+        members,
+        Store::in_memory().expect("store"),
+        Some(doc.clone()),
+        None,
+    )
+    .expect("hub");
+    hub.set_secure_timeout(3);
+    let tap = hub.tap();
+    let hub = Arc::new(Mutex::new(hub));
+    rt.block_on(async {
+        let service = Service::start(
+            server_config(
+                &read(&pki.ca_cert_path()),
+                &read(&pki.crl_path()),
+                &read(&coord.certificate),
+                &read(coord.key.as_ref().expect("key")),
+            )
+            .expect("server"),
+            "127.0.0.1:0".parse().expect("addr"),
+            hub.clone(),
+            site_fingerprints(&pki.issued().expect("issued"), now()),
+        )
+        .expect("service");
+        let addr = service.local_addr().expect("addr");
+        let endpoint =
+            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+
+        // Site d joins, acknowledges, sends its keys for the session, and disappears.
+        let d = SiteId::new("site-d").expect("id");
+        let cfg = node::federation::client_config(
+            &read(&pki.ca_cert_path()),
+            &read(&pki_dir.join("sites/site-d.crt")),
+            &read(&pki_dir.join("sites/site-d.key")),
+        )
+        .expect("client");
+        let hello = protocol::Hello {
+            id: MessageId(1),
+            min_version: protocol::PROTOCOL_VERSION,
+            max_version: protocol::PROTOCOL_VERSION,
+            site: d.clone(),
+            schema: None,
+        };
+        let (conn, _) = node::federation::connect(&endpoint, cfg, addr, "localhost", hello)
+            .await
+            .expect("welcomed");
+        let ack = Message::SchemaAck(Box::new(protocol::SchemaAck {
+            id: MessageId(2),
+            schema: doc.hash(),
+            profile: ProfileCheck { missing: vec![] },
+            conformance: ConformanceSummary {
+                series: Cell::Value(0),
+                status: [Cell::Value(0); 3],
+                deviations: vec![Cell::Value(0); schema.data_of_interest.constraints.len()],
+                findings: [Cell::Value(0); 3],
+                quarantined: Cell::Value(0),
+            },
+        }));
+        let r = node::federation::request(&conn, &ack).await.expect("ack");
+        assert!(matches!(r, Message::Ack { .. }), "{r:?}");
+
+        // The three real sites run as services.
+        let mut sites = Vec::new();
+        let mut facts = Vec::new();
+        for (name, profile) in names[..3].iter().zip(node::sample::consortium_sites(6)) {
+            let input = dir.path().join(format!("{name}-in"));
+            node::sample::write_site_archive(&input, &profile).expect("archive");
+            let mut config = node_config(&dir.path().join(name), name, &pki_dir, &addr.to_string());
+            if let Some(f) = config.federation.as_mut() {
+                f.poll_seconds = 1;
+            }
+            deidentify(&config, &input);
+            facts.push(aggregate::collect(&config.data_dir.join("deid"), &schema).expect("facts"));
+            sites.push(Site::new(&config, config.data_dir.join("deid")).expect("site"));
+        }
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let service_of = |i: usize| {
+            let mut rx = stop_rx.clone();
+            let endpoint = endpoint.clone();
+            let site = &sites[i];
+            async move {
+                site.run(&endpoint, async move {
+                    let _ = rx.changed().await;
+                })
+                .await
+            }
+        };
+        let drive = async {
+            // d: join the first session and send keys once it opens, then vanish.
+            let session = loop {
+                let r = node::federation::request(
+                    &conn,
+                    &Message::SecureJoin {
+                        id: MessageId(3),
+                        schema: doc.hash(),
+                        round: 1,
+                    },
+                )
+                .await
+                .expect("join");
+                match r {
+                    Message::SecureSession(s) => break s,
+                    _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            };
+            assert_eq!(session.participants.len(), 4);
+            let (_keys, publics) =
+                node::federation::secure::SessionKeys::generate(&d, &session.participants)
+                    .expect("keys");
+            let r = node::federation::request(
+                &conn,
+                &Message::SecureKeys(Box::new(protocol::SecureKeys {
+                    id: MessageId(4),
+                    schema: doc.hash(),
+                    round: 1,
+                    session: session.session,
+                    keys: publics,
+                })),
+            )
+            .await
+            .expect("keys sent");
+            assert!(matches!(r, Message::Ack { .. }), "{r:?}");
+            conn.close(0u32.into(), b"gone");
+            // The others finish without it once the session is restarted.
+            let deadline = std::time::Instant::now() + Duration::from_secs(90);
+            loop {
+                let done = hub
+                    .lock()
+                    .expect("hub")
+                    .store()
+                    .latest_model()
+                    .expect("model")
+                    .is_some();
+                if done && sites.iter().all(|s| s.state().model == 1) {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the secure round did not complete"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let _ = stop_tx.send(true);
+            session.session
+        };
+        let (first_session, (), (), ()) =
+            tokio::join!(drive, service_of(0), service_of(1), service_of(2));
+
+        // The total: exactly the plain sum of the three sites' aggregates.
+        let (summed, total) = hub
+            .lock()
+            .expect("hub")
+            .store()
+            .secure_total(&doc.hash(), 1)
+            .expect("total")
+            .expect("a secure total");
+        assert_eq!(
+            summed,
+            vec![
+                SiteId::new("site-a").expect("id"),
+                SiteId::new("site-b").expect("id"),
+                SiteId::new("site-c").expect("id"),
+            ]
+        );
+        let mut plain = vec![0u64; protocol::secure::vector_len(&schema)];
+        for f in &facts {
+            let a = aggregate::aggregates(f, &schema, 5);
+            protocol::secure::add_into(&mut plain, &protocol::secure::encode(&a, &schema));
+        }
+        let expected = protocol::secure::decode(&plain, &schema, 3, 5).expect("decode");
+        assert_eq!(total.aggregates.counts, expected.aggregates.counts);
+        assert_eq!(total.aggregates.histograms, expected.aggregates.histograms);
+        assert_eq!(total.aggregates.nyul, expected.aggregates.nyul);
+        assert_eq!(total.aggregates.patients, Cell::Value(18));
+        let model = hub
+            .lock()
+            .expect("hub")
+            .store()
+            .latest_model()
+            .expect("m")
+            .expect("model");
+        assert_eq!(model.sites.len(), 3);
+
+        // What the coordinator saw of each site: masked vectors that look uniform. Two
+        // sessions' worth from a, b and c (the first aborted, the second summed).
+        let frames = tap.lock().expect("tap").clone();
+        let vectors: Vec<(u32, Vec<u64>)> = frames
+            .iter()
+            .filter_map(|f| match protocol::decode_frame(f) {
+                Ok((Message::MaskedReport(m), _)) => Some((m.session, m.vector)),
+                _ => None,
+            })
+            .collect();
+        assert!(vectors.iter().any(|(s, _)| *s == first_session));
+        assert!(vectors.iter().any(|(s, _)| *s > first_session), "restarted");
+        assert!(vectors.len() >= 6, "{} masked vectors", vectors.len());
+        for (_, v) in &vectors {
+            // χ² with 15 df: the 99.9th percentile is 37.7.
+            let chi = chi_square_top_bits(v);
+            assert!(chi < 37.7, "a masked vector is not uniform: χ² = {chi}");
+        }
+        // The same test tells an unmasked vector apart.
+        assert!(chi_square_top_bits(&plain) > 37.7);
+        service.endpoint.close(0u32.into(), b"test over");
+    });
+}
