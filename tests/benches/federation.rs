@@ -21,7 +21,7 @@ use coordinator::store::Store;
 use node::federation::{client_config, client_tls, connect, request};
 use protocol::aggregate::{
     Cell, ConformanceSummary, CountTable, CtRelease, Moments, NyulRelease, ProfileCheck,
-    SiteAggregates,
+    SiteAggregates, add_cells,
 };
 use protocol::schema::CurationSchema;
 use protocol::summary::{CT_HU_BINS, CtSummary, NyulSummary};
@@ -178,6 +178,130 @@ fn memory_handshake(client: &Arc<rustls::ClientConfig>, server: &Arc<rustls::Ser
     }
 }
 
+/// A schema whose intensity histogram has `cells` cells.
+fn wide_schema(cells: usize) -> String {
+    let edges: Vec<String> = (0..cells - 1).map(|i| format!("{i}.0")).collect();
+    SCHEMA.replacen(
+        "edges = [0.0, 5.0, 10.0, 20.0, 40.0]",
+        &format!("edges = [{}]", edges.join(", ")),
+        1,
+    )
+}
+
+/// Per-site and coordinator cost of one round, plain and secure, in process.
+fn secure_cost(n_sites: usize, cells: usize) -> (f64, f64, f64, f64, usize, usize) {
+    use node::federation::secure::{MaskContext, SessionKeys};
+    let text = wide_schema(cells);
+    let doc = SchemaDocument::new(&text).expect("wide schema");
+    let schema = doc.schema().expect("schema");
+    let sites: Vec<SiteId> = (0..n_sites)
+        .map(|i| SiteId::new(&format!("s{i:03}")).expect("id"))
+        .collect();
+    let aggs: Vec<SiteAggregates> = (0..n_sites)
+        .map(|i| {
+            let mut a = aggregates(&schema, i as u64);
+            for c in a.histograms[0].iter_mut() {
+                *c = Cell::Value(10 + i as u64);
+            }
+            a
+        })
+        .collect();
+    // Plain: each site encodes its report; the coordinator decodes and adds them.
+    let t = Instant::now();
+    let frames: Vec<Vec<u8>> = aggs
+        .iter()
+        .map(|a| {
+            protocol::encode_frame(&Message::Report(Box::new(AggregateReport {
+                id: MessageId(1),
+                schema: doc.hash(),
+                round: 1,
+                aggregates: a.clone(),
+            })))
+            .expect("frame")
+        })
+        .collect();
+    let plain_site = t.elapsed().as_secs_f64() / n_sites as f64;
+    let plain_bytes = frames[0].len();
+    let t = Instant::now();
+    let mut pooled = Vec::new();
+    for f in &frames {
+        if let Ok((Message::Report(r), _)) = protocol::decode_frame(f) {
+            add_cells(&mut pooled, &r.aggregates.histograms[0]);
+        }
+    }
+    let plain_coord = t.elapsed().as_secs_f64();
+    assert_eq!(pooled.len(), cells);
+    // Secure: keys per peer, agreements, PRG, masking; the coordinator sums and decodes.
+    let ctx = MaskContext {
+        schema: doc.hash(),
+        round: 1,
+        session: 1,
+    };
+    let mut keys = Vec::new();
+    let mut publics = Vec::new();
+    let t = Instant::now();
+    for s in &sites {
+        let (k, p) = SessionKeys::generate(s, &sites).expect("keys");
+        keys.push(k);
+        publics.push(p);
+    }
+    let mut masked_frames = Vec::new();
+    for (i, (s, k)) in sites.iter().zip(keys).enumerate() {
+        let peers: Vec<protocol::secure::PeerKey> = sites
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(j, other)| protocol::secure::PeerKey {
+                peer: other.clone(),
+                public: publics[j]
+                    .iter()
+                    .find(|p| &p.peer == s)
+                    .expect("key")
+                    .public,
+            })
+            .collect();
+        let vector = protocol::secure::encode(&aggs[i], &schema);
+        let masked = k.mask(s, &peers, &ctx, &vector).expect("mask");
+        masked_frames.push(
+            protocol::encode_frame(&Message::MaskedReport(Box::new(protocol::MaskedReport {
+                id: MessageId(1),
+                schema: doc.hash(),
+                round: 1,
+                session: 1,
+                k: 10,
+                noise: None,
+                vector: masked,
+            })))
+            .expect("frame"),
+        );
+    }
+    let secure_site = t.elapsed().as_secs_f64() / n_sites as f64;
+    let secure_bytes = masked_frames[0].len();
+    let t = Instant::now();
+    let mut sum = vec![0u64; protocol::secure::vector_len(&schema)];
+    for f in &masked_frames {
+        if let Ok((Message::MaskedReport(m), _)) = protocol::decode_frame(f) {
+            protocol::secure::add_into(&mut sum, &m.vector);
+        }
+    }
+    let total = protocol::secure::decode(&sum, &schema, n_sites as u32, 10).expect("decode");
+    let secure_coord = t.elapsed().as_secs_f64();
+    let expect: u64 = (0..n_sites as u64).map(|i| 10 + i).sum();
+    assert_eq!(
+        total.aggregates.histograms[0][5],
+        Cell::Value(expect),
+        "masks cancel"
+    );
+    (
+        plain_site,
+        secure_site,
+        plain_coord,
+        secure_coord,
+        plain_bytes,
+        secure_bytes,
+    )
+}
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let (n_sites, n_handshakes) = if full { (100, 300) } else { (4, 6) };
@@ -207,11 +331,11 @@ fn main() {
     let members: Vec<SiteId> = sites.iter().map(|s| s.0.clone()).collect();
 
     // Baseline 1: bare TLS handshakes in memory.
-    let client_tls = Arc::new(client_tls(&ca, &sites[0].1, &sites[0].2).expect("client tls"));
-    let server_tls = Arc::new(server_tls(&ca, &crl, &cert, &key).expect("server tls"));
+    let client_mem = Arc::new(client_tls(&ca, &sites[0].1, &sites[0].2).expect("client tls"));
+    let server_mem = Arc::new(server_tls(&ca, &crl, &cert, &key).expect("server tls"));
     let started = Instant::now();
     for _ in 0..n_handshakes {
-        memory_handshake(&client_tls, &server_tls);
+        memory_handshake(&client_mem, &server_mem);
     }
     let tls_rate = n_handshakes as f64 / started.elapsed().as_secs_f64();
 
@@ -255,7 +379,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let (quic_rate, report_rate, mem_10, mem_all, model) = rt.block_on(async {
+    let (quic_rate, report_rate, mem_10, mem_all, model, round_times) = rt.block_on(async {
         let hub = Hub::new(
             members.clone(),
             Store::open(&dir.path().join("coordinator.sqlite")).expect("store"),
@@ -297,6 +421,51 @@ fn main() {
             done += batch;
         }
         let quic_rate = n_handshakes as f64 / started.elapsed().as_secs_f64();
+
+        // One request/answer round on an established connection: QUIC vs the TCP fallback.
+        let tcp = coordinator::net::TcpService::start(
+            server_tls(&ca, &crl, &cert, &key).expect("tls"),
+            "127.0.0.1:0".parse().expect("addr"),
+            hub.clone(),
+            service.sites(),
+        )
+        .await
+        .expect("tcp");
+        let rounds = if full { 2000 } else { 20 };
+        let (quic_link, _) = connect(
+            &endpoint,
+            client_config(&ca, &sites[0].1, &sites[0].2).expect("client"),
+            addr,
+            "localhost",
+            hello(&sites[0].0),
+        )
+        .await
+        .expect("quic");
+        let quic_link = node::federation::Link::Quic(quic_link);
+        let (tcp_link, _) = node::federation::connect_tcp(
+            Arc::new(client_tls(&ca, &sites[0].1, &sites[0].2).expect("tls")),
+            tcp.local_addr(),
+            "localhost",
+            hello(&sites[0].0),
+        )
+        .await
+        .expect("tcp link");
+        let mut round_times = Vec::new();
+        for link in [&quic_link, &tcp_link] {
+            let started = Instant::now();
+            for i in 0..rounds {
+                let a = link
+                    .request(&Message::FetchSchema {
+                        id: MessageId(100 + i),
+                    })
+                    .await
+                    .expect("round");
+                assert!(matches!(a, Message::Schema { .. }));
+            }
+            round_times.push(started.elapsed().as_secs_f64() / f64::from(rounds as u32) * 1e6);
+            link.close().await;
+        }
+        tcp.close();
 
         // Every site connects first, then all report at once.
         let mut conns = Vec::new();
@@ -342,7 +511,7 @@ fn main() {
         }
         service.endpoint.close(0u32.into(), b"done");
         tokio::time::sleep(Duration::from_millis(50)).await;
-        (quic_rate, report_rate, mem_10, mem_all, model)
+        (quic_rate, report_rate, mem_10, mem_all, model, round_times)
     });
     assert_eq!(model, Some(n_sites), "the model merges every site");
     println!("federation benchmark ({n_sites} sites, {n_handshakes} handshakes, loopback)");
@@ -359,4 +528,23 @@ fn main() {
         "memory        RSS after 10 sites {mem_10:.1} MiB, after {n_sites} sites {mem_all:.1} MiB, peak {:.1} MiB",
         rss().0
     );
+    println!(
+        "round time    one request/answer: QUIC {:.0} us, TCP fallback {:.0} us, ratio TCP/QUIC {:.2}",
+        round_times[0],
+        round_times[1],
+        round_times[1] / round_times[0]
+    );
+    let cells = if full { 10_000 } else { 100 };
+    for n in [3, if full { 30 } else { 4 }] {
+        let (ps, ss, pc, sc, pb, sb) = secure_cost(n, cells);
+        println!(
+            "secure sum    {n:>2} sites, {cells}-cell histogram: per site {:.2} ms vs plain {:.3} ms ({:.0}x); coordinator {:.2} ms vs plain {:.2} ms ({:.1}x); {sb} vs {pb} bytes per site",
+            ss * 1e3,
+            ps * 1e3,
+            ss / ps,
+            sc * 1e3,
+            pc * 1e3,
+            sc / pc
+        );
+    }
 }
