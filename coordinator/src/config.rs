@@ -59,6 +59,14 @@ pub struct CoordinatorConfig {
     /// (default: every listed site).
     #[serde(default)]
     pub min_sites_for_model: Option<usize>,
+    /// Secure aggregation: seconds a session may wait for its sites before it is aborted
+    /// and restarted without those that did not take their step.
+    #[serde(default = "default_secure_timeout")]
+    pub secure_timeout_seconds: i64,
+}
+
+fn default_secure_timeout() -> i64 {
+    120
 }
 
 fn default_true() -> bool {

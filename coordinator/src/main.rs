@@ -162,12 +162,14 @@ fn open_hub(cfg: &CoordinatorConfig) -> Result<coordinator::Hub> {
         }
         None => None,
     };
-    Ok(coordinator::Hub::new(
+    let mut hub = coordinator::Hub::new(
         cfg.sites.iter().map(|s| s.id.clone()),
         store,
         schema,
         cfg.min_sites_for_model,
-    )?)
+    )?;
+    hub.set_secure_timeout(cfg.secure_timeout_seconds);
+    Ok(hub)
 }
 
 /// Write the consortium report (JSON and HTML) into `state_dir/report/`, atomically.
