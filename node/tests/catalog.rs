@@ -138,17 +138,34 @@ fn killed_runs_resume_and_account_for_every_input_exactly_once() {
     let mut rng = Lcg(0x5EED);
     let mut kills = 0;
     let mut partial_counts = Vec::new();
-    for _ in 0..14 {
+    let written = |output: &std::path::Path| {
+        files_under(output)
+            .iter()
+            .filter(|p| !p.to_string_lossy().contains(".fc-tmp-"))
+            .count()
+    };
+    for i in 0..14 {
+        let before = written(&output);
         let mut child = site
             .deid(&input, &output)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn");
+        // Even runs are killed at a random time from the start; odd runs once this run has
+        // written something (so some kills land mid-way however loaded the machine is).
         let delay = Duration::from_millis(5 + rng.next(150));
         let started = Instant::now();
-        while started.elapsed() < delay {
+        loop {
             if child.try_wait().expect("wait").is_some() {
+                break;
+            }
+            let due = if i % 2 == 0 {
+                started.elapsed() >= delay
+            } else {
+                written(&output) > before || started.elapsed() > Duration::from_secs(20)
+            };
+            if due {
                 break;
             }
             std::thread::sleep(Duration::from_millis(2));
