@@ -96,6 +96,10 @@ enum Command {
         /// Measure every harmonisation method on a volume of this many voxels per side instead.
         #[arg(long)]
         harmonise: Option<usize>,
+        /// With --harmonise: also time the Python reference (intensity-normalization 2.2.4,
+        /// one thread) on the same machine and print the ratios.
+        #[arg(long)]
+        reference: bool,
         /// Measure curation over this many generated instances instead (100 per series).
         #[arg(long)]
         curate: Option<usize>,
@@ -516,10 +520,11 @@ fn main() -> Result<()> {
             keep,
             volume,
             harmonise,
+            reference,
             curate,
         } => match (volume, harmonise, curate) {
             (Some(slices), _, _) => bench_volume(dir, slices, keep),
-            (None, Some(n), _) => bench_harmonise(dir, n),
+            (None, Some(n), _) => bench_harmonise(dir, n, reference),
             (None, None, Some(n)) => {
                 let dir = dir.unwrap_or_else(|| {
                     std::env::temp_dir().join(format!("fedcurate-cbench-{}", std::process::id()))
@@ -1417,7 +1422,36 @@ fn harmonise(config: &NodeConfig, a: HarmoniseArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench_harmonise(dir: Option<PathBuf>, n: usize) -> Result<()> {
+/// The reference's timings on this machine: runs the embedded script with `python3`.
+fn reference_timings(n: usize) -> Result<Vec<(String, f64)>> {
+    const SCRIPT: &str = include_str!("../../scripts/reference/bench_reference.py");
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg(n.to_string())
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .context("running python3 (install intensity-normalization==2.2.4 with pip)")?;
+    if !out.status.success() {
+        bail!(
+            "the reference did not run: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.split_at(l.len().min(24));
+            let secs = rest.trim().strip_suffix(" s")?.trim().parse().ok()?;
+            Some((name.trim().to_owned(), secs))
+        })
+        .collect())
+}
+
+fn bench_harmonise(dir: Option<PathBuf>, n: usize, reference: bool) -> Result<()> {
     let dir = dir.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("fedcurate-hbench-{}", std::process::id()))
     });
@@ -1433,12 +1467,28 @@ fn bench_harmonise(dir: Option<PathBuf>, n: usize) -> Result<()> {
         "read + write the volume (NIfTI)",
         baseline.as_secs_f64()
     );
+    let refs = if reference {
+        reference_timings(n)?
+    } else {
+        Vec::new()
+    };
     for t in &timings {
+        let ours = t.elapsed.as_secs_f64();
+        let vs = refs
+            .iter()
+            .find(|(name, _)| *name == t.name)
+            .map(|(_, r)| {
+                format!(
+                    "   reference {r:>7.3} s: {:>5.1}x faster",
+                    r / ours.max(1e-9)
+                )
+            })
+            .unwrap_or_default();
         println!(
-            "{:<32} {:>9.3} s   {:>5.2}x the read+write pass",
+            "{:<32} {:>9.3} s   {:>5.2}x the read+write pass{vs}",
             t.name,
-            t.elapsed.as_secs_f64(),
-            t.elapsed.as_secs_f64() / baseline.as_secs_f64().max(1e-9)
+            ours,
+            ours / baseline.as_secs_f64().max(1e-9)
         );
     }
     std::fs::remove_dir_all(&dir)?;

@@ -13,7 +13,7 @@ use protocol::summary::{CT_HU_BINS, CT_HU_MIN, CtSummary, NYUL_LANDMARKS, NyulSu
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use self::stats::{Contrast, mean_std, otsu, percentile, percentiles, tissue_mode};
+use self::stats::{Contrast, mean_std, otsu, percentile};
 use crate::volume::{StoredType, Volume};
 
 /// Version of the serialised model format.
@@ -205,6 +205,114 @@ fn voi(v: &[f32], mask: &[bool]) -> Vec<f32> {
         .collect()
 }
 
+/// Mean and population standard deviation of the foreground, straight from the rule (one
+/// read pass for the mean, one for the spread; nothing is copied).
+fn foreground_mean_std(v: &[f32], rule: &Foreground) -> Result<(f64, f64), HarmoniseError> {
+    let threshold = match rule {
+        Foreground::Mask(_) => {
+            let (r, _, _) = roi(v, rule)?;
+            return Ok(mean_std(&r));
+        }
+        Foreground::Otsu => otsu(v),
+        Foreground::Positive => 1e-6,
+        Foreground::AbovePadding(p) => *p,
+    };
+    let chunk = (v.len() / (4 * rayon::current_num_threads().max(1))).max(1 << 16);
+    let (n, sum) = v
+        .par_chunks(chunk)
+        .map(|c| {
+            c.iter()
+                .map(|x| f64::from(*x))
+                .filter(|f| *f > threshold)
+                .fold((0usize, 0.0), |(n, s), f| (n + 1, s + f))
+        })
+        .reduce(|| (0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    if n == 0 {
+        return Err(HarmoniseError::EmptyForeground);
+    }
+    let mean = sum / n as f64;
+    let squares: f64 = v
+        .par_chunks(chunk)
+        .map(|c| {
+            c.iter()
+                .map(|x| f64::from(*x))
+                .filter(|f| *f > threshold)
+                .map(|f| (f - mean) * (f - mean))
+                .sum::<f64>()
+        })
+        .sum();
+    Ok((mean, (squares / n as f64).sqrt()))
+}
+
+/// The foreground values straight from the rule (no mask is built unless one was supplied),
+/// with their minimum and maximum, in one pass.
+fn roi(v: &[f32], rule: &Foreground) -> Result<(Vec<f32>, f64, f64), HarmoniseError> {
+    let threshold = match rule {
+        Foreground::Mask(m) => {
+            if m.len() != v.len() {
+                return Err(HarmoniseError::MaskSize {
+                    mask: m.len(),
+                    voxels: v.len(),
+                });
+            }
+            let r = voi(v, m);
+            let (lo, hi) = stats::min_max(&r);
+            return if r.is_empty() {
+                Err(HarmoniseError::EmptyForeground)
+            } else {
+                Ok((r, lo, hi))
+            };
+        }
+        Foreground::Otsu => otsu(v),
+        Foreground::Positive => 1e-6,
+        Foreground::AbovePadding(p) => *p,
+    };
+    let chunk = (v.len() / (4 * rayon::current_num_threads().max(1))).max(1 << 16);
+    // Pass 1 (read only): how many values each chunk keeps, and their range.
+    let parts: Vec<(usize, f64, f64)> = v
+        .par_chunks(chunk)
+        .map(|c| {
+            let (mut n, mut lo, mut hi) = (0usize, f64::INFINITY, f64::NEG_INFINITY);
+            for x in c {
+                let f = f64::from(*x);
+                if f > threshold {
+                    n += 1;
+                    lo = lo.min(f);
+                    hi = hi.max(f);
+                }
+            }
+            (n, lo, hi)
+        })
+        .collect();
+    let n: usize = parts.iter().map(|p| p.0).sum();
+    if n == 0 {
+        return Err(HarmoniseError::EmptyForeground);
+    }
+    // Pass 2: each chunk writes its values into its own part of the output.
+    let mut out = vec![0f32; n];
+    let mut slices: Vec<&mut [f32]> = Vec::with_capacity(parts.len());
+    let mut rest: &mut [f32] = &mut out;
+    for p in &parts {
+        let (head, tail) = rest.split_at_mut(p.0);
+        slices.push(head);
+        rest = tail;
+    }
+    v.par_chunks(chunk)
+        .zip(slices.into_par_iter())
+        .for_each(|(c, dst)| {
+            let mut i = 0;
+            for x in c {
+                if f64::from(*x) > threshold {
+                    dst[i] = *x;
+                    i += 1;
+                }
+            }
+        });
+    let lo = parts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let hi = parts.iter().map(|p| p.2).fold(f64::NEG_INFINITY, f64::max);
+    Ok((out, lo, hi))
+}
+
 /// Fuzzy c-means on foreground intensities (c = 3, m = 2, error 0.005, 50 iterations, as
 /// `skfuzzy.cmeans` in the reference), initialised at the 20th/50th/80th percentiles.
 /// Memberships depend on intensity only, so the iterations run over a fine histogram (65,536
@@ -279,8 +387,12 @@ pub fn fcm<T: stats::Sample>(voi: &[T]) -> ([f64; 3], [f64; 3]) {
 }
 
 /// Mapped Nyúl landmarks of one volume (its P1 → 1, P99 → 100).
-fn nyul_landmarks(voi: &mut [f32]) -> ([f64; NYUL_LANDMARKS], [f64; NYUL_LANDMARKS]) {
-    let l = percentiles(voi, &NYUL_PERCENTILES);
+fn nyul_landmarks(
+    voi: &[f32],
+    min: f64,
+    max: f64,
+) -> ([f64; NYUL_LANDMARKS], [f64; NYUL_LANDMARKS]) {
+    let l = stats::percentiles_in_range(voi, &NYUL_PERCENTILES, min, max);
     let (lo, hi) = (l[0], l[NYUL_LANDMARKS - 1]);
     let mut raw = [0.0; NYUL_LANDMARKS];
     let mut mapped = [0.0; NYUL_LANDMARKS];
@@ -294,9 +406,8 @@ fn nyul_landmarks(voi: &mut [f32]) -> ([f64; NYUL_LANDMARKS], [f64; NYUL_LANDMAR
 /// Nyúl summary of one volume.
 pub fn fit_nyul(v: &Volume, rule: &Foreground) -> Result<NyulSummary, HarmoniseError> {
     let x = values(v);
-    let mask = foreground(&x, rule)?;
-    let mut roi = voi(&x, &mask);
-    let (_, mapped) = nyul_landmarks(&mut roi);
+    let (roi, lo, hi) = roi(&x, rule)?;
+    let (_, mapped) = nyul_landmarks(&roi, lo, hi);
     let mut s = NyulSummary {
         volumes: 1,
         ..NyulSummary::default()
@@ -349,12 +460,17 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
     }
     let x = values(v);
     let x: &[f32] = &x;
-    let done = |f: &(dyn Fn(f64) -> f64 + Sync)| {
+    // Generic, not `dyn`: the per-voxel function is inlined and vectorised.
+    fn finish<F: Fn(f64) -> f64 + Sync>(
+        v: &Volume,
+        x: &[f32],
+        f: F,
+    ) -> Result<Harmonised, HarmoniseError> {
         Ok(Harmonised {
             volume: mapped(v, x, f),
             roi: None,
         })
-    };
+    }
     let mask = || foreground(x, rule);
     match &model.method {
         Method::MinMax => {
@@ -362,15 +478,15 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
             if hi <= lo {
                 return Err(HarmoniseError::Degenerate);
             }
-            done(&|v| (v - lo) / (hi - lo))
+            finish(v, x, |v| (v - lo) / (hi - lo))
         }
         Method::Percentile { low, high } => {
-            let mut roi = voi(x, &mask()?);
-            let p = percentiles(&mut roi, &[*low, *high]);
+            let (roi, lo_v, hi_v) = roi(x, rule)?;
+            let p = stats::percentiles_in_range(&roi, &[*low, *high], lo_v, hi_v);
             if p[1] <= p[0] {
                 return Err(HarmoniseError::Degenerate);
             }
-            done(&|v| (v.clamp(p[0], p[1]) - p[0]) / (p[1] - p[0]))
+            finish(v, x, |v| (v.clamp(p[0], p[1]) - p[0]) / (p[1] - p[0]))
         }
         Method::MuSigmaIbsi { n } => {
             let m = mask()?;
@@ -390,49 +506,60 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
             if sd == 0.0 {
                 return Err(HarmoniseError::Degenerate);
             }
-            done(&|v| ((v - mu) / sd).clamp(-n, *n))
+            finish(v, x, |v| ((v - mu) / sd).clamp(-n, *n))
         }
         Method::ZScore => {
-            let (mu, sd) = mean_std(&voi(x, &mask()?));
+            let (mu, sd) = foreground_mean_std(x, rule)?;
             if sd == 0.0 {
                 return Err(HarmoniseError::Degenerate);
             }
-            done(&|v| (v - mu) / sd)
+            finish(v, x, |v| (v - mu) / sd)
         }
         Method::Kde { contrast } => {
-            let mode = tissue_mode(&voi(x, &mask()?), *contrast);
+            let (roi, lo_v, hi_v) = roi(x, rule)?;
+            let mode = stats::tissue_mode_in_range(&roi, *contrast, lo_v, hi_v);
             if mode == 0.0 {
                 return Err(HarmoniseError::Degenerate);
             }
-            done(&|v| v / mode)
+            finish(v, x, |v| v / mode)
         }
         Method::WhiteStripe { contrast, width } => {
-            let m = mask()?;
-            let roi = voi(x, &m);
-            let mode = tissue_mode(&roi, *contrast);
+            let (roi, lo_v, hi_v) = roi(x, rule)?;
+            let mode = stats::tissue_mode_in_range(&roi, *contrast, lo_v, hi_v);
             let below = roi.par_iter().filter(|v| f64::from(**v) < mode).count();
             let q = below as f64 / roi.len() as f64;
             let (lo, hi) = ((q - width).max(0.0), (q + width).min(1.0));
-            let b = stats::percentiles_of(&roi, &[lo * 100.0, hi * 100.0]);
-            // The reference's stripe: (image · mask) strictly inside (ws_l, ws_u).
-            let stripe: Vec<f32> = x
+            let b = stats::percentiles_in_range(&roi, &[lo * 100.0, hi * 100.0], lo_v, hi_v);
+            // The reference's stripe: (image · mask) strictly inside (ws_l, ws_u); voxels
+            // outside the mask count as zeros when zero lies inside.
+            let (mut n, sum, squares) = roi
                 .par_iter()
-                .zip(m.par_iter())
-                .map(|(v, inside)| if *inside { *v } else { 0.0 })
-                .filter(|v| f64::from(*v) > b[0] && f64::from(*v) < b[1])
-                .collect();
-            let (mu, sd) = mean_std(&stripe);
+                .map(|v| f64::from(*v))
+                .filter(|v| *v > b[0] && *v < b[1])
+                .fold(
+                    || (0usize, 0.0, 0.0),
+                    |(n, s, q), v| (n + 1, s + v, q + v * v),
+                )
+                .reduce(|| (0, 0.0, 0.0), |a, c| (a.0 + c.0, a.1 + c.1, a.2 + c.2));
+            if b[0] < 0.0 && 0.0 < b[1] {
+                n += x.len() - roi.len();
+            }
+            if n == 0 {
+                return Err(HarmoniseError::Degenerate);
+            }
+            let mu = sum / n as f64;
+            let sd = (squares / n as f64 - mu * mu).max(0.0).sqrt();
             if sd == 0.0 {
                 return Err(HarmoniseError::Degenerate);
             }
-            done(&|v| (v - mu) / sd)
+            finish(v, x, |v| (v - mu) / sd)
         }
         Method::Fcm => {
             let (_, means) = fcm(&voi(x, &mask()?));
             if means[2] == 0.0 {
                 return Err(HarmoniseError::Degenerate);
             }
-            done(&|v| v / means[2])
+            finish(v, x, |v| v / means[2])
         }
         Method::Nyul => {
             let Fitted::Nyul { summary } = &model.fitted else {
@@ -441,9 +568,9 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
             let scale = summary
                 .standard_scale()
                 .ok_or(HarmoniseError::NotFitted("nyul"))?;
-            let mut roi = voi(x, &mask()?);
-            let (raw, _) = nyul_landmarks(&mut roi);
-            done(&|v| interp_extrapolate(v, &raw, &scale))
+            let (roi, lo, hi) = roi(x, rule)?;
+            let (raw, _) = nyul_landmarks(&roi, lo, hi);
+            finish(v, x, |v| interp_extrapolate(v, &raw, &scale))
         }
         Method::Lsq => {
             let Fitted::Lsq { standard_means } = &model.fitted else {
@@ -456,13 +583,13 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
                 return Err(HarmoniseError::Degenerate);
             }
             let sf = mtm / mts;
-            done(&|v| v / sf)
+            finish(v, x, |v| v / sf)
         }
         Method::CtWindow {
             center,
             width,
             function,
-        } => done(&|v| window(v, *center, *width, *function, 0.0, 1.0)),
+        } => finish(v, x, |v| window(v, *center, *width, *function, 0.0, 1.0)),
         Method::CtNnunet => {
             let Fitted::Ct { summary } = &model.fitted else {
                 return Err(HarmoniseError::NotFitted("ct-nnunet"));
@@ -478,7 +605,7 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
             if sd == 0.0 {
                 return Err(HarmoniseError::Degenerate);
             }
-            done(&|v| (v.clamp(p05, p995) - mean) / sd)
+            finish(v, x, |v| (v.clamp(p05, p995) - mean) / sd)
         }
         Method::Discretise(d) => {
             let m = mask()?;

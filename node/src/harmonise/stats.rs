@@ -24,17 +24,55 @@ pub fn percentiles<T: Sample>(values: &mut [T], ps: &[f64]) -> Vec<f64> {
     percentiles_by_histogram(values, ps)
 }
 
+/// Chunk size for per-thread histograms: a few chunks per thread, so that per-chunk
+/// histograms are few (each costs an allocation and a merge).
+fn chunk_len(n: usize) -> usize {
+    (n / (4 * rayon::current_num_threads().max(1))).max(1 << 16)
+}
+
 fn percentiles_by_histogram<T: Sample>(values: &[T], ps: &[f64]) -> Vec<f64> {
+    let (min, max) = min_max(values);
+    percentiles_in_range(values, ps, min, max)
+}
+
+/// [`percentiles`] of values whose minimum and maximum are known (no reordering, no copy).
+pub fn percentiles_in_range<T: Sample>(values: &[T], ps: &[f64], min: f64, max: f64) -> Vec<f64> {
+    if values.len() < (1 << 16) {
+        return percentiles_by_selection(&mut values.to_vec(), ps);
+    }
+    located(values, ps, min, max).0
+}
+
+/// One percentile of values in a known range, with the count and the largest of the values
+/// at or below it (what the tissue-mode KDE needs, without another pass).
+fn percentile_and_below<T: Sample>(values: &[T], p: f64, min: f64, max: f64) -> (f64, usize, f64) {
+    if values.len() < (1 << 16) {
+        let t = percentiles_by_selection(&mut values.to_vec(), &[p])[0];
+        let (n, _, hi) = count_min_max_below(values, t);
+        return (t, n, hi);
+    }
+    let (v, below) = located(values, &[p], min, max);
+    let (n, hi) = below.unwrap_or((0, f64::NEG_INFINITY));
+    (v[0], n, hi)
+}
+
+/// The percentiles by histogram location (values in a known range, at least 2^16 of them).
+#[allow(clippy::type_complexity)]
+fn located<T: Sample>(
+    values: &[T],
+    ps: &[f64],
+    min: f64,
+    max: f64,
+) -> (Vec<f64>, Option<(usize, f64)>) {
     const BINS: usize = 1 << 16;
     let n = values.len();
-    let (min, max) = min_max(values);
     if max.partial_cmp(&min) != Some(std::cmp::Ordering::Greater) {
-        return vec![min; ps.len()];
+        return (vec![min; ps.len()], Some((n, min)));
     }
     let scale = BINS as f64 / (max - min);
     let bin = move |v: f64| (((v - min) * scale) as usize).min(BINS - 1);
     let hist = values
-        .par_chunks(1 << 16)
+        .par_chunks(chunk_len(n))
         .map(|chunk| {
             let mut h = vec![0u32; BINS];
             for v in chunk {
@@ -72,14 +110,20 @@ fn percentiles_by_histogram<T: Sample>(values: &[T], ps: &[f64]) -> Vec<f64> {
     let mut needed: Vec<usize> = ranks.iter().map(|r| rank_bin(*r)).collect();
     needed.sort_unstable();
     needed.dedup();
+    // Which gathered list a bin's values go to (0: none), by table lookup.
+    let mut slot = vec![0u16; BINS];
+    for (i, b) in needed.iter().enumerate() {
+        slot[*b] = (i + 1) as u16;
+    }
     let mut gathered: Vec<Vec<f64>> = values
-        .par_chunks(1 << 16)
+        .par_chunks(chunk_len(n))
         .map(|chunk| {
             let mut g: Vec<Vec<f64>> = vec![Vec::new(); needed.len()];
             for v in chunk {
                 let v: f64 = (*v).into();
-                if let Ok(i) = needed.binary_search(&bin(v)) {
-                    g[i].push(v);
+                let s = slot[bin(v)];
+                if s > 0 {
+                    g[usize::from(s) - 1].push(v);
                 }
             }
             g
@@ -99,7 +143,8 @@ fn percentiles_by_histogram<T: Sample>(values: &[T], ps: &[f64]) -> Vec<f64> {
         let i = needed.binary_search(&b).unwrap_or(0);
         gathered[i][r - starts[b]]
     };
-    pos.iter()
+    let out: Vec<f64> = pos
+        .iter()
         .map(|&(lo, frac)| {
             let v = value_at(lo);
             if frac > 0.0 && lo + 1 < n {
@@ -108,7 +153,24 @@ fn percentiles_by_histogram<T: Sample>(values: &[T], ps: &[f64]) -> Vec<f64> {
                 v
             }
         })
-        .collect()
+        .collect();
+    // For the first percentile: how many values are at or below it, and the largest of them
+    // (bins between the gathered ones are empty, so the gathered values decide).
+    let below = out.first().map(|&t| {
+        let b0 = rank_bin(pos[0].0);
+        let mut count = starts[b0];
+        let mut largest = f64::NEG_INFINITY;
+        for (i, b) in needed.iter().enumerate() {
+            if *b >= b0 {
+                for v in gathered[i].iter().filter(|v| **v <= t) {
+                    count += 1;
+                    largest = largest.max(*v);
+                }
+            }
+        }
+        (count, largest)
+    });
+    (out, below)
 }
 
 /// Percentiles by successive selection (small inputs). `values` is reordered.
@@ -169,14 +231,15 @@ pub fn percentile<T: Sample>(values: &mut [T], p: f64) -> f64 {
 /// Minimum and maximum.
 pub fn min_max<T: Sample>(values: &[T]) -> (f64, f64) {
     values
-        .par_iter()
-        .fold(
-            || (f64::INFINITY, f64::NEG_INFINITY),
-            |(a, b), v| {
-                let v: f64 = (*v).into();
-                (a.min(v), b.max(v))
-            },
-        )
+        .par_chunks(chunk_len(values.len()))
+        .map(|chunk| {
+            chunk
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+                    let v: f64 = (*v).into();
+                    (a.min(v), b.max(v))
+                })
+        })
         .reduce(
             || (f64::INFINITY, f64::NEG_INFINITY),
             |(a, b), (c, d)| (a.min(c), b.max(d)),
@@ -257,23 +320,40 @@ pub fn smooth_histogram<T: Sample>(values: &[T]) -> (Vec<f64>, Vec<f64>) {
 
 /// [`smooth_histogram`] of the values at or below `upper`, without collecting them.
 pub fn smooth_histogram_below<T: Sample>(values: &[T], upper: f64) -> (Vec<f64>, Vec<f64>) {
-    let (n, min, max) = values
-        .par_iter()
-        .fold(
-            || (0usize, f64::INFINITY, f64::NEG_INFINITY),
-            |(c, a, b), v| {
+    let (n, min, max) = count_min_max_below(values, upper);
+    smooth_histogram_known(values, upper, n, min, max)
+}
+
+fn count_min_max_below<T: Sample>(values: &[T], upper: f64) -> (usize, f64, f64) {
+    values
+        .par_chunks(chunk_len(values.len()))
+        .map(|chunk| {
+            let (mut c, mut a, mut b) = (0usize, f64::INFINITY, f64::NEG_INFINITY);
+            for v in chunk {
                 let v: f64 = (*v).into();
                 if v <= upper {
-                    (c + 1, a.min(v), b.max(v))
-                } else {
-                    (c, a, b)
+                    c += 1;
+                    a = a.min(v);
+                    b = b.max(v);
                 }
-            },
-        )
+            }
+            (c, a, b)
+        })
         .reduce(
             || (0, f64::INFINITY, f64::NEG_INFINITY),
             |(c, a, b), (d, e, f)| (c + d, a.min(e), b.max(f)),
-        );
+        )
+}
+
+/// [`smooth_histogram_below`] when the count, minimum and maximum of the values at or below
+/// `upper` are known.
+fn smooth_histogram_known<T: Sample>(
+    values: &[T],
+    upper: f64,
+    n: usize,
+    min: f64,
+    max: f64,
+) -> (Vec<f64>, Vec<f64>) {
     let bw = max / 80.0;
     let m = 128usize;
     let a = min - 3.0 * bw;
@@ -281,8 +361,9 @@ pub fn smooth_histogram_below<T: Sample>(values: &[T], upper: f64) -> (Vec<f64>,
     let delta = (b - a) / (m - 1) as f64;
     let range = b - a;
     // Linear binning (statsmodels fast_linbin, interior points).
+    let inv = 1.0 / delta;
     let mut binned = values
-        .par_chunks(1 << 16)
+        .par_chunks(chunk_len(values.len()))
         .map(|chunk| {
             let mut h = vec![0.0f64; m];
             for v in chunk {
@@ -290,7 +371,7 @@ pub fn smooth_histogram_below<T: Sample>(values: &[T], upper: f64) -> (Vec<f64>,
                 if v > upper {
                     continue;
                 }
-                let lxi = (v - a) / delta;
+                let lxi = (v - a) * inv;
                 let li = lxi as usize;
                 let rem = lxi - li as f64;
                 if li >= 1 && li < m - 1 {
@@ -366,6 +447,12 @@ fn local_maxima(pdf: &[f64]) -> Vec<usize> {
 
 /// The tissue mode of a contrast (intensity-normalization 2.2.4 `get_tissue_mode`).
 pub fn tissue_mode<T: Sample>(voi: &[T], contrast: Contrast) -> f64 {
+    let (min, max) = min_max(voi);
+    tissue_mode_in_range(voi, contrast, min, max)
+}
+
+/// [`tissue_mode`] of values whose minimum and maximum are known.
+pub fn tissue_mode_in_range<T: Sample>(voi: &[T], contrast: Contrast, min: f64, max: f64) -> f64 {
     match contrast {
         Contrast::T2 | Contrast::Flair => {
             let (grid, pdf) = smooth_histogram(voi);
@@ -378,8 +465,8 @@ pub fn tissue_mode<T: Sample>(voi: &[T], contrast: Contrast) -> f64 {
         }
         Contrast::T1 | Contrast::Pd => {
             let tail = if contrast == Contrast::T1 { 96.0 } else { 99.0 };
-            let threshold = percentiles_of(voi, &[tail])[0];
-            let (grid, pdf) = smooth_histogram_below(voi, threshold);
+            let (threshold, n, largest) = percentile_and_below(voi, tail, min, max);
+            let (grid, pdf) = smooth_histogram_known(voi, threshold, n, min, largest);
             let maxima = local_maxima(&pdf);
             let i = if contrast == Contrast::T1 {
                 maxima.last()
@@ -405,6 +492,26 @@ mod tests {
         let mut w: Vec<f64> = (0..1001).map(|i| ((i * 7919) % 1001) as f64).collect();
         let p = percentiles(&mut w, &[1.0, 99.0, 50.0]);
         assert_eq!(p, vec![10.0, 990.0, 500.0]);
+    }
+
+    #[test]
+    fn the_percentile_with_its_lower_part_matches_brute_force() {
+        let mut state = 11u64;
+        let v: Vec<f32> = (0..200_000)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) % 5_000) as f32 / 3.0
+            })
+            .collect();
+        let (min, max) = min_max(&v);
+        for p in [96.0, 99.0, 50.0, 0.0, 100.0] {
+            let (t, n, largest) = percentile_and_below(&v, p, min, max);
+            assert_eq!(t, percentiles_of(&v, &[p])[0]);
+            let (bn, _, bmax) = count_min_max_below(&v, t);
+            assert_eq!((n, largest), (bn, bmax), "p = {p}");
+        }
     }
 
     #[test]
