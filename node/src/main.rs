@@ -1,5 +1,7 @@
 //! `fedcurate-node`: the site node's command line.
 
+mod consortium;
+
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -59,6 +61,17 @@ enum Command {
         /// Work folder (default: a new folder under the system's temporary directory).
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+    /// A whole consortium on this machine: CA, coordinator and three site nodes as separate
+    /// processes; ingest (one site over DICOM), de-identification, approval, aggregates, the
+    /// federated Nyúl model, the report. Needs `fedcurate-coordinator` next to this binary.
+    ConsortiumDemo {
+        /// Work folder (default: a new folder under the system's temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Patients per site.
+        #[arg(long, default_value_t = 8)]
+        patients: usize,
     },
     /// Write a synthetic archive (for trying the node, and for measuring it).
     Sample {
@@ -454,6 +467,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Deid(args) => deid(&config, args),
         Command::Demo { dir } => demo(dir),
+        Command::ConsortiumDemo { dir, patients } => consortium::run_demo(dir, patients),
         Command::Export {
             format,
             out,

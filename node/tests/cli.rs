@@ -382,3 +382,63 @@ fn egress_approval_queue_previews_approves_and_audits() {
     let out = run(bin().arg("--config").arg(&cfg).args(["egress"]));
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 messages left this node"));
 }
+
+/// The README's first command: a consortium of three sites and a coordinator as separate
+/// processes. Checks what it prints and what it leaves behind.
+#[test]
+fn the_consortium_demo_federates_three_sites_and_leaks_nothing() {
+    let node = PathBuf::from(env!("CARGO_BIN_EXE_fedcurate-node"));
+    let coordinator = node.with_file_name("fedcurate-coordinator");
+    if !coordinator.is_file() {
+        // `cargo test -p node` alone does not build the other package's binary.
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "-p",
+                "coordinator",
+                "--bin",
+                "fedcurate-coordinator",
+            ])
+            .status()
+            .expect("cargo");
+        assert!(status.success(), "building fedcurate-coordinator");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let work = dir.path().join("demo");
+    let out = run(bin()
+        .env("FEDCURATE_COORDINATOR", &coordinator)
+        .args(["consortium-demo", "--patients", "6", "--dir"])
+        .arg(&work));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("sites joined          3"), "{text}");
+    assert!(text.contains("1 quarantined (reasons above)"), "{text}");
+    assert!(
+        text.contains("quarantined") && text.contains(": truncated"),
+        "{text}"
+    );
+    assert!(text.contains("C-STORE 72 files"), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("intensity spread"))
+        .expect("spread line");
+    let numbers: Vec<f64> = line
+        .split_whitespace()
+        .filter_map(|w| w.trim_end_matches(',').parse().ok())
+        .collect();
+    assert!(
+        numbers.len() >= 2 && numbers[1] < numbers[0] / 10.0,
+        "{line}"
+    );
+    let report = work.join("coordinator/state/report/report.json");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).expect("report")).expect("json");
+    assert_eq!(json["sites"].as_array().map(Vec::len), Some(3));
+    assert!(json["model"]["standard_scale"].is_array());
+    // Every planted identifying value carries its site's prefix: none reaches the coordinator.
+    for f in walkdir(&work.join("coordinator")) {
+        let bytes = std::fs::read(&f).expect("read");
+        for needle in ["ALPHA", "BRAVO", "CHARLIE"] {
+            assert!(!contains(&bytes, needle), "{needle} in {}", f.display());
+        }
+    }
+}

@@ -309,7 +309,12 @@ fn store(inbox: &Path, class: &str, instance: &str, ts: &str, dataset: &[u8]) ->
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        // The inbox processor may already have taken the file (it is durable by now): its
+        // absence is not a failure. The data directory itself is owner-only.
+        match std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
     }
     Ok(())
 }

@@ -321,3 +321,128 @@ pub fn move_study(
     let _ = assoc.release();
     Ok(counts)
 }
+
+const C_STORE_RQ: u16 = 0x0001;
+
+/// What a C-STORE run did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreCounts {
+    pub sent: usize,
+    pub failed: usize,
+}
+
+/// C-STORE `files` to `peer` on one association (the files' SOP classes, explicit and
+/// implicit VR little endian; data sets are split into PDUs of the negotiated size). Files
+/// that do not open, or whose class or syntax the peer refused, count as failed.
+pub fn store_files(
+    calling: &str,
+    peer: &RemoteAe,
+    files: &[std::path::PathBuf],
+) -> Result<StoreCounts, ScuError> {
+    use std::io::Write as _;
+    let objects: Vec<Option<dicom_object::DefaultDicomObject>> = files
+        .iter()
+        .map(|f| dicom_object::open_file(f).ok())
+        .collect();
+    let mut classes: Vec<String> = objects
+        .iter()
+        .flatten()
+        .map(|o| {
+            o.meta()
+                .media_storage_sop_class_uid()
+                .trim_end_matches('\0')
+                .to_owned()
+        })
+        .collect();
+    classes.sort();
+    classes.dedup();
+    classes.truncate(127);
+    let mut options = ClientAssociationOptions::new()
+        .calling_ae_title(calling.to_owned())
+        .called_ae_title(peer.ae_title.clone())
+        .read_timeout(Duration::from_secs(60))
+        .write_timeout(Duration::from_secs(60))
+        .connection_timeout(Duration::from_secs(10));
+    for c in &classes {
+        options = options.with_presentation_context(
+            c.clone(),
+            vec![
+                "1.2.840.10008.1.2.1".to_owned(),
+                "1.2.840.10008.1.2".to_owned(),
+            ],
+        );
+    }
+    let mut assoc = options
+        .establish_with(&format!("{}@{}", peer.ae_title, peer.address))
+        .map_err(|e| ScuError::Associate {
+            ae: peer.ae_title.clone(),
+            address: peer.address.clone(),
+            detail: e.to_string(),
+        })?;
+    let accepted: Vec<(String, u8, String)> = assoc
+        .presentation_contexts()
+        .iter()
+        .filter(|pc| pc.reason == dicom_ul::pdu::PresentationContextResultReason::Acceptance)
+        .map(|pc| {
+            (
+                pc.abstract_syntax.clone(),
+                pc.id,
+                pc.transfer_syntax.clone(),
+            )
+        })
+        .collect();
+    let mut counts = StoreCounts::default();
+    for (i, o) in objects.iter().enumerate() {
+        let Some(o) = o else {
+            counts.failed += 1;
+            continue;
+        };
+        let class = o
+            .meta()
+            .media_storage_sop_class_uid()
+            .trim_end_matches('\0');
+        let instance = o
+            .meta()
+            .media_storage_sop_instance_uid()
+            .trim_end_matches('\0')
+            .to_owned();
+        let Some((_, pc, ts)) = accepted.iter().find(|(a, _, _)| a == class) else {
+            counts.failed += 1;
+            continue;
+        };
+        let data = encode_dataset(o, ts)?;
+        let command = request(
+            C_STORE_RQ,
+            class,
+            (i % 65_000) as u16 + 1,
+            vec![DataElement::new(
+                Tag(0x0000, 0x1000),
+                VR::UI,
+                PrimitiveValue::from(instance),
+            )],
+        );
+        assoc
+            .send(&Pdu::PData {
+                data: vec![PDataValue {
+                    presentation_context_id: *pc,
+                    value_type: PDataValueType::Command,
+                    is_last: true,
+                    data: command,
+                }],
+            })
+            .map_err(|e| ScuError::Network(e.to_string()))?;
+        {
+            let mut w = assoc.send_pdata(*pc);
+            w.write_all(&data)
+                .map_err(|e| ScuError::Network(e.to_string()))?;
+            w.finish().map_err(|e| ScuError::Network(e.to_string()))?;
+        }
+        let (rsp, _) = receive(&mut assoc)?;
+        match number(&rsp, Tag(0x0000, 0x0900)) {
+            Some(0x0000) | Some(0xB000) | Some(0xB007) | Some(0xB006) => counts.sent += 1,
+            _ => counts.failed += 1,
+        }
+    }
+    let _ = assoc.release();
+    Ok(counts)
+}
