@@ -363,6 +363,12 @@ fn pki(dir: &std::path::Path, command: PkiCommand) -> Result<()> {
     Ok(())
 }
 
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -386,6 +392,65 @@ fn main() -> Result<()> {
                     "schema  {} revision {} (k = {})",
                     s.id, s.revision, s.privacy.min_cell_count
                 );
+            }
+            let mut errors = Vec::new();
+            if let Some(tls) = &cfg.tls {
+                for (what, p) in [
+                    ("ca", &tls.ca),
+                    ("crl", &tls.crl),
+                    ("cert", &tls.cert),
+                    ("key", &tls.key),
+                    ("issued", &tls.issued),
+                ] {
+                    if std::fs::metadata(p).is_err() {
+                        errors.push(format!(
+                            "[tls] {what} = {}: cannot be read; correct the path or copy the file from the CA folder",
+                            p.display()
+                        ));
+                    }
+                }
+                {
+                    use std::os::unix::fs::PermissionsExt as _;
+                    if let Ok(m) = std::fs::metadata(&tls.key)
+                        && m.permissions().mode() & 0o077 != 0
+                    {
+                        errors.push(format!(
+                            "[tls] key = {}: readable by others; run chmod 600 {}",
+                            tls.key.display(),
+                            tls.key.display()
+                        ));
+                    }
+                }
+                if let Ok(pem) = std::fs::read(&tls.cert) {
+                    match coordinator::pki::not_after(&pem) {
+                        Some(t) if t <= now_secs() => errors.push(format!(
+                            "[tls] cert = {}: expired; renew it with `fedcurate-coordinator pki renew HOST --coordinator`",
+                            tls.cert.display()
+                        )),
+                        Some(t) => println!("cert    expires in {} days", (t - now_secs()) / 86_400),
+                        None => errors.push(format!(
+                            "[tls] cert = {}: not a PEM certificate",
+                            tls.cert.display()
+                        )),
+                    }
+                }
+                if let (Ok(ca), Ok(crl), Ok(cert), Ok(key)) = (
+                    std::fs::read(&tls.ca),
+                    std::fs::read(&tls.crl),
+                    std::fs::read(&tls.cert),
+                    std::fs::read(&tls.key),
+                ) && let Err(e) = coordinator::net::server_tls(&ca, &crl, &cert, &key)
+                {
+                    errors.push(format!("[tls]: the files do not make a TLS configuration: {e}"));
+                }
+            } else {
+                println!("warning: no [tls] section: `serve` needs one");
+            }
+            if !errors.is_empty() {
+                for e in &errors {
+                    println!("error: {e}");
+                }
+                anyhow::bail!("{}: {} problem(s) to fix", config.display(), errors.len());
             }
             println!("config {} is valid", config.display());
             println!("listen  {}", cfg.listen);

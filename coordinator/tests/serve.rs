@@ -162,3 +162,50 @@ fn serve_welcomes_a_site_and_stops_on_sigterm() {
         "the revocation list was reloaded: {err}"
     );
 }
+
+#[test]
+fn check_config_finds_broken_tls_material() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::at(&dir.path().join("pki"));
+    pki.init("test").expect("init");
+    let coord = pki.issue_coordinator("localhost", 30).expect("coordinator");
+    let key = coord.key.clone().expect("key");
+    let p = |x: &std::path::Path| x.display().to_string();
+    let cfg = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\n[[sites]]\nid = \"site-a\"\n[tls]\nca = {:?}\ncrl = {:?}\ncert = {:?}\nkey = {:?}\nissued = {:?}\n",
+            p(&pki.ca_cert_path()),
+            p(&pki.crl_path()),
+            p(&coord.certificate),
+            p(&key),
+            p(&dir.path().join("pki/issued.json")),
+        ),
+    )
+    .expect("config");
+    let check = || {
+        Command::new(env!("CARGO_BIN_EXE_fedcurate-coordinator"))
+            .args(["check-config", "--config"])
+            .arg(&cfg)
+            .output()
+            .expect("runs")
+    };
+    let ok = check();
+    assert!(ok.status.success(), "{ok:?}");
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        text.contains("expires in 29 days") || text.contains("expires in 30 days"),
+        "{text}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let bad = check();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stdout).contains("chmod 600"), "{bad:?}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::write(&coord.certificate, "garbage").expect("write");
+    let bad = check();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stdout).contains("not a PEM certificate"), "{bad:?}");
+}

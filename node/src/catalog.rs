@@ -128,6 +128,9 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
+/// A re-identification map entry as stored: (pseudonym, nonce, ciphertext).
+pub type VaultRow = (String, Vec<u8>, Vec<u8>);
+
 /// One entry of the privacy ledger.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct ReleaseRecord {
@@ -722,6 +725,37 @@ impl Catalog {
             })
             .map_err(self.err())?;
         rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+    }
+
+    /// Every re-identification map entry: (pseudonym, nonce, ciphertext).
+    pub fn vault_entries(&self) -> Result<Vec<VaultRow>, CatalogError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT pseudonym, nonce, ciphertext FROM vault ORDER BY pseudonym")
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(self.err())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+    }
+
+    /// Replace every map entry at once (key rotation): all or nothing.
+    pub fn replace_vault(&mut self, entries: &[VaultRow]) -> Result<(), CatalogError> {
+        let path = self.path.clone();
+        let err = |source| CatalogError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        for (pseudonym, nonce, ciphertext) in entries {
+            tx.execute(
+                "UPDATE vault SET nonce = ?2, ciphertext = ?3 WHERE pseudonym = ?1",
+                params![pseudonym, nonce, ciphertext],
+            )
+            .map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        Ok(())
     }
 
     /// Record a message about to leave for the coordinator; returns its sequence number.

@@ -165,6 +165,44 @@ pub struct NodeConfig {
     /// Joining the consortium (`fedcurate-node federate`).
     #[serde(default)]
     pub federation: Option<FederationSettings>,
+    /// What `fedcurate-node purge` removes, and after how long.
+    #[serde(default)]
+    pub retention: Retention,
+}
+
+/// The `[retention]` section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Quarantined originals older than this many days are removed (their catalog record
+    /// and reason stay). 0: keep them.
+    #[serde(default = "default_quarantine_days")]
+    pub quarantine_days: u32,
+    /// Temporary files left by interrupted transfers in the inbox older than this many days
+    /// are removed.
+    #[serde(default = "default_temp_days")]
+    pub temporary_days: u32,
+    /// De-identified outputs older than this many days are removed. 0 (default): keep them.
+    #[serde(default)]
+    pub outputs_days: u32,
+}
+
+fn default_quarantine_days() -> u32 {
+    90
+}
+
+fn default_temp_days() -> u32 {
+    2
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            quarantine_days: default_quarantine_days(),
+            temporary_days: default_temp_days(),
+            outputs_days: 0,
+        }
+    }
 }
 
 /// The `[federation]` section.

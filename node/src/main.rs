@@ -236,6 +236,34 @@ enum Command {
         #[arg(long)]
         input: Option<PathBuf>,
     },
+    /// Check the configuration (paths, permissions of secrets and keys, certificates and
+    /// their expiry, the schema's de-identification requirements) and say what to fix.
+    CheckConfig {
+        /// Also connect to the coordinator.
+        #[arg(long)]
+        online: bool,
+    },
+    /// Queue depths, outcomes, last contact with the coordinator, certificate expiry.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve the status as Prometheus metrics on a loopback address (GET /metrics).
+    Metrics {
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        listen: std::net::SocketAddr,
+    },
+    /// Remove what [retention] allows (quarantined originals, temporary files, optionally
+    /// outputs); recorded in the audit chain.
+    Purge {
+        /// Only say what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Folder of de-identified output (default: <data_dir>/deid).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// The egress log: every message that left for the coordinator (kind, size, SHA-256,
     /// answer); the approval queue; the privacy ledger.
     Egress {
@@ -306,6 +334,13 @@ enum QuarantineCommand {
 
 #[derive(Subcommand, Debug)]
 enum SecretCommand {
+    /// Re-encrypt the re-identification map under a new key (pseudonyms and linkage do not
+    /// change); then point vault_key_file at the new key.
+    RotateVault {
+        /// The new key (make one with `secret generate`).
+        #[arg(long)]
+        new_key: PathBuf,
+    },
     /// Write a new random secret (hex) to a file readable by its owner only.
     Generate {
         #[arg(long)]
@@ -592,6 +627,84 @@ fn main() -> Result<()> {
             input,
         } => federate(&config, once, wait_model, input),
         Command::Egress { json, command } => egress(&config, json, command),
+        Command::CheckConfig { online } => {
+            let problems = node::health::check_config(&config, online);
+            let source = cli
+                .config
+                .as_ref()
+                .map_or("the embedded default".to_owned(), |p| {
+                    p.display().to_string()
+                });
+            for p in &problems {
+                let tag = match p.level {
+                    node::health::Level::Error => "error",
+                    node::health::Level::Warning => "warning",
+                };
+                println!(
+                    "{tag:<8} {:<26} {}
+         {:<26} fix: {}",
+                    p.code, p.what, "", p.fix
+                );
+            }
+            let errors = problems
+                .iter()
+                .filter(|p| p.level == node::health::Level::Error)
+                .count();
+            if errors > 0 {
+                bail!("{source}: {errors} problem(s) to fix before the node can run");
+            }
+            println!(
+                "{source}: the configuration is usable ({} warning(s))",
+                problems.len()
+            );
+            Ok(())
+        }
+        Command::Status { json } => {
+            let s = node::health::status(&config)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                let when = |t: Option<i64>| t.map_or("never".to_owned(), audit::format_utc);
+                println!("data directory        {}", config.data_dir.display());
+                println!("de-identified         {}", s.written);
+                println!("duplicates            {}", s.duplicates);
+                println!(
+                    "quarantined           {} ({} not released)",
+                    s.quarantined, s.quarantine_open
+                );
+                println!("inbox depth           {}", s.inbox_depth);
+                println!("harmonised volumes    {}", s.harmonised);
+                println!("messages to the coordinator {}", s.messages_sent);
+                println!(
+                    "last coordinator contact {}",
+                    when(s.last_federation_contact)
+                );
+                println!("certificate expires   {}", when(s.certificate_expiry));
+                if let Some(r) = s.deid_rate {
+                    println!("last run rate         {r:.1} inputs/s");
+                }
+            }
+            Ok(())
+        }
+        Command::Metrics { listen } => Ok(node::health::serve_metrics(&config, listen)?),
+        Command::Purge { dry_run, output } => {
+            let out = output.unwrap_or_else(|| config.data_dir.join("deid"));
+            let p = node::purge::purge(&config, &out, dry_run)?;
+            if !dry_run && p != node::purge::Purged::default() {
+                let mut catalog =
+                    node::catalog::Catalog::open(&config.data_dir.join("catalog.sqlite"))?;
+                catalog.audit(&audit::AuditRecord::now("purge", serde_json::to_value(&p)?))?;
+            }
+            println!(
+                "{} {} quarantined originals, {} temporary files, {} outputs ({} bytes)",
+                if dry_run { "would remove" } else { "removed" },
+                p.quarantined,
+                p.temporaries,
+                p.outputs,
+                p.bytes
+            );
+            Ok(())
+        }
         Command::Pull {
             from,
             accessions,
@@ -941,6 +1054,37 @@ fn generate_secret(out: &Path) -> Result<Secret> {
 
 fn secret(config: &NodeConfig, command: SecretCommand) -> Result<()> {
     match command {
+        SecretCommand::RotateVault { new_key } => {
+            let old = config
+                .deid
+                .vault_key(false)?
+                .context("no vault_key_file in [deid]: there is no map to rotate")?;
+            let new = node::config::read_vault_key(&new_key)?;
+            let mut dd = open_data_dir(&config.data_dir)?;
+            let entries = dd.catalog.vault_entries()?;
+            let mut resealed = Vec::with_capacity(entries.len());
+            for (pseudonym, nonce, ciphertext) in &entries {
+                let identity = vault::open(&old, pseudonym, nonce, ciphertext).map_err(|_| {
+                    anyhow::anyhow!(
+                        "an entry does not open with the current vault key; nothing was changed"
+                    )
+                })?;
+                let (n, c) =
+                    vault::seal(&new, pseudonym, &identity).map_err(|e| anyhow::anyhow!("{e}"))?;
+                resealed.push((pseudonym.clone(), n, c));
+            }
+            dd.catalog.replace_vault(&resealed)?;
+            dd.catalog.audit(&audit::AuditRecord::now(
+                "vault-rotate",
+                serde_json::json!({ "entries": resealed.len() }),
+            ))?;
+            println!(
+                "re-encrypted {} entries under {}; now set vault_key_file = {:?} in [deid], and keep the old key until the new one is backed up",
+                resealed.len(),
+                new_key.display(),
+                new_key.display().to_string()
+            );
+        }
         SecretCommand::Generate { out } => {
             let s = generate_secret(&out)?;
             println!(

@@ -467,6 +467,36 @@ fn reidentification_needs_the_right_key_and_is_audited() {
     let audit =
         String::from_utf8_lossy(&run(site.cmd().args(["audit", "list"])).stdout).into_owned();
     assert_eq!(audit.matches("reidentify").count(), 4, "{audit}");
+    // Key rotation: the map is re-encrypted under a new key; pseudonyms and linkage stay.
+    let restored = std::fs::read_to_string(&site.cfg)
+        .expect("cfg")
+        .replace(&format!("{wrong:?}"), &format!("{key:?}"));
+    std::fs::write(&site.cfg, restored).expect("cfg");
+    let rotated = keydir.path().join("rotated.key");
+    run(bin().args(["secret", "generate", "--out"]).arg(&rotated));
+    let out = run(site
+        .cmd()
+        .args(["secret", "rotate-vault", "--new-key"])
+        .arg(&rotated));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("re-encrypted 3 entries"),
+        "{out:?}"
+    );
+    let e = fails(site.cmd().args(["reidentify", first]));
+    assert!(
+        e.contains("does not decrypt"),
+        "the old key no longer opens the map: {e}"
+    );
+    let new_cfg = std::fs::read_to_string(&site.cfg)
+        .expect("cfg")
+        .replace(&format!("{key:?}"), &format!("{rotated:?}"));
+    std::fs::write(&site.cfg, new_cfg).expect("cfg");
+    let mut after = BTreeSet::new();
+    for p in &pseudonyms {
+        let out = run(site.cmd().args(["reidentify", p]));
+        after.insert(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    }
+    assert_eq!(after, expected, "the same identities under the new key");
     // Anonymisation keeps no map.
     let anon = Site::new(&format!(
         "reidentification_map = true\nvault_key_file = {key:?}\n"

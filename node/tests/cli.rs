@@ -442,3 +442,299 @@ fn the_consortium_demo_federates_three_sites_and_leaks_nothing() {
         }
     }
 }
+
+/// The example deployment's systemd units pass `systemd-analyze verify` (with the binaries
+/// of this build in place of /usr/local/bin).
+#[test]
+fn systemd_units_verify() {
+    let node = PathBuf::from(env!("CARGO_BIN_EXE_fedcurate-node"));
+    let coordinator = node.with_file_name("fedcurate-coordinator");
+    if !coordinator.is_file() {
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "-p",
+                "coordinator",
+                "--bin",
+                "fedcurate-coordinator",
+            ])
+            .status()
+            .expect("cargo");
+        assert!(status.success(), "building fedcurate-coordinator");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd");
+    let mut units = Vec::new();
+    for e in std::fs::read_dir(&src).expect("deploy/systemd") {
+        let p = e.expect("entry").path();
+        let text = std::fs::read_to_string(&p)
+            .expect("unit")
+            .replace("/usr/local/bin/fedcurate-node", &node.display().to_string())
+            .replace(
+                "/usr/local/bin/fedcurate-coordinator",
+                &coordinator.display().to_string(),
+            );
+        assert!(
+            text.contains("NoNewPrivileges=yes") || p.extension().is_some_and(|x| x == "timer")
+        );
+        let dst = dir.path().join(p.file_name().expect("name"));
+        std::fs::write(&dst, text).expect("write");
+        units.push(dst);
+    }
+    assert!(units.len() >= 6, "{units:?}");
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .args(&units)
+        .output()
+        .expect("systemd-analyze is installed by scripts/test.sh (package systemd)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Only complaints about these units count (the host's own units are not ours to fix).
+    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("fedcurate")).collect();
+    assert!(out.status.success() && ours.is_empty(), "{stderr}");
+}
+
+fn check(cfg: &Path, extra: &[&str]) -> (bool, String) {
+    let out = bin()
+        .arg("--config")
+        .arg(cfg)
+        .arg("check-config")
+        .args(extra)
+        .output()
+        .expect("runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn self_signed(not_after_days: i64) -> String {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut p = rcgen::CertificateParams::new(vec!["site-a".to_owned()]).expect("params");
+    let now = time::OffsetDateTime::now_utc();
+    p.not_after = now + time::Duration::days(not_after_days);
+    p.not_before = p.not_after - time::Duration::days(30);
+    p.self_signed(&key).expect("cert").pem()
+}
+
+#[test]
+fn check_config_names_each_problem_and_its_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let data = d.join("data");
+    std::fs::create_dir_all(data.join("federation")).expect("dirs");
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let secret = d.join("site.secret");
+    std::fs::write(&secret, "00".repeat(32)).expect("secret");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let key = d.join("site.key");
+    std::fs::write(&key, "not read by check-config beyond its mode").expect("key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::write(d.join("ca.crt"), self_signed(365)).expect("ca");
+    std::fs::write(d.join("site.crt"), self_signed(365)).expect("cert");
+    let write = |name: &str, text: &str| {
+        let p = d.join(name);
+        std::fs::write(&p, text).expect("config");
+        p
+    };
+    let base = format!(
+        "data_dir = {data:?}\n[deid]\nsite_secret_file = {secret:?}\noptions = [\"retain-patient-characteristics\"]\n[scp]\nallowed = [{{ ae = \"PACS\" }}]\n[federation]\nsite = \"site-a\"\ncoordinator = \"127.0.0.1:9\"\nserver_name = \"localhost\"\nca = {:?}\ncert = {:?}\nkey = {key:?}\n",
+        d.join("ca.crt"),
+        d.join("site.crt"),
+    );
+    let (ok, text) = check(&write("good.toml", &base), &[]);
+    assert!(ok, "{text}");
+    assert!(text.contains("usable"), "{text}");
+
+    // Each broken thing, with the code and the fix a user needs.
+    // (what, config text, break it, repair it, expected code, expected fix)
+    type Case<'a> = (
+        &'a str,
+        String,
+        Box<dyn Fn() + 'a>,
+        Box<dyn Fn() + 'a>,
+        &'a str,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "secret readable by others",
+            base.clone(),
+            Box::new(|| {
+                std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644))
+                    .expect("chmod")
+            }),
+            Box::new(|| {
+                std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))
+                    .expect("chmod")
+            }),
+            "key-permissions",
+            "chmod 600",
+        ),
+        (
+            "site key readable by others",
+            base.clone(),
+            Box::new(|| {
+                std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640))
+                    .expect("chmod")
+            }),
+            Box::new(|| {
+                std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+                    .expect("chmod")
+            }),
+            "key-permissions",
+            "chmod 600",
+        ),
+        (
+            "data directory open to others",
+            base.clone(),
+            Box::new(|| {
+                std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755))
+                    .expect("chmod")
+            }),
+            Box::new(|| {
+                std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))
+                    .expect("chmod")
+            }),
+            "data-dir-permissions",
+            "chmod 700",
+        ),
+        (
+            "expired certificate",
+            base.clone(),
+            Box::new(|| std::fs::write(d.join("site.crt"), self_signed(-1)).expect("cert")),
+            Box::new(|| std::fs::write(d.join("site.crt"), self_signed(365)).expect("cert")),
+            "certificate-expired",
+            "renew",
+        ),
+        (
+            "certificate that is not PEM",
+            base.clone(),
+            Box::new(|| std::fs::write(d.join("site.crt"), "garbage").expect("cert")),
+            Box::new(|| std::fs::write(d.join("site.crt"), self_signed(365)).expect("cert")),
+            "certificate",
+            "PEM file the CA issued",
+        ),
+        (
+            "missing vault key",
+            base.replace(
+                "[scp]",
+                "vault_key_file = \"/nonexistent/vault.key\"\nreidentification_map = true\n[scp]",
+            ),
+            Box::new(|| {}),
+            Box::new(|| {}),
+            "missing-file",
+            "correct the path",
+        ),
+        (
+            "a schema requirement the profile lacks",
+            base.replace(
+                "options = [\"retain-patient-characteristics\"]",
+                "options = []",
+            ),
+            Box::new(|| {
+                std::fs::write(
+                    data.join("federation/schema.toml"),
+                    include_str!("../../deploy/schema.toml"),
+                )
+                .expect("schema")
+            }),
+            Box::new(|| std::fs::remove_file(data.join("federation/schema.toml")).expect("rm")),
+            "schema-deid-requirement",
+            "add \"retain-patient-characteristics\" to [deid] options",
+        ),
+        (
+            "missing parent of the data directory",
+            base.replace(
+                &format!("data_dir = {data:?}"),
+                "data_dir = \"/nonexistent/x/data\"",
+            ),
+            Box::new(|| {}),
+            Box::new(|| {}),
+            "data-dir",
+            "create the parent folder",
+        ),
+    ];
+    for (what, text, break_it, fix_it, code, fix) in cases {
+        break_it();
+        let (ok, out) = check(&write("case.toml", &text), &[]);
+        fix_it();
+        assert!(!ok, "{what}: accepted\n{out}");
+        assert!(out.contains(code) && out.contains(fix), "{what}: {out}");
+    }
+    // Warnings do not fail the check, but are shown.
+    let (ok, out) = check(
+        &write(
+            "warn.toml",
+            &base.replace("allowed = [{ ae = \"PACS\" }]", "allowed = []"),
+        ),
+        &[],
+    );
+    assert!(ok && out.contains("scp-nobody-allowed"), "{out}");
+    // Online: nobody listens at the coordinator's address.
+    let (ok, out) = check(&write("good.toml", &base), &["--online"]);
+    assert!(!ok && out.contains("coordinator-unreachable"), "{out}");
+}
+
+#[test]
+fn status_and_metrics_report_the_node() {
+    use std::io::{BufRead, Read, Write};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = node::sample::write_sample_archive(&dir.path().join("in")).expect("archive");
+    let cfg = config(dir.path(), "");
+    run(bin()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["deid", "--input"])
+        .arg(&archive.root));
+    let out = run(bin().arg("--config").arg(&cfg).args(["status", "--json"]));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(s["written"].as_u64().unwrap_or(0) > 0, "{s}");
+    let quarantined = s["quarantined"].as_u64().unwrap_or(0);
+    assert!(
+        quarantined > 0 && s["quarantine_open"].as_u64() == Some(quarantined),
+        "{s}"
+    );
+    assert!(s["deid_rate"].as_f64().is_some(), "{s}");
+    // Metrics over HTTP on loopback only.
+    let refused = bin()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["metrics", "--listen", "0.0.0.0:0"])
+        .output()
+        .expect("runs");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("loopback"));
+    let mut child = bin()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["metrics", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("metrics");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("line");
+    let url = line.trim().strip_prefix("metrics on http://").expect("url");
+    let addr = url.trim_end_matches("/metrics");
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("request");
+    let mut body = String::new();
+    conn.read_to_string(&mut body).expect("response");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(
+        body.contains(&format!(
+            "fedcurate_inputs_total{{outcome=\"quarantined\"}} {quarantined}\n"
+        )),
+        "{body}"
+    );
+    assert!(body.contains("fedcurate_inbox_depth 0"), "{body}");
+}
