@@ -19,6 +19,8 @@ command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # OpenSSL verifies the consortium PKI's certificates and revocation list.
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# procps: kill and pgrep (signals to the demo and the services under test).
+command -v pgrep >/dev/null 2>&1 || need_apt+=(procps)
 # systemd-analyze verifies the example deployment's units.
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 # OpenJPEG's encoder makes the JPEG 2000 fixtures.

@@ -441,7 +441,9 @@ fn main() -> Result<()> {
                     std::fs::read(&tls.key),
                 ) && let Err(e) = coordinator::net::server_tls(&ca, &crl, &cert, &key)
                 {
-                    errors.push(format!("[tls]: the files do not make a TLS configuration: {e}"));
+                    errors.push(format!(
+                        "[tls]: the files do not make a TLS configuration: {e}"
+                    ));
                 }
             } else {
                 println!("warning: no [tls] section: `serve` needs one");

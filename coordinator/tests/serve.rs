@@ -202,10 +202,16 @@ fn check_config_finds_broken_tls_material() {
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let bad = check();
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stdout).contains("chmod 600"), "{bad:?}");
+    assert!(
+        String::from_utf8_lossy(&bad.stdout).contains("chmod 600"),
+        "{bad:?}"
+    );
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     std::fs::write(&coord.certificate, "garbage").expect("write");
     let bad = check();
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stdout).contains("not a PEM certificate"), "{bad:?}");
+    assert!(
+        String::from_utf8_lossy(&bad.stdout).contains("not a PEM certificate"),
+        "{bad:?}"
+    );
 }

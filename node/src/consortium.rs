@@ -58,22 +58,75 @@ min_cell_count = 5
 
 const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
 
-/// Child processes, stopped (SIGTERM, then killed) when dropped.
-struct Children(Vec<(String, Child)>);
+/// Child processes, stopped (SIGTERM, then killed) when dropped, and when the demo is
+/// interrupted (Ctrl-C or SIGTERM).
+struct Children(std::sync::Arc<std::sync::Mutex<Vec<(String, Child)>>>);
 
 impl Children {
-    fn stop(&mut self, name: &str) {
-        if let Some(i) = self.0.iter().position(|(n, _)| n == name) {
-            let (_, mut c) = self.0.remove(i);
+    fn new() -> Self {
+        let list: std::sync::Arc<std::sync::Mutex<Vec<(String, Child)>>> = Default::default();
+        let watched = list.clone();
+        std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let Ok(mut term) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            });
+            eprintln!("\ninterrupted: stopping every process the demo started");
+            if let Ok(mut l) = watched.lock() {
+                for (_, c) in l.iter_mut() {
+                    terminate(c);
+                }
+            }
+            std::process::exit(130);
+        });
+        Children(list)
+    }
+
+    fn push(&self, name: &str, c: Child) {
+        if let Ok(mut l) = self.0.lock() {
+            l.push((name.to_owned(), c));
+        }
+    }
+
+    fn stop(&self, name: &str) {
+        let child = self.0.lock().ok().and_then(|mut l| {
+            let i = l.iter().position(|(n, _)| n == name)?;
+            Some(l.remove(i).1)
+        });
+        if let Some(mut c) = child {
             terminate(&mut c);
         }
     }
 }
 
 fn terminate(c: &mut Child) {
-    let _ = Command::new("kill")
+    if let Ok(Some(_)) = c.try_wait() {
+        return;
+    }
+    // SIGTERM lets the child stop cleanly; without a `kill` program, stop it outright.
+    let sent = Command::new("kill")
         .args(["-TERM", &c.id().to_string()])
-        .status();
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !sent {
+        let _ = c.kill();
+        let _ = c.wait();
+        return;
+    }
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(10) {
         if let Ok(Some(_)) = c.try_wait() {
@@ -87,8 +140,10 @@ fn terminate(c: &mut Child) {
 
 impl Drop for Children {
     fn drop(&mut self) {
-        for (_, c) in &mut self.0 {
-            terminate(c);
+        if let Ok(mut l) = self.0.lock() {
+            for (_, c) in l.iter_mut() {
+                terminate(c);
+            }
         }
     }
 }
@@ -193,7 +248,7 @@ pub fn run_demo(dir: Option<PathBuf>, patients: usize) -> Result<()> {
     }
     std::fs::create_dir_all(&root)?;
     let started = Instant::now();
-    let mut children = Children(Vec::new());
+    let children = Children::new();
     println!("fedcurate consortium demo in {}", root.display());
     let p = |x: &Path| x.display().to_string();
     let node = |cfg: &Path| {
@@ -260,7 +315,7 @@ pub fn run_demo(dir: Option<PathBuf>, patients: usize) -> Result<()> {
         "listening on ",
         &cdir.join("coordinator.log"),
     )?;
-    children.0.push(("coordinator".into(), c));
+    children.push("coordinator", c);
     println!("  coordinator listening on {addr} (QUIC; TCP fallback on the same port)");
 
     step(
@@ -316,7 +371,7 @@ pub fn run_demo(dir: Option<PathBuf>, patients: usize) -> Result<()> {
                 "listening as ",
                 &sdir.join("serve.log"),
             )?;
-            children.0.push(("serve".into(), c));
+            children.push("serve", c);
             let (ae, at) = listen.split_once(" on ").context("listening line")?;
             let files = all_files(archive);
             let peer = node::dimse::scu::RemoteAe {

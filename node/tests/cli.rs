@@ -738,3 +738,67 @@ fn status_and_metrics_report_the_node() {
     );
     assert!(body.contains("fedcurate_inbox_depth 0"), "{body}");
 }
+
+/// Interrupting the demo stops every process it started.
+#[test]
+fn the_consortium_demo_stops_its_processes_when_interrupted() {
+    let node = PathBuf::from(env!("CARGO_BIN_EXE_fedcurate-node"));
+    let coordinator = node.with_file_name("fedcurate-coordinator");
+    if !coordinator.is_file() {
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "-p",
+                "coordinator",
+                "--bin",
+                "fedcurate-coordinator",
+            ])
+            .status()
+            .expect("cargo");
+        assert!(status.success(), "building fedcurate-coordinator");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let work = dir.path().join("demo-interrupted");
+    let mut child = bin()
+        .env("FEDCURATE_COORDINATOR", &coordinator)
+        .args(["consortium-demo", "--patients", "6", "--dir"])
+        .arg(&work)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("demo");
+    // Wait until the coordinator runs, then interrupt the demo alone (not its children).
+    let started = std::time::Instant::now();
+    while !work.join("coordinator/coordinator.log").exists() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "no coordinator"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = child.wait().expect("wait");
+    assert!(
+        !exit.success(),
+        "an interrupted demo does not report success"
+    );
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert!(err.contains("stopping every process"), "{err}");
+    // Nothing the demo started is still running.
+    let left = Command::new("pgrep")
+        .args(["-f", &work.display().to_string()])
+        .output()
+        .expect("pgrep");
+    assert!(
+        String::from_utf8_lossy(&left.stdout).trim().is_empty(),
+        "still running: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+}
