@@ -100,6 +100,15 @@ fn unjson<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, StoreError> {
     serde_json::from_str(s).map_err(|e| StoreError::Decode(e.to_string()))
 }
 
+/// A stored JSON list of site names, validated again.
+fn site_list(json: &str) -> Result<Vec<SiteId>, StoreError> {
+    let names: Vec<String> = unjson(json)?;
+    names
+        .iter()
+        .map(|s| SiteId::new(s).map_err(|e| StoreError::Decode(e.to_string())))
+        .collect()
+}
+
 /// What the store knows of a site.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SiteRecord {
@@ -362,11 +371,7 @@ impl Store {
         let Some((sites, total)) = row else {
             return Ok(None);
         };
-        let names: Vec<String> = unjson(&sites)?;
-        let sites = names
-            .iter()
-            .map(|s| SiteId::new(s).map_err(|e| StoreError::Decode(e.to_string())))
-            .collect::<Result<_, _>>()?;
+        let sites = site_list(&sites)?;
         Ok(Some((sites, unjson(&total)?)))
     }
 
@@ -431,11 +436,7 @@ impl Store {
         let Some((revision, schema, round, sites, fit)) = row else {
             return Ok(None);
         };
-        let names: Vec<String> = unjson(&sites)?;
-        let sites = names
-            .iter()
-            .map(|s| SiteId::new(s).map_err(|e| StoreError::Decode(e.to_string())))
-            .collect::<Result<_, _>>()?;
+        let sites = site_list(&sites)?;
         Ok(Some(ModelRecord {
             revision,
             schema,

@@ -106,6 +106,28 @@ egress_approval = false
     NodeConfig::parse(&text, Path::new("node.toml")).expect("node config")
 }
 
+/// The coordinator's QUIC service on a free loopback port, over the CA's current register.
+pub(crate) fn start_service(
+    pki: &Pki,
+    coord: &coordinator::pki::IssuedFiles,
+    hub: Arc<Mutex<Hub>>,
+) -> Service {
+    let read = |p: &Path| std::fs::read(p).expect("read");
+    Service::start(
+        server_config(
+            &read(&pki.ca_cert_path()),
+            &read(&pki.crl_path()),
+            &read(&coord.certificate),
+            &read(coord.key.as_ref().expect("key")),
+        )
+        .expect("server"),
+        "127.0.0.1:0".parse().expect("addr"),
+        hub,
+        site_fingerprints(&pki.issued().expect("issued"), now()),
+    )
+    .expect("service")
+}
+
 /// De-identify a site's archive into `<data_dir>/deid`.
 pub(crate) fn deidentify(config: &NodeConfig, input: &Path) -> PathBuf {
     let out = config.data_dir.join("deid");
@@ -645,7 +667,6 @@ fn approval_budget_and_differencing_refusals() {
     pki.init("test").expect("init");
     let coord = pki.issue_coordinator("localhost", 30).expect("coordinator");
     pki.issue_site("site-a", 30).expect("site");
-    let read = |p: &Path| std::fs::read(p).expect("read");
     let mut profile = node::sample::consortium_sites(5)[0].clone();
     profile.patients = 10;
     let input = dir.path().join("archive");
@@ -675,19 +696,7 @@ fn approval_budget_and_differencing_refusals() {
     .expect("hub");
     let hub = Arc::new(Mutex::new(hub));
     rt.block_on(async {
-        let service = Service::start(
-            server_config(
-                &read(&pki.ca_cert_path()),
-                &read(&pki.crl_path()),
-                &read(&coord.certificate),
-                &read(coord.key.as_ref().expect("key")),
-            )
-            .expect("server"),
-            "127.0.0.1:0".parse().expect("addr"),
-            hub.clone(),
-            site_fingerprints(&pki.issued().expect("issued"), now()),
-        )
-        .expect("service");
+        let service = start_service(&pki, &coord, hub.clone());
         let addr = service.local_addr().expect("addr").to_string();
         let mut config = node_config(&dir.path().join("site-a"), "site-a", &pki_dir, &addr);
         if let Some(f) = config.federation.as_mut() {

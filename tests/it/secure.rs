@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use coordinator::Hub;
-use coordinator::net::{Service, server_config, site_fingerprints};
 use coordinator::pki::Pki;
 use coordinator::store::Store;
 use node::federation::aggregate;
@@ -17,7 +16,7 @@ use node::federation::session::Site;
 use protocol::aggregate::{Cell, ConformanceSummary, ProfileCheck};
 use protocol::{Message, MessageId, SchemaDocument, SiteId};
 
-use crate::federation::{deidentify, node_config, now, schema_text};
+use crate::federation::{deidentify, node_config, schema_text, start_service};
 
 /// χ² of the top four bits of each word against the uniform distribution (15 df).
 fn chi_square_top_bits(words: &[u64]) -> f64 {
@@ -64,19 +63,7 @@ fn secure_sum_survives_a_dropout_and_reveals_only_the_total() {
     let tap = hub.tap();
     let hub = Arc::new(Mutex::new(hub));
     rt.block_on(async {
-        let service = Service::start(
-            server_config(
-                &read(&pki.ca_cert_path()),
-                &read(&pki.crl_path()),
-                &read(&coord.certificate),
-                &read(coord.key.as_ref().expect("key")),
-            )
-            .expect("server"),
-            "127.0.0.1:0".parse().expect("addr"),
-            hub.clone(),
-            site_fingerprints(&pki.issued().expect("issued"), now()),
-        )
-        .expect("service");
+        let service = start_service(&pki, &coord, hub.clone());
         let addr = service.local_addr().expect("addr");
         let endpoint =
             quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
