@@ -525,11 +525,17 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
         }
         Method::WhiteStripe { contrast, width } => {
             let (roi, lo_v, hi_v) = roi(x, rule)?;
-            let mode = stats::tissue_mode_in_range(&roi, *contrast, lo_v, hi_v);
+            // One rank histogram serves the tissue mode's percentile and the stripe's.
+            let ranks =
+                (roi.len() >= 1 << 16).then(|| stats::RankHistogram::build(&roi, lo_v, hi_v));
+            let mode = stats::tissue_mode_with(&roi, *contrast, lo_v, hi_v, ranks.as_ref());
             let below = roi.par_iter().filter(|v| f64::from(**v) < mode).count();
             let q = below as f64 / roi.len() as f64;
             let (lo, hi) = ((q - width).max(0.0), (q + width).min(1.0));
-            let b = stats::percentiles_in_range(&roi, &[lo * 100.0, hi * 100.0], lo_v, hi_v);
+            let b = match &ranks {
+                Some(r) => r.locate(&roi, &[lo * 100.0, hi * 100.0]).0,
+                None => stats::percentiles_in_range(&roi, &[lo * 100.0, hi * 100.0], lo_v, hi_v),
+            };
             // The reference's stripe: (image · mask) strictly inside (ws_l, ws_u); voxels
             // outside the mask count as zeros when zero lies inside.
             let (mut n, sum, squares) = roi

@@ -57,120 +57,163 @@ fn percentile_and_below<T: Sample>(values: &[T], p: f64, min: f64, max: f64) -> 
 }
 
 /// The percentiles by histogram location (values in a known range, at least 2^16 of them).
-#[allow(clippy::type_complexity)]
 fn located<T: Sample>(
     values: &[T],
     ps: &[f64],
     min: f64,
     max: f64,
 ) -> (Vec<f64>, Option<(usize, f64)>) {
-    const BINS: usize = 1 << 16;
-    let n = values.len();
-    if max.partial_cmp(&min) != Some(std::cmp::Ordering::Greater) {
-        return (vec![min; ps.len()], Some((n, min)));
-    }
-    let scale = BINS as f64 / (max - min);
-    let bin = move |v: f64| (((v - min) * scale) as usize).min(BINS - 1);
-    let hist = values
-        .par_chunks(chunk_len(n))
-        .map(|chunk| {
-            let mut h = vec![0u32; BINS];
-            for v in chunk {
-                h[bin((*v).into())] += 1;
-            }
-            h
-        })
-        .reduce(
-            || vec![0u32; BINS],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                a
-            },
-        );
-    let mut starts = vec![0usize; BINS + 1];
-    for b in 0..BINS {
-        starts[b + 1] = starts[b] + hist[b] as usize;
-    }
-    // Ranks needed: floor and floor + 1 of each position.
-    let mut ranks: Vec<usize> = Vec::new();
-    let pos: Vec<(usize, f64)> = ps
-        .iter()
-        .map(|p| {
-            let x = (p / 100.0).clamp(0.0, 1.0) * (n - 1) as f64;
-            (x.floor() as usize, x - x.floor())
-        })
-        .collect();
-    for &(lo, frac) in &pos {
-        ranks.push(lo);
-        if frac > 0.0 && lo + 1 < n {
-            ranks.push(lo + 1);
+    RankHistogram::build(values, min, max).locate(values, ps)
+}
+
+/// A 65,536-bin histogram of values over their known range: built in one pass, it then
+/// answers any number of exact percentile queries with one gathering pass each.
+#[derive(Debug)]
+pub struct RankHistogram {
+    min: f64,
+    scale: f64,
+    n: usize,
+    /// Rank of the first value of each bin (and the count at the end).
+    starts: Vec<usize>,
+    degenerate: bool,
+}
+
+const RANK_BINS: usize = 1 << 16;
+
+impl RankHistogram {
+    pub fn build<T: Sample>(values: &[T], min: f64, max: f64) -> Self {
+        let n = values.len();
+        if max.partial_cmp(&min) != Some(std::cmp::Ordering::Greater) {
+            return RankHistogram {
+                min,
+                scale: 0.0,
+                n,
+                starts: Vec::new(),
+                degenerate: true,
+            };
+        }
+        let scale = RANK_BINS as f64 / (max - min);
+        let bin = move |v: f64| (((v - min) * scale) as usize).min(RANK_BINS - 1);
+        let hist = values
+            .par_chunks(chunk_len(n))
+            .map(|chunk| {
+                let mut h = vec![0u32; RANK_BINS];
+                for v in chunk {
+                    h[bin((*v).into())] += 1;
+                }
+                h
+            })
+            .reduce(
+                || vec![0u32; RANK_BINS],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            );
+        let mut starts = vec![0usize; RANK_BINS + 1];
+        for b in 0..RANK_BINS {
+            starts[b + 1] = starts[b] + hist[b] as usize;
+        }
+        RankHistogram {
+            min,
+            scale,
+            n,
+            starts,
+            degenerate: false,
         }
     }
-    let rank_bin = |r: usize| starts.partition_point(|s| *s <= r) - 1;
-    let mut needed: Vec<usize> = ranks.iter().map(|r| rank_bin(*r)).collect();
-    needed.sort_unstable();
-    needed.dedup();
-    // Which gathered list a bin's values go to (0: none), by table lookup.
-    let mut slot = vec![0u16; BINS];
-    for (i, b) in needed.iter().enumerate() {
-        slot[*b] = (i + 1) as u16;
-    }
-    let mut gathered: Vec<Vec<f64>> = values
-        .par_chunks(chunk_len(n))
-        .map(|chunk| {
-            let mut g: Vec<Vec<f64>> = vec![Vec::new(); needed.len()];
-            for v in chunk {
-                let v: f64 = (*v).into();
-                let s = slot[bin(v)];
-                if s > 0 {
-                    g[usize::from(s) - 1].push(v);
-                }
-            }
-            g
-        })
-        .reduce(
-            || vec![Vec::new(); needed.len()],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, mut y)| x.append(&mut y));
-                a
-            },
-        );
-    for g in &mut gathered {
-        g.sort_unstable_by(f64::total_cmp);
-    }
-    let value_at = |r: usize| -> f64 {
-        let b = rank_bin(r);
-        let i = needed.binary_search(&b).unwrap_or(0);
-        gathered[i][r - starts[b]]
-    };
-    let out: Vec<f64> = pos
-        .iter()
-        .map(|&(lo, frac)| {
-            let v = value_at(lo);
+
+    /// Percentiles (numpy's linear interpolation) of the same `values`, and for the first
+    /// one the count and the largest of the values at or below it.
+    pub fn locate<T: Sample>(&self, values: &[T], ps: &[f64]) -> (Vec<f64>, Option<(usize, f64)>) {
+        let n = self.n;
+        if self.degenerate {
+            return (vec![self.min; ps.len()], Some((n, self.min)));
+        }
+        let (min, scale) = (self.min, self.scale);
+        let bin = move |v: f64| (((v - min) * scale) as usize).min(RANK_BINS - 1);
+        let starts = &self.starts;
+        // Ranks needed: floor and floor + 1 of each position.
+        let mut ranks: Vec<usize> = Vec::new();
+        let pos: Vec<(usize, f64)> = ps
+            .iter()
+            .map(|p| {
+                let x = (p / 100.0).clamp(0.0, 1.0) * (n - 1) as f64;
+                (x.floor() as usize, x - x.floor())
+            })
+            .collect();
+        for &(lo, frac) in &pos {
+            ranks.push(lo);
             if frac > 0.0 && lo + 1 < n {
-                v + frac * (value_at(lo + 1) - v)
-            } else {
-                v
-            }
-        })
-        .collect();
-    // For the first percentile: how many values are at or below it, and the largest of them
-    // (bins between the gathered ones are empty, so the gathered values decide).
-    let below = out.first().map(|&t| {
-        let b0 = rank_bin(pos[0].0);
-        let mut count = starts[b0];
-        let mut largest = f64::NEG_INFINITY;
-        for (i, b) in needed.iter().enumerate() {
-            if *b >= b0 {
-                for v in gathered[i].iter().filter(|v| **v <= t) {
-                    count += 1;
-                    largest = largest.max(*v);
-                }
+                ranks.push(lo + 1);
             }
         }
-        (count, largest)
-    });
-    (out, below)
+        let rank_bin = |r: usize| starts.partition_point(|s| *s <= r) - 1;
+        let mut needed: Vec<usize> = ranks.iter().map(|r| rank_bin(*r)).collect();
+        needed.sort_unstable();
+        needed.dedup();
+        // Which gathered list a bin's values go to (0: none), by table lookup.
+        let mut slot = vec![0u16; RANK_BINS];
+        for (i, b) in needed.iter().enumerate() {
+            slot[*b] = (i + 1) as u16;
+        }
+        let mut gathered: Vec<Vec<f64>> = values
+            .par_chunks(chunk_len(n))
+            .map(|chunk| {
+                let mut g: Vec<Vec<f64>> = vec![Vec::new(); needed.len()];
+                for v in chunk {
+                    let v: f64 = (*v).into();
+                    let s = slot[bin(v)];
+                    if s > 0 {
+                        g[usize::from(s) - 1].push(v);
+                    }
+                }
+                g
+            })
+            .reduce(
+                || vec![Vec::new(); needed.len()],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, mut y)| x.append(&mut y));
+                    a
+                },
+            );
+        for g in &mut gathered {
+            g.sort_unstable_by(f64::total_cmp);
+        }
+        let value_at = |r: usize| -> f64 {
+            let b = rank_bin(r);
+            let i = needed.binary_search(&b).unwrap_or(0);
+            gathered[i][r - starts[b]]
+        };
+        let out: Vec<f64> = pos
+            .iter()
+            .map(|&(lo, frac)| {
+                let v = value_at(lo);
+                if frac > 0.0 && lo + 1 < n {
+                    v + frac * (value_at(lo + 1) - v)
+                } else {
+                    v
+                }
+            })
+            .collect();
+        // For the first percentile: how many values are at or below it, and the largest of them
+        // (bins between the gathered ones are empty, so the gathered values decide).
+        let below = out.first().map(|&t| {
+            let b0 = rank_bin(pos[0].0);
+            let mut count = starts[b0];
+            let mut largest = f64::NEG_INFINITY;
+            for (i, b) in needed.iter().enumerate() {
+                if *b >= b0 {
+                    for v in gathered[i].iter().filter(|v| **v <= t) {
+                        count += 1;
+                        largest = largest.max(*v);
+                    }
+                }
+            }
+            (count, largest)
+        });
+        (out, below)
+    }
 }
 
 /// Percentiles by successive selection (small inputs). `values` is reordered.
@@ -453,6 +496,17 @@ pub fn tissue_mode<T: Sample>(voi: &[T], contrast: Contrast) -> f64 {
 
 /// [`tissue_mode`] of values whose minimum and maximum are known.
 pub fn tissue_mode_in_range<T: Sample>(voi: &[T], contrast: Contrast, min: f64, max: f64) -> f64 {
+    tissue_mode_with(voi, contrast, min, max, None)
+}
+
+/// [`tissue_mode_in_range`] reusing a [`RankHistogram`] of the same values.
+pub fn tissue_mode_with<T: Sample>(
+    voi: &[T],
+    contrast: Contrast,
+    min: f64,
+    max: f64,
+    ranks: Option<&RankHistogram>,
+) -> f64 {
     match contrast {
         Contrast::T2 | Contrast::Flair => {
             let (grid, pdf) = smooth_histogram(voi);
@@ -465,7 +519,14 @@ pub fn tissue_mode_in_range<T: Sample>(voi: &[T], contrast: Contrast, min: f64, 
         }
         Contrast::T1 | Contrast::Pd => {
             let tail = if contrast == Contrast::T1 { 96.0 } else { 99.0 };
-            let (threshold, n, largest) = percentile_and_below(voi, tail, min, max);
+            let (threshold, n, largest) = match ranks {
+                Some(r) if voi.len() >= (1 << 16) => {
+                    let (v, below) = r.locate(voi, &[tail]);
+                    let (n, hi) = below.unwrap_or((0, f64::NEG_INFINITY));
+                    (v[0], n, hi)
+                }
+                _ => percentile_and_below(voi, tail, min, max),
+            };
             let (grid, pdf) = smooth_histogram_known(voi, threshold, n, min, largest);
             let maxima = local_maxima(&pdf);
             let i = if contrast == Contrast::T1 {
@@ -492,6 +553,29 @@ mod tests {
         let mut w: Vec<f64> = (0..1001).map(|i| ((i * 7919) % 1001) as f64).collect();
         let p = percentiles(&mut w, &[1.0, 99.0, 50.0]);
         assert_eq!(p, vec![10.0, 990.0, 500.0]);
+    }
+
+    #[test]
+    fn one_rank_histogram_answers_several_queries_exactly() {
+        let mut state = 5u64;
+        let v: Vec<f32> = (0..150_000)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) % 7_000) as f32 / 7.0 + 100.0
+            })
+            .collect();
+        let (min, max) = min_max(&v);
+        let r = RankHistogram::build(&v, min, max);
+        for ps in [&[96.0][..], &[45.0, 55.0], &[0.0, 100.0, 33.3]] {
+            assert_eq!(r.locate(&v, ps).0, percentiles_of(&v, ps), "{ps:?}");
+        }
+        let t = Contrast::T1;
+        assert_eq!(
+            tissue_mode_with(&v, t, min, max, Some(&r)),
+            tissue_mode_in_range(&v, t, min, max)
+        );
     }
 
     #[test]
