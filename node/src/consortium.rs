@@ -416,9 +416,9 @@ pub fn run_demo(dir: Option<PathBuf>, patients: usize) -> Result<()> {
 
     step(
         4,
-        "the nodes dial out, fetch the schema, and hospital IT approves what will leave",
+        "the nodes dial out and fetch the schema; hospital IT approves what will leave; each site curates against it",
     );
-    for (s, _, cfg, _) in &configs {
+    for (s, sdir, cfg, _) in &configs {
         let out = run(node(cfg).args(["federate", "--once"]), "federate")?;
         if **s == "site-a" {
             let pending = run(node(cfg).args(["egress", "pending"]), "egress pending")?;
@@ -431,7 +431,32 @@ pub fn run_demo(dir: Option<PathBuf>, patients: usize) -> Result<()> {
             }
         }
         run(node(cfg).args(["egress", "approve"]), "egress approve")?;
-        println!("  {s}: approved");
+        // Curation against the schema the site just fetched (its own report stays local).
+        let curated = run(
+            node(cfg)
+                .arg("curate")
+                .arg("--schema")
+                .arg(sdir.join("data/federation/schema.toml"))
+                .arg("--out")
+                .arg(sdir.join("curation")),
+            "curate",
+        )?;
+        let deviating = curated
+            .lines()
+            .find(|l| l.trim_start().starts_with("protocol-deviating"))
+            .and_then(|l| l.split_whitespace().last())
+            .unwrap_or("0");
+        println!(
+            "  {s}: approved; {} ({deviating} series outside the protocol; report in {})",
+            curated
+                .lines()
+                .next()
+                .unwrap_or("")
+                .split(';')
+                .next()
+                .unwrap_or(""),
+            sdir.join("curation/report.html").display()
+        );
     }
 
     step(

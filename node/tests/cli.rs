@@ -417,6 +417,11 @@ fn the_consortium_demo_federates_three_sites_and_leaks_nothing() {
         "{text}"
     );
     assert!(text.contains("C-STORE 72 files"), "{text}");
+    // site-c's 1.5 mm slices are outside the protocol's 0.5-1.3 mm: its curation says so.
+    assert!(text.contains("(6 series outside the protocol"), "{text}");
+    for s in ["site-a", "site-b", "site-c"] {
+        assert!(work.join(s).join("curation/report.html").is_file(), "{s}");
+    }
     let line = text
         .lines()
         .find(|l| l.contains("intensity spread"))
