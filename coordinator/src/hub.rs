@@ -78,10 +78,7 @@ fn check_conformance(
     }
     check_cells(&c.status, k)?;
     let single = |cells: &[protocol::aggregate::Cell]| {
-        if cells
-            .iter()
-            .any(|x| x.value().is_some_and(|v| v > 0 && v < k))
-        {
+        if cells.iter().any(|x| protocol::aggregate::is_small(*x, k)) {
             Err(PrivacyViolation::SmallCell)
         } else {
             Ok(())

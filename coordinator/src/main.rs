@@ -90,18 +90,19 @@ enum PkiCommand {
     List,
 }
 
-/// Server TLS and the fingerprint registry from the files named in `[tls]`.
+/// Server TLS (for QUIC and the TCP fallback alike) and the fingerprint registry, from the
+/// files named in `[tls]`, each read once.
 fn load_tls(
     cfg: &CoordinatorConfig,
     tls: &coordinator::config::TlsConfig,
 ) -> Result<(
-    quinn::ServerConfig,
+    rustls::ServerConfig,
     std::collections::HashMap<String, protocol::SiteId>,
 )> {
     let read = |p: &std::path::Path| {
         std::fs::read(p).with_context(|| format!("reading {} (named in [tls])", p.display()))
     };
-    let server = coordinator::net::server_config(
+    let server = coordinator::net::server_tls(
         &read(&tls.ca)?,
         &read(&tls.crl)?,
         &read(&tls.cert)?,
@@ -122,19 +123,6 @@ fn load_tls(
         }
     }
     Ok((server, sites))
-}
-
-/// The rustls server configuration for the TCP fallback.
-fn server_tls(tls: &coordinator::config::TlsConfig) -> Result<rustls::ServerConfig> {
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).with_context(|| format!("reading {} (named in [tls])", p.display()))
-    };
-    Ok(coordinator::net::server_tls(
-        &read(&tls.ca)?,
-        &read(&tls.crl)?,
-        &read(&tls.cert)?,
-        &read(&tls.key)?,
-    )?)
 }
 
 fn mtimes(tls: &coordinator::config::TlsConfig) -> Vec<Option<std::time::SystemTime>> {
@@ -211,12 +199,17 @@ fn serve(path: &std::path::Path) -> Result<()> {
         // Installed before anyone learns the address, so an early SIGTERM is still clean.
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
-        let service = coordinator::net::Service::start(server, cfg.listen, hub.clone(), sites)?;
+        let service = coordinator::net::Service::start(
+            coordinator::net::quic_server_config(server.clone())?,
+            cfg.listen,
+            hub.clone(),
+            sites,
+        )?;
         println!("listening on {}", service.local_addr()?);
         let tcp = if cfg.tcp_fallback {
             let addr = cfg.listen_tcp.unwrap_or(service.local_addr()?);
             let tcp = coordinator::net::TcpService::start(
-                server_tls(&tls)?,
+                server,
                 addr,
                 hub.clone(),
                 service.sites(),
@@ -240,13 +233,16 @@ fn serve(path: &std::path::Path) -> Result<()> {
                     if now != seen {
                         seen = now;
                         match load_tls(&cfg, &tls) {
-                            Ok((server, sites)) => {
-                                service.reload(server, sites);
-                                if let (Some(t), Ok(c)) = (&tcp, server_tls(&tls)) {
-                                    t.reload(c);
+                            Ok((server, sites)) => match coordinator::net::quic_server_config(server.clone()) {
+                                Ok(quic) => {
+                                    service.reload(quic, sites);
+                                    if let Some(t) = &tcp {
+                                        t.reload(server);
+                                    }
+                                    tracing::info!("reloaded the certificates, revocation list and register");
                                 }
-                                tracing::info!("reloaded the certificates, revocation list and register");
-                            }
+                                Err(e) => tracing::error!(error = %e, "could not reload [tls]; keeping the previous material"),
+                            },
                             Err(e) => tracing::error!(error = %format!("{e:#}"), "could not reload [tls]; keeping the previous material"),
                         }
                     }

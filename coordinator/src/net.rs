@@ -90,7 +90,11 @@ pub fn server_config(
     cert: &[u8],
     key_pem: &[u8],
 ) -> Result<quinn::ServerConfig, NetError> {
-    let tls = server_tls(ca, crl, cert, key_pem)?;
+    quic_server_config(server_tls(ca, crl, cert, key_pem)?)
+}
+
+/// The QUIC server configuration over a server TLS configuration (60 s idle timeout).
+pub fn quic_server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, NetError> {
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| NetError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));

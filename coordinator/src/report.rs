@@ -147,11 +147,6 @@ fn categories(schema: &CurationSchema, vocabulary: &str) -> Vec<String> {
             .collect::<Vec<_>>()
     };
     let mut out = match vocabulary {
-        "modality" => v.modality.clone(),
-        "manufacturer" => v.manufacturer.clone(),
-        "sex" => v.sex.clone(),
-        "finding_codes" => v.finding_codes.clone(),
-        "label_classes" => v.label_classes.clone(),
         "field_strength_bands" => bands(
             v.field_strength_bands
                 .iter()
@@ -159,7 +154,10 @@ fn categories(schema: &CurationSchema, vocabulary: &str) -> Vec<String> {
                 .collect(),
         ),
         "age_bands" => bands(v.age_bands.iter().map(|x| format!("{x} y")).collect()),
-        _ => Vec::new(),
+        other => schema
+            .vocabulary(other)
+            .map(<[String]>::to_vec)
+            .unwrap_or_default(),
     };
     out.push("other or missing".into());
     out

@@ -306,7 +306,7 @@ pub fn status(config: &NodeConfig) -> Result<Status, crate::catalog::CatalogErro
         .rev()
         .find(|e| e.answer.starts_with("welcome"))
         .and_then(|e| parse_time(&e.at));
-    let (runs_done, rate) = catalog
+    let rate = catalog
         .connection()
         .query_row(
             "SELECT started_at, finished_at, (SELECT COUNT(*) FROM inputs WHERE run_id = runs.id)
@@ -320,14 +320,11 @@ pub fn status(config: &NodeConfig) -> Result<Status, crate::catalog::CatalogErro
                 ))
             },
         )
-        .map(|(a, b, n)| {
-            let secs = parse_time(&b)
-                .zip(parse_time(&a))
-                .map(|(b, a)| (b - a).max(1));
-            (true, secs.map(|s| n as f64 / s as f64))
-        })
-        .unwrap_or((false, None));
-    let _ = runs_done;
+        .ok()
+        .and_then(|(a, b, n)| {
+            let secs = parse_time(&b)? - parse_time(&a)?;
+            Some(n as f64 / secs.max(1) as f64)
+        });
     let certificate_expiry = config
         .federation
         .as_ref()

@@ -33,20 +33,25 @@ impl Cell {
     }
 }
 
+/// One count on its own: withheld if in `1..k` (primary suppression only).
+pub fn primary(count: u64, k: u64) -> Cell {
+    if count > 0 && count < k {
+        Cell::Suppressed
+    } else {
+        Cell::Value(count)
+    }
+}
+
+/// Whether a released cell shows a count in `1..k`.
+pub fn is_small(cell: Cell, k: u64) -> bool {
+    cell.value().is_some_and(|v| v > 0 && v < k)
+}
+
 /// Suppress a table of counts whose total is released: primary suppression of every count in
 /// `1..k`, then complementary suppression of the smallest remaining counts until the withheld
 /// cells hold at least `k` together (or every cell is withheld).
 pub fn suppress(counts: &[u64], k: u64) -> Vec<Cell> {
-    let mut out: Vec<Cell> = counts
-        .iter()
-        .map(|&c| {
-            if c > 0 && c < k {
-                Cell::Suppressed
-            } else {
-                Cell::Value(c)
-            }
-        })
-        .collect();
+    let mut out: Vec<Cell> = counts.iter().map(|&c| primary(c, k)).collect();
     let mut withheld: u64 = counts
         .iter()
         .zip(&out)
@@ -86,10 +91,7 @@ pub enum PrivacyViolation {
 /// What the coordinator can verify of a suppressed table: no released count in `1..k`, and
 /// never exactly one withheld cell.
 pub fn check_cells(cells: &[Cell], k: u64) -> Result<(), PrivacyViolation> {
-    if cells
-        .iter()
-        .any(|c| c.value().is_some_and(|v| v > 0 && v < k))
-    {
+    if cells.iter().any(|c| is_small(*c, k)) {
         return Err(PrivacyViolation::SmallCell);
     }
     if cells.len() > 1 && cells.iter().filter(|c| **c == Cell::Suppressed).count() == 1 {

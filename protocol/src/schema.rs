@@ -351,17 +351,23 @@ impl CurationSchema {
 
     /// The index of a value in a vocabulary (what the wire carries), if listed.
     pub fn vocabulary_index(&self, vocabulary: &str, value: &str) -> Option<u32> {
-        let list = match vocabulary {
-            "modality" => &self.vocabularies.modality,
-            "manufacturer" => &self.vocabularies.manufacturer,
-            "sex" => &self.vocabularies.sex,
-            "finding_codes" => &self.vocabularies.finding_codes,
-            "label_classes" => &self.vocabularies.label_classes,
-            _ => return None,
-        };
-        list.iter()
+        self.vocabulary(vocabulary)?
+            .iter()
             .position(|v| v.eq_ignore_ascii_case(value.trim()))
             .map(|i| i as u32)
+    }
+
+    /// The entries of a named vocabulary of values (not the banded ones).
+    pub fn vocabulary(&self, vocabulary: &str) -> Option<&[String]> {
+        let v = &self.vocabularies;
+        Some(match vocabulary {
+            "modality" => &v.modality,
+            "manufacturer" => &v.manufacturer,
+            "sex" => &v.sex,
+            "finding_codes" => &v.finding_codes,
+            "label_classes" => &v.label_classes,
+            _ => return None,
+        })
     }
 
     /// Entries (or bands) of a vocabulary; a count table has one more cell, for values not
@@ -369,14 +375,9 @@ impl CurationSchema {
     pub fn vocabulary_len(&self, vocabulary: &str) -> usize {
         let v = &self.vocabularies;
         match vocabulary {
-            "modality" => v.modality.len(),
-            "manufacturer" => v.manufacturer.len(),
             "field_strength_bands" => v.field_strength_bands.len(),
             "age_bands" => v.age_bands.len(),
-            "sex" => v.sex.len(),
-            "finding_codes" => v.finding_codes.len(),
-            "label_classes" => v.label_classes.len(),
-            _ => 0,
+            other => self.vocabulary(other).map_or(0, <[String]>::len),
         }
     }
 

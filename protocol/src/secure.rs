@@ -185,10 +185,10 @@ pub fn decode(
         out
     };
     let total = |v: Vec<u64>| {
-        if v[1] > 0 || (v[0] > 0 && v[0] < k) {
+        if v[1] > 0 {
             Cell::Suppressed
         } else {
-            Cell::Value(v[0])
+            crate::aggregate::primary(v[0], k)
         }
     };
     let patients = total(r.next(2));

@@ -9,8 +9,8 @@ use std::path::Path;
 use dicom_core::Tag;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
 use protocol::aggregate::{
-    Cell, ConformanceSummary, CountTable, CtRelease, Moments, NyulRelease, ProfileCheck, Quantity,
-    SiteAggregates, bin_of, suppress,
+    ConformanceSummary, CountTable, CtRelease, Moments, NyulRelease, ProfileCheck, Quantity,
+    SiteAggregates, bin_of, primary, suppress,
 };
 use protocol::schema::CurationSchema;
 use protocol::summary::{CT_HU_BINS, CT_HU_MIN, CtSummary, NyulSummary, to_fixed};
@@ -175,14 +175,6 @@ fn band(value: f64, lower_bounds: &[f64]) -> Option<usize> {
     (i > 0).then(|| i - 1)
 }
 
-fn primary(c: u64, k: u64) -> Cell {
-    if c > 0 && c < k {
-        Cell::Suppressed
-    } else {
-        Cell::Value(c)
-    }
-}
-
 /// The categories (cell indices) of one patient's series for a vocabulary.
 fn categories(
     schema: &CurationSchema,
@@ -190,7 +182,6 @@ fn categories(
     series: &[&SeriesFacts],
 ) -> BTreeSet<usize> {
     let v = &schema.vocabularies;
-    let other = |len: usize| len;
     let mut out = BTreeSet::new();
     let single = |s: &SeriesFacts| -> usize {
         match vocabulary {
@@ -202,17 +193,15 @@ fn categories(
                 };
                 schema
                     .vocabulary_index(vocabulary, value)
-                    .map_or(other(schema.vocabulary_len(vocabulary)), |i| i as usize)
+                    .map_or(schema.vocabulary_len(vocabulary), |i| i as usize)
             }
             "field_strength_bands" => s
                 .field_strength
                 .and_then(|x| band(x, &v.field_strength_bands))
-                .unwrap_or(other(v.field_strength_bands.len())),
+                .unwrap_or(v.field_strength_bands.len()),
             "age_bands" => {
                 let b: Vec<f64> = v.age_bands.iter().map(|x| f64::from(*x)).collect();
-                s.age_years
-                    .and_then(|x| band(x, &b))
-                    .unwrap_or(other(b.len()))
+                s.age_years.and_then(|x| band(x, &b)).unwrap_or(b.len())
             }
             _ => 0,
         }
@@ -225,11 +214,7 @@ fn categories(
             }
         }
         "finding_codes" | "label_classes" => {
-            let list = if vocabulary == "finding_codes" {
-                &v.finding_codes
-            } else {
-                &v.label_classes
-            };
+            let list = schema.vocabulary(vocabulary).unwrap_or_default();
             for s in series {
                 for (i, code) in list.iter().enumerate() {
                     if s.finding_codes.contains(code) {
@@ -570,6 +555,7 @@ pub fn profile_check(schema: &CurationSchema, policy: &crate::deid::DeidPolicy) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protocol::aggregate::Cell;
 
     const SCHEMA: &str = include_str!("../../../deploy/schema.toml");
 

@@ -95,24 +95,7 @@ pub fn client_config(
 
 /// Send one framed request on a new bidirectional stream and read the framed answer.
 pub async fn request(conn: &quinn::Connection, message: &Message) -> Result<Message, ConnectError> {
-    let frame = protocol::encode_frame(message).map_err(quic_err)?;
-    let (mut send, mut recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| ConnectError::NotWelcomed(e.to_string()))?;
-    send.write_all(&frame)
-        .await
-        .map_err(|e| ConnectError::NotWelcomed(e.to_string()))?;
-    send.finish().map_err(quic_err)?;
-    let bytes = recv
-        .read_to_end(MAX_FRAME_LEN + 16)
-        .await
-        .map_err(|e| ConnectError::NotWelcomed(e.to_string()))?;
-    if bytes.is_empty() {
-        return Err(ConnectError::NotWelcomed("no answer".into()));
-    }
-    let (m, _) = protocol::decode_frame(&bytes).map_err(quic_err)?;
-    Ok(m)
+    Link::Quic(conn.clone()).request(message).await
 }
 
 /// A connection to the coordinator: QUIC, or the TCP fallback (TLS 1.3 on TCP, each frame

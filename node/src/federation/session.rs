@@ -91,6 +91,14 @@ pub struct SyncOutcome {
     pub secure_waiting: bool,
 }
 
+/// The de-identified output as read for a schema, and what it was read under.
+#[derive(Debug)]
+struct Prepared {
+    key: (usize, usize, usize, String),
+    facts: Vec<super::aggregate::SeriesFacts>,
+    report: crate::curate::report::CurationReport,
+}
+
 /// This site's part of the current secure-aggregation session (in memory only: private keys
 /// never touch the disk; a restarted node joins a restarted session).
 #[derive(Debug)]
@@ -177,6 +185,7 @@ pub struct Site {
     /// The TCP fallback worked last time: try it first.
     prefer_tcp: std::sync::atomic::AtomicBool,
     secure: std::sync::Mutex<Option<SecureLocal>>,
+    prepared: std::sync::Mutex<Option<Prepared>>,
 }
 
 impl std::fmt::Debug for Site {
@@ -224,6 +233,7 @@ impl Site {
             tls,
             prefer_tcp: std::sync::atomic::AtomicBool::new(false),
             secure: std::sync::Mutex::new(None),
+            prepared: std::sync::Mutex::new(None),
         })
     }
 
@@ -475,7 +485,7 @@ impl Site {
             }
         }
         if state.acknowledged.as_deref() != Some(published_hex.as_str()) {
-            let report = self.curate(&schema, &published_hex)?;
+            let (_, report) = self.prepared(&schema, &published_hex)?;
             let quarantined = self.catalog.totals()?.quarantined as u64;
             let conformance = super::aggregate::conformance(&report, &schema, quarantined, k);
             let ack_bytes = serde_json::to_vec(&(&profile, &conformance)).unwrap_or_default();
@@ -506,9 +516,7 @@ impl Site {
         }
         let due = (published_hex.clone(), welcome.round);
         if welcome.round > 0 && state.reported.as_ref() != Some(&due) {
-            let mut facts = super::aggregate::collect(&self.deid_dir, &schema)?;
-            let report = self.curate(&schema, &published_hex)?;
-            super::aggregate::add_findings(&mut facts, &report);
+            let (facts, _) = self.prepared(&schema, &published_hex)?;
             // The query ledger: a release that differs from an earlier one by fewer than k
             // patients would isolate them by subtraction.
             let mut patients: Vec<String> = facts
@@ -865,16 +873,43 @@ impl Site {
         Ok(())
     }
 
-    fn curate(
+    /// The facts and the curation report of the de-identified output under `schema`, read
+    /// once and kept while the catalog's totals and the schema stay the same (a sync needs
+    /// them for the acknowledgement and the report, and a secure round polls several times).
+    fn prepared(
         &self,
         schema: &CurationSchema,
         hash: &str,
-    ) -> Result<crate::curate::report::CurationReport, SessionError> {
-        Ok(crate::curate::report::curate(
+    ) -> Result<
+        (
+            Vec<super::aggregate::SeriesFacts>,
+            crate::curate::report::CurationReport,
+        ),
+        SessionError,
+    > {
+        let t = self.catalog.totals()?;
+        let key = (t.written, t.duplicates, t.quarantined, hash.to_owned());
+        if let Ok(cache) = self.prepared.lock()
+            && let Some(p) = cache.as_ref()
+            && p.key == key
+        {
+            return Ok((p.facts.clone(), p.report.clone()));
+        }
+        let report = crate::curate::report::curate(
             &self.deid_dir,
             Some((schema, hash.to_owned())),
             Vec::new(),
-        )?)
+        )?;
+        let mut facts = super::aggregate::collect(&self.deid_dir, schema)?;
+        super::aggregate::add_findings(&mut facts, &report);
+        if let Ok(mut cache) = self.prepared.lock() {
+            *cache = Some(Prepared {
+                key,
+                facts: facts.clone(),
+                report: report.clone(),
+            });
+        }
+        Ok((facts, report))
     }
 
     /// Save the federated model and harmonise the de-identified volumes it applies to
