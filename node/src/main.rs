@@ -1549,9 +1549,11 @@ fn harmonise(config: &NodeConfig, a: HarmoniseArgs) -> Result<()> {
     batch::write_atomically(&a.out.join("model.json"), &model_json)?;
     let dd = open_data_dir(&config.data_dir)?;
     let method_json = serde_json::to_string(&model.method)?;
-    for ((rel, v, source_hash), rule) in volumes.iter().zip(&rules) {
-        let out =
-            h::apply(&model, v, rule).map_err(|e| anyhow::anyhow!("{}: {e}", rel.display()))?;
+    let count = volumes.len();
+    for ((rel, v, source_hash), rule) in volumes.into_iter().zip(&rules) {
+        // The volume is not needed afterwards: rewritten in place, no second buffer.
+        let out = h::apply_owned(&model, v, rule)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", rel.display()))?;
         let name = rel
             .to_string_lossy()
             .replace(".nii.gz", "")
@@ -1573,7 +1575,7 @@ fn harmonise(config: &NodeConfig, a: HarmoniseArgs) -> Result<()> {
     }
     println!(
         "harmonised {} volumes with {method_json} (model {} in {})",
-        volumes.len(),
+        count,
         &model_hash[..12],
         a.out.join("model.json").display()
     );
@@ -1643,9 +1645,10 @@ fn bench_harmonise(dir: Option<PathBuf>, n: usize, reference: bool) -> Result<()
             })
             .unwrap_or_default();
         println!(
-            "{:<32} {:>9.3} s   {:>5.2}x the read+write pass{vs}",
+            "{:<32} {:>9.3} s  (new output {:>6.3} s)   {:>5.2}x the read+write pass{vs}",
             t.name,
             ours,
+            t.fresh.as_secs_f64(),
             ours / baseline.as_secs_f64().max(1e-9)
         );
     }

@@ -939,9 +939,9 @@ impl Site {
         let out_dir = self.data_dir.join("harmonised");
         let method_json = serde_json::to_string(&model.method).map_err(std::io::Error::other)?;
         let mut n = 0;
-        for v in volumes.iter().filter(|v| v.modality == modality) {
-            let Some(vol) = &v.volume else { continue };
-            let harmonised = h::apply(&model, vol, &Foreground::Otsu)
+        for v in volumes.into_iter().filter(|v| v.modality == modality) {
+            let Some(vol) = v.volume else { continue };
+            let harmonised = h::apply_owned(&model, vol, &Foreground::Otsu)
                 .map_err(|e| SessionError::Harmonise(e.to_string()))?;
             let key = &content_hash(v.series_uid.as_bytes())[..16];
             let rel = format!("{}/{key}-{}.nii.gz", v.patient, v.part);

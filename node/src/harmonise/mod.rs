@@ -6,6 +6,7 @@
 //! Nyúl and LSQ; IBSI for μ±3σ re-segmentation and discretisation; pyradiomics for its
 //! normalisation and `binWidth`; DICOM PS3.3 C.11.2.1.2 for windowing; nnU-Net for CT.
 
+pub mod scan;
 pub mod stats;
 
 use ndarray::ShapeBuilder;
@@ -13,6 +14,7 @@ use protocol::summary::{CT_HU_BINS, CT_HU_MIN, CtSummary, NYUL_LANDMARKS, NyulSu
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use self::scan::{Extent, Region};
 use self::stats::{Contrast, mean_std, otsu, percentile};
 use crate::volume::{StoredType, Volume};
 
@@ -205,17 +207,54 @@ fn voi(v: &[f32], mask: &[bool]) -> Vec<f32> {
         .collect()
 }
 
+/// A rule's foreground over the voxels: a threshold on the volume itself (nothing copied), or
+/// a supplied mask's values gathered.
+enum Held<'a> {
+    Above(&'a [f32], f64),
+    Gathered(Vec<f32>),
+}
+
+impl Held<'_> {
+    fn region(&self) -> Region<'_> {
+        match self {
+            Held::Above(x, t) => Region::above(x, *t),
+            Held::Gathered(g) => Region::all(g),
+        }
+    }
+
+    /// Exact percentiles of the foreground, with its count and range.
+    fn percentiles(&self, ps: &[f64]) -> Result<(Extent, Vec<f64>), HarmoniseError> {
+        self.region()
+            .percentiles(ps)
+            .map(|(e, l)| (e, l.values))
+            .ok_or(HarmoniseError::EmptyForeground)
+    }
+}
+
+fn held<'a>(x: &'a [f32], rule: &Foreground) -> Result<Held<'a>, HarmoniseError> {
+    Ok(match rule {
+        Foreground::Mask(m) => {
+            if m.len() != x.len() {
+                return Err(HarmoniseError::MaskSize {
+                    mask: m.len(),
+                    voxels: x.len(),
+                });
+            }
+            Held::Gathered(voi(x, m))
+        }
+        Foreground::Otsu => Held::Above(x, otsu(x)),
+        Foreground::Positive => Held::Above(x, 1e-6),
+        Foreground::AbovePadding(p) => Held::Above(x, *p),
+    })
+}
+
 /// Mean and population standard deviation of the foreground, straight from the rule (one
 /// read pass for the mean, one for the spread; nothing is copied).
 fn foreground_mean_std(v: &[f32], rule: &Foreground) -> Result<(f64, f64), HarmoniseError> {
-    let threshold = match rule {
-        Foreground::Mask(_) => {
-            let (r, _, _) = roi(v, rule)?;
-            return Ok(mean_std(&r));
-        }
-        Foreground::Otsu => otsu(v),
-        Foreground::Positive => 1e-6,
-        Foreground::AbovePadding(p) => *p,
+    let threshold = match held(v, rule)? {
+        Held::Gathered(g) if g.is_empty() => return Err(HarmoniseError::EmptyForeground),
+        Held::Gathered(g) => return Ok(mean_std(&g)),
+        Held::Above(_, t) => t,
     };
     let chunk = (v.len() / (4 * rayon::current_num_threads().max(1))).max(1 << 16);
     let (n, sum) = v
@@ -242,75 +281,6 @@ fn foreground_mean_std(v: &[f32], rule: &Foreground) -> Result<(f64, f64), Harmo
         })
         .sum();
     Ok((mean, (squares / n as f64).sqrt()))
-}
-
-/// The foreground values straight from the rule (no mask is built unless one was supplied),
-/// with their minimum and maximum, in one pass.
-fn roi(v: &[f32], rule: &Foreground) -> Result<(Vec<f32>, f64, f64), HarmoniseError> {
-    let threshold = match rule {
-        Foreground::Mask(m) => {
-            if m.len() != v.len() {
-                return Err(HarmoniseError::MaskSize {
-                    mask: m.len(),
-                    voxels: v.len(),
-                });
-            }
-            let r = voi(v, m);
-            let (lo, hi) = stats::min_max(&r);
-            return if r.is_empty() {
-                Err(HarmoniseError::EmptyForeground)
-            } else {
-                Ok((r, lo, hi))
-            };
-        }
-        Foreground::Otsu => otsu(v),
-        Foreground::Positive => 1e-6,
-        Foreground::AbovePadding(p) => *p,
-    };
-    let chunk = (v.len() / (4 * rayon::current_num_threads().max(1))).max(1 << 16);
-    // Pass 1 (read only): how many values each chunk keeps, and their range.
-    let parts: Vec<(usize, f64, f64)> = v
-        .par_chunks(chunk)
-        .map(|c| {
-            let (mut n, mut lo, mut hi) = (0usize, f64::INFINITY, f64::NEG_INFINITY);
-            for x in c {
-                let f = f64::from(*x);
-                if f > threshold {
-                    n += 1;
-                    lo = lo.min(f);
-                    hi = hi.max(f);
-                }
-            }
-            (n, lo, hi)
-        })
-        .collect();
-    let n: usize = parts.iter().map(|p| p.0).sum();
-    if n == 0 {
-        return Err(HarmoniseError::EmptyForeground);
-    }
-    // Pass 2: each chunk writes its values into its own part of the output.
-    let mut out = vec![0f32; n];
-    let mut slices: Vec<&mut [f32]> = Vec::with_capacity(parts.len());
-    let mut rest: &mut [f32] = &mut out;
-    for p in &parts {
-        let (head, tail) = rest.split_at_mut(p.0);
-        slices.push(head);
-        rest = tail;
-    }
-    v.par_chunks(chunk)
-        .zip(slices.into_par_iter())
-        .for_each(|(c, dst)| {
-            let mut i = 0;
-            for x in c {
-                if f64::from(*x) > threshold {
-                    dst[i] = *x;
-                    i += 1;
-                }
-            }
-        });
-    let lo = parts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
-    let hi = parts.iter().map(|p| p.2).fold(f64::NEG_INFINITY, f64::max);
-    Ok((out, lo, hi))
 }
 
 /// Fuzzy c-means on foreground intensities (c = 3, m = 2, error 0.005, 50 iterations, as
@@ -386,13 +356,11 @@ pub fn fcm<T: stats::Sample>(voi: &[T]) -> ([f64; 3], [f64; 3]) {
     (c, [wx[0] / wsum[0], wx[1] / wsum[1], wx[2] / wsum[2]])
 }
 
-/// Mapped Nyúl landmarks of one volume (its P1 → 1, P99 → 100).
+/// Nyúl landmarks of one volume's foreground, raw and mapped (its P1 → 1, P99 → 100).
 fn nyul_landmarks(
-    voi: &[f32],
-    min: f64,
-    max: f64,
-) -> ([f64; NYUL_LANDMARKS], [f64; NYUL_LANDMARKS]) {
-    let l = stats::percentiles_in_range(voi, &NYUL_PERCENTILES, min, max);
+    held: &Held,
+) -> Result<([f64; NYUL_LANDMARKS], [f64; NYUL_LANDMARKS]), HarmoniseError> {
+    let (_, l) = held.percentiles(&NYUL_PERCENTILES)?;
     let (lo, hi) = (l[0], l[NYUL_LANDMARKS - 1]);
     let mut raw = [0.0; NYUL_LANDMARKS];
     let mut mapped = [0.0; NYUL_LANDMARKS];
@@ -400,14 +368,14 @@ fn nyul_landmarks(
         raw[i] = l[i];
         mapped[i] = 1.0 + (l[i] - lo) * (100.0 - 1.0) / (hi - lo);
     }
-    (raw, mapped)
+    Ok((raw, mapped))
 }
 
 /// Nyúl summary of one volume.
 pub fn fit_nyul(v: &Volume, rule: &Foreground) -> Result<NyulSummary, HarmoniseError> {
     let x = values(v);
-    let (roi, lo, hi) = roi(&x, rule)?;
-    let (_, mapped) = nyul_landmarks(&roi, lo, hi);
+    let held = held(&x, rule)?;
+    let (_, mapped) = nyul_landmarks(&held)?;
     let mut s = NyulSummary {
         volumes: 1,
         ..NyulSummary::default()
@@ -453,40 +421,154 @@ fn interp_extrapolate(x: f64, xs: &[f64], ys: &[f64]) -> f64 {
     }
 }
 
-/// Apply a model to a volume.
+/// Where a method's per-voxel map writes: a new volume beside the input, or the input's own
+/// buffer (no allocation, so no page faults on a fresh 64 MB output).
+trait Target {
+    /// The voxels, in memory order.
+    fn values(&self) -> &[f32];
+    /// Every voxel through `f`.
+    fn map<F: Fn(f64) -> f64 + Sync>(self, f: F) -> Volume;
+    /// Voxels inside `mask` through `f`, the others to zero.
+    fn map_inside<F: Fn(f64) -> f64 + Sync>(self, mask: &[bool], f: F) -> Volume;
+    /// The voxels unchanged, as float32.
+    fn keep(self) -> Volume;
+}
+
+struct Fresh<'a> {
+    v: &'a Volume,
+    x: std::borrow::Cow<'a, [f32]>,
+}
+
+impl Target for Fresh<'_> {
+    fn values(&self) -> &[f32] {
+        &self.x
+    }
+    fn map<F: Fn(f64) -> f64 + Sync>(self, f: F) -> Volume {
+        mapped(self.v, &self.x, f)
+    }
+    fn map_inside<F: Fn(f64) -> f64 + Sync>(self, mask: &[bool], f: F) -> Volume {
+        let out: Vec<f32> = self
+            .x
+            .par_iter()
+            .zip(mask.par_iter())
+            .map(|(a, inside)| {
+                if *inside {
+                    f(f64::from(*a)) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        mapped(self.v, &out, |a| a)
+    }
+    fn keep(self) -> Volume {
+        mapped(self.v, &self.x, |a| a)
+    }
+}
+
+/// The input volume, rewritten in place (made contiguous first if it is a view).
+struct InPlace(Volume);
+
+impl InPlace {
+    fn new(mut v: Volume) -> Self {
+        if v.data.as_slice_memory_order().is_none() {
+            v.data = v.data.as_standard_layout().into_owned();
+        }
+        InPlace(v)
+    }
+}
+
+impl Target for InPlace {
+    fn values(&self) -> &[f32] {
+        // Contiguous by construction.
+        self.0.data.as_slice_memory_order().unwrap_or(&[])
+    }
+    fn map<F: Fn(f64) -> f64 + Sync>(mut self, f: F) -> Volume {
+        match self.0.data.as_slice_memory_order_mut() {
+            Some(s) => s.par_chunks_mut(1 << 16).for_each(|c| {
+                for a in c {
+                    *a = f(f64::from(*a)) as f32;
+                }
+            }),
+            None => self.0.data.mapv_inplace(|a| f(f64::from(a)) as f32),
+        }
+        self.keep()
+    }
+    fn map_inside<F: Fn(f64) -> f64 + Sync>(mut self, mask: &[bool], f: F) -> Volume {
+        if let Some(s) = self.0.data.as_slice_memory_order_mut() {
+            s.par_iter_mut()
+                .zip(mask.par_iter())
+                .for_each(|(a, inside)| {
+                    *a = if *inside {
+                        f(f64::from(*a)) as f32
+                    } else {
+                        0.0
+                    };
+                });
+        }
+        self.keep()
+    }
+    fn keep(mut self) -> Volume {
+        self.0.stored = StoredType::F32;
+        self.0
+    }
+}
+
+/// Apply a model to a volume, writing a new volume.
 pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised, HarmoniseError> {
+    apply_to(model, Fresh { v, x: values(v) }, rule)
+}
+
+/// Apply a model to a volume the caller no longer needs, rewriting its voxels in place (the
+/// same result as [`apply`], without allocating the output).
+pub fn apply_owned(
+    model: &Model,
+    v: Volume,
+    rule: &Foreground,
+) -> Result<Harmonised, HarmoniseError> {
+    apply_to(model, InPlace::new(v), rule)
+}
+
+fn apply_to<T: Target>(
+    model: &Model,
+    out: T,
+    rule: &Foreground,
+) -> Result<Harmonised, HarmoniseError> {
     if model.version != MODEL_VERSION {
         return Err(HarmoniseError::Version(model.version));
     }
-    let x = values(v);
-    let x: &[f32] = &x;
+    let x: &[f32] = out.values();
     // Generic, not `dyn`: the per-voxel function is inlined and vectorised.
-    fn finish<F: Fn(f64) -> f64 + Sync>(
-        v: &Volume,
-        x: &[f32],
+    fn finish<T: Target, F: Fn(f64) -> f64 + Sync>(
+        out: T,
         f: F,
     ) -> Result<Harmonised, HarmoniseError> {
         Ok(Harmonised {
-            volume: mapped(v, x, f),
+            volume: out.map(f),
             roi: None,
         })
     }
     let mask = || foreground(x, rule);
     match &model.method {
         Method::MinMax => {
-            let (lo, hi) = stats::min_max(&voi(x, &mask()?));
+            let held = held(x, rule)?;
+            let (_, lo, hi) = held
+                .region()
+                .extent()
+                .ok_or(HarmoniseError::EmptyForeground)?;
+            let (lo, hi) = (f64::from(lo), f64::from(hi));
             if hi <= lo {
                 return Err(HarmoniseError::Degenerate);
             }
-            finish(v, x, |v| (v - lo) / (hi - lo))
+            finish(out, |v| (v - lo) / (hi - lo))
         }
         Method::Percentile { low, high } => {
-            let (roi, lo_v, hi_v) = roi(x, rule)?;
-            let p = stats::percentiles_in_range(&roi, &[*low, *high], lo_v, hi_v);
+            let held = held(x, rule)?;
+            let (_, p) = held.percentiles(&[*low, *high])?;
             if p[1] <= p[0] {
                 return Err(HarmoniseError::Degenerate);
             }
-            finish(v, x, |v| (v.clamp(p[0], p[1]) - p[0]) / (p[1] - p[0]))
+            finish(out, |v| (v.clamp(p[0], p[1]) - p[0]) / (p[1] - p[0]))
         }
         Method::MuSigmaIbsi { n } => {
             let m = mask()?;
@@ -497,7 +579,7 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
                 .map(|(v, inside)| *inside && (f64::from(*v) - mu).abs() <= n * sd)
                 .collect();
             Ok(Harmonised {
-                volume: mapped(v, x, |a| a),
+                volume: out.keep(),
                 roi: Some(roi),
             })
         }
@@ -506,49 +588,40 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
             if sd == 0.0 {
                 return Err(HarmoniseError::Degenerate);
             }
-            finish(v, x, |v| ((v - mu) / sd).clamp(-n, *n))
+            finish(out, |v| ((v - mu) / sd).clamp(-n, *n))
         }
         Method::ZScore => {
             let (mu, sd) = foreground_mean_std(x, rule)?;
             if sd == 0.0 {
                 return Err(HarmoniseError::Degenerate);
             }
-            finish(v, x, |v| (v - mu) / sd)
+            finish(out, |v| (v - mu) / sd)
         }
         Method::Kde { contrast } => {
-            let (roi, lo_v, hi_v) = roi(x, rule)?;
-            let mode = stats::tissue_mode_in_range(&roi, *contrast, lo_v, hi_v);
+            let held = held(x, rule)?;
+            let (_, mode) = held
+                .region()
+                .tissue_mode(*contrast)
+                .ok_or(HarmoniseError::EmptyForeground)?;
             if mode == 0.0 {
                 return Err(HarmoniseError::Degenerate);
             }
-            finish(v, x, |v| v / mode)
+            finish(out, |v| v / mode)
         }
         Method::WhiteStripe { contrast, width } => {
-            let (roi, lo_v, hi_v) = roi(x, rule)?;
-            // One rank histogram serves the tissue mode's percentile and the stripe's.
-            let ranks =
-                (roi.len() >= 1 << 16).then(|| stats::RankHistogram::build(&roi, lo_v, hi_v));
-            let mode = stats::tissue_mode_with(&roi, *contrast, lo_v, hi_v, ranks.as_ref());
-            let below = roi.par_iter().filter(|v| f64::from(**v) < mode).count();
-            let q = below as f64 / roi.len() as f64;
+            let held = held(x, rule)?;
+            let region = held.region();
+            let (extent, mode) = region
+                .tissue_mode(*contrast)
+                .ok_or(HarmoniseError::EmptyForeground)?;
+            let q = region.count_below(mode) as f64 / extent.n as f64;
             let (lo, hi) = ((q - width).max(0.0), (q + width).min(1.0));
-            let b = match &ranks {
-                Some(r) => r.locate(&roi, &[lo * 100.0, hi * 100.0]).0,
-                None => stats::percentiles_in_range(&roi, &[lo * 100.0, hi * 100.0], lo_v, hi_v),
-            };
+            let (_, b) = held.percentiles(&[lo * 100.0, hi * 100.0])?;
             // The reference's stripe: (image · mask) strictly inside (ws_l, ws_u); voxels
             // outside the mask count as zeros when zero lies inside.
-            let (mut n, sum, squares) = roi
-                .par_iter()
-                .map(|v| f64::from(*v))
-                .filter(|v| *v > b[0] && *v < b[1])
-                .fold(
-                    || (0usize, 0.0, 0.0),
-                    |(n, s, q), v| (n + 1, s + v, q + v * v),
-                )
-                .reduce(|| (0, 0.0, 0.0), |a, c| (a.0 + c.0, a.1 + c.1, a.2 + c.2));
+            let (mut n, sum, squares) = region.moments_between(b[0], b[1]);
             if b[0] < 0.0 && 0.0 < b[1] {
-                n += x.len() - roi.len();
+                n += x.len() - extent.n;
             }
             if n == 0 {
                 return Err(HarmoniseError::Degenerate);
@@ -558,14 +631,14 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
             if sd == 0.0 {
                 return Err(HarmoniseError::Degenerate);
             }
-            finish(v, x, |v| (v - mu) / sd)
+            finish(out, |v| (v - mu) / sd)
         }
         Method::Fcm => {
             let (_, means) = fcm(&voi(x, &mask()?));
             if means[2] == 0.0 {
                 return Err(HarmoniseError::Degenerate);
             }
-            finish(v, x, |v| v / means[2])
+            finish(out, |v| v / means[2])
         }
         Method::Nyul => {
             let Fitted::Nyul { summary } = &model.fitted else {
@@ -574,9 +647,9 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
             let scale = summary
                 .standard_scale()
                 .ok_or(HarmoniseError::NotFitted("nyul"))?;
-            let (roi, lo, hi) = roi(x, rule)?;
-            let (raw, _) = nyul_landmarks(&roi, lo, hi);
-            finish(v, x, |v| interp_extrapolate(v, &raw, &scale))
+            let held = held(x, rule)?;
+            let (raw, _) = nyul_landmarks(&held)?;
+            finish(out, |v| interp_extrapolate(v, &raw, &scale))
         }
         Method::Lsq => {
             let Fitted::Lsq { standard_means } = &model.fitted else {
@@ -589,13 +662,13 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
                 return Err(HarmoniseError::Degenerate);
             }
             let sf = mtm / mts;
-            finish(v, x, |v| v / sf)
+            finish(out, |v| v / sf)
         }
         Method::CtWindow {
             center,
             width,
             function,
-        } => finish(v, x, |v| window(v, *center, *width, *function, 0.0, 1.0)),
+        } => finish(out, |v| window(v, *center, *width, *function, 0.0, 1.0)),
         Method::CtNnunet => {
             let Fitted::Ct { summary } = &model.fitted else {
                 return Err(HarmoniseError::NotFitted("ct-nnunet"));
@@ -611,7 +684,7 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
             if sd == 0.0 {
                 return Err(HarmoniseError::Degenerate);
             }
-            finish(v, x, |v| (v.clamp(p05, p995) - mean) / sd)
+            finish(out, |v| (v.clamp(p05, p995) - mean) / sd)
         }
         Method::Discretise(d) => {
             let m = mask()?;
@@ -635,19 +708,8 @@ pub fn apply(model: &Model, v: &Volume, rule: &Foreground) -> Result<Harmonised,
                     }
                 }
             };
-            let out: Vec<f32> = x
-                .par_iter()
-                .zip(m.par_iter())
-                .map(|(v, inside)| {
-                    if *inside {
-                        bin(f64::from(*v)) as f32
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
             Ok(Harmonised {
-                volume: mapped(v, &out, |a| a),
+                volume: out.map_inside(&m, bin),
                 roi: None,
             })
         }
