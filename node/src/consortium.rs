@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -58,9 +58,14 @@ min_cell_count = 5
 
 const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
 
-/// Child processes, stopped (SIGTERM, then killed) when dropped, and when the demo is
-/// interrupted (Ctrl-C or SIGTERM).
-struct Children(std::sync::Arc<std::sync::Mutex<Vec<(String, Child)>>>);
+/// Every child process the demo starts, long-running or not: stopped (SIGTERM, then killed)
+/// when dropped, and when the demo is interrupted (Ctrl-C or SIGTERM). A child is spawned and
+/// listed under one lock, and the interrupt handler exits while holding it, so no child can
+/// start unseen or after the handler has stopped the others.
+struct Children {
+    list: std::sync::Arc<std::sync::Mutex<Vec<(String, Child)>>>,
+    next: std::sync::atomic::AtomicU64,
+}
 
 impl Children {
     fn new() -> Self {
@@ -85,31 +90,137 @@ impl Children {
                 }
             });
             eprintln!("\ninterrupted: stopping every process the demo started");
-            if let Ok(mut l) = watched.lock() {
+            let held = watched.lock();
+            if let Ok(mut l) = held {
                 for (_, c) in l.iter_mut() {
                     terminate(c);
                 }
+                // Exit with the list locked: nothing new starts.
+                std::process::exit(130);
             }
             std::process::exit(130);
         });
-        Children(list)
-    }
-
-    fn push(&self, name: &str, c: Child) {
-        if let Ok(mut l) = self.0.lock() {
-            l.push((name.to_owned(), c));
+        Children {
+            list,
+            next: Default::default(),
         }
     }
 
-    fn stop(&self, name: &str) {
-        let child = self.0.lock().ok().and_then(|mut l| {
-            let i = l.iter().position(|(n, _)| n == name)?;
+    /// Start `cmd` and list it; returns its key and the pipes it was given.
+    fn spawn(
+        &self,
+        name: &str,
+        cmd: &mut Command,
+    ) -> Result<(String, Option<ChildStdout>, Option<ChildStderr>)> {
+        let mut l = self
+            .list
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the process list is unusable after a panic"))?;
+        let mut child = cmd
+            .env("RUST_BACKTRACE", "0")
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let (out, err) = (child.stdout.take(), child.stderr.take());
+        let key = format!(
+            "{name}#{}",
+            self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        l.push((key.clone(), child));
+        Ok((key, out, err))
+    }
+
+    /// Wait for a listed child to end, and unlist it.
+    fn wait(&self, key: &str) -> Result<ExitStatus> {
+        loop {
+            {
+                let mut l = self
+                    .list
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("the process list is unusable after a panic"))?;
+                let i = l
+                    .iter()
+                    .position(|(n, _)| n == key)
+                    .with_context(|| format!("{key} is not running"))?;
+                if let Some(status) = l[i].1.try_wait()? {
+                    l.remove(i);
+                    return Ok(status);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Run a command to its end; its standard output, or an error with its error lines.
+    fn run(&self, cmd: &mut Command, what: &str) -> Result<String> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let (key, out, err) = self.spawn(what, cmd)?;
+        let (out, err) = (drain(out), drain(err));
+        let status = self.wait(&key)?;
+        let stdout = out.join().unwrap_or_default();
+        let stderr = err.join().unwrap_or_default();
+        if !status.success() {
+            bail!(
+                "{what} failed ({status}): {}",
+                String::from_utf8_lossy(&stderr)
+                    .lines()
+                    .filter(|l| l.contains("Error") || l.contains("ERROR"))
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            );
+        }
+        Ok(String::from_utf8_lossy(&stdout).into_owned())
+    }
+
+    /// Start a process whose first stdout line starts with `prefix`: its key and the rest of
+    /// that line.
+    fn spawn_listening(
+        &self,
+        name: &str,
+        cmd: &mut Command,
+        prefix: &str,
+        log: &Path,
+    ) -> Result<(String, String)> {
+        let log = std::fs::File::create(log)?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
+        let (key, stdout, _) = self.spawn(name, cmd)?;
+        let mut reader = BufReader::new(stdout.context("no stdout")?);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        // Keep reading what it prints later, so that it never writes into a closed pipe.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
+        let rest = line
+            .trim()
+            .strip_prefix(prefix)
+            .map(str::to_owned)
+            .with_context(|| format!("unexpected first line {line:?}"))?;
+        Ok((key, rest))
+    }
+
+    fn stop(&self, key: &str) {
+        let child = self.list.lock().ok().and_then(|mut l| {
+            let i = l.iter().position(|(n, _)| n == key)?;
             Some(l.remove(i).1)
         });
         if let Some(mut c) = child {
             terminate(&mut c);
         }
     }
+}
+
+/// Read a pipe to its end on a thread of its own.
+fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_end(&mut bytes);
+        }
+        bytes
+    })
 }
 
 fn terminate(c: &mut Child) {
@@ -140,58 +251,12 @@ fn terminate(c: &mut Child) {
 
 impl Drop for Children {
     fn drop(&mut self) {
-        if let Ok(mut l) = self.0.lock() {
+        if let Ok(mut l) = self.list.lock() {
             for (_, c) in l.iter_mut() {
                 terminate(c);
             }
         }
     }
-}
-
-fn run(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .with_context(|| format!("starting {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .filter(|l| l.contains("Error") || l.contains("ERROR"))
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" | ")
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Spawn a process whose first stdout line starts with `prefix`; returns the rest of it.
-fn spawn_listening(cmd: &mut Command, prefix: &str, log: &Path) -> Result<(Child, String)> {
-    let log = std::fs::File::create(log)?;
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .env("RUST_BACKTRACE", "0")
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let mut reader = BufReader::new(stdout);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    // Keep reading what it prints later, so that it never writes into a closed pipe.
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut reader, &mut std::io::sink());
-    });
-    let rest = line
-        .trim()
-        .strip_prefix(prefix)
-        .map(str::to_owned)
-        .with_context(|| format!("unexpected first line {line:?}"))?;
-    Ok((child, rest))
 }
 
 fn step(n: usize, text: &str) {
@@ -267,20 +332,20 @@ pub fn run_demo(dir: Option<PathBuf>, patients: usize) -> Result<()> {
         c.arg("pki").arg("--dir").arg(&pki).args(args);
         c
     };
-    run(&mut coord(&["init", "--consortium", "demo"]), "pki init")?;
-    run(
+    children.run(&mut coord(&["init", "--consortium", "demo"]), "pki init")?;
+    children.run(
         &mut coord(&["issue-coordinator", "localhost"]),
         "pki issue-coordinator",
     )?;
     for s in SITES {
         let site_pki = root.join(s).join("pki");
-        run(
+        children.run(
             Command::new(&exe)
                 .args(["pki", "request", "--site", s, "--out"])
                 .arg(&site_pki),
             "pki request",
         )?;
-        run(
+        children.run(
             &mut coord(&["sign-request", s, &p(&site_pki.join("site.csr"))]),
             "pki sign-request",
         )?;
@@ -308,14 +373,14 @@ pub fn run_demo(dir: Option<PathBuf>, patients: usize) -> Result<()> {
             p(&pki.join("issued.json")),
         ),
     )?;
-    let (c, addr) = spawn_listening(
+    let (coordinator_key, addr) = children.spawn_listening(
+        "coordinator",
         Command::new(&coordinator)
             .args(["serve", "--config"])
             .arg(&ccfg),
         "listening on ",
         &cdir.join("coordinator.log"),
     )?;
-    children.push("coordinator", c);
     println!("  coordinator listening on {addr} (QUIC; TCP fallback on the same port)");
 
     step(
@@ -366,12 +431,12 @@ pub fn run_demo(dir: Option<PathBuf>, patients: usize) -> Result<()> {
     );
     for (s, sdir, cfg, archive) in &configs {
         if **s == "site-a" {
-            let (c, listen) = spawn_listening(
+            let (serve_key, listen) = children.spawn_listening(
+                "serve",
                 node(cfg).arg("serve"),
                 "listening as ",
                 &sdir.join("serve.log"),
             )?;
-            children.push("serve", c);
             let (ae, at) = listen.split_once(" on ").context("listening line")?;
             let files = all_files(archive);
             let peer = node::dimse::scu::RemoteAe {
@@ -399,9 +464,9 @@ pub fn run_demo(dir: Option<PathBuf>, patients: usize) -> Result<()> {
                 }
                 std::thread::sleep(Duration::from_millis(300));
             }
-            children.stop("serve");
+            children.stop(&serve_key);
         } else {
-            run(node(cfg).arg("deid").arg("--input").arg(archive), "deid")?;
+            children.run(node(cfg).arg("deid").arg("--input").arg(archive), "deid")?;
         }
         let cat = node::catalog::Catalog::open(&sdir.join("data/catalog.sqlite"))?;
         let t = cat.totals()?;
@@ -419,9 +484,9 @@ pub fn run_demo(dir: Option<PathBuf>, patients: usize) -> Result<()> {
         "the nodes dial out and fetch the schema; hospital IT approves what will leave; each site curates against it",
     );
     for (s, sdir, cfg, _) in &configs {
-        let out = run(node(cfg).args(["federate", "--once"]), "federate")?;
+        let out = children.run(node(cfg).args(["federate", "--once"]), "federate")?;
         if **s == "site-a" {
-            let pending = run(node(cfg).args(["egress", "pending"]), "egress pending")?;
+            let pending = children.run(node(cfg).args(["egress", "pending"]), "egress pending")?;
             println!(
                 "  {s} (before approval): {}",
                 out.lines().next().unwrap_or("")
@@ -430,9 +495,9 @@ pub fn run_demo(dir: Option<PathBuf>, patients: usize) -> Result<()> {
                 println!("    {l}");
             }
         }
-        run(node(cfg).args(["egress", "approve"]), "egress approve")?;
+        children.run(node(cfg).args(["egress", "approve"]), "egress approve")?;
         // Curation against the schema the site just fetched (its own report stays local).
-        let curated = run(
+        let curated = children.run(
             node(cfg)
                 .arg("curate")
                 .arg("--schema")
@@ -466,26 +531,29 @@ pub fn run_demo(dir: Option<PathBuf>, patients: usize) -> Result<()> {
     let mut feds = Vec::new();
     for (s, sdir, cfg, _) in &configs {
         let log = std::fs::File::create(sdir.join("federate.log"))?;
-        let c = node(cfg)
-            .args(["federate", "--once", "--wait-model", "180"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()?;
-        feds.push((s, c));
+        let (key, out, _) = children.spawn(
+            "federate",
+            node(cfg)
+                .args(["federate", "--once", "--wait-model", "180"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(log),
+        )?;
+        feds.push((s, key, drain(out)));
     }
-    for (s, c) in feds {
-        let out = c.wait_with_output()?;
-        if !out.status.success() {
+    for (s, key, out) in feds {
+        let status = children.wait(&key)?;
+        let out = out.join().unwrap_or_default();
+        if !status.success() {
             bail!("{s}: federate failed; see its federate.log");
         }
-        for l in String::from_utf8_lossy(&out.stdout).lines() {
+        for l in String::from_utf8_lossy(&out).lines() {
             println!("  {s}: {l}");
         }
     }
 
     step(6, "the consortium report");
-    children.stop("coordinator");
+    children.stop(&coordinator_key);
     let report_dir = cdir.join("state/report");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(report_dir.join("report.json"))?)?;
