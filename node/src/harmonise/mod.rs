@@ -611,17 +611,17 @@ fn apply_to<T: Target>(
         Method::WhiteStripe { contrast, width } => {
             let held = held(x, rule)?;
             let region = held.region();
-            let (extent, mode) = region
-                .tissue_mode(*contrast)
-                .ok_or(HarmoniseError::EmptyForeground)?;
-            let q = region.count_below(mode) as f64 / extent.n as f64;
+            // One census serves the tissue mode's percentile and the stripe's.
+            let census = region.census().ok_or(HarmoniseError::EmptyForeground)?;
+            let mode = region.tissue_mode_with(&census, *contrast);
+            let q = region.count_below(mode) as f64 / census.n as f64;
             let (lo, hi) = ((q - width).max(0.0), (q + width).min(1.0));
-            let (_, b) = held.percentiles(&[lo * 100.0, hi * 100.0])?;
+            let b = region.locate(&census, &[lo * 100.0, hi * 100.0]).values;
             // The reference's stripe: (image · mask) strictly inside (ws_l, ws_u); voxels
             // outside the mask count as zeros when zero lies inside.
             let (mut n, sum, squares) = region.moments_between(b[0], b[1]);
             if b[0] < 0.0 && 0.0 < b[1] {
-                n += x.len() - extent.n;
+                n += x.len() - census.n;
             }
             if n == 0 {
                 return Err(HarmoniseError::Degenerate);

@@ -535,32 +535,51 @@ impl<'a> Region<'a> {
     /// last (T1) or first (PD) peak after dropping the top 4 % (1 %), or the largest peak;
     /// with the foreground's count and range. `None` when the region is empty.
     pub fn tissue_mode(&self, contrast: Contrast) -> Option<(Extent, f64)> {
-        Some(match contrast {
+        match contrast {
             Contrast::T2 | Contrast::Flair => {
+                // No percentile: count and range suffice.
                 let (n, min, max) = self.extent()?;
-                let (grid, pdf) = self.smooth_histogram(n, min, max);
-                let i = pdf
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .map_or(0, |(i, _)| i);
-                (Extent { n, min, max }, grid[i])
+                Some((Extent { n, min, max }, self.largest_peak(n, min, max)))
             }
             Contrast::T1 | Contrast::Pd => {
+                let census = self.census()?;
+                Some((census.extent(), self.tissue_mode_with(&census, contrast)))
+            }
+        }
+    }
+
+    /// [`Region::tissue_mode`] reusing a census of the region (WhiteStripe needs one anyway).
+    pub fn tissue_mode_with(&self, census: &Census, contrast: Contrast) -> f64 {
+        match contrast {
+            Contrast::T2 | Contrast::Flair => self.largest_peak(census.n, census.min, census.max),
+            Contrast::T1 | Contrast::Pd => {
                 let tail = if contrast == Contrast::T1 { 96.0 } else { 99.0 };
-                let (e, l) = self.percentiles(&[tail])?;
+                let l = self.locate(census, &[tail]);
                 // The values at or below the percentile are exactly those up to the largest.
-                let (grid, pdf) =
-                    self.smooth_histogram(l.at_or_below_first, e.min, l.largest_at_or_below_first);
+                let (grid, pdf) = self.smooth_histogram(
+                    l.at_or_below_first,
+                    census.min,
+                    l.largest_at_or_below_first,
+                );
                 let maxima = local_maxima(&pdf);
                 let i = if contrast == Contrast::T1 {
                     maxima.last()
                 } else {
                     maxima.first()
                 };
-                (e, i.map_or(grid[0], |&i| grid[i]))
+                i.map_or(grid[0], |&i| grid[i])
             }
-        })
+        }
+    }
+
+    fn largest_peak(&self, n: usize, min: f32, max: f32) -> f64 {
+        let (grid, pdf) = self.smooth_histogram(n, min, max);
+        let i = pdf
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i);
+        grid[i]
     }
 }
 
