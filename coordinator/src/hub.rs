@@ -40,12 +40,6 @@ fn fit_kind(schema: &CurationSchema) -> Option<FitKind> {
     }
 }
 
-/// The number of cells a count table must have for a vocabulary (entries or bands, plus one
-/// for values not listed).
-pub fn table_len(schema: &CurationSchema, vocabulary: &str) -> usize {
-    schema.vocabulary_len(vocabulary) + 1
-}
-
 /// Does a report have the shape the schema asks for?
 pub fn check_shape(schema: &CurationSchema, a: &SiteAggregates) -> Result<(), PrivacyViolation> {
     let st = &schema.statistics;
@@ -53,7 +47,7 @@ pub fn check_shape(schema: &CurationSchema, a: &SiteAggregates) -> Result<(), Pr
         && a.counts
             .iter()
             .zip(&st.counts_by)
-            .all(|(t, v)| t.cells.len() == table_len(schema, v));
+            .all(|(t, v)| t.cells.len() == schema.count_table_len(v));
     let hist_ok = a.histograms.len() == st.histograms.len()
         && a.histograms
             .iter()
@@ -947,7 +941,7 @@ mod tests {
                 .counts_by
                 .iter()
                 .map(|v| {
-                    let mut cells = vec![Cell::Value(0); table_len(schema, v)];
+                    let mut cells = vec![Cell::Value(0); schema.count_table_len(v)];
                     cells[0] = Cell::Value(20);
                     CountTable { cells }
                 })

@@ -15,7 +15,6 @@ use protocol::{FederatedFit, SiteId};
 use serde::Serialize;
 
 use crate::Hub;
-use crate::hub::table_len;
 use crate::store::{StoreError, hash_hex};
 
 /// Version of the report format.
@@ -295,7 +294,7 @@ pub fn build(hub: &Hub) -> Result<ConsortiumReport, StoreError> {
     let mut counts = Vec::new();
     for (i, vocabulary) in schema.statistics.counts_by.iter().enumerate() {
         let mut per_site = BTreeMap::new();
-        let mut pooled = vec![Some(0); table_len(schema, vocabulary)];
+        let mut pooled = vec![Some(0); schema.count_table_len(vocabulary)];
         for (site, a) in &reports {
             if let Some(t) = a.counts.get(i) {
                 per_site.insert(site.to_string(), cells(&t.cells));

@@ -383,11 +383,6 @@ pub fn harmonise(
         }
         Ok(best)
     }
-    let timed = |f: &mut dyn FnMut() -> Result<(), h::HarmoniseError>| {
-        let t = Instant::now();
-        f()?;
-        Ok(t.elapsed())
-    };
     let v0 = &vols[0];
     for (name, m) in [
         ("z-score", Method::ZScore),
@@ -437,7 +432,11 @@ pub fn harmonise(
             h::apply_owned(&model, owned, &rule)?;
             Ok(t.elapsed())
         })?;
-        let fresh = best(|| timed(&mut || h::apply(&model, v0, &rule).map(|_| ())))?;
+        let fresh = best(|| {
+            let t = Instant::now();
+            h::apply(&model, v0, &rule)?;
+            Ok(t.elapsed())
+        })?;
         out.push(MethodTiming {
             name: name.to_owned(),
             elapsed,

@@ -251,6 +251,19 @@ fn end_of_implicit_sequence(bytes: &[u8], mut at: usize) -> Option<usize> {
     Some(at)
 }
 
+/// A text attribute's value without DICOM padding (spaces, NUL); empty when the attribute
+/// is absent or not text.
+pub fn text(obj: &InMemDicomObject, tag: Tag) -> String {
+    obj.get(tag)
+        .and_then(|e| {
+            e.value()
+                .to_str()
+                .ok()
+                .map(|s| s.trim_matches([' ', '\0']).to_owned())
+        })
+        .unwrap_or_default()
+}
+
 /// Character sets whose text dicom-rs decodes and re-encodes byte for byte.
 fn charset_round_trips(value: &str) -> bool {
     matches!(

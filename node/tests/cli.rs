@@ -555,6 +555,9 @@ fn check_config_names_each_problem_and_its_fix() {
     assert!(ok, "{text}");
     assert!(text.contains("usable"), "{text}");
 
+    let chmod = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
     // Each broken thing, with the code and the fix a user needs.
     // (what, config text, break it, repair it, expected code, expected fix)
     type Case<'a> = (
@@ -569,42 +572,24 @@ fn check_config_names_each_problem_and_its_fix() {
         (
             "secret readable by others",
             base.clone(),
-            Box::new(|| {
-                std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644))
-                    .expect("chmod")
-            }),
-            Box::new(|| {
-                std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))
-                    .expect("chmod")
-            }),
+            Box::new(|| chmod(&secret, 0o644)),
+            Box::new(|| chmod(&secret, 0o600)),
             "key-permissions",
             "chmod 600",
         ),
         (
             "site key readable by others",
             base.clone(),
-            Box::new(|| {
-                std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640))
-                    .expect("chmod")
-            }),
-            Box::new(|| {
-                std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
-                    .expect("chmod")
-            }),
+            Box::new(|| chmod(&key, 0o640)),
+            Box::new(|| chmod(&key, 0o600)),
             "key-permissions",
             "chmod 600",
         ),
         (
             "data directory open to others",
             base.clone(),
-            Box::new(|| {
-                std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755))
-                    .expect("chmod")
-            }),
-            Box::new(|| {
-                std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))
-                    .expect("chmod")
-            }),
+            Box::new(|| chmod(&data, 0o755)),
+            Box::new(|| chmod(&data, 0o700)),
             "data-dir-permissions",
             "chmod 700",
         ),

@@ -370,8 +370,13 @@ impl CurationSchema {
         })
     }
 
-    /// Entries (or bands) of a vocabulary; a count table has one more cell, for values not
-    /// listed or missing.
+    /// Cells of a vocabulary's count table: its entries (or bands) and one more, for values
+    /// not listed or missing.
+    pub fn count_table_len(&self, vocabulary: &str) -> usize {
+        self.vocabulary_len(vocabulary) + 1
+    }
+
+    /// Entries (or bands) of a vocabulary.
     pub fn vocabulary_len(&self, vocabulary: &str) -> usize {
         let v = &self.vocabularies;
         match vocabulary {

@@ -27,7 +27,7 @@ pub fn vector_len(schema: &CurationSchema) -> usize {
         .statistics
         .counts_by
         .iter()
-        .map(|v| 2 * (schema.vocabulary_len(v) + 1))
+        .map(|v| 2 * schema.count_table_len(v))
         .sum();
     let hists: usize = schema
         .statistics
@@ -74,7 +74,7 @@ pub fn encode(a: &SiteAggregates, schema: &CurationSchema) -> Vec<u64> {
     for (i, v) in schema.statistics.counts_by.iter().enumerate() {
         let empty = Vec::new();
         let t = a.counts.get(i).map_or(&empty, |t| &t.cells);
-        cells(&mut out, t, schema.vocabulary_len(v) + 1);
+        cells(&mut out, t, schema.count_table_len(v));
     }
     for (i, h) in schema.statistics.histograms.iter().enumerate() {
         let empty = Vec::new();
@@ -195,7 +195,7 @@ pub fn decode(
     let series = total(r.next(2));
     let mut counts = Vec::new();
     for v in &schema.statistics.counts_by {
-        let n = schema.vocabulary_len(v) + 1;
+        let n = schema.count_table_len(v);
         let values = r.next(n);
         let flags = r.next(n);
         counts.push(CountTable {
@@ -294,7 +294,7 @@ mod tests {
                 .counts_by
                 .iter()
                 .map(|v| {
-                    let mut cells = vec![Cell::Value(0); schema.vocabulary_len(v) + 1];
+                    let mut cells = vec![Cell::Value(0); schema.count_table_len(v)];
                     cells[0] = Cell::Value(10 + seed);
                     cells[1] = if seed == 0 {
                         Cell::Suppressed

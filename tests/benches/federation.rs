@@ -90,7 +90,7 @@ fn aggregates(schema: &CurationSchema, seed: u64) -> SiteAggregates {
             .counts_by
             .iter()
             .map(|v| {
-                let mut cells = vec![Cell::Value(0); schema.vocabulary_len(v) + 1];
+                let mut cells = vec![Cell::Value(0); schema.count_table_len(v)];
                 cells[0] = Cell::Value(40);
                 CountTable { cells }
             })

@@ -106,6 +106,27 @@ egress_approval = false
     NodeConfig::parse(&text, Path::new("node.toml")).expect("node config")
 }
 
+/// A two-worker runtime for a test's network side.
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A throw-away consortium CA in `dir`, the coordinator's certificate (for `localhost`) and
+/// one for each site, all valid for 30 days.
+pub(crate) fn test_pki(dir: &Path, sites: &[&str]) -> (Pki, coordinator::pki::IssuedFiles) {
+    let pki = Pki::at(dir);
+    pki.init("test").expect("init");
+    let coord = pki.issue_coordinator("localhost", 30).expect("coordinator");
+    for s in sites {
+        pki.issue_site(s, 30).expect("site");
+    }
+    (pki, coord)
+}
+
 /// The coordinator's QUIC service on a free loopback port, over the CA's current register.
 pub(crate) fn start_service(
     pki: &Pki,
@@ -183,20 +204,11 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn three_sites_federate_statistics_and_a_nyul_model_without_leaking() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let pki_dir = dir.path().join("pki");
-    let pki = Pki::at(&pki_dir);
-    pki.init("test").expect("init");
-    let coord = pki.issue_coordinator("localhost", 30).expect("coordinator");
     let names = ["site-a", "site-b", "site-c"];
-    for n in names {
-        pki.issue_site(n, 30).expect("site");
-    }
+    let (pki, coord) = test_pki(&pki_dir, &names);
     let read = |p: &Path| std::fs::read(p).expect("read");
     let members: Vec<SiteId> = names.iter().map(|n| SiteId::new(n).expect("id")).collect();
     let state = dir.path().join("coordinator");
@@ -535,17 +547,10 @@ async fn wait_for(what: &str, done: impl Fn() -> bool) {
 /// (the round it reported is not reported again; the model fitted after the restart is applied).
 #[test]
 fn a_node_service_reconnects_when_the_coordinator_comes_back() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let pki_dir = dir.path().join("pki");
-    let pki = Pki::at(&pki_dir);
-    pki.init("test").expect("init");
-    let coord = pki.issue_coordinator("localhost", 30).expect("coordinator");
-    pki.issue_site("site-a", 30).expect("site");
+    let (pki, coord) = test_pki(&pki_dir, &["site-a"]);
     let read = |p: &Path| std::fs::read(p).expect("read");
     let input = dir.path().join("archive");
     let mut profile = node::sample::consortium_sites(5)[0].clone();
@@ -656,17 +661,10 @@ fn a_node_service_reconnects_when_the_coordinator_comes_back() {
 #[test]
 fn approval_budget_and_differencing_refusals() {
     use protocol::aggregate::RefusalReason;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let pki_dir = dir.path().join("pki");
-    let pki = Pki::at(&pki_dir);
-    pki.init("test").expect("init");
-    let coord = pki.issue_coordinator("localhost", 30).expect("coordinator");
-    pki.issue_site("site-a", 30).expect("site");
+    let (pki, coord) = test_pki(&pki_dir, &["site-a"]);
     let mut profile = node::sample::consortium_sites(5)[0].clone();
     profile.patients = 10;
     let input = dir.path().join("archive");

@@ -124,16 +124,10 @@ async fn dial_tcp(
 
 #[test]
 fn every_refusal_holds_over_the_tcp_fallback() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = crate::federation::runtime();
     rt.block_on(async {
         let dir = tempfile::tempdir().expect("tempdir");
-        let pki = Pki::at(&dir.path().join("pki"));
-        pki.init("test").expect("init");
-        let coord = pki.issue_coordinator("localhost", 30).expect("coordinator");
+        let (pki, coord) = crate::federation::test_pki(&dir.path().join("pki"), &[]);
         let a = site(&pki, "site-a");
         let b = site(&pki, "site-b");
         let c = site(&pki, "site-c");
@@ -252,16 +246,10 @@ fn every_refusal_holds_over_the_tcp_fallback() {
 
 #[test]
 fn sites_are_welcomed_over_mutual_tls_and_every_refusal_leaves_the_coordinator_serving() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = crate::federation::runtime();
     rt.block_on(async {
         let dir = tempfile::tempdir().expect("tempdir");
-        let pki = Pki::at(&dir.path().join("pki"));
-        pki.init("test").expect("init");
-        let coord = pki.issue_coordinator("localhost", 30).expect("coordinator");
+        let (pki, coord) = crate::federation::test_pki(&dir.path().join("pki"), &[]);
         let a = site(&pki, "site-a");
         let b = site(&pki, "site-b");
         let c = site(&pki, "site-c");

@@ -9,14 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use coordinator::Hub;
-use coordinator::pki::Pki;
 use coordinator::store::Store;
 use node::federation::aggregate;
 use node::federation::session::Site;
 use protocol::aggregate::{Cell, ConformanceSummary, ProfileCheck};
 use protocol::{Message, MessageId, SchemaDocument, SiteId};
 
-use crate::federation::{deidentify, node_config, schema_text, start_service};
+use crate::federation::{deidentify, node_config, runtime, schema_text, start_service, test_pki};
 
 /// χ² of the top four bits of each word against the uniform distribution (15 df).
 fn chi_square_top_bits(words: &[u64]) -> f64 {
@@ -30,20 +29,11 @@ fn chi_square_top_bits(words: &[u64]) -> f64 {
 
 #[test]
 fn secure_sum_survives_a_dropout_and_reveals_only_the_total() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let pki_dir = dir.path().join("pki");
-    let pki = Pki::at(&pki_dir);
-    pki.init("test").expect("init");
-    let coord = pki.issue_coordinator("localhost", 30).expect("coordinator");
     let names = ["site-a", "site-b", "site-c", "site-d"];
-    for n in names {
-        pki.issue_site(n, 30).expect("site");
-    }
+    let (pki, coord) = test_pki(&pki_dir, &names);
     let read = |p: &Path| std::fs::read(p).expect("read");
     let text = schema_text(5, 1).replace(
         "min_cell_count = 5",

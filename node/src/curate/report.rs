@@ -15,6 +15,7 @@ use super::{Finding, Severity, conformance};
 use crate::batch::content_hash;
 use crate::deid::dictionary::Dictionary;
 use crate::deid::iod::IodTables;
+use crate::read::text;
 use crate::volume::series::assemble;
 
 /// Version of the report format.
@@ -56,17 +57,6 @@ pub struct CurationReport {
     pub site_findings: Vec<Finding>,
     /// Count of findings per code over everything.
     pub counts: BTreeMap<String, usize>,
-}
-
-fn text(o: &DefaultDicomObject, tag: Tag) -> String {
-    o.get(tag)
-        .and_then(|e| {
-            e.value()
-                .to_str()
-                .ok()
-                .map(|s| s.trim_matches([' ', '\0']).to_owned())
-        })
-        .unwrap_or_default()
 }
 
 fn key(uid: &str) -> String {

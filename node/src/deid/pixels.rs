@@ -6,6 +6,8 @@ use dicom_core::{DataElement, Tag, VR};
 use dicom_object::InMemDicomObject;
 use serde::Deserialize;
 
+use crate::read::text;
+
 /// A rectangle in pixel coordinates: columns `x..x+width`, rows `y..y+height`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,17 +35,6 @@ pub struct MaskingRule {
     pub columns: u16,
     /// Areas to black out.
     pub rectangles: Vec<Rect>,
-}
-
-fn text(obj: &InMemDicomObject, tag: Tag) -> String {
-    obj.get(tag)
-        .and_then(|e| {
-            e.value()
-                .to_str()
-                .ok()
-                .map(|s| s.trim_matches([' ', '\0']).to_owned())
-        })
-        .unwrap_or_default()
 }
 
 fn number(obj: &InMemDicomObject, tag: Tag) -> Option<u32> {

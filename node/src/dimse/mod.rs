@@ -97,16 +97,7 @@ pub fn encode_command(elements: Vec<DataElement<InMemDicomObject>>) -> Vec<u8> {
 }
 
 /// A text value of a command.
-pub fn text(cmd: &InMemDicomObject, tag: Tag) -> String {
-    cmd.get(tag)
-        .and_then(|e| {
-            e.value()
-                .to_str()
-                .ok()
-                .map(|s| s.trim_matches([' ', '\0']).to_owned())
-        })
-        .unwrap_or_default()
-}
+pub use crate::read::text;
 
 /// A US value of a command.
 pub fn number(cmd: &InMemDicomObject, tag: Tag) -> Option<u16> {

@@ -18,6 +18,7 @@ use protocol::summary::{CT_HU_BINS, CT_HU_MIN, CtSummary, NyulSummary, to_fixed}
 use crate::curate::report::{CurationReport, ProtocolStatus};
 use crate::curate::{Severity, quality::measure};
 use crate::harmonise::{Foreground, fit_ct, fit_nyul, stats::percentile};
+use crate::read::text;
 use crate::volume::series::assemble;
 
 /// What the node knows of one series (never leaves the node).
@@ -35,17 +36,6 @@ pub struct SeriesFacts {
     pub ct: Option<CtSummary>,
     /// Curation finding codes of the series.
     pub finding_codes: BTreeSet<String>,
-}
-
-fn text(o: &DefaultDicomObject, tag: Tag) -> String {
-    o.get(tag)
-        .and_then(|e| {
-            e.value()
-                .to_str()
-                .ok()
-                .map(|s| s.trim_matches([' ', '\0']).to_owned())
-        })
-        .unwrap_or_default()
 }
 
 fn number(o: &DefaultDicomObject, tag: Tag) -> Option<f64> {
@@ -335,7 +325,7 @@ pub fn aggregates_with(
         .counts_by
         .iter()
         .map(|vocabulary| {
-            let len = schema.vocabulary_len(vocabulary) + 1;
+            let len = schema.count_table_len(vocabulary);
             let mut c = vec![0u64; len];
             for series in by_patient.values() {
                 for i in categories(schema, vocabulary, series) {

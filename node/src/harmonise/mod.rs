@@ -156,9 +156,14 @@ fn values(v: &Volume) -> std::borrow::Cow<'_, [f32]> {
     }
 }
 
-/// A float32 volume with `v`'s geometry and layout, from per-voxel values in memory order.
+/// A float32 volume with `v`'s geometry and layout, the voxels `x` (of `v`, in memory order)
+/// through `f`.
 fn mapped(v: &Volume, x: &[f32], f: impl Fn(f64) -> f64 + Sync) -> Volume {
-    let out: Vec<f32> = x.par_iter().map(|a| f(f64::from(*a)) as f32).collect();
+    like(v, x.par_iter().map(|a| f(f64::from(*a)) as f32).collect())
+}
+
+/// A float32 volume with `v`'s geometry and layout, from per-voxel values in memory order.
+fn like(v: &Volume, out: Vec<f32>) -> Volume {
     let shape = v.data.raw_dim();
     let fortran = !v.data.is_standard_layout() && v.data.t().is_standard_layout();
     let data = if fortran {
@@ -459,10 +464,10 @@ impl Target for Fresh<'_> {
                 }
             })
             .collect();
-        mapped(self.v, &out, |a| a)
+        like(self.v, out)
     }
     fn keep(self) -> Volume {
-        mapped(self.v, &self.x, |a| a)
+        like(self.v, self.x.into_owned())
     }
 }
 
@@ -478,34 +483,36 @@ impl InPlace {
     }
 }
 
+impl InPlace {
+    /// The voxels in memory order (contiguous by construction, so never empty in fact).
+    fn buffer(&mut self) -> &mut [f32] {
+        self.0.data.as_slice_memory_order_mut().unwrap_or(&mut [])
+    }
+}
+
 impl Target for InPlace {
     fn values(&self) -> &[f32] {
-        // Contiguous by construction.
         self.0.data.as_slice_memory_order().unwrap_or(&[])
     }
     fn map<F: Fn(f64) -> f64 + Sync>(mut self, f: F) -> Volume {
-        match self.0.data.as_slice_memory_order_mut() {
-            Some(s) => s.par_chunks_mut(1 << 16).for_each(|c| {
-                for a in c {
-                    *a = f(f64::from(*a)) as f32;
-                }
-            }),
-            None => self.0.data.mapv_inplace(|a| f(f64::from(a)) as f32),
-        }
+        self.buffer().par_chunks_mut(1 << 16).for_each(|c| {
+            for a in c {
+                *a = f(f64::from(*a)) as f32;
+            }
+        });
         self.keep()
     }
     fn map_inside<F: Fn(f64) -> f64 + Sync>(mut self, mask: &[bool], f: F) -> Volume {
-        if let Some(s) = self.0.data.as_slice_memory_order_mut() {
-            s.par_iter_mut()
-                .zip(mask.par_iter())
-                .for_each(|(a, inside)| {
-                    *a = if *inside {
-                        f(f64::from(*a)) as f32
-                    } else {
-                        0.0
-                    };
-                });
-        }
+        self.buffer()
+            .par_iter_mut()
+            .zip(mask.par_iter())
+            .for_each(|(a, inside)| {
+                *a = if *inside {
+                    f(f64::from(*a)) as f32
+                } else {
+                    0.0
+                };
+            });
         self.keep()
     }
     fn keep(mut self) -> Volume {

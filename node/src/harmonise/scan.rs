@@ -10,8 +10,6 @@
 //!   exponent and the top 7 mantissa bits), monotone in value and needing no known range. A
 //!   rank's bucket is found from the counts and only that bucket's values are gathered and
 //!   sorted, so a percentile is exact (numpy's linear interpolation) in linear time.
-//! - Per-chunk partial results are combined in chunk order, so results do not depend on the
-//!   number of threads.
 
 use rayon::prelude::*;
 
@@ -202,7 +200,7 @@ impl<'a> Region<'a> {
         V: Fn(&mut A, &[f32], bool, f32, f32) + Sync + Send,
         M: Fn(A, A) -> A + Sync + Send,
     {
-        let lo = if lo > self.floor { lo } else { self.floor };
+        let lo = self.at_least_floor(lo);
         if lo.is_nan() || hi.is_nan() {
             return init();
         }
@@ -227,9 +225,15 @@ impl<'a> Region<'a> {
             .reduce(&init, &merge)
     }
 
+    /// The larger of `lo` and the floor (the floor when either is NaN; a NaN floor admits
+    /// nothing).
+    fn at_least_floor(&self, lo: f32) -> f32 {
+        if lo > self.floor { lo } else { self.floor }
+    }
+
     /// The window `[lo, hi]` intersected with the foreground, as a per-value test.
     fn window(&self, lo: f32, hi: f32) -> impl Fn(f32) -> bool + Copy + Sync + Send {
-        let lo = if lo > self.floor { lo } else { self.floor };
+        let lo = self.at_least_floor(lo);
         move |x: f32| x >= lo && x <= hi
     }
 

@@ -15,18 +15,14 @@ fn cmp<T: PartialOrd>(a: &T, b: &T) -> std::cmp::Ordering {
     a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal)
 }
 
-/// Percentiles (0–100) of `values`, numpy's default linear interpolation, by successive
-/// selection in linear time (no full sort). `values` is reordered.
-pub fn percentiles<T: Sample>(values: &mut [T], ps: &[f64]) -> Vec<f64> {
-    percentiles_by_selection(values, ps)
-}
-
 /// Chunk size for parallel passes: a few chunks per thread.
 fn chunk_len(n: usize) -> usize {
     (n / (4 * rayon::current_num_threads().max(1))).max(1 << 16)
 }
 
-fn percentiles_by_selection<T: Sample>(values: &mut [T], ps: &[f64]) -> Vec<f64> {
+/// Percentiles (0–100) of `values`, numpy's default linear interpolation, by successive
+/// selection in linear time (no full sort). `values` is reordered.
+pub fn percentiles<T: Sample>(values: &mut [T], ps: &[f64]) -> Vec<f64> {
     let n = values.len();
     if n == 0 {
         return vec![f64::NAN; ps.len()];
@@ -67,9 +63,9 @@ fn percentiles_by_selection<T: Sample>(values: &mut [T], ps: &[f64]) -> Vec<f64>
     out
 }
 
-/// Percentiles of values that must not be reordered (no copy for large inputs).
+/// Percentiles of values that must not be reordered (selection on a copy).
 pub fn percentiles_of<T: Sample>(values: &[T], ps: &[f64]) -> Vec<f64> {
-    percentiles_by_selection(&mut values.to_vec(), ps)
+    percentiles(&mut values.to_vec(), ps)
 }
 
 /// One percentile.
