@@ -19,6 +19,8 @@ command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # OpenSSL verifies the consortium PKI's certificates and revocation list.
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# GNU time reports the peak memory of the node under hostile inputs.
+[ -x /usr/bin/time ] || need_apt+=(time)
 # procps: kill and pgrep (signals to the demo and the services under test).
 command -v pgrep >/dev/null 2>&1 || need_apt+=(procps)
 # systemd-analyze verifies the example deployment's units.

@@ -80,7 +80,7 @@ fn check_conformance(
     };
     single(&c.deviations)?;
     single(&c.findings)?;
-    single(&[c.series, c.quarantined])
+    single(&[c.patients, c.quarantined])
 }
 
 /// The secure-aggregation session of the current round. The coordinator keeps the running
@@ -923,7 +923,7 @@ mod tests {
 
     fn conformance(schema: &CurationSchema) -> ConformanceSummary {
         ConformanceSummary {
-            series: Cell::Value(20),
+            patients: Cell::Value(20),
             status: [Cell::Value(20), Cell::Value(0), Cell::Value(0)],
             deviations: vec![Cell::Value(0); schema.data_of_interest.constraints.len()],
             findings: [Cell::Value(0); 3],

@@ -31,9 +31,9 @@ pub struct SiteStatus {
     pub reported: bool,
     pub patients: Option<u64>,
     pub series: Option<u64>,
-    /// Series in scope, out of scope, deviating (None: suppressed).
-    pub series_status: Option<[Option<u64>; 3]>,
-    /// Series violating each protocol constraint.
+    /// Patients with a series in scope, out of scope, deviating (None: suppressed).
+    pub patient_status: Option<[Option<u64>; 3]>,
+    /// Patients with a series violating each protocol constraint.
     pub deviations: Vec<Option<u64>>,
     pub quarantined: Option<u64>,
     /// Why the site declined to release this round, if it did.
@@ -218,7 +218,7 @@ pub fn build(hub: &Hub) -> Result<ConsortiumReport, StoreError> {
                     .is_some_and(|(sites, _)| sites.contains(site)),
             patients: a.and_then(|a| a.patients.value()),
             series: a.and_then(|a| a.series.value()),
-            series_status: conf.map(|c| {
+            patient_status: conf.map(|c| {
                 [
                     c.status[0].value(),
                     c.status[1].value(),
@@ -276,13 +276,13 @@ pub fn build(hub: &Hub) -> Result<ConsortiumReport, StoreError> {
                     Cell::Value(n) => deviations.push(Deviation {
                         site: site.to_string(),
                         code: "protocol-deviation",
-                        message: format!("{n} series outside the protocol on {name}"),
+                        message: format!("{n} patients with a series outside the protocol on {name}"),
                     }),
                     Cell::Suppressed => deviations.push(Deviation {
                         site: site.to_string(),
                         code: "protocol-deviation",
                         message: format!(
-                            "fewer than k series (suppressed) outside the protocol on {name}"
+                            "fewer than k patients (suppressed) with a series outside the protocol on {name}"
                         ),
                     }),
                 }
@@ -530,9 +530,9 @@ pub fn html(r: &ConsortiumReport) -> String {
             esc(&sites.join(", "))
         );
     }
-    o.push_str("<h2>Sites</h2><table><tr><th>site</th><th>acknowledged</th><th>profile</th><th>reported</th><th>patients</th><th>series</th><th>in scope</th><th>out of scope</th><th>deviating</th><th>quarantined</th></tr>");
+    o.push_str("<h2>Sites</h2><table><tr><th>site</th><th>acknowledged</th><th>profile</th><th>reported</th><th>patients</th><th>series</th><th>patients in scope</th><th>out of scope</th><th>deviating</th><th>quarantined</th></tr>");
     for s in &r.sites {
-        let st = s.series_status.unwrap_or([None, None, None]);
+        let st = s.patient_status.unwrap_or([None, None, None]);
         let _ = write!(
             o,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",

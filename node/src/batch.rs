@@ -126,6 +126,8 @@ pub struct Summary {
     pub duplicates: usize,
     pub own_outputs: usize,
     pub quarantined: BTreeMap<String, usize>,
+    /// Written inputs that were read past a conformance problem (e.g. `odd-length`).
+    pub read_with_findings: BTreeMap<String, usize>,
     pub patients: BTreeSet<Pseudonym>,
     pub bytes_in: u64,
     pub elapsed: Duration,
@@ -141,7 +143,12 @@ impl Summary {
 
     fn count(&mut self, outcome: RecordedOutcome, reason: Option<&str>) {
         match outcome {
-            RecordedOutcome::Written => self.written += 1,
+            RecordedOutcome::Written => {
+                self.written += 1;
+                if let Some(r) = reason {
+                    *self.read_with_findings.entry(r.to_owned()).or_default() += 1;
+                }
+            }
             RecordedOutcome::Duplicate => self.duplicates += 1,
             RecordedOutcome::OwnOutput => self.own_outputs += 1,
             RecordedOutcome::Quarantined => {
@@ -159,6 +166,9 @@ impl std::fmt::Display for Summary {
         writeln!(f, "inputs        {}", self.inputs)?;
         writeln!(f, "  done before {}", self.done_before)?;
         writeln!(f, "written       {}", self.written)?;
+        for (finding, n) in &self.read_with_findings {
+            writeln!(f, "  read past {finding:<18} {n}")?;
+        }
         writeln!(f, "duplicates    {}", self.duplicates)?;
         writeln!(f, "own output    {}", self.own_outputs)?;
         writeln!(f, "quarantined   {}", self.quarantined_total())?;
@@ -355,6 +365,7 @@ pub fn deidentify_bytes(deid: &Deidentifier<'_>, bytes: &[u8]) -> DeidOutcome {
     let mut out = deid
         .deidentify(&obj)
         .map_err(|f: Finding| (f.code(), f.to_string()))?;
+    out.input_finding = read.finding;
     if let Some(original) = &read.restore_charset {
         // A placeholder of the original's length, replaced by the original bytes below.
         let placeholder = format!("{:<width$}", "ISO_IR 100", width = original.len());
@@ -465,6 +476,8 @@ struct Placed {
     /// Output path relative to the output folder.
     rel: String,
     original: vault::OriginalIdentity,
+    /// A conformance problem of the input read past, recorded as the row's reason.
+    finding: Option<&'static str>,
 }
 
 impl From<Deidentified> for Placed {
@@ -476,6 +489,7 @@ impl From<Deidentified> for Placed {
             series: Some(d.series_token),
             instance: d.instance_token,
             original: d.original,
+            finding: d.input_finding,
         }
     }
 }
@@ -512,6 +526,7 @@ fn prepare(
                         series: None,
                         instance: n.token,
                         original: n.original,
+                        finding: None,
                     };
                     let output = match n.sidecar {
                         Some(s) => Output::WithCompanions(n.image, vec![(".json".to_owned(), s)]),
@@ -912,6 +927,7 @@ fn step(
             written_this_run.insert(rel.clone(), out_hash.clone());
             output_hashes.insert(out_hash.clone());
             record.outcome = RecordedOutcome::Written;
+            record.reason = out.finding.map(str::to_owned);
             record.output_path = Some(rel);
             record.output_hash = Some(out_hash);
         }
@@ -969,7 +985,7 @@ pub fn release(
         path_key: String::new(),
         content_hash: entry.id.clone(),
         outcome: RecordedOutcome::Written,
-        reason: None,
+        reason: out.input_finding.map(str::to_owned),
         output_path: Some(rel.clone()),
         output_hash: Some(out_hash),
         patient: Some(out.patient.to_string()),

@@ -298,6 +298,13 @@ pub struct ScpSettings {
     /// Calling AE titles (optionally with the host they must come from) allowed to send.
     #[serde(default)]
     pub allowed: Vec<crate::dimse::scp::AllowedPeer>,
+    /// The largest object accepted in one C-STORE, in MiB (a peer sending more is aborted).
+    #[serde(default = "default_max_object_mib")]
+    pub max_object_mib: u64,
+}
+
+fn default_max_object_mib() -> u64 {
+    2048
 }
 
 fn default_ae() -> String {
@@ -314,6 +321,7 @@ impl Default for ScpSettings {
             ae_title: default_ae(),
             bind: default_bind(),
             allowed: Vec::new(),
+            max_object_mib: default_max_object_mib(),
         }
     }
 }

@@ -9,8 +9,6 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use dicom_object::OpenFileOptions;
-
 use crate::batch::{content_hash, list_inputs, write_atomically};
 use crate::volume::nifti;
 use crate::volume::series::{AssembledVolume, assemble};
@@ -37,6 +35,29 @@ pub enum ExportError {
         "split fractions must be three non-negative numbers summing to 1 (train, validation, test)"
     )]
     Fractions,
+    #[error(
+        "{count} DICOM file(s) under {folder} are not de-identified output of this node (not in its catalog, and not marked Patient Identity Removed = YES with the basic profile's method code by a fedcurate node); export reads only de-identified data: run `fedcurate-node deid` on the archive and export its output folder"
+    )]
+    NotDeidentified { folder: PathBuf, count: usize },
+}
+
+/// Whether an object carries the marks a fedcurate node writes on its de-identified output:
+/// Patient Identity Removed = YES, the basic profile's method code (DCM 113100), and this
+/// implementation's class UID in the file meta.
+pub fn marked_deidentified(obj: &dicom_object::DefaultDicomObject) -> bool {
+    use dicom_core::Tag;
+    let removed = crate::read::text(obj, Tag(0x0012, 0x0062)) == "YES";
+    let basic = obj
+        .get(Tag(0x0012, 0x0064))
+        .and_then(|e| e.items())
+        .is_some_and(|items| {
+            items
+                .iter()
+                .any(|i| crate::read::text(i, Tag(0x0008, 0x0100)) == "113100")
+        });
+    let ours = obj.meta().implementation_class_uid().trim_end_matches('\0')
+        == crate::deid::IMPLEMENTATION_CLASS_UID;
+    removed && basic && ours
 }
 
 /// The category splits are stratified by.
@@ -127,11 +148,16 @@ pub fn split_patients(
     out
 }
 
-/// Export every series found under `input` (de-identified DICOM) to `out`.
+/// Export every series found under `input` (de-identified DICOM) to `out`. Every DICOM file
+/// there must be this node's de-identified output: `recorded` says whether a content hash is
+/// a catalogued output; otherwise the node's de-identification marks must be on the object
+/// ([`marked_deidentified`]). One that is neither refuses the whole export (a raw archive
+/// given by mistake would put identifiers in names and the manifest).
 pub fn export(
     input: &Path,
     out: &Path,
     opts: &ExportOptions,
+    recorded: &dyn Fn(&str) -> bool,
 ) -> Result<ExportSummary, ExportError> {
     let f = opts.fractions;
     if f.iter().any(|x| *x < 0.0) || (f.iter().sum::<f64>() - 1.0).abs() > 1e-6 {
@@ -139,13 +165,25 @@ pub fn export(
     }
     let files =
         list_inputs(input).map_err(|e| ExportError::Read(input.to_owned(), e.to_string()))?;
-    let objects: Vec<_> = files
-        .iter()
-        .filter_map(|p| {
-            let bytes = fs::read(p).ok()?;
-            OpenFileOptions::new().from_reader(bytes.as_slice()).ok()
-        })
-        .collect();
+    let mut not_deidentified = 0;
+    let mut objects = Vec::new();
+    for p in &files {
+        let Ok(bytes) = fs::read(p) else { continue };
+        let Ok(obj) = crate::read::read_object(&bytes) else {
+            continue;
+        };
+        if recorded(&content_hash(&bytes)) || marked_deidentified(&obj) {
+            objects.push(obj);
+        } else {
+            not_deidentified += 1;
+        }
+    }
+    if not_deidentified > 0 {
+        return Err(ExportError::NotDeidentified {
+            folder: input.to_owned(),
+            count: not_deidentified,
+        });
+    }
     let volumes = assemble(&objects);
     let mut summary = ExportSummary::default();
     let mut manifest = String::new();

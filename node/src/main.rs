@@ -3,7 +3,7 @@
 mod consortium;
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -166,16 +166,18 @@ enum Command {
         /// The PACS as AE@host:port.
         #[arg(long)]
         from: String,
-        /// Accession numbers (repeatable).
+        /// Accession numbers (repeatable). Identifiers on the command line are visible in
+        /// `ps`, shell history and the journal: prefer `--csv FILE` or `--csv -` (stdin).
         #[arg(long = "accession")]
         accessions: Vec<String>,
-        /// Patient IDs (repeatable).
+        /// Patient IDs (repeatable); the same caution as `--accession`.
         #[arg(long = "patient-id")]
         patient_ids: Vec<String>,
         /// Study date range YYYYMMDD-YYYYMMDD.
         #[arg(long)]
         date_range: Option<String>,
-        /// CSV with a header naming `accession_number` and/or `patient_id` columns.
+        /// CSV with a header naming `accession_number` and/or `patient_id` columns; `-` reads
+        /// it from standard input (keeps identifiers out of argv and shell history).
         #[arg(long)]
         csv: Option<PathBuf>,
         /// Folder for the de-identified output (default: <data_dir>/deid).
@@ -535,7 +537,11 @@ fn main() -> Result<()> {
                 },
                 harmonised,
             };
-            let s = node::export::export(&input, &out, &opts)?;
+            // Only the catalog is opened (SQLite serialises access), so export can run while
+            // the node ingests.
+            let catalog = Catalog::open(&config.data_dir.join("catalog.sqlite"))?;
+            let recorded = |h: &str| catalog.is_own_output(h).unwrap_or(false);
+            let s = node::export::export(&input, &out, &opts, &recorded)?;
             println!(
                 "exported {} volumes of {} patients to {} ({} series skipped: no geometry or undecodable)",
                 s.volumes,
@@ -771,6 +777,50 @@ fn policy_with(config: &NodeConfig, extra: &[String]) -> Result<DeidPolicy> {
         .extend(DeidPolicy::parse_options(extra.iter().map(String::as_str))?);
     policy.validate()?;
     Ok(policy)
+}
+
+/// Whether the de-identified outputs meet the consortium's required options: judged from the
+/// options the catalog records for the run that wrote each output (a run with `--option`
+/// counts), and from the configured profile only when the catalog records no output.
+fn deid_requirements(config: &NodeConfig, needed: &[String]) -> Result<Vec<node::curate::Finding>> {
+    use node::curate::{Finding, Severity};
+    let mut runs_of_outputs: std::collections::BTreeMap<i64, usize> = Default::default();
+    if config.data_dir.join("catalog.sqlite").exists() {
+        let catalog = Catalog::open(&config.data_dir.join("catalog.sqlite"))?;
+        for (r, run) in catalog.inputs()? {
+            if r.outcome == node::catalog::RecordedOutcome::Written {
+                *runs_of_outputs.entry(run).or_default() += 1;
+            }
+        }
+        let total: usize = runs_of_outputs.values().sum();
+        if total > 0 {
+            let mut profiles = Vec::new();
+            for (&run, &n) in &runs_of_outputs {
+                let (_, options) = catalog.run_profile(run)?;
+                profiles.push((options, n));
+            }
+            let mut findings = Vec::new();
+            for option in needed {
+                let without: usize = profiles
+                    .iter()
+                    .filter(|(options, _)| !options.split(',').any(|o| o == option))
+                    .map(|(_, n)| n)
+                    .sum();
+                if without > 0 {
+                    findings.push(Finding::new("deid-requirement-unmet", Severity::Error, None, &format!("the consortium needs de-identification option {option}; {without} of {total} outputs were made without it (see `catalog export`); re-run deid with --option {option} on a new output folder, or set it in node.toml")));
+                }
+            }
+            return Ok(findings);
+        }
+    }
+    let policy = config.deid.policy()?;
+    Ok(needed
+        .iter()
+        .filter(|n| {
+            !node::deid::table::DeidOption::from_config_name(n).is_some_and(|o| policy.has(o))
+        })
+        .map(|n| Finding::new("deid-requirement-unmet", Severity::Error, None, &format!("the consortium needs de-identification option {n}, which this node's profile does not provide; this node cannot join until it does")))
+        .collect())
 }
 
 fn options_text(policy: &DeidPolicy) -> String {
@@ -1330,6 +1380,7 @@ fn demo(dir: Option<PathBuf>) -> Result<()> {
         &paths.output,
         &nifti_dir,
         &export_opts(node::export::Format::Nifti),
+        &|h: &str| dd.catalog.is_own_output(h).unwrap_or(false),
     )?;
     println!(
         "export        {} volumes as NIfTI with manifest in {}",
@@ -1341,6 +1392,7 @@ fn demo(dir: Option<PathBuf>) -> Result<()> {
         &paths.output,
         &nn_dir,
         &export_opts(node::export::Format::NnUnet),
+        &|h: &str| dd.catalog.is_own_output(h).unwrap_or(false),
     )?;
     println!(
         "export        nnU-Net dataset in {} (train {} / validation {} / test {} cases, split by patient)",
@@ -1677,14 +1729,7 @@ fn curate(
     };
     let mut site = Vec::new();
     if let Some((s, _)) = &schema {
-        let policy = config.deid.policy()?;
-        for needed in &s.deidentification.options {
-            let has = node::deid::table::DeidOption::from_config_name(needed)
-                .is_some_and(|o| policy.has(o));
-            if !has {
-                site.push(Finding::new("deid-requirement-unmet", Severity::Error, None, &format!("the consortium needs de-identification option {needed}, which this node's profile does not provide; this node cannot join until it does")));
-            }
-        }
+        site.extend(deid_requirements(config, &s.deidentification.options)?);
     }
     // What the catalog knows: conflicts and duplicates the de-identifier resolved.
     if config.data_dir.join("catalog.sqlite").exists() {
@@ -2043,6 +2088,7 @@ fn serve(config: &NodeConfig, output: Option<PathBuf>) -> Result<()> {
             bind: config.scp.bind,
             allowed: config.scp.allowed.clone(),
             inbox: run.inbox.clone(),
+            max_object_bytes: config.scp.max_object_mib.saturating_mul(1024 * 1024),
         },
         tx,
     )?;
@@ -2075,8 +2121,15 @@ fn serve(config: &NodeConfig, output: Option<PathBuf>) -> Result<()> {
 }
 
 fn read_query_csv(path: &Path) -> Result<Vec<node::dimse::scu::StudyQuery>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = if path == Path::new("-") {
+        let mut t = String::new();
+        std::io::stdin()
+            .read_to_string(&mut t)
+            .context("reading the query CSV from standard input")?;
+        t
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    };
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let header: Vec<String> = lines
         .next()
@@ -2161,6 +2214,7 @@ fn pull(
             bind: config.scp.bind,
             allowed,
             inbox: run.inbox.clone(),
+            max_object_bytes: config.scp.max_object_mib.saturating_mul(1024 * 1024),
         },
         tx,
     )?;

@@ -6,7 +6,7 @@
 //! private sequences, SR content trees, overlays, non-ASCII character sets and odd-length
 //! values. Every identifying value is synthetic.
 
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use dicom_core::header::Header;
@@ -36,6 +36,7 @@ pub mod sop {
     pub const US: &str = "1.2.840.10008.5.1.4.1.1.6.1";
     pub const SEG: &str = "1.2.840.10008.5.1.4.1.1.66.4";
     pub const BASIC_TEXT_SR: &str = "1.2.840.10008.5.1.4.1.1.88.11";
+    pub const SECONDARY_CAPTURE: &str = "1.2.840.10008.5.1.4.1.1.7";
 }
 
 /// Root for the synthetic original UIDs (an example root, never used by a real device).
@@ -1874,4 +1875,282 @@ fn first_element_at_or_after(ds: &[u8], group: u16) -> Option<usize> {
 /// Tag of an element, for callers without the `Header` trait in scope.
 pub fn tag_of(e: &InMemElement) -> Tag {
     e.tag()
+}
+
+/// A hostile or damaged input: its name, its bytes, and the quarantine reason it must get
+/// (`None`: it must be read and de-identified).
+#[derive(Debug)]
+pub struct HostileInput {
+    pub name: &'static str,
+    pub bytes: Vec<u8>,
+    pub reason: Option<&'static str>,
+}
+
+/// A small valid file (explicit VR LE unless `syntax` says otherwise, no pixel data) whose
+/// data set ends with elements of groups below 0x0019, so hostile elements can be appended.
+fn hostile_base(syntax: &str) -> io::Result<Vec<u8>> {
+    let mut o = InMemDicomObject::new_empty();
+    put_text(&mut o, Tag(0x0008, 0x0016), VR::UI, sop::SECONDARY_CAPTURE);
+    put_text(
+        &mut o,
+        Tag(0x0008, 0x0018),
+        VR::UI,
+        &format!("{ORIGINAL_UID_ROOT}.66.1"),
+    );
+    put_text(&mut o, Tag(0x0008, 0x0060), VR::CS, "OT");
+    put_text(&mut o, Tag(0x0010, 0x0010), VR::PN, "HOSTILE^Input");
+    put_text(&mut o, Tag(0x0010, 0x0020), VR::LO, "HOSTILE-ID");
+    encode(o, syntax)
+}
+
+/// Inputs a stranger can craft in a few bytes to make a reader reserve gigabytes, or that
+/// nest or compress without bound; each must be refused (or read) at a cost bounded by its
+/// size plus a fixed budget.
+pub fn hostile_files() -> io::Result<Vec<HostileInput>> {
+    let mut out = Vec::new();
+    // A UN element declaring about 4 GB, 16 bytes of it present.
+    let mut b = hostile_base(ts::EXPLICIT_LE)?;
+    b.extend_from_slice(&[0x19, 0x00, 0x10, 0x10, b'U', b'N', 0, 0]);
+    b.extend_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+    b.extend_from_slice(&[0u8; 16]);
+    out.push(HostileInput {
+        name: "un-declares-4gb.dcm",
+        bytes: b,
+        reason: Some("truncated"),
+    });
+    // The same in implicit VR.
+    let mut b = hostile_base(ts::IMPLICIT_LE)?;
+    b.extend_from_slice(&implicit_element(0x0020, 0x0010, &[])[..4]);
+    b.extend_from_slice(&0x7FFF_FFF0u32.to_le_bytes());
+    b.extend_from_slice(b"ABCD");
+    out.push(HostileInput {
+        name: "implicit-declares-2gb.dcm",
+        bytes: b,
+        reason: Some("truncated"),
+    });
+    // A UN-encoded (CP-246) sequence whose item holds an element declaring 1 GB.
+    let mut b = hostile_base(ts::EXPLICIT_LE)?;
+    b.extend_from_slice(&raw_undefined(0x0019, 0x1020, b"UN"));
+    b.extend_from_slice(&raw_marker(0xE000, u32::MAX));
+    b.extend_from_slice(&[0x10, 0x00, 0x10, 0x00]);
+    b.extend_from_slice(&0x4000_0000u32.to_le_bytes());
+    b.extend_from_slice(b"DOE^JOHN");
+    out.push(HostileInput {
+        name: "un-sequence-item-declares-1gb.dcm",
+        bytes: b,
+        reason: Some("truncated"),
+    });
+    // Encapsulated (JPEG baseline) pixel data whose fragment declares about 2 GB.
+    let mut b = hostile_base(ts::JPEG_BASELINE)?;
+    b.extend_from_slice(&raw_undefined(0x7FE0, 0x0010, b"OB"));
+    b.extend_from_slice(&raw_marker(0xE000, 0));
+    b.extend_from_slice(&raw_marker(0xE000, 0x7FFF_FFF0));
+    b.extend_from_slice(&[0xFF, 0xD8, 0xFF, 0xE0]);
+    out.push(HostileInput {
+        name: "jpeg-fragment-declares-2gb.dcm",
+        bytes: b,
+        reason: Some("truncated"),
+    });
+    // A file meta element declaring about 4 GB.
+    let mut b = vec![0u8; 128];
+    b.extend_from_slice(b"DICM");
+    b.extend_from_slice(&raw_element(0x0002, 0x0000, b"UL", &12u32.to_le_bytes()));
+    b.extend_from_slice(&[0x02, 0x00, 0x01, 0x00, b'O', b'B', 0, 0]);
+    b.extend_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+    b.extend_from_slice(&[0, 1]);
+    out.push(HostileInput {
+        name: "meta-declares-4gb.dcm",
+        bytes: b,
+        reason: Some("truncated"),
+    });
+    // Sequences nested 200 deep (the parser recurses once per level).
+    let mut b = hostile_base(ts::EXPLICIT_LE)?;
+    for _ in 0..200 {
+        b.extend_from_slice(&raw_undefined(0x0040, 0x0275, b"SQ"));
+        b.extend_from_slice(&raw_marker(0xE000, u32::MAX));
+    }
+    out.push(HostileInput {
+        name: "nested-200-deep.dcm",
+        bytes: b,
+        reason: Some("nesting-too-deep"),
+    });
+    // A deflated data set that inflates to 256 MiB (a deflate bomb of a few hundred KB).
+    {
+        use std::io::Write;
+        let base = hostile_base(ts::DEFLATED_LE)?;
+        let meta_end =
+            crate::read::lengths::check_meta(&base, 132).map_err(|p| io::Error::other(p.detail))?;
+        let mut plain = Vec::new();
+        flate2::read::DeflateDecoder::new(&base[meta_end..])
+            .read_to_end(&mut plain)
+            .map_err(io::Error::other)?;
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&plain)?;
+        let bomb = 256u32 << 20;
+        enc.write_all(&[0x19, 0x00, 0x10, 0x10, b'U', b'N', 0, 0])?;
+        enc.write_all(&bomb.to_le_bytes())?;
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..256 {
+            enc.write_all(&zeros)?;
+        }
+        let mut b = base[..meta_end].to_vec();
+        b.extend_from_slice(&enc.finish()?);
+        out.push(HostileInput {
+            name: "deflate-bomb.dcm",
+            bytes: b,
+            reason: Some("deflated-too-large"),
+        });
+    }
+    // Native pixel data whose rows × columns × frames × bits overflow 64 bits.
+    let mut o = InMemDicomObject::new_empty();
+    put_text(&mut o, Tag(0x0008, 0x0016), VR::UI, sop::SECONDARY_CAPTURE);
+    put_text(
+        &mut o,
+        Tag(0x0008, 0x0018),
+        VR::UI,
+        &format!("{ORIGINAL_UID_ROOT}.66.2"),
+    );
+    put_text(&mut o, Tag(0x0008, 0x0060), VR::CS, "OT");
+    put_u16(&mut o, Tag(0x0028, 0x0002), 3);
+    put_text(&mut o, Tag(0x0028, 0x0004), VR::CS, "RGB");
+    put_text(&mut o, Tag(0x0028, 0x0008), VR::IS, "2147483647");
+    put_u16(&mut o, Tag(0x0028, 0x0010), 65535);
+    put_u16(&mut o, Tag(0x0028, 0x0011), 65535);
+    put_u16(&mut o, Tag(0x0028, 0x0100), 65535);
+    o.put(DataElement::new(
+        Tag(0x7FE0, 0x0010),
+        VR::OB,
+        PrimitiveValue::from(vec![0u8; 64]),
+    ));
+    out.push(HostileInput {
+        name: "pixel-geometry-overflows.dcm",
+        bytes: encode(o, ts::EXPLICIT_LE)?,
+        reason: Some("truncated-pixel-data"),
+    });
+    Ok(out)
+}
+
+/// NIfTI inputs that declare or inflate to far more than they hold: (name, bytes, reason).
+pub fn hostile_nifti() -> io::Result<Vec<HostileInput>> {
+    use std::io::Write;
+    let volume = crate::volume::Volume {
+        data: ndarray::Array4::<f32>::from_elem((4, 4, 4, 1), 7.0),
+        affine: [
+            [1.0, 0.0, 0.0, 0.0],
+            [0.0, 1.0, 0.0, 0.0],
+            [0.0, 0.0, 1.0, 0.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ],
+        stored: crate::volume::StoredType::U8,
+    };
+    let plain = crate::volume::nifti::encode(&volume);
+    // 64 voxels, then 256 MiB of zeros, gzipped to about 256 KB.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&plain)?;
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..256 {
+        gz.write_all(&zeros)?;
+    }
+    let mut out = vec![HostileInput {
+        name: "inflates-to-256mib.nii.gz",
+        bytes: gz.finish()?,
+        reason: None,
+    }];
+    // NIfTI-2 whose dimensions multiply past 2^64.
+    let mut h = vec![0u8; 544];
+    h[0..4].copy_from_slice(&540i32.to_le_bytes());
+    h[4..8].copy_from_slice(b"n+2\0");
+    h[12..14].copy_from_slice(&2i16.to_le_bytes()); // uint8
+    h[14..16].copy_from_slice(&8i16.to_le_bytes());
+    h[16..24].copy_from_slice(&3i64.to_le_bytes());
+    for d in 0..3 {
+        h[24 + 8 * d..32 + 8 * d].copy_from_slice(&(1i64 << 40).to_le_bytes());
+    }
+    h[168..176].copy_from_slice(&544i64.to_le_bytes());
+    h.extend_from_slice(&[1, 2, 3, 4]);
+    out.push(HostileInput {
+        name: "dimensions-overflow.nii",
+        bytes: h,
+        reason: Some("unsupported-dimensions"),
+    });
+    Ok(out)
+}
+
+/// A CT slice as a converter without a dictionary writes it: its UIDs, the patient's name and
+/// an Anatomic Region Sequence (content in implicit VR little endian) encoded as `UN` with
+/// defined lengths. Returns the file and the original values that must not survive.
+pub fn un_encoded_file() -> io::Result<(Vec<u8>, Vec<String>)> {
+    let p = Patient {
+        id: "UNENC-ID-4711".into(),
+        issuer: "HOSP-U".into(),
+        name: "UNENCODED^Patient".into(),
+        birth_date: "19610203".into(),
+        sex: "F".into(),
+        charset: None,
+    };
+    let st = Study {
+        uid: format!("{ORIGINAL_UID_ROOT}.77.1"),
+        date: "20210304".into(),
+        time: "090000".into(),
+        accession: "UNACC77".into(),
+        description: "head".into(),
+        referring_physician: "Ref^Unenc".into(),
+        institution: "Unencoded Hospital".into(),
+    };
+    let se = Series {
+        uid: format!("{ORIGINAL_UID_ROOT}.77.1.1"),
+        number: 1,
+        description: "axial".into(),
+        frame_of_reference: format!("{ORIGINAL_UID_ROOT}.77.1.1.0"),
+        station: "CT77".into(),
+    };
+    let mut o = ct_slice(&p, &st, &se, 1);
+    let un = |o: &mut InMemDicomObject, tag: Tag, value: &[u8]| {
+        o.put(DataElement::new(
+            tag,
+            VR::UN,
+            PrimitiveValue::U8(value.to_vec().into()),
+        ));
+    };
+    let padded = |s: &str| {
+        let mut b = s.as_bytes().to_vec();
+        if b.len() % 2 == 1 {
+            b.push(0);
+        }
+        b
+    };
+    let referenced = format!("{ORIGINAL_UID_ROOT}.77.9");
+    un(&mut o, Tag(0x0008, 0x0016), &padded(sop::CT));
+    un(
+        &mut o,
+        Tag(0x0008, 0x0018),
+        &padded(&format!("{}.1", se.uid)),
+    );
+    un(&mut o, Tag(0x0020, 0x000D), &padded(&st.uid));
+    un(&mut o, Tag(0x0020, 0x000E), &padded(&se.uid));
+    un(&mut o, Tag(0x0010, 0x0010), &padded(&p.name));
+    // Anatomic Region Sequence (kept by the profile, so walked): a code, and a UID that the
+    // safety net must remap.
+    let mut item = implicit_element(0x0008, 0x0100, &padded("T-A0100"));
+    item.extend(implicit_element(0x0008, 0x0102, &padded("SRT")));
+    item.extend(implicit_element(0x0008, 0x0104, &padded("Brain")));
+    item.extend(implicit_element(0x0008, 0x1155, &padded(&referenced)));
+    let mut seq = raw_marker(0xE000, item.len() as u32);
+    seq.extend(item);
+    un(&mut o, Tag(0x0008, 0x2218), &seq);
+    let meta = FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(sop::CT)
+        .media_storage_sop_instance_uid(format!("{}.1", se.uid))
+        .transfer_syntax(ts::EXPLICIT_LE)
+        .implementation_class_uid("1.2.826.0.1.3680043.10.543.99")
+        .build()
+        .map_err(io::Error::other)?;
+    let mut bytes = Vec::new();
+    o.with_exact_meta(meta)
+        .write_all(&mut bytes)
+        .map_err(io::Error::other)?;
+    Ok((
+        bytes,
+        vec![p.id, p.name, st.uid, se.uid, referenced, "UNENCODED".into()],
+    ))
 }

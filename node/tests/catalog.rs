@@ -932,6 +932,35 @@ fn curate_reports_findings_protocol_status_and_leaks_nothing() {
         .filter_map(|f| f["code"].as_str())
         .collect();
     assert_eq!(codes, ["deid-requirement-unmet", "deid-requirement-unmet"]);
+    // The same configuration, but the outputs were made with the options on the command
+    // line: the catalog's record of each output's run is what counts.
+    let by_option = Site::new("");
+    run(by_option
+        .deid(&input.join("bulk"), &by_option.path("data/deid"))
+        .args([
+            "--option",
+            "retain-patient-characteristics",
+            "--option",
+            "retain-longitudinal-modified-dates",
+        ]));
+    run(by_option
+        .cmd()
+        .args(["curate", "--schema"])
+        .arg(&schema)
+        .arg("--out")
+        .arg(by_option.path("r")));
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(by_option.path("r/report.json")).expect("json"))
+            .expect("json");
+    assert!(
+        !r["site_findings"]
+            .as_array()
+            .expect("site")
+            .iter()
+            .any(|f| f["code"] == "deid-requirement-unmet"),
+        "{}",
+        r["site_findings"]
+    );
     // A schema that does not validate is refused with the field named.
     std::fs::write(
         &schema,
@@ -946,4 +975,61 @@ fn curate_reports_findings_protocol_status_and_leaks_nothing() {
             .arg(site.path("r2")),
     );
     assert!(e.contains("privacy.min_cell_count"), "{e}");
+}
+
+#[test]
+fn export_refuses_a_folder_that_is_not_this_nodes_deidentified_output() {
+    let site = Site::new("");
+    let raw = site.path("raw");
+    sample::write_bulk_archive(&raw, 2, 3).expect("archive");
+    // A raw archive given by mistake: refused, nothing written, no identifier in the message.
+    let out = site
+        .cmd()
+        .args(["export", "--format", "nifti", "--input"])
+        .arg(&raw)
+        .arg("--out")
+        .arg(site.path("leak"))
+        .output()
+        .expect("runs");
+    assert!(!out.status.success(), "a raw archive is refused");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("not de-identified output") && e.contains("fedcurate-node deid"),
+        "{e}"
+    );
+    assert!(!site.path("leak").exists(), "nothing exported");
+    // The node's own output exports; a copy elsewhere too (the marks are on the objects),
+    // but one raw file slipped in among them refuses the lot.
+    run(&mut site.deid(&raw, &site.path("data/deid")));
+    run(site
+        .cmd()
+        .args(["export", "--format", "nifti", "--out"])
+        .arg(site.path("ok")));
+    let copy = site.path("copy");
+    for (i, f) in files_under(&site.path("data/deid")).iter().enumerate() {
+        std::fs::create_dir_all(&copy).expect("dir");
+        std::fs::copy(f, copy.join(format!("{i}.dcm"))).expect("copy");
+    }
+    run(site
+        .cmd()
+        .args(["export", "--format", "nifti", "--input"])
+        .arg(&copy)
+        .arg("--out")
+        .arg(site.path("ok-copy")));
+    let first_raw = files_under(&raw).into_iter().next().expect("a raw file");
+    std::fs::copy(&first_raw, copy.join("slipped-in.dcm")).expect("copy");
+    let out = site
+        .cmd()
+        .args(["export", "--format", "nifti", "--input"])
+        .arg(&copy)
+        .arg("--out")
+        .arg(site.path("mixed"))
+        .output()
+        .expect("runs");
+    assert!(!out.status.success(), "one raw file refuses the export");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("1 DICOM file(s)"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -166,10 +166,40 @@ fn pull_from_and_push_by_orthanc() {
         again.contains("2 already retrieved, 0 to retrieve"),
         "{again}"
     );
-    let csv = dir.path().join("cohort.csv");
-    std::fs::write(&csv, "accession_number\nBACC00001\n").expect("csv");
-    let third = pull(&["--csv", csv.to_str().expect("utf-8")]);
+    // The cohort comes on standard input (`--csv -`): the identifier is in no argv, and no
+    // log line names it, even at debug level.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fedcurate-node"))
+        .env("FEDCURATE_LOG", "debug")
+        .arg("--config")
+        .arg(&node_cfg)
+        .args([
+            "pull",
+            "--from",
+            &format!("ORTHANC@127.0.0.1:{dicom}"),
+            "--csv",
+            "-",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pull");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"accession_number\nBACC00001\n")
+            .expect("csv on stdin");
+    }
+    let out = child.wait_with_output().expect("pull ends");
+    let third = String::from_utf8_lossy(&out.stdout).into_owned();
+    let logs = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{third}\n{logs}");
     assert!(third.contains("retrieved 4 instances"), "{third}");
+    assert!(
+        !third.contains("BACC00001") && !logs.contains("BACC00001") && !logs.is_empty(),
+        "the accession number is never printed or logged"
+    );
     assert_eq!(files_under(&out_dir).len(), 12);
     // Orthanc pushes a study to the node's SCP (modality store).
     let serve_dir = dir.path().join("serve");

@@ -37,11 +37,15 @@ impl Drop for Node {
 }
 
 fn start(dir: &Path) -> Node {
+    start_with(dir, "")
+}
+
+fn start_with(dir: &Path, extra_scp: &str) -> Node {
     let cfg = dir.join("node.toml");
     std::fs::write(
         &cfg,
         format!(
-            "data_dir = {:?}\n[scp]\nbind = \"127.0.0.1:0\"\nallowed = [{{ ae = \"STORESCU\" }}, {{ ae = \"ECHOSCU\" }}, {{ ae = \"LOCALONLY\", host = \"127.0.0.1\" }}, {{ ae = \"ELSEWHERE\", host = \"10.9.9.9\" }}]\n",
+            "data_dir = {:?}\n[scp]\nbind = \"127.0.0.1:0\"\nallowed = [{{ ae = \"STORESCU\" }}, {{ ae = \"ECHOSCU\" }}, {{ ae = \"LOCALONLY\", host = \"127.0.0.1\" }}, {{ ae = \"ELSEWHERE\", host = \"10.9.9.9\" }}]\n{extra_scp}\n",
             dir.join("data")
         ),
     )
@@ -194,7 +198,14 @@ fn echo_store_and_refusals_against_dcmtk() {
     let expected = good.len() + 12;
     let written = wait_for(&node.dir, expected);
     assert_eq!(written, expected, "every received instance de-identified");
-    std::thread::sleep(Duration::from_millis(300));
+    // The last batch's catalog commit comes after its outputs: wait for the folders to empty.
+    let started = Instant::now();
+    while (!files_under(&node.dir.join("data/inbox")).is_empty()
+        || !files_under(&node.dir.join("data/inbox-processing")).is_empty())
+        && started.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(
         files_under(&node.dir.join("data/inbox")).is_empty(),
         "inbox emptied"
@@ -454,4 +465,171 @@ fn a_kill_during_receipt_loses_no_acknowledged_instance() {
             "{d} emptied after the replay"
         );
     }
+}
+
+/// Peak resident memory of a running process, in bytes (`VmHWM`).
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM")
+        * 1024
+}
+
+fn echo_ok(port: u16) -> bool {
+    dcmtk(
+        "echoscu",
+        &[
+            "-aet",
+            "ECHOSCU",
+            "-aec",
+            "FEDCURATE",
+            "127.0.0.1",
+            &port.to_string(),
+        ],
+    )
+    .status
+    .success()
+}
+
+fn associate(port: u16) -> dicom_ul::association::client::ClientAssociation<std::net::TcpStream> {
+    dicom_ul::association::client::ClientAssociationOptions::new()
+        .calling_ae_title("STORESCU")
+        .called_ae_title("FEDCURATE")
+        .with_presentation_context("1.2.840.10008.5.1.4.1.1.2", vec!["1.2.840.10008.1.2.1"])
+        .read_timeout(Duration::from_secs(10))
+        .establish_with(&format!("FEDCURATE@127.0.0.1:{port}"))
+        .expect("association")
+}
+
+/// Whether the peer ended the association (abort or closed connection) within a few seconds.
+fn ended(
+    assoc: &mut dicom_ul::association::client::ClientAssociation<std::net::TcpStream>,
+) -> bool {
+    match assoc.receive() {
+        Ok(dicom_ul::pdu::Pdu::AbortRQ { .. }) | Err(_) => true,
+        Ok(_) => false,
+    }
+}
+
+#[test]
+fn hostile_command_sets_and_oversized_data_sets_are_aborted_in_bounded_memory() {
+    use dicom_ul::pdu::{PDataValue, PDataValueType, Pdu};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start_with(dir.path(), "max_object_mib = 1");
+    assert!(echo_ok(node.port));
+    let before = peak_rss(node.child.id());
+
+    // A command fragment of 8 bytes whose one element declares about 4 GB (the PDU is 22
+    // bytes on the wire): refused before anything is reserved.
+    let mut assoc = associate(node.port);
+    let pc = assoc.presentation_contexts()[0].id;
+    let mut command = Vec::new();
+    command.extend_from_slice(&[0x00, 0x00, 0x02, 0x00]);
+    command.extend_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+    assoc
+        .send(&Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pc,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data: command,
+            }],
+        })
+        .expect("sent");
+    assert!(ended(&mut assoc), "the association is aborted");
+
+    // Command fragments that never end: cut off at the command-set limit.
+    let mut assoc = associate(node.port);
+    let mut cut = false;
+    for _ in 0..64 {
+        let sent = assoc.send(&Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pc,
+                value_type: PDataValueType::Command,
+                is_last: false,
+                data: vec![0u8; 4096],
+            }],
+        });
+        if sent.is_err() {
+            cut = true;
+            break;
+        }
+    }
+    assert!(
+        cut || ended(&mut assoc),
+        "endless command fragments are cut off"
+    );
+
+    // A data set beyond [scp] max_object_mib (1 MiB here) after a C-STORE request: aborted,
+    // nothing stored.
+    let mut assoc = associate(node.port);
+    let request = node::dimse::encode_command(vec![
+        dicom_core::DataElement::new(
+            dicom_core::Tag(0x0000, 0x0002),
+            dicom_core::VR::UI,
+            dicom_core::PrimitiveValue::from("1.2.840.10008.5.1.4.1.1.2"),
+        ),
+        dicom_core::DataElement::new(
+            dicom_core::Tag(0x0000, 0x0100),
+            dicom_core::VR::US,
+            dicom_core::PrimitiveValue::from(0x0001u16),
+        ),
+        dicom_core::DataElement::new(
+            dicom_core::Tag(0x0000, 0x0110),
+            dicom_core::VR::US,
+            dicom_core::PrimitiveValue::from(7u16),
+        ),
+        dicom_core::DataElement::new(
+            dicom_core::Tag(0x0000, 0x0800),
+            dicom_core::VR::US,
+            dicom_core::PrimitiveValue::from(0x0000u16),
+        ),
+        dicom_core::DataElement::new(
+            dicom_core::Tag(0x0000, 0x1000),
+            dicom_core::VR::UI,
+            dicom_core::PrimitiveValue::from("2.25.1"),
+        ),
+    ]);
+    assoc
+        .send(&Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pc,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data: request,
+            }],
+        })
+        .expect("request sent");
+    let mut cut = false;
+    for _ in 0..64 {
+        let sent = assoc.send(&Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pc,
+                value_type: PDataValueType::Data,
+                is_last: false,
+                data: vec![0u8; 32 * 1024],
+            }],
+        });
+        if sent.is_err() {
+            cut = true;
+            break;
+        }
+    }
+    assert!(cut || ended(&mut assoc), "an oversized data set is cut off");
+
+    assert!(echo_ok(node.port), "the node keeps serving");
+    let after = peak_rss(node.child.id());
+    assert!(
+        after <= before + 16 * 1024 * 1024,
+        "peak RSS grew from {before} to {after} bytes under hostile PDUs"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        files_under(&node.dir.join("data/inbox")).is_empty()
+            && files_under(&node.dir.join("data/deid")).is_empty(),
+        "nothing stored from the refused associations"
+    );
 }

@@ -293,17 +293,21 @@ pub enum RefusalReason {
     AwaitingApproval,
 }
 
-/// A site's conformance to the schema, as counts of series (suppressed like any count).
+/// A site's conformance to the schema, as counts of patients (the unit of every count that
+/// leaves; suppressed like any count). A patient is counted in each status and each cell in
+/// which at least one of their series falls.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConformanceSummary {
-    pub series: Cell,
-    /// In scope, out of scope, deviating.
+    /// Patients with at least one curated series.
+    pub patients: Cell,
+    /// Patients with a series in scope, out of scope, deviating.
     pub status: [Cell; 3],
-    /// Series violating each of `data_of_interest.constraints`, in order.
+    /// Patients with a series violating each of `data_of_interest.constraints`, in order
+    /// (matched by the constraint's position, never by its attribute's name).
     pub deviations: Vec<Cell>,
-    /// Findings of the curation run by severity: info, warning, error.
+    /// Patients with a finding of each severity in the curation run: info, warning, error.
     pub findings: [Cell; 3],
-    /// Inputs in quarantine.
+    /// Inputs in quarantine (files: a refused file has no patient).
     pub quarantined: Cell,
 }
 

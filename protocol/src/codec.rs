@@ -411,13 +411,13 @@ mod tests {
                 cell()
             )
                 .prop_map(
-                    |(id, schema, missing, series, status, deviations, findings, quarantined)| {
+                    |(id, schema, missing, patients, status, deviations, findings, quarantined)| {
                         Message::SchemaAck(Box::new(SchemaAck {
                             id: MessageId(id),
                             schema,
                             profile: ProfileCheck { missing },
                             conformance: ConformanceSummary {
-                                series,
+                                patients,
                                 status,
                                 deviations,
                                 findings,

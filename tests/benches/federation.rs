@@ -132,7 +132,7 @@ fn ack(schema: &CurationSchema, doc: &SchemaDocument) -> Message {
         schema: doc.hash(),
         profile: ProfileCheck { missing: vec![] },
         conformance: ConformanceSummary {
-            series: Cell::Value(80),
+            patients: Cell::Value(80),
             status: [Cell::Value(80), Cell::Value(0), Cell::Value(0)],
             deviations: vec![Cell::Value(0); schema.data_of_interest.constraints.len()],
             findings: [Cell::Value(0); 3],

@@ -63,8 +63,8 @@ fn deid_sample(
     }
     assert_eq!(
         out.len(),
-        archive.files.len() - 3,
-        "all but the three refused files (not DICOM, no SOP Instance UID, odd lengths)"
+        archive.files.len() - 2,
+        "all but the two refused files (not DICOM, no SOP Instance UID); odd lengths are read"
     );
     out
 }
@@ -575,4 +575,116 @@ fn dcmtk_reads_every_output_and_sees_no_identifying_value() {
 
 fn rel(root: &Path, f: &Path) -> String {
     f.strip_prefix(root).unwrap_or(f).display().to_string()
+}
+
+#[test]
+fn attributes_encoded_as_un_are_read_with_their_dictionary_vr() {
+    let (input, originals) = sample::un_encoded_file().expect("fixture");
+    // The input really holds them as UN.
+    let raw = open(&input);
+    assert_eq!(raw.get(Tag(0x0008, 0x0016)).expect("class").vr(), VR::UN);
+    let (_, out) = batch::deidentify_bytes(&Deidentifier::new(&policy(&[]), &keys(9)), &input)
+        .expect("de-identified");
+    let o = open(&out);
+    assert_eq!(
+        text(&o, Tag(0x0008, 0x0016)).as_deref(),
+        Some(sample::sop::CT),
+        "SOP Class UID read and kept"
+    );
+    assert_eq!(
+        o.meta()
+            .media_storage_sop_class_uid()
+            .trim_end_matches('\0'),
+        sample::sop::CT,
+        "file meta SOP Class UID is the class, not a list of bytes"
+    );
+    for tag in [
+        Tag(0x0008, 0x0018),
+        Tag(0x0020, 0x000D),
+        Tag(0x0020, 0x000E),
+    ] {
+        let v = text(&o, tag).unwrap_or_default();
+        assert!(v.starts_with("2.25."), "{tag} remapped, got {v:?}");
+    }
+    assert_eq!(
+        text(&o, Tag(0x0008, 0x0018)).as_deref(),
+        Some(
+            o.meta()
+                .media_storage_sop_instance_uid()
+                .trim_end_matches('\0')
+        ),
+        "meta and data set agree"
+    );
+    let refs = items(&o, Tag(0x0008, 0x2218));
+    assert_eq!(refs.len(), 1, "the UN sequence is walked, not dropped");
+    assert_eq!(
+        text(&refs[0], Tag(0x0008, 0x0104)).as_deref(),
+        Some("Brain")
+    );
+    assert!(
+        text(&refs[0], Tag(0x0008, 0x1155))
+            .unwrap_or_default()
+            .starts_with("2.25."),
+        "a UID inside the UN sequence is remapped"
+    );
+    assert!(
+        o.iter()
+            .all(|e| e.vr() != VR::UN || e.tag().group() % 2 == 1),
+        "no standard attribute left as UN"
+    );
+    for v in &originals {
+        assert!(
+            !out.windows(v.len()).any(|w| w == v.as_bytes()),
+            "{v} survives"
+        );
+    }
+}
+
+#[test]
+fn only_registered_uids_are_kept_and_meta_agrees_with_the_data_set() {
+    let p = sample::Patient {
+        id: "REG-1".into(),
+        issuer: String::new(),
+        name: "Reg^Pat".into(),
+        birth_date: "19800101".into(),
+        sex: "M".into(),
+        charset: None,
+    };
+    let st = sample::Study {
+        uid: format!("{}.88.1", sample::ORIGINAL_UID_ROOT),
+        date: "20200101".into(),
+        time: "100000".into(),
+        accession: "REGACC".into(),
+        description: "reg".into(),
+        referring_physician: "Ref^Reg".into(),
+        institution: "Reg Hospital".into(),
+    };
+    let se = sample::Series {
+        uid: format!("{}.88.1.1", sample::ORIGINAL_UID_ROOT),
+        number: 1,
+        description: "reg".into(),
+        frame_of_reference: format!("{}.88.1.1.0", sample::ORIGINAL_UID_ROOT),
+        station: "REG".into(),
+    };
+    let deid = |instance: &str| {
+        let mut o = sample::ct_slice(&p, &st, &se, 1);
+        sample::put_text(&mut o, Tag(0x0008, 0x0018), VR::UI, instance);
+        let bytes = sample::encode(o, ts::EXPLICIT_LE).expect("encode");
+        let (_, out) = batch::deidentify_bytes(&Deidentifier::new(&policy(&[]), &keys(4)), &bytes)
+            .expect("de-identified");
+        let o = open(&out);
+        let data_set = text(&o, Tag(0x0008, 0x0018)).unwrap_or_default();
+        let meta = o
+            .meta()
+            .media_storage_sop_instance_uid()
+            .trim_end_matches('\0')
+            .to_owned();
+        assert_eq!(data_set, meta, "meta and data set agree for {instance}");
+        data_set
+    };
+    // A well-known SOP instance of the registry (the Hot Iron palette) is kept.
+    assert_eq!(deid("1.2.840.10008.1.5.1"), "1.2.840.10008.1.5.1");
+    // An instance UID that misuses the registry root is remapped.
+    let misused = deid("1.2.840.10008.5.1.4.1.1.2.4711");
+    assert!(misused.starts_with("2.25."), "{misused}");
 }

@@ -20,7 +20,7 @@ fn every_messy_case_has_its_expected_outcome_and_leaks_nothing() {
         ("truncated-header", "truncated"),
         ("truncated-pixel-data", "truncated"),
         ("short-pixel-data", "truncated-pixel-data"),
-        ("odd-length", "odd-length"),
+        ("odd-length", "written"),
         ("wrong-item-delimiter", "bad-item-delimiter"),
         ("dicomdir", "dicomdir"),
         ("un-sequences", "written"),
@@ -52,6 +52,36 @@ fn every_messy_case_has_its_expected_outcome_and_leaks_nothing() {
         };
         assert_eq!(got, want, "{name}");
     }
+}
+
+#[test]
+fn odd_length_values_are_read_noted_and_written_even() {
+    let files = sample::messy_files("MESSYMARK").expect("fixtures");
+    let (_, bytes) = files
+        .iter()
+        .find(|(n, _)| *n == "odd-length")
+        .expect("odd-length fixture");
+    // The strict reader refuses the input ...
+    assert!(
+        dicom_object::OpenFileOptions::new()
+            .odd_length_strategy(dicom_object::file::OddLengthStrategy::Fail)
+            .from_reader(bytes.as_slice())
+            .is_err()
+    );
+    let policy = DeidPolicy::default();
+    let keys = Keys::derive(&Secret::from_bytes(vec![3; 32]).expect("secret"));
+    let (d, out) =
+        batch::deidentify_bytes(&Deidentifier::new(&policy, &keys), bytes).expect("written");
+    assert_eq!(d.input_finding, Some("odd-length"), "noted");
+    // ... and accepts the output: every value has an even length.
+    let o = dicom_object::OpenFileOptions::new()
+        .odd_length_strategy(dicom_object::file::OddLengthStrategy::Fail)
+        .from_reader(out.as_slice())
+        .expect("even lengths");
+    assert_eq!(
+        node::read::text(&o, dicom_core::Tag(0x0008, 0x0016)),
+        sample::sop::CT
+    );
 }
 
 fn us_input(frames: u32) -> dicom_object::InMemDicomObject {

@@ -81,7 +81,7 @@ fn secure_sum_survives_a_dropout_and_reveals_only_the_total() {
             schema: doc.hash(),
             profile: ProfileCheck { missing: vec![] },
             conformance: ConformanceSummary {
-                series: Cell::Value(0),
+                patients: Cell::Value(0),
                 status: [Cell::Value(0); 3],
                 deviations: vec![Cell::Value(0); schema.data_of_interest.constraints.len()],
                 findings: [Cell::Value(0); 3],

@@ -26,8 +26,15 @@ pub const REPORT_VERSION: u32 = 1;
 #[serde(rename_all = "kebab-case")]
 pub enum ProtocolStatus {
     InScope,
-    OutOfScope { reason: String },
-    Deviating { rules: Vec<String> },
+    OutOfScope {
+        reason: String,
+    },
+    /// `rules` in words; `constraints`: positions in `data_of_interest.constraints` of the
+    /// constraints violated.
+    Deviating {
+        rules: Vec<String>,
+        constraints: Vec<usize>,
+    },
     NoSchema,
 }
 
@@ -89,7 +96,8 @@ fn protocol_status(schema: &CurationSchema, first: &DefaultDicomObject) -> Proto
         };
     }
     let mut failed = Vec::new();
-    for c in &d.constraints {
+    let mut constraints = Vec::new();
+    for (index, c) in d.constraints.iter().enumerate() {
         if c.modality
             .as_ref()
             .is_some_and(|m| !m.eq_ignore_ascii_case(&modality))
@@ -130,6 +138,7 @@ fn protocol_status(schema: &CurationSchema, first: &DefaultDicomObject) -> Proto
             _ => true,
         };
         if !ok {
+            constraints.push(index);
             failed.push(if value.is_empty() {
                 format!("{name} is missing")
             } else {
@@ -140,7 +149,10 @@ fn protocol_status(schema: &CurationSchema, first: &DefaultDicomObject) -> Proto
     if failed.is_empty() {
         ProtocolStatus::InScope
     } else {
-        ProtocolStatus::Deviating { rules: failed }
+        ProtocolStatus::Deviating {
+            rules: failed,
+            constraints,
+        }
     }
 }
 
@@ -354,7 +366,7 @@ pub fn html(r: &CurationReport) -> String {
         let protocol = match &s.protocol {
             ProtocolStatus::InScope => "in scope".to_owned(),
             ProtocolStatus::OutOfScope { reason } => format!("out of scope: {reason}"),
-            ProtocolStatus::Deviating { rules } => format!("deviating: {}", rules.join("; ")),
+            ProtocolStatus::Deviating { rules, .. } => format!("deviating: {}", rules.join("; ")),
             ProtocolStatus::NoSchema => "-".to_owned(),
         };
         let findings: Vec<String> = s

@@ -12,7 +12,9 @@ pub mod iod;
 pub mod keys;
 pub mod pixels;
 pub mod private;
+pub mod registry;
 pub mod table;
+pub mod un;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -34,10 +36,6 @@ use self::table::{BasicAction, DeidOption, OptionAction, Rule, RuleTable};
 pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.255878127389062424870542330452185519407";
 /// Implementation Version Name written to every output's file meta header.
 pub const IMPLEMENTATION_VERSION_NAME: &str = "FEDCURATE_0_1";
-
-/// The root of UIDs defined by the DICOM standard itself (SOP classes, transfer syntaxes,
-/// coding schemes): never identifying, never remapped.
-const REGISTRY_UID_ROOT: &str = "1.2.840.10008.";
 
 const DUMMY_TEXT: &str = "DEIDENTIFIED";
 
@@ -240,6 +238,9 @@ pub struct Deidentified {
     pub instance_token: String,
     /// The original identifiers, for the encrypted re-identification map only.
     pub original: OriginalIdentity,
+    /// A conformance problem of the input that was read past (e.g. `odd-length`), set by the
+    /// caller that read it; recorded with the output.
+    pub input_finding: Option<&'static str>,
 }
 
 impl Deidentified {
@@ -428,7 +429,12 @@ impl<'a> Deidentifier<'a> {
     /// De-identify one object. The output keeps the input's transfer syntax; its file meta
     /// information is rebuilt from the new values.
     pub fn deidentify(&self, file: &DefaultDicomObject) -> Result<Deidentified, Finding> {
-        let obj: &InMemDicomObject = file;
+        // Attributes a converter wrote as UN are read with their dictionary VR first, so the
+        // rules see their values (and no UID or text passes as opaque bytes).
+        let big_endian =
+            file.meta().transfer_syntax().trim_end_matches('\0') == "1.2.840.10008.1.2.2";
+        let reinterpreted = un::reinterpret(file, big_endian, self.dictionary, self.safe);
+        let obj: &InMemDicomObject = reinterpreted.as_ref().unwrap_or(file);
         let required = |tag: Tag, keyword: &'static str, reason: &'static str| {
             text_of(obj, tag).ok_or(Finding::MissingAttribute {
                 tag,
@@ -471,11 +477,14 @@ impl<'a> Deidentifier<'a> {
         }
         self.finish_top_level(obj, &mut out, &patient, mask.is_some());
 
-        let new_sop_instance = if self.policy.has(DeidOption::RetainUids) {
-            sop_instance.clone()
-        } else {
-            self.keys.remap_uid(&sop_instance)
-        };
+        // The file meta says what the data set says: never two different instance UIDs.
+        let new_sop_instance = text_of(&out, tags::SOP_INSTANCE_UID).unwrap_or_else(|| {
+            if self.policy.has(DeidOption::RetainUids) {
+                sop_instance.clone()
+            } else {
+                self.keys.remap_uid(&sop_instance)
+            }
+        });
         let meta = FileMetaTableBuilder::new()
             .media_storage_sop_class_uid(sop_class.as_str())
             .media_storage_sop_instance_uid(new_sop_instance)
@@ -492,6 +501,7 @@ impl<'a> Deidentifier<'a> {
             study_token: self.keys.path_token("study", &study),
             series_token: self.keys.path_token("series", &series),
             instance_token: self.keys.path_token("instance", &sop_instance),
+            input_finding: None,
             original: OriginalIdentity {
                 patient_id: text_of(obj, tags::PATIENT_ID).unwrap_or_default(),
                 issuer: text_of(obj, tags::ISSUER_OF_PATIENT_ID).unwrap_or_default(),
@@ -817,7 +827,7 @@ impl<'a> Deidentifier<'a> {
                     .into_iter()
                     .map(|u| {
                         let u = u.trim_matches([' ', '\0']).to_owned();
-                        if u.starts_with(REGISTRY_UID_ROOT) || u.is_empty() {
+                        if u.is_empty() || registry::UidRegistry::standard().is_registered(&u) {
                             u
                         } else {
                             self.keys.remap_uid(&u)

@@ -77,8 +77,17 @@ pub const TRANSFER_SYNTAXES: &[&str] = &[
     "1.2.840.10008.1.2.5",    // RLE
 ];
 
-/// Decode a command set.
+/// A command set is a handful of short elements; anything larger is refused before it is
+/// decoded (or even collected).
+pub const MAX_COMMAND_SET: usize = 16 * 1024;
+
+/// Decode a command set: refused when larger than [`MAX_COMMAND_SET`] or when a length it
+/// declares reaches past its bytes (checked before the parser reserves anything).
 pub fn decode_command(bytes: &[u8]) -> Option<InMemDicomObject> {
+    if bytes.len() > MAX_COMMAND_SET {
+        return None;
+    }
+    crate::read::lengths::check_dataset(bytes, crate::read::lengths::Encoding::IMPLICIT_LE).ok()?;
     let ts = TransferSyntaxRegistry.get("1.2.840.10008.1.2")?;
     InMemDicomObject::read_dataset_with_ts(bytes, ts).ok()
 }

@@ -43,6 +43,8 @@ pub struct ScpConfig {
     pub bind: SocketAddr,
     pub allowed: Vec<AllowedPeer>,
     pub inbox: PathBuf,
+    /// The largest data set accepted in one C-STORE, in bytes; a peer sending more is aborted.
+    pub max_object_bytes: u64,
 }
 
 /// A running SCP.
@@ -198,12 +200,24 @@ fn serve_connection(
                 {
                     match value_type {
                         PDataValueType::Command => {
+                            if command_bytes.len() + data.len() > super::MAX_COMMAND_SET {
+                                tracing::warn!(
+                                    peer = %peer.ip(),
+                                    limit = super::MAX_COMMAND_SET,
+                                    "command set larger than the limit; aborting the association"
+                                );
+                                let _ = assoc.abort();
+                                return Err("command set too large".into());
+                            }
                             command_bytes.extend_from_slice(&data);
                             if !is_last {
                                 continue;
                             }
-                            let cmd =
-                                decode_command(&command_bytes).ok_or("undecodable command set")?;
+                            let Some(cmd) = decode_command(&command_bytes) else {
+                                tracing::warn!(peer = %peer.ip(), bytes = command_bytes.len(), "undecodable command set; aborting the association");
+                                let _ = assoc.abort();
+                                return Err("undecodable command set".into());
+                            };
                             command_bytes.clear();
                             let field = number(&cmd, Tag(0x0000, 0x0100)).unwrap_or(0);
                             let msg_id = number(&cmd, Tag(0x0000, 0x0110)).unwrap_or(0);
@@ -232,6 +246,20 @@ fn serve_connection(
                             }
                         }
                         PDataValueType::Data => {
+                            if pending.is_none() {
+                                tracing::warn!(peer = %peer.ip(), "data set without a C-STORE request; aborting the association");
+                                let _ = assoc.abort();
+                                return Err("data set without a C-STORE request".into());
+                            }
+                            if (dataset.len() + data.len()) as u64 > config.max_object_bytes {
+                                tracing::warn!(
+                                    peer = %peer.ip(),
+                                    limit_bytes = config.max_object_bytes,
+                                    "data set larger than [scp] max_object_mib; aborting the association"
+                                );
+                                let _ = assoc.abort();
+                                return Err("data set too large".into());
+                            }
                             dataset.extend_from_slice(&data);
                             if !is_last {
                                 continue;

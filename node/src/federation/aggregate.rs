@@ -484,27 +484,29 @@ pub fn conformance(
     quarantined: u64,
     k: u32,
 ) -> ConformanceSummary {
+    use std::collections::BTreeSet;
     let k = u64::from(k.max(schema.privacy.min_cell_count));
-    let mut status = [0u64; 3];
-    let mut deviations = vec![0u64; schema.data_of_interest.constraints.len()];
-    let mut findings = [0u64; 3];
+    // Patients, never series: a patient with several series counts once per cell.
+    let mut all: BTreeSet<&str> = BTreeSet::new();
+    let mut status: [BTreeSet<&str>; 3] = Default::default();
+    let mut deviations: Vec<BTreeSet<&str>> =
+        vec![BTreeSet::new(); schema.data_of_interest.constraints.len()];
+    let mut findings: [BTreeSet<&str>; 3] = Default::default();
     for s in &report.series {
+        let p = s.patient.as_str();
+        all.insert(p);
         match &s.protocol {
-            ProtocolStatus::InScope | ProtocolStatus::NoSchema => status[0] += 1,
-            ProtocolStatus::OutOfScope { .. } => status[1] += 1,
-            ProtocolStatus::Deviating { rules } => {
-                status[2] += 1;
-                for (i, c) in schema.data_of_interest.constraints.iter().enumerate() {
-                    let name = serde_json::to_value(c.attribute)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default();
-                    let applies = c
-                        .modality
-                        .as_ref()
-                        .is_none_or(|m| m.eq_ignore_ascii_case(&s.modality));
-                    if applies && rules.iter().any(|r| r.starts_with(&name)) {
-                        deviations[i] += 1;
+            ProtocolStatus::InScope | ProtocolStatus::NoSchema => {
+                status[0].insert(p);
+            }
+            ProtocolStatus::OutOfScope { .. } => {
+                status[1].insert(p);
+            }
+            ProtocolStatus::Deviating { constraints, .. } => {
+                status[2].insert(p);
+                for &i in constraints {
+                    if let Some(d) = deviations.get_mut(i) {
+                        d.insert(p);
                     }
                 }
             }
@@ -514,15 +516,17 @@ pub fn conformance(
                 Severity::Info => 0,
                 Severity::Warning => 1,
                 Severity::Error => 2,
-            }] += 1;
+            }]
+            .insert(p);
         }
     }
-    let st = suppress(&status, k);
+    let count = |set: &BTreeSet<&str>| set.len() as u64;
+    let st = suppress(&status.each_ref().map(count), k);
     ConformanceSummary {
-        series: primary(report.series.len() as u64, k),
+        patients: primary(count(&all), k),
         status: [st[0], st[1], st[2]],
-        deviations: deviations.iter().map(|c| primary(*c, k)).collect(),
-        findings: findings.map(|c| primary(c, k)),
+        deviations: deviations.iter().map(|d| primary(count(d), k)).collect(),
+        findings: findings.each_ref().map(|f| primary(count(f), k)),
         quarantined: primary(quarantined, k),
     }
 }
@@ -559,6 +563,69 @@ mod tests {
         };
         f.values.insert(Quantity::Snr, snr);
         f
+    }
+
+    #[test]
+    fn conformance_counts_patients_and_matches_constraints_by_position() {
+        use crate::curate::report::{CurationReport, SeriesReport};
+        // Two constraints on one attribute (slice thickness for any modality, and a tighter
+        // one for MR): each is counted on its own.
+        let text = SCHEMA.replace(
+            "[[data_of_interest.constraints]]\nattribute = \"field-strength\"",
+            "[[data_of_interest.constraints]]\nattribute = \"slice-thickness\"\nmodality = \"MR\"\nrange = [0.5, 2.0]\n\n[[data_of_interest.constraints]]\nattribute = \"field-strength\"",
+        );
+        let schema = CurationSchema::parse(&text).expect("schema");
+        assert_eq!(
+            schema.data_of_interest.constraints[0].attribute,
+            schema.data_of_interest.constraints[1].attribute
+        );
+        let series = |patient: &str, constraints: Vec<usize>| SeriesReport {
+            series: format!("{patient}-{constraints:?}"),
+            patient: patient.to_owned(),
+            modality: "MR".into(),
+            instances: 1,
+            protocol: if constraints.is_empty() {
+                ProtocolStatus::InScope
+            } else {
+                ProtocolStatus::Deviating {
+                    rules: vec!["slice-thickness outside the protocol".into()],
+                    constraints,
+                }
+            },
+            findings: Vec::new(),
+            quality: Vec::new(),
+        };
+        let mut all = Vec::new();
+        // 12 patients, each with three series violating only the MR constraint (1) and one
+        // in scope; no series violates constraint 0.
+        for i in 0..12 {
+            for _ in 0..3 {
+                all.push(series(&format!("p{i}"), vec![1]));
+            }
+            all.push(series(&format!("p{i}"), vec![]));
+        }
+        let report = CurationReport {
+            report_version: 1,
+            schema: None,
+            instances: all.len(),
+            series: all,
+            site_findings: Vec::new(),
+            counts: Default::default(),
+        };
+        let c = conformance(&report, &schema, 0, 10);
+        assert_eq!(c.patients, Cell::Value(12), "patients, not 48 series");
+        assert_eq!(c.status[0], Cell::Value(12));
+        assert_eq!(
+            c.status[2],
+            Cell::Value(12),
+            "patients with a deviating series"
+        );
+        assert_eq!(
+            c.deviations[0],
+            Cell::Value(0),
+            "not credited by attribute name"
+        );
+        assert_eq!(c.deviations[1], Cell::Value(12));
     }
 
     #[test]

@@ -255,16 +255,49 @@ fn pick_affine(
     super::diagonal(spacing)
 }
 
-fn read_all(path: &Path) -> io::Result<Vec<u8>> {
-    let raw = std::fs::read(path)?;
-    if raw.starts_with(&[0x1F, 0x8B]) {
-        let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(raw.as_slice()).read_to_end(&mut out)?;
-        Ok(out)
+/// At most `cap` bytes of a file, inflated when it is gzip: a small `.nii.gz` that would
+/// inflate to gigabytes is read only as far as its header says it holds.
+fn read_capped(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
+    let mut file = std::fs::File::open(path)?;
+    let mut magic = [0u8; 2];
+    let gz = file.read(&mut magic)? == 2 && magic == [0x1F, 0x8B];
+    let file = std::fs::File::open(path)?;
+    let mut out = Vec::new();
+    if gz {
+        flate2::read::MultiGzDecoder::new(io::BufReader::new(file))
+            .take(cap)
+            .read_to_end(&mut out)?;
     } else {
-        Ok(raw)
+        let len = file.metadata()?.len();
+        out.reserve_exact(len.min(cap) as usize);
+        file.take(cap).read_to_end(&mut out)?;
+    }
+    Ok(out)
+}
+
+/// The largest header (NIfTI-2) and the magic after it.
+const HEADER_READ: u64 = 544;
+
+impl Header {
+    /// Bytes of voxel data the header declares (all dimensions), with checked arithmetic.
+    pub fn data_bytes(&self) -> Result<u64, NiftiError> {
+        let bits = u64::try_from(self.datatype.bits()).unwrap_or(0);
+        self.dims
+            .iter()
+            .try_fold(bits, |acc, &d| {
+                u64::try_from(d)
+                    .ok()
+                    .filter(|&d| d > 0)
+                    .and_then(|d| acc.checked_mul(d))
+            })
+            .map(|b| b.div_ceil(8))
+            .filter(|&b| b <= MAX_DATA_BYTES)
+            .ok_or_else(|| NiftiError::Dimensions(self.dims.clone()))
     }
 }
+
+/// No volume larger than this (64 GiB of voxel data) is read; its dimensions are refused.
+const MAX_DATA_BYTES: u64 = 1 << 36;
 
 /// The image file paired with a `.hdr` (`.img` or `.img.gz`).
 pub fn image_pair(header: &Path) -> Option<PathBuf> {
@@ -286,18 +319,21 @@ pub fn is_nifti_path(path: &Path) -> bool {
 
 /// Read a NIfTI-1/2 or Analyze volume from its path (`.nii[.gz]` or `.hdr[.gz]` + `.img[.gz]`).
 pub fn read(path: &Path) -> Result<(Header, Volume), NiftiError> {
-    let bytes = read_all(path)?;
-    let header = parse_header(&bytes)?;
+    let head = read_capped(path, HEADER_READ)?;
+    let header = parse_header(&head)?;
+    let need = header.data_bytes()?;
     let data: Vec<u8> = if header.single_file
         || (header.flavour != Flavour::Analyze && !path.to_string_lossy().contains(".hdr"))
     {
+        let total = header.vox_offset.saturating_add(need);
+        let bytes = read_capped(path, total)?;
         bytes
             .get(header.vox_offset as usize..)
             .unwrap_or(&[])
             .to_vec()
     } else {
         let img = image_pair(path).ok_or(NiftiError::MissingImage)?;
-        let all = read_all(&img)?;
+        let all = read_capped(&img, header.vox_offset.saturating_add(need))?;
         all.get(header.vox_offset as usize..)
             .unwrap_or(&[])
             .to_vec()
@@ -321,9 +357,8 @@ pub fn decode(header: &Header, data: &[u8]) -> Result<Volume, NiftiError> {
     } else {
         1
     };
-    let bytes_per = (header.datatype.bits() as usize / 8).max(1) / channels.max(1);
-    let n = ni * nj * nk;
-    let need = n * channels * bytes_per;
+    let need =
+        usize::try_from(header.data_bytes()?).map_err(|_| NiftiError::Dimensions(d.clone()))?;
     if data.len() < need {
         return Err(NiftiError::Truncated {
             have: data.len(),

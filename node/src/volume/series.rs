@@ -372,6 +372,19 @@ fn build(
         .and_then(|e| e.value().to_int::<usize>().ok())
         .unwrap_or(1)
         .max(1);
+    // What decoding would allocate must be backed by bytes the objects hold: a few bytes of
+    // compressed data declaring a huge matrix or frame count is refused, not decoded.
+    if let Some(detail) = implausible_decoded_size(objects, &slices, rows, cols, samples) {
+        findings.push(SeriesFinding::Undecodable {
+            transfer_syntax: objects[slices[0].object]
+                .meta()
+                .transfer_syntax()
+                .trim_end_matches('\0')
+                .to_owned(),
+            detail,
+        });
+        return None;
+    }
     // Fortran order: i (column) fastest, as in NIfTI files.
     let mut data = Array4::<f32>::zeros((cols, rows, n, samples).f());
     // Decode each object once (objects in parallel); native frames are read directly.
@@ -444,6 +457,59 @@ fn build(
         }
     }
     Some(finish(data, samples, integral, affine))
+}
+
+/// Decoded pixel data may exceed the encoded bytes by at most this factor, plus
+/// [`DECODE_ALLOWANCE`] (lossless codecs reach 2 to 4, lossy JPEG 10 to 30; a constant
+/// image compresses further but is then small).
+const DECODE_RATIO: u64 = 64;
+/// Decoded bytes allowed whatever the encoded size.
+const DECODE_ALLOWANCE: u64 = 64 * 1024 * 1024;
+
+/// Why decoding these slices would allocate more than their objects can back, if it would.
+fn implausible_decoded_size(
+    objects: &[DefaultDicomObject],
+    slices: &[Slice],
+    rows: usize,
+    cols: usize,
+    samples: usize,
+) -> Option<String> {
+    let frame_bytes = (rows as u64)
+        .checked_mul(cols as u64)
+        .and_then(|p| p.checked_mul(samples as u64))
+        .and_then(|p| p.checked_mul(4));
+    let total = frame_bytes.and_then(|f| f.checked_mul(slices.len() as u64));
+    let mut held: u64 = 0;
+    let mut seen = std::collections::BTreeSet::new();
+    for s in slices {
+        if seen.insert(s.object) {
+            held = held.saturating_add(pixel_bytes_held(&objects[s.object]));
+        }
+    }
+    let allowed = held
+        .saturating_mul(DECODE_RATIO)
+        .saturating_add(DECODE_ALLOWANCE);
+    match total {
+        Some(t) if t <= allowed => None,
+        Some(t) => Some(format!(
+            "{} frames of {rows}x{cols}x{samples} would decode to {t} bytes from {held} bytes of pixel data",
+            slices.len()
+        )),
+        None => Some(format!(
+            "{} frames of {rows}x{cols}x{samples} overflow any allocation",
+            slices.len()
+        )),
+    }
+}
+
+/// Bytes of pixel data an object holds (native value or all fragments).
+fn pixel_bytes_held(obj: &DefaultDicomObject) -> u64 {
+    use dicom_core::value::Value;
+    match obj.get(Tag(0x7FE0, 0x0010)).map(|e| e.value()) {
+        Some(Value::Primitive(p)) => p.calculate_byte_len() as u64,
+        Some(Value::PixelSequence(seq)) => seq.fragments().iter().map(|f| f.len() as u64).sum(),
+        _ => 0,
+    }
 }
 
 /// Raw stored values of one frame of native (uncompressed) single-sample pixel data, without

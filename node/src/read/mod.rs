@@ -12,6 +12,14 @@ use dicom_parser::dataset::read::OddLengthStrategy;
 
 use crate::sample::ts;
 
+pub mod lengths;
+
+use lengths::Encoding;
+
+/// A deflated data set is inflated at most to this size (a deflate bomb is refused, not
+/// inflated).
+pub const DEFLATED_LIMIT: u64 = 32 * 1024 * 1024;
+
 /// Why an input is refused before de-identification.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
@@ -164,9 +172,68 @@ fn sniff(dataset: &[u8]) -> Option<&'static str> {
     }
 }
 
-fn open(bytes: &[u8]) -> Result<DefaultDicomObject, Refusal> {
+/// Check every length a file declares against the bytes it holds, before the parser (which
+/// reserves what a length declares before reading) sees it.
+fn guard(bytes: &[u8]) -> Result<(), Refusal> {
+    if bytes.get(128..132) != Some(b"DICM") {
+        return Ok(());
+    }
+    let to_refusal = |p: lengths::LengthProblem| refuse(p.reason, p.detail);
+    let start = lengths::check_meta(bytes, 132).map_err(to_refusal)?;
+    let Some(ts) = scan_meta(bytes, 132).transfer_syntax else {
+        // The parser refuses a meta group without transfer syntax before reading the data
+        // set; the lenient path rewraps it and comes back here.
+        return Ok(());
+    };
+    let dataset = bytes.get(start..).unwrap_or(&[]);
+    let ts = ts.trim_end_matches(['\0', ' ']);
+    match ts {
+        ts::IMPLICIT_LE => lengths::check_dataset(dataset, Encoding::IMPLICIT_LE),
+        ts::EXPLICIT_BE => lengths::check_dataset(dataset, Encoding::EXPLICIT_BE),
+        ts::DEFLATED_LE => {
+            use std::io::Read;
+            let mut inflated = Vec::new();
+            flate2::read::DeflateDecoder::new(dataset)
+                .take(DEFLATED_LIMIT + 1)
+                .read_to_end(&mut inflated)
+                .map_err(|e| refuse("truncated", format!("deflated data set: {e}")))?;
+            if inflated.len() as u64 > DEFLATED_LIMIT {
+                return Err(refuse(
+                    "deflated-too-large",
+                    format!(
+                        "the deflated data set inflates beyond {} MiB",
+                        DEFLATED_LIMIT >> 20
+                    ),
+                ));
+            }
+            lengths::check_dataset(&inflated, Encoding::EXPLICIT_LE)
+        }
+        t if t == ts::EXPLICIT_LE || is_encapsulated_syntax(t) => {
+            lengths::check_dataset(dataset, Encoding::EXPLICIT_LE)
+        }
+        other => {
+            return Err(refuse(
+                "unsupported-transfer-syntax",
+                format!("transfer syntax {other} is not one the node reads"),
+            ));
+        }
+    }
+    .map_err(to_refusal)
+}
+
+/// Transfer syntaxes whose data set is explicit VR little endian with encapsulated pixel
+/// data (JPEG family, JPEG-LS, JPEG 2000, RLE, MPEG, HEVC, JPEG XL, HTJ2K).
+fn is_encapsulated_syntax(ts: &str) -> bool {
+    ts == ts::RLE
+        || ts
+            .strip_prefix("1.2.840.10008.1.2.4.")
+            .is_some_and(|rest| rest.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn open(bytes: &[u8], odd: OddLengthStrategy) -> Result<DefaultDicomObject, Refusal> {
+    guard(bytes)?;
     OpenFileOptions::new()
-        .odd_length_strategy(OddLengthStrategy::Fail)
+        .odd_length_strategy(odd)
         .from_reader(bytes)
         .map_err(|e| {
             let text = chain(&e);
@@ -279,6 +346,8 @@ pub struct ReadObject {
     /// When set, the object's text was decoded byte-for-byte as ISO_IR 100 and the encoded
     /// output's Specific Character Set value must be put back to these bytes (same length).
     pub restore_charset: Option<Vec<u8>>,
+    /// A conformance problem read past (`odd-length`), recorded with the output.
+    pub finding: Option<&'static str>,
 }
 
 /// Where the value of the top-level Specific Character Set starts, and its length, in an
@@ -398,7 +467,7 @@ pub fn locate_pixel_data<F: std::io::Read + std::io::Seek>(
 /// Specific Character Set is swapped for ISO_IR 100 before parsing (every byte then maps to
 /// one character and back), and the original value is restored in the output.
 pub fn read_object_preserving(bytes: &[u8]) -> Result<ReadObject, Refusal> {
-    let object = read_object(bytes)?;
+    let (object, finding) = read_object_noting(bytes)?;
     let charset = object
         .get(Tag(0x0008, 0x0005))
         .and_then(|e| e.value().to_str().ok().map(|s| s.into_owned()))
@@ -415,6 +484,7 @@ pub fn read_object_preserving(bytes: &[u8]) -> Result<ReadObject, Refusal> {
         return Ok(ReadObject {
             object,
             restore_charset: None,
+            finding,
         });
     }
     let dataset = scan_meta(bytes, 132).end;
@@ -422,6 +492,7 @@ pub fn read_object_preserving(bytes: &[u8]) -> Result<ReadObject, Refusal> {
         return Ok(ReadObject {
             object,
             restore_charset: None,
+            finding,
         });
     };
     const LATIN1: &[u8] = b"ISO_IR 100";
@@ -429,16 +500,18 @@ pub fn read_object_preserving(bytes: &[u8]) -> Result<ReadObject, Refusal> {
         return Ok(ReadObject {
             object,
             restore_charset: None,
+            finding,
         });
     }
     let original = bytes[at..at + len].to_vec();
     let mut patched = bytes.to_vec();
     patched[at..at + len].fill(b' ');
     patched[at..at + LATIN1.len()].copy_from_slice(LATIN1);
-    let object = read_object(&patched)?;
+    let (object, finding) = read_object_noting(&patched)?;
     Ok(ReadObject {
         object,
         restore_charset: Some(original),
+        finding,
     })
 }
 
@@ -456,6 +529,24 @@ pub fn restore_charset(encoded: &mut [u8], original: &[u8], big_endian: bool) ->
 
 /// Read one input file.
 pub fn read_object(bytes: &[u8]) -> Result<DefaultDicomObject, Refusal> {
+    read_object_noting(bytes).map(|(o, _)| o)
+}
+
+/// Read one input file, with a finding when it is readable but not conformant: values of odd
+/// length are read as they are (as dcmtk does) and noted as `odd-length`; the writer pads
+/// every value to an even length.
+pub fn read_object_noting(
+    bytes: &[u8],
+) -> Result<(DefaultDicomObject, Option<&'static str>), Refusal> {
+    match read_with(bytes, OddLengthStrategy::Fail) {
+        Err(r) if r.reason == "odd-length" => {
+            read_with(bytes, OddLengthStrategy::Accept).map(|o| (o, Some("odd-length")))
+        }
+        other => other.map(|o| (o, None)),
+    }
+}
+
+fn read_with(bytes: &[u8], odd: OddLengthStrategy) -> Result<DefaultDicomObject, Refusal> {
     let magic_at = if bytes.get(128..132) == Some(b"DICM") {
         Some(132)
     } else if bytes.get(0..4) == Some(b"DICM") {
@@ -464,14 +555,14 @@ pub fn read_object(bytes: &[u8]) -> Result<DefaultDicomObject, Refusal> {
         None
     };
     let obj = match magic_at {
-        Some(132) => match open(bytes) {
+        Some(132) => match open(bytes, odd) {
             Ok(o) => o,
             Err(first) => match excise_undefined_un(bytes) {
-                Some(cleaned) => open(&cleaned).map_err(|_| first)?,
-                None => reread(bytes, 132, first)?,
+                Some(cleaned) => open(&cleaned, odd).map_err(|_| first)?,
+                None => reread(bytes, 132, first, odd)?,
             },
         },
-        Some(start) => reread(bytes, start, refuse("unreadable", "no preamble"))?,
+        Some(start) => reread(bytes, start, refuse("unreadable", "no preamble"), odd)?,
         None => {
             let ts = sniff(bytes).ok_or_else(|| {
                 refuse(
@@ -479,7 +570,7 @@ pub fn read_object(bytes: &[u8]) -> Result<DefaultDicomObject, Refusal> {
                     "neither a DICOM file header nor a recognisable data set",
                 )
             })?;
-            open(&rewrap(bytes, ts, "")?)?
+            open(&rewrap(bytes, ts, "")?, odd)?
         }
     };
     check(&obj)?;
@@ -488,7 +579,12 @@ pub fn read_object(bytes: &[u8]) -> Result<DefaultDicomObject, Refusal> {
 
 /// Second chance for files whose meta group dicom-object refuses (no preamble, no group
 /// length, no transfer syntax): scan it leniently and rewrap the data set.
-fn reread(bytes: &[u8], start: usize, first: Refusal) -> Result<DefaultDicomObject, Refusal> {
+fn reread(
+    bytes: &[u8],
+    start: usize,
+    first: Refusal,
+    odd: OddLengthStrategy,
+) -> Result<DefaultDicomObject, Refusal> {
     let scan = scan_meta(bytes, start);
     let dataset = bytes.get(scan.end..).unwrap_or(&[]);
     // A content problem in the data set (truncation, odd length) is the real reason.
@@ -501,11 +597,10 @@ fn reread(bytes: &[u8], start: usize, first: Refusal) -> Result<DefaultDicomObje
             .ok_or_else(|| refuse("unreadable", format!("meta group without transfer syntax, and the data set encoding is not recognisable; first error: {}", first.detail)))?
             .to_owned(),
     };
-    open(&rewrap(
-        dataset,
-        &ts,
-        scan.sop_class.as_deref().unwrap_or(""),
-    )?)
+    open(
+        &rewrap(dataset, &ts, scan.sop_class.as_deref().unwrap_or(""))?,
+        odd,
+    )
 }
 
 fn number(obj: &InMemDicomObject, tag: Tag) -> Option<u64> {
@@ -539,9 +634,18 @@ fn check(obj: &DefaultDicomObject) -> Result<(), Refusal> {
             let rows = number(obj, Tag(0x0028, 0x0010)).unwrap_or(0);
             let cols = number(obj, Tag(0x0028, 0x0011)).unwrap_or(0);
             let bits = number(obj, Tag(0x0028, 0x0100)).unwrap_or(0);
-            let samples = number(obj, Tag(0x0028, 0x0002)).unwrap_or(1);
+            // YBR_FULL_422 keeps two luminance and two chrominance samples per pair of
+            // pixels (PS3.5 §8.2.3): two samples per pixel, whatever Samples per Pixel says.
+            let samples = if text(obj, Tag(0x0028, 0x0004)) == "YBR_FULL_422" {
+                2
+            } else {
+                number(obj, Tag(0x0028, 0x0002)).unwrap_or(1)
+            };
             let frames = number(obj, Tag(0x0028, 0x0008)).unwrap_or(1).max(1);
-            let expected = (rows * cols * samples * frames * bits).div_ceil(8);
+            let expected = [rows, cols, samples, frames, bits]
+                .into_iter()
+                .try_fold(1u64, u64::checked_mul)
+                .map_or(u64::MAX, |b| b.div_ceil(8));
             let actual = match p {
                 PrimitiveValue::Empty => 0,
                 p => p.calculate_byte_len() as u64,
