@@ -289,7 +289,7 @@ impl Catalog {
         let existed = path.exists();
         let conn = Connection::open(path).map_err(sq)?;
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000; PRAGMA secure_delete = ON;",
         )
         .map_err(sq)?;
         #[cfg(unix)]
@@ -755,6 +755,11 @@ impl Catalog {
             .map_err(err)?;
         }
         tx.commit().map_err(err)?;
+        // Old ciphertexts: overwritten in the database pages (secure_delete), and the
+        // write-ahead log that held the pages' previous state is checkpointed and emptied.
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(err)?;
         Ok(())
     }
 
@@ -889,5 +894,47 @@ mod tests {
             Catalog::open(&p),
             Err(CatalogError::TooNew { found: 99, .. })
         ));
+    }
+
+    #[test]
+    fn replaced_vault_ciphertexts_leave_no_trace_in_the_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("catalog.sqlite");
+        let mut c = Catalog::open(&p).expect("open");
+        // Old entries longer than their replacements: the freed bytes of each cell stay in
+        // the page unless SQLite overwrites them.
+        let old: Vec<VaultRow> = (0..40)
+            .map(|i| {
+                (
+                    format!("P{i:04}"),
+                    vec![1u8; 12],
+                    format!("OLDCIPHERTEXT-{i:04}-").repeat(6).into_bytes(),
+                )
+            })
+            .collect();
+        for (pseudonym, nonce, ct) in &old {
+            c.connection()
+                .execute(
+                    "INSERT INTO vault (pseudonym, nonce, ciphertext) VALUES (?1, ?2, ?3)",
+                    params![pseudonym, nonce, ct],
+                )
+                .expect("insert");
+        }
+        c.connection()
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .expect("checkpoint");
+        let new: Vec<VaultRow> = old
+            .iter()
+            .map(|(p, _, _)| (p.clone(), vec![2u8; 12], b"new".to_vec()))
+            .collect();
+        c.replace_vault(&new).expect("replace");
+        drop(c);
+        for file in ["catalog.sqlite", "catalog.sqlite-wal"] {
+            let bytes = std::fs::read(dir.path().join(file)).unwrap_or_default();
+            assert!(
+                !bytes.windows(13).any(|w| w == b"OLDCIPHERTEXT"),
+                "an old ciphertext survives in {file}"
+            );
+        }
     }
 }

@@ -324,6 +324,12 @@ enum QuarantineCommand {
         #[arg(long)]
         all: bool,
     },
+    /// Show one entry's parser detail, for review on this machine. The detail may quote bytes
+    /// of the original file (identifying): it is never logged, exported or sent anywhere.
+    Show {
+        /// The entry's id (a prefix of its content hash is enough).
+        id: String,
+    },
     /// Retry a quarantined input with the current configuration (after review).
     Release {
         /// The entry's id (a prefix of its content hash is enough).
@@ -539,8 +545,17 @@ fn main() -> Result<()> {
             };
             // Only the catalog is opened (SQLite serialises access), so export can run while
             // the node ingests.
-            let catalog = Catalog::open(&config.data_dir.join("catalog.sqlite"))?;
-            let recorded = |h: &str| catalog.is_own_output(h).unwrap_or(false);
+            let catalog_path = config.data_dir.join("catalog.sqlite");
+            let catalog = if catalog_path.exists() {
+                Some(Catalog::open(&catalog_path)?)
+            } else {
+                None
+            };
+            let recorded = |h: &str| {
+                catalog
+                    .as_ref()
+                    .is_some_and(|c| c.is_own_output(h).unwrap_or(false))
+            };
             let s = node::export::export(&input, &out, &opts, &recorded)?;
             println!(
                 "exported {} volumes of {} patients to {} ({} series skipped: no geometry or undecodable)",
@@ -1068,6 +1083,35 @@ fn quarantine(config: &NodeConfig, command: QuarantineCommand) -> Result<()> {
                 entries.len(),
                 dd.root.join("quarantine").display()
             );
+            Ok(())
+        }
+        QuarantineCommand::Show { id } => {
+            let entries: Vec<_> = dd
+                .catalog
+                .quarantine_entries(true)?
+                .into_iter()
+                .filter(|e| e.id.starts_with(&id))
+                .collect();
+            let [e] = entries.as_slice() else {
+                bail!(
+                    "{} entries match {id:?}; give more characters of the id (see `quarantine list`)",
+                    entries.len()
+                );
+            };
+            println!("id        {}", e.id);
+            println!("reason    {}", e.reason);
+            println!("at        {}", e.quarantined_at);
+            println!(
+                "original  {}",
+                dd.root
+                    .join("quarantine")
+                    .join(format!("{}.dcm", e.id))
+                    .display()
+            );
+            println!(
+                "detail    (may quote the original file: identifying, keep it on this machine)"
+            );
+            println!("          {}", e.detail);
             Ok(())
         }
         QuarantineCommand::Release { id, output } => {

@@ -474,6 +474,15 @@ fn reidentification_needs_the_right_key_and_is_audited() {
     std::fs::write(&site.cfg, restored).expect("cfg");
     let rotated = keydir.path().join("rotated.key");
     run(bin().args(["secret", "generate", "--out"]).arg(&rotated));
+    let old_ciphertexts: Vec<Vec<u8>> = {
+        let db = rusqlite::Connection::open(site.path("data/catalog.sqlite")).expect("catalog");
+        let mut st = db.prepare("SELECT ciphertext FROM vault").expect("query");
+        st.query_map([], |r| r.get::<_, Vec<u8>>(0))
+            .expect("rows")
+            .map(|r| r.expect("row"))
+            .collect()
+    };
+    assert_eq!(old_ciphertexts.len(), 3);
     let out = run(site
         .cmd()
         .args(["secret", "rotate-vault", "--new-key"])
@@ -482,6 +491,17 @@ fn reidentification_needs_the_right_key_and_is_audited() {
         String::from_utf8_lossy(&out.stdout).contains("re-encrypted 3 entries"),
         "{out:?}"
     );
+    // No old ciphertext is left in the database file, its free pages or its log: whoever
+    // holds the old key and a copy of the data directory cannot open the old map.
+    for file in ["catalog.sqlite", "catalog.sqlite-wal"] {
+        let bytes = std::fs::read(site.path("data").join(file)).unwrap_or_default();
+        for c in &old_ciphertexts {
+            assert!(
+                !bytes.windows(c.len()).any(|w| w == c.as_slice()),
+                "an old ciphertext survives in {file}"
+            );
+        }
+    }
     let e = fails(site.cmd().args(["reidentify", first]));
     assert!(
         e.contains("does not decrypt"),

@@ -237,6 +237,29 @@ fn every_input_is_written_or_quarantined_with_a_reason() {
     // Odd-length values are read (as dcmtk does) and noted on the written row.
     assert!(list.contains("2 entries"), "{list}");
     let export = run(bin().arg("--config").arg(&cfg).args(["catalog", "export"]));
+    // The parser detail (which may quote the file) stays in the catalog: not in the list,
+    // not in the export; `quarantine show` prints it on this machine only.
+    let details: Vec<(String, String)> = {
+        let db = rusqlite::Connection::open(dir.path().join("data/catalog.sqlite")).expect("db");
+        let mut st = db
+            .prepare("SELECT id, detail FROM quarantine")
+            .expect("query");
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("rows")
+            .map(|r| r.expect("row"))
+            .collect()
+    };
+    assert_eq!(details.len(), 2);
+    let exported = String::from_utf8_lossy(&export.stdout).into_owned();
+    for (id, detail) in &details {
+        assert!(detail.len() > 8, "a detail is recorded");
+        assert!(!list.contains(detail.as_str()) && !exported.contains(detail.as_str()));
+        let shown = run(bin()
+            .arg("--config")
+            .arg(&cfg)
+            .args(["quarantine", "show", &id[..12]]));
+        assert!(String::from_utf8_lossy(&shown.stdout).contains(detail.as_str()));
+    }
     assert!(
         String::from_utf8_lossy(&export.stdout)
             .lines()
@@ -504,6 +527,36 @@ fn systemd_units_verify() {
     // Only complaints about these units count (the host's own units are not ours to fix).
     let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("fedcurate")).collect();
     assert!(out.status.success() && ours.is_empty(), "{stderr}");
+    // Exposure, as systemd rates it (Debian's Orthanc unit: 9.2 UNSAFE): every unit at most
+    // 2.0; those that need no internet (metrics on loopback, purge) at most 1.0.
+    for unit in units
+        .iter()
+        .filter(|u| u.extension().is_some_and(|x| x == "service"))
+    {
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=true"])
+            .arg(unit)
+            .output()
+            .expect("systemd-analyze security");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let score: f64 = text
+            .lines()
+            .find_map(|l| l.split("Overall exposure level for ").nth(1))
+            .and_then(|rest| rest.split(": ").nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no exposure level for {}: {text}", unit.display()));
+        let name = unit
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let bound = if name.contains("metrics") || name.contains("purge") {
+            1.0
+        } else {
+            2.0
+        };
+        assert!(score <= bound, "{name}: exposure {score} above {bound}");
+    }
 }
 
 fn check(cfg: &Path, extra: &[&str]) -> (bool, String) {

@@ -688,3 +688,46 @@ fn only_registered_uids_are_kept_and_meta_agrees_with_the_data_set() {
     let misused = deid("1.2.840.10008.5.1.4.1.1.2.4711");
     assert!(misused.starts_with("2.25."), "{misused}");
 }
+
+#[test]
+fn undefined_length_un_sequences_are_walked_too() {
+    // The same file with its Anatomic Region Sequence written as CP-246 has it: UN with
+    // undefined length, closed by a sequence delimiter.
+    let (defined, originals) = sample::un_encoded_file().expect("fixture");
+    let header = [0x08, 0x00, 0x18, 0x22, b'U', b'N', 0, 0];
+    let at = defined
+        .windows(8)
+        .position(|w| w == header)
+        .expect("the UN sequence");
+    let len = u32::from_le_bytes([
+        defined[at + 8],
+        defined[at + 9],
+        defined[at + 10],
+        defined[at + 11],
+    ]) as usize;
+    let mut input = defined[..at + 8].to_vec();
+    input.extend_from_slice(&[0xFF; 4]);
+    input.extend_from_slice(&defined[at + 12..at + 12 + len]);
+    input.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+    input.extend_from_slice(&defined[at + 12 + len..]);
+    let (_, out) = batch::deidentify_bytes(&Deidentifier::new(&policy(&[]), &keys(9)), &input)
+        .expect("de-identified");
+    let o = open(&out);
+    let region = items(&o, Tag(0x0008, 0x2218));
+    assert_eq!(region.len(), 1, "put back and walked");
+    assert_eq!(
+        text(&region[0], Tag(0x0008, 0x0104)).as_deref(),
+        Some("Brain")
+    );
+    assert!(
+        text(&region[0], Tag(0x0008, 0x1155))
+            .unwrap_or_default()
+            .starts_with("2.25.")
+    );
+    for v in &originals {
+        assert!(
+            !out.windows(v.len()).any(|w| w == v.as_bytes()),
+            "{v} survives"
+        );
+    }
+}

@@ -337,3 +337,34 @@ fn ct_padding_is_excluded_from_the_statistics() {
         "padding would have shifted the statistics: {all:?}"
     );
 }
+
+#[test]
+fn kde_on_a_constant_foreground_is_refused_like_other_degenerate_inputs() {
+    // The reference raises on a constant foreground (no density to estimate); so do we, for
+    // every contrast, instead of returning a scale from a flat histogram.
+    let v = tiny(&[0.0, 0.0, 7.0, 7.0, 7.0, 7.0, 7.0, 7.0]);
+    for contrast in [Contrast::T1, Contrast::T2, Contrast::Flair, Contrast::Pd] {
+        let r = harmonise::apply(
+            &per_volume(Method::Kde { contrast }),
+            &v,
+            &Foreground::Positive,
+        );
+        assert_eq!(
+            r.map(|_| ()),
+            Err(harmonise::HarmoniseError::Degenerate),
+            "{contrast:?}"
+        );
+    }
+    // A foreground that varies is normalised.
+    let w = tiny(&[0.0, 5.0, 6.0, 7.0, 7.0, 7.0, 8.0, 9.0]);
+    assert!(
+        harmonise::apply(
+            &per_volume(Method::Kde {
+                contrast: Contrast::T1
+            }),
+            &w,
+            &Foreground::Positive
+        )
+        .is_ok()
+    );
+}

@@ -275,3 +275,49 @@ fn korean_with_code_extensions_is_kept_byte_for_byte() {
     assert!(find(&out, b"\\ISO 2022 IR 149"), "character set restored");
     assert!(!find(&out, b"Yamada"), "identifying text removed");
 }
+
+/// Native pixel data holds exactly what its geometry needs, whatever the photometric
+/// interpretation: YBR_FULL_422 two samples per pixel, bits allocated 1 packed across frames.
+#[test]
+fn pixel_data_length_is_checked_per_photometric_interpretation() {
+    use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
+    let image = |photometric: &str, samples: u16, bits: u16, frames: u32, bytes: usize| {
+        let mut o = dicom_object::InMemDicomObject::new_empty();
+        sample::put_text(&mut o, Tag(0x0008, 0x0016), VR::UI, sample::sop::CT);
+        sample::put_text(&mut o, Tag(0x0008, 0x0018), VR::UI, "2.25.77");
+        sample::put_text(&mut o, Tag(0x0028, 0x0004), VR::CS, photometric);
+        sample::put_text(&mut o, Tag(0x0028, 0x0008), VR::IS, &frames.to_string());
+        for (tag, v) in [
+            (Tag(0x0028, 0x0002), samples),
+            (Tag(0x0028, 0x0010), 8),
+            (Tag(0x0028, 0x0011), 8),
+            (Tag(0x0028, 0x0100), bits),
+            (Tag(0x0028, 0x0101), bits),
+        ] {
+            o.put(DataElement::new(tag, VR::US, PrimitiveValue::from(v)));
+        }
+        o.put(DataElement::new(
+            Tag(0x7FE0, 0x0010),
+            VR::OB,
+            PrimitiveValue::from(vec![0u8; bytes]),
+        ));
+        let file = sample::encode(o, sample::ts::EXPLICIT_LE).expect("encode");
+        node::read::read_object(&file)
+            .map(|_| ())
+            .map_err(|r| r.reason)
+    };
+    // 8 x 8 YBR_FULL_422, 8 bits: 2 bytes per pixel (not 3).
+    assert_eq!(image("YBR_FULL_422", 3, 8, 1, 128), Ok(()));
+    assert_eq!(
+        image("YBR_FULL_422", 3, 8, 1, 126),
+        Err("truncated-pixel-data")
+    );
+    assert_eq!(image("RGB", 3, 8, 1, 192), Ok(()));
+    assert_eq!(image("RGB", 3, 8, 1, 128), Err("truncated-pixel-data"));
+    // Bits allocated 1: 3 frames of 64 pixels in 24 bytes.
+    assert_eq!(image("MONOCHROME2", 1, 1, 3, 24), Ok(()));
+    assert_eq!(
+        image("MONOCHROME2", 1, 1, 3, 22),
+        Err("truncated-pixel-data")
+    );
+}

@@ -606,11 +606,13 @@ fn apply_to<T: Target>(
         }
         Method::Kde { contrast } => {
             let held = held(x, rule)?;
-            let (_, mode) = held
+            let (extent, mode) = held
                 .region()
                 .tissue_mode(*contrast)
                 .ok_or(HarmoniseError::EmptyForeground)?;
-            if mode == 0.0 {
+            // A constant foreground has no density to smooth (the reference raises): refused
+            // like the other degenerate inputs.
+            if mode == 0.0 || extent.max <= extent.min {
                 return Err(HarmoniseError::Degenerate);
             }
             finish(out, |v| v / mode)

@@ -61,6 +61,8 @@ const PIXEL_DATA: (u16, u16) = (0x7FE0, 0x0010);
 
 struct Walker<'a> {
     b: &'a [u8],
+    /// Offsets of the top-level elements met, in order.
+    tops: std::cell::RefCell<Vec<usize>>,
 }
 
 impl Walker<'_> {
@@ -176,6 +178,9 @@ impl Walker<'_> {
                 (None, 8, self.u32(at + 4, enc).unwrap_or(0))
             };
             let tag = (group, element);
+            if depth == 0 && !end_delimited {
+                self.tops.borrow_mut().push(at);
+            }
             let start = at + header;
             if len == UNDEFINED {
                 at = match vr {
@@ -337,15 +342,27 @@ fn long_length(vr: &[u8; 2]) -> bool {
 
 /// Check a data set's declared structure against its bytes.
 pub fn check_dataset(bytes: &[u8], enc: Encoding) -> Result<(), LengthProblem> {
-    Walker { b: bytes }
-        .dataset(0, bytes.len(), enc, 0, false)
-        .map(|_| ())
+    top_level_offsets(bytes, enc).map(|_| ())
+}
+
+/// Check a data set as [`check_dataset`] does, and return the offsets of its top-level
+/// elements.
+pub fn top_level_offsets(bytes: &[u8], enc: Encoding) -> Result<Vec<usize>, LengthProblem> {
+    let w = Walker {
+        b: bytes,
+        tops: Default::default(),
+    };
+    w.dataset(0, bytes.len(), enc, 0, false)?;
+    Ok(w.tops.into_inner())
 }
 
 /// Check a file meta group (explicit VR little endian, group 0002) starting at `at`: every
 /// element's declared length fits the bytes. Returns where the data set starts.
 pub fn check_meta(bytes: &[u8], mut at: usize) -> Result<usize, LengthProblem> {
-    let w = Walker { b: bytes };
+    let w = Walker {
+        b: bytes,
+        tops: Default::default(),
+    };
     let enc = Encoding::EXPLICIT_LE;
     while w.u16(at, enc) == Some(0x0002) {
         let element = w.u16(at + 2, enc).unwrap_or(0);

@@ -258,15 +258,36 @@ fn rewrap(dataset: &[u8], transfer_syntax: &str, sop_class: &str) -> Result<Vec<
     Ok(out)
 }
 
-/// Remove every element encoded as UN with undefined length (CP-246: its content is implicit
-/// VR little endian, which the parser does not follow inside an explicit VR file). Private
-/// ones would be removed anyway unless safe; standard ones are removed whole rather than
-/// passed through unread. Returns `None` if there is none, or the content cannot be delimited.
-fn excise_undefined_un(bytes: &[u8]) -> Option<Vec<u8>> {
+/// An element encoded as UN with undefined length, cut out of the file: its tag and its
+/// content (the items, implicit VR little endian, without the sequence delimiter).
+struct Excised {
+    tag: Tag,
+    content: Vec<u8>,
+    /// Whether it was an element of the top-level data set (nested ones are not put back:
+    /// their place cannot be rebuilt, so they stay removed).
+    top_level: bool,
+}
+
+/// Cut out every element encoded as UN with undefined length (CP-246: its content is implicit
+/// VR little endian, which the parser does not follow inside an explicit VR file). They are put
+/// back as UN elements with a defined length, which de-identification decodes with the
+/// dictionary's VR (standard sequences) or removes (unknown private ones). Returns `None` if
+/// there is none, or the content cannot be delimited.
+fn excise_undefined_un(bytes: &[u8]) -> Option<(Vec<u8>, Vec<Excised>)> {
     const PATTERN: &[u8] = b"UN\0\0\xFF\xFF\xFF\xFF";
+    // Top-level elements, when the file is explicit VR little endian with a meta group.
+    let tops: std::collections::HashSet<usize> = (bytes.get(128..132) == Some(b"DICM"))
+        .then(|| lengths::check_meta(bytes, 132).ok())
+        .flatten()
+        .and_then(|start| {
+            lengths::top_level_offsets(bytes.get(start..)?, Encoding::EXPLICIT_LE)
+                .ok()
+                .map(|o| o.into_iter().map(|x| x + start).collect())
+        })
+        .unwrap_or_default();
     let mut out = Vec::with_capacity(bytes.len());
+    let mut excised = Vec::new();
     let mut at = 0;
-    let mut found = false;
     while let Some(rel) = bytes
         .get(at..)?
         .windows(PATTERN.len())
@@ -274,13 +295,30 @@ fn excise_undefined_un(bytes: &[u8]) -> Option<Vec<u8>> {
     {
         let vr_at = at + rel;
         let start = vr_at.checked_sub(4)?;
-        let end = end_of_implicit_sequence(bytes, vr_at + PATTERN.len())?;
+        let content_start = vr_at + PATTERN.len();
+        let end = end_of_implicit_sequence(bytes, content_start)?;
+        excised.push(Excised {
+            tag: Tag(u16le(bytes, start)?, u16le(bytes, start + 2)?),
+            content: bytes.get(content_start..end.checked_sub(8)?)?.to_vec(),
+            top_level: tops.contains(&start),
+        });
         out.extend_from_slice(&bytes[at..start]);
         at = end;
-        found = true;
     }
     out.extend_from_slice(bytes.get(at..)?);
-    found.then_some(out)
+    (!excised.is_empty()).then_some((out, excised))
+}
+
+/// Put excised CP-246 elements back as UN elements with a defined length.
+fn restore_excised(mut obj: DefaultDicomObject, excised: Vec<Excised>) -> DefaultDicomObject {
+    for e in excised.into_iter().filter(|e| e.top_level) {
+        obj.put(dicom_core::DataElement::new(
+            e.tag,
+            dicom_core::VR::UN,
+            PrimitiveValue::U8(e.content.into()),
+        ));
+    }
+    obj
 }
 
 /// Offset just past the sequence delimiter closing an undefined-length implicit VR sequence
@@ -558,7 +596,9 @@ fn read_with(bytes: &[u8], odd: OddLengthStrategy) -> Result<DefaultDicomObject,
         Some(132) => match open(bytes, odd) {
             Ok(o) => o,
             Err(first) => match excise_undefined_un(bytes) {
-                Some(cleaned) => open(&cleaned, odd).map_err(|_| first)?,
+                Some((cleaned, excised)) => {
+                    restore_excised(open(&cleaned, odd).map_err(|_| first)?, excised)
+                }
                 None => reread(bytes, 132, first, odd)?,
             },
         },
