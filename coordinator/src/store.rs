@@ -150,6 +150,13 @@ impl Store {
         Self::init(Connection::open(path)?)
     }
 
+    /// The `synchronous` setting in force (2 = FULL).
+    pub fn synchronous(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))?)
+    }
+
     /// A database in memory (tests, benchmarks).
     pub fn in_memory() -> Result<Self, StoreError> {
         Self::init(Connection::open_in_memory()?)
@@ -157,7 +164,9 @@ impl Store {
 
     fn init(conn: Connection) -> Result<Self, StoreError> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // FULL: a transaction is on disk when it commits, so an acknowledged report cannot
+        // roll back after a power cut (NORMAL in WAL mode only protects against corruption).
+        conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version > MIGRATIONS.len() as i64 {
@@ -461,5 +470,21 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acknowledged_means_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("coordinator.sqlite")).expect("open");
+        assert_eq!(
+            store.synchronous().expect("pragma"),
+            2,
+            "synchronous = FULL"
+        );
     }
 }

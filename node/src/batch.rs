@@ -240,6 +240,15 @@ impl DurableBatch {
         Ok(())
     }
 
+    /// The temporary file staged for `dest` in this batch, if any.
+    pub fn staged_for(&self, dest: &Path) -> Option<&Path> {
+        self.staged
+            .iter()
+            .rev()
+            .find(|(_, d)| d == dest)
+            .map(|(t, _)| t.as_path())
+    }
+
     /// Copy `src` to a temporary file next to `dest` (streamed).
     pub fn stage_copy(&mut self, dest: &Path, src: &Path) -> io::Result<()> {
         let dir = dest.parent().unwrap_or(Path::new("."));
@@ -893,6 +902,21 @@ fn step(
             record.output_path = Some(rel);
             record.output_hash = Some(out_hash);
         }
+        Some(_)
+            if same_instance_other_encoding(
+                pending
+                    .files
+                    .staged_for(&paths.output.join(&rel))
+                    .unwrap_or(&paths.output.join(&rel)),
+                &encoded,
+            ) =>
+        {
+            tracing::debug!(input = %short, "the same instance in another encoding");
+            record.outcome = RecordedOutcome::Duplicate;
+            record.reason = Some("other-encoding".into());
+            record.output_path = Some(rel);
+            record.output_hash = existing;
+        }
         Some(_) => {
             let reason = "uid-conflict".to_owned();
             quarantine(
@@ -933,6 +957,61 @@ fn step(
         }
     }
     Ok(record)
+}
+
+/// Decoded pixel data may exceed the encoded bytes by at most this factor, plus a fixed
+/// allowance, before it is decoded to compare two encodings.
+const DECODE_RATIO: u64 = 64;
+const DECODE_ALLOWANCE: u64 = 64 * 1024 * 1024;
+
+/// Whether an output already written (at `earlier`) and a new one are the same instance in
+/// two encodings: same UIDs (they share an output path, which is derived from them) and
+/// identical decoded pixels (e.g. an archive keeping a compressed and an uncompressed copy).
+fn same_instance_other_encoding(earlier: &Path, new: &Output) -> bool {
+    let Output::Bytes(new) = new else {
+        return false;
+    };
+    let Ok(old) = fs::read(earlier) else {
+        return false;
+    };
+    match (decoded_pixels(&old), decoded_pixels(new)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// The decoded pixel data of an encoded object with its geometry, when its declared decoded
+/// size is backed by the bytes it holds.
+fn decoded_pixels(bytes: &[u8]) -> Option<(u32, u32, u32, u16, Vec<u8>)> {
+    use dicom_pixeldata::PixelDecoder;
+    let obj = crate::read::read_object(bytes).ok()?;
+    let number = |t: dicom_core::Tag| -> Option<u64> {
+        let e = obj.get(t)?;
+        e.value()
+            .to_int::<u64>()
+            .ok()
+            .or_else(|| e.value().to_str().ok()?.trim().parse().ok())
+    };
+    let declared = [
+        number(dicom_core::Tag(0x0028, 0x0010))?,
+        number(dicom_core::Tag(0x0028, 0x0011))?,
+        number(dicom_core::Tag(0x0028, 0x0002)).unwrap_or(1),
+        number(dicom_core::Tag(0x0028, 0x0100))?.div_ceil(8),
+        number(dicom_core::Tag(0x0028, 0x0008)).unwrap_or(1).max(1),
+    ]
+    .into_iter()
+    .try_fold(1u64, u64::checked_mul)?;
+    if declared > (bytes.len() as u64).saturating_mul(DECODE_RATIO) + DECODE_ALLOWANCE {
+        return None;
+    }
+    let d = obj.decode_pixel_data().ok()?;
+    Some((
+        d.rows(),
+        d.columns(),
+        d.number_of_frames(),
+        d.bits_allocated(),
+        d.data().to_vec(),
+    ))
 }
 
 /// Retry a quarantined original with the current configuration; on success its output is

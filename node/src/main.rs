@@ -1628,11 +1628,23 @@ fn harmonise(config: &NodeConfig, a: HarmoniseArgs) -> Result<()> {
         }
         None => {
             // Fitting: a summary per volume with its own mask, merged (equal to pooled fitting).
-            let per: Vec<h::Model> = volumes
-                .iter()
-                .zip(&rules)
-                .map(|((_, v, _), r)| h::fit(&method, std::slice::from_ref(v), r))
-                .collect::<Result<_, _>>()?;
+            // A degenerate volume (constant or empty foreground, infinite voxels) is left out
+            // of the fit with a finding, and the fit goes on without it.
+            let mut per: Vec<h::Model> = Vec::new();
+            for ((rel, v, _), r) in volumes.iter().zip(&rules) {
+                match h::fit(&method, std::slice::from_ref(v), r) {
+                    Ok(m) => per.push(m),
+                    Err(
+                        e @ (h::HarmoniseError::Degenerate | h::HarmoniseError::EmptyForeground),
+                    ) => {
+                        println!(
+                            "finding  harmonise-degenerate-input  {}: left out of the fit ({e})",
+                            rel.display()
+                        );
+                    }
+                    Err(e) => bail!("{}: {e}", rel.display()),
+                }
+            }
             if matches!(method, Method::Lsq) {
                 per.into_iter().next().context("no volume to fit on")?
             } else {
@@ -1646,10 +1658,21 @@ fn harmonise(config: &NodeConfig, a: HarmoniseArgs) -> Result<()> {
     let dd = open_data_dir(&config.data_dir)?;
     let method_json = serde_json::to_string(&model.method)?;
     let count = volumes.len();
+    let mut refused = 0;
     for ((rel, v, source_hash), rule) in volumes.into_iter().zip(&rules) {
         // The volume is not needed afterwards: rewritten in place, no second buffer.
-        let out = h::apply_owned(&model, v, rule)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", rel.display()))?;
+        let out = match h::apply_owned(&model, v, rule) {
+            Ok(o) => o,
+            Err(e @ (h::HarmoniseError::Degenerate | h::HarmoniseError::EmptyForeground)) => {
+                println!(
+                    "finding  harmonise-degenerate-input  {}: not harmonised ({e})",
+                    rel.display()
+                );
+                refused += 1;
+                continue;
+            }
+            Err(e) => bail!("{}: {e}", rel.display()),
+        };
         let name = rel
             .to_string_lossy()
             .replace(".nii.gz", "")
@@ -1671,7 +1694,7 @@ fn harmonise(config: &NodeConfig, a: HarmoniseArgs) -> Result<()> {
     }
     println!(
         "harmonised {} volumes with {method_json} (model {} in {})",
-        count,
+        count - refused,
         &model_hash[..12],
         a.out.join("model.json").display()
     );

@@ -1053,3 +1053,66 @@ fn export_refuses_a_folder_that_is_not_this_nodes_deidentified_output() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_degenerate_volume_is_left_out_of_a_fit_with_a_finding() {
+    use node::volume::{StoredType, Volume, diagonal, nifti};
+    let site = Site::new("");
+    let volume = |seed: u32, constant: bool| {
+        let mut data = ndarray::Array4::<f32>::zeros((12, 12, 12, 1));
+        let mut state = seed;
+        for v in data.iter_mut() {
+            state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            *v = if constant {
+                300.0
+            } else {
+                1.0 + ((state >> 8) % 1000) as f32 * (1.0 + seed as f32 / 10.0)
+            };
+        }
+        nifti::encode_gz(&Volume {
+            data,
+            affine: diagonal([1.0, 1.0, 1.0]),
+            stored: StoredType::F32,
+        })
+        .expect("encode")
+    };
+    let good = site.path("good");
+    let all = site.path("all");
+    for dir in [&good, &all] {
+        std::fs::create_dir_all(dir).expect("dir");
+        for seed in 1..=3 {
+            std::fs::write(dir.join(format!("v{seed}.nii.gz")), volume(seed, false)).expect("w");
+        }
+    }
+    std::fs::write(all.join("flat.nii.gz"), volume(9, true)).expect("w");
+    let fit = |input: &Path, out: &str| {
+        let o = run(site
+            .cmd()
+            .args([
+                "harmonise",
+                "--method",
+                "nyul",
+                "--foreground",
+                "positive",
+                "--input",
+            ])
+            .arg(input)
+            .arg("--out")
+            .arg(site.path(out)));
+        (
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            std::fs::read(site.path(out).join("model.json")).expect("model"),
+        )
+    };
+    let (_, clean) = fit(&good, "h-good");
+    let (text, with_flat) = fit(&all, "h-all");
+    assert!(
+        text.contains("harmonise-degenerate-input  flat.nii.gz: left out of the fit"),
+        "{text}"
+    );
+    assert!(text.contains("harmonised 3 volumes"), "{text}");
+    assert_eq!(
+        clean, with_flat,
+        "the fit goes on as if the volume were not there"
+    );
+}

@@ -275,3 +275,74 @@ fn compressed_pixel_data_passes_through_and_decodes() {
         vols[0].findings
     );
 }
+
+/// An archive that keeps the same instance uncompressed, RLE-compressed and in implicit VR:
+/// one output, the other two recorded as duplicates in another encoding, no `uid-conflict`.
+/// A copy whose pixels differ stays a conflict.
+#[test]
+fn the_same_instance_in_two_encodings_is_a_duplicate_not_a_conflict() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("in");
+    std::fs::create_dir_all(&input).expect("dir");
+    let plain = input.join("plain.dcm");
+    std::fs::write(
+        &plain,
+        sample::encode(ct(false), sample::ts::EXPLICIT_LE).expect("encode"),
+    )
+    .expect("write");
+    dcmtk("dcmcrle", &[], &plain, &input.join("rle.dcm"));
+    std::fs::write(
+        input.join("implicit.dcm"),
+        sample::encode(ct(false), sample::ts::IMPLICIT_LE).expect("encode"),
+    )
+    .expect("write");
+    let mut other = ct(false);
+    other.put(DataElement::new(
+        Tag(0x7FE0, 0x0010),
+        VR::OW,
+        PrimitiveValue::U16(vec![7u16; 32 * 32].into()),
+    ));
+    let other = sample::encode(other, sample::ts::EXPLICIT_LE).expect("encode");
+    let paths = batch::BatchPaths {
+        input: input.clone(),
+        output: dir.path().join("out"),
+        quarantine: dir.path().join("q"),
+    };
+    let keys = Keys::derive(&Secret::from_bytes(vec![9; 32]).expect("secret"));
+    let policy = DeidPolicy::default();
+    let mut catalog =
+        node::catalog::Catalog::open(&dir.path().join("catalog.sqlite")).expect("catalog");
+    let settings = batch::RunSettings {
+        mode: "pseudonymise",
+        edition: "2026c",
+        options: "basic".into(),
+        vault_key: None,
+        batch_size: 2,
+        progress: &batch::NoProgress,
+        subjects: &node::volume::deid::SubjectRule::default(),
+    };
+    let summary = batch::deidentify_folder(
+        &paths,
+        &Deidentifier::new(&policy, &keys),
+        &mut catalog,
+        &settings,
+    )
+    .expect("batch");
+    assert_eq!(summary.written, 1, "{summary}");
+    assert_eq!(summary.duplicates, 2, "{summary}");
+    assert_eq!(summary.quarantined_total(), 0, "{summary}");
+    // A later copy with other pixels under the same UIDs is a conflict.
+    std::fs::write(input.join("other-pixels.dcm"), other).expect("write");
+    let summary = batch::deidentify_folder(
+        &paths,
+        &Deidentifier::new(&policy, &keys),
+        &mut catalog,
+        &settings,
+    )
+    .expect("batch");
+    assert_eq!(
+        summary.quarantined.get("uid-conflict"),
+        Some(&1),
+        "different pixels under the same UIDs: {summary}"
+    );
+}

@@ -368,3 +368,21 @@ fn kde_on_a_constant_foreground_is_refused_like_other_degenerate_inputs() {
         .is_ok()
     );
 }
+
+#[test]
+fn degenerate_volumes_are_refused_by_the_nyul_fit() {
+    let flat = tiny(&[0.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0]);
+    assert_eq!(
+        harmonise::fit_nyul(&flat, &Foreground::Positive).map(|_| ()),
+        Err(harmonise::HarmoniseError::Degenerate),
+        "constant foreground"
+    );
+    let infinite = tiny(&[0.0, 5.0, 6.0, 7.0, f32::INFINITY, 8.0, 9.0, 10.0]);
+    assert_eq!(
+        harmonise::fit_nyul(&infinite, &Foreground::Positive).map(|_| ()),
+        Err(harmonise::HarmoniseError::Degenerate),
+        "an infinite voxel"
+    );
+    let fine = tiny(&[0.0, 5.0, 6.0, 7.0, 7.5, 8.0, 9.0, 10.0]);
+    assert!(harmonise::fit_nyul(&fine, &Foreground::Positive).is_ok());
+}

@@ -367,6 +367,11 @@ fn nyul_landmarks(
 ) -> Result<([f64; NYUL_LANDMARKS], [f64; NYUL_LANDMARKS]), HarmoniseError> {
     let (_, l) = held.percentiles(&NYUL_PERCENTILES)?;
     let (lo, hi) = (l[0], l[NYUL_LANDMARKS - 1]);
+    // A constant foreground (hi = lo), infinite voxels, or landmarks that are not increasing
+    // have no standard scale to map to: refused, never merged as NaN or a silent rescale.
+    if !(lo.is_finite() && hi.is_finite() && hi > lo) || l.windows(2).any(|w| w[1] < w[0]) {
+        return Err(HarmoniseError::Degenerate);
+    }
     let mut raw = [0.0; NYUL_LANDMARKS];
     let mut mapped = [0.0; NYUL_LANDMARKS];
     for i in 0..NYUL_LANDMARKS {
