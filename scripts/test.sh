@@ -75,4 +75,11 @@ set -e
 # One closing line over every test binary (cargo prints one per binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"
-exit "$rc"
+[ "$rc" -eq 0 ] || exit "$rc"
+
+# A bounded fuzzing campaign of every target (inputs a stranger controls): any crash, panic,
+# out-of-memory or timeout fails the run and is kept as a regression input.
+fuzz_seconds=${FUZZ_SECONDS:-30}
+if [ "$fuzz_seconds" -gt 0 ]; then
+  FUZZ_SECONDS="$fuzz_seconds" ./scripts/fuzz.sh
+fi

@@ -11,6 +11,7 @@ pub mod deid;
 pub mod dimse;
 pub mod export;
 pub mod federation;
+pub mod fuzzing;
 pub mod harmonise;
 pub mod health;
 pub mod pki;

@@ -2154,3 +2154,160 @@ pub fn un_encoded_file() -> io::Result<(Vec<u8>, Vec<String>)> {
         vec![p.id, p.name, st.uid, se.uid, referenced, "UNENCODED".into()],
     ))
 }
+
+fn write_seed(dir: &Path, target: &str, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let d = dir.join(target);
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(d.join(name), bytes)
+}
+
+fn seed_files_under(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(seed_files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Write seed corpora for every fuzz target (`crate::fuzzing::TARGETS`) under
+/// `dir/<target>/`, made by this module's fixture builders; returns how many.
+pub fn write_fuzz_seeds(dir: &Path) -> Result<usize, Box<dyn std::error::Error>> {
+    let scratch_dir = dir.join(".scratch");
+    let scratch = ScratchDir(&scratch_dir);
+    // DICOM: the sample archive (every encoding), the messy and hostile files, UN-encoded.
+    let archive = write_sample_archive(&scratch.path().join("archive"))?;
+    let mut dicom: Vec<(String, Vec<u8>)> = Vec::new();
+    for f in &archive.files {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        dicom.push((format!("sample-{}-{name}", dicom.len()), std::fs::read(f)?));
+    }
+    for (name, bytes) in messy_files("SEED")? {
+        dicom.push((format!("messy-{name}"), bytes));
+    }
+    for h in hostile_files()? {
+        // The deflate bomb is large; the rest are small.
+        if h.bytes.len() < 64 * 1024 {
+            dicom.push((format!("hostile-{}", h.name), h.bytes));
+        }
+    }
+    dicom.push(("un-encoded".into(), un_encoded_file()?.0));
+    for (name, bytes) in &dicom {
+        write_seed(dir, "dicom_ingest", name, bytes)?;
+        write_seed(dir, "pixel_decode", name, bytes)?;
+    }
+    // DIMSE command sets and the PDUs that carry them.
+    let commands = [
+        crate::dimse::response(0x8030, 7, crate::dimse::VERIFICATION, None, 0),
+        crate::dimse::response(0x8001, 9, sop::CT, Some("2.25.1"), 0),
+        crate::dimse::encode_command(vec![
+            DataElement::new(Tag(0x0000, 0x0002), VR::UI, PrimitiveValue::from(sop::CT)),
+            DataElement::new(Tag(0x0000, 0x0100), VR::US, PrimitiveValue::from(1u16)),
+            DataElement::new(Tag(0x0000, 0x0110), VR::US, PrimitiveValue::from(3u16)),
+            DataElement::new(Tag(0x0000, 0x0800), VR::US, PrimitiveValue::from(0u16)),
+            DataElement::new(Tag(0x0000, 0x1000), VR::UI, PrimitiveValue::from("2.25.77")),
+        ]),
+    ];
+    for (i, c) in commands.iter().enumerate() {
+        write_seed(dir, "dimse_command", &format!("command-{i}"), c)?;
+        let mut pdu = Vec::new();
+        dicom_ul::pdu::write_pdu(
+            &mut pdu,
+            &dicom_ul::pdu::Pdu::PData {
+                data: vec![dicom_ul::pdu::PDataValue {
+                    presentation_context_id: 1,
+                    value_type: dicom_ul::pdu::PDataValueType::Command,
+                    is_last: true,
+                    data: c.clone(),
+                }],
+            },
+        )?;
+        write_seed(dir, "pdu_stream", &format!("pdata-{i}"), &pdu)?;
+    }
+    let mut release = Vec::new();
+    dicom_ul::pdu::write_pdu(&mut release, &dicom_ul::pdu::Pdu::ReleaseRQ)?;
+    write_seed(dir, "pdu_stream", "release", &release)?;
+    // NIfTI and Analyze, plain and gzip, and their sidecars.
+    nifti_fixtures(&scratch.path().join("nifti"), "SEED")?;
+    for p in seed_files_under(&scratch.path().join("nifti")) {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let bytes = std::fs::read(&p)?;
+        if name.ends_with(".json") {
+            write_seed(dir, "sidecar", &name, &bytes)?;
+        } else {
+            write_seed(dir, "nifti_input", &name, &bytes)?;
+        }
+    }
+    for h in hostile_nifti()? {
+        if h.bytes.len() < 64 * 1024 {
+            write_seed(dir, "nifti_input", h.name, &h.bytes)?;
+        }
+    }
+    // Text inputs: the example schema and node.toml.
+    write_seed(
+        dir,
+        "schema_text",
+        "schema.toml",
+        include_bytes!("../../deploy/schema.toml"),
+    )?;
+    write_seed(
+        dir,
+        "node_config",
+        "node.toml",
+        include_bytes!("../../deploy/node.toml"),
+    )?;
+    // Wire frames: a hello and a schema.
+    let schema_text = include_str!("../../deploy/schema.toml");
+    let frames = [
+        protocol::Message::Hello(protocol::message::Hello {
+            id: protocol::message::MessageId(1),
+            min_version: 1,
+            max_version: 1,
+            site: protocol::message::SiteId::new("site-a")?,
+            schema: None,
+        }),
+        protocol::Message::Schema {
+            id: protocol::message::MessageId(2),
+            reply_to: protocol::message::MessageId(1),
+            document: protocol::message::SchemaDocument::new(schema_text)?,
+        },
+    ];
+    for (i, m) in frames.iter().enumerate() {
+        write_seed(
+            dir,
+            "wire_frame",
+            &format!("frame-{i}"),
+            &protocol::encode_frame(m)?,
+        )?;
+    }
+    drop(scratch);
+    Ok(seed_files_under(dir).len())
+}
+
+/// A folder removed when dropped.
+struct ScratchDir<'a>(&'a Path);
+
+impl ScratchDir<'_> {
+    fn path(&self) -> &Path {
+        self.0
+    }
+}
+
+impl Drop for ScratchDir<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.0);
+    }
+}

@@ -8,6 +8,7 @@
 
 pub mod aggregate;
 pub mod codec;
+pub mod fuzzing;
 pub mod message;
 pub mod schema;
 pub mod secure;

@@ -485,8 +485,11 @@ impl<'a> Deidentifier<'a> {
                 self.keys.remap_uid(&sop_instance)
             }
         });
+        // Both from the output data set: what a reader finds in the meta is what it holds
+        // (a class UID that is not registered was remapped there).
+        let meta_class = text_of(&out, tags::SOP_CLASS_UID).unwrap_or_else(|| sop_class.clone());
         let meta = FileMetaTableBuilder::new()
-            .media_storage_sop_class_uid(sop_class.as_str())
+            .media_storage_sop_class_uid(meta_class)
             .media_storage_sop_instance_uid(new_sop_instance)
             .transfer_syntax(file.meta().transfer_syntax())
             .implementation_class_uid(IMPLEMENTATION_CLASS_UID)

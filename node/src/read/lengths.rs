@@ -364,6 +364,11 @@ pub fn check_meta(bytes: &[u8], mut at: usize) -> Result<usize, LengthProblem> {
         tops: Default::default(),
     };
     let enc = Encoding::EXPLICIT_LE;
+    let start = at;
+    // The group length the parser trusts to find the data set, when present.
+    let group_length = (bytes.get(at..at + 8) == Some(&[0x02, 0x00, 0x00, 0x00, b'U', b'L', 4, 0]))
+        .then(|| w.u32(at + 8, enc))
+        .flatten();
     while w.u16(at, enc) == Some(0x0002) {
         let element = w.u16(at + 2, enc).unwrap_or(0);
         let Some(v) = bytes.get(at + 4..at + 6).map(|s| [s[0], s[1]]) else {
@@ -372,11 +377,10 @@ pub fn check_meta(bytes: &[u8], mut at: usize) -> Result<usize, LengthProblem> {
                 format!("file meta element at offset {at} is cut short"),
             ));
         };
-        if !(v[0].is_ascii_uppercase() && v[1].is_ascii_uppercase()) {
-            // Not explicit VR: the lenient meta reader stops here and sniffs the rest.
-            return Ok(at);
-        }
-        let (header, len) = if long_length(&v) {
+        // A VR that is not two capital letters is read as UN by the parser (a 4-byte length
+        // after 2 reserved bytes), so it is checked as one.
+        let valid = v[0].is_ascii_uppercase() && v[1].is_ascii_uppercase();
+        let (header, len) = if !valid || long_length(&v) {
             (12usize, w.u32(at + 8, enc))
         } else {
             (8usize, w.u16(at + 6, enc).map(u32::from))
@@ -400,6 +404,20 @@ pub fn check_meta(bytes: &[u8], mut at: usize) -> Result<usize, LengthProblem> {
                 )
             })?;
         at = value_end;
+    }
+    if let Some(gl) = group_length {
+        let said = (start + 12).checked_add(gl as usize);
+        if said != Some(at) {
+            // The parser would read past the group (or stop inside it); the lenient reader
+            // rebuilds the meta group from its elements instead.
+            return Err(problem(
+                "unreadable",
+                format!(
+                    "the file meta group length says {gl} bytes where its elements take {}",
+                    at.saturating_sub(start + 12)
+                ),
+            ));
+        }
     }
     Ok(at)
 }
@@ -535,6 +553,12 @@ mod tests {
         assert_eq!(check_meta(&m, 0), Ok(m.len()));
         m.extend_from_slice(&[
             0x02, 0x00, 0x02, 0x00, b'O', b'B', 0, 0, 0xF0, 0xFF, 0xFF, 0xFF,
+        ]);
+        assert_eq!(check_meta(&m, 0).map_err(|p| p.reason), Err("truncated"));
+        // A VR that is not one is read as UN (4-byte length) by the parser: checked as such.
+        let mut m = el_le((0x0002, 0x0010), b"UI", b"1.2.840.10008.1.2.1\0");
+        m.extend_from_slice(&[
+            0x02, 0x00, 0x03, 0x00, b'U', 0x8E, 0x8E, 0x8E, 0x8E, 0x8E, 0x8E, 0x8E,
         ]);
         assert_eq!(check_meta(&m, 0).map_err(|p| p.reason), Err("truncated"));
     }

@@ -262,17 +262,36 @@ fn read_capped(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
     let mut magic = [0u8; 2];
     let gz = file.read(&mut magic)? == 2 && magic == [0x1F, 0x8B];
     let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    capped(io::BufReader::new(file), gz, len, cap)
+}
+
+/// At most `cap` bytes from a reader of `len` bytes, inflated when `gz`.
+fn capped(reader: impl Read, gz: bool, len: u64, cap: u64) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
     if gz {
-        flate2::read::MultiGzDecoder::new(io::BufReader::new(file))
+        flate2::read::MultiGzDecoder::new(reader)
             .take(cap)
             .read_to_end(&mut out)?;
     } else {
-        let len = file.metadata()?.len();
         out.reserve_exact(len.min(cap) as usize);
-        file.take(cap).read_to_end(&mut out)?;
+        reader.take(cap).read_to_end(&mut out)?;
     }
     Ok(out)
+}
+
+/// Read a single-file NIfTI-1/2 (`.nii` or `.nii.gz` bytes) from memory, with the same bounds
+/// as [`read`]: inflated only as far as the header declares.
+pub fn read_bytes(bytes: &[u8]) -> Result<(Header, Volume), NiftiError> {
+    let gz = bytes.starts_with(&[0x1F, 0x8B]);
+    let len = bytes.len() as u64;
+    let head = capped(bytes, gz, len, HEADER_READ)?;
+    let header = parse_header(&head)?;
+    let need = header.data_bytes()?;
+    let all = capped(bytes, gz, len, header.vox_offset.saturating_add(need))?;
+    let data = all.get(header.vox_offset as usize..).unwrap_or(&[]);
+    let volume = decode(&header, data)?;
+    Ok((header, volume))
 }
 
 /// The largest header (NIfTI-2) and the magic after it.
