@@ -17,8 +17,11 @@ use crate::deid::keys::{Keys, Secret};
 use crate::deid::registry::UidRegistry;
 use crate::deid::{DeidPolicy, Deidentifier};
 
+/// A harness body: arbitrary bytes in, a panic on a finding.
+pub type Body = fn(&[u8]);
+
 /// Every target by name: the fuzz crate's binaries and the regression replay use this list.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Body)] = &[
     ("dicom_ingest", dicom_ingest),
     ("dimse_command", dimse_command),
     ("pdu_stream", pdu_stream),
