@@ -16,7 +16,7 @@ seconds=${FUZZ_SECONDS:-60}
 # One input may cost its size plus 64 MiB (the node's bound); libFuzzer's own corpus and the
 # instrumented tables come on top, hence the process limit. A single allocation beyond
 # 256 MiB is a finding by itself: that is how a trusted declared length shows.
-rss_mb=${FUZZ_RSS_MB:-1024}
+rss_mb=${FUZZ_RSS_MB:-2048}
 malloc_mb=${FUZZ_MALLOC_MB:-256}
 work=target/fuzz
 ledger=${FUZZ_LEDGER:-node/fuzz/ledger.tsv}
@@ -46,6 +46,7 @@ failed=0
 for t in "${targets[@]}"; do
   corpus="$work/corpus/$t"
   artifacts="$work/artifacts/$t/"
+  rm -rf "$artifacts"
   mkdir -p "$corpus" "$artifacts"
   cp -n "$work/seeds/$t"/* "$corpus"/ 2>/dev/null || true
   cp -n "node/fuzz/regressions/$t"/* "$corpus"/ 2>/dev/null || true

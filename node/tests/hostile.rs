@@ -106,3 +106,33 @@ fn a_folder_of_hostile_inputs_costs_at_most_the_batch_bound_plus_the_budget() {
         total >> 10
     );
 }
+
+#[test]
+fn fuzzing_findings_cost_at_most_their_size_plus_the_budget() {
+    // Every committed regression input of the file targets, run through the binary.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+    let mut n = 0;
+    for target in ["dicom_ingest", "pixel_decode"] {
+        for entry in std::fs::read_dir(root.join(target)).expect("regressions") {
+            let path = entry.expect("entry").path();
+            if path.file_name().is_some_and(|f| f == ".gitkeep") {
+                continue;
+            }
+            let bytes = std::fs::read(&path).expect("input");
+            let dir = tempfile::tempdir().expect("tempdir");
+            let folder = dir.path().join("in");
+            std::fs::create_dir_all(&folder).expect("input folder");
+            std::fs::write(folder.join("input.dcm"), &bytes).expect("copy");
+            let (peak, rows) = deid(dir.path(), &folder);
+            assert_eq!(rows.len(), 1, "{}", path.display());
+            assert!(
+                peak <= bytes.len() as u64 + BUDGET,
+                "{}: peak RSS {} MiB",
+                path.display(),
+                peak >> 20
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "{n} regression inputs");
+}

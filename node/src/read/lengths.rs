@@ -9,9 +9,7 @@
 //! sequences by dictionary or by their first item tag, `UN` with undefined length as implicit
 //! VR little endian per CP-246) and encapsulated pixel data (fragments). Pure over bytes.
 
-use dicom_core::Tag;
-
-use crate::deid::dictionary::Dictionary;
+use dicom_core::{Tag, VR};
 
 /// Nesting deeper than this is refused (real objects nest a handful of levels; the parser
 /// recurses once per level).
@@ -155,7 +153,9 @@ impl Walker<'_> {
             // Header: explicit VR short form (8 bytes), explicit long form (12), implicit (8).
             let (vr, header, len): (Option<[u8; 2]>, usize, u32) = if enc.explicit_vr {
                 let v = [self.b[at + 4], self.b[at + 5]];
-                if !(v[0].is_ascii_uppercase() && v[1].is_ascii_uppercase()) {
+                // Two capital letters that name no VR (`ON`) are read by the parser as UN
+                // with a long length: refused rather than guessed.
+                if VR::from_binary(v).is_none() {
                     return Err(problem(
                         "bad-value-representation",
                         format!(
@@ -215,17 +215,30 @@ impl Walker<'_> {
                     ),
                 )
             })?;
-            let sequence = match vr {
-                Some(v) => &v == b"SQ",
-                // Implicit VR: the parser reads a sequence where its dictionary says SQ; a
-                // value that opens with an item tag is walked as one too.
-                None => {
-                    Dictionary::standard().vr(Tag(group, element)) == Some(dicom_core::VR::SQ)
-                        || (len >= 8
-                            && self.u16(start, enc) == Some(0xFFFE)
-                            && self.u16(start + 2, enc) == Some(0xE000))
-                }
+            // The VR the parser reads the value with: the stream's, or in implicit VR its
+            // dictionary's (dicom-rs's own, so the walk follows exactly what it will do).
+            let value_vr = match vr {
+                Some(v) => VR::from_binary(v).unwrap_or(VR::UN),
+                None => parser_vr(Tag(group, element)),
             };
+            // A fixed-size VR whose length is not a multiple of its size makes the parser read
+            // fewer bytes than declared and lose its place: refused.
+            if let Some(size) = fixed_size(value_vr)
+                && !(len as usize).is_multiple_of(size)
+            {
+                return Err(problem(
+                    "bad-value-length",
+                    format!(
+                        "element ({group:04X},{element:04X}) at offset {at} is {value_vr:?} with {len} bytes, not a multiple of {size}"
+                    ),
+                ));
+            }
+            let sequence = value_vr == VR::SQ
+                // A value that opens with an item tag is walked as a sequence too (implicit VR).
+                || (vr.is_none()
+                    && len >= 8
+                    && self.u16(start, enc) == Some(0xFFFE)
+                    && self.u16(start + 2, enc) == Some(0xE000));
             if sequence {
                 self.items(start, value_end, enc, depth + 1, Some(value_end))?;
             }
@@ -318,6 +331,25 @@ impl Walker<'_> {
                 }
             }
         }
+    }
+}
+
+/// The VR the parser gives an implicit VR element: its standard dictionary's, else UN.
+fn parser_vr(tag: Tag) -> VR {
+    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
+    dicom_dictionary_std::StandardDataDictionary
+        .by_tag(tag)
+        .map(|e| e.vr().relaxed())
+        .unwrap_or(VR::UN)
+}
+
+/// Bytes per value of the VRs the parser reads as arrays of fixed-size numbers.
+fn fixed_size(vr: VR) -> Option<usize> {
+    match vr {
+        VR::US | VR::SS | VR::OW => Some(2),
+        VR::UL | VR::SL | VR::FL | VR::OF | VR::OL | VR::AT => Some(4),
+        VR::FD | VR::OD | VR::SV | VR::UV | VR::OV => Some(8),
+        _ => None,
     }
 }
 
@@ -545,6 +577,29 @@ mod tests {
             Encoding::EXPLICIT_LE,
             Some("bad-value-representation"),
         );
+        check(
+            &el_le((0x0008, 0x1070), b"ON", b"Operator^Olga "),
+            Encoding::EXPLICIT_LE,
+            Some("bad-value-representation"),
+        );
+    }
+
+    #[test]
+    fn fixed_size_values_must_fill_whole_numbers() {
+        check(
+            &el_le((0x0028, 0x0010), b"US", &[1, 2, 3, 4]),
+            Encoding::EXPLICIT_LE,
+            None,
+        );
+        check(
+            &el_le((0x0028, 0x0010), b"US", &[1, 2, 3]),
+            Encoding::EXPLICIT_LE,
+            Some("bad-value-length"),
+        );
+        // Implicit VR: the parser's dictionary says (0000,0000) is UL; 26 bytes is not.
+        let mut d = header_le((0x0000, 0x0000), 26);
+        d.extend_from_slice(&[0u8; 26]);
+        check(&d, Encoding::IMPLICIT_LE, Some("bad-value-length"));
     }
 
     #[test]

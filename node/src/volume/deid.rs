@@ -176,7 +176,18 @@ pub fn deidentify(
     policy: &DeidPolicy,
     subjects: &SubjectRule,
 ) -> Result<NiftiOutput, (String, String)> {
-    let (_, volume) = nifti::read(path).map_err(|e| (e.reason().to_owned(), e.to_string()))?;
+    // A 3D volume of a datatype we decode is rewritten by our writer; anything else (4D fMRI
+    // and diffusion, 5D CIFTI, complex or 64-bit types) keeps its numbers and voxels as they
+    // are, with every text field and extension removed.
+    let image = match nifti::read(path) {
+        Ok((_, volume)) => nifti::encode_gz(&volume),
+        Err(nifti::NiftiError::Dimensions(_) | nifti::NiftiError::Datatype(_)) => {
+            let bytes = nifti::rewrite(path).map_err(|e| (e.reason().to_owned(), e.to_string()))?;
+            nifti::gzip(&bytes, 6)
+        }
+        Err(e) => return Err((e.reason().to_owned(), e.to_string())),
+    }
+    .map_err(|e| ("unwritable".to_owned(), e.to_string()))?;
     let subject = subjects.subject(rel);
     let identity = PatientIdentity::Id {
         id: subject.clone(),
@@ -184,7 +195,6 @@ pub fn deidentify(
     };
     let patient = keys.pseudonym(&identity);
     let token = keys.path_token("nifti", &rel.to_string_lossy());
-    let image = nifti::encode_gz(&volume).map_err(|e| ("unwritable".to_owned(), e.to_string()))?;
     let sidecar = sidecar_of(path).map(|text| {
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::Object(Map::new()));
         serde_json::to_vec_pretty(&scrub_sidecar(&v, policy)).unwrap_or_default()

@@ -361,6 +361,138 @@ pub fn read(path: &Path) -> Result<(Header, Volume), NiftiError> {
     Ok((header, volume))
 }
 
+/// Bits per voxel of every NIfTI datatype code (binary, integers, floats up to 128 bits,
+/// complex, RGB, RGBA).
+fn bits_of_code(code: i16) -> Option<u64> {
+    Some(match code {
+        1 => 1,
+        2 | 256 => 8,
+        4 | 512 => 16,
+        128 => 24,
+        8 | 16 | 768 | 2304 => 32,
+        32 | 64 | 1024 | 1280 => 64,
+        1536 | 1792 => 128,
+        2048 => 256,
+        _ => return None,
+    })
+}
+
+/// Text fields of a NIfTI-1 header (and the Analyze fields in the same places): data_type,
+/// db_name, descrip, aux_file, intent_name.
+const NIFTI1_TEXT: [(usize, usize); 5] = [(4, 14), (14, 32), (148, 228), (228, 252), (328, 344)];
+/// Text fields of a NIfTI-2 header: descrip, aux_file, intent_name, unused_str.
+const NIFTI2_TEXT: [(usize, usize); 4] = [(240, 320), (320, 344), (508, 524), (525, 540)];
+
+/// De-identify a NIfTI-1/2 or Analyze file of any dimensions and any datatype without
+/// decoding it: the header keeps its numbers (dimensions, datatype, spacing, geometry,
+/// scaling, intent and slice timing codes) in the input's byte order, loses every text field,
+/// Analyze's history (which holds a patient id and dates) and every extension, and says
+/// single-file; the voxels are copied byte for byte. Returns the `.nii` bytes.
+pub fn rewrite(path: &Path) -> Result<Vec<u8>, NiftiError> {
+    let head = read_capped(path, HEADER_READ)?;
+    let sized = |n: i32| {
+        head.get(0..4).is_some_and(|s| {
+            let a = [s[0], s[1], s[2], s[3]];
+            i32::from_le_bytes(a) == n || i32::from_be_bytes(a) == n
+        })
+    };
+    let (size, nifti2) = if sized(540) {
+        (540usize, true)
+    } else if sized(348) {
+        (348usize, false)
+    } else {
+        return Err(NiftiError::NotNifti);
+    };
+    let big_endian = head.get(0..4).is_some_and(|s| s[0] == 0);
+    if head.len() < size {
+        return Err(NiftiError::Truncated {
+            have: head.len(),
+            need: size,
+        });
+    }
+    let c = Cursor {
+        b: &head,
+        be: big_endian,
+    };
+    let (dims, code, vox_offset): (Vec<i64>, i16, u64) = if nifti2 {
+        (
+            dims_used(&(0..8).map(|i| c.i64(16 + 8 * i)).collect::<Vec<_>>()),
+            c.i16(12),
+            c.i64(168).max(0) as u64,
+        )
+    } else {
+        (
+            dims_used(
+                &(0..8)
+                    .map(|i| i64::from(c.i16(40 + 2 * i)))
+                    .collect::<Vec<_>>(),
+            ),
+            c.i16(70),
+            c.f32(108).max(0.0) as u64,
+        )
+    };
+    let bits = bits_of_code(code).ok_or(NiftiError::Datatype(code))?;
+    let need = dims
+        .iter()
+        .try_fold(bits, |acc, &d| {
+            u64::try_from(d)
+                .ok()
+                .filter(|&d| d > 0)
+                .and_then(|d| acc.checked_mul(d))
+        })
+        .map(|b| b.div_ceil(8))
+        .filter(|&b| !dims.is_empty() && b <= MAX_DATA_BYTES)
+        .ok_or_else(|| NiftiError::Dimensions(dims.clone()))?;
+    let analyze = !nifti2 && !matches!(head.get(344..347), Some(b"n+1") | Some(b"ni1"));
+    let paired =
+        analyze || head.get(344..347) == Some(b"ni1") || path.to_string_lossy().contains(".hdr");
+    let data = if paired {
+        let img = image_pair(path).ok_or(NiftiError::MissingImage)?;
+        read_capped(&img, vox_offset.saturating_add(need))?
+    } else {
+        read_capped(path, vox_offset.saturating_add(need))?
+    };
+    let voxels = data
+        .get(vox_offset as usize..)
+        .filter(|v| v.len() as u64 >= need)
+        .ok_or(NiftiError::Truncated {
+            have: data.len().saturating_sub(vox_offset as usize),
+            need: need as usize,
+        })?;
+    let mut h = head[..size].to_vec();
+    let text: &[(usize, usize)] = if nifti2 { &NIFTI2_TEXT } else { &NIFTI1_TEXT };
+    for &(from, to) in text {
+        h[from..to].fill(0);
+    }
+    let offset = size + 4;
+    if nifti2 {
+        h[4..12].copy_from_slice(b"n+2\0\r\n\x1a\n");
+        let v = offset as i64;
+        h[168..176].copy_from_slice(&if big_endian {
+            v.to_be_bytes()
+        } else {
+            v.to_le_bytes()
+        });
+    } else {
+        if analyze {
+            // Analyze's data history (originator, patient id, dates, ...): all of it goes; the
+            // NIfTI fields in its place stay zero (geometry from the spacing, as Analyze meant).
+            h[148..348].fill(0);
+        }
+        h[344..348].copy_from_slice(b"n+1\0");
+        let v = offset as f32;
+        h[108..112].copy_from_slice(&if big_endian {
+            v.to_be_bytes()
+        } else {
+            v.to_le_bytes()
+        });
+    }
+    // Extension flag: none.
+    h.extend_from_slice(&[0, 0, 0, 0]);
+    h.extend_from_slice(&voxels[..need as usize]);
+    Ok(h)
+}
+
 /// Decode voxel data for a header.
 pub fn decode(header: &Header, data: &[u8]) -> Result<Volume, NiftiError> {
     let d = &header.dims;
