@@ -19,6 +19,10 @@ command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # OpenSSL verifies the consortium PKI's certificates and revocation list.
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# The power-loss harness: loop-mounted XFS and ext4 images, shut down with xfs_io.
+command -v mkfs.xfs >/dev/null 2>&1 || need_apt+=(xfsprogs)
+command -v mkfs.ext4 >/dev/null 2>&1 || need_apt+=(e2fsprogs)
+command -v losetup >/dev/null 2>&1 || need_apt+=(mount)
 # GNU time reports the peak memory of the node under hostile inputs.
 [ -x /usr/bin/time ] || need_apt+=(time)
 # procps: kill and pgrep (signals to the demo and the services under test).
@@ -45,7 +49,7 @@ fi
 if command -v service >/dev/null 2>&1; then
   $SUDO_CMD service orthanc stop >/dev/null 2>&1 || true
 fi
-for tool in dcmdump dcmcjpeg dcmcjpls cmake opj_compress dcm2niix Orthanc curl storescu echoscu; do
+for tool in dcmdump dcmcjpeg dcmcjpls cmake opj_compress dcm2niix Orthanc curl storescu echoscu mkfs.xfs mkfs.ext4 xfs_io mount /usr/bin/time; do
   command -v "$tool" >/dev/null 2>&1 || { echo "$tool is required by the tests and could not be installed" >&2; exit 1; }
 done
 

@@ -226,13 +226,45 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
 #[derive(Debug, Default)]
 pub struct DurableBatch {
     staged: Vec<(PathBuf, PathBuf)>,
+    /// Folders holding the entry of a folder this batch created: flushed too, or the new
+    /// folder (and every file in it) can vanish with a power cut.
+    created_in: BTreeSet<PathBuf>,
+}
+
+/// The power-loss harness's calibration switch (`node/tests/powerloss.rs`): with
+/// `FEDCURATE_TEST_SKIP_FLUSH=1` in the environment, durable batches skip every flush, and
+/// the harness must then find lost outputs. Never set it on a node.
+fn flushes_skipped() -> bool {
+    static SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SKIP.get_or_init(|| std::env::var_os("FEDCURATE_TEST_SKIP_FLUSH").is_some_and(|v| v == "1"))
+}
+
+/// Create `dir` and its missing ancestors; returns the folders whose entries changed.
+fn create_folders(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        if d.as_os_str().is_empty() || d.exists() {
+            break;
+        }
+        missing.push(d.to_owned());
+        cur = d.parent();
+    }
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    fs::create_dir_all(dir)?;
+    Ok(missing
+        .iter()
+        .filter_map(|d| d.parent().map(Path::to_owned))
+        .collect())
 }
 
 impl DurableBatch {
     /// Write `bytes` to a temporary file next to `dest` (not yet flushed or visible).
     pub fn stage(&mut self, dest: &Path, bytes: &[u8]) -> io::Result<()> {
         let dir = dest.parent().unwrap_or(Path::new("."));
-        fs::create_dir_all(dir)?;
+        self.created_in.extend(create_folders(dir)?);
         let tmp = temp_path(dest);
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -252,7 +284,7 @@ impl DurableBatch {
     /// Copy `src` to a temporary file next to `dest` (streamed).
     pub fn stage_copy(&mut self, dest: &Path, src: &Path) -> io::Result<()> {
         let dir = dest.parent().unwrap_or(Path::new("."));
-        fs::create_dir_all(dir)?;
+        self.created_in.extend(create_folders(dir)?);
         let tmp = temp_path(dest);
         fs::copy(src, &tmp)?;
         self.staged.push((tmp, dest.to_owned()));
@@ -270,7 +302,7 @@ impl DurableBatch {
     ) -> io::Result<()> {
         use std::io::{Read, Seek};
         let dir = dest.parent().unwrap_or(Path::new("."));
-        fs::create_dir_all(dir)?;
+        self.created_in.extend(create_folders(dir)?);
         let tmp = temp_path(dest);
         let mut out = io::BufWriter::new(fs::File::create(&tmp)?);
         out.write_all(head)?;
@@ -294,18 +326,24 @@ impl DurableBatch {
 
     /// Flush every staged file, rename each into place, then flush their folders.
     pub fn commit(&mut self) -> io::Result<()> {
+        let flush = !flushes_skipped();
         for (tmp, _) in &self.staged {
-            fs::OpenOptions::new().write(true).open(tmp)?.sync_all()?;
+            if flush {
+                fs::OpenOptions::new().write(true).open(tmp)?.sync_all()?;
+            }
         }
-        let mut dirs = BTreeSet::new();
+        let mut dirs = std::mem::take(&mut self.created_in);
         for (tmp, dest) in self.staged.drain(..) {
             fs::rename(&tmp, &dest)?;
             if let Some(d) = dest.parent() {
                 dirs.insert(d.to_owned());
             }
         }
-        for d in dirs {
-            fs::File::open(&d)?.sync_all()?;
+        // Deepest first: a new folder's own entries before the entry naming it.
+        for d in dirs.iter().rev() {
+            if flush {
+                fs::File::open(d)?.sync_all()?;
+            }
         }
         Ok(())
     }

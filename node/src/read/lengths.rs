@@ -390,7 +390,17 @@ pub fn top_level_offsets(bytes: &[u8], enc: Encoding) -> Result<Vec<usize>, Leng
 
 /// Check a file meta group (explicit VR little endian, group 0002) starting at `at`: every
 /// element's declared length fits the bytes. Returns where the data set starts.
-pub fn check_meta(bytes: &[u8], mut at: usize) -> Result<usize, LengthProblem> {
+pub fn check_meta(bytes: &[u8], at: usize) -> Result<usize, LengthProblem> {
+    check_meta_syntax(bytes, at).map(|(end, _)| end)
+}
+
+/// [`check_meta`], also returning the transfer syntax the group names, read as the parser
+/// reads it (an element whose VR is not one still counts).
+pub fn check_meta_syntax(
+    bytes: &[u8],
+    mut at: usize,
+) -> Result<(usize, Option<String>), LengthProblem> {
+    let mut syntax = None;
     let w = Walker {
         b: bytes,
         tops: Default::default(),
@@ -409,9 +419,9 @@ pub fn check_meta(bytes: &[u8], mut at: usize) -> Result<usize, LengthProblem> {
                 format!("file meta element at offset {at} is cut short"),
             ));
         };
-        // A VR that is not two capital letters is read as UN by the parser (a 4-byte length
-        // after 2 reserved bytes), so it is checked as one.
-        let valid = v[0].is_ascii_uppercase() && v[1].is_ascii_uppercase();
+        // A VR that names no VR (`UD`, or not letters at all) is read as UN by the parser (a
+        // 4-byte length after 2 reserved bytes), so it is checked as one.
+        let valid = VR::from_binary(v).is_some();
         let (header, len) = if !valid || long_length(&v) {
             (12usize, w.u32(at + 8, enc))
         } else {
@@ -435,6 +445,16 @@ pub fn check_meta(bytes: &[u8], mut at: usize) -> Result<usize, LengthProblem> {
                     ),
                 )
             })?;
+        if element == 0x0010 {
+            syntax = bytes
+                .get(at + header..value_end)
+                .map(|v| {
+                    String::from_utf8_lossy(v)
+                        .trim_end_matches(['\0', ' '])
+                        .to_owned()
+                })
+                .filter(|t| !t.is_empty());
+        }
         at = value_end;
     }
     if let Some(gl) = group_length {
@@ -451,7 +471,7 @@ pub fn check_meta(bytes: &[u8], mut at: usize) -> Result<usize, LengthProblem> {
             ));
         }
     }
-    Ok(at)
+    Ok((at, syntax))
 }
 
 #[cfg(test)]

@@ -179,8 +179,8 @@ fn guard(bytes: &[u8]) -> Result<(), Refusal> {
         return Ok(());
     }
     let to_refusal = |p: lengths::LengthProblem| refuse(p.reason, p.detail);
-    let start = lengths::check_meta(bytes, 132).map_err(to_refusal)?;
-    let Some(ts) = scan_meta(bytes, 132).transfer_syntax else {
+    let (start, syntax) = lengths::check_meta_syntax(bytes, 132).map_err(to_refusal)?;
+    let Some(ts) = syntax else {
         // The parser refuses a meta group without transfer syntax before reading the data
         // set; the lenient path rewraps it and comes back here.
         return Ok(());
