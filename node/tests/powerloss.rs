@@ -209,7 +209,7 @@ fn deid_trial(
     let child = cmd.spawn().expect("deid starts");
     // Half the cuts wait for the first output, half land at a random time from the start.
     let started = Instant::now();
-    if trial % 2 == 0 {
+    if trial.is_multiple_of(2) {
         while files_under(&output).is_empty() && started.elapsed() < Duration::from_secs(20) {
             std::thread::sleep(Duration::from_millis(5));
         }
