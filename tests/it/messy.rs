@@ -321,3 +321,50 @@ fn pixel_data_length_is_checked_per_photometric_interpretation() {
         Err("truncated-pixel-data")
     );
 }
+
+/// Every refusal names what could not be handled; none is a bare "unreadable".
+#[test]
+fn refusals_name_what_could_not_be_handled() {
+    let policy = DeidPolicy::default();
+    let keys = Keys::derive(&Secret::from_bytes(vec![3; 32]).expect("secret"));
+    let deid = Deidentifier::new(&policy, &keys);
+    let mut inputs: Vec<(String, Vec<u8>)> = sample::messy_files("MESSYMARK")
+        .expect("fixtures")
+        .into_iter()
+        .map(|(n, b)| (n.to_owned(), b))
+        .collect();
+    for h in sample::hostile_files().expect("hostile") {
+        inputs.push((h.name.to_owned(), h.bytes));
+    }
+    // A magic code with nothing usable after it, and a meta group that ends mid-element.
+    let mut garbage = vec![0u8; 128];
+    garbage.extend_from_slice(b"DICM\x02\x00\x10\x00UI\x40\x00short");
+    inputs.push(("meta-cut".into(), garbage));
+    inputs.push(("magic-only".into(), b"DICM".to_vec()));
+    let known = [
+        "truncated",
+        "truncated-pixel-data",
+        "bad-item-delimiter",
+        "bad-value-representation",
+        "bad-value-length",
+        "nesting-too-deep",
+        "deflated-too-large",
+        "unsupported-transfer-syntax",
+        "bad-file-meta",
+        "unknown-encoding",
+        "undecodable-data-set",
+        "dicomdir",
+        "not-dicom",
+        "burned-in-risk",
+        "missing-sop-instance-uid",
+    ];
+    for (name, bytes) in &inputs {
+        if let Err((reason, detail)) = batch::deidentify_bytes(&deid, bytes) {
+            assert!(
+                known.contains(&reason.as_str()),
+                "{name}: reason {reason:?} ({detail})"
+            );
+            assert!(!detail.is_empty(), "{name}: a detail");
+        }
+    }
+}

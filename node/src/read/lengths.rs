@@ -41,7 +41,7 @@ impl Encoding {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LengthProblem {
     /// Machine-readable reason: `truncated`, `bad-item-delimiter`, `nesting-too-deep`,
-    /// `bad-value-representation`.
+    /// `bad-value-representation`, `bad-value-length`, `bad-file-meta`.
     pub reason: &'static str,
     /// Where and what (offsets and lengths only; never a value).
     pub detail: String,
@@ -463,7 +463,7 @@ pub fn check_meta_syntax(
             // The parser would read past the group (or stop inside it); the lenient reader
             // rebuilds the meta group from its elements instead.
             return Err(problem(
-                "unreadable",
+                "bad-file-meta",
                 format!(
                     "the file meta group length says {gl} bytes where its elements take {}",
                     at.saturating_sub(start + 12)

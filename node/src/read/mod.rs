@@ -23,7 +23,8 @@ pub const DEFLATED_LIMIT: u64 = 32 * 1024 * 1024;
 /// Why an input is refused before de-identification.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
-    /// Machine-readable reason (`truncated`, `odd-length`, `dicomdir`, ...).
+    /// Machine-readable reason (`truncated`, `bad-file-meta`, `dicomdir`, ...), naming what
+    /// could not be handled; never a bare "unreadable".
     pub reason: &'static str,
     /// Parser detail for the quarantine (may quote the file; never logged).
     pub detail: String,
@@ -69,10 +70,19 @@ fn classify(text: &str) -> &'static str {
         || t.contains("eof")
     {
         "truncated"
+    } else if t.contains("meta") || t.contains("magic code") || t.contains("preamble") {
+        BAD_FILE_META
+    } else if t.contains("transfer syntax") {
+        "unsupported-transfer-syntax"
     } else {
-        "unreadable"
+        "undecodable-data-set"
     }
 }
+
+/// A file meta group the strict reader cannot use (no preamble, no group length or transfer
+/// syntax, a group length that disagrees with its elements): the lenient reader rebuilds it
+/// from the elements, and gives this reason only if that fails too.
+const BAD_FILE_META: &str = "bad-file-meta";
 
 fn u16le(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_le_bytes([*b.get(at)?, *b.get(at + 1)?]))
@@ -249,11 +259,11 @@ fn rewrap(dataset: &[u8], transfer_syntax: &str, sop_class: &str) -> Result<Vec<
         .transfer_syntax(transfer_syntax)
         .implementation_class_uid(crate::deid::IMPLEMENTATION_CLASS_UID)
         .build()
-        .map_err(|e| refuse("unreadable", e.to_string()))?;
+        .map_err(|e| refuse(BAD_FILE_META, e.to_string()))?;
     let mut out = vec![0u8; 128];
     out.extend_from_slice(b"DICM");
     meta.write(&mut out)
-        .map_err(|e| refuse("unreadable", e.to_string()))?;
+        .map_err(|e| refuse(BAD_FILE_META, e.to_string()))?;
     out.extend_from_slice(dataset);
     Ok(out)
 }
@@ -602,7 +612,12 @@ fn read_with(bytes: &[u8], odd: OddLengthStrategy) -> Result<DefaultDicomObject,
                 None => reread(bytes, 132, first, odd)?,
             },
         },
-        Some(start) => reread(bytes, start, refuse("unreadable", "no preamble"), odd)?,
+        Some(start) => reread(
+            bytes,
+            start,
+            refuse(BAD_FILE_META, "no preamble before the DICM magic"),
+            odd,
+        )?,
         None => {
             let ts = sniff(bytes).ok_or_else(|| {
                 refuse(
@@ -628,13 +643,13 @@ fn reread(
     let scan = scan_meta(bytes, start);
     let dataset = bytes.get(scan.end..).unwrap_or(&[]);
     // A content problem in the data set (truncation, odd length) is the real reason.
-    if first.reason != "unreadable" && scan.transfer_syntax.is_some() && start == 132 {
+    if first.reason != BAD_FILE_META && scan.transfer_syntax.is_some() && start == 132 {
         return Err(first);
     }
     let ts = match scan.transfer_syntax.as_deref() {
         Some(t) => t.to_owned(),
         None => sniff(dataset)
-            .ok_or_else(|| refuse("unreadable", format!("meta group without transfer syntax, and the data set encoding is not recognisable; first error: {}", first.detail)))?
+            .ok_or_else(|| refuse("unknown-encoding", format!("meta group without transfer syntax, and the data set encoding is not recognisable; first error: {}", first.detail)))?
             .to_owned(),
     };
     open(
@@ -708,7 +723,10 @@ fn check(obj: &DefaultDicomObject) -> Result<(), Refusal> {
             }
         }
         Value::Sequence(_) => {
-            return Err(refuse("unreadable", "pixel data encoded as a sequence"));
+            return Err(refuse(
+                "pixel-data-as-sequence",
+                "pixel data encoded as a sequence",
+            ));
         }
     }
     Ok(())
