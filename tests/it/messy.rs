@@ -357,6 +357,8 @@ fn refusals_name_what_could_not_be_handled() {
         "not-dicom",
         "burned-in-risk",
         "missing-sop-instance-uid",
+        "invalid-sop-class-uid",
+        "invalid-sop-instance-uid",
     ];
     for (name, bytes) in &inputs {
         if let Err((reason, detail)) = batch::deidentify_bytes(&deid, bytes) {

@@ -179,6 +179,13 @@ pub enum Finding {
         keyword: &'static str,
         reason: &'static str,
     },
+    /// A Type 1 UID the de-identifier needs is not one UID (several values, or characters a
+    /// UID cannot hold): the file meta could not name it.
+    InvalidUid {
+        tag: Tag,
+        keyword: &'static str,
+        reason: &'static str,
+    },
     /// The object may carry burned-in text and no masking rule covers it.
     BurnedInRisk { why: &'static str },
     /// A masking rule covers the object but its pixel data is compressed.
@@ -193,7 +200,9 @@ impl Finding {
     /// Machine-readable reason.
     pub fn code(&self) -> String {
         match self {
-            Self::MissingAttribute { reason, .. } => (*reason).to_owned(),
+            Self::MissingAttribute { reason, .. } | Self::InvalidUid { reason, .. } => {
+                (*reason).to_owned()
+            }
             Self::BurnedInRisk { .. } => "burned-in-risk".to_owned(),
             Self::BurnedInCompressed => "burned-in-compressed".to_owned(),
             Self::Unmaskable { .. } => "unmaskable-pixel-data".to_owned(),
@@ -208,6 +217,12 @@ impl fmt::Display for Finding {
             Self::MissingAttribute { tag, keyword, .. } => write!(
                 f,
                 "{keyword} ({:04X},{:04X}) is absent or empty; the object cannot be de-identified consistently",
+                tag.group(),
+                tag.element()
+            ),
+            Self::InvalidUid { tag, keyword, .. } => write!(
+                f,
+                "{keyword} ({:04X},{:04X}) is not a single valid UID; the file meta information cannot name the object",
                 tag.group(),
                 tag.element()
             ),
@@ -435,18 +450,33 @@ impl<'a> Deidentifier<'a> {
             file.meta().transfer_syntax().trim_end_matches('\0') == "1.2.840.10008.1.2.2";
         let reinterpreted = un::reinterpret(file, big_endian, self.dictionary, self.safe);
         let obj: &InMemDicomObject = reinterpreted.as_ref().unwrap_or(file);
-        let required = |tag: Tag, keyword: &'static str, reason: &'static str| {
-            text_of(obj, tag).ok_or(Finding::MissingAttribute {
+        let required = |tag: Tag, keyword: &'static str, missing: &'static str, invalid| {
+            let v = text_of(obj, tag).ok_or(Finding::MissingAttribute {
                 tag,
                 keyword,
-                reason,
-            })
+                reason: missing,
+            })?;
+            // One UID: digits and dots, at most 64 characters (PS3.5 §9.1).
+            if v.len() > 64 || !v.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+                return Err(Finding::InvalidUid {
+                    tag,
+                    keyword,
+                    reason: invalid,
+                });
+            }
+            Ok(v)
         };
-        let sop_class = required(tags::SOP_CLASS_UID, "SOPClassUID", "missing-sop-class-uid")?;
+        let sop_class = required(
+            tags::SOP_CLASS_UID,
+            "SOPClassUID",
+            "missing-sop-class-uid",
+            "invalid-sop-class-uid",
+        )?;
         let sop_instance = required(
             tags::SOP_INSTANCE_UID,
             "SOPInstanceUID",
             "missing-sop-instance-uid",
+            "invalid-sop-instance-uid",
         )?;
         let study = text_of(obj, tags::STUDY_INSTANCE_UID).unwrap_or_default();
         let series = text_of(obj, tags::SERIES_INSTANCE_UID).unwrap_or_default();

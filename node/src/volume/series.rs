@@ -149,7 +149,13 @@ fn slices_of(index: usize, obj: &InMemDicomObject) -> Vec<Slice> {
     let cols = number(obj, Tag(0x0028, 0x0011)).unwrap_or(0.0) as u32;
     let echo = number(obj, Tag(0x0018, 0x0086)).unwrap_or(0.0) as i64;
     let temporal = number(obj, Tag(0x0020, 0x0100)).unwrap_or(0.0) as i64;
-    let frames = number(obj, Tag(0x0028, 0x0008)).unwrap_or(1.0).max(1.0) as u32;
+    // No geometry, no slices; and never more frames than the pixel data can hold (a declared
+    // count of 2^31 frames over 64 bytes is not iterated).
+    if rows == 0 || cols == 0 {
+        return Vec::new();
+    }
+    let frames = (number(obj, Tag(0x0028, 0x0008)).unwrap_or(1.0).max(1.0) as u32)
+        .min(frames_held(obj, rows, cols));
     let per_frame: Vec<InMemDicomObject> = match obj.get(Tag(0x5200, 0x9230)).map(|e| e.value()) {
         Some(Value::Sequence(s)) => s.items().to_vec(),
         _ => Vec::new(),
@@ -190,6 +196,24 @@ fn slices_of(index: usize, obj: &InMemDicomObject) -> Vec<Slice> {
         });
     }
     out
+}
+
+/// How many frames an object's pixel data can hold: native data by its bytes and the frame
+/// size, encapsulated data by its fragments (each frame has at least one).
+fn frames_held(obj: &InMemDicomObject, rows: u32, cols: u32) -> u32 {
+    match obj.get(Tag(0x7FE0, 0x0010)).map(|e| e.value()) {
+        Some(Value::Primitive(p)) => {
+            let samples = number(obj, Tag(0x0028, 0x0002)).unwrap_or(1.0).max(1.0) as u64;
+            let bits = number(obj, Tag(0x0028, 0x0100)).unwrap_or(8.0).max(1.0) as u64;
+            let frame_bits = u64::from(rows) * u64::from(cols) * samples * bits;
+            let held_bits = (p.calculate_byte_len() as u64).saturating_mul(8);
+            u32::try_from(held_bits / frame_bits.max(1)).unwrap_or(u32::MAX)
+        }
+        Some(Value::PixelSequence(seq)) => {
+            u32::try_from(seq.fragments().len().max(1)).unwrap_or(u32::MAX)
+        }
+        _ => 0,
+    }
 }
 
 fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
