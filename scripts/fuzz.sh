@@ -8,6 +8,7 @@
 # makes the script fail.
 #
 #   scripts/fuzz.sh                      # every target, 60 s each
+#   FUZZ_REPORT_ONLY=1 scripts/fuzz.sh   # record findings without failing (scripts/test.sh)
 #   FUZZ_SECONDS=600 scripts/fuzz.sh dicom_ingest pixel_decode
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -68,9 +69,18 @@ for t in "${targets[@]}"; do
   echo "fuzz $t: ${execs:-0} executions in ${seconds}s, coverage ${cov:-0}, peak ${peak:-0} MB, findings $findings (exit $rc)"
   if [ "$findings" -gt 0 ] || [ "$rc" -ne 0 ]; then
     failed=1
-    mkdir -p "node/fuzz/regressions/$t"
-    find "$artifacts" -type f -exec cp {} "node/fuzz/regressions/$t/" \;
     grep -E 'panicked|ERROR|SUMMARY' "$log" | head -5 >&2 || true
+    if [ -z "${FUZZ_REPORT_ONLY:-}" ]; then
+      mkdir -p "node/fuzz/regressions/$t"
+      find "$artifacts" -type f -exec cp {} "node/fuzz/regressions/$t/" \;
+    else
+      echo "FUZZ FINDING ($t): kept in $artifacts; copy it to node/fuzz/regressions/$t/ and fix it" >&2
+    fi
   fi
 done
+if [ -n "${FUZZ_REPORT_ONLY:-}" ]; then
+  # The test run records the campaign (ledger, artifacts, the line above) without failing on a
+  # new finding in a short campaign; committed findings fail `cargo test` until fixed.
+  exit 0
+fi
 exit "$failed"
