@@ -359,6 +359,7 @@ fn refusals_name_what_could_not_be_handled() {
         "missing-sop-instance-uid",
         "invalid-sop-class-uid",
         "invalid-sop-instance-uid",
+        "nested-un-sequence",
     ];
     for (name, bytes) in &inputs {
         if let Err((reason, detail)) = batch::deidentify_bytes(&deid, bytes) {

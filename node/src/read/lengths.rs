@@ -61,6 +61,8 @@ struct Walker<'a> {
     b: &'a [u8],
     /// Offsets of the top-level elements met, in order.
     tops: std::cell::RefCell<Vec<usize>>,
+    /// CP-246 sequences met: (element start, end past its delimiter, depth).
+    cp246: std::cell::RefCell<Vec<(usize, usize, usize)>>,
 }
 
 impl Walker<'_> {
@@ -187,7 +189,9 @@ impl Walker<'_> {
                     Some(v) if &v == b"SQ" => self.items(start, end, enc, depth + 1, None)?,
                     // CP-246: an undefined-length UN is a sequence in implicit VR LE.
                     Some(v) if &v == b"UN" => {
-                        self.items(start, end, Encoding::IMPLICIT_LE, depth + 1, None)?
+                        let e = self.items(start, end, Encoding::IMPLICIT_LE, depth + 1, None)?;
+                        self.cp246.borrow_mut().push((at, e, depth));
+                        e
                     }
                     Some(v) if &v == b"OB" || &v == b"OW" => {
                         self.fragments(start, end, enc, tag)?
@@ -380,12 +384,38 @@ pub fn check_dataset(bytes: &[u8], enc: Encoding) -> Result<(), LengthProblem> {
 /// Check a data set as [`check_dataset`] does, and return the offsets of its top-level
 /// elements.
 pub fn top_level_offsets(bytes: &[u8], enc: Encoding) -> Result<Vec<usize>, LengthProblem> {
+    walk(bytes, enc).map(|w| w.tops.into_inner())
+}
+
+fn walk(bytes: &[u8], enc: Encoding) -> Result<Walker<'_>, LengthProblem> {
     let w = Walker {
         b: bytes,
         tops: Default::default(),
+        cp246: Default::default(),
     };
     w.dataset(0, bytes.len(), enc, 0, false)?;
-    Ok(w.tops.into_inner())
+    Ok(w)
+}
+
+/// The CP-246 sequences of a data set (explicit VR `UN` with undefined length, whose content
+/// is implicit VR little endian and which the parser does not follow): `(start, end, depth)`
+/// of each, outermost first, found by the walk (never by searching bytes, which would also
+/// match inside values).
+pub fn cp246_sequences(
+    bytes: &[u8],
+    enc: Encoding,
+) -> Result<Vec<(usize, usize, usize)>, LengthProblem> {
+    let w = walk(bytes, enc)?;
+    let mut spans = w.cp246.into_inner();
+    spans.sort_unstable();
+    // Keep only the outermost of nested ones.
+    let mut out: Vec<(usize, usize, usize)> = Vec::new();
+    for s in spans {
+        if out.last().is_none_or(|l| s.0 >= l.1) {
+            out.push(s);
+        }
+    }
+    Ok(out)
 }
 
 /// Check a file meta group (explicit VR little endian, group 0002) starting at `at`: every
@@ -404,6 +434,7 @@ pub fn check_meta_syntax(
     let w = Walker {
         b: bytes,
         tops: Default::default(),
+        cp246: Default::default(),
     };
     let enc = Encoding::EXPLICIT_LE;
     let start = at;

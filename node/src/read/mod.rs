@@ -219,7 +219,19 @@ fn guard(bytes: &[u8]) -> Result<(), Refusal> {
             lengths::check_dataset(&inflated, Encoding::EXPLICIT_LE)
         }
         t if t == ts::EXPLICIT_LE || is_encapsulated_syntax(t) => {
-            lengths::check_dataset(dataset, Encoding::EXPLICIT_LE)
+            // CP-246 sequences left here (inside other sequences) would make the parser lose
+            // its place: refused.
+            lengths::cp246_sequences(dataset, Encoding::EXPLICIT_LE).and_then(|spans| {
+                match spans.first() {
+                    None => Ok(()),
+                    Some((at, _, _)) => Err(lengths::LengthProblem {
+                        reason: "nested-un-sequence",
+                        detail: format!(
+                            "a UN sequence of undefined length at offset {at} sits inside another sequence"
+                        ),
+                    }),
+                }
+            })
         }
         other => {
             return Err(refuse(
@@ -279,44 +291,46 @@ struct Excised {
 }
 
 /// Cut out every element encoded as UN with undefined length (CP-246: its content is implicit
-/// VR little endian, which the parser does not follow inside an explicit VR file). They are put
-/// back as UN elements with a defined length, which de-identification decodes with the
-/// dictionary's VR (standard sequences) or removes (unknown private ones). Returns `None` if
-/// there is none, or the content cannot be delimited.
+/// VR little endian, which the parser does not follow inside an explicit VR file: it loses its
+/// place and trusts garbage lengths). They are found by the length walk, put back as UN
+/// elements with a defined length (top level), which de-identification decodes with the
+/// dictionary's VR or removes. Returns `None` if there is none (or the file is not an explicit
+/// VR little endian file with a meta group).
 fn excise_undefined_un(bytes: &[u8]) -> Option<(Vec<u8>, Vec<Excised>)> {
-    const PATTERN: &[u8] = b"UN\0\0\xFF\xFF\xFF\xFF";
-    // Top-level elements, when the file is explicit VR little endian with a meta group.
-    let tops: std::collections::HashSet<usize> = (bytes.get(128..132) == Some(b"DICM"))
-        .then(|| lengths::check_meta(bytes, 132).ok())
-        .flatten()
-        .and_then(|start| {
-            lengths::top_level_offsets(bytes.get(start..)?, Encoding::EXPLICIT_LE)
-                .ok()
-                .map(|o| o.into_iter().map(|x| x + start).collect())
-        })
-        .unwrap_or_default();
+    if bytes.get(128..132) != Some(b"DICM") {
+        return None;
+    }
+    let (start, syntax) = lengths::check_meta_syntax(bytes, 132).ok()?;
+    let syntax = syntax?;
+    if !(syntax == ts::EXPLICIT_LE || is_encapsulated_syntax(&syntax)) {
+        return None;
+    }
+    let dataset = bytes.get(start..)?;
+    let spans = lengths::cp246_sequences(dataset, Encoding::EXPLICIT_LE).ok()?;
+    if spans.is_empty() {
+        return None;
+    }
     let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&bytes[..start]);
     let mut excised = Vec::new();
     let mut at = 0;
-    while let Some(rel) = bytes
-        .get(at..)?
-        .windows(PATTERN.len())
-        .position(|w| w == PATTERN)
-    {
-        let vr_at = at + rel;
-        let start = vr_at.checked_sub(4)?;
-        let content_start = vr_at + PATTERN.len();
-        let end = end_of_implicit_sequence(bytes, content_start)?;
+    for (s, e, depth) in spans {
+        out.extend_from_slice(dataset.get(at..s)?);
         excised.push(Excised {
-            tag: Tag(u16le(bytes, start)?, u16le(bytes, start + 2)?),
-            content: bytes.get(content_start..end.checked_sub(8)?)?.to_vec(),
-            top_level: tops.contains(&start),
+            tag: Tag(u16le(dataset, s)?, u16le(dataset, s + 2)?),
+            // Content: after the 12-byte header, up to the 8-byte sequence delimiter.
+            content: dataset.get(s + 12..e.checked_sub(8)?)?.to_vec(),
+            top_level: depth == 0,
         });
-        out.extend_from_slice(&bytes[at..start]);
-        at = end;
+        at = e;
     }
-    out.extend_from_slice(bytes.get(at..)?);
-    (!excised.is_empty()).then_some((out, excised))
+    out.extend_from_slice(dataset.get(at..)?);
+    // Defined-length items or sequences that enclosed a cut-out element now declare too much:
+    // only top-level cuts keep the file consistent.
+    if excised.iter().any(|e| !e.top_level) {
+        return None;
+    }
+    Some((out, excised))
 }
 
 /// Put excised CP-246 elements back as UN elements with a defined length.
@@ -329,41 +343,6 @@ fn restore_excised(mut obj: DefaultDicomObject, excised: Vec<Excised>) -> Defaul
         ));
     }
     obj
-}
-
-/// Offset just past the sequence delimiter closing an undefined-length implicit VR sequence
-/// whose content starts at `at`.
-fn end_of_implicit_sequence(bytes: &[u8], mut at: usize) -> Option<usize> {
-    // Stack of open levels: true = sequence, false = item.
-    let mut open: Vec<bool> = vec![true];
-    while let Some(&top) = open.last() {
-        let group = u16le(bytes, at)?;
-        let element = u16le(bytes, at + 2)?;
-        let len = u32le(bytes, at + 4)?;
-        at += 8;
-        match (group, element) {
-            (0xFFFE, 0xE000) => {
-                if len == u32::MAX {
-                    open.push(false);
-                } else {
-                    at += len as usize;
-                }
-            }
-            (0xFFFE, 0xE00D) if !top => {
-                open.pop();
-            }
-            (0xFFFE, 0xE0DD) if top => {
-                open.pop();
-            }
-            (0xFFFE, _) => return None,
-            _ if len == u32::MAX => open.push(true),
-            _ => at += len as usize,
-        }
-        if at > bytes.len() {
-            return None;
-        }
-    }
-    Some(at)
 }
 
 /// A text attribute's value without DICOM padding (spaces, NUL); empty when the attribute
