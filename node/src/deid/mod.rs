@@ -456,8 +456,11 @@ impl<'a> Deidentifier<'a> {
                 keyword,
                 reason: missing,
             })?;
-            // One UID: digits and dots, at most 64 characters (PS3.5 §9.1).
-            if v.len() > 64 || !v.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            // One UID: VR UI, digits and dots, at most 64 characters (PS3.5 §9.1).
+            if obj.get(tag).map(|e| e.vr()) != Some(VR::UI)
+                || v.len() > 64
+                || !v.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+            {
                 return Err(Finding::InvalidUid {
                     tag,
                     keyword,

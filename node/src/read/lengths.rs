@@ -428,41 +428,34 @@ pub fn check_meta(bytes: &[u8], at: usize) -> Result<usize, LengthProblem> {
 /// reads it (an element whose VR is not one still counts).
 pub fn check_meta_syntax(
     bytes: &[u8],
-    mut at: usize,
+    start: usize,
 ) -> Result<(usize, Option<String>), LengthProblem> {
-    let mut syntax = None;
     let w = Walker {
         b: bytes,
         tops: Default::default(),
         cp246: Default::default(),
     };
     let enc = Encoding::EXPLICIT_LE;
-    let start = at;
-    // The group length the parser trusts to find the data set, when present.
-    let group_length = (bytes.get(at..at + 8) == Some(&[0x02, 0x00, 0x00, 0x00, b'U', b'L', 4, 0]))
-        .then(|| w.u32(at + 8, enc))
-        .flatten();
-    while w.u16(at, enc) == Some(0x0002) {
-        let element = w.u16(at + 2, enc).unwrap_or(0);
-        let Some(v) = bytes.get(at + 4..at + 6).map(|s| [s[0], s[1]]) else {
-            return Err(problem(
+    // One element as the parser decodes a meta element: explicit VR little endian, a VR that
+    // names no VR (`UD`, or not letters at all) read as UN (4-byte length after 2 reserved
+    // bytes). Returns (group, element, value start, value end).
+    let element = |at: usize| -> Result<(u16, u16, usize, usize), LengthProblem> {
+        let cut = || {
+            problem(
                 "truncated",
                 format!("file meta element at offset {at} is cut short"),
-            ));
+            )
         };
-        // A VR that names no VR (`UD`, or not letters at all) is read as UN by the parser (a
-        // 4-byte length after 2 reserved bytes), so it is checked as one.
-        let valid = VR::from_binary(v).is_some();
-        let (header, len) = if !valid || long_length(&v) {
-            (12usize, w.u32(at + 8, enc))
+        let group = w.u16(at, enc).ok_or_else(cut)?;
+        let element = w.u16(at + 2, enc).ok_or_else(cut)?;
+        let v = bytes
+            .get(at + 4..at + 6)
+            .map(|s| [s[0], s[1]])
+            .ok_or_else(cut)?;
+        let (header, len) = if VR::from_binary(v).is_none() || long_length(&v) {
+            (12usize, w.u32(at + 8, enc).ok_or_else(cut)?)
         } else {
-            (8usize, w.u16(at + 6, enc).map(u32::from))
-        };
-        let Some(len) = len else {
-            return Err(problem(
-                "truncated",
-                format!("file meta element at offset {at} is cut short"),
-            ));
+            (8usize, u32::from(w.u16(at + 6, enc).ok_or_else(cut)?))
         };
         let value_end = (at + header)
             .checked_add(len as usize)
@@ -471,38 +464,67 @@ pub fn check_meta_syntax(
                 problem(
                     "truncated",
                     format!(
-                        "file meta element (0002,{element:04X}) at offset {at} declares {len} bytes where {} remain",
+                        "file meta element ({group:04X},{element:04X}) at offset {at} declares {len} bytes where {} remain",
                         bytes.len().saturating_sub(at + header)
                     ),
                 )
             })?;
-        if element == 0x0010 {
-            syntax = bytes
-                .get(at + header..value_end)
-                .map(|v| {
-                    String::from_utf8_lossy(v)
-                        .trim_end_matches(['\0', ' '])
-                        .to_owned()
-                })
-                .filter(|t| !t.is_empty());
+        Ok((group, element, at + header, value_end))
+    };
+    let text = |from: usize, to: usize| {
+        bytes
+            .get(from..to)
+            .map(|v| {
+                String::from_utf8_lossy(v)
+                    .trim_end_matches(['\0', ' '])
+                    .to_owned()
+            })
+            .filter(|t| !t.is_empty())
+    };
+    // The group as the lenient reader sees it: the group 0002 elements.
+    let mut at = start;
+    let mut syntax = None;
+    while w.u16(at, enc) == Some(0x0002) {
+        let (_, e, value, end) = element(at)?;
+        if e == 0x0010 {
+            syntax = text(value, end);
         }
-        at = value_end;
+        at = end;
     }
-    if let Some(gl) = group_length {
-        let said = (start + 12).checked_add(gl as usize);
-        if said != Some(at) {
+    let group_end = at;
+    // The group as the parser reads it: when it opens with a 4-byte group length, the parser
+    // reads elements (of any group) until it has read that many bytes, and reserves what each
+    // declares. Every one of them is checked, and the transfer syntax is the one it finds.
+    let first = element(start).ok();
+    if let Some((0x0002, 0x0000, value, end)) = first
+        && end - value == 4
+    {
+        let gl = u64::from(w.u32(value, enc).unwrap_or(0));
+        let mut at = end;
+        let mut read = 0u64;
+        let mut parser_syntax = None;
+        while read < gl {
+            let (g, e, value, next) = element(at)?;
+            if (g, e) == (0x0002, 0x0010) {
+                parser_syntax = text(value, next);
+            }
+            read += (next - at) as u64;
+            at = next;
+        }
+        if at != group_end {
             // The parser would read past the group (or stop inside it); the lenient reader
             // rebuilds the meta group from its elements instead.
             return Err(problem(
                 "bad-file-meta",
                 format!(
                     "the file meta group length says {gl} bytes where its elements take {}",
-                    at.saturating_sub(start + 12)
+                    group_end.saturating_sub(end)
                 ),
             ));
         }
+        return Ok((at, parser_syntax));
     }
-    Ok((at, syntax))
+    Ok((group_end, syntax))
 }
 
 #[cfg(test)]
