@@ -2210,13 +2210,7 @@ pub fn write_fuzz_seeds(dir: &Path) -> Result<usize, Box<dyn std::error::Error>>
     let commands = [
         crate::dimse::response(0x8030, 7, crate::dimse::VERIFICATION, None, 0),
         crate::dimse::response(0x8001, 9, sop::CT, Some("2.25.1"), 0),
-        crate::dimse::encode_command(vec![
-            DataElement::new(Tag(0x0000, 0x0002), VR::UI, PrimitiveValue::from(sop::CT)),
-            DataElement::new(Tag(0x0000, 0x0100), VR::US, PrimitiveValue::from(1u16)),
-            DataElement::new(Tag(0x0000, 0x0110), VR::US, PrimitiveValue::from(3u16)),
-            DataElement::new(Tag(0x0000, 0x0800), VR::US, PrimitiveValue::from(0u16)),
-            DataElement::new(Tag(0x0000, 0x1000), VR::UI, PrimitiveValue::from("2.25.77")),
-        ]),
+        crate::dimse::scu::store_request(sop::CT, "2.25.77", 3),
     ];
     for (i, c) in commands.iter().enumerate() {
         write_seed(dir, "dimse_command", &format!("command-{i}"), c)?;

@@ -566,33 +566,7 @@ fn hostile_command_sets_and_oversized_data_sets_are_aborted_in_bounded_memory() 
     // A data set beyond [scp] max_object_mib (1 MiB here) after a C-STORE request: aborted,
     // nothing stored.
     let mut assoc = associate(node.port);
-    let request = node::dimse::encode_command(vec![
-        dicom_core::DataElement::new(
-            dicom_core::Tag(0x0000, 0x0002),
-            dicom_core::VR::UI,
-            dicom_core::PrimitiveValue::from("1.2.840.10008.5.1.4.1.1.2"),
-        ),
-        dicom_core::DataElement::new(
-            dicom_core::Tag(0x0000, 0x0100),
-            dicom_core::VR::US,
-            dicom_core::PrimitiveValue::from(0x0001u16),
-        ),
-        dicom_core::DataElement::new(
-            dicom_core::Tag(0x0000, 0x0110),
-            dicom_core::VR::US,
-            dicom_core::PrimitiveValue::from(7u16),
-        ),
-        dicom_core::DataElement::new(
-            dicom_core::Tag(0x0000, 0x0800),
-            dicom_core::VR::US,
-            dicom_core::PrimitiveValue::from(0x0000u16),
-        ),
-        dicom_core::DataElement::new(
-            dicom_core::Tag(0x0000, 0x1000),
-            dicom_core::VR::UI,
-            dicom_core::PrimitiveValue::from("2.25.1"),
-        ),
-    ]);
+    let request = node::dimse::scu::store_request("1.2.840.10008.5.1.4.1.1.2", "2.25.1", 7);
     assoc
         .send(&Pdu::PData {
             data: vec![PDataValue {

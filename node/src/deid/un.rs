@@ -153,19 +153,11 @@ impl Reinterpreter<'_> {
     /// Decode a value's bytes with the dictionary's VR.
     fn as_value(&self, tag: Tag, vr: VR, bytes: &[u8]) -> Option<InMemElement> {
         let value = match vr {
-            VR::AE
-            | VR::AS
-            | VR::CS
-            | VR::DA
-            | VR::DS
-            | VR::DT
-            | VR::IS
-            | VR::LO
-            | VR::PN
-            | VR::SH
-            | VR::TM
-            | VR::UC
-            | VR::UI => {
+            // Single-valued text: a backslash is part of the value.
+            VR::LT | VR::ST | VR::UT | VR::UR => {
+                PrimitiveValue::from(text_of_bytes(bytes).into_owned())
+            }
+            vr if super::is_text_vr(vr) => {
                 let text = text_of_bytes(bytes);
                 if text.is_empty() {
                     PrimitiveValue::Empty
@@ -177,9 +169,6 @@ impl Reinterpreter<'_> {
                         PrimitiveValue::Strs(parts.into())
                     }
                 }
-            }
-            VR::LT | VR::ST | VR::UT | VR::UR => {
-                PrimitiveValue::from(text_of_bytes(bytes).into_owned())
             }
             VR::US => PrimitiveValue::U16(self.numbers(bytes, |b| self.u16(b))?.into()),
             VR::SS => PrimitiveValue::I16(

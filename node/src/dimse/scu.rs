@@ -230,6 +230,20 @@ fn request(
     encode_command(e)
 }
 
+/// A C-STORE request command set for one instance.
+pub fn store_request(class: &str, instance: &str, message_id: u16) -> Vec<u8> {
+    request(
+        C_STORE_RQ,
+        class,
+        message_id,
+        vec![DataElement::new(
+            Tag(0x0000, 0x1000),
+            VR::UI,
+            PrimitiveValue::from(instance),
+        )],
+    )
+}
+
 /// C-FIND at study level; returns the Study Instance UIDs that match.
 pub fn find_studies(
     calling: &str,
@@ -411,16 +425,7 @@ pub fn store_files(
             continue;
         };
         let data = encode_dataset(o, ts)?;
-        let command = request(
-            C_STORE_RQ,
-            class,
-            (i % 65_000) as u16 + 1,
-            vec![DataElement::new(
-                Tag(0x0000, 0x1000),
-                VR::UI,
-                PrimitiveValue::from(instance),
-            )],
-        );
+        let command = store_request(class, &instance, (i % 65_000) as u16 + 1);
         assoc
             .send(&Pdu::PData {
                 data: vec![PDataValue {

@@ -59,8 +59,6 @@ const PIXEL_DATA: (u16, u16) = (0x7FE0, 0x0010);
 
 struct Walker<'a> {
     b: &'a [u8],
-    /// Offsets of the top-level elements met, in order.
-    tops: std::cell::RefCell<Vec<usize>>,
     /// CP-246 sequences met: (element start, end past its delimiter, depth).
     cp246: std::cell::RefCell<Vec<(usize, usize, usize)>>,
 }
@@ -180,9 +178,6 @@ impl Walker<'_> {
                 (None, 8, self.u32(at + 4, enc).unwrap_or(0))
             };
             let tag = (group, element);
-            if depth == 0 && !end_delimited {
-                self.tops.borrow_mut().push(at);
-            }
             let start = at + header;
             if len == UNDEFINED {
                 at = match vr {
@@ -357,7 +352,9 @@ fn fixed_size(vr: VR) -> Option<usize> {
     }
 }
 
-fn long_length(vr: &[u8; 2]) -> bool {
+/// Whether an explicit VR element with this VR has the long header (2 reserved bytes, a
+/// 4-byte length).
+pub fn long_length(vr: &[u8]) -> bool {
     matches!(
         vr,
         b"OB"
@@ -378,19 +375,12 @@ fn long_length(vr: &[u8; 2]) -> bool {
 
 /// Check a data set's declared structure against its bytes.
 pub fn check_dataset(bytes: &[u8], enc: Encoding) -> Result<(), LengthProblem> {
-    top_level_offsets(bytes, enc).map(|_| ())
-}
-
-/// Check a data set as [`check_dataset`] does, and return the offsets of its top-level
-/// elements.
-pub fn top_level_offsets(bytes: &[u8], enc: Encoding) -> Result<Vec<usize>, LengthProblem> {
-    walk(bytes, enc).map(|w| w.tops.into_inner())
+    walk(bytes, enc).map(|_| ())
 }
 
 fn walk(bytes: &[u8], enc: Encoding) -> Result<Walker<'_>, LengthProblem> {
     let w = Walker {
         b: bytes,
-        tops: Default::default(),
         cp246: Default::default(),
     };
     w.dataset(0, bytes.len(), enc, 0, false)?;
@@ -432,7 +422,6 @@ pub fn check_meta_syntax(
 ) -> Result<(usize, Option<String>), LengthProblem> {
     let w = Walker {
         b: bytes,
-        tops: Default::default(),
         cp246: Default::default(),
     };
     let enc = Encoding::EXPLICIT_LE;

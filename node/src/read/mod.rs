@@ -101,25 +101,6 @@ fn is_vr(b: &[u8]) -> bool {
     b.len() == 2 && b[0].is_ascii_uppercase() && b[1].is_ascii_uppercase()
 }
 
-fn has_long_length(vr: &[u8]) -> bool {
-    matches!(
-        vr,
-        b"OB"
-            | b"OW"
-            | b"OF"
-            | b"SQ"
-            | b"UT"
-            | b"UN"
-            | b"UC"
-            | b"UR"
-            | b"OD"
-            | b"OL"
-            | b"OV"
-            | b"SV"
-            | b"UV"
-    )
-}
-
 /// What a file meta group (explicit VR little endian, group 0002) says, read leniently.
 #[derive(Debug, Default)]
 struct MetaScan {
@@ -140,7 +121,7 @@ fn scan_meta(bytes: &[u8], start: usize) -> MetaScan {
         if !is_vr(vr) {
             break;
         }
-        let (header, len) = if has_long_length(vr) {
+        let (header, len) = if lengths::long_length(vr) {
             (12, u32le(bytes, at + 8).unwrap_or(u32::MAX) as usize)
         } else {
             (8, usize::from(u16le(bytes, at + 6).unwrap_or(u16::MAX)))
@@ -183,23 +164,26 @@ fn sniff(dataset: &[u8]) -> Option<&'static str> {
 }
 
 /// Check every length a file declares against the bytes it holds, before the parser (which
-/// reserves what a length declares before reading) sees it.
-fn guard(bytes: &[u8]) -> Result<(), Refusal> {
+/// reserves what a length declares before reading) sees it. One walk; it also returns the
+/// CP-246 sequences of the top-level data set (`(start, end)` in `bytes`), which the parser
+/// does not follow and which [`open`] cuts out.
+fn guard(bytes: &[u8]) -> Result<Vec<(usize, usize)>, Refusal> {
     if bytes.get(128..132) != Some(b"DICM") {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let to_refusal = |p: lengths::LengthProblem| refuse(p.reason, p.detail);
     let (start, syntax) = lengths::check_meta_syntax(bytes, 132).map_err(to_refusal)?;
     let Some(ts) = syntax else {
         // The parser refuses a meta group without transfer syntax before reading the data
         // set; the lenient path rewraps it and comes back here.
-        return Ok(());
+        return Ok(Vec::new());
     };
     let dataset = bytes.get(start..).unwrap_or(&[]);
     let ts = ts.trim_end_matches(['\0', ' ']);
+    let checked = |enc| lengths::check_dataset(dataset, enc).map(|()| Vec::new());
     match ts {
-        ts::IMPLICIT_LE => lengths::check_dataset(dataset, Encoding::IMPLICIT_LE),
-        ts::EXPLICIT_BE => lengths::check_dataset(dataset, Encoding::EXPLICIT_BE),
+        ts::IMPLICIT_LE => checked(Encoding::IMPLICIT_LE),
+        ts::EXPLICIT_BE => checked(Encoding::EXPLICIT_BE),
         ts::DEFLATED_LE => {
             use std::io::Read;
             let mut inflated = Vec::new();
@@ -216,21 +200,24 @@ fn guard(bytes: &[u8]) -> Result<(), Refusal> {
                     ),
                 ));
             }
-            lengths::check_dataset(&inflated, Encoding::EXPLICIT_LE)
+            lengths::check_dataset(&inflated, Encoding::EXPLICIT_LE).map(|()| Vec::new())
         }
         t if t == ts::EXPLICIT_LE || is_encapsulated_syntax(t) => {
-            // CP-246 sequences left here (inside other sequences) would make the parser lose
-            // its place: refused.
+            // A CP-246 sequence inside another sequence cannot be cut out (the enclosing
+            // lengths would no longer hold), and the parser would lose its place: refused.
             lengths::cp246_sequences(dataset, Encoding::EXPLICIT_LE).and_then(|spans| {
-                match spans.first() {
-                    None => Ok(()),
-                    Some((at, _, _)) => Err(lengths::LengthProblem {
-                        reason: "nested-un-sequence",
-                        detail: format!(
-                            "a UN sequence of undefined length at offset {at} sits inside another sequence"
-                        ),
-                    }),
-                }
+                spans
+                    .into_iter()
+                    .map(|(s, e, depth)| match depth {
+                        0 => Ok((start + s, start + e)),
+                        _ => Err(lengths::LengthProblem {
+                            reason: "nested-un-sequence",
+                            detail: format!(
+                                "a UN sequence of undefined length at offset {s} sits inside another sequence"
+                            ),
+                        }),
+                    })
+                    .collect()
             })
         }
         other => {
@@ -252,8 +239,40 @@ fn is_encapsulated_syntax(ts: &str) -> bool {
             .is_some_and(|rest| rest.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// Guard, then parse: CP-246 sequences are cut out before the parser sees them (it does not
+/// follow them, and on some contents spends seconds and gigabytes failing to) and put back
+/// as UN elements with a defined length, which de-identification decodes with the
+/// dictionary's VR or removes.
 fn open(bytes: &[u8], odd: OddLengthStrategy) -> Result<DefaultDicomObject, Refusal> {
-    guard(bytes)?;
+    let spans = guard(bytes)?;
+    if spans.is_empty() {
+        return parse(bytes, odd);
+    }
+    let mut cleaned = Vec::with_capacity(bytes.len());
+    let mut excised = Vec::with_capacity(spans.len());
+    let mut at = 0;
+    for (s, e) in spans {
+        cleaned.extend_from_slice(&bytes[at..s]);
+        excised.push(dicom_core::DataElement::new(
+            Tag(
+                u16le(bytes, s).unwrap_or(0),
+                u16le(bytes, s + 2).unwrap_or(0),
+            ),
+            dicom_core::VR::UN,
+            // The items: after the 12-byte header, up to the 8-byte sequence delimiter.
+            PrimitiveValue::U8(bytes[s + 12..e - 8].to_vec().into()),
+        ));
+        at = e;
+    }
+    cleaned.extend_from_slice(&bytes[at..]);
+    let mut obj = parse(&cleaned, odd)?;
+    for e in excised {
+        obj.put(e);
+    }
+    Ok(obj)
+}
+
+fn parse(bytes: &[u8], odd: OddLengthStrategy) -> Result<DefaultDicomObject, Refusal> {
     OpenFileOptions::new()
         .odd_length_strategy(odd)
         .from_reader(bytes)
@@ -278,71 +297,6 @@ fn rewrap(dataset: &[u8], transfer_syntax: &str, sop_class: &str) -> Result<Vec<
         .map_err(|e| refuse(BAD_FILE_META, e.to_string()))?;
     out.extend_from_slice(dataset);
     Ok(out)
-}
-
-/// An element encoded as UN with undefined length, cut out of the file: its tag and its
-/// content (the items, implicit VR little endian, without the sequence delimiter).
-struct Excised {
-    tag: Tag,
-    content: Vec<u8>,
-    /// Whether it was an element of the top-level data set (nested ones are not put back:
-    /// their place cannot be rebuilt, so they stay removed).
-    top_level: bool,
-}
-
-/// Cut out every element encoded as UN with undefined length (CP-246: its content is implicit
-/// VR little endian, which the parser does not follow inside an explicit VR file: it loses its
-/// place and trusts garbage lengths). They are found by the length walk, put back as UN
-/// elements with a defined length (top level), which de-identification decodes with the
-/// dictionary's VR or removes. Returns `None` if there is none (or the file is not an explicit
-/// VR little endian file with a meta group).
-fn excise_undefined_un(bytes: &[u8]) -> Option<(Vec<u8>, Vec<Excised>)> {
-    if bytes.get(128..132) != Some(b"DICM") {
-        return None;
-    }
-    let (start, syntax) = lengths::check_meta_syntax(bytes, 132).ok()?;
-    let syntax = syntax?;
-    if !(syntax == ts::EXPLICIT_LE || is_encapsulated_syntax(&syntax)) {
-        return None;
-    }
-    let dataset = bytes.get(start..)?;
-    let spans = lengths::cp246_sequences(dataset, Encoding::EXPLICIT_LE).ok()?;
-    if spans.is_empty() {
-        return None;
-    }
-    let mut out = Vec::with_capacity(bytes.len());
-    out.extend_from_slice(&bytes[..start]);
-    let mut excised = Vec::new();
-    let mut at = 0;
-    for (s, e, depth) in spans {
-        out.extend_from_slice(dataset.get(at..s)?);
-        excised.push(Excised {
-            tag: Tag(u16le(dataset, s)?, u16le(dataset, s + 2)?),
-            // Content: after the 12-byte header, up to the 8-byte sequence delimiter.
-            content: dataset.get(s + 12..e.checked_sub(8)?)?.to_vec(),
-            top_level: depth == 0,
-        });
-        at = e;
-    }
-    out.extend_from_slice(dataset.get(at..)?);
-    // Defined-length items or sequences that enclosed a cut-out element now declare too much:
-    // only top-level cuts keep the file consistent.
-    if excised.iter().any(|e| !e.top_level) {
-        return None;
-    }
-    Some((out, excised))
-}
-
-/// Put excised CP-246 elements back as UN elements with a defined length.
-fn restore_excised(mut obj: DefaultDicomObject, excised: Vec<Excised>) -> DefaultDicomObject {
-    for e in excised.into_iter().filter(|e| e.top_level) {
-        obj.put(dicom_core::DataElement::new(
-            e.tag,
-            dicom_core::VR::UN,
-            PrimitiveValue::U8(e.content.into()),
-        ));
-    }
-    obj
 }
 
 /// A text attribute's value without DICOM padding (spaces, NUL); empty when the attribute
@@ -582,17 +536,9 @@ fn read_with(bytes: &[u8], odd: OddLengthStrategy) -> Result<DefaultDicomObject,
         None
     };
     let obj = match magic_at {
-        // CP-246 sequences are cut out before the parser sees them: it does not follow them,
-        // and on some (fuzzed) contents it spends seconds failing to.
-        Some(132) => match excise_undefined_un(bytes) {
-            Some((cleaned, excised)) => match open(&cleaned, odd) {
-                Ok(o) => restore_excised(o, excised),
-                Err(first) => reread(&cleaned, 132, first, odd)?,
-            },
-            None => match open(bytes, odd) {
-                Ok(o) => o,
-                Err(first) => reread(bytes, 132, first, odd)?,
-            },
+        Some(132) => match open(bytes, odd) {
+            Ok(o) => o,
+            Err(first) => reread(bytes, 132, first, odd)?,
         },
         Some(start) => reread(
             bytes,

@@ -300,19 +300,23 @@ const HEADER_READ: u64 = 544;
 impl Header {
     /// Bytes of voxel data the header declares (all dimensions), with checked arithmetic.
     pub fn data_bytes(&self) -> Result<u64, NiftiError> {
-        let bits = u64::try_from(self.datatype.bits()).unwrap_or(0);
-        self.dims
-            .iter()
-            .try_fold(bits, |acc, &d| {
-                u64::try_from(d)
-                    .ok()
-                    .filter(|&d| d > 0)
-                    .and_then(|d| acc.checked_mul(d))
-            })
-            .map(|b| b.div_ceil(8))
-            .filter(|&b| b <= MAX_DATA_BYTES)
-            .ok_or_else(|| NiftiError::Dimensions(self.dims.clone()))
+        data_size(&self.dims, u64::try_from(self.datatype.bits()).unwrap_or(0))
     }
+}
+
+/// Bytes of voxel data for `dims` at `bits` per voxel: checked products, every dimension at
+/// least 1, at most [`MAX_DATA_BYTES`]; otherwise the dimensions are refused.
+fn data_size(dims: &[i64], bits: u64) -> Result<u64, NiftiError> {
+    dims.iter()
+        .try_fold(bits, |acc, &d| {
+            u64::try_from(d)
+                .ok()
+                .filter(|&d| d > 0)
+                .and_then(|d| acc.checked_mul(d))
+        })
+        .map(|b| b.div_ceil(8))
+        .filter(|&b| !dims.is_empty() && b <= MAX_DATA_BYTES)
+        .ok_or_else(|| NiftiError::Dimensions(dims.to_vec()))
 }
 
 /// No volume larger than this (64 GiB of voxel data) is read; its dimensions are refused.
@@ -432,17 +436,7 @@ pub fn rewrite(path: &Path) -> Result<Vec<u8>, NiftiError> {
         )
     };
     let bits = bits_of_code(code).ok_or(NiftiError::Datatype(code))?;
-    let need = dims
-        .iter()
-        .try_fold(bits, |acc, &d| {
-            u64::try_from(d)
-                .ok()
-                .filter(|&d| d > 0)
-                .and_then(|d| acc.checked_mul(d))
-        })
-        .map(|b| b.div_ceil(8))
-        .filter(|&b| !dims.is_empty() && b <= MAX_DATA_BYTES)
-        .ok_or_else(|| NiftiError::Dimensions(dims.clone()))?;
+    let need = data_size(&dims, bits)?;
     let analyze = !nifti2 && !matches!(head.get(344..347), Some(b"n+1") | Some(b"ni1"));
     let paired =
         analyze || head.get(344..347) == Some(b"ni1") || path.to_string_lossy().contains(".hdr");
