@@ -337,7 +337,9 @@ fn pki(dir: &std::path::Path, command: PkiCommand) -> Result<()> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
             for i in p.issued()? {
-                let status = if i.revoked.is_some() {
+                let status = if i.revoked.is_some() && i.superseded {
+                    "revoked (renewed with a new key)".to_owned()
+                } else if i.revoked.is_some() {
                     "revoked".to_owned()
                 } else if i.not_after <= now {
                     "expired".to_owned()

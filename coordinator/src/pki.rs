@@ -97,9 +97,15 @@ pub struct Issued {
     /// Revocation time, seconds since the Unix epoch.
     #[serde(default)]
     pub revoked: Option<i64>,
-    /// Replaced by a renewal (still valid until it expires or is revoked).
+    /// Replaced by a renewal. A renewal for the same key leaves it valid until it expires;
+    /// a renewal with a new key revokes it (reason superseded), so a superseded key no
+    /// longer authenticates.
     #[serde(default)]
     pub superseded: bool,
+    /// SHA-256 of the certificate's SubjectPublicKeyInfo, hex (empty in registers written
+    /// before it was recorded).
+    #[serde(default)]
+    pub public_key: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -197,6 +203,16 @@ fn hex(bytes: &[u8]) -> String {
 /// SHA-256 fingerprint (hex) of a DER certificate.
 pub fn fingerprint(der: &[u8]) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
+}
+
+/// SHA-256 (hex) of a DER certificate's SubjectPublicKeyInfo.
+pub fn public_key_fingerprint(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(hex(ring::digest::digest(
+        &ring::digest::SHA256,
+        cert.public_key().raw,
+    )
+    .as_ref()))
 }
 
 /// Not-after of a PEM certificate, in seconds since the epoch.
@@ -364,12 +380,20 @@ impl Pki {
         der: &[u8],
         ca_made_key: bool,
     ) -> Issued {
+        let public_key = public_key_fingerprint(der).unwrap_or_default();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
         for old in r
             .issued
             .iter_mut()
             .filter(|i| i.name == name && i.role == role)
         {
             old.superseded = true;
+            // A certificate for another key must stop authenticating at once: revoke it
+            // (an old register without key fingerprints counts as another key).
+            if old.revoked.is_none() && (old.public_key.is_empty() || old.public_key != public_key)
+            {
+                old.revoked = Some(now);
+            }
         }
         let rec = Issued {
             name: name.to_owned(),
@@ -383,6 +407,7 @@ impl Pki {
             ca_made_key,
             revoked: None,
             superseded: false,
+            public_key,
         };
         r.issued.push(rec.clone());
         rec
@@ -418,6 +443,9 @@ impl Pki {
             write_atomic(&key_path, key.serialize_pem().as_bytes(), true)?;
         }
         write_atomic(&cert_path, cert.pem().as_bytes(), false)?;
+        if renew {
+            self.write_crl(&mut r)?;
+        }
         self.save(&r)?;
         Ok(IssuedFiles {
             certificate: cert_path,
@@ -471,6 +499,10 @@ impl Pki {
             .join(Self::folder(Role::Site))
             .join(format!("{site}.crt"));
         write_atomic(&cert_path, cert.pem().as_bytes(), false)?;
+        if renew {
+            // A new key revokes the superseded certificates: the CRL says so at once.
+            self.write_crl(&mut r)?;
+        }
         self.save(&r)?;
         Ok(IssuedFiles {
             certificate: cert_path,
@@ -542,7 +574,11 @@ impl Pki {
                     serial_number: SerialNumber::from_slice(&serial),
                     revocation_time: OffsetDateTime::from_unix_timestamp(t)
                         .map_err(|e| PkiError::Registry(e.to_string()))?,
-                    reason_code: Some(RevocationReason::CessationOfOperation),
+                    reason_code: Some(if i.superseded {
+                        RevocationReason::Superseded
+                    } else {
+                        RevocationReason::CessationOfOperation
+                    }),
                     invalidity_date: None,
                 });
             }

@@ -219,6 +219,71 @@ fn a_site_request_is_signed_without_its_key_leaving_the_site() {
 }
 
 #[test]
+fn a_renewal_with_a_new_key_stops_the_old_certificate_authenticating() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::at(&dir.path().join("pki"));
+    pki.init("test").expect("init");
+    let first_dir = dir.path().join("hospital-1");
+    let (_, csr) = node::pki::write_site_request("site-b", &first_dir).expect("request");
+    let old = pki
+        .sign_request("site-b", &std::fs::read_to_string(&csr).expect("csr"), 30)
+        .expect("sign");
+    let old_copy = dir.path().join("old.crt");
+    std::fs::copy(&old.certificate, &old_copy).expect("copy");
+    // Same key: the old certificate stays valid until it expires (no outage at renewal).
+    let same = pki
+        .renew(
+            "site-b",
+            Role::Site,
+            Some(&std::fs::read_to_string(&csr).expect("csr")),
+            30,
+        )
+        .expect("renew, same key");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let fps = coordinator::net::site_fingerprints(&pki.issued().expect("issued"), now);
+    assert!(
+        fps.contains_key(&old.record.fingerprint) && fps.contains_key(&same.record.fingerprint)
+    );
+    // A new key (the old one may be compromised): every earlier certificate is revoked.
+    let second_dir = dir.path().join("hospital-2");
+    let (_, csr2) = node::pki::write_site_request("site-b", &second_dir).expect("request");
+    let new = pki
+        .renew(
+            "site-b",
+            Role::Site,
+            Some(&std::fs::read_to_string(&csr2).expect("csr")),
+            30,
+        )
+        .expect("renew, new key");
+    let fps = coordinator::net::site_fingerprints(&pki.issued().expect("issued"), now);
+    assert!(fps.contains_key(&new.record.fingerprint));
+    for superseded in [&old, &same] {
+        assert!(
+            !fps.contains_key(&superseded.record.fingerprint),
+            "a certificate for the replaced key must not authenticate"
+        );
+    }
+    // The TLS layer refuses it too: the re-signed CRL lists it.
+    let verify = |cert: &Path| {
+        openssl(&[
+            "verify",
+            "-crl_check",
+            "-CRLfile",
+            s(&pki.crl_path()),
+            "-CAfile",
+            s(&pki.ca_cert_path()),
+            s(cert),
+        ])
+    };
+    let (ok, text) = verify(&old_copy);
+    assert!(!ok && text.contains("revoked"), "{text}");
+    let (ok, text) = verify(&new.certificate);
+    assert!(ok, "{text}");
+}
+
+#[test]
 fn revocation_is_enforced_by_the_crl() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::at(&dir.path().join("pki"));
