@@ -67,9 +67,9 @@ pub struct MomentsSummary {
     pub patients: u64,
     pub mean: f64,
     pub std: f64,
-    /// k-th smallest and largest per-patient values.
-    pub low: f64,
-    pub high: f64,
+    /// k-th smallest and largest per-patient values (withheld below 2k − 1 patients).
+    pub low: Option<f64>,
+    pub high: Option<f64>,
 }
 
 impl MomentsSummary {
@@ -78,8 +78,8 @@ impl MomentsSummary {
             patients: m.patients,
             mean: m.mean(),
             std: m.std(),
-            low: from_fixed(m.low),
-            high: from_fixed(m.high),
+            low: m.low.map(from_fixed),
+            high: m.high.map(from_fixed),
         }
     }
 }
@@ -609,14 +609,14 @@ pub fn html(r: &ConsortiumReport) -> String {
                     Some(v) => {
                         let _ = write!(
                             o,
-                            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td></tr>",
+                            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{}</td><td>{}</td></tr>",
                             esc(&m.quantity),
                             esc(s),
                             v.patients,
                             v.mean,
                             v.std,
-                            v.low,
-                            v.high
+                            v.low.map_or("&lt;2k−1".into(), |x| format!("{x:.3}")),
+                            v.high.map_or("&lt;2k−1".into(), |x| format!("{x:.3}"))
                         );
                     }
                     None => {

@@ -165,8 +165,11 @@ pub struct Moments {
     pub sum: i64,
     /// Σ value², fixed point.
     pub sum_squares: i64,
-    pub low: i64,
-    pub high: i64,
+    /// The k-th lowest and highest values, released only over at least 2k − 1 patients:
+    /// below that the k-th lowest is at or above the k-th highest, and with n = k they are
+    /// exactly one patient's maximum and another's minimum.
+    pub low: Option<i64>,
+    pub high: Option<i64>,
 }
 
 impl Moments {
@@ -189,8 +192,8 @@ impl Moments {
                 .iter()
                 .map(|v| to_fixed(v * v))
                 .fold(0, i64::wrapping_add),
-            low: to_fixed(sorted[k_us - 1]),
-            high: to_fixed(sorted[n - k_us]),
+            low: (n >= 2 * k_us - 1).then(|| to_fixed(sorted[k_us - 1])),
+            high: (n >= 2 * k_us - 1).then(|| to_fixed(sorted[n - k_us])),
         })
     }
 
@@ -198,8 +201,14 @@ impl Moments {
         self.patients = self.patients.wrapping_add(o.patients);
         self.sum = self.sum.wrapping_add(o.sum);
         self.sum_squares = self.sum_squares.wrapping_add(o.sum_squares);
-        self.low = self.low.min(o.low);
-        self.high = self.high.max(o.high);
+        self.low = match (self.low, o.low) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.high = match (self.high, o.high) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
     }
 
     pub fn mean(&self) -> f64 {
@@ -456,10 +465,22 @@ mod tests {
         let v: Vec<f64> = (1..=10).map(f64::from).collect();
         let m = Moments::of(&v, 3).expect("10 >= 3");
         assert_eq!(m.patients, 10);
-        assert_eq!(from_fixed(m.low), 3.0);
-        assert_eq!(from_fixed(m.high), 8.0);
+        assert_eq!(m.low.map(from_fixed), Some(3.0));
+        assert_eq!(m.high.map(from_fixed), Some(8.0));
         assert!((m.mean() - 5.5).abs() < 1e-12);
         assert!(Moments::of(&v[..4], 5).is_none());
+        // From k to 2k − 2 patients the k-th lowest and highest would be one patient's
+        // maximum and another's minimum (or cross): the range is withheld.
+        for n in 5..=8 {
+            let few = Moments::of(&v[..n], 5).expect("n >= k");
+            assert_eq!((few.low, few.high), (None, None), "n = {n}");
+            assert_eq!(few.patients, n as u64, "the sums are still released");
+        }
+        let enough = Moments::of(&v[..9], 5).expect("2k - 1");
+        assert_eq!(
+            (enough.low, enough.high),
+            (Some(to_fixed(5.0)), Some(to_fixed(5.0)))
+        );
         let sd = (v.iter().map(|x| (x - 5.5).powi(2)).sum::<f64>() / 9.0).sqrt();
         assert!((m.std() - sd).abs() < 1e-9);
     }

@@ -303,8 +303,8 @@ mod tests {
             any::<u64>(),
             any::<i64>(),
             any::<i64>(),
-            any::<i64>(),
-            any::<i64>(),
+            any::<Option<i64>>(),
+            any::<Option<i64>>(),
         )
             .prop_map(|(patients, sum, sum_squares, low, high)| {
                 crate::aggregate::Moments {

@@ -220,8 +220,8 @@ pub fn decode(
                 patients: m[1],
                 sum: m[2] as i64,
                 sum_squares: m[3] as i64,
-                low: 0,
-                high: 0,
+                low: None,
+                high: None,
             }),
         ));
     }
@@ -320,8 +320,8 @@ mod tests {
                             patients: 20,
                             sum: -5_000_000 + seed as i64,
                             sum_squares: 7,
-                            low: 1,
-                            high: 2,
+                            low: Some(1),
+                            high: Some(2),
                         }),
                     )
                 })

@@ -382,8 +382,8 @@ pub fn aggregates_with(
                         sum: to_fixed(sum),
                         sum_squares: to_fixed(squares),
                         // The public clipping range, not order statistics.
-                        low: to_fixed(lo),
-                        high: to_fixed(hi),
+                        low: Some(to_fixed(lo)),
+                        high: Some(to_fixed(hi)),
                     })
                 }
             };
