@@ -61,6 +61,14 @@ pub fn suppress(counts: &[u64], k: u64) -> Vec<Cell> {
     if withheld == 0 && !out.contains(&Cell::Suppressed) {
         return out;
     }
+    // A table with withheld cells withholds its zeros too: an empty cell shown beside a
+    // withheld one tells where the few patients are not (in a sparse histogram, where
+    // they are).
+    for (c, v) in out.iter_mut().zip(counts) {
+        if *v == 0 {
+            *c = Cell::Suppressed;
+        }
+    }
     while withheld < k {
         // The smallest released non-zero count, else the smallest released count.
         let next = out
@@ -154,7 +162,25 @@ impl Quantity {
     pub fn from_name(name: &str) -> Option<Quantity> {
         Quantity::ALL.into_iter().find(|q| q.name() == name)
     }
+
+    /// The narrowest histogram bin a schema may ask for: finer bins locate single patients'
+    /// values (a 0.01-wide bin beside empty ones is one patient's value to 0.01). Chosen at
+    /// about the quantity's measurement resolution across scanners.
+    pub fn min_bin_width(self) -> f64 {
+        match self {
+            // Arbitrary units for MR, HU for CT.
+            Quantity::Intensity => 10.0,
+            Quantity::PixelSpacing => 0.1,
+            Quantity::SliceThickness => 0.5,
+            Quantity::Snr | Quantity::SnrDietrich | Quantity::Fber => 1.0,
+            Quantity::Cnr => 0.5,
+            Quantity::Cjv | Quantity::Efc | Quantity::Cv | Quantity::ForegroundFraction => 0.05,
+        }
+    }
 }
+
+/// Most cells a histogram may have (its edges plus one).
+pub const MAX_HISTOGRAM_CELLS: usize = 64;
 
 /// Moments of a per-patient quantity. `low` and `high` are the k-th smallest and k-th largest
 /// values (a range that no single patient determines), not the extremes.
@@ -432,6 +458,8 @@ mod tests {
             for (v, c) in counts.iter().zip(&cells) {
                 if let Cell::Value(x) = c { prop_assert_eq!(x, v); }
             }
+            // No empty cell is shown beside a withheld one.
+            prop_assert!(!any || !cells.contains(&Cell::Value(0)), "{:?}", cells);
         }
     }
 
@@ -440,7 +468,7 @@ mod tests {
         use Cell::*;
         assert_eq!(
             suppress(&[20, 3, 15, 0], 5),
-            vec![Value(20), Suppressed, Suppressed, Value(0)]
+            vec![Value(20), Suppressed, Suppressed, Suppressed]
         );
         assert_eq!(
             suppress(&[20, 30, 0], 5),

@@ -19,6 +19,12 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// The smallest minimum cell count any site may use.
 pub const MIN_CELL_COUNT_FLOOR: u32 = 5;
 
+/// The narrowest age band a schema may define, in years.
+pub const MIN_AGE_BAND: u32 = 5;
+
+/// The narrowest field-strength band, in tesla.
+pub const MIN_FIELD_STRENGTH_BAND: f64 = 0.5;
+
 /// The whole document.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -281,6 +287,28 @@ impl CurationSchema {
                 "edges must increase strictly",
             ));
         }
+        if self
+            .vocabularies
+            .field_strength_bands
+            .windows(2)
+            .any(|w| w[1] - w[0] < MIN_FIELD_STRENGTH_BAND)
+        {
+            return Err(err(
+                "vocabularies.field_strength_bands",
+                format!("bands must be at least {MIN_FIELD_STRENGTH_BAND} T wide"),
+            ));
+        }
+        if self
+            .vocabularies
+            .age_bands
+            .windows(2)
+            .any(|w| w[1].saturating_sub(w[0]) < MIN_AGE_BAND)
+        {
+            return Err(err(
+                "vocabularies.age_bands",
+                format!("bands must be at least {MIN_AGE_BAND} years wide"),
+            ));
+        }
         let bands = &self.vocabularies.age_bands;
         if !bands.is_empty() && (bands[0] != 0 || bands.windows(2).any(|w| w[0] >= w[1])) {
             return Err(err(
@@ -329,6 +357,28 @@ impl CurationSchema {
                 return Err(err(
                     &format!("statistics.histograms[{i}].edges"),
                     "need at least two strictly increasing edges",
+                ));
+            }
+            if h.edges.len() + 1 > crate::aggregate::MAX_HISTOGRAM_CELLS {
+                return Err(err(
+                    &format!("statistics.histograms[{i}].edges"),
+                    format!(
+                        "at most {} edges ({} cells with the two open ends)",
+                        crate::aggregate::MAX_HISTOGRAM_CELLS - 1,
+                        crate::aggregate::MAX_HISTOGRAM_CELLS
+                    ),
+                ));
+            }
+            if let Some(q) = crate::aggregate::Quantity::from_name(&h.quantity)
+                && h.edges.windows(2).any(|w| w[1] - w[0] < q.min_bin_width())
+            {
+                return Err(err(
+                    &format!("statistics.histograms[{i}].edges"),
+                    format!(
+                        "bins of {} must be at least {} wide (finer bins locate single patients' values)",
+                        h.quantity,
+                        q.min_bin_width()
+                    ),
                 ));
             }
         }
@@ -438,7 +488,11 @@ pub(crate) mod tests {
 
     #[test]
     fn each_kind_of_invalid_document_names_its_field() {
-        let cases: [(&str, &str, &str); 9] = [
+        let fine: Vec<String> = (0..2000)
+            .map(|i| format!("{}", f64::from(i) * 0.01))
+            .collect();
+        let fine = format!("edges = [{}]", fine.join(", "));
+        let cases: [(&str, &str, &str); 14] = [
             ("schema_version = 1", "schema_version = 2", "schema_version"),
             ("id = \"brain-mri-2027\"", "id = \"Brain MRI\"", "id"),
             (
@@ -475,6 +529,33 @@ pub(crate) mod tests {
                 "epsilon = 1.0",
                 "epsilon = 0.0",
                 "privacy.differential_privacy",
+            ),
+            // 2,000 bins 0.01 wide would place every patient's value to 0.01.
+            (
+                "edges = [0.0, 5.0, 10.0, 20.0, 40.0]",
+                &fine,
+                "statistics.histograms[0].edges",
+            ),
+            // Narrow bins, even a few of them.
+            (
+                "edges = [0.0, 5.0, 10.0, 20.0, 40.0]",
+                "edges = [0.0, 0.1, 0.2]",
+                "statistics.histograms[0].edges",
+            ),
+            (
+                "edges = [0.0, 1.0, 2.0, 3.0, 5.0, 10.0]",
+                "edges = [0.0, 1.0, 1.2, 3.0]",
+                "statistics.histograms[1].edges",
+            ),
+            (
+                "age_bands = [0, 18, 40, 65, 90]",
+                "age_bands = [0, 18, 19, 65, 90]",
+                "vocabularies.age_bands",
+            ),
+            (
+                "field_strength_bands = [0.0, 1.0, 2.0, 4.0]",
+                "field_strength_bands = [0.0, 1.0, 1.1, 4.0]",
+                "vocabularies.field_strength_bands",
             ),
         ];
         for (from, to, field) in cases {

@@ -178,14 +178,20 @@ fn memory_handshake(client: &Arc<rustls::ClientConfig>, server: &Arc<rustls::Ser
     }
 }
 
-/// A schema whose intensity histogram has `cells` cells.
+/// A schema with about `cells` histogram cells: intensity histograms of the largest size a
+/// schema may ask for, repeated.
 fn wide_schema(cells: usize) -> String {
-    let edges: Vec<String> = (0..cells - 1).map(|i| format!("{i}.0")).collect();
-    SCHEMA.replacen(
-        "edges = [0.0, 5.0, 10.0, 20.0, 40.0]",
-        &format!("edges = [{}]", edges.join(", ")),
-        1,
-    )
+    let per = protocol::aggregate::MAX_HISTOGRAM_CELLS;
+    let edges: Vec<String> = (0..per - 1).map(|i| format!("{}.0", i * 10)).collect();
+    let one = format!(
+        "\n[[statistics.histograms]]\nquantity = \"intensity\"\nedges = [{}]\n",
+        edges.join(", ")
+    );
+    let mut text = SCHEMA.to_owned();
+    for _ in 0..cells.div_ceil(per) {
+        text.push_str(&one);
+    }
+    text
 }
 
 /// Per-site and coordinator cost of one round, plain and secure, in process.

@@ -650,16 +650,8 @@ mod tests {
             .position(|v| v == "sex")
             .expect("sex")];
         // F = 12 released; M = 3 suppressed; complementary suppression withholds F too
-        // (the only other non-zero cell), O and other stay 0.
-        assert_eq!(
-            sex.cells,
-            vec![
-                Cell::Suppressed,
-                Cell::Suppressed,
-                Cell::Value(0),
-                Cell::Value(0)
-            ]
-        );
+        // (the only other non-zero cell), and the empty O and other are withheld with them.
+        assert_eq!(sex.cells, vec![Cell::Suppressed; 4]);
         protocol::aggregate::check_aggregates(&a, 10).expect("passes the coordinator's check");
         let snr = a
             .moments
