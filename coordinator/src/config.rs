@@ -106,11 +106,15 @@ impl CoordinatorConfig {
                 path: path.to_owned(),
             });
         }
-        if cfg.min_sites_for_model == Some(0) || cfg.min_sites_for_model > Some(cfg.sites.len()) {
+        if cfg
+            .min_sites_for_model
+            .is_some_and(|n| n < crate::hub::MODEL_MIN_SITES || n > cfg.sites.len())
+        {
             return Err(ConfigError::Parse {
                 path: path.to_owned(),
                 message: format!(
-                    "min_sites_for_model must be between 1 and the number of sites ({})",
+                    "min_sites_for_model must be between {} (a model over fewer sites exposes a site's summary) and the number of sites ({})",
+                    crate::hub::MODEL_MIN_SITES,
                     cfg.sites.len()
                 ),
             });

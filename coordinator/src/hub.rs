@@ -101,6 +101,10 @@ struct SecureRound {
     complete: bool,
 }
 
+/// Fewest sites a published model may merge (with one, it is that site's summary; with two,
+/// each site learns the other's).
+pub const MODEL_MIN_SITES: usize = 3;
+
 /// Fewest sites a secure session may sum (with two, each would learn the other's values).
 pub const SECURE_MIN_SITES: usize = 3;
 
@@ -163,7 +167,7 @@ impl Hub {
             .meta("next_id")?
             .and_then(|r| r.parse().ok())
             .unwrap_or(1);
-        let min_sites = min_sites.unwrap_or(members.len()).max(1);
+        let min_sites = min_sites.unwrap_or(members.len()).max(MODEL_MIN_SITES);
         let mut hub = Hub {
             registry: Registry::new(members.clone(), parsed.as_ref().map(|(d, _)| d.hash())),
             store,
@@ -438,6 +442,10 @@ impl Hub {
             tracing::warn!(%peer, violation = %v, "refused an aggregate report; nothing stored");
             return Ok(self.error(Some(r.id), ErrorCode::Privacy(v)));
         }
+        if let Err(why) = protocol::aggregate::check_plausible(&r.aggregates) {
+            tracing::warn!(%peer, reason = %why, "refused an implausible aggregate report; nothing stored");
+            return Ok(self.error(Some(r.id), ErrorCode::Implausible(why)));
+        }
         let site = self.store.site(peer)?;
         let acked = site.acked_schema.as_deref() == Some(hash_hex(&r.schema).as_str())
             && site.profile.is_some_and(|p| p.satisfied());
@@ -454,8 +462,8 @@ impl Hub {
         Ok(self.ack(r.id, false))
     }
 
-    /// Fit the model from the current round's reports once enough sites reported, and again
-    /// whenever more sites have reported since the last fit.
+    /// Fit the model from the current round's reports once enough sites reported (the
+    /// configured minimum, and never fewer than [`MODEL_MIN_SITES`]); once per round.
     fn maybe_fit(&mut self, now: i64) -> Result<Option<u32>, StoreError> {
         let Some((doc, schema)) = &self.schema else {
             return Ok(None);
@@ -504,7 +512,9 @@ impl Hub {
         self.publish(hash, sites, fit, now)
     }
 
-    /// Store a fitted model as the next revision, unless the same sites were already fitted.
+    /// Store a fitted model as the next revision: over at least [`MODEL_MIN_SITES`] sites,
+    /// once per round (a second model in a round, over one more site, would be that site's
+    /// summary by subtraction), and only if the merged summary is plausible.
     fn publish(
         &mut self,
         hash: SchemaHash,
@@ -513,12 +523,26 @@ impl Hub {
         now: i64,
     ) -> Result<Option<u32>, StoreError> {
         let Some(fit) = fit else { return Ok(None) };
+        if sites.len() < MODEL_MIN_SITES {
+            tracing::info!(
+                sites = sites.len(),
+                "no model published: a model needs the summaries of at least {MODEL_MIN_SITES} sites"
+            );
+            return Ok(None);
+        }
+        let check = match &fit {
+            FederatedFit::Nyul(s) => s.check(),
+            FederatedFit::Ct(s) => s.check(),
+        };
+        if let Err(why) = check {
+            tracing::warn!(reason = %why, "no model published: the merged summary is implausible");
+            return Ok(None);
+        }
         let latest = self.store.latest_model()?;
         let hex = hash_hex(&hash);
         if let Some(m) = &latest
             && m.schema == hex
             && m.round == self.round
-            && m.sites == sites
         {
             return Ok(None);
         }
@@ -913,7 +937,7 @@ mod tests {
 
     fn hub(min_sites: Option<usize>) -> Hub {
         Hub::new(
-            [site("a"), site("b")],
+            [site("a"), site("b"), site("c")],
             Store::in_memory().expect("store"),
             Some(SchemaDocument::new(SCHEMA).expect("schema")),
             min_sites,
@@ -959,8 +983,12 @@ mod tests {
                 .collect(),
             nyul: Some(NyulRelease {
                 patients: 20,
+                // 20 volumes whose mean landmarks increase from about 1 to 76 (plausible);
+                // `landmark` shifts the sums so that merges can be told apart.
                 summary: NyulSummary {
-                    landmark_sums: [landmark; 11],
+                    landmark_sums: std::array::from_fn(|i| {
+                        20_000_000 + landmark + i as i64 * 150_000_000
+                    }),
                     volumes: 20,
                 },
             }),
@@ -1106,6 +1134,30 @@ mod tests {
             18,
             true,
         );
+        // Two sites of three: a model over two would show each site the other's summary.
+        assert_eq!(welcome(&mut h, "a").model, 0);
+        // An implausible summary (landmarks far outside the output range) is refused and
+        // not stored.
+        welcome(&mut h, "c");
+        h.handle(&site("c"), ack(1, vec![]), 18, true);
+        let mut poisoned = aggregates(&schema, 1_000_000);
+        if let Some(n) = poisoned.nyul.as_mut() {
+            n.summary.landmark_sums[10] = 1_000_000_000_000;
+        }
+        let r = h.handle(&site("c"), report(2, poisoned, 1), 18, true);
+        assert_eq!(
+            code(&r),
+            Some(ErrorCode::Implausible(
+                protocol::summary::Implausible::LandmarkRange
+            ))
+        );
+        assert_eq!(welcome(&mut h, "a").model, 0);
+        h.handle(
+            &site("c"),
+            report(3, aggregates(&schema, 2_000_000), 1),
+            18,
+            true,
+        );
         assert_eq!(welcome(&mut h, "a").model, 1);
         let r = h.handle(
             &site("a"),
@@ -1122,7 +1174,10 @@ mod tests {
         let FederatedFit::Nyul(s) = &m.fit else {
             panic!("nyul")
         };
-        assert_eq!((s.volumes, s.landmark_sums[0], m.sites), (40, 4_000_000, 2));
+        assert_eq!(
+            (s.volumes, s.landmark_sums[0], m.sites),
+            (60, 66_000_000, 3)
+        );
         // A site whose profile lacks an option is recorded, and its reports are refused.
         let mut h = hub(Some(1));
         welcome(&mut h, "b");

@@ -391,6 +391,26 @@ pub fn check_aggregates(a: &SiteAggregates, k: u64) -> Result<(), PrivacyViolati
     Ok(())
 }
 
+/// Whether a site's summaries can come from real volumes (the coordinator checks each
+/// report, and the secure total, before fitting a model from them): Nyúl and CT summaries
+/// pass their own checks and cover at least one volume (CT: voxel) per patient.
+pub fn check_plausible(a: &SiteAggregates) -> Result<(), crate::summary::Implausible> {
+    use crate::summary::Implausible;
+    if let Some(n) = &a.nyul {
+        if n.summary.volumes < n.patients {
+            return Err(Implausible::FewerVolumesThanPatients);
+        }
+        n.summary.check()?;
+    }
+    if let Some(c) = &a.ct {
+        if c.summary.count < c.patients {
+            return Err(Implausible::FewerVolumesThanPatients);
+        }
+        c.summary.check()?;
+    }
+    Ok(())
+}
+
 /// The bin of `value` in a histogram with `edges` (0: below the first edge; `edges.len()`:
 /// at or above the last).
 pub fn bin_of(value: f64, edges: &[f64]) -> usize {

@@ -254,6 +254,8 @@ pub enum ErrorCode {
     NotAcknowledged,
     /// A message a coordinator never receives.
     Unexpected,
+    /// The summaries cannot come from real volumes (poisoned or broken); nothing was stored.
+    Implausible(crate::summary::Implausible),
 }
 
 /// Why the coordinator refused a node at the first exchange.

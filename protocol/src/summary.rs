@@ -53,6 +53,86 @@ impl NyulSummary {
     }
 }
 
+/// Why a summary cannot be what a site computed from real volumes (a poisoned or broken
+/// release); a model built from it would rescale every site's images to nonsense.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Implausible {
+    #[error("no volume is summarised")]
+    Empty,
+    #[error("mean Nyúl landmarks leave the output range [1, 100]")]
+    LandmarkRange,
+    #[error("mean Nyúl landmarks do not increase")]
+    LandmarksNotIncreasing,
+    #[error("fewer volumes than patients")]
+    FewerVolumesThanPatients,
+    #[error("the CT histogram does not have 4,096 one-HU bins")]
+    HistogramLength,
+    #[error("the CT histogram does not add up to the voxel count")]
+    HistogramTotal,
+    #[error("the CT mean or spread lies outside what the histogram allows")]
+    CtMoments,
+}
+
+impl NyulSummary {
+    /// Whether the summary can come from real volumes: each volume's mapped landmarks lie in
+    /// [1, 100] and increase, and so do their means.
+    pub fn check(&self) -> Result<(), Implausible> {
+        let scale = self.standard_scale().ok_or(Implausible::Empty)?;
+        // A micro-unit of rounding per volume.
+        let eps = 1e-5;
+        if scale.iter().any(|v| !(1.0 - eps..=100.0 + eps).contains(v)) {
+            return Err(Implausible::LandmarkRange);
+        }
+        if scale.windows(2).any(|w| w[1] < w[0] - eps) || scale[NYUL_LANDMARKS - 1] <= scale[0] {
+            return Err(Implausible::LandmarksNotIncreasing);
+        }
+        Ok(())
+    }
+}
+
+impl CtSummary {
+    /// Whether the summary can come from real CT volumes: 4,096 bins adding up to the count,
+    /// a mean between the lowest and highest occupied bins (±1 HU of rounding) and a finite
+    /// spread no wider than the occupied range.
+    pub fn check(&self) -> Result<(), Implausible> {
+        if self.histogram.len() != CT_HU_BINS {
+            return Err(Implausible::HistogramLength);
+        }
+        if self.count == 0 {
+            return Err(Implausible::Empty);
+        }
+        let total = self
+            .histogram
+            .iter()
+            .try_fold(0u64, |a, b| a.checked_add(*b))
+            .ok_or(Implausible::HistogramTotal)?;
+        if total != self.count {
+            return Err(Implausible::HistogramTotal);
+        }
+        let first = self.histogram.iter().position(|c| *c > 0);
+        let last = self.histogram.iter().rposition(|c| *c > 0);
+        let (Some(first), Some(last)) = (first, last) else {
+            return Err(Implausible::Empty);
+        };
+        let lo = f64::from(CT_HU_MIN) + first as f64 - 1.0;
+        let hi = f64::from(CT_HU_MIN) + last as f64 + 1.0;
+        let (Some(mean), Some(std)) = (self.mean(), self.std()) else {
+            return Err(Implausible::Empty);
+        };
+        // Values beyond the end bins are counted in them: the end bins are open.
+        let lo = if first == 0 { f64::NEG_INFINITY } else { lo };
+        let hi = if last == CT_HU_BINS - 1 {
+            f64::INFINITY
+        } else {
+            hi
+        };
+        if !mean.is_finite() || mean < lo || mean > hi || !std.is_finite() || std > hi - lo {
+            return Err(Implausible::CtMoments);
+        }
+        Ok(())
+    }
+}
+
 /// Lowest HU of the CT histogram.
 pub const CT_HU_MIN: i32 = -1024;
 /// Number of 1-HU bins (−1024 … 3071).
@@ -129,6 +209,43 @@ impl CtSummary {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn implausible_summaries_are_named() {
+        let mut n = NyulSummary {
+            volumes: 2,
+            ..NyulSummary::default()
+        };
+        for (i, v) in n.landmark_sums.iter_mut().enumerate() {
+            *v = to_fixed(2.0 * (1.0 + 9.9 * i as f64));
+        }
+        assert_eq!(n.check(), Ok(()));
+        let mut scaled = n.clone();
+        scaled.landmark_sums[10] = to_fixed(2.0 * 5000.0);
+        assert_eq!(scaled.check(), Err(Implausible::LandmarkRange));
+        let mut flipped = n.clone();
+        flipped.landmark_sums.reverse();
+        assert_eq!(flipped.check(), Err(Implausible::LandmarksNotIncreasing));
+        assert_eq!(NyulSummary::default().check(), Err(Implausible::Empty));
+
+        let mut c = CtSummary::default();
+        for hu in [-50i32, 0, 40, 60] {
+            c.count += 1;
+            c.sum += to_fixed(f64::from(hu));
+            c.sum_squares += to_fixed(f64::from(hu * hu) / 1000.0);
+            c.histogram[(hu - CT_HU_MIN) as usize] += 1;
+        }
+        assert_eq!(c.check(), Ok(()));
+        let mut shifted = c.clone();
+        shifted.sum = to_fixed(4.0 * 2000.0);
+        assert_eq!(shifted.check(), Err(Implausible::CtMoments));
+        let mut short = c.clone();
+        short.histogram.truncate(10);
+        assert_eq!(short.check(), Err(Implausible::HistogramLength));
+        let mut inflated = c.clone();
+        inflated.count = 1_000_000;
+        assert_eq!(inflated.check(), Err(Implausible::HistogramTotal));
+    }
 
     fn nyul() -> impl Strategy<Value = NyulSummary> {
         (

@@ -560,6 +560,7 @@ fn a_node_service_reconnects_when_the_coordinator_comes_back() {
     let members = [
         SiteId::new("site-a").expect("id"),
         SiteId::new("site-b").expect("id"),
+        SiteId::new("site-c").expect("id"),
     ];
     let doc = SchemaDocument::new(&schema_text(5, 1)).expect("schema");
     let server = || {
@@ -616,14 +617,60 @@ fn a_node_service_reconnects_when_the_coordinator_comes_back() {
             first.endpoint.wait_idle().await;
             drop(first);
             tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-            // It comes back on the same address with its state, now fitting from one site.
-            let hub = Hub::new(
+            // It comes back on the same address with its state; meanwhile the two other
+            // sites reported (their reports are played into the hub: site-a's aggregates, under
+            // their names), so a model over three sites can be fitted.
+            let mut hub = Hub::new(
                 members.clone(),
                 Store::open(&store_path).expect("store"),
                 Some(doc.clone()),
-                Some(1),
+                Some(3),
             )
             .expect("hub");
+            let round = hub.round();
+            let reported = hub.store().reports(&doc.hash(), round).expect("reports");
+            let (_, a) = reported.first().expect("site-a's report");
+            let schema = doc.schema().expect("schema");
+            for (i, other) in members[1..].iter().enumerate() {
+                let id = 100 + 10 * i as u64;
+                let hello = protocol::Message::Hello(protocol::Hello {
+                    id: protocol::MessageId(id),
+                    min_version: protocol::PROTOCOL_VERSION,
+                    max_version: protocol::PROTOCOL_VERSION,
+                    site: other.clone(),
+                    schema: None,
+                });
+                hub.handle(other, hello, now(), false);
+                let ack = protocol::Message::SchemaAck(Box::new(protocol::SchemaAck {
+                    id: protocol::MessageId(id + 1),
+                    schema: doc.hash(),
+                    profile: protocol::aggregate::ProfileCheck {
+                        missing: Vec::new(),
+                    },
+                    conformance: protocol::aggregate::ConformanceSummary {
+                        patients: Cell::Value(5),
+                        status: [Cell::Value(5), Cell::Value(0), Cell::Value(0)],
+                        deviations: vec![Cell::Value(0); schema.data_of_interest.constraints.len()],
+                        findings: [Cell::Value(0); 3],
+                        quarantined: Cell::Value(0),
+                    },
+                }));
+                hub.handle(other, ack, now(), true);
+                let report = protocol::Message::Report(Box::new(protocol::AggregateReport {
+                    id: protocol::MessageId(id + 2),
+                    schema: doc.hash(),
+                    round,
+                    aggregates: a.clone(),
+                }));
+                hub.handle(other, report, now(), true);
+            }
+            assert_eq!(
+                hub.store()
+                    .reports(&doc.hash(), round)
+                    .expect("reports")
+                    .len(),
+                3
+            );
             let hub = Arc::new(Mutex::new(hub));
             let second = loop {
                 match Service::start(server(), addr, hub.clone(), fingerprints()) {

@@ -23,6 +23,9 @@ use crate::catalog::{Catalog, EgressRecord};
 use crate::config::{FederationSettings, NodeConfig, Transport};
 use crate::harmonise::{self as h, Foreground};
 
+/// Fewest sites a model this node applies may merge (the coordinator's rule, checked again).
+pub const MODEL_MIN_SITES: usize = 3;
+
 /// How long the node waits for the coordinator to answer a connection attempt.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -73,6 +76,9 @@ pub struct SessionState {
     /// (schema hash, round, reason) of the last refusal sent, so it is sent once.
     #[serde(default)]
     pub refused: Option<(String, u32, String)>,
+    /// Revision of the last model refused as implausible (never applied).
+    #[serde(default)]
+    pub refused_model: Option<u32>,
 }
 
 /// What one synchronisation did.
@@ -89,6 +95,8 @@ pub struct SyncOutcome {
     pub refused: Option<RefusalReason>,
     /// A secure-aggregation step waits for the other sites.
     pub secure_waiting: bool,
+    /// A published model was refused as implausible (or over fewer than three sites).
+    pub refused_model: Option<u32>,
 }
 
 /// The de-identified output as read for a schema, and what it was read under.
@@ -641,10 +649,24 @@ impl Site {
                 .await?;
             match m {
                 Message::Model(p) => {
-                    out.harmonised = self.apply_model(&p.fit, p.revision)?;
-                    state.model = p.revision;
-                    self.save(&state)?;
-                    out.applied_model = Some(p.revision);
+                    if let Some(why) = model_refusal(&p) {
+                        // Never applied, and not fetched again: the next revision is.
+                        tracing::warn!(
+                            revision = p.revision,
+                            sites = p.sites,
+                            reason = %why,
+                            "refused the published harmonisation model; nothing was harmonised"
+                        );
+                        state.model = p.revision;
+                        state.refused_model = Some(p.revision);
+                        self.save(&state)?;
+                        out.refused_model = Some(p.revision);
+                    } else {
+                        out.harmonised = self.apply_model(&p.fit, p.revision)?;
+                        state.model = p.revision;
+                        self.save(&state)?;
+                        out.applied_model = Some(p.revision);
+                    }
                 }
                 Message::Error {
                     code: ErrorCode::NotReady,
@@ -1051,6 +1073,24 @@ impl Site {
     }
 }
 
+/// Why a published model must not be applied: its summary cannot come from real volumes (one
+/// site could otherwise make every node rescale its images to nonsense), or it merges fewer
+/// than [`MODEL_MIN_SITES`] sites.
+pub fn model_refusal(p: &protocol::ModelPublication) -> Option<String> {
+    let check = match &p.fit {
+        FederatedFit::Nyul(s) => s.check(),
+        FederatedFit::Ct(s) => s.check(),
+    };
+    match check {
+        Err(e) => Some(e.to_string()),
+        Ok(()) if (p.sites as usize) < MODEL_MIN_SITES => Some(format!(
+            "it merges {} sites, fewer than {MODEL_MIN_SITES}",
+            p.sites
+        )),
+        Ok(()) => None,
+    }
+}
+
 /// Exponential backoff with full jitter: uniform in [0, min(300 s, 1 s · 2^(n−1))].
 pub fn backoff(failures: u32) -> Duration {
     let cap_ms = 1000u64
@@ -1088,6 +1128,30 @@ mod tests {
         let draws: std::collections::BTreeSet<u128> =
             (0..20).map(|_| backoff(12).as_millis()).collect();
         assert!(draws.len() > 5);
+    }
+
+    #[test]
+    fn implausible_or_narrow_models_are_refused() {
+        let mut summary = protocol::summary::NyulSummary {
+            volumes: 3,
+            ..Default::default()
+        };
+        for (i, v) in summary.landmark_sums.iter_mut().enumerate() {
+            *v = protocol::summary::to_fixed(3.0 * (1.0 + 9.0 * i as f64));
+        }
+        let model = |fit: protocol::summary::NyulSummary, sites: u32| protocol::ModelPublication {
+            id: MessageId(1),
+            reply_to: MessageId(2),
+            schema: SchemaHash([0; 32]),
+            revision: 1,
+            sites,
+            fit: FederatedFit::Nyul(fit),
+        };
+        assert_eq!(model_refusal(&model(summary.clone(), 3)), None);
+        assert!(model_refusal(&model(summary.clone(), 2)).is_some_and(|w| w.contains("2 sites")));
+        let mut poisoned = summary;
+        poisoned.landmark_sums[10] = protocol::summary::to_fixed(3.0 * 1e6);
+        assert!(model_refusal(&model(poisoned, 3)).is_some());
     }
 
     #[test]
