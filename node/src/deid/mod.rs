@@ -508,6 +508,8 @@ impl<'a> Deidentifier<'a> {
                 pixels::MaskError::Unsupported(detail) => Finding::Unmaskable { detail },
             })?;
         }
+        // Overlay planes in the unused high bits of native pixel data go.
+        pixels::clear_bits_above_high_bit(&mut out);
         self.finish_top_level(obj, &mut out, &patient, mask.is_some());
 
         // The file meta says what the data set says: never two different instance UIDs.

@@ -51,35 +51,117 @@ const ULTRASOUND_CLASSES: [&str; 3] = [
     "1.2.840.10008.5.1.4.1.1.3.1",
 ];
 
-/// Why an object may carry burned-in text, if it may.
+/// Modalities whose images carry burned-in text unless the producer says otherwise:
+/// angiography and fluoroscopy (XA, RF), projection radiography (CR, DX, MG, IO, PX),
+/// endoscopy (ES) and visible-light photographs (XC, GM).
+const ANNOTATED_MODALITIES: [&str; 10] =
+    ["XA", "RF", "CR", "DX", "MG", "IO", "PX", "ES", "XC", "GM"];
+
+/// Why an object may carry burned-in text, if it may. Only an exact `NO` in Burned In
+/// Annotation is trusted, and not for ultrasound, secondary capture and OT, whose producers
+/// burn text in whatever they declare; whole-slide LABEL and OVERVIEW images carry the slide
+/// label (a name, an accession number) whatever they declare.
 pub fn burned_in_risk(obj: &InMemDicomObject) -> Option<&'static str> {
-    let annotation = text(obj, Tag(0x0028, 0x0301)).to_ascii_uppercase();
-    if annotation == "YES" {
+    let annotation = text(obj, Tag(0x0028, 0x0301)).trim().to_owned();
+    if annotation.eq_ignore_ascii_case("YES") {
         return Some("Burned In Annotation is YES");
     }
-    if !annotation.is_empty() {
-        return None;
-    }
     let class = text(obj, Tag(0x0008, 0x0016));
-    let modality = text(obj, Tag(0x0008, 0x0060)).to_ascii_uppercase();
+    let modality = text(obj, Tag(0x0008, 0x0060)).trim().to_ascii_uppercase();
     let conversion = text(obj, Tag(0x0008, 0x0064)).to_ascii_uppercase();
     let image_type = text(obj, Tag(0x0008, 0x0008)).to_ascii_uppercase();
+    let types: Vec<&str> = image_type.split('\\').map(str::trim).collect();
+    // Whatever they declare.
     if modality == "US" || ULTRASOUND_CLASSES.contains(&class.as_str()) {
-        Some("ultrasound without Burned In Annotation")
-    } else if class.starts_with("1.2.840.10008.5.1.4.1.1.7")
+        return Some("ultrasound (Burned In Annotation is not trusted)");
+    }
+    if class.starts_with("1.2.840.10008.5.1.4.1.1.7")
         || matches!(conversion.as_str(), "WSD" | "SYN")
     {
-        Some("secondary capture without Burned In Annotation")
-    } else if image_type
-        .split('\\')
-        .any(|v| v == "SCREEN" || v == "SECONDARY")
-    {
+        return Some("secondary capture (Burned In Annotation is not trusted)");
+    }
+    if modality == "OT" {
+        return Some("modality OT (Burned In Annotation is not trusted)");
+    }
+    if types.iter().any(|t| *t == "LABEL" || *t == "OVERVIEW") {
+        return Some("whole-slide label or overview image");
+    }
+    // Exactly NO, as the standard spells it, is trusted for the rest.
+    if annotation == "NO" {
+        return None;
+    }
+    if !annotation.is_empty() {
+        return Some("Burned In Annotation is neither YES nor NO");
+    }
+    if types.iter().any(|t| *t == "SCREEN" || *t == "SECONDARY") {
         Some("screen capture or secondary image without Burned In Annotation")
-    } else if modality == "OT" {
-        Some("modality OT without Burned In Annotation")
+    } else if ANNOTATED_MODALITIES.contains(&modality.as_str()) {
+        Some("projection, fluoroscopy, endoscopy or photograph without Burned In Annotation")
     } else {
         None
     }
+}
+
+/// Clear what native pixel data holds above High Bit: overlay planes stored in the unused
+/// high bits of each word (an old practice, still found in archives) can hold text. Unsigned
+/// samples get those bits zeroed; signed samples get the sign extension of High Bit (what
+/// readers that ignore Bits Stored expect). Returns whether any word changed. Encapsulated
+/// pixel data is left alone (its codecs store only Bits Stored).
+pub fn clear_bits_above_high_bit(obj: &mut InMemDicomObject) -> bool {
+    let bits = number(obj, Tag(0x0028, 0x0100)).unwrap_or(0);
+    let Some(high) = number(obj, Tag(0x0028, 0x0102)) else {
+        return false;
+    };
+    let signed = number(obj, Tag(0x0028, 0x0103)) == Some(1);
+    if bits != 16 || high >= 15 {
+        return false;
+    }
+    let mask: u16 = (1u16 << (high + 1)) - 1;
+    let fix = |w: u16| -> u16 {
+        if signed && (w >> high) & 1 == 1 {
+            w | !mask
+        } else {
+            w & mask
+        }
+    };
+    let Some(element) = obj.get(Tag(0x7FE0, 0x0010)) else {
+        return false;
+    };
+    let vr = element.vr();
+    let fixed = match element.value() {
+        Value::Primitive(PrimitiveValue::U16(v)) => {
+            if v.iter().all(|w| fix(*w) == *w) {
+                return false;
+            }
+            PrimitiveValue::U16(v.iter().map(|w| fix(*w)).collect())
+        }
+        Value::Primitive(PrimitiveValue::I16(v)) => {
+            if v.iter().all(|w| fix(*w as u16) == *w as u16) {
+                return false;
+            }
+            PrimitiveValue::I16(v.iter().map(|w| fix(*w as u16) as i16).collect())
+        }
+        // 16-bit samples read as OB bytes (little endian).
+        Value::Primitive(PrimitiveValue::U8(v)) if v.len() % 2 == 0 => {
+            let mut out = v.clone();
+            let mut changed = false;
+            for pair in out.chunks_exact_mut(2) {
+                let w = u16::from_le_bytes([pair[0], pair[1]]);
+                let f = fix(w);
+                if f != w {
+                    changed = true;
+                    pair.copy_from_slice(&f.to_le_bytes());
+                }
+            }
+            if !changed {
+                return false;
+            }
+            PrimitiveValue::U8(out)
+        }
+        _ => return false,
+    };
+    obj.put(DataElement::new(Tag(0x7FE0, 0x0010), vr, fixed));
+    true
 }
 
 /// The rule that covers an object, if any.
@@ -296,7 +378,7 @@ mod tests {
             let mut o = image(bits, 2, "MONOCHROME2");
             assert_eq!(
                 burned_in_risk(&o),
-                Some("ultrasound without Burned In Annotation")
+                Some("ultrasound (Burned In Annotation is not trusted)")
             );
             let r = rule();
             assert!(matching_rule(&o, std::slice::from_ref(&r)).is_some());
@@ -319,7 +401,11 @@ mod tests {
                     }
                 }
             }
-            assert_eq!(burned_in_risk(&o), None, "marked NO after masking");
+            assert_eq!(
+                text(&o, Tag(0x0028, 0x0301)),
+                "NO",
+                "marked NO after masking"
+            );
         }
     }
 
@@ -378,5 +464,137 @@ mod tests {
             PrimitiveValue::from("YES"),
         ));
         assert_eq!(burned_in_risk(&yes), Some("Burned In Annotation is YES"));
+    }
+
+    #[test]
+    fn bits_above_high_bit_are_cleared() {
+        let mut o = image(16, 1, "MONOCHROME2");
+        o.put(DataElement::new(
+            Tag(0x0028, 0x0101),
+            VR::US,
+            PrimitiveValue::from(12u16),
+        ));
+        o.put(DataElement::new(
+            Tag(0x0028, 0x0102),
+            VR::US,
+            PrimitiveValue::from(11u16),
+        ));
+        // An overlay in bit 15 of some words (text drawn in the overlay plane).
+        let words: Vec<u16> = (0..24u16)
+            .map(|i| i * 100 | if i % 3 == 0 { 0x8000 } else { 0 })
+            .collect();
+        o.put(DataElement::new(
+            Tag(0x7FE0, 0x0010),
+            VR::OW,
+            PrimitiveValue::U16(words.clone().into()),
+        ));
+        assert!(clear_bits_above_high_bit(&mut o));
+        let out: Vec<u16> = o
+            .get(Tag(0x7FE0, 0x0010))
+            .expect("pixels")
+            .value()
+            .to_multi_int::<u16>()
+            .expect("words");
+        let expected: Vec<u16> = words.iter().map(|w| w & 0x0FFF).collect();
+        assert_eq!(out, expected);
+        assert!(!clear_bits_above_high_bit(&mut o), "nothing left to clear");
+        // Signed samples keep the sign extension of High Bit and lose the rest.
+        o.put(DataElement::new(
+            Tag(0x0028, 0x0103),
+            VR::US,
+            PrimitiveValue::from(1u16),
+        ));
+        let minus_1000 = (-1000i16) as u16 & 0x0FFF;
+        o.put(DataElement::new(
+            Tag(0x7FE0, 0x0010),
+            VR::OW,
+            PrimitiveValue::U16(vec![minus_1000 | 0x4000, 1000 | 0x8000, 5].into()),
+        ));
+        assert!(clear_bits_above_high_bit(&mut o));
+        let out: Vec<u16> = o
+            .get(Tag(0x7FE0, 0x0010))
+            .expect("pixels")
+            .value()
+            .to_multi_int::<u16>()
+            .expect("words");
+        assert_eq!(out, vec![(-1000i16) as u16, 1000, 5]);
+    }
+
+    fn object(pairs: &[(Tag, VR, &str)]) -> InMemDicomObject {
+        let mut o = InMemDicomObject::new_empty();
+        for (tag, vr, v) in pairs {
+            o.put(DataElement::new(*tag, *vr, PrimitiveValue::from(*v)));
+        }
+        o
+    }
+
+    #[test]
+    fn only_an_exact_no_is_trusted_and_not_for_every_modality() {
+        let modality = Tag(0x0008, 0x0060);
+        let annotation = Tag(0x0028, 0x0301);
+        // Modalities that usually burn text in are flagged without an explicit NO.
+        for m in ["XA", "RF", "CR", "DX", "ES", "XC", "GM"] {
+            assert!(
+                burned_in_risk(&object(&[(modality, VR::CS, m)])).is_some(),
+                "{m} without Burned In Annotation"
+            );
+            assert_eq!(
+                burned_in_risk(&object(&[
+                    (modality, VR::CS, m),
+                    (annotation, VR::CS, "NO")
+                ])),
+                None,
+                "{m} marked NO"
+            );
+        }
+        // Any value but YES or NO is not trusted.
+        for v in ["N", "UNKNOWN", "NONE"] {
+            assert!(
+                burned_in_risk(&object(&[
+                    (modality, VR::CS, "CT"),
+                    (annotation, VR::CS, v)
+                ]))
+                .is_some(),
+                "{v}"
+            );
+        }
+        // Ultrasound, secondary capture and OT marked NO are still flagged.
+        for m in ["US", "OT"] {
+            assert!(
+                burned_in_risk(&object(&[
+                    (modality, VR::CS, m),
+                    (annotation, VR::CS, "NO")
+                ]))
+                .is_some(),
+                "{m} marked NO"
+            );
+        }
+        let sc = object(&[
+            (Tag(0x0008, 0x0016), VR::UI, "1.2.840.10008.5.1.4.1.1.7"),
+            (annotation, VR::CS, "NO"),
+        ]);
+        assert!(burned_in_risk(&sc).is_some());
+        // Whole-slide label and overview images.
+        for t in [
+            "ORIGINAL\\PRIMARY\\LABEL\\NONE",
+            "ORIGINAL\\PRIMARY\\OVERVIEW\\NONE",
+        ] {
+            let o = object(&[
+                (modality, VR::CS, "SM"),
+                (Tag(0x0008, 0x0008), VR::CS, t),
+                (annotation, VR::CS, "NO"),
+            ]);
+            assert!(burned_in_risk(&o).is_some(), "{t}");
+        }
+        let volume = object(&[
+            (modality, VR::CS, "SM"),
+            (
+                Tag(0x0008, 0x0008),
+                VR::CS,
+                "ORIGINAL\\PRIMARY\\VOLUME\\NONE",
+            ),
+            (annotation, VR::CS, "NO"),
+        ]);
+        assert_eq!(burned_in_risk(&volume), None);
     }
 }
