@@ -108,6 +108,13 @@ pub struct DeidConfig {
     /// Masking rules for burned-in text (`[[deid.masking_rules]]`).
     #[serde(default)]
     pub masking_rules: Vec<crate::deid::pixels::MaskingRule>,
+    /// Text attributes (`"gggg,eeee"`) the standard's table does not list that this site
+    /// keeps beyond the shipped allow-list (`node/data/local/text-allow-list.tsv`).
+    #[serde(default)]
+    pub keep_text_attributes: Vec<String>,
+    /// NIfTI sidecar keys this site keeps beyond the shipped BIDS acquisition fields.
+    #[serde(default)]
+    pub keep_sidecar_keys: Vec<String>,
     /// NIfTI/Analyze inputs: CSV of `relative path (file or folder),subject`.
     #[serde(default)]
     pub nifti_subject_mapping: Option<PathBuf>,
@@ -144,6 +151,8 @@ impl Default for DeidConfig {
             date_shift_max_days: default_shift_max(),
             age_band_lower_bounds: default_bands(),
             masking_rules: Vec::new(),
+            keep_text_attributes: Vec::new(),
+            keep_sidecar_keys: Vec::new(),
             nifti_subject_mapping: None,
             nifti_subject_folder_depth: None,
         }
@@ -367,6 +376,17 @@ impl DeidConfig {
             date_shift_days: self.date_shift_min_days..=self.date_shift_max_days,
             age_band_lower_bounds: self.age_band_lower_bounds.clone(),
             masking_rules: self.masking_rules.clone(),
+            keep_text_attributes: self
+                .keep_text_attributes
+                .iter()
+                .map(|t| {
+                    crate::deid::allow::parse_tag(t).ok_or_else(|| ConfigError::Parse {
+                        path: "[deid] keep_text_attributes".into(),
+                        message: format!("{t:?} is not a tag: write it as \"gggg,eeee\" (hex)"),
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            sidecar_keys: self.keep_sidecar_keys.clone(),
         };
         policy.validate()?;
         Ok(policy)

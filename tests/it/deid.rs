@@ -55,16 +55,23 @@ fn deid_sample(
     let archive = sample::write_sample_archive(dir.path()).expect("archive");
     let deid = Deidentifier::new(policy, keys);
     let mut out = Vec::new();
+    let mut burned_in = 0;
     for f in &archive.files {
         let bytes = std::fs::read(f).expect("read");
-        if let Ok((d, encoded)) = batch::deidentify_bytes(&deid, &bytes) {
-            out.push((open(&bytes), d, encoded));
+        match batch::deidentify_bytes(&deid, &bytes) {
+            Ok((d, encoded)) => out.push((open(&bytes), d, encoded)),
+            Err((reason, _)) if reason == "burned-in-risk" => burned_in += 1,
+            Err(_) => {}
         }
     }
     assert_eq!(
+        burned_in, 2,
+        "the two ultrasound images (marked NO, which is not trusted for US) wait for a masking rule"
+    );
+    assert_eq!(
         out.len(),
-        archive.files.len() - 2,
-        "all but the two refused files (not DICOM, no SOP Instance UID); odd lengths are read"
+        archive.files.len() - 4,
+        "all but the two refused files (not DICOM, no SOP Instance UID) and the two ultrasound images; odd lengths are read"
     );
     out
 }
@@ -730,4 +737,176 @@ fn undefined_length_un_sequences_are_walked_too() {
             "{v} survives"
         );
     }
+}
+
+/// Text outside the standard's table: dates in another calendar, text content items outside
+/// the cleaned containers, encrypted originals at any depth, URLs with the original host and
+/// UIDs, document titles and descriptions, and any unlisted free-text attribute. Technical
+/// descriptors on the shipped allow-list stay, and a site can keep more.
+#[test]
+fn free_text_outside_the_table_does_not_survive() {
+    let p = sample::Patient {
+        id: "TXT-1".into(),
+        issuer: String::new(),
+        name: "Text^Pat".into(),
+        birth_date: "19800101".into(),
+        sex: "F".into(),
+        charset: None,
+    };
+    let st = sample::Study {
+        uid: format!("{}.77.1", sample::ORIGINAL_UID_ROOT),
+        date: "20200101".into(),
+        time: "100000".into(),
+        accession: "TXTACC".into(),
+        description: "txt".into(),
+        referring_physician: "Ref^Txt".into(),
+        institution: "Txt Hospital".into(),
+    };
+    let se = sample::Series {
+        uid: format!("{}.77.1.1", sample::ORIGINAL_UID_ROOT),
+        number: 1,
+        description: "txt".into(),
+        frame_of_reference: format!("{}.77.1.1.0", sample::ORIGINAL_UID_ROOT),
+        station: "TXT".into(),
+    };
+    let mut o = sample::ct_slice(&p, &st, &se, 1);
+    let put = |o: &mut InMemDicomObject, g: u16, e: u16, vr: VR, v: &str| {
+        sample::put_text(o, Tag(g, e), vr, v)
+    };
+    put(&mut o, 0x0010, 0x0033, VR::LO, "CANARY-ALTBIRTH 1400/07/12");
+    put(&mut o, 0x0010, 0x0034, VR::LO, "CANARY-ALTDEATH 1440/01/02");
+    put(&mut o, 0x0010, 0x0035, VR::CS, "ISLAMIC");
+    put(
+        &mut o,
+        0x0008,
+        0x1190,
+        VR::UR,
+        "https://pacs.canary-host.example/studies/1.2.826.0.1.3680043.77.1",
+    );
+    put(
+        &mut o,
+        0x0028,
+        0x7FE0,
+        VR::UR,
+        "https://jpip.canary-host.example/1.2.826.0.1.3680043.77.1",
+    );
+    put(&mut o, 0x0040, 0xE001, VR::ST, "CANARY-HL7-ORDER-4711");
+    put(
+        &mut o,
+        0x0042,
+        0x0010,
+        VR::ST,
+        "CANARY-TITLE report of Jane Doe",
+    );
+    put(
+        &mut o,
+        0x0062,
+        0x0006,
+        VR::ST,
+        "CANARY-SEGDESC lesion seen by Dr Who",
+    );
+    put(&mut o, 0x0070, 0x0081, VR::LO, "CANARY-CONTENT");
+    // An unlisted free-text attribute, and one a site chooses to keep.
+    put(&mut o, 0x0018, 0x9423, VR::LO, "CANARY-ACQPROTOCOL");
+    put(&mut o, 0x0018, 0x9433, VR::LO, "KEPT-FOV-DESC");
+    // Allow-listed technical descriptors.
+    put(&mut o, 0x0018, 0x1210, VR::SH, "B30f");
+    put(&mut o, 0x0018, 0x1250, VR::SH, "Head_32");
+    // A text content item inside Performed Protocol Code Sequence > Protocol Context.
+    let code = |value: &str, meaning: &str| {
+        let mut c = InMemDicomObject::new_empty();
+        put(&mut c, 0x0008, 0x0100, VR::SH, value);
+        put(&mut c, 0x0008, 0x0102, VR::SH, "DCM");
+        put(&mut c, 0x0008, 0x0104, VR::LO, meaning);
+        c
+    };
+    let mut text_item = InMemDicomObject::new_empty();
+    put(&mut text_item, 0x0040, 0xA040, VR::CS, "TEXT");
+    text_item.put(sample::seq(
+        Tag(0x0040, 0xA043),
+        vec![code("121106", "Comment")],
+    ));
+    put(
+        &mut text_item,
+        0x0040,
+        0xA160,
+        VR::UT,
+        "CANARY-PROTOCOL-CONTEXT patient Jane Doe",
+    );
+    let mut code_item = InMemDicomObject::new_empty();
+    put(&mut code_item, 0x0040, 0xA040, VR::CS, "CODE");
+    code_item.put(sample::seq(
+        Tag(0x0040, 0xA043),
+        vec![code("G-C0E8", "Contrast")],
+    ));
+    code_item.put(sample::seq(
+        Tag(0x0040, 0xA168),
+        vec![code("R-40775", "None")],
+    ));
+    let mut protocol = code("P5-0600", "CT head");
+    protocol.put(sample::seq(Tag(0x0040, 0x0440), vec![text_item, code_item]));
+    o.put(sample::seq(Tag(0x0040, 0x0260), vec![protocol]));
+    // Encrypted originals at the top and inside an item.
+    let mut encrypted = InMemDicomObject::new_empty();
+    put(&mut encrypted, 0x0400, 0x0510, VR::UI, "1.2.840.10008.1.2");
+    encrypted.put(dicom_core::DataElement::new(
+        Tag(0x0400, 0x0520),
+        VR::OB,
+        dicom_core::value::PrimitiveValue::from(b"CANARY-ENCRYPTED".to_vec()),
+    ));
+    o.put(sample::seq(Tag(0x0400, 0x0500), vec![encrypted.clone()]));
+    let mut source = InMemDicomObject::new_empty();
+    put(&mut source, 0x0008, 0x1150, VR::UI, sample::sop::CT);
+    put(
+        &mut source,
+        0x0008,
+        0x1155,
+        VR::UI,
+        &format!("{}.77.9", sample::ORIGINAL_UID_ROOT),
+    );
+    source.put(sample::seq(Tag(0x0400, 0x0500), vec![encrypted]));
+    o.put(sample::seq(Tag(0x0008, 0x2112), vec![source]));
+    let bytes = sample::encode(o, ts::EXPLICIT_LE).expect("encode");
+
+    let mut kept_by_site = policy(&[]);
+    kept_by_site
+        .keep_text_attributes
+        .insert(Tag(0x0018, 0x9433));
+    let (_, out) = batch::deidentify_bytes(&Deidentifier::new(&kept_by_site, &keys(5)), &bytes)
+        .expect("de-identified");
+    for needle in [
+        "CANARY",
+        "canary-host",
+        "1400/07/12",
+        "ISLAMIC",
+        "Jane Doe",
+        "3680043.77.1",
+    ] {
+        assert!(
+            !out.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "{needle} survives"
+        );
+    }
+    let o = open(&out);
+    assert_eq!(text(&o, Tag(0x0018, 0x1210)).as_deref(), Some("B30f"));
+    assert_eq!(text(&o, Tag(0x0018, 0x1250)).as_deref(), Some("Head_32"));
+    assert_eq!(
+        text(&o, Tag(0x0018, 0x9433)).as_deref(),
+        Some("KEPT-FOV-DESC"),
+        "kept by the site's configuration"
+    );
+    assert!(o.get(Tag(0x0400, 0x0500)).is_none());
+    // The coded context item stays; the text item goes with its text.
+    let protocol = items(&o, Tag(0x0040, 0x0260));
+    assert_eq!(protocol.len(), 1);
+    let context = items(&protocol[0], Tag(0x0040, 0x0440));
+    assert_eq!(context.len(), 1, "only the CODE item is left");
+    assert_eq!(
+        text(&context[0], Tag(0x0040, 0xA040)).as_deref(),
+        Some("CODE")
+    );
+    // Without the site's entry the unlisted attribute goes too.
+    let (_, plain) = batch::deidentify_bytes(&Deidentifier::new(&policy(&[]), &keys(5)), &bytes)
+        .expect("de-identified");
+    assert!(open(&plain).get(Tag(0x0018, 0x9433)).is_none());
 }

@@ -61,6 +61,7 @@ pub struct Entry {
     /// Allowed VRs (`US or SS` lists two).
     pub vrs: Vec<VR>,
     pub vm: Option<Vm>,
+    pub keyword: String,
 }
 
 /// Tag → VR, with the repeating-group entries (`60XX,3000`, `1000,XXX0`) as masks.
@@ -89,7 +90,8 @@ impl Dictionary {
         let mut d = Dictionary::default();
         for line in text.lines().skip(1) {
             let mut cells = line.split('\t');
-            let (Some(tag), Some(_kw), Some(vr_text)) = (cells.next(), cells.next(), cells.next())
+            let (Some(tag), Some(keyword), Some(vr_text)) =
+                (cells.next(), cells.next(), cells.next())
             else {
                 continue;
             };
@@ -120,7 +122,14 @@ impl Dictionary {
             } else if let Ok(v) = u32::from_str_radix(&hex, 16) {
                 let tag = Tag((v >> 16) as u16, v as u16);
                 d.exact.insert(tag, vr);
-                d.entries.insert(tag, Entry { vrs, vm });
+                d.entries.insert(
+                    tag,
+                    Entry {
+                        vrs,
+                        vm,
+                        keyword: keyword.to_owned(),
+                    },
+                );
             }
         }
         d
@@ -129,6 +138,11 @@ impl Dictionary {
     /// The full entry (allowed VRs, VM) of a public attribute with a fixed tag.
     pub fn entry(&self, tag: Tag) -> Option<&Entry> {
         self.entries.get(&tag)
+    }
+
+    /// The keyword of a public attribute with a fixed tag.
+    pub fn keyword(&self, tag: Tag) -> Option<&str> {
+        self.entries.get(&tag).map(|e| e.keyword.as_str())
     }
 
     /// The dictionary VR of a public attribute.

@@ -6,6 +6,7 @@
 //! table catches person names, dates, times and UIDs by VR and every private attribute not on
 //! the safe list ([`private`]). The walk recurses into every sequence item at every depth.
 
+pub mod allow;
 pub mod dates;
 pub mod dictionary;
 pub mod iod;
@@ -80,6 +81,11 @@ pub struct DeidPolicy {
     pub age_band_lower_bounds: Vec<u32>,
     /// Objects that may carry burned-in text are quarantined unless one of these covers them.
     pub masking_rules: Vec<pixels::MaskingRule>,
+    /// Text attributes the table does not list that this site keeps beyond the shipped
+    /// allow-list ([`allow::TextAllowList`]).
+    pub keep_text_attributes: BTreeSet<Tag>,
+    /// NIfTI sidecar keys this site keeps beyond the shipped acquisition fields.
+    pub sidecar_keys: Vec<String>,
 }
 
 impl Default for DeidPolicy {
@@ -90,6 +96,8 @@ impl Default for DeidPolicy {
             date_shift_days: 1..=3650,
             age_band_lower_bounds: (0..=85).step_by(5).collect(),
             masking_rules: Vec::new(),
+            keep_text_attributes: BTreeSet::new(),
+            sidecar_keys: Vec::new(),
         }
     }
 }
@@ -752,12 +760,20 @@ impl<'a> Deidentifier<'a> {
         self.safety_net(inst, e, pos)
     }
 
-    /// Beyond the table: PN, DA, DT, TM and UI by VR.
+    /// Beyond the table: PN, DA, DT, TM and UI by VR, and free text by content: an attribute
+    /// with a text VR (or an unknown one) goes unless the allow-list or the site keeps it.
     fn safety_net(&self, inst: &Instance<'_>, e: &InMemElement, pos: Position) -> Action {
         let full = self.policy.has(DeidOption::RetainLongitudinalFullDates);
         let modified = self.policy.has(DeidOption::RetainLongitudinalModifiedDates);
+        let allowed = || {
+            allow::TextAllowList::standard().contains(e.tag())
+                || self.policy.keep_text_attributes.contains(&e.tag())
+        };
         let by_vr = match self.effective_vr(e) {
             VR::PN => Action::Remove,
+            VR::LO | VR::SH | VR::ST | VR::LT | VR::UT | VR::UC | VR::UR | VR::UN if !allowed() => {
+                Action::Remove
+            }
             VR::DA | VR::DT if modified => Action::Clean(CleanKind::ShiftDate),
             VR::DA | VR::DT | VR::TM if full => Action::Keep,
             VR::TM if modified => Action::Keep,
@@ -856,6 +872,16 @@ impl<'a> Deidentifier<'a> {
             }
             (Action::Dummy, _) if vr == VR::UI => self.apply(inst, e, Action::RemapUid, pos),
             (Action::Dummy, _) => Some(element(tag, vr, dummy_value(vr))),
+            // Items that declare a Value Type are content items wherever they appear:
+            // cleaned like structured content (text, names, dates and UIDs go).
+            (Action::Keep | Action::RemapUid, Value::Sequence(s))
+                if s.items().iter().any(|i| i.get(tags::VALUE_TYPE).is_some()) =>
+            {
+                Some(sequence(
+                    tag,
+                    self.clean_content_items(inst, s.items(), tag, pos),
+                ))
+            }
             (Action::Keep | Action::RemapUid, Value::Sequence(s)) => {
                 Some(sequence(tag, self.walk_items(inst, s.items(), tag, pos)))
             }

@@ -16,6 +16,9 @@ pub const EDITION: &str = "2026c";
 
 const ANNEX_E_TSV: &str = include_str!("../../data/standard/annex-e.tsv");
 const METHOD_CODES_TSV: &str = include_str!("../../data/standard/deid-method-codes.tsv");
+/// Rows the standard's table lacks, in the same layout with a `reason` column; see
+/// `node/data/local/PROVENANCE.md`.
+const SUPPLEMENT_TSV: &str = include_str!("../../data/local/annex-e-supplement.tsv");
 
 /// Action code of the basic profile column (Table E.1-1a).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -237,6 +240,8 @@ pub struct Rule {
     pub added_after_2024b: bool,
     /// PS3.6 lists the attribute as retired.
     pub retired: bool,
+    /// A row of the node's local supplement, not of the standard's table.
+    pub local: bool,
 }
 
 impl Rule {
@@ -278,20 +283,56 @@ pub struct TableError {
 }
 
 impl RuleTable {
-    /// The table for the embedded edition.
+    /// The table for the embedded edition, with the node's local supplement (rows the
+    /// standard lacks; a supplement row never overrides a standard one).
     pub fn standard() -> &'static RuleTable {
         static TABLE: OnceLock<RuleTable> = OnceLock::new();
-        TABLE.get_or_init(|| match Self::parse(ANNEX_E_TSV) {
-            Ok(t) => t,
-            // The embedded data is part of the binary and covered by tests.
-            Err(e) => panic!("{e}"),
+        TABLE.get_or_init(|| {
+            let table = Self::parse(ANNEX_E_TSV).and_then(|mut t| {
+                let local = Self::parse_named(SUPPLEMENT_TSV, "annex-e-supplement.tsv")?;
+                t.extend(local)?;
+                Ok(t)
+            });
+            match table {
+                Ok(t) => t,
+                // The embedded data is part of the binary and covered by tests.
+                Err(e) => panic!("{e}"),
+            }
         })
+    }
+
+    /// Add the rows of `local` (marked local); a row the table already has is an error.
+    fn extend(&mut self, local: RuleTable) -> Result<(), TableError> {
+        for (i, mut rule) in local.rules.into_iter().enumerate() {
+            let TagPattern::Exact(tag) = rule.pattern else {
+                return Err(TableError {
+                    file: "annex-e-supplement.tsv",
+                    line: i + 2,
+                    problem: "only exact tags may be supplemented".into(),
+                });
+            };
+            if self.exact.contains_key(&tag) {
+                return Err(TableError {
+                    file: "annex-e-supplement.tsv",
+                    line: i + 2,
+                    problem: format!("{tag} is in the standard's table: remove the local row"),
+                });
+            }
+            rule.local = true;
+            self.exact.insert(tag, self.rules.len());
+            self.rules.push(rule);
+        }
+        Ok(())
     }
 
     /// Parse a table in the `annex-e.tsv` layout.
     pub fn parse(text: &str) -> Result<Self, TableError> {
+        Self::parse_named(text, "annex-e.tsv")
+    }
+
+    fn parse_named(text: &str, file: &'static str) -> Result<Self, TableError> {
         let err = |line: usize, problem: String| TableError {
-            file: "annex-e.tsv",
+            file,
             line,
             problem,
         };
@@ -359,6 +400,7 @@ impl RuleTable {
                 options,
                 added_after_2024b: cell(note_c) == "added after 2024b",
                 retired: cell(retired_c) == "Y",
+                local: false,
             });
         }
         Ok(table)
@@ -441,7 +483,11 @@ mod tests {
 
     #[test]
     fn row_count_and_pattern_rows() {
-        assert_eq!(table().rules().len(), 656);
+        assert_eq!(
+            table().rules().iter().filter(|r| !r.local).count(),
+            656,
+            "the standard's rows"
+        );
         let patterns = table()
             .rules()
             .iter()
@@ -453,7 +499,7 @@ mod tests {
     #[test]
     fn basic_action_distribution_matches_the_provenance_note() {
         let mut counts: HashMap<&str, usize> = HashMap::new();
-        for r in table().rules() {
+        for r in table().rules().iter().filter(|r| !r.local) {
             *counts.entry(r.basic.code()).or_default() += 1;
         }
         let expect = [
@@ -473,12 +519,46 @@ mod tests {
     }
 
     #[test]
+    fn the_local_supplement_adds_rows_the_standard_lacks() {
+        let dictionary = crate::deid::dictionary::Dictionary::standard();
+        let local: Vec<&Rule> = table().rules().iter().filter(|r| r.local).collect();
+        assert_eq!(local.len(), 12);
+        for r in &local {
+            let TagPattern::Exact(tag) = r.pattern else {
+                panic!("{}", r.pattern)
+            };
+            assert_eq!(
+                dictionary.keyword(tag),
+                Some(r.keyword.as_str()),
+                "{tag}: the keyword is the dictionary's"
+            );
+            assert_eq!(table().lookup(tag).map(|x| x.local), Some(true));
+        }
+        for (g, e) in [(0x0400, 0x0500), (0x0010, 0x0033), (0x0008, 0x1190)] {
+            assert_eq!(
+                table().lookup(Tag(g, e)).map(|r| r.basic),
+                Some(BasicAction::X)
+            );
+        }
+        // A row the standard has cannot be supplemented.
+        let mut t = RuleTable::parse(ANNEX_E_TSV).expect("table");
+        let dup = ANNEX_E_TSV
+            .lines()
+            .take(1)
+            .chain(ANNEX_E_TSV.lines().filter(|l| l.starts_with("0010,0010")))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let again = RuleTable::parse(&dup).expect("one row");
+        assert!(t.extend(again).is_err());
+    }
+
+    #[test]
     fn option_column_counts() {
         let count = |o: DeidOption, a: OptionAction| {
             table()
                 .rules()
                 .iter()
-                .filter(|r| r.option(o) == Some(a))
+                .filter(|r| !r.local && r.option(o) == Some(a))
                 .count()
         };
         use DeidOption::*;

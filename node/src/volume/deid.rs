@@ -112,6 +112,146 @@ const DEVICE_KEYS: &[&str] = &["ManufacturersModelName", "SoftwareVersions", "St
 /// Times of day, kept under either longitudinal option.
 const TIME_KEYS: &[&str] = &["AcquisitionTime", "SeriesTime", "StudyTime", "ContentTime"];
 
+/// Acquisition fields a sidecar may keep: the BIDS sidecar fields that describe how an image
+/// was acquired (MRI: hardware, sequence, spatial encoding, timing, RF and contrast; CT and PET:
+/// technique and reconstruction), and dcm2niix's technical fields beside them. Everything else
+/// a converter wrote (vendor dumps, comments, unknown keys) is dropped; a site adds keys in
+/// `[deid] keep_sidecar_keys`.
+const ACQUISITION_KEYS: &[&str] = &[
+    // Provenance of the conversion.
+    "Modality",
+    "ConversionSoftware",
+    "ConversionSoftwareVersion",
+    // Scanner hardware (device identity keys are judged separately).
+    "Manufacturer",
+    "MagneticFieldStrength",
+    "ReceiveCoilName",
+    "ReceiveCoilActiveElements",
+    "GradientSetType",
+    "MRTransmitCoilSequence",
+    "MatrixCoilMode",
+    "CoilCombinationMethod",
+    "CoilString",
+    "ImagingFrequency",
+    // Sequence specifics.
+    "PulseSequenceType",
+    "ScanningSequence",
+    "SequenceVariant",
+    "ScanOptions",
+    "SequenceName",
+    "PulseSequenceDetails",
+    "NonlinearGradientCorrection",
+    "MRAcquisitionType",
+    "MTState",
+    "MTOffsetFrequency",
+    "MTPulseBandwidth",
+    "MTNumberOfPulses",
+    "MTPulseShape",
+    "MTPulseDuration",
+    "SpoilingState",
+    "SpoilingType",
+    "SpoilingRFPhaseIncrement",
+    "SpoilingGradientMoment",
+    "SpoilingGradientDuration",
+    "ImageType",
+    "ImageTypeText",
+    "SeriesNumber",
+    "AcquisitionNumber",
+    "EchoNumber",
+    "NumberOfAverages",
+    "SAR",
+    // Spatial encoding.
+    "NumberShots",
+    "ParallelReductionFactorInPlane",
+    "ParallelReductionFactorOutOfPlane",
+    "ParallelAcquisitionTechnique",
+    "PartialFourier",
+    "PartialFourierDirection",
+    "PhaseEncodingDirection",
+    "PhaseEncodingAxis",
+    "EffectiveEchoSpacing",
+    "DerivedVendorReportedEchoSpacing",
+    "TotalReadoutTime",
+    "MixingTime",
+    "PixelBandwidth",
+    "BandwidthPerPixelPhaseEncode",
+    "AcquisitionMatrixPE",
+    "ReconMatrixPE",
+    "BaseResolution",
+    "PhaseResolution",
+    "PercentPhaseFOV",
+    "PercentSampling",
+    "EchoTrainLength",
+    "InPlanePhaseEncodingDirectionDICOM",
+    "ImageOrientationPatientDICOM",
+    "ImageOrientationText",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "PatientPosition",
+    "ShimSetting",
+    "TxRefAmp",
+    // Timing.
+    "EchoTime",
+    "EchoTime1",
+    "EchoTime2",
+    "InversionTime",
+    "SliceTiming",
+    "SliceEncodingDirection",
+    "DwellTime",
+    "RepetitionTime",
+    "RepetitionTimeExcitation",
+    "RepetitionTimePreparation",
+    "VolumeTiming",
+    "AcquisitionDuration",
+    "DelayTime",
+    "DelayAfterTrigger",
+    "NumberOfVolumesDiscardedByScanner",
+    "NumberOfVolumesDiscardedByUser",
+    "MultibandAccelerationFactor",
+    "FrameTimesStart",
+    "FrameDuration",
+    // RF and contrast.
+    "FlipAngle",
+    "NegativeContrast",
+    "ContrastBolusIngredient",
+    // CT.
+    "XRayExposure",
+    "XRayTubeCurrent",
+    "ExposureTime",
+    "KVP",
+    "ReconstructionDiameter",
+    "ConvolutionKernel",
+    "DataCollectionDiameter",
+    "SingleCollimationWidth",
+    "TotalCollimationWidth",
+    "TableSpeed",
+    "TableFeedPerRotation",
+    "SpiralPitchFactor",
+    "GantryDetectorTilt",
+    "ExposureModulationType",
+    "CTDIvol",
+    "Units",
+    // PET.
+    "TracerName",
+    "TracerRadionuclide",
+    "InjectedRadioactivity",
+    "InjectedRadioactivityUnits",
+    "InjectedMass",
+    "InjectedMassUnits",
+    "ModeOfAdministration",
+    "AttenuationCorrection",
+    "ReconMethodName",
+    "ReconMethodParameterLabels",
+    "ReconMethodParameterUnits",
+    "ReconMethodParameterValues",
+    "ReconFilterType",
+    "ReconFilterSize",
+    "DecayCorrectionFactor",
+    "DoseCalibrationFactor",
+    "ScatterFraction",
+    "RadionuclideHalfLife",
+];
+
 /// Scrub a converter's JSON sidecar with the profile's options.
 pub fn scrub_sidecar(value: &Value, policy: &DeidPolicy) -> Value {
     let Value::Object(map) = value else {
@@ -143,9 +283,14 @@ pub fn scrub_sidecar(value: &Value, policy: &DeidPolicy) -> Value {
         } else if TIME_KEYS.contains(&k.as_str()) {
             policy.has(DeidOption::RetainLongitudinalFullDates)
                 || policy.has(DeidOption::RetainLongitudinalModifiedDates)
-        } else {
-            // Acquisition parameters (numbers, codes) stay; any other free text goes.
+        } else if ACQUISITION_KEYS.contains(&k.as_str())
+            || policy.sidecar_keys.iter().any(|x| x == k)
+        {
+            // Acquisition parameters (numbers, codes) stay; free text under their names goes.
             !matches!(v, Value::String(s) if s.chars().any(|c| c.is_ascii_lowercase()) && s.contains(' '))
+        } else {
+            // Unknown keys go, whatever they hold.
+            false
         };
         if keep {
             out.insert(k.clone(), v.clone());
@@ -282,6 +427,8 @@ mod tests {
             "RepetitionTime": 2.3, "EchoTime": 0.03, "FlipAngle": 9, "Modality": "MR",
             "SeriesDescription": "T1 MPRAGE", "PatientSex": "F", "AcquisitionTime": "10:00:00",
             "ConversionSoftware": "dcm2niix", "ImageComments": "seen by Dr Who",
+            "ReferralNote": "MRN 00412345", "PatientWeightHistory": [71.5, 70.0],
+            "Siemens_CSA_Header": {"tPatientName": "DOE"},
         });
         let basic = scrub_sidecar(&v, &DeidPolicy::default());
         let keys: Vec<&str> = basic
@@ -308,5 +455,11 @@ mod tests {
         assert_eq!(kept["PatientSex"], "F");
         assert_eq!(kept["SeriesDescription"], "T1 MPRAGE");
         assert!(kept.get("PatientName").is_none());
+        // Keys not on the acquisition list go whatever they hold, unless the site keeps them.
+        for k in ["ReferralNote", "PatientWeightHistory", "Siemens_CSA_Header"] {
+            assert!(kept.get(k).is_none(), "{k}");
+        }
+        p.sidecar_keys = vec!["PatientWeightHistory".into()];
+        assert!(scrub_sidecar(&v, &p).get("PatientWeightHistory").is_some());
     }
 }
