@@ -481,7 +481,7 @@ mod tests {
         ));
         // An overlay in bit 15 of some words (text drawn in the overlay plane).
         let words: Vec<u16> = (0..24u16)
-            .map(|i| i * 100 | if i % 3 == 0 { 0x8000 } else { 0 })
+            .map(|i| (i * 100) | if i % 3 == 0 { 0x8000 } else { 0 })
             .collect();
         o.put(DataElement::new(
             Tag(0x7FE0, 0x0010),
