@@ -853,10 +853,16 @@ fn options_text(policy: &DeidPolicy) -> String {
 
 fn print_profile_info(policy: &DeidPolicy) {
     let t = RuleTable::standard();
+    let local = t.rules().iter().filter(|r| r.local).count();
     println!(
-        "DICOM PS3.15 {} Table E.1-1, {} rows",
+        "DICOM PS3.15 {} Table E.1-1, {} rows, and {local} rows of the node's local supplement",
         table::EDITION,
-        t.rules().len()
+        t.rules().len() - local
+    );
+    println!(
+        "text outside the table: removed unless on the shipped allow-list ({} attributes) or kept by this site ({})",
+        node::deid::allow::TextAllowList::standard().len(),
+        policy.keep_text_attributes.len()
     );
     let basic = table::basic_profile_code();
     println!(
@@ -1935,14 +1941,23 @@ fn egress(config: &NodeConfig, json: bool, command: Option<EgressCommand>) -> Re
         Some(EgressCommand::Pending) => {
             match approvals.pending() {
                 None => println!("nothing waits for approval"),
+                Some(p) if json => println!("{}", serde_json::to_string(&p)?),
                 Some(p) => {
                     println!(
-                        "schema {} revision {} would make these leave this site for the first time:",
-                        p.schema_id, p.schema_revision
+                        "schema {} revision {} (digest {}) differs from what was approved:",
+                        p.schema_id,
+                        p.schema_revision,
+                        &p.digest[..16.min(p.digest.len())]
                     );
-                    for i in &p.items {
+                    for i in &p.removed {
                         println!("  - {i}");
                     }
+                    for i in &p.items {
+                        println!("  + {i}");
+                    }
+                    println!(
+                        "'+' would leave this site for the first time, or more loosely than approved; '-' was approved and no longer leaves"
+                    );
                     println!("approve with `fedcurate-node egress approve`");
                 }
             }
