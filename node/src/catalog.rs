@@ -126,6 +126,11 @@ const MIGRATIONS: &[&str] = &[
         outcome TEXT NOT NULL
     );
     "#,
+    // 5: the query ledger per released population (one quantity, the site, a summary), so
+    // that overlapping definitions of one quantity are compared with each other.
+    r#"
+    ALTER TABLE releases ADD COLUMN populations TEXT NOT NULL DEFAULT '[]';
+    "#,
 ];
 
 /// A re-identification map entry as stored: (pseudonym, nonce, ciphertext).
@@ -146,6 +151,19 @@ pub struct ReleaseRecord {
     pub patients: Vec<String>,
     /// `released`, `refused-budget`, `refused-differencing`, `awaiting-approval`.
     pub outcome: String,
+    /// The populations of the statistics released (empty in records written before they
+    /// were kept: their `patients` stand for the whole site).
+    pub populations: Vec<LedgerPopulation>,
+}
+
+/// The patients behind one released statistic (see `federation::aggregate::Population`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LedgerPopulation {
+    /// What is compared with what: a quantity's name, `site`, `nyul`, `ct`.
+    pub family: String,
+    pub definition: String,
+    /// Hashes of the patients' pseudonyms, sorted.
+    pub patients: Vec<String>,
 }
 
 /// One message that left the node.
@@ -809,11 +827,12 @@ impl Catalog {
     /// Append to the privacy ledger.
     pub fn record_release(&self, r: &ReleaseRecord) -> Result<(), CatalogError> {
         let patients = serde_json::to_string(&r.patients).unwrap_or_else(|_| "[]".into());
+        let populations = serde_json::to_string(&r.populations).unwrap_or_else(|_| "[]".into());
         self.conn
             .execute(
-                "INSERT INTO releases (at, dataset, schema, round, epsilon, delta, patients, outcome)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![r.at, r.dataset, r.schema, r.round, r.epsilon, r.delta, patients, r.outcome],
+                "INSERT INTO releases (at, dataset, schema, round, epsilon, delta, patients, outcome, populations)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![r.at, r.dataset, r.schema, r.round, r.epsilon, r.delta, patients, r.outcome, populations],
             )
             .map_err(self.err())?;
         Ok(())
@@ -823,7 +842,7 @@ impl Catalog {
     pub fn releases(&self) -> Result<Vec<ReleaseRecord>, CatalogError> {
         let mut st = self
             .conn
-            .prepare("SELECT at, dataset, schema, round, epsilon, delta, patients, outcome FROM releases ORDER BY seq")
+            .prepare("SELECT at, dataset, schema, round, epsilon, delta, patients, outcome, populations FROM releases ORDER BY seq")
             .map_err(self.err())?;
         let rows = st
             .query_map([], |r| {
@@ -837,6 +856,7 @@ impl Catalog {
                     delta: r.get(5)?,
                     patients: serde_json::from_str(&patients).unwrap_or_default(),
                     outcome: r.get(7)?,
+                    populations: serde_json::from_str(&r.get::<_, String>(8)?).unwrap_or_default(),
                 })
             })
             .map_err(self.err())?;

@@ -797,6 +797,34 @@ fn approval_budget_and_differencing_refusals() {
         assert_eq!(out.refused, Some(RefusalReason::BudgetExhausted));
         assert_eq!(refusal(3), Some(RefusalReason::BudgetExhausted));
 
+        // A new schema id does not open a new budget: the budget is the site's.
+        let renamed = SchemaDocument::new(&dp_schema.replace("brain-t1-test", "brain-t1-renamed"))
+            .expect("renamed");
+        *hub.lock().expect("hub") = Hub::new(
+            [SiteId::new("site-a").expect("id")],
+            Store::in_memory().expect("store"),
+            Some(renamed.clone()),
+            None,
+        )
+        .expect("hub");
+        approvals
+            .check(&renamed.schema().expect("schema"))
+            .expect("check");
+        approvals.approve().expect("approve");
+        let out = site.run_once(&endpoint, None).await.expect("sync");
+        assert_eq!(out.refused, Some(RefusalReason::BudgetExhausted));
+        let spent: f64 = node::catalog::Catalog::open(&config.data_dir.join("catalog.sqlite"))
+            .expect("catalog")
+            .releases()
+            .expect("ledger")
+            .iter()
+            .map(|r| r.epsilon)
+            .sum();
+        assert!(
+            (spent - 2.0).abs() < 1e-9,
+            "two releases of epsilon 1: {spent}"
+        );
+
         // A schema without noise (another dataset): one new patient is refused (it would be
         // isolated by the difference with the earlier releases), five new ones are released.
         let plain =
@@ -834,8 +862,8 @@ fn approval_budget_and_differencing_refusals() {
     let log = cat.egress().expect("egress");
     assert_eq!(
         log.iter().filter(|e| e.kind == "refusal").count(),
-        3,
-        "approval, budget and differencing refusals left as messages"
+        4,
+        "approval, budget (twice: a new schema id has no budget of its own) and differencing refusals left as messages"
     );
     let ledger = cat.releases().expect("ledger");
     let spent: f64 = ledger
@@ -850,4 +878,56 @@ fn approval_budget_and_differencing_refusals() {
 
 fn config_path(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("site-a")
+}
+
+/// A release is computed once: its noise is drawn and its budget spent when it is first
+/// prepared, and a retry (after a lost answer, a crash or a restart) sends exactly the same
+/// values. Fresh noise on every retry would let a coordinator average it away.
+#[test]
+fn a_release_is_noised_once_and_resent_as_it_is() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki_dir = dir.path().join("pki");
+    let _ = test_pki(&pki_dir, &["site-a"]);
+    let mut profile = node::sample::consortium_sites(12)[0].clone();
+    profile.patients = 12;
+    let input = dir.path().join("archive");
+    node::sample::write_site_archive(&input, &profile).expect("archive");
+    let config = node_config(
+        &dir.path().join("site-a"),
+        "site-a",
+        &pki_dir,
+        "127.0.0.1:9",
+    );
+    deidentify(&config, &input);
+    let text = schema_text(5, 1).replace(
+        "min_cell_count = 5",
+        "min_cell_count = 5\n\n[privacy.differential_privacy]\nepsilon = 0.5\ndelta = 0.0",
+    );
+    let doc = SchemaDocument::new(&text).expect("schema");
+    let schema = doc.schema().expect("schema");
+    let hash: String = doc.hash().0.iter().map(|b| format!("{b:02x}")).collect();
+    let released = |site: &Site, round: u32| {
+        site.release(&schema, &hash, round, 5)
+            .expect("release")
+            .expect("not refused")
+    };
+    let site = Site::new(&config, config.data_dir.join("deid")).expect("site");
+    let first = released(&site, 1);
+    assert!(first.noise.is_some());
+    // A retry, and a restarted node: the same values, and no second entry in the ledger.
+    assert_eq!(released(&site, 1), first);
+    let restarted = Site::new(&config, config.data_dir.join("deid")).expect("site");
+    assert_eq!(released(&restarted, 1), first);
+    let ledger = || {
+        node::catalog::Catalog::open(&config.data_dir.join("catalog.sqlite"))
+            .expect("catalog")
+            .releases()
+            .expect("ledger")
+    };
+    assert_eq!(ledger().len(), 1, "spent once");
+    assert!((ledger()[0].epsilon - 0.5).abs() < 1e-12);
+    // The next round is a new release: new noise, spent again.
+    let second = released(&restarted, 2);
+    assert_eq!(released(&restarted, 2), second);
+    assert_eq!(ledger().len(), 2);
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use dicom_core::Tag;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
 use protocol::aggregate::{
-    ConformanceSummary, CountTable, CtRelease, Moments, NyulRelease, ProfileCheck, Quantity,
+    Cell, ConformanceSummary, CountTable, CtRelease, Moments, NyulRelease, ProfileCheck, Quantity,
     SiteAggregates, bin_of, primary, suppress,
 };
 use protocol::schema::CurationSchema;
@@ -477,6 +477,176 @@ fn ct_release(by_patient: &BTreeMap<&str, Vec<&SeriesFacts>>, k: u64) -> Option<
     })
 }
 
+/// What a released statistic stands behind.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Statistic {
+    /// Totals and count tables: every patient.
+    Site,
+    /// `statistics.histograms[i]`.
+    Histogram(usize),
+    Moments(Quantity),
+    Nyul,
+    Ct,
+    /// The conformance counts of a schema acknowledgement.
+    Conformance,
+}
+
+/// The patients one released statistic covers, for the query ledger. Populations of one
+/// `family` (one quantity, whatever the statistic, modality filter or bins; `site` for
+/// everything over every patient; `nyul`; `ct`) are compared with each other: two releases
+/// of one family whose patients differ by 1..k-1 would give those patients' values by
+/// subtraction.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Population {
+    pub family: String,
+    /// What defines it, in words (statistic, quantity, modality, edges).
+    pub definition: String,
+    pub statistic: Statistic,
+    /// Hashes of the patients' pseudonyms, sorted.
+    pub patients: Vec<String>,
+}
+
+/// The key the ledger stores for a patient.
+pub fn patient_key(pseudonym: &str) -> String {
+    crate::batch::content_hash(pseudonym.as_bytes())[..16].to_owned()
+}
+
+fn population(
+    family: &str,
+    definition: String,
+    statistic: Statistic,
+    patients: impl IntoIterator<Item = String>,
+) -> Population {
+    let mut patients: Vec<String> = patients.into_iter().collect();
+    patients.sort();
+    patients.dedup();
+    Population {
+        family: family.to_owned(),
+        definition,
+        statistic,
+        patients,
+    }
+}
+
+/// The population behind every statistic a release of `schema` over `facts` holds.
+pub fn populations(facts: &[SeriesFacts], schema: &CurationSchema) -> Vec<Population> {
+    let mut by_patient: BTreeMap<&str, Vec<&SeriesFacts>> = BTreeMap::new();
+    for f in facts {
+        by_patient.entry(f.patient.as_str()).or_default().push(f);
+    }
+    let with = |pred: &dyn Fn(&SeriesFacts) -> bool| -> Vec<String> {
+        by_patient
+            .iter()
+            .filter(|(_, s)| s.iter().any(|f| pred(f)))
+            .map(|(p, _)| patient_key(p))
+            .collect()
+    };
+    let mut out = vec![population(
+        "site",
+        "every patient (totals and count tables)".into(),
+        Statistic::Site,
+        by_patient.keys().map(|p| patient_key(p)),
+    )];
+    for (i, h) in schema.statistics.histograms.iter().enumerate() {
+        let Some(q) = Quantity::from_name(&h.quantity) else {
+            continue;
+        };
+        let m = h.modality.as_deref();
+        out.push(population(
+            q.name(),
+            format!(
+                "histogram of {} in {} with edges {:?}",
+                q.name(),
+                m.unwrap_or("any modality"),
+                h.edges
+            ),
+            Statistic::Histogram(i),
+            with(&|f: &SeriesFacts| {
+                m.is_none_or(|m| f.modality.eq_ignore_ascii_case(m)) && f.values.contains_key(&q)
+            }),
+        ));
+    }
+    for q in schema.moment_quantities() {
+        out.push(population(
+            q.name(),
+            format!("moments of {}", q.name()),
+            Statistic::Moments(q),
+            with(&|f: &SeriesFacts| f.values.contains_key(&q)),
+        ));
+    }
+    out.push(population(
+        "nyul",
+        "Nyúl summary of MR volumes".into(),
+        Statistic::Nyul,
+        with(&|f: &SeriesFacts| f.nyul.is_some()),
+    ));
+    out.push(population(
+        "ct",
+        "CT summary".into(),
+        Statistic::Ct,
+        with(&|f: &SeriesFacts| f.ct.is_some()),
+    ));
+    out
+}
+
+/// Which of `new` must be withheld: a population that differs by 1..k-1 patients from an
+/// earlier released one of its family, or from one of its family released beside it (a
+/// filtered and an unfiltered histogram of one quantity). Empty populations release nothing
+/// and are never withheld.
+pub fn screen(new: &[Population], earlier: &[Population], k: usize) -> Vec<bool> {
+    let mut withheld = vec![false; new.len()];
+    for (i, p) in new.iter().enumerate() {
+        if p.patients.is_empty() {
+            continue;
+        }
+        let beside = new[..i]
+            .iter()
+            .zip(&withheld)
+            .filter(|(_, w)| !**w)
+            .map(|(q, _)| q);
+        let others: Vec<Vec<String>> = earlier
+            .iter()
+            .chain(beside)
+            .filter(|q| q.family == p.family && !q.patients.is_empty())
+            .map(|q| q.patients.clone())
+            .collect();
+        withheld[i] = super::privacy::isolates_few(&p.patients, &others, k);
+    }
+    withheld
+}
+
+/// Withhold the statistics screened out: histograms become all-suppressed, summaries absent.
+pub fn withhold(a: &mut SiteAggregates, statistics: &[Statistic]) {
+    for s in statistics {
+        match s {
+            Statistic::Histogram(i) => {
+                if let Some(h) = a.histograms.get_mut(*i) {
+                    h.iter_mut().for_each(|c| *c = Cell::Suppressed);
+                }
+            }
+            Statistic::Moments(q) => {
+                for (x, m) in a.moments.iter_mut() {
+                    if x == q {
+                        *m = None;
+                    }
+                }
+            }
+            Statistic::Nyul => a.nyul = None,
+            Statistic::Ct => a.ct = None,
+            Statistic::Site | Statistic::Conformance => {}
+        }
+    }
+}
+
+/// Every cell of a conformance summary withheld (its population would isolate patients).
+pub fn withhold_conformance(c: &mut ConformanceSummary) {
+    c.patients = Cell::Suppressed;
+    c.status = [Cell::Suppressed; 3];
+    c.deviations.iter_mut().for_each(|x| *x = Cell::Suppressed);
+    c.findings = [Cell::Suppressed; 3];
+    c.quarantined = Cell::Suppressed;
+}
+
 /// The site's conformance summary from a curation run against the schema.
 pub fn conformance(
     report: &CurationReport,
@@ -549,7 +719,6 @@ pub fn profile_check(schema: &CurationSchema, policy: &crate::deid::DeidPolicy) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use protocol::aggregate::Cell;
 
     const SCHEMA: &str = include_str!("../../../deploy/schema.toml");
 
@@ -708,6 +877,96 @@ mod tests {
         );
         assert_eq!(r.summary.histogram[(1000 - CT_HU_MIN) as usize], 0);
         assert_eq!(r.summary.mean(), Some(4.5));
+    }
+
+    fn mr_with_nyul(patient: &str) -> SeriesFacts {
+        let mut f = facts(patient, "MR", "F", 12.0);
+        f.values.insert(Quantity::Intensity, 300.0);
+        f.nyul = Some(NyulSummary {
+            volumes: 1,
+            ..NyulSummary::default()
+        });
+        f
+    }
+
+    #[test]
+    fn differencing_is_checked_per_population() {
+        let schema = CurationSchema::parse(SCHEMA).expect("schema");
+        let k = 10;
+        // Round 1: 20 patients, 10 of them MR with a Nyúl summary.
+        let mut round1: Vec<SeriesFacts> =
+            (0..10).map(|i| mr_with_nyul(&format!("m{i}"))).collect();
+        round1.extend((0..10).map(|i| facts(&format!("c{i}"), "CT", "M", 3.0)));
+        let first = populations(&round1, &schema);
+        let w = screen(&first, &[], k);
+        assert!(
+            w.iter().all(|x| !x),
+            "nothing earlier, nothing beside: {w:?}"
+        );
+        // Round 2: ten new patients, one of whom has an MR. The site differs by 10 (fine);
+        // the Nyúl population by one patient: that summary minus round 1's is theirs.
+        let mut round2 = round1.clone();
+        round2.push(mr_with_nyul("m-new"));
+        round2.extend((0..9).map(|i| facts(&format!("c-new{i}"), "CT", "M", 3.0)));
+        let second = populations(&round2, &schema);
+        let w = screen(&second, &first, k);
+        let withheld: Vec<&str> = second
+            .iter()
+            .zip(&w)
+            .filter(|(_, w)| **w)
+            .map(|(p, _)| p.family.as_str())
+            .collect();
+        assert!(!w[0], "the whole site is released");
+        assert!(withheld.contains(&"nyul"), "{withheld:?}");
+        assert!(
+            withheld.contains(&"intensity"),
+            "the MR intensity histogram too: {withheld:?}"
+        );
+        assert!(
+            !withheld.contains(&"snr"),
+            "ten new patients have an SNR: {withheld:?}"
+        );
+        // Withholding removes exactly those statistics from the aggregates.
+        let mut a = aggregates(&round2, &schema, k as u32);
+        assert!(a.nyul.is_some());
+        let statistics: Vec<Statistic> = second
+            .iter()
+            .zip(&w)
+            .filter(|(_, w)| **w)
+            .map(|(p, _)| p.statistic.clone())
+            .collect();
+        withhold(&mut a, &statistics);
+        assert!(a.nyul.is_none());
+        let intensity = schema
+            .statistics
+            .histograms
+            .iter()
+            .position(|h| h.quantity == "intensity")
+            .expect("intensity histogram");
+        assert!(
+            a.histograms[intensity]
+                .iter()
+                .all(|c| *c == Cell::Suppressed)
+        );
+        // Beside each other in one release: the MR-only intensity histogram (10 patients)
+        // and the intensity moments over every modality (12) would give the two CT patients'
+        // values by subtraction: the later one is withheld.
+        let mut mixed: Vec<SeriesFacts> = (0..10).map(|i| mr_with_nyul(&format!("m{i}"))).collect();
+        for i in 0..2 {
+            let mut c = facts(&format!("c{i}"), "CT", "M", 3.0);
+            c.values.insert(Quantity::Intensity, 40.0);
+            mixed.push(c);
+        }
+        let pops = populations(&mixed, &schema);
+        let w = screen(&pops, &[], k);
+        let moments = pops
+            .iter()
+            .position(|p| p.statistic == Statistic::Moments(Quantity::Intensity));
+        let histogram = pops
+            .iter()
+            .position(|p| p.statistic == Statistic::Histogram(intensity));
+        assert_eq!(histogram.map(|i| w[i]), Some(false));
+        assert_eq!(moments.map(|i| w[i]), Some(true));
     }
 
     #[test]

@@ -81,6 +81,42 @@ pub struct SessionState {
     pub refused_model: Option<u32>,
 }
 
+/// A release computed and recorded in the ledger, waiting to be acknowledged
+/// (`federation/outbox.json`): what a retry sends.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Outbox {
+    schema: String,
+    round: u32,
+    aggregates: protocol::aggregate::SiteAggregates,
+}
+
+/// The populations earlier releases covered: those recorded per statistic, and the whole-site
+/// patient set of releases recorded before populations were kept.
+fn earlier_populations(
+    ledger: &[crate::catalog::ReleaseRecord],
+) -> Vec<super::aggregate::Population> {
+    let mut out = Vec::new();
+    for r in ledger.iter().filter(|r| r.outcome == "released") {
+        if r.populations.is_empty() {
+            out.push(super::aggregate::Population {
+                family: "site".into(),
+                definition: "every patient".into(),
+                statistic: super::aggregate::Statistic::Site,
+                patients: r.patients.clone(),
+            });
+        }
+        for p in &r.populations {
+            out.push(super::aggregate::Population {
+                family: p.family.clone(),
+                definition: p.definition.clone(),
+                statistic: super::aggregate::Statistic::Site,
+                patients: p.patients.clone(),
+            });
+        }
+    }
+    out
+}
+
 /// What one synchronisation did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncOutcome {
@@ -495,7 +531,48 @@ impl Site {
         if state.acknowledged.as_deref() != Some(published_hex.as_str()) {
             let (_, report) = self.prepared(&schema, &published_hex)?;
             let quarantined = self.catalog.totals()?.quarantined as u64;
-            let conformance = super::aggregate::conformance(&report, &schema, quarantined, k);
+            let mut conformance = super::aggregate::conformance(&report, &schema, quarantined, k);
+            // The acknowledgement counts patients: its population goes in the query ledger
+            // with the site's, and is withheld when it would isolate a few of them.
+            let pop = super::aggregate::Population {
+                family: "site".into(),
+                definition: "conformance counts of the schema acknowledgement".into(),
+                statistic: super::aggregate::Statistic::Conformance,
+                patients: {
+                    let mut p: Vec<String> = report
+                        .series
+                        .iter()
+                        .map(|s| super::aggregate::patient_key(&s.patient))
+                        .collect();
+                    p.sort();
+                    p.dedup();
+                    p
+                },
+            };
+            let earlier = earlier_populations(&self.catalog.releases()?);
+            if super::aggregate::screen(std::slice::from_ref(&pop), &earlier, k as usize)[0] {
+                tracing::warn!(
+                    "conformance counts withheld: their patients differ from an earlier release by fewer than k"
+                );
+                super::aggregate::withhold_conformance(&mut conformance);
+            } else if !pop.patients.is_empty() {
+                self.catalog
+                    .record_release(&crate::catalog::ReleaseRecord {
+                        at: crate::audit::utc_now(),
+                        dataset: schema.id.clone(),
+                        schema: published_hex.clone(),
+                        round: 0,
+                        epsilon: 0.0,
+                        delta: 0.0,
+                        patients: pop.patients.clone(),
+                        outcome: "released".into(),
+                        populations: vec![crate::catalog::LedgerPopulation {
+                            family: pop.family,
+                            definition: pop.definition,
+                            patients: pop.patients,
+                        }],
+                    })?;
+            }
             let ack_bytes = serde_json::to_vec(&(&profile, &conformance)).unwrap_or_default();
             let ack = SchemaAck {
                 id: derived_id(&[b"ack", &published.0, &ack_bytes]),
@@ -524,85 +601,20 @@ impl Site {
         }
         let due = (published_hex.clone(), welcome.round);
         if welcome.round > 0 && state.reported.as_ref() != Some(&due) {
-            let (facts, _) = self.prepared(&schema, &published_hex)?;
-            // The query ledger: a release that differs from an earlier one by fewer than k
-            // patients would isolate them by subtraction.
-            let mut patients: Vec<String> = facts
-                .iter()
-                .map(|f| content_hash(f.patient.as_bytes())[..16].to_owned())
-                .collect();
-            patients.sort();
-            patients.dedup();
-            let ledger = self.catalog.releases()?;
-            let earlier: Vec<Vec<String>> = ledger
-                .iter()
-                .filter(|r| r.outcome == "released")
-                .map(|r| r.patients.clone())
-                .collect();
-            let dp = schema.privacy.differential_privacy.clone();
-            let (eps, delta) = dp.as_ref().map_or((0.0, 0.0), |d| (d.epsilon, d.delta));
-            let (spent_eps, spent_delta) = ledger
-                .iter()
-                .filter(|r| r.outcome == "released" && r.dataset == schema.id)
-                .fold((0.0, 0.0), |(e, d), r| (e + r.epsilon, d + r.delta));
-            let refusal = if super::privacy::isolates_few(&patients, &earlier, k as usize) {
-                Some(RefusalReason::Differencing)
-            } else if dp.is_some()
-                && (spent_eps + eps > self.settings.privacy_budget_epsilon + 1e-12
-                    || spent_delta + delta > self.settings.privacy_budget_delta + 1e-18)
-            {
-                Some(RefusalReason::BudgetExhausted)
-            } else {
-                None
-            };
-            let record = |outcome: &str| crate::catalog::ReleaseRecord {
-                at: crate::audit::utc_now(),
-                dataset: schema.id.clone(),
-                schema: published_hex.clone(),
-                round: welcome.round,
-                epsilon: if outcome == "released" { eps } else { 0.0 },
-                delta: if outcome == "released" { delta } else { 0.0 },
-                patients: patients.clone(),
-                outcome: outcome.to_owned(),
-            };
-            if let Some(reason) = refusal {
-                tracing::warn!(
-                    ?reason,
-                    round = welcome.round,
-                    spent_epsilon = spent_eps,
-                    "the round's aggregates are not released"
-                );
-                if state.refused.as_ref().map(|r| (&r.0, r.1, r.2.as_str()))
-                    != Some((
-                        &published_hex,
-                        welcome.round,
-                        format!("{reason:?}").as_str(),
-                    ))
-                {
-                    self.catalog.record_release(&record(match reason {
-                        RefusalReason::Differencing => "refused-differencing",
-                        _ => "refused-budget",
-                    }))?;
+            // A release is computed (and its noise drawn, and its budget spent) once: a
+            // retry after a failed send resends it as it is, never fresh noise.
+            let aggregates = match self.release(&schema, &published_hex, welcome.round, k)? {
+                Ok(a) => a,
+                Err(reason) => {
+                    self.refuse(conn, &mut state, published, welcome.round, reason)
+                        .await?;
+                    out.refused = Some(reason);
+                    return Ok(out);
                 }
-                self.refuse(conn, &mut state, published, welcome.round, reason)
-                    .await?;
-                out.refused = Some(reason);
-                return Ok(out);
-            }
-            let mut noise = dp
-                .as_ref()
-                .map(|d| super::privacy::Noise::new(d, super::aggregate::dp_statistics(&schema)));
-            let aggregates = super::aggregate::aggregates_with(&facts, &schema, k, noise.as_mut());
+            };
             if schema.privacy.secure_aggregation {
                 let done = self
-                    .secure_round(
-                        conn,
-                        published,
-                        welcome.round,
-                        &schema,
-                        &aggregates,
-                        record("released"),
-                    )
+                    .secure_round(conn, published, welcome.round, &schema, &aggregates)
                     .await?;
                 if !done {
                     out.secure_waiting = true;
@@ -610,11 +622,10 @@ impl Site {
                 }
                 state.reported = Some(due);
                 self.save(&state)?;
+                self.clear_outbox();
                 out.reported = Some(welcome.round);
                 tracing::info!(round = welcome.round, "sent the round's masked aggregates");
             } else {
-                // Recorded before it leaves: a crash after sending still counts as spent.
-                self.catalog.record_release(&record("released"))?;
                 let m = Message::Report(Box::new(AggregateReport {
                     id: derived_id(&[
                         b"report",
@@ -633,6 +644,7 @@ impl Site {
                 }
                 state.reported = Some(due);
                 self.save(&state)?;
+                self.clear_outbox();
                 out.reported = Some(welcome.round);
                 tracing::info!(round = welcome.round, "reported the round's aggregates");
             }
@@ -679,6 +691,145 @@ impl Site {
         Ok(out)
     }
 
+    fn outbox_path(&self) -> PathBuf {
+        self.data_dir.join("federation").join("outbox.json")
+    }
+
+    /// The release computed for (schema, round) and not yet acknowledged, if any.
+    fn outbox(&self, schema: &str, round: u32) -> Option<Outbox> {
+        let o: Outbox = serde_json::from_slice(&std::fs::read(self.outbox_path()).ok()?).ok()?;
+        (o.schema == schema && o.round == round).then_some(o)
+    }
+
+    /// The round's release under `schema` (hex hash `hash`): the one computed earlier and not
+    /// yet acknowledged, as it was, or a new one (ledger checks, noise, ledger entry), or the
+    /// reason it is refused.
+    pub fn release(
+        &self,
+        schema: &CurationSchema,
+        hash: &str,
+        round: u32,
+        k: u32,
+    ) -> Result<Result<protocol::aggregate::SiteAggregates, RefusalReason>, SessionError> {
+        if let Some(o) = self.outbox(hash, round) {
+            return Ok(Ok(o.aggregates));
+        }
+        Ok(self
+            .prepare_release(schema, hash, round, k)?
+            .map(|o| o.aggregates))
+    }
+
+    fn clear_outbox(&self) {
+        let _ = std::fs::remove_file(self.outbox_path());
+    }
+
+    /// Compute the round's release: the query ledger per population (a statistic whose
+    /// patients differ from an earlier release of its family by 1..k-1 is withheld; the
+    /// whole site differing refuses the round), the site's privacy budget (one budget for
+    /// the site, whatever schema id the coordinator chooses), noise, and the ledger entry,
+    /// written with the release to the outbox before anything leaves.
+    fn prepare_release(
+        &self,
+        schema: &CurationSchema,
+        hash: &str,
+        round: u32,
+        k: u32,
+    ) -> Result<Result<Outbox, RefusalReason>, SessionError> {
+        let (facts, _) = self.prepared(schema, hash)?;
+        let pops = super::aggregate::populations(&facts, schema);
+        let site_patients = pops.first().map(|p| p.patients.clone()).unwrap_or_default();
+        let ledger = self.catalog.releases()?;
+        let earlier = earlier_populations(&ledger);
+        let withheld = super::aggregate::screen(&pops, &earlier, k as usize);
+        let dp = schema.privacy.differential_privacy.clone();
+        let (eps, delta) = dp.as_ref().map_or((0.0, 0.0), |d| (d.epsilon, d.delta));
+        let (spent_eps, spent_delta) = ledger
+            .iter()
+            .filter(|r| r.outcome == "released")
+            .fold((0.0, 0.0), |(e, d), r| (e + r.epsilon, d + r.delta));
+        let refusal = if withheld.first() == Some(&true) {
+            Some(RefusalReason::Differencing)
+        } else if dp.is_some()
+            && (spent_eps + eps > self.settings.privacy_budget_epsilon + 1e-12
+                || spent_delta + delta > self.settings.privacy_budget_delta + 1e-18)
+        {
+            Some(RefusalReason::BudgetExhausted)
+        } else {
+            None
+        };
+        let record = |outcome: &str, populations: Vec<crate::catalog::LedgerPopulation>| {
+            crate::catalog::ReleaseRecord {
+                at: crate::audit::utc_now(),
+                dataset: schema.id.clone(),
+                schema: hash.to_owned(),
+                round,
+                epsilon: if outcome == "released" { eps } else { 0.0 },
+                delta: if outcome == "released" { delta } else { 0.0 },
+                patients: site_patients.clone(),
+                outcome: outcome.to_owned(),
+                populations,
+            }
+        };
+        if let Some(reason) = refusal {
+            tracing::warn!(
+                ?reason,
+                round,
+                spent_epsilon = spent_eps,
+                "the round's aggregates are not released"
+            );
+            let state = self.state();
+            if state
+                .refused
+                .as_ref()
+                .map(|r| (r.0.as_str(), r.1, r.2.as_str()))
+                != Some((hash, round, format!("{reason:?}").as_str()))
+            {
+                self.catalog.record_release(&record(
+                    match reason {
+                        RefusalReason::Differencing => "refused-differencing",
+                        _ => "refused-budget",
+                    },
+                    Vec::new(),
+                ))?;
+            }
+            return Ok(Err(reason));
+        }
+        let mut noise = dp
+            .as_ref()
+            .map(|d| super::privacy::Noise::new(d, super::aggregate::dp_statistics(schema)));
+        let mut aggregates = super::aggregate::aggregates_with(&facts, schema, k, noise.as_mut());
+        let mut released = Vec::new();
+        let mut held_back = Vec::new();
+        for (p, w) in pops.into_iter().zip(withheld) {
+            if w {
+                tracing::warn!(
+                    statistic = %p.definition,
+                    "withheld: its patients differ from an earlier release of the same quantity by fewer than k"
+                );
+                held_back.push(p.statistic);
+            } else if !p.patients.is_empty() {
+                released.push(crate::catalog::LedgerPopulation {
+                    family: p.family,
+                    definition: p.definition,
+                    patients: p.patients,
+                });
+            }
+        }
+        super::aggregate::withhold(&mut aggregates, &held_back);
+        // Recorded before it leaves: a crash after sending still counts as spent.
+        self.catalog.record_release(&record("released", released))?;
+        let o = Outbox {
+            schema: hash.to_owned(),
+            round,
+            aggregates,
+        };
+        write_atomically(
+            &self.outbox_path(),
+            &serde_json::to_vec(&o).map_err(std::io::Error::other)?,
+        )?;
+        Ok(Ok(o))
+    }
+
     fn secure_local<R>(&self, f: impl FnOnce(&mut Option<SecureLocal>) -> R) -> R {
         match self.secure.lock() {
             Ok(mut g) => f(&mut g),
@@ -696,7 +847,6 @@ impl Site {
         round: u32,
         schema: &CurationSchema,
         aggregates: &protocol::aggregate::SiteAggregates,
-        release: crate::catalog::ReleaseRecord,
     ) -> Result<bool, SessionError> {
         let me = self.settings.site.clone();
         let joined = match self
@@ -826,8 +976,6 @@ impl Site {
         else {
             return Ok(false);
         };
-        // Recorded before it leaves: a crash after sending still counts as spent.
-        self.catalog.record_release(&release)?;
         let m = Message::MaskedReport(Box::new(protocol::MaskedReport {
             id,
             schema: hash,
