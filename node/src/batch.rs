@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
-use ring::hmac;
 
 use crate::audit::{AuditRecord, utc_now};
 use crate::catalog::{
@@ -442,8 +441,12 @@ pub fn deidentify_bytes(deid: &Deidentifier<'_>, bytes: &[u8]) -> DeidOutcome {
 /// An input found in phase one.
 struct Found {
     path: PathBuf,
+    /// Keyed marker of the path (what the catalog stores).
     path_key: String,
+    /// Keyed marker of the content (what the catalog, the quarantine and the logs use).
     content_hash: String,
+    /// Plain SHA-256 of the content: compared with our outputs' hashes, never stored.
+    sha256: String,
     size: u64,
 }
 
@@ -595,7 +598,7 @@ fn prepare(
         return p;
     }
     match fs::read(&found.path) {
-        Ok(bytes) if content_hash(&bytes) == found.content_hash => {
+        Ok(bytes) if content_hash(&bytes) == found.sha256 => {
             let result = deidentify_bytes(deid, &bytes).map(|(d, out)| {
                 let h = content_hash(&out);
                 (Placed::from(d), Output::Bytes(out), h)
@@ -745,8 +748,7 @@ pub fn deidentify_folder(
         edition: settings.edition,
         options: &settings.options,
     };
-    let salt = catalog.path_salt()?;
-    let salt = hmac::Key::new(hmac::HMAC_SHA256, &salt);
+    let keys = deid.keys();
 
     // Phase one: find inputs, hash them (in parallel), set aside what is already recorded.
     let mut summary = Summary::default();
@@ -757,13 +759,13 @@ pub fn deidentify_folder(
         .into_par_iter()
         .map(|path| {
             let rel = path.strip_prefix(&paths.input).unwrap_or(&path);
-            let path_key = hex(&hmac::sign(&salt, rel.to_string_lossy().as_bytes()).as_ref()[..16]);
-            let (content_hash, size) =
-                hash_file(&path).unwrap_or_else(|_| ("unreadable".to_owned(), 0));
+            let path_key = keys.path_marker(&rel.to_string_lossy());
+            let (sha256, size) = hash_file(&path).unwrap_or_else(|_| ("unreadable".to_owned(), 0));
             Found {
                 path,
                 path_key,
-                content_hash,
+                content_hash: keys.input_marker(&sha256),
+                sha256,
                 size,
             }
         })
@@ -892,7 +894,7 @@ fn step(
         }
     };
     summary.bytes_in += input.len();
-    if output_hashes.contains(&found.content_hash) || catalog.is_own_output(&found.content_hash)? {
+    if output_hashes.contains(&found.sha256) || catalog.is_own_output(&found.sha256)? {
         tracing::debug!(input = %short, "own output: not de-identified again");
         record.outcome = RecordedOutcome::OwnOutput;
         return Ok(record);

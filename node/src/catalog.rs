@@ -355,34 +355,6 @@ impl Catalog {
         Ok(())
     }
 
-    /// A random per-catalog salt for keyed path hashes (created on first use).
-    pub fn path_salt(&self) -> Result<Vec<u8>, CatalogError> {
-        let existing: Option<Vec<u8>> = self
-            .conn
-            .query_row("SELECT value FROM meta WHERE key = 'path_salt'", [], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(self.err())?;
-        if let Some(s) = existing {
-            return Ok(s);
-        }
-        let mut salt = vec![0u8; 32];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt).map_err(
-            |_| CatalogError::Sqlite {
-                path: self.path.clone(),
-                source: rusqlite::Error::InvalidQuery,
-            },
-        )?;
-        self.conn
-            .execute(
-                "INSERT INTO meta (key, value) VALUES ('path_salt', ?1)",
-                params![salt],
-            )
-            .map_err(self.err())?;
-        Ok(salt)
-    }
-
     /// Start a run; returns its id.
     pub fn start_run(
         &self,
@@ -902,10 +874,8 @@ mod tests {
             c.schema_version().expect("version"),
             MIGRATIONS.len() as i64
         );
-        let salt = c.path_salt().expect("salt");
         drop(c);
         let c = Catalog::open(&p).expect("reopen");
-        assert_eq!(c.path_salt().expect("salt"), salt, "salt is stable");
         c.connection()
             .pragma_update(None, "user_version", 99)
             .expect("set");

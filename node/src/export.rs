@@ -94,6 +94,8 @@ pub struct ExportOptions {
     /// Use the harmonised volumes of this folder (made by `harmonise` from a NIfTI export of
     /// the same data) instead of the raw ones.
     pub harmonised: Option<PathBuf>,
+    /// Keyed tokens naming studies and series in file names and the manifest.
+    pub tokens: crate::deid::keys::Tokens,
 }
 
 /// What an export wrote.
@@ -103,11 +105,6 @@ pub struct ExportSummary {
     pub skipped: usize,
     pub patients: usize,
     pub splits: [usize; 3],
-}
-
-/// A short, stable key of a de-identified UID (never an original value).
-fn key(uid: &str) -> String {
-    content_hash(uid.as_bytes())[..12].to_owned()
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
@@ -196,11 +193,15 @@ pub fn export(
         let findings: Vec<&str> = v.findings.iter().map(|f| f.code()).collect();
         let (ni, nj, nk) = vol.shape();
         let series_key = if v.part > 0 {
-            format!("{}_{}", key(&v.series_uid), v.part)
+            format!("{}_{}", opts.tokens.token(&v.series_uid), v.part)
         } else {
-            key(&v.series_uid)
+            opts.tokens.token(&v.series_uid)
         };
-        let nifti_rel = format!("{}/{}/{series_key}.nii.gz", v.patient, key(&v.study_uid));
+        let nifti_rel = format!(
+            "{}/{}/{series_key}.nii.gz",
+            v.patient,
+            opts.tokens.token(&v.study_uid)
+        );
         let harmonised = match &opts.harmonised {
             Some(dir) => match fs::read(dir.join(&nifti_rel)) {
                 Ok(b) => Some(b),
@@ -218,7 +219,7 @@ pub fn export(
         manifest.push_str(
             &serde_json::json!({
                 "patient": v.patient,
-                "study": key(&v.study_uid),
+                "study": opts.tokens.token(&v.study_uid),
                 "series": series_key,
                 "modality": v.modality,
                 "shape": [ni, nj, nk],

@@ -542,6 +542,7 @@ fn main() -> Result<()> {
                     StratifyBy::Sex => node::export::Stratify::Sex,
                 },
                 harmonised,
+                tokens: site_tokens(&config)?,
             };
             // Only the catalog is opened (SQLite serialises access), so export can run while
             // the node ingests.
@@ -1035,7 +1036,7 @@ fn export(config: &NodeConfig, out: Option<&Path>) -> Result<()> {
         };
         let line = serde_json::json!({
             "path_key": r.path_key,
-            "content_sha256": r.content_hash,
+            "input_marker": r.content_hash,
             "outcome": r.outcome.as_str(),
             "reason": r.reason,
             "output_path": r.output_path,
@@ -1301,6 +1302,12 @@ fn audit_cmd(config: &NodeConfig, command: AuditCommand) -> Result<()> {
     Ok(())
 }
 
+/// Keyed tokens for reports and exports, under a sub-key of the site secret (a fresh one per
+/// run when the node only anonymises: nothing is linked across runs then).
+fn site_tokens(config: &NodeConfig) -> Result<node::deid::keys::Tokens> {
+    Ok(Keys::derive(&config.deid.secret(&config.data_dir, false)?).tokens())
+}
+
 fn demo(dir: Option<PathBuf>) -> Result<()> {
     let dir = match dir {
         Some(d) => d,
@@ -1397,7 +1404,9 @@ fn demo(dir: Option<PathBuf>) -> Result<()> {
     let schema_text = include_str!("../../deploy/schema.toml");
     let schema = protocol::schema::CurationSchema::parse(schema_text)?;
     let hash = node::deid::keys::hex(&protocol::schema::schema_hash(schema_text).0);
-    let report = node::curate::report::curate(&paths.output, Some((&schema, hash)), Vec::new())?;
+    let tokens = keys.tokens();
+    let report =
+        node::curate::report::curate(&paths.output, Some((&schema, hash)), Vec::new(), &tokens)?;
     let curation = dir.join("curation");
     batch::write_atomically(
         &curation.join("report.json"),
@@ -1424,6 +1433,7 @@ fn demo(dir: Option<PathBuf>) -> Result<()> {
         fractions: [0.7, 0.15, 0.15],
         stratify: node::export::Stratify::Modality,
         harmonised: None,
+        tokens: tokens.clone(),
     };
     let nifti_dir = dir.join("export-nifti");
     let e = node::export::export(
@@ -1850,8 +1860,12 @@ fn curate(
             ));
         }
     }
-    let report =
-        node::curate::report::curate(&input, schema.as_ref().map(|(s, h)| (s, h.clone())), site)?;
+    let report = node::curate::report::curate(
+        &input,
+        schema.as_ref().map(|(s, h)| (s, h.clone())),
+        site,
+        &site_tokens(config)?,
+    )?;
     std::fs::create_dir_all(out)?;
     batch::write_atomically(
         &out.join("report.json"),

@@ -193,7 +193,7 @@ fn killed_runs_resume_and_account_for_every_input_exactly_once() {
         .map(|r| {
             (
                 field(r, "path_key").unwrap_or("").to_owned(),
-                field(r, "content_sha256").unwrap_or("").to_owned(),
+                field(r, "input_marker").unwrap_or("").to_owned(),
             )
         })
         .collect();
@@ -243,7 +243,7 @@ fn killed_runs_resume_and_account_for_every_input_exactly_once() {
     let quarantined: BTreeSet<&str> = rows
         .iter()
         .filter(|r| field(r, "outcome") == Some("quarantined"))
-        .filter_map(|r| field(r, "content_sha256"))
+        .filter_map(|r| field(r, "input_marker"))
         .collect();
     let q_files: BTreeSet<String> = files_under(&site.path("data/quarantine"))
         .iter()
@@ -409,8 +409,8 @@ fn quarantine_release_retries_and_is_audited() {
     let rows = site.export();
     assert!(
         rows.iter()
-            .any(|r| field(r, "content_sha256") == Some(&missing[..])
-                || field(r, "content_sha256").is_some_and(|h| h.starts_with(&missing))
+            .any(|r| field(r, "input_marker") == Some(&missing[..])
+                || field(r, "input_marker").is_some_and(|h| h.starts_with(&missing))
                     && field(r, "outcome") == Some("written"))
     );
 }
@@ -1107,5 +1107,74 @@ fn a_degenerate_volume_is_left_out_of_a_fit_with_a_finding() {
     assert_eq!(
         clean, with_flat,
         "the fit goes on as if the volume were not there"
+    );
+}
+
+/// Whoever holds a copy of an original (the patient's CD) cannot find its pseudonym: the
+/// catalog, its export, the quarantine and the debug log carry keyed markers of inputs and
+/// paths, never their plain SHA-256. An anonymisation run's markers are keyed by its discarded
+/// secret: two runs over the same input share none.
+#[test]
+fn originals_cannot_be_looked_up_by_their_hash() {
+    let site = Site::new("");
+    let input = site.path("in");
+    let archive = sample::write_sample_archive(&input).expect("archive");
+    let out = site
+        .deid(&input, &site.path("out"))
+        .env("RUST_LOG", "debug")
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+    let logs = String::from_utf8_lossy(&out.stderr).into_owned();
+    let export = serde_json::to_string(&site.export()).expect("json");
+    let db = std::fs::read(site.path("data/catalog.sqlite")).expect("db");
+    let quarantined: Vec<String> = files_under(&site.path("data/quarantine"))
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    assert!(!quarantined.is_empty());
+    for f in &archive.files {
+        let h = sha256(&std::fs::read(f).expect("read"));
+        let short = &h[..16];
+        assert!(!export.contains(short), "export pairs {h} with its row");
+        assert!(!logs.contains(short), "the debug log names {h}");
+        assert!(
+            !db.windows(short.len()).any(|w| w == short.as_bytes()),
+            "catalog holds {h}"
+        );
+        assert!(
+            quarantined.iter().all(|q| !q.contains(short)),
+            "quarantine names {h}"
+        );
+        let rel = f
+            .strip_prefix(&input)
+            .expect("rel")
+            .to_string_lossy()
+            .into_owned();
+        let plain_path = sha256(rel.as_bytes());
+        assert!(!db.windows(16).any(|w| w == &plain_path.as_bytes()[..16]));
+    }
+    // Anonymisation: two runs over the same inputs share no marker.
+    let anon = Site::new("");
+    let markers = |n: usize| -> BTreeSet<String> {
+        run(anon
+            .cmd()
+            .args(["deid", "--anonymise", "--input"])
+            .arg(&input)
+            .arg("--output")
+            .arg(anon.path(&format!("out{n}"))));
+        anon.export()
+            .iter()
+            .filter_map(|r| field(r, "input_marker").map(str::to_owned))
+            .collect()
+    };
+    let first = markers(1);
+    assert!(!first.is_empty());
+    let both = markers(2);
+    assert!(
+        both.len() >= 2 * first.len(),
+        "the second run recognised nothing: {} {}",
+        first.len(),
+        both.len()
     );
 }

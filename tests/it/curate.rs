@@ -288,7 +288,13 @@ fn duplicates_and_series_inconsistency_are_reported() {
         )
         .expect("write");
     }
-    let report = node::curate::report::curate(&folder, None, Vec::new()).expect("curate");
+    let report = node::curate::report::curate(
+        &folder,
+        None,
+        Vec::new(),
+        &node::deid::keys::Tokens::ephemeral(),
+    )
+    .expect("curate");
     assert_eq!(report.series.len(), 1);
     let codes: BTreeSet<(&str, Option<&str>)> = report.series[0]
         .findings
@@ -329,7 +335,13 @@ fn duplicates_and_series_inconsistency_are_reported() {
         )
         .expect("write");
     }
-    let report = node::curate::report::curate(&clean, None, Vec::new()).expect("curate");
+    let report = node::curate::report::curate(
+        &clean,
+        None,
+        Vec::new(),
+        &node::deid::keys::Tokens::ephemeral(),
+    )
+    .expect("curate");
     assert!(
         report.series[0]
             .findings

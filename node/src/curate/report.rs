@@ -66,10 +66,6 @@ pub struct CurationReport {
     pub counts: BTreeMap<String, usize>,
 }
 
-fn key(uid: &str) -> String {
-    content_hash(uid.as_bytes())[..12].to_owned()
-}
-
 /// Check a series against the schema's data of interest.
 fn protocol_status(schema: &CurationSchema, first: &DefaultDicomObject) -> ProtocolStatus {
     let d = &schema.data_of_interest;
@@ -169,10 +165,12 @@ const SERIES_CONSTANTS: [(Tag, &str); 8] = [
 ];
 
 /// Curate a folder of de-identified DICOM.
+/// Series are named in the report by a keyed token of their (de-identified) UID.
 pub fn curate(
     folder: &Path,
     schema: Option<(&CurationSchema, String)>,
     site_findings: Vec<Finding>,
+    tokens: &crate::deid::keys::Tokens,
 ) -> std::io::Result<CurationReport> {
     let files = crate::batch::list_inputs(folder).map_err(std::io::Error::other)?;
     let objects: Vec<DefaultDicomObject> = files
@@ -268,7 +266,7 @@ pub fn curate(
             None => ProtocolStatus::NoSchema,
         };
         series_reports.push(SeriesReport {
-            series: key(series_uid),
+            series: tokens.token(series_uid),
             patient: text(first, Tag(0x0010, 0x0020)),
             modality,
             instances: members.len(),

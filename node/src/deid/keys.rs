@@ -184,7 +184,36 @@ pub struct Keys {
     date: hmac::Key,
     path: hmac::Key,
     token: hmac::Key,
+    input: hmac::Key,
+    locator: hmac::Key,
+    report: hmac::Key,
     fingerprint: String,
+}
+
+/// Short keyed tokens of (de-identified) UIDs for reports, exports and harmonised file names:
+/// never a plain hash that anyone holding the value (with Retain UIDs, the original) could
+/// recompute.
+#[derive(Clone)]
+pub struct Tokens(hmac::Key);
+
+impl fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Tokens(..)")
+    }
+}
+
+impl Tokens {
+    /// 12 hex digits for `value`.
+    pub fn token(&self, value: &str) -> String {
+        hex(&hmac::sign(&self.0, value.trim_end_matches(['\0', ' ']).as_bytes()).as_ref()[..6])
+    }
+
+    /// Tokens under a fresh random key (benches and tests that compare no tokens across runs).
+    pub fn ephemeral() -> Tokens {
+        let mut b = [0u8; 32];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+        Tokens(hmac::Key::new(hmac::HMAC_SHA256, &b))
+    }
 }
 
 impl fmt::Debug for Keys {
@@ -207,6 +236,9 @@ impl Keys {
             date: sub("fedcurate/v1/date-shift"),
             path: sub("fedcurate/v1/path"),
             token: sub("fedcurate/v1/token"),
+            input: sub("fedcurate/v1/input"),
+            locator: sub("fedcurate/v1/input-path"),
+            report: sub("fedcurate/v1/report"),
             fingerprint: secret.fingerprint(),
         }
     }
@@ -252,6 +284,24 @@ impl Keys {
         let mut s = format!("{prefix}{}", hex(&tag.as_ref()[..8]).to_uppercase());
         s.truncate(max_len);
         s
+    }
+
+    /// The catalog's marker of an input file, from its SHA-256 (hex): keyed, so that whoever
+    /// holds a copy of the original (the patient's CD) cannot find its row, its quarantine
+    /// entry or its pseudonym by hashing it. Under anonymisation the keys come from a secret
+    /// that is discarded after the run: the marker then links nothing to anything.
+    pub fn input_marker(&self, sha256_hex: &str) -> String {
+        hex(hmac::sign(&self.input, sha256_hex.as_bytes()).as_ref())
+    }
+
+    /// The catalog's marker of an input's path relative to the input folder (32 hex digits).
+    pub fn path_marker(&self, relative: &str) -> String {
+        hex(&hmac::sign(&self.locator, relative.as_bytes()).as_ref()[..16])
+    }
+
+    /// Keyed tokens for reports, exports and harmonised paths.
+    pub fn tokens(&self) -> Tokens {
+        Tokens(self.report.clone())
     }
 
     /// Fingerprint of the secret these keys come from.

@@ -230,6 +230,8 @@ pub struct Site {
     prefer_tcp: std::sync::atomic::AtomicBool,
     secure: std::sync::Mutex<Option<SecureLocal>>,
     prepared: std::sync::Mutex<Option<Prepared>>,
+    /// Keyed tokens (harmonised file names, curation series keys).
+    tokens: crate::deid::keys::Tokens,
 }
 
 impl std::fmt::Debug for Site {
@@ -267,6 +269,13 @@ impl Site {
             .deid
             .policy()
             .map_err(|e| SessionError::Schema(e.to_string()))?;
+        let tokens = crate::deid::keys::Keys::derive(
+            &config
+                .deid
+                .secret(&config.data_dir, false)
+                .map_err(|e| SessionError::Schema(e.to_string()))?,
+        )
+        .tokens();
         Ok(Site {
             settings,
             data_dir: config.data_dir.clone(),
@@ -278,6 +287,7 @@ impl Site {
             prefer_tcp: std::sync::atomic::AtomicBool::new(false),
             secure: std::sync::Mutex::new(None),
             prepared: std::sync::Mutex::new(None),
+            tokens,
         })
     }
 
@@ -1069,6 +1079,7 @@ impl Site {
             &self.deid_dir,
             Some((schema, hash.to_owned())),
             Vec::new(),
+            &self.tokens,
         )?;
         let mut facts = super::aggregate::collect(&self.deid_dir, schema)?;
         super::aggregate::add_findings(&mut facts, &report);
@@ -1113,7 +1124,7 @@ impl Site {
             let Some(vol) = v.volume else { continue };
             let harmonised = h::apply_owned(&model, vol, &Foreground::Otsu)
                 .map_err(|e| SessionError::Harmonise(e.to_string()))?;
-            let key = &content_hash(v.series_uid.as_bytes())[..16];
+            let key = self.tokens.token(&v.series_uid);
             let rel = format!("{}/{key}-{}.nii.gz", v.patient, v.part);
             let bytes = crate::volume::nifti::encode_gz(&harmonised.volume)?;
             write_atomically(&out_dir.join(&rel), &bytes)?;
@@ -1121,7 +1132,7 @@ impl Site {
                 .record_harmonised(&crate::catalog::HarmonisedRecord {
                     output_path: rel,
                     output_hash: content_hash(&bytes),
-                    source_hash: content_hash(v.series_uid.as_bytes()),
+                    source_hash: self.tokens.token(&v.series_uid),
                     method: method_json.clone(),
                     model_version: revision,
                     model_hash: model_hash.clone(),
