@@ -29,6 +29,14 @@ pub enum CatalogError {
         found: i64,
         known: i64,
     },
+    #[error(
+        "audit key or head {path}: {source}; check the configured audit_key_file (or site secret) and the data directory's permissions"
+    )]
+    AuditKey {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Schema migrations, applied in order; index + 1 is the schema version they lead to.
@@ -288,6 +296,8 @@ pub struct Totals {
 pub struct Catalog {
     conn: Connection,
     path: PathBuf,
+    /// The key the audit chain is MACed with (see [`Catalog::set_audit_key`]).
+    audit_key: Option<crate::audit::AuditKey>,
 }
 
 impl Catalog {
@@ -318,6 +328,7 @@ impl Catalog {
         let mut cat = Catalog {
             conn,
             path: path.to_owned(),
+            audit_key: None,
         };
         cat.migrate()?;
         Ok(cat)
@@ -442,6 +453,7 @@ impl Catalog {
             path: path.clone(),
             source,
         };
+        let key = self.audit_key()?;
         let tx = self.conn.transaction().map_err(sq)?;
         for r in inputs {
             tx.execute(
@@ -481,10 +493,12 @@ impl Catalog {
             )
             .map_err(sq)?;
         }
+        let mut head = None;
         for a in audit {
-            append_audit(&tx, a).map_err(sq)?;
+            head = Some(append_audit(&tx, &key, a).map_err(sq)?);
         }
-        tx.commit().map_err(sq)
+        tx.commit().map_err(sq)?;
+        self.write_head(&key, head)
     }
 
     /// Every input record, in insertion order.
@@ -591,6 +605,7 @@ impl Catalog {
             path: path.clone(),
             source,
         };
+        let key = self.audit_key()?;
         let tx = self.conn.transaction().map_err(sq)?;
         tx.execute(
             "UPDATE quarantine SET released_at = ?1 WHERE id = ?2",
@@ -618,8 +633,9 @@ impl Catalog {
             )
             .map_err(sq)?;
         }
-        append_audit(&tx, audit).map_err(sq)?;
-        tx.commit().map_err(sq)
+        let head = append_audit(&tx, &key, audit).map_err(sq)?;
+        tx.commit().map_err(sq)?;
+        self.write_head(&key, Some(head))
     }
 
     /// The encrypted map entry of a pseudonym.
@@ -652,9 +668,69 @@ impl Catalog {
             path: path.clone(),
             source,
         };
+        let key = self.audit_key()?;
         let tx = self.conn.transaction().map_err(sq)?;
-        append_audit(&tx, record).map_err(sq)?;
-        tx.commit().map_err(sq)
+        let head = append_audit(&tx, &key, record).map_err(sq)?;
+        tx.commit().map_err(sq)?;
+        self.write_head(&key, Some(head))
+    }
+
+    /// MAC the audit chain with `key` (the binary sets the one its configuration names).
+    /// Without it, a key file `audit.key` beside the catalog is used (created on first use):
+    /// a library default only, since that key lives in the data directory.
+    pub fn set_audit_key(&mut self, key: crate::audit::AuditKey) {
+        self.audit_key = Some(key);
+    }
+
+    fn audit_key(&self) -> Result<crate::audit::AuditKey, CatalogError> {
+        if let Some(k) = &self.audit_key {
+            return Ok(k.clone());
+        }
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let file = dir.join("audit.key");
+        let io = |source: std::io::Error| CatalogError::AuditKey {
+            path: file.clone(),
+            source,
+        };
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let secret = crate::deid::keys::Secret::random()
+                    .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+                crate::config::write_secret_file(&file, &secret).map_err(io)?;
+                secret.to_hex()
+            }
+            Err(e) => return Err(io(e)),
+        };
+        let secret = crate::deid::keys::Secret::from_hex(&text)
+            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+        Ok(secret.audit_key())
+    }
+
+    /// The audit key in use (for verification).
+    pub fn audit_key_in_use(&self) -> Result<crate::audit::AuditKey, CatalogError> {
+        self.audit_key()
+    }
+
+    /// Write the chain's head beside the catalog (after the entry is committed: a crash in
+    /// between leaves the head one append behind, which verification accepts).
+    fn write_head(
+        &self,
+        key: &crate::audit::AuditKey,
+        head: Option<(i64, String)>,
+    ) -> Result<(), CatalogError> {
+        let Some((seq, hash)) = head else {
+            return Ok(());
+        };
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let file = dir.join("audit.head");
+        crate::batch::write_atomically(&file, crate::audit::head_line(key, seq, &hash).as_bytes())
+            .map_err(|source| CatalogError::AuditKey { path: file, source })
+    }
+
+    /// The head line beside the catalog, if any.
+    pub fn audit_head(&self) -> Option<String> {
+        crate::audit::read_head(self.path.parent().unwrap_or(Path::new(".")))
     }
 
     /// The audit chain, in order.
@@ -841,7 +917,11 @@ impl Catalog {
     }
 }
 
-fn append_audit(tx: &Transaction<'_>, record: &AuditRecord) -> rusqlite::Result<()> {
+fn append_audit(
+    tx: &Transaction<'_>,
+    key: &crate::audit::AuditKey,
+    record: &AuditRecord,
+) -> rusqlite::Result<(i64, String)> {
     let last: Option<(i64, String)> = tx
         .query_row(
             "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
@@ -853,12 +933,12 @@ fn append_audit(tx: &Transaction<'_>, record: &AuditRecord) -> rusqlite::Result<
         Some((s, h)) => (s + 1, h),
         None => (1, crate::audit::GENESIS.to_owned()),
     };
-    let hash = crate::audit::chain_hash(seq, &prev, record);
+    let hash = crate::audit::chain_hash(key, seq, &prev, record);
     tx.execute(
         "INSERT INTO audit (seq, at, actor, action, detail, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![seq, record.at, record.actor, record.action, record.detail, prev, hash],
     )?;
-    Ok(())
+    Ok((seq, hash))
 }
 
 #[cfg(test)]

@@ -177,6 +177,11 @@ pub struct NodeConfig {
     /// What `fedcurate-node purge` removes, and after how long.
     #[serde(default)]
     pub retention: Retention,
+    /// The audit chain's key file (hex, owner-only; created on first use). Keep it outside
+    /// the data directory: whoever can write the catalog must not also hold it. Unset: a
+    /// sub-key of the site secret.
+    #[serde(default)]
+    pub audit_key_file: Option<PathBuf>,
 }
 
 /// The `[retention]` section.
@@ -359,6 +364,56 @@ impl NodeConfig {
             source,
         })?;
         Self::parse(&text, path)
+    }
+
+    /// The key the audit chain is MACed with: `audit_key_file`'s (created on first use), or
+    /// a sub-key of the site secret.
+    pub fn audit_key(&self) -> Result<crate::audit::AuditKey, ConfigError> {
+        let Some(path) = &self.audit_key_file else {
+            let path = self.deid.secret_path(&self.data_dir);
+            let secret = if path.exists() {
+                let text =
+                    std::fs::read_to_string(&path).map_err(|source| ConfigError::SecretRead {
+                        path: path.clone(),
+                        source,
+                    })?;
+                Secret::from_hex(&text).map_err(|source| ConfigError::Secret {
+                    path: path.clone(),
+                    source,
+                })?
+            } else {
+                let secret = Secret::random().map_err(|source| ConfigError::Secret {
+                    path: path.clone(),
+                    source,
+                })?;
+                write_secret_file(&path, &secret).map_err(|source| ConfigError::SecretCreate {
+                    path: path.clone(),
+                    source,
+                })?;
+                secret
+            };
+            return Ok(secret.audit_key());
+        };
+        if !path.exists() {
+            let secret = Secret::random().map_err(|source| ConfigError::Secret {
+                path: path.clone(),
+                source,
+            })?;
+            write_secret_file(path, &secret).map_err(|source| ConfigError::SecretCreate {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretRead {
+            path: path.clone(),
+            source,
+        })?;
+        Secret::from_hex(&text)
+            .map(|s| s.audit_key())
+            .map_err(|source| ConfigError::Secret {
+                path: path.clone(),
+                source,
+            })
     }
 
     /// The embedded default.

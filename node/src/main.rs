@@ -713,8 +713,7 @@ fn main() -> Result<()> {
             let out = output.unwrap_or_else(|| config.data_dir.join("deid"));
             let p = node::purge::purge(&config, &out, dry_run)?;
             if !dry_run && p != node::purge::Purged::default() {
-                let mut catalog =
-                    node::catalog::Catalog::open(&config.data_dir.join("catalog.sqlite"))?;
+                let mut catalog = open_catalog(&config)?;
                 catalog.audit(&audit::AuditRecord::now("purge", serde_json::to_value(&p)?))?;
             }
             println!(
@@ -756,7 +755,18 @@ struct DataDir {
     _lock: File,
 }
 
-fn open_data_dir(root: &Path) -> Result<DataDir> {
+fn open_data_dir(config: &NodeConfig) -> Result<DataDir> {
+    open_data_dir_with(&config.data_dir, config.audit_key()?)
+}
+
+/// A catalog of this node, its audit chain MACed with the configured key.
+fn open_catalog(config: &NodeConfig) -> Result<Catalog> {
+    let mut c = Catalog::open(&config.data_dir.join("catalog.sqlite"))?;
+    c.set_audit_key(config.audit_key()?);
+    Ok(c)
+}
+
+fn open_data_dir_with(root: &Path, audit_key: audit::AuditKey) -> Result<DataDir> {
     std::fs::create_dir_all(root)
         .with_context(|| format!("creating the data directory {}", root.display()))?;
     #[cfg(unix)]
@@ -778,7 +788,8 @@ fn open_data_dir(root: &Path) -> Result<DataDir> {
             root.display()
         );
     }
-    let catalog = Catalog::open(&root.join("catalog.sqlite"))?;
+    let mut catalog = Catalog::open(&root.join("catalog.sqlite"))?;
+    catalog.set_audit_key(audit_key);
     Ok(DataDir {
         root: root.to_owned(),
         catalog,
@@ -902,7 +913,7 @@ fn deid(config: &NodeConfig, args: DeidArgs) -> Result<()> {
     let Some(input) = args.input else {
         bail!("--input is required");
     };
-    let mut dd = open_data_dir(&config.data_dir)?;
+    let mut dd = open_data_dir(config)?;
     let anonymise = config.deid.anonymises(args.anonymise);
     let secret = config.deid.secret(&dd.root, anonymise)?;
     let keys = Keys::derive(&secret);
@@ -1023,7 +1034,7 @@ fn print_summary(summary: &Summary, paths: &BatchPaths) {
 }
 
 fn export(config: &NodeConfig, out: Option<&Path>) -> Result<()> {
-    let dd = open_data_dir(&config.data_dir)?;
+    let dd = open_data_dir(config)?;
     let mut w: Box<dyn Write> = match out {
         Some(p) => Box::new(File::create(p).with_context(|| format!("creating {}", p.display()))?),
         None => Box::new(std::io::stdout().lock()),
@@ -1068,7 +1079,7 @@ fn deidentifier_parts(
 }
 
 fn quarantine(config: &NodeConfig, command: QuarantineCommand) -> Result<()> {
-    let mut dd = open_data_dir(&config.data_dir)?;
+    let mut dd = open_data_dir(config)?;
     match command {
         QuarantineCommand::List { all } => {
             let entries = dd.catalog.quarantine_entries(all)?;
@@ -1161,7 +1172,7 @@ fn secret(config: &NodeConfig, command: SecretCommand) -> Result<()> {
                 .vault_key(false)?
                 .context("no vault_key_file in [deid]: there is no map to rotate")?;
             let new = node::config::read_vault_key(&new_key)?;
-            let mut dd = open_data_dir(&config.data_dir)?;
+            let mut dd = open_data_dir(config)?;
             let entries = dd.catalog.vault_entries()?;
             let mut resealed = Vec::with_capacity(entries.len());
             for (pseudonym, nonce, ciphertext) in &entries {
@@ -1195,7 +1206,7 @@ fn secret(config: &NodeConfig, command: SecretCommand) -> Result<()> {
             );
         }
         SecretCommand::Backup { out } => {
-            let mut dd = open_data_dir(&config.data_dir)?;
+            let mut dd = open_data_dir(config)?;
             let s = config.deid.secret(&dd.root, false)?;
             if out.exists() {
                 bail!("{} already exists; choose a new backup file", out.display());
@@ -1216,7 +1227,7 @@ fn secret(config: &NodeConfig, command: SecretCommand) -> Result<()> {
             );
         }
         SecretCommand::Restore { from } => {
-            let mut dd = open_data_dir(&config.data_dir)?;
+            let mut dd = open_data_dir(config)?;
             let text = std::fs::read_to_string(&from)
                 .with_context(|| format!("reading {}", from.display()))?;
             let restored = Secret::from_hex(&text)?;
@@ -1253,7 +1264,7 @@ fn secret(config: &NodeConfig, command: SecretCommand) -> Result<()> {
 }
 
 fn reidentify(config: &NodeConfig, pseudonym: &str, field: Field) -> Result<()> {
-    let mut dd = open_data_dir(&config.data_dir)?;
+    let mut dd = open_data_dir(config)?;
     let key_path = config.deid.vault_key_file.clone().context(
         "config [deid] vault_key_file is not set: re-identification needs the vault key",
     )?;
@@ -1283,12 +1294,22 @@ fn reidentify(config: &NodeConfig, pseudonym: &str, field: Field) -> Result<()> 
 }
 
 fn audit_cmd(config: &NodeConfig, command: AuditCommand) -> Result<()> {
-    let dd = open_data_dir(&config.data_dir)?;
+    let dd = open_data_dir(config)?;
     let entries = dd.catalog.audit_entries()?;
     match command {
         AuditCommand::Verify => {
-            let n = audit::verify(&entries)?;
-            println!("audit chain intact: {n} entries");
+            let v = audit::verify(
+                &entries,
+                &config.audit_key()?,
+                dd.catalog.audit_head().as_deref(),
+            )?;
+            println!("audit chain intact: {} entries", v.entries);
+            if v.legacy > 0 {
+                println!(
+                    "  the first {} were written before the chain was keyed: anyone who could write the catalog could have recomputed them",
+                    v.legacy
+                );
+            }
         }
         AuditCommand::List => {
             for e in &entries {
@@ -1325,7 +1346,9 @@ fn demo(dir: Option<PathBuf>) -> Result<()> {
         archive.files.len(),
         archive.root.display()
     );
-    let mut dd = open_data_dir(&dir.join("data"))?;
+    let root = dir.join("data");
+    std::fs::create_dir_all(&root)
+        .with_context(|| format!("creating the data directory {}", root.display()))?;
     let cfg = config::DeidConfig {
         options: vec![
             "retain-patient-characteristics".into(),
@@ -1336,7 +1359,8 @@ fn demo(dir: Option<PathBuf>) -> Result<()> {
         ..config::DeidConfig::default()
     };
     let policy = cfg.policy()?;
-    let secret = cfg.secret(&dd.root, false)?;
+    let secret = cfg.secret(&root, false)?;
+    let mut dd = open_data_dir_with(&root, secret.audit_key())?;
     println!(
         "site secret   {} (fingerprint {})",
         cfg.secret_path(&dd.root).display(),
@@ -1395,7 +1419,12 @@ fn demo(dir: Option<PathBuf>) -> Result<()> {
         dd.catalog.vault_len()?,
         vault_path.display()
     );
-    let n = audit::verify(&dd.catalog.audit_entries()?)?;
+    let n = audit::verify(
+        &dd.catalog.audit_entries()?,
+        &dd.catalog.audit_key_in_use()?,
+        dd.catalog.audit_head().as_deref(),
+    )?
+    .entries;
     println!("audit chain   intact, {n} entries");
     if leaks > 0 {
         bail!("the demo found identifying values in the output");
@@ -1671,7 +1700,7 @@ fn harmonise(config: &NodeConfig, a: HarmoniseArgs) -> Result<()> {
     let model_json = serde_json::to_vec_pretty(&model)?;
     let model_hash = batch::content_hash(&model_json);
     batch::write_atomically(&a.out.join("model.json"), &model_json)?;
-    let dd = open_data_dir(&config.data_dir)?;
+    let dd = open_data_dir(config)?;
     let method_json = serde_json::to_string(&model.method)?;
     let count = volumes.len();
     let mut refused = 0;
@@ -1816,7 +1845,7 @@ fn curate(
     }
     // What the catalog knows: conflicts and duplicates the de-identifier resolved.
     if config.data_dir.join("catalog.sqlite").exists() {
-        let dd = open_data_dir(&config.data_dir)?;
+        let dd = open_data_dir(config)?;
         let rows = dd.catalog.inputs()?;
         let conflicts = rows
             .iter()
@@ -1983,8 +2012,7 @@ fn egress(config: &NodeConfig, json: bool, command: Option<EgressCommand>) -> Re
                 println!("nothing waits for approval");
                 return Ok(());
             }
-            let mut catalog =
-                node::catalog::Catalog::open(&config.data_dir.join("catalog.sqlite"))?;
+            let mut catalog = open_catalog(config)?;
             catalog.audit(&audit::AuditRecord::now(
                 "egress-approve",
                 serde_json::json!({ "approved": items }),
@@ -2111,7 +2139,7 @@ struct InboxRun {
 
 impl InboxRun {
     fn open(config: &NodeConfig, output: Option<PathBuf>) -> Result<(DataDir, Self)> {
-        let dd = open_data_dir(&config.data_dir)?;
+        let dd = open_data_dir(config)?;
         let policy = policy_with(config, &[])?;
         let anonymise = config.deid.anonymises(false);
         let secret = config.deid.secret(&dd.root, anonymise)?;

@@ -1178,3 +1178,70 @@ fn originals_cannot_be_looked_up_by_their_hash() {
         both.len()
     );
 }
+
+/// The chain is MACed under a key outside the catalog: an entry recomputed by someone who
+/// can write the catalog (as the unkeyed chain allowed) and a chain cut short both fail
+/// verification; the actor is the kernel's uid, not just `$USER`.
+#[test]
+fn the_audit_chain_resists_recomputation_and_truncation() {
+    let site = Site::new("");
+    let input = site.path("in");
+    sample::write_bulk_archive(&input, 1, 2).expect("archive");
+    for _ in 0..3 {
+        run(&mut site.deid(&input, &site.path("out")));
+    }
+    let ok = run(site.cmd().args(["audit", "verify"]));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("intact: 3 entries"));
+    let list =
+        String::from_utf8_lossy(&run(site.cmd().args(["audit", "list"])).stdout).into_owned();
+    assert!(
+        list.contains("(uid ") && list.contains("login uid"),
+        "{list}"
+    );
+    let db_path = site.path("data/catalog.sqlite");
+    let backup = std::fs::read(&db_path).expect("db");
+    // Rewrite entry 3 the way a writer of the catalog could before: plain SHA-256 chaining.
+    {
+        let db = rusqlite::Connection::open(&db_path).expect("open");
+        let (seq, at, actor, action, detail, prev): (i64, String, String, String, String, String) =
+            db.query_row(
+                "SELECT seq, at, actor, action, detail, prev_hash FROM audit WHERE seq = 3",
+                [],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                },
+            )
+            .expect("entry");
+        let record = node::audit::AuditRecord {
+            at,
+            actor: "someone-else".into(),
+            action,
+            detail,
+        };
+        let forged = node::audit::legacy_hash(seq, &prev, &record);
+        db.execute(
+            "UPDATE audit SET actor = ?1, hash = ?2 WHERE seq = 3",
+            rusqlite::params![record.actor, forged],
+        )
+        .expect("forge");
+    }
+    let e = fails(site.cmd().args(["audit", "verify"]));
+    assert!(e.contains("broken at entry 3"), "{e}");
+    // Cut the last entry off.
+    std::fs::write(&db_path, &backup).expect("restore");
+    let _ = std::fs::remove_file(site.path("data/catalog.sqlite-wal"));
+    {
+        let db = rusqlite::Connection::open(&db_path).expect("open");
+        db.execute("DELETE FROM audit WHERE seq = 3", [])
+            .expect("truncate");
+    }
+    let e = fails(site.cmd().args(["audit", "verify"]));
+    assert!(e.contains("cut off"), "{e}");
+}

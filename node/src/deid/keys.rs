@@ -71,6 +71,12 @@ impl Secret {
         hex(&self.0)
     }
 
+    /// The audit chain's key derived from this secret (label `fedcurate/v1/audit`).
+    pub fn audit_key(&self) -> crate::audit::AuditKey {
+        let root = hmac::Key::new(hmac::HMAC_SHA256, &self.0);
+        crate::audit::AuditKey::from_bytes(hmac::sign(&root, b"fedcurate/v1/audit").as_ref())
+    }
+
     /// A short, non-reversible fingerprint, safe to log.
     pub fn fingerprint(&self) -> String {
         let d = ring::digest::digest(&ring::digest::SHA256, &self.0);
