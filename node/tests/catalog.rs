@@ -1203,7 +1203,7 @@ fn the_audit_chain_resists_recomputation_and_truncation() {
     // Rewrite entry 3 the way a writer of the catalog could before: plain SHA-256 chaining.
     {
         let db = rusqlite::Connection::open(&db_path).expect("open");
-        let (seq, at, actor, action, detail, prev): (i64, String, String, String, String, String) =
+        let (seq, at, _actor, action, detail, prev): (i64, String, String, String, String, String) =
             db.query_row(
                 "SELECT seq, at, actor, action, detail, prev_hash FROM audit WHERE seq = 3",
                 [],
