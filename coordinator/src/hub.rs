@@ -92,7 +92,7 @@ struct SecureRound {
     session: u32,
     participants: Vec<SiteId>,
     opened: i64,
-    keys: BTreeMap<SiteId, Vec<protocol::secure::PeerKey>>,
+    keys: BTreeMap<SiteId, protocol::secure::SignedKeys>,
     fetched: BTreeSet<SiteId>,
     submitted: BTreeMap<SiteId, MessageId>,
     sum: Vec<u64>,
@@ -127,6 +127,8 @@ pub struct Hub {
     /// Seconds a secure session may take before it is aborted and restarted without the
     /// sites that did not take their step.
     secure_timeout: i64,
+    /// The consortium's revocation list (DER), relayed with peer keys.
+    crl: Vec<u8>,
 }
 
 impl Hub {
@@ -180,6 +182,7 @@ impl Hub {
             changes: 0,
             secure: None,
             secure_timeout: 120,
+            crl: Vec::new(),
         };
         // Resume: a fit that became due while the coordinator was down (or under a new
         // `min_sites_for_model`) is made now.
@@ -192,6 +195,11 @@ impl Hub {
         let t = Arc::new(Mutex::new(Vec::new()));
         self.tap = Some(t.clone());
         t
+    }
+
+    /// The revocation list (DER) sites check each other's certificates against.
+    pub fn set_crl(&mut self, der: Vec<u8>) {
+        self.crl = der;
     }
 
     /// How long a secure session may wait for its sites before it is restarted without them.
@@ -755,8 +763,14 @@ impl Hub {
         if peers != expected {
             return Ok(self.error(Some(m.id), ErrorCode::Unexpected));
         }
+        let signed = protocol::secure::SignedKeys {
+            site: peer.clone(),
+            certificate: m.certificate,
+            keys: m.keys,
+            signature: m.signature,
+        };
         match s.keys.get(peer) {
-            Some(old) if *old == m.keys => return Ok(self.ack(m.id, true)),
+            Some(old) if *old == signed => return Ok(self.ack(m.id, true)),
             Some(_) if !s.fetched.is_empty() => {
                 // New keys after others used the old ones: the site lost its keys (restart).
                 tracing::warn!(%peer, session = s.session, "a site replaced its keys mid-session: restarting the session");
@@ -766,7 +780,7 @@ impl Hub {
             }
             _ => {}
         }
-        s.keys.insert(peer.clone(), m.keys);
+        s.keys.insert(peer.clone(), signed);
         Ok(self.ack(m.id, false))
     }
 
@@ -789,27 +803,24 @@ impl Hub {
         {
             return self.error(Some(id), ErrorCode::NotReady);
         }
-        let keys: Vec<protocol::secure::PeerKey> = s
+        // Each participant's key set as it signed it: the asking site checks the signature
+        // and the certificate, so the coordinator cannot substitute a key.
+        let signed: Vec<protocol::secure::SignedKeys> = s
             .keys
             .iter()
             .filter(|(from, _)| *from != peer)
-            .filter_map(|(from, keys)| {
-                keys.iter()
-                    .find(|k| &k.peer == peer)
-                    .map(|k| protocol::secure::PeerKey {
-                        peer: from.clone(),
-                        public: k.public,
-                    })
-            })
+            .map(|(_, k)| k.clone())
             .collect();
         s.fetched.insert(peer.clone());
+        let crl = self.crl.clone();
         let reply = self.id();
         vec![Action::Reply(Message::PeerKeys(Box::new(
             protocol::PeerKeys {
                 id: reply,
                 reply_to: id,
                 session,
-                keys,
+                signed,
+                crl,
             },
         )))]
     }

@@ -125,6 +125,18 @@ fn load_tls(
     Ok((server, sites))
 }
 
+/// The revocation list (first CRL of the PEM file) as DER, relayed to sites with peer keys.
+fn crl_der(path: &std::path::Path) -> Result<Vec<u8>> {
+    use rustls::pki_types::CertificateRevocationListDer;
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let crl = CertificateRevocationListDer::pem_slice_iter(&pem)
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{} holds no revocation list", path.display()))?
+        .with_context(|| format!("reading the revocation list {}", path.display()))?;
+    Ok(crl.as_ref().to_vec())
+}
+
 fn mtimes(tls: &coordinator::config::TlsConfig) -> Vec<Option<std::time::SystemTime>> {
     [&tls.ca, &tls.crl, &tls.cert, &tls.key, &tls.issued]
         .iter()
@@ -187,7 +199,8 @@ fn serve(path: &std::path::Path) -> Result<()> {
         )
     })?;
     let (server, sites) = load_tls(&cfg, &tls)?;
-    let hub = open_hub(&cfg)?;
+    let mut hub = open_hub(&cfg)?;
+    hub.set_crl(crl_der(&tls.crl)?);
     tracing::info!(
         round = hub.round(),
         schema = hub.schema().map(|(_, s)| s.id.as_str()).unwrap_or("(none)"),
@@ -238,6 +251,9 @@ fn serve(path: &std::path::Path) -> Result<()> {
                                     service.reload(quic, sites);
                                     if let Some(t) = &tcp {
                                         t.reload(server);
+                                    }
+                                    if let (Ok(der), Ok(mut h)) = (crl_der(&tls.crl), hub.lock()) {
+                                        h.set_crl(der);
                                     }
                                     tracing::info!("reloaded the certificates, revocation list and register");
                                 }

@@ -241,6 +241,10 @@ pub struct FederationSettings {
     /// This site's certificate and private key (0600).
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The consortium's revocation list (PEM), to check other sites' certificates against
+    /// before masking for them; the coordinator also relays its current one.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
     /// The site's own minimum cell count; the larger of it and the schema's applies (never
     /// below 5).
     #[serde(default)]

@@ -109,9 +109,10 @@ impl Kind {
             | Kind::FetchPeerKeys
             | Kind::Ack
             | Kind::Error => 1024,
-            Kind::SchemaAck | Kind::SecureSession | Kind::SecureKeys | Kind::PeerKeys => 64 * 1024,
+            Kind::SchemaAck | Kind::SecureSession | Kind::SecureKeys => 64 * 1024,
             Kind::Schema | Kind::Model => 256 * 1024,
-            Kind::Report | Kind::MaskedReport => 1024 * 1024,
+            // Every participant's certificate and keys, and the revocation list.
+            Kind::Report | Kind::MaskedReport | Kind::PeerKeys => 1024 * 1024,
         }
     }
 }
@@ -466,12 +467,23 @@ mod tests {
                             round,
                             session,
                             keys,
+                            certificate: vector.iter().map(|w| *w as u8).collect(),
+                            signature: vec![session as u8; 64],
                         })),
                         1 => Message::PeerKeys(Box::new(PeerKeys {
                             id: MessageId(id),
                             reply_to: MessageId(round.into()),
                             session,
-                            keys,
+                            signed: keys
+                                .iter()
+                                .map(|k| crate::secure::SignedKeys {
+                                    site: k.peer.clone(),
+                                    certificate: k.public.to_vec(),
+                                    keys: vec![k.clone()],
+                                    signature: vec![1; 70],
+                                })
+                                .collect(),
+                            crl: vector.iter().map(|w| *w as u8).collect(),
                         })),
                         2 => Message::MaskedReport(Box::new(MaskedReport {
                             id: MessageId(id),

@@ -181,7 +181,9 @@ pub struct SecureSession {
     pub complete: bool,
 }
 
-/// Secure aggregation: a site's public keys for a session, one fresh X25519 key per peer.
+/// Secure aggregation: a site's public keys for a session, one fresh X25519 key per peer,
+/// signed with its site certificate's key over [`crate::secure::key_statement`] (the session,
+/// every participant, the signer and its keys), with that certificate (DER).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecureKeys {
     pub id: MessageId,
@@ -189,16 +191,19 @@ pub struct SecureKeys {
     pub round: u32,
     pub session: u32,
     pub keys: Vec<crate::secure::PeerKey>,
+    pub certificate: Vec<u8>,
+    pub signature: Vec<u8>,
 }
 
-/// Secure aggregation: the peers' public keys meant for the asking site (`peer` names the
-/// site that made the key).
+/// Secure aggregation: every other participant's signed key set, relayed as the site sent it,
+/// and the consortium's current revocation list (DER) to check their certificates against.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerKeys {
     pub id: MessageId,
     pub reply_to: MessageId,
     pub session: u32,
-    pub keys: Vec<crate::secure::PeerKey>,
+    pub signed: Vec<crate::secure::SignedKeys>,
+    pub crl: Vec<u8>,
 }
 
 /// Secure aggregation: a site's aggregates encoded and masked modulo 2^64.

@@ -21,6 +21,54 @@ pub struct PeerKey {
     pub public: [u8; 32],
 }
 
+/// A site's key set for a session as it signed it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedKeys {
+    pub site: crate::SiteId,
+    /// The site's certificate (DER).
+    pub certificate: Vec<u8>,
+    pub keys: Vec<PeerKey>,
+    /// Its certificate key's signature over [`key_statement`].
+    pub signature: Vec<u8>,
+}
+
+/// What a site signs for its keys: the session (schema, round, number), every participant
+/// (sorted), the signer and its keys (sorted by peer). A coordinator that shows different
+/// participants to different sites, or substitutes a key, makes a signature fail.
+pub fn key_statement(
+    schema: &crate::SchemaHash,
+    round: u32,
+    session: u32,
+    participants: &[crate::SiteId],
+    signer: &crate::SiteId,
+    keys: &[PeerKey],
+) -> Vec<u8> {
+    let mut out = b"fedcurate secure keys v1\0".to_vec();
+    let mut field = |b: &[u8]| {
+        out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        out.extend_from_slice(b);
+    };
+    field(&schema.0);
+    field(&round.to_be_bytes());
+    field(&session.to_be_bytes());
+    let mut ps: Vec<&str> = participants.iter().map(|p| p.as_str()).collect();
+    ps.sort_unstable();
+    ps.dedup();
+    field(&(ps.len() as u32).to_be_bytes());
+    for p in ps {
+        field(p.as_bytes());
+    }
+    field(signer.as_str().as_bytes());
+    let mut ks: Vec<&PeerKey> = keys.iter().collect();
+    ks.sort_by(|a, b| a.peer.as_str().cmp(b.peer.as_str()));
+    field(&(ks.len() as u32).to_be_bytes());
+    for k in ks {
+        field(k.peer.as_str().as_bytes());
+        field(&k.public);
+    }
+    out
+}
+
 /// Length of the vector a schema's aggregates encode to.
 pub fn vector_len(schema: &CurationSchema) -> usize {
     let tables: usize = schema

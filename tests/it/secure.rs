@@ -17,6 +17,18 @@ use protocol::{Message, MessageId, SchemaDocument, SiteId};
 
 use crate::federation::{deidentify, node_config, runtime, schema_text, start_service, test_pki};
 
+fn crl_der(path: &Path) -> Vec<u8> {
+    use rustls::pki_types::CertificateRevocationListDer;
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(path).expect("crl");
+    CertificateRevocationListDer::pem_slice_iter(&pem)
+        .next()
+        .expect("a crl")
+        .expect("valid")
+        .as_ref()
+        .to_vec()
+}
+
 /// χ² of the top four bits of each word against the uniform distribution (15 df).
 fn chi_square_top_bits(words: &[u64]) -> f64 {
     let mut bins = [0f64; 16];
@@ -50,6 +62,8 @@ fn secure_sum_survives_a_dropout_and_reveals_only_the_total() {
     )
     .expect("hub");
     hub.set_secure_timeout(3);
+    // The coordinator relays the consortium's revocation list with the peer keys.
+    hub.set_crl(crl_der(&pki.crl_path()));
     let tap = hub.tap();
     let hub = Arc::new(Mutex::new(hub));
     rt.block_on(async {
@@ -139,6 +153,19 @@ fn secure_sum_survives_a_dropout_and_reveals_only_the_total() {
             let (_keys, publics) =
                 node::federation::secure::SessionKeys::generate(&d, &session.participants)
                     .expect("keys");
+            let signer = node::federation::secure::Signer::from_pem(
+                &read(&pki_dir.join("sites/site-d.crt")),
+                &read(&pki_dir.join("sites/site-d.key")),
+            )
+            .expect("signer");
+            let statement = protocol::secure::key_statement(
+                &doc.hash(),
+                1,
+                session.session,
+                &session.participants,
+                &d,
+                &publics,
+            );
             let r = node::federation::request(
                 &conn,
                 &Message::SecureKeys(Box::new(protocol::SecureKeys {
@@ -147,6 +174,8 @@ fn secure_sum_survives_a_dropout_and_reveals_only_the_total() {
                     round: 1,
                     session: session.session,
                     keys: publics,
+                    certificate: signer.certificate().to_vec(),
+                    signature: signer.sign(&statement).expect("sign"),
                 })),
             )
             .await
@@ -235,4 +264,135 @@ fn secure_sum_survives_a_dropout_and_reveals_only_the_total() {
         assert!(chi_square_top_bits(&plain) > 37.7);
         service.endpoint.close(0u32.into(), b"test over");
     });
+}
+
+/// A coordinator that lies cannot make a site mask for keys it chose: an empty or short
+/// participant list, a substituted key, a key set signed for another participant list, a
+/// certificate of another consortium, a revoked certificate or one naming another site are
+/// all refused before anything is masked.
+#[test]
+fn a_site_masks_only_for_verified_peers() {
+    use node::federation::secure::{MaskContext, PeerKeyError, SessionKeys, Signer, verify_peers};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki_dir = dir.path().join("pki");
+    let names = ["site-a", "site-b", "site-c", "site-d"];
+    let (pki, _) = test_pki(&pki_dir, &names);
+    let read = |p: &Path| std::fs::read(p).expect("read");
+    let id = |n: &str| SiteId::new(n).expect("id");
+    let participants: Vec<SiteId> = names[..3].iter().map(|n| id(n)).collect();
+    let context = MaskContext {
+        schema: protocol::SchemaHash([7; 32]),
+        round: 1,
+        session: 2,
+    };
+    let signer = |n: &str| {
+        Signer::from_pem(
+            &read(&pki_dir.join(format!("sites/{n}.crt"))),
+            &read(&pki_dir.join(format!("sites/{n}.key"))),
+        )
+        .expect("signer")
+    };
+    let signed_by = |n: &str, as_site: &str, list: &[SiteId]| {
+        let (_, publics) = SessionKeys::generate(&id(as_site), list).expect("keys");
+        let s = signer(n);
+        let statement = protocol::secure::key_statement(
+            &context.schema,
+            context.round,
+            context.session,
+            list,
+            &id(as_site),
+            &publics,
+        );
+        protocol::secure::SignedKeys {
+            site: id(as_site),
+            certificate: s.certificate().to_vec(),
+            keys: publics,
+            signature: s.sign(&statement).expect("sign"),
+        }
+    };
+    let ca = read(&pki.ca_cert_path());
+    let crl = vec![crl_der(&pki.crl_path())];
+    let me = id("site-a");
+    let honest = vec![
+        signed_by("site-b", "site-b", &participants),
+        signed_by("site-c", "site-c", &participants),
+    ];
+    let keys = verify_peers(&ca, &crl, &me, &participants, &context, &honest).expect("honest");
+    assert_eq!(keys.len(), 2);
+    let check = |list: &[SiteId], signed: &[protocol::secure::SignedKeys], crl: &[Vec<u8>]| {
+        verify_peers(&ca, crl, &me, list, &context, signed)
+    };
+    // Empty and two-site participant lists.
+    assert!(matches!(
+        check(&[], &[], &crl),
+        Err(PeerKeyError::TooFew(0))
+    ));
+    assert!(matches!(
+        check(&participants[..2], &honest[..1], &crl),
+        Err(PeerKeyError::TooFew(2))
+    ));
+    // This site left out.
+    let others: Vec<SiteId> = names[1..].iter().map(|n| id(n)).collect();
+    assert!(matches!(
+        check(&others, &honest, &crl),
+        Err(PeerKeyError::NotAParticipant)
+    ));
+    // A participant's keys missing.
+    assert!(matches!(
+        check(&participants, &honest[..1], &crl),
+        Err(PeerKeyError::Missing(_))
+    ));
+    // The coordinator substitutes its own key for site-b's.
+    let mut substituted = honest.clone();
+    substituted[0].keys[0].public = [9; 32];
+    assert!(matches!(
+        check(&participants, &substituted, &crl),
+        Err(PeerKeyError::Signature(_))
+    ));
+    // site-b signed for another participant list (a partition of the consortium).
+    let with_d: Vec<SiteId> = names.iter().map(|n| id(n)).collect();
+    let partitioned = vec![
+        signed_by("site-b", "site-b", &with_d),
+        signed_by("site-c", "site-c", &participants),
+    ];
+    assert!(matches!(
+        check(&participants, &partitioned, &crl),
+        Err(PeerKeyError::Signature(_))
+    ));
+    // site-d's certificate presented as site-b's.
+    let impostor = vec![
+        signed_by("site-d", "site-b", &participants),
+        signed_by("site-c", "site-c", &participants),
+    ];
+    assert!(matches!(
+        check(&participants, &impostor, &crl),
+        Err(PeerKeyError::WrongName(_))
+    ));
+    // A certificate of another consortium.
+    let other = coordinator::pki::Pki::at(&dir.path().join("other"));
+    other.init("other").expect("init");
+    let stranger = other.issue_site("site-b", 30).expect("issue");
+    let s = Signer::from_pem(
+        &read(&stranger.certificate),
+        &read(stranger.key.as_ref().expect("key")),
+    )
+    .expect("signer");
+    let mut foreign = honest.clone();
+    foreign[0].certificate = s.certificate().to_vec();
+    assert!(matches!(
+        check(&participants, &foreign, &crl),
+        Err(PeerKeyError::Certificate(..))
+    ));
+    // No revocation list at all: refused rather than unchecked.
+    assert!(matches!(
+        check(&participants, &honest, &[]),
+        Err(PeerKeyError::NoCrl)
+    ));
+    // site-c revoked: its keys are refused once the new CRL is known.
+    pki.revoke("site-c").expect("revoke");
+    let fresh = vec![crl_der(&pki.crl_path())];
+    assert!(matches!(
+        check(&participants, &honest, &fresh),
+        Err(PeerKeyError::Certificate(..))
+    ));
 }

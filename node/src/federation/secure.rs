@@ -178,3 +178,173 @@ mod tests {
         assert_eq!(sum, plain);
     }
 }
+
+/// Why a peer's key set is not used.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerKeyError {
+    #[error(
+        "a secure sum needs at least {SECURE_MIN_PARTICIPANTS} participants including this site; the coordinator offered {0}"
+    )]
+    TooFew(usize),
+    #[error("this site is not among the session's participants")]
+    NotAParticipant,
+    #[error("no signed key set from participant {0}")]
+    Missing(String),
+    #[error("{0}'s certificate does not verify against the consortium CA and revocation list: {1}")]
+    Certificate(String, String),
+    #[error("{0}'s certificate names another site")]
+    WrongName(String),
+    #[error(
+        "{0}'s keys are not signed by its certificate's key (substituted, or signed for other participants)"
+    )]
+    Signature(String),
+    #[error("{0} sent no key for this site")]
+    NoKeyForUs(String),
+    #[error("no revocation list: configure [federation] crl, or the coordinator must relay one")]
+    NoCrl,
+    #[error("reading {0}: {1}")]
+    Pem(&'static str, String),
+}
+
+/// Fewest participants a site masks for (with two, each learns the other's vector).
+pub const SECURE_MIN_PARTICIPANTS: usize = 3;
+
+/// This site's certificate and its key, to sign its key sets with.
+pub struct Signer {
+    certificate: Vec<u8>,
+    key: ring::signature::EcdsaKeyPair,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Signer(..)")
+    }
+}
+
+impl Signer {
+    /// From the site's certificate and key files (PEM; an ECDSA P-256 key in PKCS#8, as the
+    /// consortium PKI makes them).
+    pub fn from_pem(cert: &[u8], key: &[u8]) -> Result<Self, PeerKeyError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+        let certificate = CertificateDer::pem_slice_iter(cert)
+            .next()
+            .ok_or_else(|| PeerKeyError::Pem("site certificate", "no certificate".into()))?
+            .map_err(|e| PeerKeyError::Pem("site certificate", e.to_string()))?
+            .as_ref()
+            .to_vec();
+        let pkcs8 = PrivatePkcs8KeyDer::from_pem_slice(key)
+            .map_err(|e| PeerKeyError::Pem("site key", e.to_string()))?;
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            pkcs8.secret_pkcs8_der(),
+            &ring::rand::SystemRandom::new(),
+        )
+        .map_err(|e| PeerKeyError::Pem("site key", e.to_string()))?;
+        Ok(Signer { certificate, key })
+    }
+
+    pub fn certificate(&self) -> &[u8] {
+        &self.certificate
+    }
+
+    /// Sign a key statement.
+    pub fn sign(&self, statement: &[u8]) -> Result<Vec<u8>, MaskError> {
+        self.key
+            .sign(&ring::rand::SystemRandom::new(), statement)
+            .map(|s| s.as_ref().to_vec())
+            .map_err(|_| MaskError::Random)
+    }
+}
+
+/// Check every other participant's signed key set and return the keys meant for `me`: at least
+/// [`SECURE_MIN_PARTICIPANTS`] participants with `me` among them; for each other participant a
+/// certificate that chains to the consortium CA, is not revoked (the CRLs given: the site's own
+/// and the one the coordinator relays), names that participant, and whose key signed the
+/// statement of this session and this participant list.
+pub fn verify_peers(
+    ca_pem: &[u8],
+    crls: &[Vec<u8>],
+    me: &SiteId,
+    participants: &[SiteId],
+    context: &MaskContext,
+    signed: &[protocol::secure::SignedKeys],
+) -> Result<Vec<PeerKey>, PeerKeyError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
+    let mut unique: Vec<&SiteId> = participants.iter().collect();
+    unique.sort();
+    unique.dedup();
+    if unique.len() < SECURE_MIN_PARTICIPANTS {
+        return Err(PeerKeyError::TooFew(unique.len()));
+    }
+    if !unique.contains(&me) {
+        return Err(PeerKeyError::NotAParticipant);
+    }
+    let crls: Vec<CertificateRevocationListDer<'static>> = crls
+        .iter()
+        .filter(|c| !c.is_empty())
+        .map(|c| CertificateRevocationListDer::from(c.clone()))
+        .collect();
+    if crls.is_empty() {
+        return Err(PeerKeyError::NoCrl);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem) {
+        let c = c.map_err(|e| PeerKeyError::Pem("CA certificate", e.to_string()))?;
+        roots
+            .add(c)
+            .map_err(|e| PeerKeyError::Pem("CA certificate", e.to_string()))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .with_crls(crls)
+    .build()
+    .map_err(|e| PeerKeyError::Pem("CA certificate", e.to_string()))?;
+    let mut out = Vec::new();
+    for p in unique.iter().filter(|p| **p != me) {
+        let name = p.to_string();
+        let set = signed
+            .iter()
+            .find(|s| &&s.site == p)
+            .ok_or_else(|| PeerKeyError::Missing(name.clone()))?;
+        let der = CertificateDer::from(set.certificate.clone());
+        verifier
+            .verify_client_cert(&der, &[], UnixTime::now())
+            .map_err(|e| PeerKeyError::Certificate(name.clone(), e.to_string()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&set.certificate)
+            .map_err(|e| PeerKeyError::Certificate(name.clone(), e.to_string()))?;
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|c| c.as_str().ok());
+        if cn != Some(p.as_str()) {
+            return Err(PeerKeyError::WrongName(name));
+        }
+        let statement = protocol::secure::key_statement(
+            &context.schema,
+            context.round,
+            context.session,
+            participants,
+            p,
+            &set.keys,
+        );
+        let public = cert.public_key().subject_public_key.data.as_ref();
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, public)
+            .verify(&statement, &set.signature)
+            .map_err(|_| PeerKeyError::Signature(name.clone()))?;
+        let key = set
+            .keys
+            .iter()
+            .find(|k| &k.peer == me)
+            .ok_or_else(|| PeerKeyError::NoKeyForUs(name.clone()))?;
+        out.push(PeerKey {
+            peer: (*p).clone(),
+            public: key.public,
+        });
+    }
+    Ok(out)
+}

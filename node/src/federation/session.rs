@@ -58,6 +58,8 @@ pub enum SessionError {
     Profile(String),
     #[error("harmonisation: {0}")]
     Harmonise(String),
+    #[error("secure aggregation: {0}")]
+    Secure(String),
     #[error("unexpected answer from the coordinator")]
     Unexpected,
 }
@@ -209,7 +211,7 @@ fn answer_name(m: &Result<Message, ConnectError>) -> String {
         }
         Ok(Message::Model(m)) => format!("model revision {}", m.revision),
         Ok(Message::SecureSession(s)) => format!("session {}", s.session),
-        Ok(Message::PeerKeys(p)) => format!("{} peer keys", p.keys.len()),
+        Ok(Message::PeerKeys(p)) => format!("{} signed peer key sets", p.signed.len()),
         Ok(Message::Error { code, .. }) => format!("error {code:?}"),
         Ok(_) => "unexpected".into(),
         Err(e) => format!("no answer: {e}"),
@@ -232,6 +234,12 @@ pub struct Site {
     prepared: std::sync::Mutex<Option<Prepared>>,
     /// Keyed tokens (harmonised file names, curation series keys).
     tokens: crate::deid::keys::Tokens,
+    /// Signs this site's secure-aggregation keys with its certificate's key.
+    signer: super::secure::Signer,
+    /// The consortium CA (PEM) and this site's copy of the revocation list (DER), to check
+    /// other sites' keys with.
+    ca: Vec<u8>,
+    crl: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Site {
@@ -262,6 +270,26 @@ impl Site {
             read(&settings.key)?,
         );
         let client = client_config(&ca, &cert, &key)?;
+        let signer = super::secure::Signer::from_pem(&cert, &key)
+            .map_err(|e| SessionError::Schema(e.to_string()))?;
+        let crl = match &settings.crl {
+            Some(p) => {
+                use rustls::pki_types::CertificateRevocationListDer;
+                use rustls::pki_types::pem::PemObject;
+                let pem = read(p)?;
+                let der = CertificateRevocationListDer::pem_slice_iter(&pem)
+                    .next()
+                    .and_then(Result::ok)
+                    .ok_or_else(|| {
+                        SessionError::Schema(format!(
+                            "[federation] crl {}: no revocation list in the file",
+                            p.display()
+                        ))
+                    })?;
+                Some(der.as_ref().to_vec())
+            }
+            None => None,
+        };
         let tls = std::sync::Arc::new(client_tls(&ca, &cert, &key)?);
         std::fs::create_dir_all(config.data_dir.join("federation"))?;
         let catalog = Catalog::open(&config.data_dir.join("catalog.sqlite"))?;
@@ -288,6 +316,9 @@ impl Site {
             secure: std::sync::Mutex::new(None),
             prepared: std::sync::Mutex::new(None),
             tokens,
+            signer,
+            ca,
+            crl,
         })
     }
 
@@ -914,12 +945,26 @@ impl Site {
                     submitted: false,
                 })
             });
+            let statement = protocol::secure::key_statement(
+                &hash,
+                round,
+                session,
+                &joined.participants,
+                &me,
+                &publics,
+            );
+            let signature = self
+                .signer
+                .sign(&statement)
+                .map_err(|e| SessionError::Schema(e.to_string()))?;
             let m = Message::SecureKeys(Box::new(protocol::SecureKeys {
                 id: random_id(),
                 schema: hash,
                 round,
                 session,
                 keys: publics,
+                certificate: self.signer.certificate().to_vec(),
+                signature,
             }));
             match self.send(conn, &m).await? {
                 Message::Ack { .. } => {}
@@ -948,7 +993,7 @@ impl Site {
                 )
                 .await?
             {
-                Message::PeerKeys(p) => p.keys,
+                Message::PeerKeys(p) => p,
                 Message::Error {
                     code: ErrorCode::NotReady,
                     ..
@@ -956,12 +1001,32 @@ impl Site {
                 Message::Error { code, .. } => return Err(SessionError::Refused(code)),
                 _ => return Err(SessionError::Unexpected),
             };
-            let vector = protocol::secure::encode(aggregates, schema);
             let context = super::secure::MaskContext {
                 schema: hash,
                 round,
                 session,
             };
+            // Mask only for verified peers: at least three participants, this site among
+            // them, every other one's keys signed by a valid certificate of that site for
+            // this very session and participant list. Otherwise nothing is sent.
+            let mut crls: Vec<Vec<u8>> = vec![peers.crl.clone()];
+            crls.extend(self.crl.clone());
+            let peers = match super::secure::verify_peers(
+                &self.ca,
+                &crls,
+                &me,
+                &joined.participants,
+                &context,
+                &peers.signed,
+            ) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(round, session, error = %e, "secure aggregation refused: nothing was sent");
+                    self.secure_local(|l| *l = None);
+                    return Err(SessionError::Secure(e.to_string()));
+                }
+            };
+            let vector = protocol::secure::encode(aggregates, schema);
             let keys = self.secure_local(|l| l.as_mut().and_then(|l| l.keys.take()));
             let Some(keys) = keys else {
                 return Ok(false);
