@@ -1227,11 +1227,15 @@ fn secret(config: &NodeConfig, command: SecretCommand) -> Result<()> {
             );
         }
         SecretCommand::Restore { from } => {
-            let mut dd = open_data_dir(config)?;
+            // The data directory is opened after the secret is in place: the audit key may
+            // derive from it.
+            std::fs::create_dir_all(&config.data_dir).with_context(|| {
+                format!("creating the data directory {}", config.data_dir.display())
+            })?;
             let text = std::fs::read_to_string(&from)
                 .with_context(|| format!("reading {}", from.display()))?;
             let restored = Secret::from_hex(&text)?;
-            let target = config.deid.secret_path(&dd.root);
+            let target = config.deid.secret_path(&config.data_dir);
             if target.exists() {
                 let current = Secret::from_hex(&std::fs::read_to_string(&target)?)?;
                 if current.to_hex() == restored.to_hex() {
@@ -1249,6 +1253,7 @@ fn secret(config: &NodeConfig, command: SecretCommand) -> Result<()> {
             }
             config::write_secret_file(&target, &restored)
                 .with_context(|| format!("writing {}", target.display()))?;
+            let mut dd = open_data_dir(config)?;
             dd.catalog.audit(&AuditRecord::now(
                 "secret-restore",
                 serde_json::json!({ "fingerprint": restored.fingerprint() }),
