@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 
-use protocol::{HandshakeReject, MAX_FRAME_LEN, Message, MessageId, SiteId};
+use protocol::{HandshakeReject, Message, MessageId, SiteId};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
@@ -104,8 +104,155 @@ pub fn quic_server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConf
             .try_into()
             .map_err(|e: quinn::VarIntBoundsExceeded| NetError::Quic(e.to_string()))?,
     ));
+    // What one connection can make the coordinator hold: a few requests at a time, each
+    // within the largest kind's limit, a few MiB in all.
+    transport.max_concurrent_bidi_streams(MAX_STREAMS_PER_CONNECTION.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    transport.stream_receive_window(STREAM_WINDOW.into());
+    transport.receive_window(CONNECTION_WINDOW.into());
     config.transport_config(Arc::new(transport));
     Ok(config)
+}
+
+/// Requests one connection may have open at once.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 4;
+/// Flow-control window of one request stream: the largest frame (1 MiB) and some.
+const STREAM_WINDOW: u32 = 1024 * 1024 + 64 * 1024;
+/// Flow-control window of a connection.
+const CONNECTION_WINDOW: u32 = 4 * STREAM_WINDOW;
+/// Connections one site may hold at once (per transport).
+pub const MAX_CONNECTIONS_PER_SITE: usize = 4;
+/// Time to receive one whole frame once its first byte is expected.
+pub const FRAME_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// A TCP connection with no request for this long is closed (QUIC: its idle timeout).
+pub const TCP_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// Requests per second a site may make, sustained; `RATE_BURST` at once. A site beyond it
+/// waits: its own requests slow down, nobody else's.
+pub const RATE_PER_SECOND: f64 = 20.0;
+pub const RATE_BURST: f64 = 40.0;
+
+/// Per-site connection counts and request rate (a token bucket), shared by a service's
+/// connections.
+#[derive(Debug, Default)]
+pub struct Guard {
+    sites: Mutex<HashMap<SiteId, SiteUse>>,
+}
+
+#[derive(Debug)]
+struct SiteUse {
+    connections: usize,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl Guard {
+    fn with<R>(&self, site: &SiteId, f: impl FnOnce(&mut SiteUse) -> R) -> R {
+        let mut m = match self.sites.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        let u = m.entry(site.clone()).or_insert_with(|| SiteUse {
+            connections: 0,
+            tokens: RATE_BURST,
+            last: std::time::Instant::now(),
+        });
+        f(u)
+    }
+
+    /// Count a new connection of `site`; false if it holds the most it may.
+    pub fn connect(&self, site: &SiteId) -> bool {
+        self.with(site, |u| {
+            if u.connections >= MAX_CONNECTIONS_PER_SITE {
+                false
+            } else {
+                u.connections += 1;
+                true
+            }
+        })
+    }
+
+    pub fn disconnect(&self, site: &SiteId) {
+        self.with(site, |u| u.connections = u.connections.saturating_sub(1));
+    }
+
+    /// Take a request token; how long to wait first when there is none.
+    pub fn pace(&self, site: &SiteId) -> std::time::Duration {
+        self.with(site, |u| {
+            let now = std::time::Instant::now();
+            let dt = now.duration_since(u.last).as_secs_f64();
+            u.last = now;
+            u.tokens = (u.tokens + dt * RATE_PER_SECOND).min(RATE_BURST) - 1.0;
+            if u.tokens >= 0.0 {
+                std::time::Duration::ZERO
+            } else {
+                std::time::Duration::from_secs_f64(-u.tokens / RATE_PER_SECOND)
+            }
+        })
+    }
+}
+
+/// Handle one frame on a blocking thread: the hub's lock and its SQLite writes never stall
+/// the async workers that serve the other sites.
+async fn dispatch_blocking(
+    hub: &Arc<Mutex<Hub>>,
+    site: &SiteId,
+    bytes: Vec<u8>,
+    welcomed: bool,
+) -> (Vec<Action>, bool) {
+    let (hub, site) = (hub.clone(), site.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut w = welcomed;
+        let a = dispatch(&hub, &site, &bytes, &mut w);
+        (a, w)
+    })
+    .await
+    .unwrap_or((vec![Action::Close], welcomed))
+}
+
+/// A frame refused from its header alone (answered, and its body never read).
+async fn refuse_blocking(hub: &Arc<Mutex<Hub>>, site: &SiteId, head: Vec<u8>) -> Vec<Action> {
+    let (hub, site) = (hub.clone(), site.clone());
+    tokio::task::spawn_blocking(move || match hub.lock() {
+        Ok(mut h) => h.bad_frame(&site, &head, now()),
+        Err(_) => vec![Action::Close],
+    })
+    .await
+    .unwrap_or_else(|_| vec![Action::Close])
+}
+
+/// How reading one frame ended.
+enum Read {
+    Frame(Vec<u8>),
+    /// The header says no: answer from it, do not read on.
+    Refused(Vec<u8>, protocol::CodecError),
+    /// Reset, closed or too slow.
+    Gone(String),
+}
+
+/// Read one frame from a QUIC stream: the header, its kind's limit, then exactly the body.
+async fn read_quic_frame(recv: &mut quinn::RecvStream) -> Read {
+    let mut head = [0u8; protocol::FRAME_HEADER_LEN];
+    match tokio::time::timeout(FRAME_READ_TIMEOUT, recv.read_exact(&mut head)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Read::Gone(e.to_string()),
+        Err(_) => return Read::Gone("no frame header in time".into()),
+    }
+    let body = match protocol::check_header(&head) {
+        Ok(n) => n,
+        Err(e) => return Read::Refused(head.to_vec(), e),
+    };
+    let mut frame = vec![0u8; protocol::FRAME_HEADER_LEN + body];
+    frame[..protocol::FRAME_HEADER_LEN].copy_from_slice(&head);
+    match tokio::time::timeout(
+        FRAME_READ_TIMEOUT,
+        recv.read_exact(&mut frame[protocol::FRAME_HEADER_LEN..]),
+    )
+    .await
+    {
+        Ok(Ok(())) => Read::Frame(frame),
+        Ok(Err(e)) => Read::Gone(e.to_string()),
+        Err(_) => Read::Gone("the frame did not arrive in time".into()),
+    }
 }
 
 /// The fingerprint registry: active site certificates (not revoked, not expired).
@@ -125,6 +272,7 @@ pub type SiteMap = Arc<RwLock<HashMap<String, SiteId>>>;
 pub struct Service {
     pub endpoint: quinn::Endpoint,
     sites: SiteMap,
+    guard: Arc<Guard>,
 }
 
 impl Service {
@@ -140,14 +288,17 @@ impl Service {
         let ep = endpoint.clone();
         let sites: SiteMap = Arc::new(RwLock::new(sites));
         let map = sites.clone();
+        let guard = Arc::new(Guard::default());
+        let g = guard.clone();
         tokio::spawn(async move {
             while let Some(incoming) = ep.accept().await {
                 let hub = hub.clone();
                 let map = map.clone();
+                let guard = g.clone();
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
                     match incoming.await {
-                        Ok(conn) => serve_connection(conn, hub, &map).await,
+                        Ok(conn) => serve_connection(conn, hub, &map, &guard).await,
                         Err(e) => tracing::warn!(
                             %remote,
                             error = %e,
@@ -157,11 +308,20 @@ impl Service {
                 });
             }
         });
-        Ok(Service { endpoint, sites })
+        Ok(Service {
+            endpoint,
+            sites,
+            guard,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// The per-site limits (connections, request rate).
+    pub fn guard(&self) -> Arc<Guard> {
+        self.guard.clone()
     }
 
     /// The fingerprint registry (shared with a [`TcpService`], so one reload serves both).
@@ -191,7 +351,12 @@ fn lookup(sites: &SiteMap, fp: Option<&str>) -> Option<SiteId> {
     sites.read().ok()?.get(fp).cloned()
 }
 
-async fn serve_connection(conn: quinn::Connection, hub: Arc<Mutex<Hub>>, sites: &SiteMap) {
+async fn serve_connection(
+    conn: quinn::Connection,
+    hub: Arc<Mutex<Hub>>,
+    sites: &SiteMap,
+    guard: &Guard,
+) {
     let fp = conn
         .peer_identity()
         .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
@@ -204,6 +369,11 @@ async fn serve_connection(conn: quinn::Connection, hub: Arc<Mutex<Hub>>, sites: 
         conn.close(1u32.into(), b"unknown site certificate");
         return;
     };
+    if !guard.connect(&site) {
+        tracing::warn!(%site, limit = MAX_CONNECTIONS_PER_SITE, "too many connections from one site: closing the newest");
+        conn.close(2u32.into(), b"too many connections");
+        return;
+    }
     tracing::info!(%site, remote = %conn.remote_address(), "site connected");
     let mut welcomed = false;
     loop {
@@ -220,27 +390,34 @@ async fn serve_connection(conn: quinn::Connection, hub: Arc<Mutex<Hub>>, sites: 
             conn.close(1u32.into(), b"certificate no longer valid");
             break;
         }
-        let bytes = match recv.read_to_end(MAX_FRAME_LEN + 16).await {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(%site, error = %e, "unreadable request (over the frame limit or reset)");
-                let actions = match hub.lock() {
-                    Ok(mut h) => h.bad_frame(&site, &[], now()),
-                    Err(_) => vec![Action::Close],
-                };
-                if answer(&mut send, actions).await {
-                    break;
-                }
-                continue;
+        let wait = guard.pace(&site);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let actions = match read_quic_frame(&mut recv).await {
+            Read::Frame(bytes) => {
+                let (actions, w) = dispatch_blocking(&hub, &site, bytes, welcomed).await;
+                welcomed = w;
+                actions
+            }
+            Read::Refused(head, e) => {
+                tracing::warn!(%site, error = %e, "refused a frame from its header");
+                let _ = recv.stop(0u32.into());
+                refuse_blocking(&hub, &site, head).await
+            }
+            Read::Gone(why) => {
+                tracing::warn!(%site, reason = %why, "unreadable request");
+                let _ = recv.stop(0u32.into());
+                refuse_blocking(&hub, &site, Vec::new()).await
             }
         };
-        let actions = dispatch(&hub, &site, &bytes, &mut welcomed);
         if answer(&mut send, actions).await {
             let _ = send.stopped().await;
             conn.close(0u32.into(), b"closed by coordinator");
             break;
         }
     }
+    guard.disconnect(&site);
     if welcomed && let Ok(mut h) = hub.lock() {
         h.disconnected(&site);
     }
@@ -315,10 +492,6 @@ pub struct TcpService {
     stop: tokio::sync::watch::Sender<bool>,
 }
 
-/// Largest frame the TCP fallback reads; a longer length field closes the connection (the
-/// stream cannot be resynchronised without reading it).
-const TCP_MAX: usize = MAX_FRAME_LEN;
-
 impl TcpService {
     /// Bind and start accepting (on the current tokio runtime).
     pub async fn start(
@@ -336,6 +509,7 @@ impl TcpService {
         let tls = Arc::new(RwLock::new(Arc::new(tls)));
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let config = tls.clone();
+        let guard = Arc::new(Guard::default());
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -349,7 +523,8 @@ impl TcpService {
                 let Ok(current) = config.read().map(|c| c.clone()) else {
                     break;
                 };
-                let (hub, sites, stop) = (hub.clone(), sites.clone(), stopped.clone());
+                let (hub, sites, stop, guard) =
+                    (hub.clone(), sites.clone(), stopped.clone(), guard.clone());
                 tokio::spawn(async move {
                     let acceptor = tokio_rustls::TlsAcceptor::from(current);
                     match tokio::time::timeout(
@@ -358,7 +533,7 @@ impl TcpService {
                     )
                     .await
                     {
-                        Ok(Ok(stream)) => serve_tcp(stream, hub, &sites, stop).await,
+                        Ok(Ok(stream)) => serve_tcp(stream, hub, &sites, &guard, stop).await,
                         Ok(Err(e)) => tracing::warn!(
                             %remote,
                             error = %e,
@@ -393,6 +568,7 @@ async fn serve_tcp(
     mut stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     hub: Arc<Mutex<Hub>>,
     sites: &SiteMap,
+    guard: &Guard,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -409,38 +585,64 @@ async fn serve_tcp(
         let _ = stream.shutdown().await;
         return;
     };
+    if !guard.connect(&site) {
+        tracing::warn!(%site, limit = MAX_CONNECTIONS_PER_SITE, "too many TCP connections from one site: closing the newest");
+        let _ = stream.shutdown().await;
+        return;
+    }
     tracing::info!(%site, "site connected over TCP");
     let mut welcomed = false;
     loop {
-        let mut head = [0u8; 8];
+        // The stream id and the frame header; an idle connection is closed.
+        let mut head = [0u8; 4 + protocol::FRAME_HEADER_LEN];
         let read = tokio::select! {
-            r = stream.read_exact(&mut head) => r,
+            r = tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.read_exact(&mut head)) => r,
             _ = stop.changed() => break,
         };
-        if read.is_err() {
-            break;
+        match read {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                tracing::info!(%site, "idle TCP connection closed");
+                break;
+            }
         }
         let stream_id = [head[0], head[1], head[2], head[3]];
-        let len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]) as usize;
         if lookup(sites, fp.as_deref()).as_ref() != Some(&site) {
             tracing::warn!(%site, "certificate no longer registered (revoked?): closing");
             break;
         }
-        let actions = if len > TCP_MAX {
-            tracing::warn!(%site, len, "frame over the hard limit on TCP: answering and closing");
-            let mut a = match hub.lock() {
-                Ok(mut h) => h.bad_frame(&site, &head[4..], now()),
-                Err(_) => Vec::new(),
-            };
-            a.push(Action::Close);
-            a
-        } else {
-            let mut frame = vec![0u8; 4 + len];
-            frame[..4].copy_from_slice(&head[4..]);
-            if stream.read_exact(&mut frame[4..]).await.is_err() {
-                break;
+        let wait = guard.pace(&site);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let mut header = [0u8; protocol::FRAME_HEADER_LEN];
+        header.copy_from_slice(&head[4..]);
+        let actions = match protocol::check_header(&header) {
+            Err(e) => {
+                // The body is never read: the stream cannot be resynchronised, so answer
+                // and close.
+                tracing::warn!(%site, error = %e, "refused a frame from its header on TCP: answering and closing");
+                let mut a = refuse_blocking(&hub, &site, header.to_vec()).await;
+                a.push(Action::Close);
+                a
             }
-            dispatch(&hub, &site, &frame, &mut welcomed)
+            Ok(body) => {
+                let mut frame = vec![0u8; protocol::FRAME_HEADER_LEN + body];
+                frame[..protocol::FRAME_HEADER_LEN].copy_from_slice(&header);
+                match tokio::time::timeout(
+                    FRAME_READ_TIMEOUT,
+                    stream.read_exact(&mut frame[protocol::FRAME_HEADER_LEN..]),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => {}
+                    _ => break,
+                }
+                let (a, w) = dispatch_blocking(&hub, &site, frame, welcomed).await;
+                welcomed = w;
+                a
+            }
         };
         let mut close = false;
         for a in actions {
@@ -463,6 +665,7 @@ async fn serve_tcp(
             break;
         }
     }
+    guard.disconnect(&site);
     let _ = stream.shutdown().await;
     if welcomed && let Ok(mut h) = hub.lock() {
         h.disconnected(&site);

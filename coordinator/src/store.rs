@@ -142,7 +142,18 @@ pub struct Received {
 #[derive(Debug)]
 pub struct Store {
     conn: Connection,
+    /// Frames logged since the logs were last pruned.
+    logged: std::cell::Cell<u32>,
 }
+
+/// Days the log of received frames is kept.
+pub const RECEIVED_RETENTION_DAYS: i64 = 90;
+/// Most rows the log of received frames keeps (a flooding site cannot fill the disk).
+pub const RECEIVED_MAX_ROWS: i64 = 200_000;
+/// Days a message id is remembered as applied (retries come within minutes).
+pub const APPLIED_RETENTION_DAYS: i64 = 30;
+/// Frames between two prunings.
+const PRUNE_EVERY: u32 = 1000;
 
 impl Store {
     /// Open (and migrate) the database at `path`.
@@ -178,7 +189,10 @@ impl Store {
                 i + 1
             ))?;
         }
-        Ok(Store { conn })
+        Ok(Store {
+            conn,
+            logged: std::cell::Cell::new(0),
+        })
     }
 
     pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
@@ -212,7 +226,34 @@ impl Store {
             "INSERT INTO received (at, site, kind, bytes, sha256, outcome) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![at, site.map(|s| s.as_str()), kind, frame.len() as i64, hex, outcome],
         )?;
+        let n = self.logged.get() + 1;
+        if n >= PRUNE_EVERY {
+            self.logged.set(0);
+            self.prune(at)?;
+        } else {
+            self.logged.set(n);
+        }
         Ok(())
+    }
+
+    /// Apply the retention of the logs: received frames older than
+    /// [`RECEIVED_RETENTION_DAYS`] or beyond the newest [`RECEIVED_MAX_ROWS`], applied ids
+    /// older than [`APPLIED_RETENTION_DAYS`]. Returns the rows removed.
+    pub fn prune(&self, now: i64) -> Result<usize, StoreError> {
+        let day = 86_400;
+        let mut n = self.conn.execute(
+            "DELETE FROM received WHERE at < ?1",
+            params![now - RECEIVED_RETENTION_DAYS * day],
+        )?;
+        n += self.conn.execute(
+            "DELETE FROM received WHERE rowid <= (SELECT MAX(rowid) FROM received) - ?1",
+            params![RECEIVED_MAX_ROWS],
+        )?;
+        n += self.conn.execute(
+            "DELETE FROM applied WHERE at < ?1",
+            params![now - APPLIED_RETENTION_DAYS * day],
+        )?;
+        Ok(n)
     }
 
     /// Whether `id` from `site` was applied already; records it if not.
@@ -486,5 +527,57 @@ mod tests {
             2,
             "synchronous = FULL"
         );
+    }
+
+    #[test]
+    fn the_logs_have_a_retention() {
+        let store = Store::in_memory().expect("store");
+        let site = SiteId::new("site-a").expect("id");
+        let day = 86_400;
+        let now = 1_800_000_000;
+        // An old frame and an old applied id go; recent ones stay.
+        store
+            .log_received(now - 100 * day, Some(&site), Some(1), b"old", "ok")
+            .expect("log");
+        store
+            .first_application(&site, MessageId(1), now - 40 * day)
+            .expect("applied");
+        store
+            .first_application(&site, MessageId(2), now)
+            .expect("applied");
+        for i in 0..(PRUNE_EVERY - 1) {
+            store
+                .log_received(now, Some(&site), Some(1), &i.to_be_bytes(), "ok")
+                .expect("log");
+        }
+        // The last of a thousand frames pruned the logs.
+        assert_eq!(
+            store.received().expect("received").len(),
+            PRUNE_EVERY as usize - 1
+        );
+        assert!(
+            store
+                .first_application(&site, MessageId(1), now)
+                .expect("again")
+        );
+        assert!(
+            !store
+                .first_application(&site, MessageId(2), now)
+                .expect("again")
+        );
+        // The row cap: beyond the newest rows, the oldest go.
+        let n: i64 = store
+            .conn
+            .query_row("SELECT MAX(rowid) FROM received", [], |r| r.get(0))
+            .expect("rowid");
+        store
+            .conn
+            .execute(
+                "INSERT INTO received (rowid, at, site, kind, bytes, sha256, outcome) VALUES (?1, ?2, 'site-a', 1, 1, 'x', 'ok')",
+                params![n + RECEIVED_MAX_ROWS + 5, now],
+            )
+            .expect("far row");
+        store.prune(now).expect("prune");
+        assert_eq!(store.received().expect("received").len(), 1);
     }
 }

@@ -169,6 +169,35 @@ pub fn encode_frame(message: &Message) -> Result<Vec<u8>, CodecError> {
     Ok(out)
 }
 
+/// Length of a frame header (length, version, kind).
+pub const FRAME_HEADER_LEN: usize = HEADER_LEN;
+
+/// Check a frame's header before its body is read: returns the body's length if the version
+/// is spoken, the kind known and the length within that kind's limit. A reader reads the
+/// header, asks this, and then reads exactly that many bytes (never up to [`MAX_FRAME_LEN`]
+/// on a hostile peer's word).
+pub fn check_header(header: &[u8; HEADER_LEN]) -> Result<usize, CodecError> {
+    let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if len < 3 {
+        return Err(CodecError::Malformed(
+            "frame shorter than its header".into(),
+        ));
+    }
+    let version = u16::from_be_bytes([header[4], header[5]]);
+    if version != PROTOCOL_VERSION {
+        return Err(CodecError::UnsupportedVersion(version));
+    }
+    let kind = Kind::from_byte(header[6])?;
+    let body_len = len - 3;
+    if body_len > kind.limit() {
+        return Err(CodecError::Oversize {
+            len: body_len,
+            limit: kind.limit(),
+        });
+    }
+    Ok(body_len)
+}
+
 /// Decode the frame at the start of `bytes`; returns the message and the bytes consumed.
 pub fn decode_frame(bytes: &[u8]) -> Result<(Message, usize), CodecError> {
     if bytes.len() < HEADER_LEN {

@@ -14,7 +14,9 @@ pub mod schema;
 pub mod secure;
 pub mod summary;
 
-pub use codec::{ALPN, CodecError, MAX_FRAME_LEN, decode_frame, encode_frame};
+pub use codec::{
+    ALPN, CodecError, FRAME_HEADER_LEN, MAX_FRAME_LEN, check_header, decode_frame, encode_frame,
+};
 pub use message::{
     AggregateReport, ErrorCode, FederatedFit, HandshakeReject, Hello, MaskedReport, Message,
     MessageId, ModelPublication, PROTOCOL_VERSION, PeerKeys, Refusal, SchemaAck, SchemaDocument,
