@@ -155,6 +155,21 @@ pub fn check_config(config: &NodeConfig, online: bool) -> Vec<Problem> {
             "fix the [deid] section".into(),
         ));
     }
+    let audit_key = config
+        .audit_key_file
+        .clone()
+        .unwrap_or_else(|| config.deid.secret_path(&config.data_dir));
+    if audit_key.starts_with(&config.data_dir) {
+        out.push(problem(
+            Level::Warning,
+            "audit-key-in-data-dir",
+            format!(
+                "the audit chain's key comes from {}, inside the data directory: whoever can write the catalog can also recompute the chain",
+                audit_key.display()
+            ),
+            "set audit_key_file (or [deid] site_secret_file) to a file outside the data directory, e.g. /etc/fedcurate/audit.key".into(),
+        ));
+    }
     if config.scp.allowed.is_empty() {
         out.push(problem(
             Level::Warning,

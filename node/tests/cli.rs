@@ -730,6 +730,13 @@ fn check_config_names_each_problem_and_its_fix() {
         &[],
     );
     assert!(ok && out.contains("scp-nobody-allowed"), "{out}");
+    // The secret outside the data directory (as in the base config): no warning about the
+    // audit key. Inside it: a warning.
+    assert!(!out.contains("audit-key-in-data-dir"), "{out}");
+    let inside = base.replace(&format!("site_secret_file = {secret:?}\n"), "");
+    assert_ne!(inside, base);
+    let (ok, out) = check(&write("inside.toml", &inside), &[]);
+    assert!(ok && out.contains("audit-key-in-data-dir"), "{out}");
     // Online: nobody listens at the coordinator's address.
     let (ok, out) = check(&write("good.toml", &base), &["--online"]);
     assert!(!ok && out.contains("coordinator-unreachable"), "{out}");
