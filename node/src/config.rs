@@ -370,54 +370,45 @@ impl NodeConfig {
         Self::parse(&text, path)
     }
 
-    /// The key the audit chain is MACed with: `audit_key_file`'s (created on first use), or
-    /// a sub-key of the site secret.
+    /// Where the audit chain's key comes from: `audit_key_file`; else `<data_dir>/audit.key`
+    /// if it exists; else the site secret if it exists; else a new `<data_dir>/audit.key`
+    /// (an anonymising node keeps no site secret). Once chosen, it stays.
+    pub fn audit_key_source(&self) -> (PathBuf, bool) {
+        if let Some(p) = &self.audit_key_file {
+            return (p.clone(), false);
+        }
+        let own = self.data_dir.join("audit.key");
+        let secret = self.deid.secret_path(&self.data_dir);
+        if !own.exists() && secret.exists() {
+            (secret, true)
+        } else {
+            (own, false)
+        }
+    }
+
+    /// The key the audit chain is MACed with (see [`NodeConfig::audit_key_source`]).
     pub fn audit_key(&self) -> Result<crate::audit::AuditKey, ConfigError> {
-        let Some(path) = &self.audit_key_file else {
-            let path = self.deid.secret_path(&self.data_dir);
-            let secret = if path.exists() {
-                let text =
-                    std::fs::read_to_string(&path).map_err(|source| ConfigError::SecretRead {
-                        path: path.clone(),
-                        source,
-                    })?;
-                Secret::from_hex(&text).map_err(|source| ConfigError::Secret {
-                    path: path.clone(),
-                    source,
-                })?
-            } else {
-                let secret = Secret::random().map_err(|source| ConfigError::Secret {
-                    path: path.clone(),
-                    source,
-                })?;
-                write_secret_file(&path, &secret).map_err(|source| ConfigError::SecretCreate {
-                    path: path.clone(),
-                    source,
-                })?;
-                secret
-            };
-            return Ok(secret.audit_key());
-        };
+        let (path, _) = self.audit_key_source();
         if !path.exists() {
             let secret = Secret::random().map_err(|source| ConfigError::Secret {
                 path: path.clone(),
                 source,
             })?;
-            write_secret_file(path, &secret).map_err(|source| ConfigError::SecretCreate {
+            if let Some(parent) = path.parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            write_secret_file(&path, &secret).map_err(|source| ConfigError::SecretCreate {
                 path: path.clone(),
                 source,
             })?;
         }
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretRead {
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::SecretRead {
             path: path.clone(),
             source,
         })?;
         Secret::from_hex(&text)
             .map(|s| s.audit_key())
-            .map_err(|source| ConfigError::Secret {
-                path: path.clone(),
-                source,
-            })
+            .map_err(|source| ConfigError::Secret { path, source })
     }
 
     /// The embedded default.

@@ -155,10 +155,7 @@ pub fn check_config(config: &NodeConfig, online: bool) -> Vec<Problem> {
             "fix the [deid] section".into(),
         ));
     }
-    let audit_key = config
-        .audit_key_file
-        .clone()
-        .unwrap_or_else(|| config.deid.secret_path(&config.data_dir));
+    let (audit_key, _) = config.audit_key_source();
     if audit_key.starts_with(&config.data_dir) {
         out.push(problem(
             Level::Warning,
