@@ -220,6 +220,21 @@ async fn refuse_blocking(hub: &Arc<Mutex<Hub>>, site: &SiteId, head: Vec<u8>) ->
     .unwrap_or_else(|_| vec![Action::Close])
 }
 
+/// Read and drop `n` bytes through a fixed buffer.
+async fn drain<R: tokio::io::AsyncRead + Unpin>(r: &mut R, mut n: usize) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 16 * 1024];
+    while n > 0 {
+        let want = n.min(buf.len());
+        let got = r.read(&mut buf[..want]).await?;
+        if got == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        n -= got;
+    }
+    Ok(())
+}
+
 /// How reading one frame ended.
 enum Read {
     Frame(Vec<u8>),
@@ -620,11 +635,24 @@ async fn serve_tcp(
         header.copy_from_slice(&head[4..]);
         let actions = match protocol::check_header(&header) {
             Err(e) => {
-                // The body is never read: the stream cannot be resynchronised, so answer
-                // and close.
-                tracing::warn!(%site, error = %e, "refused a frame from its header on TCP: answering and closing");
+                // The body is not kept. Within the hard frame limit it is read through a small
+                // buffer and dropped, so the connection stays in step and survives; beyond it
+                // the stream cannot be resynchronised: answer and close.
+                let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
                 let mut a = refuse_blocking(&hub, &site, header.to_vec()).await;
-                a.push(Action::Close);
+                let drained = if (3..=protocol::MAX_FRAME_LEN).contains(&len) {
+                    tokio::time::timeout(FRAME_READ_TIMEOUT, drain(&mut stream, len - 3))
+                        .await
+                        .is_ok_and(|r| r.is_ok())
+                } else {
+                    false
+                };
+                if drained {
+                    tracing::warn!(%site, error = %e, "refused a frame from its header on TCP");
+                } else {
+                    tracing::warn!(%site, error = %e, "refused a frame from its header on TCP: answering and closing");
+                    a.push(Action::Close);
+                }
                 a
             }
             Ok(body) => {

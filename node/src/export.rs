@@ -223,6 +223,8 @@ pub fn export(
                 "series": series_key,
                 "modality": v.modality,
                 "shape": [ni, nj, nk],
+                "volumes": 1 + v.more.len(),
+                "diffusion": !v.diffusion.is_empty(),
                 "spacing": vol.spacing(),
                 "findings": findings,
                 "file": rel,
@@ -234,12 +236,23 @@ pub fn export(
         if opts.format == Format::Nifti {
             let bytes = match harmonised {
                 Some(b) => b,
-                None => nifti::encode_gz(vol).map_err(|source| ExportError::Write {
+                None => nifti::gzip(
+                    &nifti::encode_series(vol, &v.more, v.repetition_s.unwrap_or(1.0)),
+                    6,
+                )
+                .map_err(|source| ExportError::Write {
                     path: out.to_owned(),
                     source,
                 })?,
             };
             write(&out.join(&rel), &bytes)?;
+            // Diffusion: b-values and directions beside the image, as dcm2niix writes them.
+            if !v.diffusion.is_empty() {
+                let (bval, bvec) = crate::volume::fsl_text(&vol.affine, &v.diffusion);
+                let stem = rel.trim_end_matches(".nii.gz");
+                write(&out.join(format!("{stem}.bval")), bval.as_bytes())?;
+                write(&out.join(format!("{stem}.bvec")), bvec.as_bytes())?;
+            }
         } else {
             cases.push((v, series_key, harmonised));
         }

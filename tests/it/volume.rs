@@ -353,3 +353,307 @@ fn our_volume_overlays_the_one_dcm2niix_writes() {
         }
     }
 }
+
+/// A 4D MR series written slice by slice: `volumes` repeats of `slices` positions on an oblique
+/// plane; `per_volume` sets what tells the volumes apart (diffusion, temporal position, echo).
+fn mr_4d(
+    volumes: usize,
+    slices: usize,
+    per_volume: &dyn Fn(&mut InMemDicomObject, usize),
+) -> Vec<DefaultDicomObject> {
+    let (p, st, mut se) = patient();
+    se.uid = format!("{}.4.1", sample::ORIGINAL_UID_ROOT);
+    let t = 0.3f64;
+    let r = [t.cos(), t.sin(), 0.0];
+    let c = [-t.sin() * 0.6, t.cos() * 0.6, -0.8];
+    let n = cross(r, c);
+    let mut out = Vec::new();
+    for v in 0..volumes {
+        for k in 0..slices {
+            let index = (v * slices + k + 1) as u16;
+            let mut o = sample::mr_slice(&p, &st, &se, index);
+            let pos = [
+                -60.0 + k as f64 * 3.0 * n[0],
+                20.0 + k as f64 * 3.0 * n[1],
+                10.0 + k as f64 * 3.0 * n[2],
+            ];
+            o.put(DataElement::new(Tag(0x0020, 0x0032), VR::DS, ds(&pos)));
+            o.put(DataElement::new(
+                Tag(0x0020, 0x0037),
+                VR::DS,
+                ds(&[r[0], r[1], r[2], c[0], c[1], c[2]]),
+            ));
+            o.put(DataElement::new(
+                Tag(0x0020, 0x0012),
+                VR::IS,
+                PrimitiveValue::from((v + 1).to_string()),
+            ));
+            per_volume(&mut o, v);
+            out.push(reopen(o, sample::ts::EXPLICIT_LE));
+        }
+    }
+    // File order scrambled: assembly sorts.
+    out.reverse();
+    out
+}
+
+/// Run dcm2niix on objects; returns the output folder.
+fn dcm2niix(objects: &[DefaultDicomObject], dir: &std::path::Path) -> std::path::PathBuf {
+    let dicom = dir.join("dicom");
+    std::fs::create_dir_all(&dicom).expect("dir");
+    for (i, o) in objects.iter().enumerate() {
+        o.write_to_file(dicom.join(format!("{i}.dcm")))
+            .expect("write");
+    }
+    let out = dir.join("ref");
+    std::fs::create_dir_all(&out).expect("dir");
+    let run = std::process::Command::new("dcm2niix")
+        .args(["-z", "n", "-b", "n", "-f", "ref", "-o"])
+        .arg(&out)
+        .arg(&dicom)
+        .output()
+        .expect("dcm2niix (Debian package, installed by scripts/test.sh)");
+    assert!(
+        run.status.success(),
+        "dcm2niix: {}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    out
+}
+
+/// Every voxel of every volume of ours lands on a voxel of the same volume of theirs, with
+/// the same value.
+fn overlays(ours: &[node::volume::Volume], theirs: &[node::volume::Volume]) {
+    assert_eq!(ours.len(), theirs.len(), "number of volumes");
+    for (t, (o, th)) in ours.iter().zip(theirs).enumerate() {
+        let (ni, nj, nk) = o.shape();
+        for k in 0..nk {
+            for j in 0..nj {
+                for i in 0..ni {
+                    let v = to_voxel(&th.affine, o.world(i as f64, j as f64, k as f64));
+                    let idx = v.map(|x| x.round());
+                    for a in 0..3 {
+                        assert!((v[a] - idx[a]).abs() < 1e-2, "t {t} ({i},{j},{k}) -> {v:?}");
+                    }
+                    assert_eq!(
+                        o.data[[i, j, k, 0]],
+                        th.data[[idx[0] as usize, idx[1] as usize, idx[2] as usize, 0]],
+                        "t {t} voxel ({i},{j},{k})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A `.bvec` direction back in DICOM patient coordinates (LPS), through the image's affine
+/// and FSL's convention.
+fn bvec_to_lps(affine: &node::volume::Affine, b: [f64; 3]) -> [f64; 3] {
+    let mut r = [[0.0; 3]; 3];
+    for col in 0..3 {
+        let n = (0..3)
+            .map(|row| affine[row][col].powi(2))
+            .sum::<f64>()
+            .sqrt();
+        for row in 0..3 {
+            r[row][col] = affine[row][col] / n;
+        }
+    }
+    let det = r[0][0] * (r[1][1] * r[2][2] - r[1][2] * r[2][1])
+        - r[0][1] * (r[1][0] * r[2][2] - r[1][2] * r[2][0])
+        + r[0][2] * (r[1][0] * r[2][1] - r[1][1] * r[2][0]);
+    let v = if det > 0.0 { [-b[0], b[1], b[2]] } else { b };
+    let ras: Vec<f64> = (0..3)
+        .map(|row| (0..3).map(|col| r[row][col] * v[col]).sum())
+        .collect();
+    [-ras[0], -ras[1], ras[2]]
+}
+
+fn read_fsl(dir: &std::path::Path, stem: &str) -> (Vec<f64>, Vec<[f64; 3]>) {
+    let nums = |s: &str| -> Vec<f64> {
+        s.split_whitespace()
+            .map(|x| x.parse().expect("number"))
+            .collect()
+    };
+    let bval = nums(&std::fs::read_to_string(dir.join(format!("{stem}.bval"))).expect("bval"));
+    let rows: Vec<Vec<f64>> = std::fs::read_to_string(dir.join(format!("{stem}.bvec")))
+        .expect("bvec")
+        .lines()
+        .map(nums)
+        .collect();
+    assert_eq!(rows.len(), 3, "three rows");
+    let bvec = (0..bval.len())
+        .map(|i| [rows[0][i], rows[1][i], rows[2][i]])
+        .collect();
+    (bval, bvec)
+}
+
+#[test]
+fn a_diffusion_series_exports_like_dcm2niix_with_fsl_bvals_and_bvecs() {
+    // b = 0, then three directions at b = 1000 (one with a negative component).
+    let gradients = [
+        (0.0, [0.0, 0.0, 0.0]),
+        (1000.0, [1.0, 0.0, 0.0]),
+        (1000.0, [0.0, 0.70710678, 0.70710678]),
+        (1000.0, [-0.6, 0.8, 0.0]),
+    ];
+    let objects = mr_4d(4, 3, &|o, v| {
+        let (b, g) = gradients[v];
+        o.put(DataElement::new(
+            Tag(0x0018, 0x9087),
+            VR::FD,
+            PrimitiveValue::F64(vec![b].into()),
+        ));
+        o.put(DataElement::new(
+            Tag(0x0018, 0x9089),
+            VR::FD,
+            PrimitiveValue::F64(g.to_vec().into()),
+        ));
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let refdir = dcm2niix(&objects, dir.path());
+    let (_, theirs) =
+        node::volume::nifti::read_series(&refdir.join("ref.nii")).expect("dcm2niix output");
+    let assembled = assemble(&objects);
+    assert_eq!(assembled.len(), 1, "one 4D series, not four parts");
+    let a = &assembled[0];
+    let first = a.volume.clone().expect("volume");
+    assert_eq!(a.more.len(), 3);
+    assert!(a.findings.is_empty(), "{:?}", a.findings);
+    // Ours as written: one 4D NIfTI and FSL text files.
+    let ours_path = dir.path().join("ours.nii");
+    std::fs::write(
+        &ours_path,
+        node::volume::nifti::encode_series(&first, &a.more, 1.0),
+    )
+    .expect("write");
+    let (header, ours) = node::volume::nifti::read_series(&ours_path).expect("ours");
+    assert_eq!(
+        header.dims,
+        vec![first.shape().0 as i64, first.shape().1 as i64, 3, 4]
+    );
+    overlays(&ours, &theirs);
+    let (bval, bvec) = node::volume::fsl_text(&first.affine, &a.diffusion);
+    std::fs::write(dir.path().join("ours.bval"), bval).expect("bval");
+    std::fs::write(dir.path().join("ours.bvec"), bvec).expect("bvec");
+    // The export writes the 4D image with its .bval and .bvec beside it.
+    let src = dir.path().join("dicom");
+    let exported = dir.path().join("export");
+    let opts = node::export::ExportOptions {
+        format: node::export::Format::Nifti,
+        dataset_id: 1,
+        dataset_name: "dwi".into(),
+        seed: 0,
+        fractions: [1.0, 0.0, 0.0],
+        stratify: node::export::Stratify::None,
+        harmonised: None,
+        tokens: node::deid::keys::Tokens::ephemeral(),
+    };
+    let summary = node::export::export(&src, &exported, &opts, &|_| true).expect("export");
+    assert_eq!(summary.volumes, 1);
+    let manifest = std::fs::read_to_string(exported.join("manifest.jsonl")).expect("manifest");
+    let line: serde_json::Value = serde_json::from_str(manifest.trim()).expect("json");
+    assert_eq!(line["volumes"], 4);
+    assert_eq!(line["diffusion"], true);
+    let file = exported.join(line["file"].as_str().expect("file"));
+    let (_, written) = node::volume::nifti::read_series(&file).expect("exported image");
+    overlays(&written, &theirs);
+    let stem = file
+        .to_string_lossy()
+        .trim_end_matches(".nii.gz")
+        .to_owned();
+    let (exp_b, _) = read_fsl(
+        std::path::Path::new(&stem).parent().expect("dir"),
+        std::path::Path::new(&stem)
+            .file_name()
+            .expect("name")
+            .to_str()
+            .expect("utf-8"),
+    );
+    assert_eq!(exp_b, vec![0.0, 1000.0, 1000.0, 1000.0]);
+    let (our_b, our_g) = read_fsl(dir.path(), "ours");
+    let (their_b, their_g) = read_fsl(&refdir, "ref");
+    assert_eq!(our_b, their_b, "b-values in the same order");
+    for (t, (o, th)) in our_g.iter().zip(&their_g).enumerate() {
+        // The same direction in the patient's space, through each file's own axes.
+        let ol = bvec_to_lps(&first.affine, *o);
+        let tl = bvec_to_lps(&theirs[0].affine, *th);
+        let dicom = gradients[t].1;
+        for a in 0..3 {
+            assert!(
+                (ol[a] - dicom[a]).abs() < 1e-4,
+                "ours t {t}: {ol:?} vs {dicom:?}"
+            );
+            assert!(
+                (tl[a] - dicom[a]).abs() < 1e-3,
+                "dcm2niix t {t}: {tl:?} vs {dicom:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fmri_stacks_by_temporal_position_and_echoes_split_like_dcm2niix() {
+    // fMRI: five time points of three slices, TR 2 s.
+    let objects = mr_4d(5, 3, &|o, v| {
+        o.put(DataElement::new(
+            Tag(0x0020, 0x0100),
+            VR::IS,
+            PrimitiveValue::from((v + 1).to_string()),
+        ));
+        o.put(DataElement::new(
+            Tag(0x0018, 0x0080),
+            VR::DS,
+            PrimitiveValue::from("2000"),
+        ));
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let refdir = dcm2niix(&objects, dir.path());
+    let (theirs_header, theirs) =
+        node::volume::nifti::read_series(&refdir.join("ref.nii")).expect("dcm2niix output");
+    let assembled = assemble(&objects);
+    assert_eq!(assembled.len(), 1);
+    let a = &assembled[0];
+    assert_eq!(a.repetition_s, Some(2.0));
+    assert!(a.diffusion.is_empty());
+    let first = a.volume.clone().expect("volume");
+    let mut ours = vec![first];
+    ours.extend(a.more.iter().cloned());
+    assert_eq!(theirs_header.dims.get(3), Some(&5));
+    overlays(&ours, &theirs);
+
+    // Multi-echo: two echoes of two time points each; one 4D file per echo, as dcm2niix
+    // writes `_e1` and `_e2`.
+    let objects = mr_4d(4, 3, &|o, v| {
+        let (echo, time) = (v % 2 + 1, v / 2 + 1);
+        o.put(DataElement::new(
+            Tag(0x0018, 0x0086),
+            VR::IS,
+            PrimitiveValue::from(echo.to_string()),
+        ));
+        o.put(DataElement::new(
+            Tag(0x0018, 0x0081),
+            VR::DS,
+            PrimitiveValue::from(format!("{}", 10 * echo)),
+        ));
+        o.put(DataElement::new(
+            Tag(0x0020, 0x0100),
+            VR::IS,
+            PrimitiveValue::from(time.to_string()),
+        ));
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let refdir = dcm2niix(&objects, dir.path());
+    let assembled = assemble(&objects);
+    assert_eq!(assembled.len(), 2, "one 4D volume per echo");
+    for (e, a) in assembled.iter().enumerate() {
+        let (_, theirs) =
+            node::volume::nifti::read_series(&refdir.join(format!("ref_e{}.nii", e + 1)))
+                .expect("dcm2niix echo output");
+        let mut ours = vec![a.volume.clone().expect("volume")];
+        ours.extend(a.more.iter().cloned());
+        assert_eq!(ours.len(), 2, "two time points per echo");
+        overlays(&ours, &theirs);
+    }
+}

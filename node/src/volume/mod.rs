@@ -113,6 +113,65 @@ impl Volume {
     }
 }
 
+/// Diffusion gradients as FSL's `.bvec` wants them (dcm2niix writes the same): each direction
+/// (DICOM LPS) in the image's own voxel axes, with the first axis negated when the affine's
+/// determinant is positive (FSL's radiological convention). Rows are x, y, z.
+pub fn fsl_bvecs(affine: &Affine, gradients: &[[f64; 3]]) -> [Vec<f64>; 3] {
+    let mut r = [[0.0; 3]; 3];
+    for col in 0..3 {
+        let n = (0..3)
+            .map(|row| affine[row][col].powi(2))
+            .sum::<f64>()
+            .sqrt();
+        for row in 0..3 {
+            r[row][col] = if n > 0.0 { affine[row][col] / n } else { 0.0 };
+        }
+    }
+    let det = r[0][0] * (r[1][1] * r[2][2] - r[1][2] * r[2][1])
+        - r[0][1] * (r[1][0] * r[2][2] - r[1][2] * r[2][0])
+        + r[0][2] * (r[1][0] * r[2][1] - r[1][1] * r[2][0]);
+    let mut out = [Vec::new(), Vec::new(), Vec::new()];
+    for g in gradients {
+        let ras = [-g[0], -g[1], g[2]];
+        // The columns are orthonormal: the inverse is the transpose.
+        let mut v = [0.0; 3];
+        for (axis, o) in v.iter_mut().enumerate() {
+            *o = (0..3).map(|row| r[row][axis] * ras[row]).sum();
+        }
+        if det > 0.0 {
+            v[0] = -v[0];
+        }
+        for (axis, o) in out.iter_mut().enumerate() {
+            // No negative zeros in the text.
+            o.push(if v[axis].abs() < 1e-12 { 0.0 } else { v[axis] });
+        }
+    }
+    out
+}
+
+/// `.bval` and `.bvec` text for a diffusion series (one line of b-values; three lines of
+/// directions, FSL convention).
+pub fn fsl_text(affine: &Affine, diffusion: &[(f64, [f64; 3])]) -> (String, String) {
+    let fmt = |x: f64| {
+        let s = format!("{x:.6}");
+        let s = s.trim_end_matches('0').trim_end_matches('.').to_owned();
+        if s == "-0" { "0".to_owned() } else { s }
+    };
+    let bval = diffusion
+        .iter()
+        .map(|(b, _)| fmt(*b))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let g: Vec<[f64; 3]> = diffusion.iter().map(|(_, g)| *g).collect();
+    let rows = fsl_bvecs(affine, &g);
+    let bvec = rows
+        .iter()
+        .map(|r| r.iter().map(|x| fmt(*x)).collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    (format!("{bval}\n"), format!("{bvec}\n"))
+}
+
 /// The affine of a diagonal spacing with the origin at zero.
 pub fn diagonal(spacing: [f64; 3]) -> Affine {
     [

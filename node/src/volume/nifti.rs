@@ -365,6 +365,17 @@ pub fn read(path: &Path) -> Result<(Header, Volume), NiftiError> {
     Ok((header, volume))
 }
 
+/// Read a 3D or 4D image as its volumes (see [`read`]).
+pub fn read_series(path: &Path) -> Result<(Header, Vec<Volume>), NiftiError> {
+    let head = read_capped(path, HEADER_READ)?;
+    let header = parse_header(&head)?;
+    let need = header.data_bytes()?;
+    let bytes = read_capped(path, header.vox_offset.saturating_add(need))?;
+    let data = bytes.get(header.vox_offset as usize..).unwrap_or(&[]);
+    let volumes = decode_series(&header, data)?;
+    Ok((header, volumes))
+}
+
 /// Bits per voxel of every NIfTI datatype code (binary, integers, floats up to 128 bits,
 /// complex, RGB, RGBA).
 fn bits_of_code(code: i16) -> Option<u64> {
@@ -490,8 +501,19 @@ pub fn rewrite(path: &Path) -> Result<Vec<u8>, NiftiError> {
 /// Decode voxel data for a header.
 pub fn decode(header: &Header, data: &[u8]) -> Result<Volume, NiftiError> {
     let d = &header.dims;
-    if d.is_empty() || d.len() > 4 || d.iter().any(|&x| x < 1) || d.get(3).is_some_and(|&t| t != 1)
-    {
+    if d.get(3).is_some_and(|&t| t != 1) {
+        return Err(NiftiError::Dimensions(d.clone()));
+    }
+    decode_series(header, data)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| NiftiError::Dimensions(d.clone()))
+}
+
+/// Decode a 3D or 4D image into its volumes (one per `dim[4]`).
+pub fn decode_series(header: &Header, data: &[u8]) -> Result<Vec<Volume>, NiftiError> {
+    let d = &header.dims;
+    if d.is_empty() || d.len() > 4 || d.iter().any(|&x| x < 1) {
         return Err(NiftiError::Dimensions(d.clone()));
     }
     let ni = d[0] as usize;
@@ -552,27 +574,32 @@ pub fn decode(header: &Header, data: &[u8]) -> Result<Volume, NiftiError> {
         (header.scl_slope, header.scl_inter)
     };
     let scaled = header.datatype != StoredType::Rgb24;
-    let mut out = Array4::<f32>::zeros((ni, nj, nk, channels));
-    for k in 0..nk {
-        for j in 0..nj {
-            for i in 0..ni {
-                let v = i + ni * (j + nj * k);
-                for c in 0..channels {
-                    let raw = value(v * channels + c);
-                    out[[i, j, k, c]] = if scaled {
-                        (raw * slope + inter) as f32
-                    } else {
-                        raw as f32
-                    };
+    let nt = d.get(3).copied().unwrap_or(1) as usize;
+    let mut volumes = Vec::with_capacity(nt);
+    for t in 0..nt {
+        let mut out = Array4::<f32>::zeros((ni, nj, nk, channels));
+        for k in 0..nk {
+            for j in 0..nj {
+                for i in 0..ni {
+                    let v = i + ni * (j + nj * (k + nk * t));
+                    for c in 0..channels {
+                        let raw = value(v * channels + c);
+                        out[[i, j, k, c]] = if scaled {
+                            (raw * slope + inter) as f32
+                        } else {
+                            raw as f32
+                        };
+                    }
                 }
             }
         }
+        volumes.push(Volume {
+            data: out,
+            affine: header.affine,
+            stored: header.datatype,
+        });
     }
-    Ok(Volume {
-        data: out,
-        affine: header.affine,
-        stored: header.datatype,
-    })
+    Ok(volumes)
 }
 
 fn clamp_round(v: f32, lo: f64, hi: f64) -> f64 {
@@ -582,6 +609,14 @@ fn clamp_round(v: f32, lo: f64, hi: f64) -> f64 {
 /// Encode a volume as a NIfTI-1 single file (`.nii`), little endian, with sform and qform
 /// both set from the affine (code 1, scanner anatomical), and no extension.
 pub fn encode(volume: &Volume) -> Vec<u8> {
+    encode_series(volume, &[], 1.0)
+}
+
+/// Encode a 4D series (`first`, then `more` of the same shape and affine, e.g. fMRI time
+/// points or diffusion directions) as one NIfTI-1 file: `dim[4]` volumes, `pixdim[4]` the
+/// time between them in seconds. With nothing in `more` it is [`encode`].
+pub fn encode_series(first: &Volume, more: &[Volume], seconds: f64) -> Vec<u8> {
+    let volume = first;
     let (ni, nj, nk) = volume.shape();
     let channels = volume.channels();
     let stored = if channels == 3 {
@@ -599,14 +634,21 @@ pub fn encode(volume: &Volume) -> Vec<u8> {
     };
     put_i32(&mut h, 0, 348);
     h[38] = b'r';
-    let dims = [3i16, ni as i16, nj as i16, nk as i16, 1, 1, 1, 1];
+    let nt = 1 + more.len();
+    let dims = if nt > 1 {
+        [4i16, ni as i16, nj as i16, nk as i16, nt as i16, 1, 1, 1]
+    } else {
+        [3i16, ni as i16, nj as i16, nk as i16, 1, 1, 1, 1]
+    };
     for (i, d) in dims.iter().enumerate() {
         put_i16(&mut h, 40 + 2 * i, *d);
     }
     put_i16(&mut h, 70, stored.code());
     put_i16(&mut h, 72, stored.bits());
     let (quat, qfac, spacing) = to_quaternion(&volume.affine);
-    let pixdim = [qfac, spacing[0], spacing[1], spacing[2], 1.0, 1.0, 1.0, 1.0];
+    let pixdim = [
+        qfac, spacing[0], spacing[1], spacing[2], seconds, 1.0, 1.0, 1.0,
+    ];
     for (i, p) in pixdim.iter().enumerate() {
         put_f32(&mut h, 76 + 4 * i, *p);
     }
@@ -630,7 +672,16 @@ pub fn encode(volume: &Volume) -> Vec<u8> {
     h[344..348].copy_from_slice(b"n+1\0");
     // 348..352: extension flag 0 (no extensions).
     let mut out = h;
-    out.reserve(ni * nj * nk * (stored.bits() as usize / 8).max(1));
+    out.reserve(nt * ni * nj * nk * (stored.bits() as usize / 8).max(1));
+    for volume in std::iter::once(first).chain(more) {
+        push_voxels(&mut out, volume, stored);
+    }
+    out
+}
+
+fn push_voxels(out: &mut Vec<u8>, volume: &Volume, stored: StoredType) {
+    let (ni, nj, nk) = volume.shape();
+    let channels = volume.channels();
     for k in 0..nk {
         for j in 0..nj {
             for i in 0..ni {
@@ -661,7 +712,6 @@ pub fn encode(volume: &Volume) -> Vec<u8> {
             }
         }
     }
-    out
 }
 
 /// Gzip bytes with no file name and no modification time in the gzip header.

@@ -68,7 +68,17 @@ pub struct AssembledVolume {
     pub sex: String,
     /// Index of this volume within its series (echoes, orientations, sizes).
     pub part: usize,
+    /// The (first) volume.
     pub volume: Option<Volume>,
+    /// The further volumes of a 4D series, in acquisition order: fMRI time points (by
+    /// Temporal Position Identifier), diffusion-weighted volumes (by b-value and gradient).
+    /// Empty for a 3D series.
+    pub more: Vec<Volume>,
+    /// For a diffusion series, per volume (`volume`, then `more`): the b-value (s/mm²) and the
+    /// gradient direction in patient coordinates (DICOM LPS, unit length; zero for b = 0).
+    pub diffusion: Vec<(f64, [f64; 3])>,
+    /// Seconds between volumes (Repetition Time) of a 4D series.
+    pub repetition_s: Option<f64>,
     pub findings: Vec<SeriesFinding>,
 }
 
@@ -115,8 +125,13 @@ fn functional(
 /// Decoded frames of one object `(slice index, values)`, or `(object, why)` it failed.
 type DecodedObject = Result<Vec<(usize, Vec<f32>)>, (usize, String)>;
 
-/// Volumes of a series are split by orientation (rounded), rows, columns, echo, temporal position.
-type GroupKey = (Vec<i64>, u32, u32, i64, i64);
+/// Volumes of a series are split by orientation (rounded), rows, columns and echo (as
+/// dcm2niix writes one file per echo); time points and diffusion directions stack into 4D.
+type GroupKey = (Vec<i64>, u32, u32, i64);
+
+/// What tells the volumes of a 4D group apart: temporal position, b-value and gradient
+/// (rounded).
+type VolumeKey = (i64, i64, [i64; 3]);
 
 /// One slice: a single-frame instance or one frame of a multi-frame instance.
 #[derive(Clone, Debug)]
@@ -132,6 +147,10 @@ struct Slice {
     intercept: f64,
     echo: i64,
     temporal: i64,
+    /// Diffusion b-value and gradient direction (LPS), if the frame says.
+    bvalue: Option<f64>,
+    gradient: Option<[f64; 3]>,
+    instance: i64,
 }
 
 const PLANE_POSITION: Tag = Tag(0x0020, 0x9113);
@@ -143,12 +162,17 @@ const IOP: Tag = Tag(0x0020, 0x0037);
 const PIXEL_SPACING: Tag = Tag(0x0028, 0x0030);
 const SLOPE: Tag = Tag(0x0028, 0x1053);
 const INTERCEPT: Tag = Tag(0x0028, 0x1052);
+const MR_DIFFUSION: Tag = Tag(0x0018, 0x9117);
+const B_VALUE: Tag = Tag(0x0018, 0x9087);
+const GRADIENT_SEQUENCE: Tag = Tag(0x0018, 0x9076);
+const GRADIENT: Tag = Tag(0x0018, 0x9089);
 
 fn slices_of(index: usize, obj: &InMemDicomObject) -> Vec<Slice> {
     let rows = number(obj, Tag(0x0028, 0x0010)).unwrap_or(0.0) as u32;
     let cols = number(obj, Tag(0x0028, 0x0011)).unwrap_or(0.0) as u32;
     let echo = number(obj, Tag(0x0018, 0x0086)).unwrap_or(0.0) as i64;
     let temporal = number(obj, Tag(0x0020, 0x0100)).unwrap_or(0.0) as i64;
+    let instance = number(obj, Tag(0x0020, 0x0013)).unwrap_or(0.0) as i64;
     // No geometry, no slices; and never more frames than the pixel data can hold (a declared
     // count of 2^31 frames over 64 bytes is not iterated).
     if rows == 0 || cols == 0 {
@@ -181,6 +205,22 @@ fn slices_of(index: usize, obj: &InMemDicomObject) -> Vec<Slice> {
         let spacing = spacing
             .filter(|v| v.len() >= 2)
             .map_or([1.0, 1.0], |v| [v[0], v[1]]);
+        // Diffusion: in the frame's MR Diffusion functional group, or at the top level.
+        let diffusion = [pf, shared]
+            .into_iter()
+            .flatten()
+            .find_map(|g| first_item(g, MR_DIFFUSION));
+        let bvalue = diffusion
+            .and_then(|d| floats(d, B_VALUE))
+            .or_else(|| floats(obj, B_VALUE))
+            .and_then(|v| v.first().copied())
+            .filter(|b| b.is_finite() && *b >= 0.0);
+        let gradient = diffusion
+            .and_then(|d| first_item(d, GRADIENT_SEQUENCE))
+            .and_then(|g| floats(g, GRADIENT))
+            .or_else(|| floats(obj, GRADIENT))
+            .filter(|g| g.len() >= 3 && g.iter().all(|x| x.is_finite()))
+            .map(|g| [g[0], g[1], g[2]]);
         out.push(Slice {
             object: index,
             frame,
@@ -193,6 +233,9 @@ fn slices_of(index: usize, obj: &InMemDicomObject) -> Vec<Slice> {
             intercept: intercept.and_then(|v| v.first().copied()).unwrap_or(0.0),
             echo,
             temporal,
+            bvalue,
+            gradient,
+            instance,
         });
     }
     out
@@ -257,12 +300,15 @@ pub fn assemble(objects: &[DefaultDicomObject]) -> Vec<AssembledVolume> {
                 sex: text(obj, Tag(0x0010, 0x0040)).unwrap_or_else(|| "unknown".into()),
                 part: 0,
                 volume: None,
+                more: Vec::new(),
+                diffusion: Vec::new(),
+                repetition_s: None,
                 findings: vec![SeriesFinding::NoGeometry],
             });
         }
     }
     for (series, slices) in by_series {
-        // Sub-groups by orientation, size, echo and temporal position.
+        // Sub-groups by orientation, size and echo.
         let mut groups: BTreeMap<GroupKey, Vec<Slice>> = BTreeMap::new();
         for s in slices {
             let key = (
@@ -270,7 +316,6 @@ pub fn assemble(objects: &[DefaultDicomObject]) -> Vec<AssembledVolume> {
                 s.rows,
                 s.cols,
                 s.echo,
-                s.temporal,
             );
             groups.entry(key).or_default().push(s);
         }
@@ -278,17 +323,20 @@ pub fn assemble(objects: &[DefaultDicomObject]) -> Vec<AssembledVolume> {
             groups.keys().map(|k| k.0.clone()).collect();
         let sizes: std::collections::BTreeSet<(u32, u32)> =
             groups.keys().map(|k| (k.1, k.2)).collect();
-        for (part, (_, group)) in groups.into_iter().enumerate() {
+        let mut part = 0;
+        for (_, group) in groups {
             let first = &objects[group[0].object];
-            let mut findings = Vec::new();
+            let mut common = Vec::new();
             if orientations.len() > 1 {
-                findings.push(SeriesFinding::MixedOrientation);
+                common.push(SeriesFinding::MixedOrientation);
             }
             if sizes.len() > 1 {
-                findings.push(SeriesFinding::MixedSize);
+                common.push(SeriesFinding::MixedSize);
             }
-            let volume = build(objects, group, &mut findings);
-            out.push(AssembledVolume {
+            let repetition_s = number(first, Tag(0x0018, 0x0080))
+                .filter(|t| t.is_finite() && *t > 0.0)
+                .map(|ms| ms / 1000.0);
+            let entry = |volume, more, diffusion, findings, part| AssembledVolume {
                 series_uid: series.clone(),
                 study_uid: text(first, Tag(0x0020, 0x000D)).unwrap_or_default(),
                 patient: text(first, Tag(0x0010, 0x0020)).unwrap_or_default(),
@@ -296,11 +344,105 @@ pub fn assemble(objects: &[DefaultDicomObject]) -> Vec<AssembledVolume> {
                 sex: text(first, Tag(0x0010, 0x0040)).unwrap_or_else(|| "unknown".into()),
                 part,
                 volume,
+                more,
+                diffusion,
+                repetition_s,
                 findings,
-            });
+            };
+            let stacks = split_volumes(group);
+            if stacks.len() > 1 && same_positions(&stacks) {
+                // A 4D series: one volume per time point or diffusion direction.
+                let mut findings = common.clone();
+                let diffusion: Vec<(f64, [f64; 3])> =
+                    if stacks.iter().any(|s| s[0].bvalue.is_some()) {
+                        stacks
+                            .iter()
+                            .map(|s| (s[0].bvalue.unwrap_or(0.0), unit(s[0].gradient)))
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                let mut volumes = Vec::new();
+                for stack in stacks {
+                    match build(objects, stack, &mut findings) {
+                        Some(v) => volumes.push(v),
+                        None => {
+                            volumes.clear();
+                            break;
+                        }
+                    }
+                }
+                findings.dedup();
+                let mut it = volumes.into_iter();
+                let first_volume = it.next();
+                out.push(entry(first_volume, it.collect(), diffusion, findings, part));
+                part += 1;
+            } else {
+                // Volumes that do not stack (or one volume): one part each, as before.
+                for stack in stacks {
+                    let mut findings = common.clone();
+                    let volume = build(objects, stack, &mut findings);
+                    out.push(entry(volume, Vec::new(), Vec::new(), findings, part));
+                    part += 1;
+                }
+            }
         }
     }
     out
+}
+
+/// A gradient direction of unit length (zero when absent or zero).
+fn unit(g: Option<[f64; 3]>) -> [f64; 3] {
+    let g = g.unwrap_or([0.0; 3]);
+    let n = dot(g, g).sqrt();
+    if n > 1e-9 {
+        [g[0] / n, g[1] / n, g[2] / n]
+    } else {
+        [0.0; 3]
+    }
+}
+
+/// Split a group's slices into the volumes of a 4D series, in acquisition order (temporal
+/// position, then the lowest instance number); one stack when nothing tells them apart.
+fn split_volumes(group: Vec<Slice>) -> Vec<Vec<Slice>> {
+    let key = |s: &Slice| -> VolumeKey {
+        let g = unit(s.gradient);
+        (
+            s.temporal,
+            s.bvalue.map_or(-1, |b| (b * 1e3).round() as i64),
+            g.map(|x| (x * 1e4).round() as i64),
+        )
+    };
+    let mut stacks: BTreeMap<VolumeKey, Vec<Slice>> = BTreeMap::new();
+    for s in group {
+        stacks.entry(key(&s)).or_default().push(s);
+    }
+    let mut out: Vec<Vec<Slice>> = stacks.into_values().collect();
+    out.sort_by_key(|s| {
+        (
+            s[0].temporal,
+            s.iter().map(|x| x.instance).min().unwrap_or(0),
+        )
+    });
+    out
+}
+
+/// Whether every stack covers the same slice positions (a 4D series); stacks that do not
+/// (a localiser beside its series, a partial repeat) stay separate volumes.
+fn same_positions(stacks: &[Vec<Slice>]) -> bool {
+    let positions = |s: &[Slice]| -> Vec<[i64; 3]> {
+        let mut p: Vec<[i64; 3]> = s
+            .iter()
+            .map(|x| x.ipp.map(|v| (v * 100.0).round() as i64))
+            .collect();
+        p.sort();
+        p.dedup();
+        p
+    };
+    let first = positions(&stacks[0]);
+    stacks
+        .iter()
+        .all(|s| s.len() == first.len() && positions(s) == first)
 }
 
 fn build(
