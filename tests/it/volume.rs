@@ -495,7 +495,14 @@ fn a_diffusion_series_exports_like_dcm2niix_with_fsl_bvals_and_bvecs() {
     let gradients = [
         (0.0, [0.0, 0.0, 0.0]),
         (1000.0, [1.0, 0.0, 0.0]),
-        (1000.0, [0.0, 0.70710678, 0.70710678]),
+        (
+            1000.0,
+            [
+                0.0,
+                std::f64::consts::FRAC_1_SQRT_2,
+                std::f64::consts::FRAC_1_SQRT_2,
+            ],
+        ),
         (1000.0, [-0.6, 0.8, 0.0]),
     ];
     let objects = mr_4d(4, 3, &|o, v| {
