@@ -10,6 +10,8 @@
 #   scripts/fuzz.sh                      # every target, 60 s each
 #   FUZZ_REPORT_ONLY=1 scripts/fuzz.sh   # record findings without failing (scripts/test.sh)
 #   FUZZ_SECONDS=600 scripts/fuzz.sh dicom_ingest pixel_decode
+#   FUZZ_SANITIZER=address scripts/fuzz.sh pixel_decode   # with AddressSanitizer (the C and
+#                                       # C++ codecs behind pixel decoding are where it matters)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,11 +33,23 @@ fi
 
 host=$(rustc -vV | sed -n 's/^host: //p')
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
+build="$work/build"
+label=""
+if [ "${FUZZ_SANITIZER:-}" = address ]; then
+  # AddressSanitizer is a nightly flag: RUSTC_BOOTSTRAP lets the stable compiler take it, in
+  # a target directory of its own. Its shadow memory counts in the RSS: a higher limit.
+  export RUSTC_BOOTSTRAP=1
+  RUSTFLAGS="$RUSTFLAGS -Zsanitizer=address"
+  build="$work/build-asan"
+  label="+asan"
+  rss_mb=${FUZZ_RSS_MB:-4096}
+  export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=0:allocator_may_return_null=1}"
+fi
 # --target keeps build scripts and proc macros uninstrumented.
 cargo build --release --locked --manifest-path node/fuzz/Cargo.toml --target "$host" \
-  --target-dir "$work/build" --bins
-unset RUSTFLAGS
-bin="$work/build/$host/release"
+  --target-dir "$build" --bins
+unset RUSTFLAGS RUSTC_BOOTSTRAP
+bin="$build/$host/release"
 
 # Seeds from our fixture builder (no third-party file is committed).
 rm -rf "$work/seeds"
@@ -64,9 +78,9 @@ for t in "${targets[@]}"; do
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)
   ft=$(grep -o 'ft: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)
   findings=$(find "$artifacts" -type f | wc -l)
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(date -u +%FT%TZ)" "$t" "$commit" "$seconds" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(date -u +%FT%TZ)" "$t$label" "$commit" "$seconds" \
     "${execs:-0}" "${cov:-0}" "${ft:-0}" "${peak:-0}" "$findings" >> "$ledger"
-  echo "fuzz $t: ${execs:-0} executions in ${seconds}s, coverage ${cov:-0}, peak ${peak:-0} MB, findings $findings (exit $rc)"
+  echo "fuzz $t$label: ${execs:-0} executions in ${seconds}s, coverage ${cov:-0}, peak ${peak:-0} MB, findings $findings (exit $rc)"
   if [ "$findings" -gt 0 ] || [ "$rc" -ne 0 ]; then
     failed=1
     grep -E 'panicked|ERROR|SUMMARY' "$log" | head -5 >&2 || true
