@@ -302,7 +302,10 @@ fn an_acknowledged_report_survives_a_power_cut() {
         .iter()
         .filter(|fs| {
             let (survived, _) = acknowledged_then_cut(fs, true);
-            println!("calibration on {fs}: report {}", if survived { "kept" } else { "lost" });
+            println!(
+                "calibration on {fs}: report {}",
+                if survived { "kept" } else { "lost" }
+            );
             !survived
         })
         .count();
