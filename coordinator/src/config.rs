@@ -63,6 +63,9 @@ pub struct CoordinatorConfig {
     /// and restarted without those that did not take their step.
     #[serde(default = "default_secure_timeout")]
     pub secure_timeout_seconds: i64,
+    /// What one site may use: connections at once, requests per second, burst.
+    #[serde(default)]
+    pub limits: crate::net::Limits,
 }
 
 fn default_secure_timeout() -> i64 {

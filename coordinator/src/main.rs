@@ -212,20 +212,22 @@ fn serve(path: &std::path::Path) -> Result<()> {
         // Installed before anyone learns the address, so an early SIGTERM is still clean.
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
-        let service = coordinator::net::Service::start(
+        let service = coordinator::net::Service::start_with(
             coordinator::net::quic_server_config(server.clone())?,
             cfg.listen,
             hub.clone(),
             sites,
+            cfg.limits,
         )?;
         println!("listening on {}", service.local_addr()?);
         let tcp = if cfg.tcp_fallback {
             let addr = cfg.listen_tcp.unwrap_or(service.local_addr()?);
-            let tcp = coordinator::net::TcpService::start(
+            let tcp = coordinator::net::TcpService::start_with(
                 server,
                 addr,
                 hub.clone(),
                 service.sites(),
+                cfg.limits,
             )
             .await?;
             println!("tcp fallback on {}", tcp.local_addr());

@@ -131,11 +131,34 @@ pub const TCP_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 pub const RATE_PER_SECOND: f64 = 20.0;
 pub const RATE_BURST: f64 = 40.0;
 
+/// What one site may use of a service.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Connections one site may hold at once (per transport).
+    pub connections_per_site: usize,
+    /// Requests per second a site may make, sustained.
+    pub requests_per_second: f64,
+    /// Requests a site may make at once before it is paced.
+    pub burst: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections_per_site: MAX_CONNECTIONS_PER_SITE,
+            requests_per_second: RATE_PER_SECOND,
+            burst: RATE_BURST,
+        }
+    }
+}
+
 /// Per-site connection counts and request rate (a token bucket), shared by a service's
 /// connections.
 #[derive(Debug, Default)]
 pub struct Guard {
     sites: Mutex<HashMap<SiteId, SiteUse>>,
+    limits: Limits,
 }
 
 #[derive(Debug)]
@@ -146,14 +169,22 @@ struct SiteUse {
 }
 
 impl Guard {
+    pub fn new(limits: Limits) -> Self {
+        Guard {
+            sites: Mutex::new(HashMap::new()),
+            limits,
+        }
+    }
+
     fn with<R>(&self, site: &SiteId, f: impl FnOnce(&mut SiteUse) -> R) -> R {
         let mut m = match self.sites.lock() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
+        let burst = self.limits.burst;
         let u = m.entry(site.clone()).or_insert_with(|| SiteUse {
             connections: 0,
-            tokens: RATE_BURST,
+            tokens: burst,
             last: std::time::Instant::now(),
         });
         f(u)
@@ -161,8 +192,9 @@ impl Guard {
 
     /// Count a new connection of `site`; false if it holds the most it may.
     pub fn connect(&self, site: &SiteId) -> bool {
+        let most = self.limits.connections_per_site;
         self.with(site, |u| {
-            if u.connections >= MAX_CONNECTIONS_PER_SITE {
+            if u.connections >= most {
                 false
             } else {
                 u.connections += 1;
@@ -177,15 +209,20 @@ impl Guard {
 
     /// Take a request token; how long to wait first when there is none.
     pub fn pace(&self, site: &SiteId) -> std::time::Duration {
+        let Limits {
+            requests_per_second: rate,
+            burst,
+            ..
+        } = self.limits;
         self.with(site, |u| {
             let now = std::time::Instant::now();
             let dt = now.duration_since(u.last).as_secs_f64();
             u.last = now;
-            u.tokens = (u.tokens + dt * RATE_PER_SECOND).min(RATE_BURST) - 1.0;
-            if u.tokens >= 0.0 {
+            u.tokens = (u.tokens + dt * rate).min(burst) - 1.0;
+            if u.tokens >= 0.0 || rate <= 0.0 {
                 std::time::Duration::ZERO
             } else {
-                std::time::Duration::from_secs_f64(-u.tokens / RATE_PER_SECOND)
+                std::time::Duration::from_secs_f64((-u.tokens / rate).min(60.0))
             }
         })
     }
@@ -291,19 +328,31 @@ pub struct Service {
 }
 
 impl Service {
-    /// Bind and start accepting connections (on the current tokio runtime).
+    /// Bind and start accepting connections (on the current tokio runtime), with the default
+    /// [`Limits`].
     pub fn start(
         config: quinn::ServerConfig,
         addr: SocketAddr,
         hub: Arc<Mutex<Hub>>,
         sites: HashMap<String, SiteId>,
     ) -> Result<Self, NetError> {
+        Self::start_with(config, addr, hub, sites, Limits::default())
+    }
+
+    /// [`Service::start`] with the given per-site limits.
+    pub fn start_with(
+        config: quinn::ServerConfig,
+        addr: SocketAddr,
+        hub: Arc<Mutex<Hub>>,
+        sites: HashMap<String, SiteId>,
+        limits: Limits,
+    ) -> Result<Self, NetError> {
         let endpoint = quinn::Endpoint::server(config, addr)
             .map_err(|source| NetError::Bind { addr, source })?;
         let ep = endpoint.clone();
         let sites: SiteMap = Arc::new(RwLock::new(sites));
         let map = sites.clone();
-        let guard = Arc::new(Guard::default());
+        let guard = Arc::new(Guard::new(limits));
         let g = guard.clone();
         tokio::spawn(async move {
             while let Some(incoming) = ep.accept().await {
@@ -508,12 +557,23 @@ pub struct TcpService {
 }
 
 impl TcpService {
-    /// Bind and start accepting (on the current tokio runtime).
+    /// Bind and start accepting (on the current tokio runtime), with the default [`Limits`].
     pub async fn start(
         tls: rustls::ServerConfig,
         addr: SocketAddr,
         hub: Arc<Mutex<Hub>>,
         sites: SiteMap,
+    ) -> Result<Self, NetError> {
+        Self::start_with(tls, addr, hub, sites, Limits::default()).await
+    }
+
+    /// [`TcpService::start`] with the given per-site limits.
+    pub async fn start_with(
+        tls: rustls::ServerConfig,
+        addr: SocketAddr,
+        hub: Arc<Mutex<Hub>>,
+        sites: SiteMap,
+        limits: Limits,
     ) -> Result<Self, NetError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -524,7 +584,7 @@ impl TcpService {
         let tls = Arc::new(RwLock::new(Arc::new(tls)));
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let config = tls.clone();
-        let guard = Arc::new(Guard::default());
+        let guard = Arc::new(Guard::new(limits));
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {

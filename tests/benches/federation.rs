@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use coordinator::Hub;
-use coordinator::net::{Service, server_config, server_tls, site_fingerprints};
+use coordinator::net::{server_config, server_tls, site_fingerprints};
 use coordinator::pki::Pki;
 use coordinator::store::Store;
 use node::federation::{client_config, client_tls, connect, request};
@@ -113,7 +113,12 @@ fn aggregates(schema: &CurationSchema, seed: u64) -> SiteAggregates {
         nyul: Some(NyulRelease {
             patients: 40,
             summary: NyulSummary {
-                landmark_sums: [seed as i64; 11],
+                // 40 volumes whose mean landmarks rise from 1 to 99 (plausible), shifted by the
+                // seed in micro-units so that sites differ.
+                landmark_sums: std::array::from_fn(|i| {
+                    protocol::summary::to_fixed(40.0 * (1.0 + 9.8 * i as f64))
+                        + (seed % 1000) as i64
+                }),
                 volumes: 40,
             },
         }),
@@ -206,7 +211,7 @@ fn secure_cost(n_sites: usize, cells: usize) -> (f64, f64, f64, f64, usize, usiz
     let aggs: Vec<SiteAggregates> = (0..n_sites)
         .map(|i| {
             let mut a = aggregates(&schema, i as u64);
-            for c in a.histograms[0].iter_mut() {
+            for c in a.histograms.iter_mut().flatten() {
                 *c = Cell::Value(10 + i as u64);
             }
             a
@@ -229,14 +234,16 @@ fn secure_cost(n_sites: usize, cells: usize) -> (f64, f64, f64, f64, usize, usiz
     let plain_site = t.elapsed().as_secs_f64() / n_sites as f64;
     let plain_bytes = frames[0].len();
     let t = Instant::now();
-    let mut pooled = Vec::new();
+    let mut pooled: Vec<Vec<Option<u64>>> = vec![Vec::new(); schema.statistics.histograms.len()];
     for f in &frames {
         if let Ok((Message::Report(r), _)) = protocol::decode_frame(f) {
-            add_cells(&mut pooled, &r.aggregates.histograms[0]);
+            for (p, h) in pooled.iter_mut().zip(&r.aggregates.histograms) {
+                add_cells(p, h);
+            }
         }
     }
     let plain_coord = t.elapsed().as_secs_f64();
-    assert_eq!(pooled.len(), cells);
+    assert!(pooled.iter().map(Vec::len).sum::<usize>() >= cells);
     // Secure: keys per peer, agreements, PRG, masking; the coordinator sums and decodes.
     let ctx = MaskContext {
         schema: doc.hash(),
@@ -394,11 +401,19 @@ fn main() {
         )
         .expect("hub");
         let hub = Arc::new(Mutex::new(hub));
-        let service = Service::start(
+        // The protocol's own cost: no per-site pacing or connection cap (a deployment's
+        // `[limits]` would slow one site's burst of requests on purpose).
+        let unlimited = coordinator::net::Limits {
+            connections_per_site: usize::MAX,
+            requests_per_second: 0.0,
+            burst: f64::MAX,
+        };
+        let service = coordinator::net::Service::start_with(
             server_config(&ca, &crl, &cert, &key).expect("server"),
             "127.0.0.1:0".parse().expect("addr"),
             hub.clone(),
             site_fingerprints(&pki.issued().expect("issued"), now()),
+            unlimited,
         )
         .expect("service");
         let addr = service.local_addr().expect("addr");
@@ -429,11 +444,12 @@ fn main() {
         let quic_rate = n_handshakes as f64 / started.elapsed().as_secs_f64();
 
         // One request/answer round on an established connection: QUIC vs the TCP fallback.
-        let tcp = coordinator::net::TcpService::start(
+        let tcp = coordinator::net::TcpService::start_with(
             server_tls(&ca, &crl, &cert, &key).expect("tls"),
             "127.0.0.1:0".parse().expect("addr"),
             hub.clone(),
             service.sites(),
+            unlimited,
         )
         .await
         .expect("tcp");
