@@ -74,6 +74,11 @@ impl AuditKey {
     pub fn from_bytes(bytes: &[u8]) -> Self {
         AuditKey(hmac::Key::new(hmac::HMAC_SHA256, bytes))
     }
+
+    /// The audit key derived from a secret (label `fedcurate/v1/audit`).
+    pub fn from_secret(secret: &crate::deid::keys::Secret) -> Self {
+        Self::from_bytes(&secret.derive("fedcurate/v1/audit"))
+    }
 }
 
 fn parts(seq: i64, prev: &str, r: &AuditRecord) -> Vec<Vec<u8>> {

@@ -427,7 +427,7 @@ pub fn deidentify_bytes(deid: &Deidentifier<'_>, bytes: &[u8]) -> DeidOutcome {
         .map_err(|e| ("unwritable".to_owned(), e.to_string()))?;
     if let Some(original) = &read.restore_charset {
         let big_endian = out.object.meta().transfer_syntax().trim_end_matches('\0')
-            == crate::sample::ts::EXPLICIT_BE;
+            == crate::read::ts::EXPLICIT_BE;
         if !crate::read::restore_charset(&mut buf, original, big_endian) {
             return Err((
                 "unwritable".to_owned(),
@@ -826,7 +826,7 @@ pub fn deidentify_folder(
     }
     settings.progress.finish();
     summary.elapsed = started.elapsed();
-    summary.peak_rss = crate::bench::peak_rss();
+    summary.peak_rss = peak_rss();
     let audit = AuditRecord::now(
         "run",
         serde_json::json!({
@@ -1119,4 +1119,12 @@ pub fn release(
     catalog.release(&entry.id, &utc_now(), &record, &sealed, &audit)?;
     fs::remove_file(&original).map_err(write_err("quarantine", &paths.quarantine))?;
     Ok(Ok(rel))
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes (Linux).
+pub fn peak_rss() -> Option<u64> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

@@ -43,12 +43,7 @@ fn reset_peak() {
 }
 
 /// Peak resident set size since the last reset, from `/proc/self/status`.
-pub fn peak_rss() -> Option<u64> {
-    let status = fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
+pub use crate::batch::peak_rss;
 
 /// Generate `files` 512×512 16-bit CT slices (100 per series) under `dir`.
 pub fn generate(dir: &Path, files: usize) -> io::Result<Vec<PathBuf>> {

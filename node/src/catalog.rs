@@ -697,14 +697,14 @@ impl Catalog {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let secret = crate::deid::keys::Secret::random()
                     .map_err(|e| io(std::io::Error::other(e.to_string())))?;
-                crate::config::write_secret_file(&file, &secret).map_err(io)?;
+                crate::vault::write_secret_file(&file, &secret).map_err(io)?;
                 secret.to_hex()
             }
             Err(e) => return Err(io(e)),
         };
         let secret = crate::deid::keys::Secret::from_hex(&text)
             .map_err(|e| io(std::io::Error::other(e.to_string())))?;
-        Ok(secret.audit_key())
+        Ok(crate::audit::AuditKey::from_secret(&secret))
     }
 
     /// The audit key in use (for verification).
@@ -724,7 +724,7 @@ impl Catalog {
         };
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let file = dir.join("audit.head");
-        crate::batch::write_atomically(&file, crate::audit::head_line(key, seq, &hash).as_bytes())
+        write_durably(&file, crate::audit::head_line(key, seq, &hash).as_bytes())
             .map_err(|source| CatalogError::AuditKey { path: file, source })
     }
 
@@ -915,6 +915,24 @@ impl Catalog {
     pub fn connection(&self) -> &Connection {
         &self.conn
     }
+}
+
+/// Write a small file atomically and durably: a temporary file, flushed, renamed over the
+/// target, the folder flushed.
+fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn append_audit(

@@ -407,7 +407,7 @@ impl NodeConfig {
             source,
         })?;
         Secret::from_hex(&text)
-            .map(|s| s.audit_key())
+            .map(|s| crate::audit::AuditKey::from_secret(&s))
             .map_err(|source| ConfigError::Secret { path, source })
     }
 
@@ -531,22 +531,7 @@ pub fn read_vault_key(path: &Path) -> Result<crate::vault::VaultKey, ConfigError
     })
 }
 
-/// Write a secret file (hex), owner-only, refusing to overwrite.
-pub fn write_secret_file(path: &Path, secret: &Secret) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(path)?;
-    std::io::Write::write_all(&mut f, format!("{}\n", secret.to_hex()).as_bytes())?;
-    f.sync_all()
-}
+pub use crate::vault::write_secret_file;
 
 #[cfg(test)]
 mod tests {

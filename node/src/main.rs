@@ -1365,7 +1365,7 @@ fn demo(dir: Option<PathBuf>) -> Result<()> {
     };
     let policy = cfg.policy()?;
     let secret = cfg.secret(&root, false)?;
-    let mut dd = open_data_dir_with(&root, secret.audit_key())?;
+    let mut dd = open_data_dir_with(&root, audit::AuditKey::from_secret(&secret))?;
     println!(
         "site secret   {} (fingerprint {})",
         cfg.secret_path(&dd.root).display(),

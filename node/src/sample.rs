@@ -19,14 +19,7 @@ use crate::deid::dictionary::Dictionary;
 use crate::deid::table::{RuleTable, TagPattern};
 
 /// Transfer syntaxes the builder writes.
-pub mod ts {
-    pub const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
-    pub const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
-    pub const DEFLATED_LE: &str = "1.2.840.10008.1.2.1.99";
-    pub const EXPLICIT_BE: &str = "1.2.840.10008.1.2.2";
-    pub const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
-    pub const RLE: &str = "1.2.840.10008.1.2.5";
-}
+pub use crate::read::ts;
 
 /// SOP classes used by the fixtures.
 pub mod sop {

@@ -53,6 +53,26 @@ impl VaultKey {
 /// An encrypted map entry: (nonce, ciphertext with tag).
 pub type SealedEntry = (Vec<u8>, Vec<u8>);
 
+/// Write a secret file (hex), owner-only, refusing to overwrite.
+pub fn write_secret_file(
+    path: &std::path::Path,
+    secret: &crate::deid::keys::Secret,
+) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    std::io::Write::write_all(&mut f, format!("{}\n", secret.to_hex()).as_bytes())?;
+    f.sync_all()
+}
+
 /// What is known of a patient after seeing `new`: fields empty so far are filled from it
 /// (objects of one patient do not all carry every identifier).
 pub fn merge(known: Option<&OriginalIdentity>, new: &OriginalIdentity) -> OriginalIdentity {

@@ -9,6 +9,7 @@
 pub mod aggregate;
 pub mod codec;
 pub mod fuzzing;
+pub mod ids;
 pub mod message;
 pub mod schema;
 pub mod secure;

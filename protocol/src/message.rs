@@ -6,8 +6,6 @@
 //! hospital. Chunked tensor transfer (model updates) comes later as new variants (its kinds
 //! are reserved in [`crate::codec`], so adding them is not a version break).
 
-use std::fmt;
-
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{ConformanceSummary, PrivacyViolation, ProfileCheck, SiteAggregates};
@@ -17,68 +15,7 @@ use crate::summary::{CtSummary, NyulSummary};
 /// Version of the wire protocol this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
 
-/// Identifier of a message, unique per sender, so that a retried send is applied once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct MessageId(pub u64);
-
-/// SHA-256 of a consortium curation schema document.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct SchemaHash(pub [u8; 32]);
-
-impl fmt::Debug for SchemaHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SchemaHash(")?;
-        for b in &self.0[..6] {
-            write!(f, "{b:02x}")?;
-        }
-        write!(f, "…)")
-    }
-}
-
-/// A site's name in the consortium: 1–32 characters of `a-z`, `0-9` and `-`, assigned by the
-/// consortium (it also appears in the site's certificate). It names a hospital node, never a
-/// patient, and its alphabet leaves no room for free text.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct SiteId(String);
-
-/// A site name outside the allowed alphabet or length.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("site id must be 1-32 characters of a-z, 0-9 and '-' (got {len} characters)")]
-pub struct SiteIdError {
-    len: usize,
-}
-
-impl SiteId {
-    /// Validate a site name.
-    pub fn new(name: &str) -> Result<Self, SiteIdError> {
-        let ok = (1..=32).contains(&name.len())
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if ok {
-            Ok(SiteId(name.to_owned()))
-        } else {
-            Err(SiteIdError { len: name.len() })
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl<'de> Deserialize<'de> for SiteId {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        SiteId::new(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-impl fmt::Display for SiteId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+pub use crate::ids::{MessageId, SchemaHash, SiteId, SiteIdError};
 
 /// A node's opening message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

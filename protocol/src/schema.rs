@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::message::SchemaHash;
+use crate::ids::SchemaHash;
 
 /// The schema format this build reads.
 pub const SCHEMA_VERSION: u32 = 1;

@@ -17,14 +17,14 @@ use crate::summary::{CT_HU_BINS, CtSummary, NYUL_LANDMARKS, NyulSummary};
 /// A site's X25519 public key for one peer in one session.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerKey {
-    pub peer: crate::SiteId,
+    pub peer: crate::ids::SiteId,
     pub public: [u8; 32],
 }
 
 /// A site's key set for a session as it signed it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignedKeys {
-    pub site: crate::SiteId,
+    pub site: crate::ids::SiteId,
     /// The site's certificate (DER).
     pub certificate: Vec<u8>,
     pub keys: Vec<PeerKey>,
@@ -36,11 +36,11 @@ pub struct SignedKeys {
 /// (sorted), the signer and its keys (sorted by peer). A coordinator that shows different
 /// participants to different sites, or substitutes a key, makes a signature fail.
 pub fn key_statement(
-    schema: &crate::SchemaHash,
+    schema: &crate::ids::SchemaHash,
     round: u32,
     session: u32,
-    participants: &[crate::SiteId],
-    signer: &crate::SiteId,
+    participants: &[crate::ids::SiteId],
+    signer: &crate::ids::SiteId,
     keys: &[PeerKey],
 ) -> Vec<u8> {
     let mut out = b"fedcurate secure keys v1\0".to_vec();

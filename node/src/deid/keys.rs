@@ -71,10 +71,13 @@ impl Secret {
         hex(&self.0)
     }
 
-    /// The audit chain's key derived from this secret (label `fedcurate/v1/audit`).
-    pub fn audit_key(&self) -> crate::audit::AuditKey {
+    /// A key derived from this secret under `label` (HMAC-SHA-256), for uses outside
+    /// de-identification (the audit chain's key); the secret itself never leaves.
+    pub fn derive(&self, label: &str) -> [u8; 32] {
         let root = hmac::Key::new(hmac::HMAC_SHA256, &self.0);
-        crate::audit::AuditKey::from_bytes(hmac::sign(&root, b"fedcurate/v1/audit").as_ref())
+        let mut out = [0u8; 32];
+        out.copy_from_slice(hmac::sign(&root, label.as_bytes()).as_ref());
+        out
     }
 
     /// A short, non-reversible fingerprint, safe to log.

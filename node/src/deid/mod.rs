@@ -33,10 +33,7 @@ use self::keys::{Keys, OriginalIdentity, PatientIdentity, Pseudonym};
 use self::private::{PrivateKind, SafePrivate, private_kind};
 use self::table::{BasicAction, DeidOption, OptionAction, Rule, RuleTable};
 
-/// Implementation Class UID written to every output's file meta header.
-pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.255878127389062424870542330452185519407";
-/// Implementation Version Name written to every output's file meta header.
-pub const IMPLEMENTATION_VERSION_NAME: &str = "FEDCURATE_0_1";
+pub use crate::read::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
 
 const DUMMY_TEXT: &str = "DEIDENTIFIED";
 

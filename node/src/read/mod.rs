@@ -5,12 +5,26 @@
 //! item delimiters, DICOMDIR files, non-DICOM — and never passed through. Pure function of
 //! the bytes.
 
+/// Transfer syntax UIDs the node names (reading, writing, fixtures).
+pub mod ts {
+    pub const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
+    pub const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+    pub const DEFLATED_LE: &str = "1.2.840.10008.1.2.1.99";
+    pub const EXPLICIT_BE: &str = "1.2.840.10008.1.2.2";
+    pub const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
+    pub const RLE: &str = "1.2.840.10008.1.2.5";
+}
+
+/// Implementation Class UID written to every output's file meta header (a UUID-derived UID
+/// under 2.25).
+pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.255878127389062424870542330452185519407";
+/// Implementation Version Name written to every output's file meta header.
+pub const IMPLEMENTATION_VERSION_NAME: &str = "FEDCURATE_0_1";
+
 use dicom_core::value::Value;
 use dicom_core::{PrimitiveValue, Tag};
 use dicom_object::{DefaultDicomObject, FileMetaTableBuilder, InMemDicomObject, OpenFileOptions};
 use dicom_parser::dataset::read::OddLengthStrategy;
-
-use crate::sample::ts;
 
 pub mod lengths;
 
@@ -288,7 +302,7 @@ fn rewrap(dataset: &[u8], transfer_syntax: &str, sop_class: &str) -> Result<Vec<
         .media_storage_sop_class_uid(sop_class)
         .media_storage_sop_instance_uid("2.25.0")
         .transfer_syntax(transfer_syntax)
-        .implementation_class_uid(crate::deid::IMPLEMENTATION_CLASS_UID)
+        .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
         .build()
         .map_err(|e| refuse(BAD_FILE_META, e.to_string()))?;
     let mut out = vec![0u8; 128];
