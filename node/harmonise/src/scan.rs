@@ -590,7 +590,7 @@ impl<'a> Region<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::harmonise::stats::percentiles_of;
+    use crate::stats::percentiles_of;
 
     fn lcg(n: usize, seed: u64, f: impl Fn(u64) -> f32) -> Vec<f32> {
         let mut state = seed;

@@ -23,7 +23,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use super::dictionary::Dictionary;
 use super::private::{PrivateKind, SafePrivate, private_kind};
-use crate::read::lengths::{self, Encoding};
+use fc_read::lengths::{self, Encoding};
 
 /// Whether any element at any depth is encoded as `UN`.
 pub fn contains_un(obj: &InMemDicomObject) -> bool {

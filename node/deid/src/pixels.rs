@@ -6,7 +6,7 @@ use dicom_core::{DataElement, Tag, VR};
 use dicom_object::InMemDicomObject;
 use serde::Deserialize;
 
-use crate::read::text;
+use fc_read::text;
 
 /// A rectangle in pixel coordinates: columns `x..x+width`, rows `y..y+height`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

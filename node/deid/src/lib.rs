@@ -33,7 +33,7 @@ use self::keys::{Keys, OriginalIdentity, PatientIdentity, Pseudonym};
 use self::private::{PrivateKind, SafePrivate, private_kind};
 use self::table::{BasicAction, DeidOption, OptionAction, Rule, RuleTable};
 
-pub use crate::read::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
+pub use fc_read::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
 
 const DUMMY_TEXT: &str = "DEIDENTIFIED";
 

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use self::scan::{Extent, Region};
 use self::stats::{Contrast, mean_std, otsu, percentile};
-use crate::volume::{StoredType, Volume};
+use fc_volume::{StoredType, Volume};
 
 /// Version of the serialised model format.
 pub const MODEL_VERSION: u32 = 1;

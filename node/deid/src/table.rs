@@ -520,7 +520,7 @@ mod tests {
 
     #[test]
     fn the_local_supplement_adds_rows_the_standard_lacks() {
-        let dictionary = crate::deid::dictionary::Dictionary::standard();
+        let dictionary = crate::dictionary::Dictionary::standard();
         let local: Vec<&Rule> = table().rules().iter().filter(|r| r.local).collect();
         assert_eq!(local.len(), 12);
         for r in &local {

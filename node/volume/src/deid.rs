@@ -13,9 +13,9 @@ use std::path::{Component, Path};
 
 use serde_json::{Map, Value};
 
-use crate::deid::DeidPolicy;
-use crate::deid::keys::{Keys, OriginalIdentity, PatientIdentity, Pseudonym};
-use crate::deid::table::DeidOption;
+use fc_deid::DeidPolicy;
+use fc_deid::keys::{Keys, OriginalIdentity, PatientIdentity, Pseudonym};
+use fc_deid::table::DeidOption;
 
 use super::nifti;
 
