@@ -1,10 +1,8 @@
 //! The fedcurate site node: ingest, de-identification, and (in later stages) curation,
 //! harmonisation, statistics and export. See `ARCHITECTURE.md` for the codemap.
 
-pub mod audit;
 pub mod batch;
 pub mod bench;
-pub mod catalog;
 pub mod config;
 pub mod curate;
 pub use fc_deid as deid;
@@ -18,5 +16,5 @@ pub mod pki;
 pub mod purge;
 pub use fc_read as read;
 pub mod sample;
-pub mod vault;
+pub use fc_store::{audit, catalog, vault};
 pub use fc_volume as volume;

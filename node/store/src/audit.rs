@@ -17,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use ring::hmac;
 
-use crate::deid::keys::hex;
+use fc_deid::keys::hex;
 
 /// `prev_hash` of the first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -76,7 +76,7 @@ impl AuditKey {
     }
 
     /// The audit key derived from a secret (label `fedcurate/v1/audit`).
-    pub fn from_secret(secret: &crate::deid::keys::Secret) -> Self {
+    pub fn from_secret(secret: &fc_deid::keys::Secret) -> Self {
         Self::from_bytes(&secret.derive("fedcurate/v1/audit"))
     }
 }
@@ -271,7 +271,7 @@ pub fn utc_now() -> String {
 pub fn format_utc(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
-    let d = crate::deid::dates::Date {
+    let d = fc_deid::dates::Date {
         year: 1970,
         month: 1,
         day: 1,

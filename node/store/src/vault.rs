@@ -7,7 +7,7 @@ use std::fmt;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 
-pub use crate::deid::keys::OriginalIdentity;
+pub use fc_deid::keys::OriginalIdentity;
 
 /// Vault errors.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -56,7 +56,7 @@ pub type SealedEntry = (Vec<u8>, Vec<u8>);
 /// Write a secret file (hex), owner-only, refusing to overwrite.
 pub fn write_secret_file(
     path: &std::path::Path,
-    secret: &crate::deid::keys::Secret,
+    secret: &fc_deid::keys::Secret,
 ) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;

@@ -695,14 +695,14 @@ impl Catalog {
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let secret = crate::deid::keys::Secret::random()
+                let secret = fc_deid::keys::Secret::random()
                     .map_err(|e| io(std::io::Error::other(e.to_string())))?;
                 crate::vault::write_secret_file(&file, &secret).map_err(io)?;
                 secret.to_hex()
             }
             Err(e) => return Err(io(e)),
         };
-        let secret = crate::deid::keys::Secret::from_hex(&text)
+        let secret = fc_deid::keys::Secret::from_hex(&text)
             .map_err(|e| io(std::io::Error::other(e.to_string())))?;
         Ok(crate::audit::AuditKey::from_secret(&secret))
     }
