@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -27,8 +27,9 @@ use crate::deid::{Deidentified, Deidentifier, Finding};
 use crate::vault::{self, VaultKey};
 use crate::volume::deid::SubjectRule;
 
-/// Prefix of the node's temporary files; leftovers of a killed run are swept on start.
-pub const TEMP_PREFIX: &str = ".fc-tmp-";
+pub use fc_files::{
+    DurableBatch, TEMP_PREFIX, content_hash, restrict, sweep_temporaries, write_atomically,
+};
 
 /// Errors that stop a batch (I/O on the node's own folders, the catalog); content problems
 /// are not errors.
@@ -189,191 +190,12 @@ impl std::fmt::Display for Summary {
     }
 }
 
-/// SHA-256 of content, hex: the only way logs and the catalog refer to an input.
-pub fn content_hash(bytes: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
-}
-
 fn write_err<'p>(what: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> BatchError + 'p {
     move |source| BatchError::Write {
         what,
         path: path.to_owned(),
         source,
     }
-}
-
-fn temp_path(dest: &Path) -> PathBuf {
-    let dir = dest.parent().unwrap_or(Path::new("."));
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    dir.join(format!("{TEMP_PREFIX}{}-{n}-{name}", std::process::id()))
-}
-
-/// Write `bytes` to `path` atomically and durably on its own: temporary file in the same
-/// folder, flush, rename, flush the folder.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut batch = DurableBatch::default();
-    batch.stage(path, bytes)?;
-    batch.commit()
-}
-
-/// Files staged to become durable together.
-#[derive(Debug, Default)]
-pub struct DurableBatch {
-    staged: Vec<(PathBuf, PathBuf)>,
-    /// Folders holding the entry of a folder this batch created: flushed too, or the new
-    /// folder (and every file in it) can vanish with a power cut.
-    created_in: BTreeSet<PathBuf>,
-}
-
-/// The power-loss harness's calibration switch (`node/tests/powerloss.rs`): with
-/// `FEDCURATE_TEST_SKIP_FLUSH=1` in the environment, durable batches skip every flush, and
-/// the harness must then find lost outputs. Never set it on a node.
-fn flushes_skipped() -> bool {
-    static SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SKIP.get_or_init(|| std::env::var_os("FEDCURATE_TEST_SKIP_FLUSH").is_some_and(|v| v == "1"))
-}
-
-/// Create `dir` and its missing ancestors; returns the folders whose entries changed.
-fn create_folders(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let mut missing = Vec::new();
-    let mut cur = Some(dir);
-    while let Some(d) = cur {
-        if d.as_os_str().is_empty() || d.exists() {
-            break;
-        }
-        missing.push(d.to_owned());
-        cur = d.parent();
-    }
-    if missing.is_empty() {
-        return Ok(Vec::new());
-    }
-    fs::create_dir_all(dir)?;
-    Ok(missing
-        .iter()
-        .filter_map(|d| d.parent().map(Path::to_owned))
-        .collect())
-}
-
-impl DurableBatch {
-    /// Write `bytes` to a temporary file next to `dest` (not yet flushed or visible).
-    pub fn stage(&mut self, dest: &Path, bytes: &[u8]) -> io::Result<()> {
-        let dir = dest.parent().unwrap_or(Path::new("."));
-        self.created_in.extend(create_folders(dir)?);
-        let tmp = temp_path(dest);
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        self.staged.push((tmp, dest.to_owned()));
-        Ok(())
-    }
-
-    /// The temporary file staged for `dest` in this batch, if any.
-    pub fn staged_for(&self, dest: &Path) -> Option<&Path> {
-        self.staged
-            .iter()
-            .rev()
-            .find(|(_, d)| d == dest)
-            .map(|(t, _)| t.as_path())
-    }
-
-    /// Copy `src` to a temporary file next to `dest` (streamed).
-    pub fn stage_copy(&mut self, dest: &Path, src: &Path) -> io::Result<()> {
-        let dir = dest.parent().unwrap_or(Path::new("."));
-        self.created_in.extend(create_folders(dir)?);
-        let tmp = temp_path(dest);
-        fs::copy(src, &tmp)?;
-        self.staged.push((tmp, dest.to_owned()));
-        Ok(())
-    }
-
-    /// Write `head` then the bytes `start..end` of `src` to a temporary file next to `dest`.
-    pub fn stage_parts(
-        &mut self,
-        dest: &Path,
-        head: &[u8],
-        src: &Path,
-        start: u64,
-        end: u64,
-    ) -> io::Result<()> {
-        use std::io::{Read, Seek};
-        let dir = dest.parent().unwrap_or(Path::new("."));
-        self.created_in.extend(create_folders(dir)?);
-        let tmp = temp_path(dest);
-        let mut out = io::BufWriter::new(fs::File::create(&tmp)?);
-        out.write_all(head)?;
-        let mut input = fs::File::open(src)?;
-        input.seek(io::SeekFrom::Start(start))?;
-        io::copy(&mut input.take(end - start), &mut out)?;
-        out.flush()?;
-        self.staged.push((tmp, dest.to_owned()));
-        Ok(())
-    }
-
-    /// Number of staged files.
-    pub fn len(&self) -> usize {
-        self.staged.len()
-    }
-
-    /// Whether nothing is staged.
-    pub fn is_empty(&self) -> bool {
-        self.staged.is_empty()
-    }
-
-    /// Flush every staged file, rename each into place, then flush their folders.
-    pub fn commit(&mut self) -> io::Result<()> {
-        let flush = !flushes_skipped();
-        for (tmp, _) in &self.staged {
-            if flush {
-                fs::OpenOptions::new().write(true).open(tmp)?.sync_all()?;
-            }
-        }
-        let mut dirs = std::mem::take(&mut self.created_in);
-        for (tmp, dest) in self.staged.drain(..) {
-            fs::rename(&tmp, &dest)?;
-            if let Some(d) = dest.parent() {
-                dirs.insert(d.to_owned());
-            }
-        }
-        // Deepest first: a new folder's own entries before the entry naming it.
-        for d in dirs.iter().rev() {
-            if flush {
-                fs::File::open(d)?.sync_all()?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Remove temporary files a killed run left under `root`.
-pub fn sweep_temporaries(root: &Path) -> io::Result<usize> {
-    let mut n = 0;
-    if !root.exists() {
-        return Ok(0);
-    }
-    for entry in walkdir::WalkDir::new(root).into_iter().flatten() {
-        if entry.file_type().is_file()
-            && entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX)
-        {
-            fs::remove_file(entry.path())?;
-            n += 1;
-        }
-    }
-    Ok(n)
-}
-
-#[cfg(unix)]
-fn restrict(path: &Path, mode: u32) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-}
-
-#[cfg(not(unix))]
-fn restrict(_path: &Path, _mode: u32) -> io::Result<()> {
-    Ok(())
 }
 
 /// Create the quarantine folder with owner-only permissions.

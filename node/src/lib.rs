@@ -6,7 +6,7 @@ pub mod bench;
 pub mod config;
 pub mod curate;
 pub use fc_deid as deid;
-pub mod dimse;
+pub use fc_dimse as dimse;
 pub mod export;
 pub mod federation;
 pub mod fuzzing;

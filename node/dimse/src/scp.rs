@@ -23,7 +23,7 @@ use super::{
     STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION, command, decode_command, number, response,
     status, text,
 };
-use crate::batch::write_atomically;
+use fc_files::write_atomically;
 
 /// A peer allowed to send.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
@@ -325,7 +325,7 @@ fn store(inbox: &Path, class: &str, instance: &str, ts: &str, dataset: &[u8]) ->
         .media_storage_sop_class_uid(class)
         .media_storage_sop_instance_uid(instance)
         .transfer_syntax(ts)
-        .implementation_class_uid(crate::deid::IMPLEMENTATION_CLASS_UID)
+        .implementation_class_uid(fc_read::IMPLEMENTATION_CLASS_UID)
         .build()
         .map_err(io::Error::other)?;
     let mut out = vec![0u8; 128];

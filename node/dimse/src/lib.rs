@@ -87,7 +87,7 @@ pub fn decode_command(bytes: &[u8]) -> Option<InMemDicomObject> {
     if bytes.len() > MAX_COMMAND_SET {
         return None;
     }
-    crate::read::lengths::check_dataset(bytes, crate::read::lengths::Encoding::IMPLICIT_LE).ok()?;
+    fc_read::lengths::check_dataset(bytes, fc_read::lengths::Encoding::IMPLICIT_LE).ok()?;
     let ts = TransferSyntaxRegistry.get("1.2.840.10008.1.2")?;
     InMemDicomObject::read_dataset_with_ts(bytes, ts).ok()
 }
@@ -106,7 +106,7 @@ pub fn encode_command(elements: Vec<DataElement<InMemDicomObject>>) -> Vec<u8> {
 }
 
 /// A text value of a command.
-pub use crate::read::text;
+pub use fc_read::text;
 
 /// A US value of a command.
 pub fn number(cmd: &InMemDicomObject, tag: Tag) -> Option<u16> {
