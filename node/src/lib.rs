@@ -14,7 +14,7 @@ pub use fc_harmonise as harmonise;
 pub mod health;
 pub mod pki;
 pub mod purge;
+pub use fc_fixtures as sample;
 pub use fc_read as read;
-pub mod sample;
 pub use fc_store::{audit, catalog, vault};
 pub use fc_volume as volume;
