@@ -206,20 +206,11 @@ pub fn ensure_quarantine(q: &Path) -> Result<(), BatchError> {
 
 /// All regular files under `root`, in a stable order, skipping the node's temporaries.
 pub fn list_inputs(root: &Path) -> Result<Vec<PathBuf>, BatchError> {
-    let mut files = Vec::new();
-    for entry in walkdir::WalkDir::new(root).sort_by_file_name() {
-        let entry = entry.map_err(|e| BatchError::InputFolder {
-            root: root.to_owned(),
-            kind: e.io_error().map(io::Error::kind),
-            depth: e.depth(),
-        })?;
-        if entry.file_type().is_file()
-            && !entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX)
-        {
-            files.push(entry.into_path());
-        }
-    }
-    Ok(files)
+    fc_files::list_files(root).map_err(|e| BatchError::InputFolder {
+        root: root.to_owned(),
+        kind: e.kind,
+        depth: e.depth,
+    })
 }
 
 /// The de-identified object and its encoding, or (reason, detail) of a refusal.

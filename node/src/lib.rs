@@ -4,7 +4,7 @@
 pub mod batch;
 pub mod bench;
 pub mod config;
-pub mod curate;
+pub use fc_curate as curate;
 pub use fc_deid as deid;
 pub use fc_dimse as dimse;
 pub mod export;

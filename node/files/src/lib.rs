@@ -193,3 +193,39 @@ pub fn restrict(path: &Path, mode: u32) -> io::Result<()> {
 pub fn restrict(_path: &Path, _mode: u32) -> io::Result<()> {
     Ok(())
 }
+
+/// A folder that could not be listed (the walk's error, without the path it was at).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListError {
+    pub kind: Option<io::ErrorKind>,
+    /// How deep under the root the walk was.
+    pub depth: usize,
+}
+
+impl std::fmt::Display for ListError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            Some(k) => write!(f, "cannot list the folder ({k}) at depth {}", self.depth),
+            None => write!(f, "cannot list the folder at depth {}", self.depth),
+        }
+    }
+}
+
+impl std::error::Error for ListError {}
+
+/// All regular files under `root`, in a stable order, skipping the node's temporaries.
+pub fn list_files(root: &Path) -> Result<Vec<PathBuf>, ListError> {
+    let mut files = Vec::new();
+    for entry in walkdir::WalkDir::new(root).sort_by_file_name() {
+        let entry = entry.map_err(|e| ListError {
+            kind: e.io_error().map(io::Error::kind),
+            depth: e.depth(),
+        })?;
+        if entry.file_type().is_file()
+            && !entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX)
+        {
+            files.push(entry.into_path());
+        }
+    }
+    Ok(files)
+}

@@ -12,11 +12,11 @@ use serde::Serialize;
 
 use super::quality::{QualityReport, measure};
 use super::{Finding, Severity, conformance};
-use crate::batch::content_hash;
-use crate::deid::dictionary::Dictionary;
-use crate::deid::iod::IodTables;
-use crate::read::text;
-use crate::volume::series::assemble;
+use fc_deid::dictionary::Dictionary;
+use fc_deid::iod::IodTables;
+use fc_files::content_hash;
+use fc_read::text;
+use fc_volume::series::assemble;
 
 /// Version of the report format.
 pub const REPORT_VERSION: u32 = 1;
@@ -170,9 +170,9 @@ pub fn curate(
     folder: &Path,
     schema: Option<(&CurationSchema, String)>,
     site_findings: Vec<Finding>,
-    tokens: &crate::deid::keys::Tokens,
+    tokens: &fc_deid::keys::Tokens,
 ) -> std::io::Result<CurationReport> {
-    let files = crate::batch::list_inputs(folder).map_err(std::io::Error::other)?;
+    let files = fc_files::list_files(folder).map_err(std::io::Error::other)?;
     let objects: Vec<DefaultDicomObject> = files
         .iter()
         .filter_map(|p| {

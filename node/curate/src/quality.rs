@@ -15,9 +15,9 @@
 
 use serde::Serialize;
 
-use crate::harmonise::fcm;
-use crate::harmonise::stats::{mean_std, otsu, percentile};
-use crate::volume::Volume;
+use fc_harmonise::fcm;
+use fc_harmonise::stats::{mean_std, otsu, percentile};
+use fc_volume::Volume;
 
 /// Rayleigh correction of MRIQC's Dietrich SNR.
 pub const DIETRICH_FACTOR: f64 = 0.6551364;
@@ -197,7 +197,7 @@ pub fn measure(volume: &Volume, ct: bool) -> QualityReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::volume::{StoredType, diagonal};
+    use fc_volume::{StoredType, diagonal};
     use ndarray::Array4;
 
     fn cube(n: usize, spacing: f64, f: impl Fn(usize, usize, usize) -> f32) -> Volume {

@@ -11,8 +11,8 @@ use dicom_object::InMemDicomObject;
 use dicom_object::mem::InMemElement;
 
 use super::{Finding, Severity};
-use crate::deid::dictionary::Dictionary;
-use crate::deid::iod::{AttrType, IodTables, Usage};
+use fc_deid::dictionary::Dictionary;
+use fc_deid::iod::{AttrType, IodTables, Usage};
 
 fn tag_text(t: Tag) -> String {
     format!("({:04X},{:04X})", t.group(), t.element())
