@@ -137,7 +137,7 @@ pub const RATE_BURST: f64 = 40.0;
 pub struct Limits {
     /// Connections one site may hold at once (per transport).
     pub connections_per_site: usize,
-    /// Requests per second a site may make, sustained.
+    /// Requests per second a site may make, sustained (0: no pacing).
     pub requests_per_second: f64,
     /// Requests a site may make at once before it is paced.
     pub burst: f64,

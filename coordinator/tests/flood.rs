@@ -3,37 +3,17 @@
 //! and hellos as fast as it can. The coordinator's memory stays bounded (its peak resident size
 //! is read from /proc) and another site keeps being answered within a few seconds.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::client;
 use coordinator::pki::Pki;
 use protocol::{Hello, Message, MessageId, PROTOCOL_VERSION, SiteId};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-fn client(ca: &[u8], cert: &[u8], key: &[u8]) -> quinn::ClientConfig {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca) {
-        roots.add(c.expect("ca")).expect("root");
-    }
-    let chain: Vec<_> = CertificateDer::pem_slice_iter(cert)
-        .collect::<Result<_, _>>()
-        .expect("chain");
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(key).expect("key"))
-        .expect("client auth");
-    tls.alpn_protocols = vec![protocol::ALPN.to_vec()];
-    quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic"),
-    ))
-}
 
 fn hello_frame(site: &str, id: u64) -> Vec<u8> {
     protocol::encode_frame(&Message::Hello(Hello {

@@ -6,12 +6,14 @@
 //! synchronous = OFF) the acknowledged report must be missing. Needs root, loop devices,
 //! e2fsprogs and xfsprogs (scripts/test.sh installs them).
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 
+use common::client;
 use coordinator::pki::Pki;
 use protocol::aggregate::{
     Cell, ConformanceSummary, CountTable, NyulRelease, ProfileCheck, SiteAggregates,
@@ -21,8 +23,6 @@ use protocol::summary::NyulSummary;
 use protocol::{
     AggregateReport, Hello, Message, MessageId, PROTOCOL_VERSION, SchemaAck, SchemaDocument, SiteId,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 fn sh(program: &str, args: &[&str]) {
     let out = Command::new(program)
@@ -95,27 +95,6 @@ impl Drop for Disk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.dir).output();
     }
-}
-
-fn client(ca: &[u8], cert: &[u8], key: &[u8]) -> quinn::ClientConfig {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca) {
-        roots.add(c.expect("ca")).expect("root");
-    }
-    let chain: Vec<_> = CertificateDer::pem_slice_iter(cert)
-        .collect::<Result<_, _>>()
-        .expect("chain");
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(key).expect("key"))
-        .expect("client auth");
-    tls.alpn_protocols = vec![protocol::ALPN.to_vec()];
-    quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic"),
-    ))
 }
 
 async fn request(conn: &quinn::Connection, m: &Message) -> Message {

@@ -596,7 +596,7 @@ pub fn deidentify_folder(
     settings
         .progress
         .start(summary.inputs as u64, summary.done_before as u64);
-    // Within a run, the smallest content hash wins a UID conflict: process in hash order.
+    // Within a run, the smallest keyed input marker wins a UID conflict: process in its order.
     todo.sort_by(|a, b| {
         a.content_hash
             .cmp(&b.content_hash)
