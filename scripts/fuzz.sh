@@ -53,7 +53,7 @@ bin="$build/$host/release"
 
 # Seeds from our fixture builder (no third-party file is committed).
 rm -rf "$work/seeds"
-cargo run --quiet --locked -p node --example fuzz_seeds -- "$work/seeds"
+cargo run --quiet --locked -p fc-fuzzing --example fuzz_seeds -- "$work/seeds"
 
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 [ -f "$ledger" ] || printf 'date\ttarget\tcommit\tseconds\texecutions\tcoverage\tfeatures\tpeak_rss_mb\tfindings\n' > "$ledger"

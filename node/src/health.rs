@@ -221,7 +221,7 @@ pub fn check_config(config: &NodeConfig, online: bool) -> Vec<Problem> {
             .ok()
             .and_then(|t| protocol::schema::CurationSchema::parse(&t).ok());
         if let (Some(s), Ok(policy)) = (schema, config.deid.policy()) {
-            let check = crate::federation::aggregate::profile_check(&s, &policy);
+            let check = crate::site::aggregate::profile_check(&s, &policy);
             for i in check.missing {
                 if let Some(name) = s.deidentification.options.get(usize::from(i)) {
                     out.push(problem(
@@ -247,8 +247,8 @@ pub fn check_config(config: &NodeConfig, online: bool) -> Vec<Problem> {
 
 /// Connect to the coordinator and say hello (the same as a federation session would).
 fn reach(config: &NodeConfig) -> Result<(), String> {
-    let site = crate::federation::session::Site::new(config, config.data_dir.join("deid"))
-        .map_err(|e| e.to_string())?;
+    let site =
+        crate::site::Site::new(config, config.data_dir.join("deid")).map_err(|e| e.to_string())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

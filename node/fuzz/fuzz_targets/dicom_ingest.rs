@@ -1,6 +1,6 @@
-//! Fuzz target `dicom_ingest`: the body is `node::fuzzing`'s (replayed by `node/tests/fuzz.rs`).
+//! Fuzz target `dicom_ingest`: the body is `fc_fuzzing`'s (replayed by `node/fuzzing/tests/replay.rs`).
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    node::fuzzing::run("dicom_ingest", data);
+    fc_fuzzing::run("dicom_ingest", data);
 });

@@ -1,6 +1,6 @@
-//! Fuzz target `pdu_stream`: the body is `node::fuzzing`'s (replayed by `node/tests/fuzz.rs`).
+//! Fuzz target `pdu_stream`: the body is `fc_fuzzing`'s (replayed by `node/fuzzing/tests/replay.rs`).
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    node::fuzzing::run("pdu_stream", data);
+    fc_fuzzing::run("pdu_stream", data);
 });

@@ -1,6 +1,6 @@
-//! Fuzz target `sidecar`: the body is `node::fuzzing`'s (replayed by `node/tests/fuzz.rs`).
+//! Fuzz target `sidecar`: the body is `fc_fuzzing`'s (replayed by `node/fuzzing/tests/replay.rs`).
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    node::fuzzing::run("sidecar", data);
+    fc_fuzzing::run("sidecar", data);
 });

@@ -1,6 +1,6 @@
-//! Fuzz target `wire_frame`: the body is `node::fuzzing`'s (replayed by `node/tests/fuzz.rs`).
+//! Fuzz target `wire_frame`: the body is `fc_fuzzing`'s (replayed by `node/fuzzing/tests/replay.rs`).
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    node::fuzzing::run("wire_frame", data);
+    fc_fuzzing::run("wire_frame", data);
 });

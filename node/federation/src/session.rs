@@ -1,15 +1,19 @@
-//! The node's federation session: dial out, say hello, and do what the welcome says is due —
-//! fetch and acknowledge the schema (with the site's conformance), report the round's
-//! aggregates, fetch the published harmonisation model and apply it locally. Progress is kept
-//! in `federation/state.json` in the data directory, so a restarted node resumes where it
-//! left off; requests carry ids derived from their content, so a retry after a lost answer is
-//! applied once. Every frame that leaves is written to the egress log first.
+//! The federation session: dial out, say hello, and do what the welcome says is due —
+//! fetch and acknowledge the schema, report the round's aggregates (in the clear or masked for
+//! secure aggregation), fetch a published model and hand it to the site. What each message
+//! says is the site's to compute, through [`Stages`]; this module only moves messages and
+//! keeps the session's promises. Progress is kept in `federation/state.json` in the data
+//! directory, so a restarted node resumes where it left off; requests carry ids derived from
+//! their content, so a retry after a lost answer is applied once. Every frame that leaves is
+//! written to the egress log first.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use protocol::aggregate::RefusalReason;
+use fc_files::{content_hash, write_atomically};
+use fc_store::catalog::{Catalog, EgressRecord};
+use protocol::aggregate::{ConformanceSummary, ProfileCheck, RefusalReason, SiteAggregates};
 use protocol::schema::CurationSchema;
 use protocol::{
     AggregateReport, ErrorCode, FederatedFit, Hello, Message, MessageId, PROTOCOL_VERSION,
@@ -17,11 +21,8 @@ use protocol::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{ConnectError, Link, client_config, client_tls, connect, connect_tcp};
-use crate::batch::{content_hash, write_atomically};
-use crate::catalog::{Catalog, EgressRecord};
-use crate::config::{FederationSettings, NodeConfig, Transport};
-use crate::harmonise::{self as h, Foreground};
+use crate::settings::{FederationSettings, Transport};
+use crate::{ConnectError, Link, client_config, client_tls, connect, connect_tcp};
 
 /// Fewest sites a model this node applies may merge (the coordinator's rule, checked again).
 pub const MODEL_MIN_SITES: usize = 3;
@@ -47,7 +48,7 @@ pub enum SessionError {
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
-    Catalog(#[from] crate::catalog::CatalogError),
+    Catalog(#[from] fc_store::catalog::CatalogError),
     #[error("the coordinator answered {0:?}")]
     Refused(ErrorCode),
     #[error("the coordinator's schema is invalid here: {0}")]
@@ -83,42 +84,6 @@ pub struct SessionState {
     pub refused_model: Option<u32>,
 }
 
-/// A release computed and recorded in the ledger, waiting to be acknowledged
-/// (`federation/outbox.json`): what a retry sends.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Outbox {
-    schema: String,
-    round: u32,
-    aggregates: protocol::aggregate::SiteAggregates,
-}
-
-/// The populations earlier releases covered: those recorded per statistic, and the whole-site
-/// patient set of releases recorded before populations were kept.
-fn earlier_populations(
-    ledger: &[crate::catalog::ReleaseRecord],
-) -> Vec<super::aggregate::Population> {
-    let mut out = Vec::new();
-    for r in ledger.iter().filter(|r| r.outcome == "released") {
-        if r.populations.is_empty() {
-            out.push(super::aggregate::Population {
-                family: "site".into(),
-                definition: "every patient".into(),
-                statistic: super::aggregate::Statistic::Site,
-                patients: r.patients.clone(),
-            });
-        }
-        for p in &r.populations {
-            out.push(super::aggregate::Population {
-                family: p.family.clone(),
-                definition: p.definition.clone(),
-                statistic: super::aggregate::Statistic::Site,
-                patients: p.patients.clone(),
-            });
-        }
-    }
-    out
-}
-
 /// What one synchronisation did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncOutcome {
@@ -137,12 +102,36 @@ pub struct SyncOutcome {
     pub refused_model: Option<u32>,
 }
 
-/// The de-identified output as read for a schema, and what it was read under.
-#[derive(Debug)]
-struct Prepared {
-    key: (usize, usize, usize, String),
-    facts: Vec<super::aggregate::SeriesFacts>,
-    report: crate::curate::report::CurationReport,
+/// What the messages say: the site computes it from its stages' public functions (the
+/// session calls these between messages, on its own task; each may read the de-identified
+/// output and the catalog, and must not block for long).
+pub trait Stages {
+    /// How many new kinds of release under `schema` wait for hospital IT's approval (0: none;
+    /// the round is then refused as awaiting approval).
+    fn approval_pending(&self, schema: &CurationSchema) -> Result<usize, SessionError>;
+    /// Which of the schema's required de-identification options the site lacks.
+    fn profile(&self, schema: &CurationSchema) -> ProfileCheck;
+    /// The conformance counts the schema acknowledgement carries (`hash`: the schema's hex
+    /// hash; `k`: the minimum cell count), recorded in the query ledger when they are released.
+    fn conformance(
+        &self,
+        schema: &CurationSchema,
+        hash: &str,
+        k: u32,
+    ) -> Result<ConformanceSummary, SessionError>;
+    /// The round's release, or why it is refused. Called again after a failed send: it must
+    /// return the same release (computed, noised and recorded once) until [`Stages::sent`].
+    fn release(
+        &self,
+        schema: &CurationSchema,
+        hash: &str,
+        round: u32,
+        k: u32,
+    ) -> Result<Result<SiteAggregates, RefusalReason>, SessionError>;
+    /// The round's release was acknowledged by the coordinator.
+    fn sent(&self);
+    /// Apply a published model that passed [`model_refusal`]; returns the volumes harmonised.
+    fn apply_model(&self, fit: &FederatedFit, revision: u32) -> Result<usize, SessionError>;
 }
 
 /// This site's part of the current secure-aggregation session (in memory only: private keys
@@ -152,14 +141,14 @@ struct SecureLocal {
     schema: SchemaHash,
     round: u32,
     session: u32,
-    keys: Option<super::secure::SessionKeys>,
+    keys: Option<crate::secure::SessionKeys>,
     masked: Option<(MessageId, Vec<u64>)>,
     /// The masked vector was acknowledged: wait for the session to complete.
     submitted: bool,
 }
 
 fn hex(h: &SchemaHash) -> String {
-    crate::deid::keys::hex(&h.0)
+    h.0.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn random_id() -> MessageId {
@@ -219,45 +208,39 @@ fn answer_name(m: &Result<Message, ConnectError>) -> String {
 }
 
 /// A site's federation client.
-pub struct Site {
+/// A site's federation session with the coordinator.
+pub struct Session {
     pub settings: FederationSettings,
-    data_dir: PathBuf,
-    /// De-identified DICOM the aggregates are computed from.
-    deid_dir: PathBuf,
-    policy: crate::deid::DeidPolicy,
+    /// `federation/` in the data directory: state, schema.
+    dir: PathBuf,
+    /// The egress log.
     catalog: Catalog,
     client: quinn::ClientConfig,
     tls: std::sync::Arc<rustls::ClientConfig>,
     /// The TCP fallback worked last time: try it first.
     prefer_tcp: std::sync::atomic::AtomicBool,
     secure: std::sync::Mutex<Option<SecureLocal>>,
-    prepared: std::sync::Mutex<Option<Prepared>>,
-    /// Keyed tokens (harmonised file names, curation series keys).
-    tokens: crate::deid::keys::Tokens,
     /// Signs this site's secure-aggregation keys with its certificate's key.
-    signer: super::secure::Signer,
+    signer: crate::secure::Signer,
     /// The consortium CA (PEM) and this site's copy of the revocation list (DER), to check
     /// other sites' keys with.
     ca: Vec<u8>,
     crl: Option<Vec<u8>>,
 }
 
-impl std::fmt::Debug for Site {
+impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Site")
+        f.debug_struct("Session")
             .field("site", &self.settings.site)
-            .field("data_dir", &self.data_dir)
+            .field("dir", &self.dir)
             .finish_non_exhaustive()
     }
 }
 
-impl Site {
-    /// A client for the node configured by `config` (which must have a `[federation]`
-    /// section); `deid_dir` is where its de-identified output is.
-    pub fn new(config: &NodeConfig, deid_dir: PathBuf) -> Result<Self, SessionError> {
-        let settings = config.federation.clone().ok_or_else(|| {
-            SessionError::Schema("the node configuration has no [federation] section".into())
-        })?;
+impl Session {
+    /// A session for the site configured by `settings`, keeping its state in `data_dir`
+    /// (`federation/`, and the catalog's egress log).
+    pub fn new(settings: FederationSettings, data_dir: &Path) -> Result<Self, SessionError> {
         let read = |p: &Path| {
             std::fs::read(p).map_err(|source| SessionError::Read {
                 path: p.to_owned(),
@@ -270,7 +253,7 @@ impl Site {
             read(&settings.key)?,
         );
         let client = client_config(&ca, &cert, &key)?;
-        let signer = super::secure::Signer::from_pem(&cert, &key)
+        let signer = crate::secure::Signer::from_pem(&cert, &key)
             .map_err(|e| SessionError::Schema(e.to_string()))?;
         let crl = match &settings.crl {
             Some(p) => {
@@ -291,31 +274,17 @@ impl Site {
             None => None,
         };
         let tls = std::sync::Arc::new(client_tls(&ca, &cert, &key)?);
-        std::fs::create_dir_all(config.data_dir.join("federation"))?;
-        let catalog = Catalog::open(&config.data_dir.join("catalog.sqlite"))?;
-        let policy = config
-            .deid
-            .policy()
-            .map_err(|e| SessionError::Schema(e.to_string()))?;
-        let tokens = crate::deid::keys::Keys::derive(
-            &config
-                .deid
-                .secret(&config.data_dir, false)
-                .map_err(|e| SessionError::Schema(e.to_string()))?,
-        )
-        .tokens();
-        Ok(Site {
+        let dir = data_dir.join("federation");
+        std::fs::create_dir_all(&dir)?;
+        let catalog = Catalog::open(&data_dir.join("catalog.sqlite"))?;
+        Ok(Session {
             settings,
-            data_dir: config.data_dir.clone(),
-            deid_dir,
-            policy,
+            dir,
             catalog,
             client,
             tls,
             prefer_tcp: std::sync::atomic::AtomicBool::new(false),
             secure: std::sync::Mutex::new(None),
-            prepared: std::sync::Mutex::new(None),
-            tokens,
             signer,
             ca,
             crl,
@@ -323,9 +292,10 @@ impl Site {
     }
 
     fn state_path(&self) -> PathBuf {
-        self.data_dir.join("federation").join("state.json")
+        self.dir.join("state.json")
     }
 
+    /// What the session has done (empty before the first sync).
     pub fn state(&self) -> SessionState {
         std::fs::read(self.state_path())
             .ok()
@@ -341,8 +311,7 @@ impl Site {
 
     /// The schema the node follows, if it has fetched one.
     pub fn schema(&self) -> Option<CurationSchema> {
-        let text =
-            std::fs::read_to_string(self.data_dir.join("federation").join("schema.toml")).ok()?;
+        let text = std::fs::read_to_string(self.dir.join("schema.toml")).ok()?;
         CurationSchema::parse(&text).ok()
     }
 
@@ -359,7 +328,7 @@ impl Site {
     async fn send(&self, conn: &Link, m: &Message) -> Result<Message, SessionError> {
         let frame = protocol::encode_frame(m).map_err(|e| SessionError::Schema(e.to_string()))?;
         let seq = self.catalog.record_egress(&EgressRecord {
-            at: crate::audit::utc_now(),
+            at: fc_store::audit::utc_now(),
             kind: kind_name(m).into(),
             message_id: m.id().0,
             bytes: frame.len() as u64,
@@ -406,7 +375,7 @@ impl Site {
         let frame = protocol::encode_frame(&Message::Hello(hello.clone()))
             .map_err(|e| SessionError::Schema(e.to_string()))?;
         let seq = self.catalog.record_egress(&EgressRecord {
-            at: crate::audit::utc_now(),
+            at: fc_store::audit::utc_now(),
             kind: "hello".into(),
             message_id: hello.id.0,
             bytes: frame.len() as u64,
@@ -508,7 +477,12 @@ impl Site {
     }
 
     /// Do everything the welcome says is due.
-    pub async fn sync(&self, conn: &Link, welcome: &Welcome) -> Result<SyncOutcome, SessionError> {
+    pub async fn sync(
+        &self,
+        conn: &Link,
+        welcome: &Welcome,
+        stages: &dyn Stages,
+    ) -> Result<SyncOutcome, SessionError> {
         let mut out = SyncOutcome {
             welcome: Some((welcome.round, welcome.model)),
             ..SyncOutcome::default()
@@ -532,10 +506,7 @@ impl Site {
                     "the schema fetched does not have the hash the coordinator announced".into(),
                 ));
             }
-            write_atomically(
-                &self.data_dir.join("federation").join("schema.toml"),
-                document.text().as_bytes(),
-            )?;
+            write_atomically(&self.dir.join("schema.toml"), document.text().as_bytes())?;
             state.schema = Some(published_hex.clone());
             self.save(&state)?;
             out.fetched_schema = true;
@@ -548,72 +519,26 @@ impl Site {
             .schema()
             .ok_or_else(|| SessionError::Schema("federation/schema.toml is unreadable".into()))?;
         let k = schema.min_cell_count(self.settings.min_cell_count);
-        let profile = super::aggregate::profile_check(&schema, &self.policy);
-        if self.settings.egress_approval {
-            let pending =
-                super::approval::Approvals::at(&self.data_dir.join("federation")).check(&schema)?;
-            if !pending.is_empty() {
-                tracing::warn!(
-                    items = pending.len(),
-                    "new kinds of release wait for approval: review them with `fedcurate-node egress pending`, then run `fedcurate-node egress approve`"
-                );
-                self.refuse(
-                    conn,
-                    &mut state,
-                    published,
-                    welcome.round,
-                    RefusalReason::AwaitingApproval,
-                )
-                .await?;
-                out.refused = Some(RefusalReason::AwaitingApproval);
-                return Ok(out);
-            }
+        let profile = stages.profile(&schema);
+        let pending = stages.approval_pending(&schema)?;
+        if pending > 0 {
+            tracing::warn!(
+                items = pending,
+                "new kinds of release wait for approval: review them with `fedcurate-node egress pending`, then run `fedcurate-node egress approve`"
+            );
+            self.refuse(
+                conn,
+                &mut state,
+                published,
+                welcome.round,
+                RefusalReason::AwaitingApproval,
+            )
+            .await?;
+            out.refused = Some(RefusalReason::AwaitingApproval);
+            return Ok(out);
         }
         if state.acknowledged.as_deref() != Some(published_hex.as_str()) {
-            let (_, report) = self.prepared(&schema, &published_hex)?;
-            let quarantined = self.catalog.totals()?.quarantined as u64;
-            let mut conformance = super::aggregate::conformance(&report, &schema, quarantined, k);
-            // The acknowledgement counts patients: its population goes in the query ledger
-            // with the site's, and is withheld when it would isolate a few of them.
-            let pop = super::aggregate::Population {
-                family: "site".into(),
-                definition: "conformance counts of the schema acknowledgement".into(),
-                statistic: super::aggregate::Statistic::Conformance,
-                patients: {
-                    let mut p: Vec<String> = report
-                        .series
-                        .iter()
-                        .map(|s| super::aggregate::patient_key(&s.patient))
-                        .collect();
-                    p.sort();
-                    p.dedup();
-                    p
-                },
-            };
-            let earlier = earlier_populations(&self.catalog.releases()?);
-            if super::aggregate::screen(std::slice::from_ref(&pop), &earlier, k as usize)[0] {
-                tracing::warn!(
-                    "conformance counts withheld: their patients differ from an earlier release by fewer than k"
-                );
-                super::aggregate::withhold_conformance(&mut conformance);
-            } else if !pop.patients.is_empty() {
-                self.catalog
-                    .record_release(&crate::catalog::ReleaseRecord {
-                        at: crate::audit::utc_now(),
-                        dataset: schema.id.clone(),
-                        schema: published_hex.clone(),
-                        round: 0,
-                        epsilon: 0.0,
-                        delta: 0.0,
-                        patients: pop.patients.clone(),
-                        outcome: "released".into(),
-                        populations: vec![crate::catalog::LedgerPopulation {
-                            family: pop.family,
-                            definition: pop.definition,
-                            patients: pop.patients,
-                        }],
-                    })?;
-            }
+            let conformance = stages.conformance(&schema, &published_hex, k)?;
             let ack_bytes = serde_json::to_vec(&(&profile, &conformance)).unwrap_or_default();
             let ack = SchemaAck {
                 id: derived_id(&[b"ack", &published.0, &ack_bytes]),
@@ -644,7 +569,7 @@ impl Site {
         if welcome.round > 0 && state.reported.as_ref() != Some(&due) {
             // A release is computed (and its noise drawn, and its budget spent) once: a
             // retry after a failed send resends it as it is, never fresh noise.
-            let aggregates = match self.release(&schema, &published_hex, welcome.round, k)? {
+            let aggregates = match stages.release(&schema, &published_hex, welcome.round, k)? {
                 Ok(a) => a,
                 Err(reason) => {
                     self.refuse(conn, &mut state, published, welcome.round, reason)
@@ -663,7 +588,7 @@ impl Site {
                 }
                 state.reported = Some(due);
                 self.save(&state)?;
-                self.clear_outbox();
+                stages.sent();
                 out.reported = Some(welcome.round);
                 tracing::info!(round = welcome.round, "sent the round's masked aggregates");
             } else {
@@ -685,7 +610,7 @@ impl Site {
                 }
                 state.reported = Some(due);
                 self.save(&state)?;
-                self.clear_outbox();
+                stages.sent();
                 out.reported = Some(welcome.round);
                 tracing::info!(round = welcome.round, "reported the round's aggregates");
             }
@@ -715,7 +640,7 @@ impl Site {
                         self.save(&state)?;
                         out.refused_model = Some(p.revision);
                     } else {
-                        out.harmonised = self.apply_model(&p.fit, p.revision)?;
+                        out.harmonised = stages.apply_model(&p.fit, p.revision)?;
                         state.model = p.revision;
                         self.save(&state)?;
                         out.applied_model = Some(p.revision);
@@ -730,145 +655,6 @@ impl Site {
             }
         }
         Ok(out)
-    }
-
-    fn outbox_path(&self) -> PathBuf {
-        self.data_dir.join("federation").join("outbox.json")
-    }
-
-    /// The release computed for (schema, round) and not yet acknowledged, if any.
-    fn outbox(&self, schema: &str, round: u32) -> Option<Outbox> {
-        let o: Outbox = serde_json::from_slice(&std::fs::read(self.outbox_path()).ok()?).ok()?;
-        (o.schema == schema && o.round == round).then_some(o)
-    }
-
-    /// The round's release under `schema` (hex hash `hash`): the one computed earlier and not
-    /// yet acknowledged, as it was, or a new one (ledger checks, noise, ledger entry), or the
-    /// reason it is refused.
-    pub fn release(
-        &self,
-        schema: &CurationSchema,
-        hash: &str,
-        round: u32,
-        k: u32,
-    ) -> Result<Result<protocol::aggregate::SiteAggregates, RefusalReason>, SessionError> {
-        if let Some(o) = self.outbox(hash, round) {
-            return Ok(Ok(o.aggregates));
-        }
-        Ok(self
-            .prepare_release(schema, hash, round, k)?
-            .map(|o| o.aggregates))
-    }
-
-    fn clear_outbox(&self) {
-        let _ = std::fs::remove_file(self.outbox_path());
-    }
-
-    /// Compute the round's release: the query ledger per population (a statistic whose
-    /// patients differ from an earlier release of its family by 1..k-1 is withheld; the
-    /// whole site differing refuses the round), the site's privacy budget (one budget for
-    /// the site, whatever schema id the coordinator chooses), noise, and the ledger entry,
-    /// written with the release to the outbox before anything leaves.
-    fn prepare_release(
-        &self,
-        schema: &CurationSchema,
-        hash: &str,
-        round: u32,
-        k: u32,
-    ) -> Result<Result<Outbox, RefusalReason>, SessionError> {
-        let (facts, _) = self.prepared(schema, hash)?;
-        let pops = super::aggregate::populations(&facts, schema);
-        let site_patients = pops.first().map(|p| p.patients.clone()).unwrap_or_default();
-        let ledger = self.catalog.releases()?;
-        let earlier = earlier_populations(&ledger);
-        let withheld = super::aggregate::screen(&pops, &earlier, k as usize);
-        let dp = schema.privacy.differential_privacy.clone();
-        let (eps, delta) = dp.as_ref().map_or((0.0, 0.0), |d| (d.epsilon, d.delta));
-        let (spent_eps, spent_delta) = ledger
-            .iter()
-            .filter(|r| r.outcome == "released")
-            .fold((0.0, 0.0), |(e, d), r| (e + r.epsilon, d + r.delta));
-        let refusal = if withheld.first() == Some(&true) {
-            Some(RefusalReason::Differencing)
-        } else if dp.is_some()
-            && (spent_eps + eps > self.settings.privacy_budget_epsilon + 1e-12
-                || spent_delta + delta > self.settings.privacy_budget_delta + 1e-18)
-        {
-            Some(RefusalReason::BudgetExhausted)
-        } else {
-            None
-        };
-        let record = |outcome: &str, populations: Vec<crate::catalog::LedgerPopulation>| {
-            crate::catalog::ReleaseRecord {
-                at: crate::audit::utc_now(),
-                dataset: schema.id.clone(),
-                schema: hash.to_owned(),
-                round,
-                epsilon: if outcome == "released" { eps } else { 0.0 },
-                delta: if outcome == "released" { delta } else { 0.0 },
-                patients: site_patients.clone(),
-                outcome: outcome.to_owned(),
-                populations,
-            }
-        };
-        if let Some(reason) = refusal {
-            tracing::warn!(
-                ?reason,
-                round,
-                spent_epsilon = spent_eps,
-                "the round's aggregates are not released"
-            );
-            let state = self.state();
-            if state
-                .refused
-                .as_ref()
-                .map(|r| (r.0.as_str(), r.1, r.2.as_str()))
-                != Some((hash, round, format!("{reason:?}").as_str()))
-            {
-                self.catalog.record_release(&record(
-                    match reason {
-                        RefusalReason::Differencing => "refused-differencing",
-                        _ => "refused-budget",
-                    },
-                    Vec::new(),
-                ))?;
-            }
-            return Ok(Err(reason));
-        }
-        let mut noise = dp
-            .as_ref()
-            .map(|d| super::privacy::Noise::new(d, super::aggregate::dp_statistics(schema)));
-        let mut aggregates = super::aggregate::aggregates_with(&facts, schema, k, noise.as_mut());
-        let mut released = Vec::new();
-        let mut held_back = Vec::new();
-        for (p, w) in pops.into_iter().zip(withheld) {
-            if w {
-                tracing::warn!(
-                    statistic = %p.definition,
-                    "withheld: its patients differ from an earlier release of the same quantity by fewer than k"
-                );
-                held_back.push(p.statistic);
-            } else if !p.patients.is_empty() {
-                released.push(crate::catalog::LedgerPopulation {
-                    family: p.family,
-                    definition: p.definition,
-                    patients: p.patients,
-                });
-            }
-        }
-        super::aggregate::withhold(&mut aggregates, &held_back);
-        // Recorded before it leaves: a crash after sending still counts as spent.
-        self.catalog.record_release(&record("released", released))?;
-        let o = Outbox {
-            schema: hash.to_owned(),
-            round,
-            aggregates,
-        };
-        write_atomically(
-            &self.outbox_path(),
-            &serde_json::to_vec(&o).map_err(std::io::Error::other)?,
-        )?;
-        Ok(Ok(o))
     }
 
     fn secure_local<R>(&self, f: impl FnOnce(&mut Option<SecureLocal>) -> R) -> R {
@@ -933,7 +719,7 @@ impl Site {
                 .is_none_or(|l| l.schema != hash || l.round != round || l.session != session)
         });
         if fresh {
-            let (keys, publics) = super::secure::SessionKeys::generate(&me, &joined.participants)
+            let (keys, publics) = crate::secure::SessionKeys::generate(&me, &joined.participants)
                 .map_err(|e| SessionError::Schema(e.to_string()))?;
             self.secure_local(|l| {
                 *l = Some(SecureLocal {
@@ -1001,7 +787,7 @@ impl Site {
                 Message::Error { code, .. } => return Err(SessionError::Refused(code)),
                 _ => return Err(SessionError::Unexpected),
             };
-            let context = super::secure::MaskContext {
+            let context = crate::secure::MaskContext {
                 schema: hash,
                 round,
                 session,
@@ -1011,7 +797,7 @@ impl Site {
             // this very session and participant list. Otherwise nothing is sent.
             let mut crls: Vec<Vec<u8>> = vec![peers.crl.clone()];
             crls.extend(self.crl.clone());
-            let peers = match super::secure::verify_peers(
+            let peers = match crate::secure::verify_peers(
                 &self.ca,
                 &crls,
                 &me,
@@ -1118,101 +904,6 @@ impl Site {
         Ok(())
     }
 
-    /// The facts and the curation report of the de-identified output under `schema`, read
-    /// once and kept while the catalog's totals and the schema stay the same (a sync needs
-    /// them for the acknowledgement and the report, and a secure round polls several times).
-    fn prepared(
-        &self,
-        schema: &CurationSchema,
-        hash: &str,
-    ) -> Result<
-        (
-            Vec<super::aggregate::SeriesFacts>,
-            crate::curate::report::CurationReport,
-        ),
-        SessionError,
-    > {
-        let t = self.catalog.totals()?;
-        let key = (t.written, t.duplicates, t.quarantined, hash.to_owned());
-        if let Ok(cache) = self.prepared.lock()
-            && let Some(p) = cache.as_ref()
-            && p.key == key
-        {
-            return Ok((p.facts.clone(), p.report.clone()));
-        }
-        let report = crate::curate::report::curate(
-            &self.deid_dir,
-            Some((schema, hash.to_owned())),
-            Vec::new(),
-            &self.tokens,
-        )?;
-        let mut facts = super::aggregate::collect(&self.deid_dir, schema)?;
-        super::aggregate::add_findings(&mut facts, &report);
-        if let Ok(mut cache) = self.prepared.lock() {
-            *cache = Some(Prepared {
-                key,
-                facts: facts.clone(),
-                report: report.clone(),
-            });
-        }
-        Ok((facts, report))
-    }
-
-    /// Save the federated model and harmonise the de-identified volumes it applies to
-    /// (`harmonised/` in the data directory, provenance in the catalog).
-    pub fn apply_model(&self, fit: &FederatedFit, revision: u32) -> Result<usize, SessionError> {
-        let (method, fitted, modality) = match fit {
-            FederatedFit::Nyul(s) => (
-                h::Method::Nyul,
-                h::Fitted::Nyul { summary: s.clone() },
-                "MR",
-            ),
-            FederatedFit::Ct(s) => (
-                h::Method::CtNnunet,
-                h::Fitted::Ct { summary: s.clone() },
-                "CT",
-            ),
-        };
-        let model = h::Model {
-            version: h::MODEL_VERSION,
-            method,
-            fitted,
-        };
-        let json = serde_json::to_vec_pretty(&model).map_err(std::io::Error::other)?;
-        let model_hash = content_hash(&json);
-        write_atomically(&self.data_dir.join("federation").join("model.json"), &json)?;
-        let volumes = super::super::volume::series::assemble(&read_objects(&self.deid_dir)?);
-        let out_dir = self.data_dir.join("harmonised");
-        let method_json = serde_json::to_string(&model.method).map_err(std::io::Error::other)?;
-        let mut n = 0;
-        for v in volumes.into_iter().filter(|v| v.modality == modality) {
-            let Some(vol) = v.volume else { continue };
-            let harmonised = h::apply_owned(&model, vol, &Foreground::Otsu)
-                .map_err(|e| SessionError::Harmonise(e.to_string()))?;
-            let key = self.tokens.token(&v.series_uid);
-            let rel = format!("{}/{key}-{}.nii.gz", v.patient, v.part);
-            let bytes = crate::volume::nifti::encode_gz(&harmonised.volume)?;
-            write_atomically(&out_dir.join(&rel), &bytes)?;
-            self.catalog
-                .record_harmonised(&crate::catalog::HarmonisedRecord {
-                    output_path: rel,
-                    output_hash: content_hash(&bytes),
-                    source_hash: self.tokens.token(&v.series_uid),
-                    method: method_json.clone(),
-                    model_version: revision,
-                    model_hash: model_hash.clone(),
-                    at: crate::audit::utc_now(),
-                })?;
-            n += 1;
-        }
-        tracing::info!(
-            revision,
-            volumes = n,
-            "applied the federated harmonisation model"
-        );
-        Ok(n)
-    }
-
     /// Connect and synchronise; when `wait_model` is set and the schema has a harmonisation
     /// recipe, keep polling until a model newer than the applied one is published (or the
     /// time is up).
@@ -1220,15 +911,16 @@ impl Site {
         &self,
         endpoint: &quinn::Endpoint,
         wait_model: Option<Duration>,
+        stages: &dyn Stages,
     ) -> Result<SyncOutcome, SessionError> {
         let (conn, welcome) = self.connect(endpoint).await?;
-        let mut out = self.sync(&conn, &welcome).await?;
+        let mut out = self.sync(&conn, &welcome, stages).await?;
         // Secure aggregation takes several steps with the other sites: keep at it.
         let deadline = tokio::time::Instant::now() + wait_model.unwrap_or(Duration::from_secs(120));
         while out.secure_waiting && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let w = self.poll(&conn).await?;
-            let more = self.sync(&conn, &w).await?;
+            let more = self.sync(&conn, &w, stages).await?;
             out.secure_waiting = more.secure_waiting;
             out.reported = out.reported.or(more.reported);
             out.welcome = more.welcome;
@@ -1246,7 +938,7 @@ impl Site {
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let w = self.poll(&conn).await?;
-                let more = self.sync(&conn, &w).await?;
+                let more = self.sync(&conn, &w, stages).await?;
                 out.applied_model = more.applied_model;
                 out.harmonised += more.harmonised;
                 out.welcome = more.welcome;
@@ -1263,6 +955,7 @@ impl Site {
         &self,
         endpoint: &quinn::Endpoint,
         stop: impl std::future::Future<Output = ()>,
+        stages: &dyn Stages,
     ) {
         tokio::pin!(stop);
         let mut failures: u32 = 0;
@@ -1271,7 +964,7 @@ impl Site {
                 let (conn, mut welcome) = self.connect(endpoint).await?;
                 tracing::info!(site = %self.settings.site, "connected to the coordinator");
                 loop {
-                    self.sync(&conn, &welcome).await?;
+                    self.sync(&conn, &welcome, stages).await?;
                     tokio::time::sleep(Duration::from_secs(self.settings.poll_seconds.max(1)))
                         .await;
                     welcome = self.poll(&conn).await?;
@@ -1323,19 +1016,6 @@ pub fn backoff(failures: u32) -> Duration {
     let mut b = [0u8; 8];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
     Duration::from_millis(u64::from_be_bytes(b) % (cap_ms + 1))
-}
-
-fn read_objects(dir: &Path) -> std::io::Result<Vec<dicom_object::DefaultDicomObject>> {
-    let files = crate::batch::list_inputs(dir).map_err(std::io::Error::other)?;
-    Ok(files
-        .iter()
-        .filter_map(|p| {
-            let bytes = std::fs::read(p).ok()?;
-            dicom_object::OpenFileOptions::new()
-                .from_reader(bytes.as_slice())
-                .ok()
-        })
-        .collect())
 }
 
 #[cfg(test)]

@@ -9,9 +9,9 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::batch::{content_hash, list_inputs, write_atomically};
-use crate::volume::nifti;
-use crate::volume::series::{AssembledVolume, assemble};
+use fc_files::{content_hash, list_files, write_atomically};
+use fc_volume::nifti;
+use fc_volume::series::{AssembledVolume, assemble};
 
 /// Export layouts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,17 +46,17 @@ pub enum ExportError {
 /// implementation's class UID in the file meta.
 pub fn marked_deidentified(obj: &dicom_object::DefaultDicomObject) -> bool {
     use dicom_core::Tag;
-    let removed = crate::read::text(obj, Tag(0x0012, 0x0062)) == "YES";
+    let removed = fc_read::text(obj, Tag(0x0012, 0x0062)) == "YES";
     let basic = obj
         .get(Tag(0x0012, 0x0064))
         .and_then(|e| e.items())
         .is_some_and(|items| {
             items
                 .iter()
-                .any(|i| crate::read::text(i, Tag(0x0008, 0x0100)) == "113100")
+                .any(|i| fc_read::text(i, Tag(0x0008, 0x0100)) == "113100")
         });
     let ours = obj.meta().implementation_class_uid().trim_end_matches('\0')
-        == crate::deid::IMPLEMENTATION_CLASS_UID;
+        == fc_deid::IMPLEMENTATION_CLASS_UID;
     removed && basic && ours
 }
 
@@ -95,7 +95,7 @@ pub struct ExportOptions {
     /// the same data) instead of the raw ones.
     pub harmonised: Option<PathBuf>,
     /// Keyed tokens naming studies and series in file names and the manifest.
-    pub tokens: crate::deid::keys::Tokens,
+    pub tokens: fc_deid::keys::Tokens,
 }
 
 /// What an export wrote.
@@ -161,12 +161,12 @@ pub fn export(
         return Err(ExportError::Fractions);
     }
     let files =
-        list_inputs(input).map_err(|e| ExportError::Read(input.to_owned(), e.to_string()))?;
+        list_files(input).map_err(|e| ExportError::Read(input.to_owned(), e.to_string()))?;
     let mut not_deidentified = 0;
     let mut objects = Vec::new();
     for p in &files {
         let Ok(bytes) = fs::read(p) else { continue };
-        let Ok(obj) = crate::read::read_object(&bytes) else {
+        let Ok(obj) = fc_read::read_object(&bytes) else {
             continue;
         };
         if recorded(&content_hash(&bytes)) || marked_deidentified(&obj) {
@@ -248,7 +248,7 @@ pub fn export(
             write(&out.join(&rel), &bytes)?;
             // Diffusion: b-values and directions beside the image, as dcm2niix writes them.
             if !v.diffusion.is_empty() {
-                let (bval, bvec) = crate::volume::fsl_text(&vol.affine, &v.diffusion);
+                let (bval, bvec) = fc_volume::fsl_text(&vol.affine, &v.diffusion);
                 let stem = rel.trim_end_matches(".nii.gz");
                 write(&out.join(format!("{stem}.bval")), bval.as_bytes())?;
                 write(&out.join(format!("{stem}.bvec")), bvec.as_bytes())?;

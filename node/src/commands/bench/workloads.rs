@@ -7,15 +7,14 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use node::batch::{self, BatchPaths, DurableBatch, NoProgress, RunSettings};
+use node::catalog::Catalog;
+use node::deid::keys::{Keys, Secret};
+use node::deid::table::{DeidOption, EDITION};
+use node::deid::{DeidPolicy, Deidentifier};
+use node::sample::{self, ts};
+use node::vault::VaultKey;
 use rayon::prelude::*;
-
-use crate::batch::{self, BatchPaths, DurableBatch, NoProgress, RunSettings};
-use crate::catalog::Catalog;
-use crate::deid::keys::{Keys, Secret};
-use crate::deid::table::{DeidOption, EDITION};
-use crate::deid::{DeidPolicy, Deidentifier};
-use crate::sample::{self, ts};
-use crate::vault::VaultKey;
 
 /// One measured phase.
 #[derive(Clone, Debug)]
@@ -43,7 +42,7 @@ fn reset_peak() {
 }
 
 /// Peak resident set size since the last reset, from `/proc/self/status`.
-pub use crate::batch::peak_rss;
+pub(crate) use node::batch::peak_rss;
 
 /// Generate `files` 512×512 16-bit CT slices (100 per series) under `dir`.
 pub fn generate(dir: &Path, files: usize) -> io::Result<Vec<PathBuf>> {
@@ -172,7 +171,7 @@ pub fn deidentify(
         vault_key: Some(&vault_key),
         batch_size,
         progress: &NoProgress,
-        subjects: &crate::volume::deid::SubjectRule::default(),
+        subjects: &node::volume::deid::SubjectRule::default(),
     };
     reset_peak();
     let deid = Deidentifier::new(&policy, &keys);
@@ -227,18 +226,18 @@ pub fn volume(dir: &Path, slices: usize) -> Result<VolumeBench, Box<dyn std::err
     drop(objects);
     let t = Instant::now();
     let objects = read_all()?;
-    let vols = crate::volume::series::assemble(&objects);
+    let vols = node::volume::series::assemble(&objects);
     let assemble = t.elapsed();
     let vol = vols
         .first()
         .and_then(|v| v.volume.as_ref())
         .ok_or("the benchmark series did not assemble")?;
     let t = Instant::now();
-    let nii = crate::volume::nifti::encode(vol);
+    let nii = node::volume::nifti::encode(vol);
     batch::write_atomically(&dir.join("v.nii"), &nii)?;
     let write_nii = t.elapsed();
     let t = Instant::now();
-    let gz = crate::volume::nifti::gzip(&nii, 1)?;
+    let gz = node::volume::nifti::gzip(&nii, 1)?;
     batch::write_atomically(&dir.join("v.nii.gz"), &gz)?;
     let write_nii_gz = t.elapsed();
     Ok(VolumeBench {
@@ -301,7 +300,7 @@ pub struct MethodTiming {
 
 /// A synthetic brain-like float32 volume of `n`³ voxels: a sphere of three tissue shells
 /// with deterministic noise (the same construction as the reference tests, scaled up).
-pub fn synthetic_volume(n: usize, scale: f64, seed: u64) -> crate::volume::Volume {
+pub fn synthetic_volume(n: usize, scale: f64, seed: u64) -> node::volume::Volume {
     use ndarray::{Array4, ShapeBuilder};
     let mut data = Array4::<f32>::zeros((n, n, n, 1).f());
     let c = (n as f64 - 1.0) / 2.0;
@@ -332,10 +331,10 @@ pub fn synthetic_volume(n: usize, scale: f64, seed: u64) -> crate::volume::Volum
             }
         }
     }
-    crate::volume::Volume {
+    node::volume::Volume {
         data,
-        affine: crate::volume::diagonal([1.0, 1.0, 1.0]),
-        stored: crate::volume::StoredType::F32,
+        affine: node::volume::diagonal([1.0, 1.0, 1.0]),
+        stored: node::volume::StoredType::F32,
     }
 }
 
@@ -345,20 +344,20 @@ pub fn harmonise(
     dir: &Path,
     n: usize,
 ) -> Result<(Duration, Vec<MethodTiming>), Box<dyn std::error::Error>> {
-    use crate::harmonise::stats::Contrast;
-    use crate::harmonise::{
+    use node::harmonise::stats::Contrast;
+    use node::harmonise::{
         self as h, Discretisation, Fitted, Foreground, Method, Model, WindowFunction,
     };
     fs::create_dir_all(dir)?;
-    let vols: Vec<crate::volume::Volume> = [(1.0, 1u64), (1.2, 2), (0.9, 3)]
+    let vols: Vec<node::volume::Volume> = [(1.0, 1u64), (1.2, 2), (0.9, 3)]
         .iter()
         .map(|(s, seed)| synthetic_volume(n, *s, *seed))
         .collect();
     let path = dir.join("v.nii");
-    fs::write(&path, crate::volume::nifti::encode(&vols[0]))?;
+    fs::write(&path, node::volume::nifti::encode(&vols[0]))?;
     let t = Instant::now();
-    let (_, v) = crate::volume::nifti::read(&path)?;
-    fs::write(dir.join("copy.nii"), crate::volume::nifti::encode(&v))?;
+    let (_, v) = node::volume::nifti::read(&path)?;
+    fs::write(dir.join("copy.nii"), node::volume::nifti::encode(&v))?;
     let baseline = t.elapsed();
     let rule = Foreground::Positive;
     let per = |m: Method| Model {
@@ -442,7 +441,7 @@ pub fn harmonise(
         ("Nyul fit on 3 + apply", Method::Nyul, 0),
         ("LSQ fit + apply", Method::Lsq, 1),
     ] {
-        let run = |owned: Option<crate::volume::Volume>| {
+        let run = |owned: Option<node::volume::Volume>| {
             let t = Instant::now();
             let model = h::fit(&method, &vols, &rule)?;
             match owned {
@@ -517,8 +516,8 @@ pub fn curate(
             files.push(w?);
         }
     }
-    let iods = crate::deid::iod::IodTables::standard();
-    let dict = crate::deid::dictionary::Dictionary::standard();
+    let iods = node::deid::iod::IodTables::standard();
+    let dict = node::deid::dictionary::Dictionary::standard();
     let t = Instant::now();
     let findings: usize = files
         .par_iter()
@@ -526,18 +525,18 @@ pub fn curate(
             let obj = dicom_object::OpenFileOptions::new()
                 .read_until(dicom_dictionary_std::tags::PIXEL_DATA)
                 .open_file(f);
-            obj.map(|o| crate::curate::conformance::check(&o, true, iods, dict).len())
+            obj.map(|o| node::curate::conformance::check(&o, true, iods, dict).len())
                 .unwrap_or(0)
         })
         .sum();
     let header = t.elapsed();
     let _ = findings;
     let t = Instant::now();
-    crate::curate::report::curate(
+    node::curate::report::curate(
         &folder,
         None,
         Vec::new(),
-        &crate::deid::keys::Tokens::ephemeral(),
+        &node::deid::keys::Tokens::ephemeral(),
     )?;
     let full = t.elapsed();
     Ok((files.len(), header, full))

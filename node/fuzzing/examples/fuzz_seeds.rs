@@ -1,5 +1,5 @@
 //! Seed corpora for the fuzz targets, made by our own fixture builder (scripts/fuzz.sh runs it
-//! before fuzzing): `cargo run -p node --example fuzz_seeds -- DIR` writes `DIR/<target>/*`.
+//! before fuzzing): `cargo run -p fc-fuzzing --example fuzz_seeds -- DIR` writes `DIR/<target>/*`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::path::PathBuf::from(
@@ -7,7 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .nth(1)
             .ok_or("usage: fuzz_seeds DIR (the corpus root)")?,
     );
-    let n = node::sample::write_fuzz_seeds(&dir)?;
+    let n = fc_fixtures::write_fuzz_seeds(&dir)?;
     println!("{n} seeds in {}", dir.display());
     Ok(())
 }

@@ -572,7 +572,7 @@ pub fn run_demo(dir: Option<PathBuf>, patients: usize) -> Result<()> {
         let t = cat.totals()?;
         instances += t.written;
         quarantined += t.quarantined;
-        let facts = node::federation::aggregate::collect(&sdir.join("data/deid"), &schema)?;
+        let facts = node::site::aggregate::collect(&sdir.join("data/deid"), &schema)?;
         let v: Vec<f64> = facts
             .iter()
             .filter_map(|f| {

@@ -3,7 +3,7 @@
 //! command sets and PDU streams, pixel decoding, NIfTI/Analyze headers and gzip, the schema,
 //! `node.toml`, and the sidecar scrubber. The fuzz crate (`node/fuzz`) only calls these, so a
 //! plain `cargo test` replays every committed regression input through the same code
-//! (`node/tests/fuzz.rs`). Each body must never panic on any input; a panic is a finding.
+//! (`node/fuzzing/tests/replay.rs`). Each body must never panic on any input; a panic is a finding.
 //! The wire decoder's body is `protocol::fuzzing::decode_frame` (the floor has its own).
 
 use std::sync::OnceLock;
@@ -13,9 +13,9 @@ use dicom_core::value::Value;
 use dicom_core::{Tag, VR};
 use dicom_object::InMemDicomObject;
 
-use crate::deid::keys::{Keys, Secret};
-use crate::deid::registry::UidRegistry;
-use crate::deid::{DeidPolicy, Deidentifier};
+use node::deid::keys::{Keys, Secret};
+use node::deid::registry::UidRegistry;
+use node::deid::{DeidPolicy, Deidentifier};
 
 /// A harness body: arbitrary bytes in, a panic on a finding.
 pub type Body = fn(&[u8]);
@@ -61,21 +61,21 @@ fn deidentifier() -> Deidentifier<'static> {
 /// and hold the basic profile's invariants.
 pub fn dicom_ingest(data: &[u8]) {
     let deid = deidentifier();
-    let Ok((d, out)) = crate::batch::deidentify_bytes(&deid, data) else {
+    let Ok((d, out)) = node::batch::deidentify_bytes(&deid, data) else {
         return;
     };
-    let back = match crate::read::read_object(&out) {
+    let back = match node::read::read_object(&out) {
         Ok(o) => o,
         Err(r) => panic!("a de-identified output does not read back: {}", r.reason),
     };
     let pseudonym = d.patient.as_str();
     assert_eq!(
-        crate::read::text(&back, Tag(0x0010, 0x0020)),
+        node::read::text(&back, Tag(0x0010, 0x0020)),
         pseudonym,
         "Patient ID is the pseudonym"
     );
     assert_eq!(
-        crate::read::text(&back, Tag(0x0008, 0x0018)),
+        node::read::text(&back, Tag(0x0008, 0x0018)),
         back.meta()
             .media_storage_sop_instance_uid()
             .trim_end_matches('\0'),
@@ -91,8 +91,8 @@ pub fn dicom_ingest(data: &[u8]) {
 /// show they catch an identified object.
 #[doc(hidden)]
 pub fn check_for_test(data: &[u8]) {
-    if let Ok(obj) = crate::read::read_object(data) {
-        let pseudonym = crate::read::text(&obj, Tag(0x0010, 0x0020));
+    if let Ok(obj) = node::read::read_object(data) {
+        let pseudonym = node::read::text(&obj, Tag(0x0010, 0x0020));
         check_deidentified(&obj, &pseudonym, true);
     }
 }
@@ -141,7 +141,7 @@ fn check_deidentified(obj: &InMemDicomObject, pseudonym: &str, explicit: bool) {
 
 /// A DIMSE command set as it arrives in P-DATA fragments.
 pub fn dimse_command(data: &[u8]) {
-    let _ = crate::dimse::decode_command(data);
+    let _ = node::dimse::decode_command(data);
 }
 
 /// A stream of PDUs as a peer sends them: each parsed with the SCP's limits, every command
@@ -167,16 +167,16 @@ pub fn pdu_stream(data: &[u8]) {
 /// A DICOM file's pixel data through series assembly (native frames and every codec behind
 /// dicom-pixeldata), after the reader's checks.
 pub fn pixel_decode(data: &[u8]) {
-    if let Ok(obj) = crate::read::read_object(data) {
-        let _ = crate::volume::series::assemble(std::slice::from_ref(&obj));
+    if let Ok(obj) = node::read::read_object(data) {
+        let _ = node::volume::series::assemble(std::slice::from_ref(&obj));
     }
 }
 
 /// NIfTI-1/2 or Analyze bytes, plain or gzip.
 pub fn nifti_input(data: &[u8]) {
-    if let Ok((_, v)) = crate::volume::nifti::read_bytes(data) {
+    if let Ok((_, v)) = node::volume::nifti::read_bytes(data) {
         // What was read can be written.
-        let _ = crate::volume::nifti::encode(&v);
+        let _ = node::volume::nifti::encode(&v);
     }
 }
 
@@ -190,7 +190,7 @@ pub fn schema_text(data: &[u8]) {
 /// `node.toml`.
 pub fn node_config(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = crate::config::NodeConfig::parse(text, std::path::Path::new("fuzz.toml"));
+        let _ = node::config::NodeConfig::parse(text, std::path::Path::new("fuzz.toml"));
     }
 }
 
@@ -200,7 +200,7 @@ pub fn sidecar(data: &[u8]) {
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else {
         return;
     };
-    let scrubbed = crate::volume::deid::scrub_sidecar(&value, &DeidPolicy::default());
+    let scrubbed = node::volume::deid::scrub_sidecar(&value, &DeidPolicy::default());
     if let serde_json::Value::Object(map) = scrubbed {
         for k in map.keys() {
             assert!(

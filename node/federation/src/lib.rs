@@ -2,12 +2,14 @@
 //! consortium certificate (TLS 1.3, mutual authentication) and counts itself connected only
 //! after the hello/welcome round-trip, because a TLS 1.3 client finishes its handshake before
 //! the coordinator has checked the client certificate.
+//!
+//! This crate moves messages and keeps the session's promises (the egress log written before
+//! a frame leaves, ids that make retries idempotent, resumable state, masks for secure
+//! aggregation); what the messages say is computed by the site through [`session::Stages`].
 
-pub mod aggregate;
-pub mod approval;
-pub mod privacy;
 pub mod secure;
 pub mod session;
+pub mod settings;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -6,9 +6,9 @@ use std::path::Path;
 
 #[test]
 fn committed_regression_inputs_replay_without_a_finding() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions");
     let mut replayed = 0;
-    for (target, _) in node::fuzzing::TARGETS {
+    for (target, _) in fc_fuzzing::TARGETS {
         let dir = root.join(target);
         assert!(dir.is_dir(), "{} is missing", dir.display());
         for entry in std::fs::read_dir(&dir).expect("regressions") {
@@ -17,7 +17,7 @@ fn committed_regression_inputs_replay_without_a_finding() {
                 continue;
             }
             let data = std::fs::read(&path).expect("input");
-            assert!(node::fuzzing::run(target, &data));
+            assert!(fc_fuzzing::run(target, &data));
             replayed += 1;
         }
     }
@@ -28,7 +28,7 @@ fn committed_regression_inputs_replay_without_a_finding() {
         let name = entry.expect("entry").file_name();
         let name = name.to_string_lossy();
         assert!(
-            node::fuzzing::TARGETS.iter().any(|(t, _)| *t == name),
+            fc_fuzzing::TARGETS.iter().any(|(t, _)| *t == name),
             "regressions/{name} is not a fuzz target"
         );
     }
@@ -40,7 +40,7 @@ fn every_seed_holds_the_harness_invariants() {
     let n = node::sample::write_fuzz_seeds(dir.path()).expect("seeds");
     assert!(n > 50, "{n} seeds");
     let mut per_target = 0;
-    for (target, body) in node::fuzzing::TARGETS {
+    for (target, body) in fc_fuzzing::TARGETS {
         let seeds = dir.path().join(target);
         let files: Vec<_> = std::fs::read_dir(&seeds)
             .unwrap_or_else(|_| panic!("no seeds for {target}"))
@@ -62,7 +62,7 @@ fn the_dicom_invariants_catch_a_leak() {
     let result = std::panic::catch_unwind(|| {
         let (file, _) = node::sample::un_encoded_file().expect("fixture");
         // Not de-identified: read and check directly.
-        node::fuzzing::check_for_test(&file);
+        fc_fuzzing::check_for_test(&file);
     });
     assert!(
         result.is_err(),
