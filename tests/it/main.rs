@@ -9,6 +9,7 @@ mod deid;
 mod federation;
 mod handshake;
 mod harmonise;
+mod layout;
 mod messy;
 mod pki;
 mod quic;
