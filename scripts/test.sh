@@ -37,6 +37,14 @@ command -v opj_compress >/dev/null 2>&1 || need_apt+=(libopenjp2-tools)
 if ! python3 -c "import intensity_normalization" >/dev/null 2>&1; then
   python3 -m pip install --quiet "intensity-normalization==2.2.4"
 fi
+# The references for annotation: agreement and consensus (statsmodels, krippendorff,
+# SimpleITK, medpy; golden outputs in tests/golden, made by
+# scripts/reference/annotate_reference.py) and the formats (pycocotools and nibabel read what
+# the node writes, in the tests). nibabel stays below 4 for intensity-normalization 2.2.4.
+if ! python3 -c "import statsmodels, krippendorff, SimpleITK, medpy.metric.binary, pycocotools, nibabel" >/dev/null 2>&1; then
+  python3 -m pip install --quiet "statsmodels>=0.14" "krippendorff==0.9.0" "SimpleITK==2.5.7" \
+    "medpy==0.5.2" "pycocotools==2.0.11" "nibabel>=3,<4"
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need_apt[*]}"
   SUDO=""
@@ -68,6 +76,32 @@ for name in a["methods"]:
         sys.exit(f"golden output of {name} differs from intensity-normalization 2.2.4: regenerate tests/golden")
 PY
 fi
+rm -f "$regen"
+regen=$(mktemp)
+python3 scripts/reference/annotate_reference.py > "$regen"
+python3 - "$regen" tests/golden/annotate-reference.json <<'PY'
+import json, math, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:3])
+def same(x, y, where):
+    if isinstance(x, dict) and isinstance(y, dict):
+        if where == "versions":
+            return
+        if x.keys() != y.keys():
+            sys.exit(f"{where}: keys differ")
+        for k in x:
+            same(x[k], y[k], k if where == "" else f"{where}.{k}")
+    elif isinstance(x, list) and isinstance(y, list):
+        if len(x) != len(y):
+            sys.exit(f"{where}: lengths differ")
+        for i, (p, q) in enumerate(zip(x, y)):
+            same(p, q, f"{where}[{i}]")
+    elif isinstance(x, float) or isinstance(y, float):
+        if not math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12):
+            sys.exit(f"{where}: {x} != {y}: regenerate tests/golden/annotate-reference.json")
+    elif x != y:
+        sys.exit(f"{where}: {x!r} != {y!r}: regenerate tests/golden/annotate-reference.json")
+same(a, b, "")
+PY
 rm -f "$regen"
 
 log=$(mktemp)

@@ -1,8 +1,10 @@
 //! The fedcurate site node: ingest, de-identification, and (in later stages) curation,
 //! harmonisation, statistics and export. See `ARCHITECTURE.md` for the codemap.
 
+pub mod annotation;
 pub mod batch;
 pub mod config;
+pub use fc_annotate;
 pub use fc_curate as curate;
 pub use fc_deid as deid;
 pub use fc_dimse as dimse;

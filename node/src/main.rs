@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use node::config::NodeConfig;
 use node::sample;
 
+use commands::annotate::{AnnotateCommand, annotate};
 use commands::bench::{bench, bench_curate, bench_harmonise, bench_volume};
 use commands::consortium;
 use commands::curate::curate;
@@ -196,6 +197,12 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Annotation projects on the de-identified output: raters, versions, proposals,
+    /// agreement, consensus, exports.
+    Annotate {
+        #[command(subcommand)]
+        command: AnnotateCommand,
     },
     /// Join the consortium ([federation] in the config): fetch and acknowledge the schema,
     /// report aggregates, apply the federated harmonisation model. Runs as a service until
@@ -590,5 +597,6 @@ fn main() -> Result<()> {
         Command::Curate { input, schema, out } => curate(&config, input, schema, &out),
         Command::Reidentify { pseudonym, field } => reidentify(&config, &pseudonym, field),
         Command::Audit { command } => audit_cmd(&config, command),
+        Command::Annotate { command } => annotate(&config, command),
     }
 }

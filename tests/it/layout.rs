@@ -69,6 +69,7 @@ const PURE: &[&str] = &[
     "fc-volume",
     "fc-harmonise",
     "fc-curate",
+    "fc-annotate",
 ];
 
 #[test]

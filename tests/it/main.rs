@@ -3,6 +3,7 @@
 //! real third-party reader), the handshake across protocol and coordinator, and the
 //! federation: three sites and a coordinator on loopback.
 
+mod annotate;
 mod codecs;
 mod curate;
 mod deid;

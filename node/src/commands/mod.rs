@@ -1,6 +1,7 @@
 //! The node's commands, one module per group. Each is a thin layer over the library: it reads
 //! the configuration and arguments, calls the stages, and prints what happened.
 
+pub(crate) mod annotate;
 pub(crate) mod bench;
 pub(crate) mod consortium;
 pub(crate) mod curate;

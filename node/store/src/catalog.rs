@@ -12,6 +12,9 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::audit::{AuditEntry, AuditRecord};
 
+mod annotations;
+pub use annotations::{AnnotationCase, AnnotationVersion, Assignment};
+
 /// Catalog errors: I/O and database failures, never content problems.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -138,6 +141,53 @@ const MIGRATIONS: &[&str] = &[
     // that overlapping definitions of one quantity are compared with each other.
     r#"
     ALTER TABLE releases ADD COLUMN populations TEXT NOT NULL DEFAULT '[]';
+    "#,
+    // 6: annotation: projects, their cases (de-identified series, by keyed token), who is
+    // assigned what, and every saved version (never overwritten; label maps are files beside
+    // the catalog, recorded with their hash).
+    r#"
+    CREATE TABLE annotation_projects (
+        id TEXT PRIMARY KEY,
+        created TEXT NOT NULL,
+        definition TEXT NOT NULL
+    );
+    CREATE TABLE annotation_cases (
+        project TEXT NOT NULL REFERENCES annotation_projects(id),
+        case_id TEXT NOT NULL,
+        patient TEXT NOT NULL,
+        modality TEXT NOT NULL,
+        grid TEXT NOT NULL,
+        image TEXT NOT NULL,
+        image_hash TEXT NOT NULL,
+        PRIMARY KEY (project, case_id)
+    );
+    CREATE TABLE annotation_assignments (
+        project TEXT NOT NULL,
+        case_id TEXT NOT NULL,
+        rater TEXT NOT NULL,
+        repeat INTEGER NOT NULL,
+        with_proposal INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        PRIMARY KEY (project, case_id, rater, repeat),
+        FOREIGN KEY (project, case_id) REFERENCES annotation_cases(project, case_id)
+    );
+    CREATE TABLE annotation_versions (
+        id INTEGER PRIMARY KEY,
+        project TEXT NOT NULL,
+        case_id TEXT NOT NULL,
+        rater TEXT NOT NULL,
+        repeat INTEGER NOT NULL,
+        at TEXT NOT NULL,
+        parent INTEGER REFERENCES annotation_versions(id),
+        source TEXT NOT NULL,
+        model TEXT,
+        model_version TEXT,
+        content TEXT NOT NULL,
+        mask_path TEXT,
+        mask_hash TEXT,
+        FOREIGN KEY (project, case_id) REFERENCES annotation_cases(project, case_id)
+    );
+    CREATE INDEX annotation_versions_case ON annotation_versions(project, case_id, rater);
     "#,
 ];
 

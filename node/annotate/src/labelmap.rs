@@ -1,0 +1,217 @@
+//! Label maps on the image's own grid: integer volumes (uint8, or uint16 past 255 classes),
+//! written as NIfTI with a JSON sidecar naming the labels, read back with the grid checked.
+
+use fc_volume::{Affine, StoredType, Volume, nifti};
+use ndarray::{Array3, Array4, ArrayView3, ShapeBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::model::Project;
+
+/// A voxel grid: shape and voxel → RAS mm affine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Grid {
+    pub shape: [usize; 3],
+    pub affine: Affine,
+}
+
+impl Grid {
+    /// The grid of a volume.
+    pub fn of(v: &Volume) -> Grid {
+        let (i, j, k) = v.shape();
+        Grid {
+            shape: [i, j, k],
+            affine: v.affine,
+        }
+    }
+
+    /// Voxel spacing (mm).
+    pub fn spacing(&self) -> [f64; 3] {
+        let a = &self.affine;
+        let col = |j: usize| (a[0][j].powi(2) + a[1][j].powi(2) + a[2][j].powi(2)).sqrt();
+        [col(0), col(1), col(2)]
+    }
+
+    /// A continuous voxel position in RAS mm.
+    pub fn to_mm(&self, v: [f64; 3]) -> [f64; 3] {
+        let a = &self.affine;
+        std::array::from_fn(|r| a[r][0] * v[0] + a[r][1] * v[1] + a[r][2] * v[2] + a[r][3])
+    }
+
+    /// Same shape, and affines within `tolerance` mm at every corner of the grid.
+    pub fn matches(&self, other: &Grid, tolerance: f64) -> Result<(), String> {
+        if self.shape != other.shape {
+            return Err(format!(
+                "the label map is {:?} voxels and the image {:?}",
+                other.shape, self.shape
+            ));
+        }
+        for corner in 0..8u8 {
+            let v: [f64; 3] = std::array::from_fn(|a| {
+                if corner & (1 << a) != 0 {
+                    (self.shape[a].max(1) - 1) as f64
+                } else {
+                    0.0
+                }
+            });
+            let (p, q) = (self.to_mm(v), other.to_mm(v));
+            let d = ((p[0] - q[0]).powi(2) + (p[1] - q[1]).powi(2) + (p[2] - q[2]).powi(2)).sqrt();
+            if d > tolerance || !d.is_finite() {
+                return Err(format!(
+                    "the label map's geometry differs from the image's by {d:.3} mm at a corner of the grid (allowed {tolerance} mm)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn voxels(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A label map: values in Fortran order (i fastest), as NIfTI stores them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LabelMap {
+    pub grid: Grid,
+    pub data: Array3<u16>,
+}
+
+/// Why a label map is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LabelMapError {
+    #[error("not a readable NIfTI label map: {0}")]
+    Nifti(String),
+    #[error("the label map has {0} channels or time points; it must be one 3D volume")]
+    Channels(usize),
+    #[error("voxel values must be whole numbers 0..=65535; found {0}")]
+    Value(f64),
+    #[error("{0}")]
+    Grid(String),
+    #[error("label value {0} is not a class of project {1}")]
+    Label(u16, String),
+}
+
+impl LabelMap {
+    /// An empty (all background) label map on `grid`.
+    pub fn empty(grid: Grid) -> LabelMap {
+        let [i, j, k] = grid.shape;
+        LabelMap {
+            grid,
+            data: Array3::zeros((i, j, k).f()),
+        }
+    }
+
+    /// The mask of one label.
+    pub fn mask(&self, value: u16) -> Array3<bool> {
+        self.data.mapv(|v| v == value)
+    }
+
+    /// The labels present (without 0).
+    pub fn present(&self) -> Vec<u16> {
+        let mut seen = std::collections::BTreeSet::new();
+        for &v in &self.data {
+            if v != 0 {
+                seen.insert(v);
+            }
+        }
+        seen.into_iter().collect()
+    }
+
+    /// Voxels per label (without 0).
+    pub fn counts(&self) -> std::collections::BTreeMap<u16, u64> {
+        let mut m = std::collections::BTreeMap::new();
+        for &v in &self.data {
+            if v != 0 {
+                *m.entry(v).or_insert(0) += 1;
+            }
+        }
+        m
+    }
+
+    /// Read a NIfTI label map (gzipped or not).
+    pub fn from_nifti(bytes: &[u8]) -> Result<LabelMap, LabelMapError> {
+        let (_, v) = nifti::read_bytes(bytes).map_err(|e| LabelMapError::Nifti(e.to_string()))?;
+        if v.channels() != 1 {
+            return Err(LabelMapError::Channels(v.channels()));
+        }
+        let grid = Grid::of(&v);
+        let [i, j, k] = grid.shape;
+        let mut data = Array3::zeros((i, j, k).f());
+        for (out, &x) in data.iter_mut().zip(v.data.iter()) {
+            let x = f64::from(x);
+            if !(0.0..=65535.0).contains(&x) || x.fract() != 0.0 {
+                return Err(LabelMapError::Value(x));
+            }
+            *out = x as u16;
+        }
+        Ok(LabelMap { grid, data })
+    }
+
+    /// Check the map against the image grid and the project's classes.
+    pub fn check(&self, image: &Grid, project: &Project) -> Result<(), LabelMapError> {
+        image
+            .matches(&self.grid, 1e-3)
+            .map_err(LabelMapError::Grid)?;
+        for v in self.present() {
+            if project.label(v).is_none() {
+                return Err(LabelMapError::Label(v, project.id.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// As a volume (uint8 when every value fits, else uint16).
+    pub fn to_volume(&self) -> Volume {
+        let [i, j, k] = self.grid.shape;
+        let mut data = Array4::<f32>::zeros((i, j, k, 1).f());
+        for (out, &v) in data.iter_mut().zip(self.data.iter()) {
+            *out = f32::from(v);
+        }
+        let max = self.data.iter().copied().max().unwrap_or(0);
+        Volume {
+            data,
+            affine: self.grid.affine,
+            stored: if max > 255 {
+                StoredType::U16
+            } else {
+                StoredType::U8
+            },
+        }
+    }
+
+    /// NIfTI-1, gzipped.
+    pub fn to_nifti_gz(&self) -> std::io::Result<Vec<u8>> {
+        nifti::encode_gz(&self.to_volume())
+    }
+
+    /// A view of the values.
+    pub fn view(&self) -> ArrayView3<'_, u16> {
+        self.data.view()
+    }
+}
+
+/// The JSON sidecar of an exported label map: which value means what.
+pub fn sidecar(project: &Project) -> serde_json::Value {
+    let labels: serde_json::Map<String, serde_json::Value> = project
+        .labels
+        .iter()
+        .map(|l| {
+            let mut entry = serde_json::json!({
+                "name": l.name,
+                "colour": format!("#{:02x}{:02x}{:02x}", l.colour[0], l.colour[1], l.colour[2]),
+            });
+            if let Some(c) = &l.category {
+                entry["category"] = serde_json::json!(c);
+            }
+            if let Some(t) = &l.property_type {
+                entry["type"] = serde_json::json!(t);
+            }
+            (l.value.to_string(), entry)
+        })
+        .collect();
+    serde_json::json!({
+        "project": project.id,
+        "background": 0,
+        "labels": labels,
+    })
+}

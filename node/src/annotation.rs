@@ -1,0 +1,822 @@
+//! Annotation at the site: projects over the de-identified output, assignments, versions saved
+//! durably (label maps written temporary → flushed → renamed, then recorded with their hash in
+//! the catalog, with the audit entry in the same transaction), imports, proposals and their
+//! review, agreement, consensus and exports. The CLI (`fedcurate-node annotate`) and the web
+//! annotator call these; the pure parts are in [`fc_annotate`].
+//!
+//! Files, under the data directory: `annotations/<project>/images/<case>.nii.gz` (the case
+//! image, from the de-identified series) and `annotations/<project>/masks/<case>/<hash>.nii.gz`
+//! (label maps, named by their content hash, so a save retried after a kill writes the same
+//! file). Cases are named by keyed tokens of their series, never by a UID.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use fc_annotate::agreement::project::{ProjectAgreement, Rating, agreement};
+use fc_annotate::consensus;
+use fc_annotate::model::ProjectError;
+use fc_annotate::{Content, Grid, LabelMap, Project, Source};
+use fc_store::audit::{AuditRecord, utc_now};
+use fc_store::catalog::{AnnotationCase, AnnotationVersion, Assignment, Catalog, CatalogError};
+use serde::Serialize;
+
+use crate::batch::{content_hash, write_atomically};
+use crate::config::NodeConfig;
+
+/// What can go wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum AnnotationError {
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("project definition: {0}")]
+    Project(#[from] ProjectError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AnnotationError {
+    let what = what.into();
+    move |source| AnnotationError::Io { what, source }
+}
+
+/// A version with its content and label map read back.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub version: AnnotationVersion,
+    pub content: Content,
+    pub mask: Option<LabelMap>,
+}
+
+/// What a rater does with a proposal.
+#[derive(Clone, Debug)]
+pub enum Review {
+    Accept,
+    /// Save this content and label map instead.
+    Modify(Box<Content>, Option<Box<LabelMap>>),
+    Reject,
+}
+
+/// Consensus methods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsensusMethod {
+    Majority,
+    Staple,
+}
+
+/// How far a project is.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Status {
+    pub project: String,
+    pub cases: usize,
+    pub assignments: usize,
+    pub submitted: usize,
+    pub returned: usize,
+    pub versions: usize,
+    pub by_source: BTreeMap<String, usize>,
+    pub raters: BTreeMap<String, (usize, usize)>,
+    pub consensus_cases: usize,
+}
+
+/// The site's annotation workspace.
+#[derive(Debug)]
+pub struct Annotations {
+    data_dir: PathBuf,
+    deid_dir: PathBuf,
+    catalog: Catalog,
+    tokens: fc_deid::keys::Tokens,
+}
+
+/// Rater names: a slug (letters, digits, '-', '_', '.'), at most 64 characters.
+pub fn valid_rater(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// The rater name of consensus versions.
+pub const CONSENSUS_RATER: &str = "consensus";
+
+impl Annotations {
+    /// Open the workspace of the node configured by `config`, reading cases from `deid_dir`.
+    pub fn open(config: &NodeConfig, deid_dir: PathBuf) -> Result<Self, AnnotationError> {
+        let mut catalog = Catalog::open(&config.data_dir.join("catalog.sqlite"))?;
+        catalog.set_audit_key(
+            config
+                .audit_key()
+                .map_err(|e| AnnotationError::Config(e.to_string()))?,
+        );
+        let secret = config
+            .deid
+            .secret(&config.data_dir, false)
+            .map_err(|e| AnnotationError::Config(e.to_string()))?;
+        Ok(Annotations {
+            data_dir: config.data_dir.clone(),
+            deid_dir,
+            catalog,
+            tokens: fc_deid::keys::Keys::derive(&secret).tokens(),
+        })
+    }
+
+    fn root(&self, project: &str) -> PathBuf {
+        self.data_dir.join("annotations").join(project)
+    }
+
+    /// Create a project and take its cases from the de-identified output. Returns the number
+    /// of cases.
+    pub fn create_project(&mut self, project: &Project) -> Result<usize, AnnotationError> {
+        project.validate()?;
+        let definition =
+            serde_json::to_string(project).map_err(|e| AnnotationError::Refused(e.to_string()))?;
+        let created = self.catalog.create_annotation_project(
+            &project.id,
+            &utc_now(),
+            &definition,
+            &AuditRecord::now(
+                "annotation-project",
+                serde_json::json!({"project": project.id, "definition": project}),
+            ),
+        )?;
+        if !created {
+            return Err(AnnotationError::Refused(format!(
+                "project {} exists; choose another id",
+                project.id
+            )));
+        }
+        self.add_cases(project)
+    }
+
+    /// Take the project's cases from the de-identified output (again: new series are added,
+    /// existing cases stay as they are). Returns the number of new cases.
+    pub fn add_cases(&mut self, project: &Project) -> Result<usize, AnnotationError> {
+        let files = fc_files::list_files(&self.deid_dir).map_err(|e| {
+            AnnotationError::Refused(format!(
+                "cannot list the de-identified folder {}: {e}",
+                self.deid_dir.display()
+            ))
+        })?;
+        let objects: Vec<_> = files
+            .iter()
+            .filter_map(|p| fc_read::read_object(&std::fs::read(p).ok()?).ok())
+            .collect();
+        let excluded = self.excluded_series(project)?;
+        let root = self.root(&project.id);
+        let mut cases = Vec::new();
+        for v in fc_volume::series::assemble(&objects) {
+            let Some(vol) = v.volume else { continue };
+            let q = &project.cases;
+            if !q.modalities.is_empty() && !q.modalities.contains(&v.modality) {
+                continue;
+            }
+            let series = self.tokens.token(&v.series_uid);
+            if excluded.contains(&series) {
+                continue;
+            }
+            let case_id = format!("{series}-{}", v.part);
+            let bytes = fc_volume::nifti::encode_gz(&vol).map_err(io("encoding a case image"))?;
+            let rel = format!("annotations/{}/images/{case_id}.nii.gz", project.id);
+            write_atomically(
+                &root.join("images").join(format!("{case_id}.nii.gz")),
+                &bytes,
+            )
+            .map_err(io(format!("writing {rel}")))?;
+            cases.push(AnnotationCase {
+                project: project.id.clone(),
+                case_id,
+                patient: v.patient.clone(),
+                modality: v.modality.clone(),
+                grid: serde_json::to_string(&Grid::of(&vol))
+                    .map_err(|e| AnnotationError::Refused(e.to_string()))?,
+                image: rel,
+                image_hash: content_hash(&bytes),
+            });
+        }
+        let n = self.catalog.add_annotation_cases(
+            &cases,
+            &AuditRecord::now(
+                "annotation-cases",
+                serde_json::json!({"project": project.id, "cases": cases.len()}),
+            ),
+        )?;
+        tracing::info!(project = %project.id, new = n, "annotation cases taken from the de-identified output");
+        Ok(n)
+    }
+
+    /// Series the project's query leaves out by curation (keyed tokens).
+    fn excluded_series(
+        &self,
+        project: &Project,
+    ) -> Result<std::collections::BTreeSet<String>, AnnotationError> {
+        let q = &project.cases;
+        if !q.in_protocol && q.exclude_findings.is_empty() {
+            return Ok(Default::default());
+        }
+        let schema_text =
+            std::fs::read_to_string(self.data_dir.join("federation").join("schema.toml")).ok();
+        let schema = schema_text
+            .as_deref()
+            .and_then(|t| protocol::schema::CurationSchema::parse(t).ok());
+        if q.in_protocol && schema.is_none() {
+            return Err(AnnotationError::Refused(
+                "the project takes only series in the consortium protocol, but this node has no schema yet (run `fedcurate-node federate --once`)".into(),
+            ));
+        }
+        let report = fc_curate::report::curate(
+            &self.deid_dir,
+            schema.as_ref().map(|s| (s, String::new())),
+            Vec::new(),
+            &self.tokens,
+        )
+        .map_err(io("curating the de-identified output"))?;
+        Ok(report
+            .series
+            .iter()
+            .filter(|s| {
+                (q.in_protocol && !matches!(s.protocol, fc_curate::report::ProtocolStatus::InScope))
+                    || s.findings
+                        .iter()
+                        .any(|f| q.exclude_findings.iter().any(|c| c == f.code))
+            })
+            .map(|s| s.series.clone())
+            .collect())
+    }
+
+    /// Every project.
+    pub fn projects(&self) -> Result<Vec<Project>, AnnotationError> {
+        self.catalog
+            .annotation_projects()?
+            .into_iter()
+            .map(|(_, _, d)| {
+                serde_json::from_str(&d).map_err(|e| AnnotationError::Refused(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// One project.
+    pub fn project(&self, id: &str) -> Result<Project, AnnotationError> {
+        let d = self.catalog.annotation_project(id)?.ok_or_else(|| {
+            AnnotationError::NotFound(format!(
+                "no annotation project {id}; `fedcurate-node annotate project list` shows them"
+            ))
+        })?;
+        serde_json::from_str(&d).map_err(|e| AnnotationError::Refused(e.to_string()))
+    }
+
+    /// A project's cases.
+    pub fn cases(&self, project: &str) -> Result<Vec<AnnotationCase>, AnnotationError> {
+        Ok(self.catalog.annotation_cases(project)?)
+    }
+
+    /// A case of a project, with its grid.
+    pub fn case(
+        &self,
+        project: &str,
+        case: &str,
+    ) -> Result<(AnnotationCase, Grid), AnnotationError> {
+        let c = self
+            .cases(project)?
+            .into_iter()
+            .find(|c| c.case_id == case)
+            .ok_or_else(|| {
+                AnnotationError::NotFound(format!("project {project} has no case {case}"))
+            })?;
+        let grid =
+            serde_json::from_str(&c.grid).map_err(|e| AnnotationError::Refused(e.to_string()))?;
+        Ok((c, grid))
+    }
+
+    /// The path of a case image.
+    pub fn image_path(&self, case: &AnnotationCase) -> PathBuf {
+        self.data_dir.join(&case.image)
+    }
+
+    /// Assign every case to `raters_per_case` of `raters` (balanced, in an order keyed by the
+    /// case, so it is stable and not by patient), `repeats` times each; a keyed fraction of
+    /// assignments is served without proposals. Returns the number of new assignments.
+    pub fn assign(&mut self, project: &str, raters: &[String]) -> Result<usize, AnnotationError> {
+        let p = self.project(project)?;
+        if let Some(bad) = raters
+            .iter()
+            .find(|r| !valid_rater(r) || *r == CONSENSUS_RATER)
+        {
+            return Err(AnnotationError::Refused(format!(
+                "rater name {bad:?}: use letters, digits, '-', '_' or '.' (and not {CONSENSUS_RATER:?})"
+            )));
+        }
+        if raters.len() < p.raters_per_case as usize {
+            return Err(AnnotationError::Refused(format!(
+                "project {project} needs {} raters per case; {} given",
+                p.raters_per_case,
+                raters.len()
+            )));
+        }
+        let mut load: BTreeMap<&str, usize> = raters.iter().map(|r| (r.as_str(), 0)).collect();
+        for a in self.catalog.assignments(project)? {
+            if let Some(n) = load.get_mut(a.rater.as_str()) {
+                *n += 1;
+            }
+        }
+        let existing: std::collections::BTreeSet<String> = self
+            .catalog
+            .assignments(project)?
+            .into_iter()
+            .map(|a| a.case_id)
+            .collect();
+        let mut out = Vec::new();
+        for c in self.cases(project)? {
+            if existing.contains(&c.case_id) {
+                continue;
+            }
+            // The least loaded raters, ties broken by a keyed order per case.
+            let mut order: Vec<&str> = raters.iter().map(String::as_str).collect();
+            order.sort_by_key(|r| (load[r], self.tokens.token(&format!("{}/{r}", c.case_id))));
+            for r in order.into_iter().take(p.raters_per_case as usize) {
+                *load.entry(r).or_default() += 1;
+                for repeat in 1..=p.repeats {
+                    let key = self
+                        .tokens
+                        .token(&format!("{}/{r}/{repeat}/proposal", c.case_id));
+                    let draw = u32::from_str_radix(&key[..8], 16).unwrap_or(0) as f64
+                        / f64::from(u32::MAX);
+                    out.push(Assignment {
+                        project: project.to_owned(),
+                        case_id: c.case_id.clone(),
+                        rater: r.to_owned(),
+                        repeat,
+                        with_proposal: draw >= p.without_proposal,
+                        state: "assigned".into(),
+                    });
+                }
+            }
+        }
+        Ok(self.catalog.assign(
+            &out,
+            &AuditRecord::now(
+                "annotation-assign",
+                serde_json::json!({"project": project, "assignments": out.len(), "raters": raters}),
+            ),
+        )?)
+    }
+
+    /// A project's assignments.
+    pub fn assignments(&self, project: &str) -> Result<Vec<Assignment>, AnnotationError> {
+        Ok(self.catalog.assignments(project)?)
+    }
+
+    /// Save a version: the content checked against the project and the image, the label map
+    /// checked against the image grid and the classes, written durably, then recorded.
+    #[allow(clippy::too_many_arguments)]
+    pub fn save(
+        &mut self,
+        project: &str,
+        case: &str,
+        rater: &str,
+        repeat: u32,
+        content: &Content,
+        mask: Option<&LabelMap>,
+        source: Source,
+        parent: Option<i64>,
+        model: Option<(&str, &str)>,
+    ) -> Result<i64, AnnotationError> {
+        let p = self.project(project)?;
+        if !valid_rater(rater) {
+            return Err(AnnotationError::Refused(format!(
+                "rater name {rater:?} is not valid"
+            )));
+        }
+        let (_, grid) = self.case(project, case)?;
+        content
+            .check(&p, grid.shape)
+            .map_err(AnnotationError::Refused)?;
+        if mask.is_some() && !p.kinds.contains(&fc_annotate::Kind::Mask) {
+            return Err(AnnotationError::Refused(format!(
+                "project {project} does not allow masks"
+            )));
+        }
+        let (mask_path, mask_hash) = match mask {
+            Some(m) => {
+                m.check(&grid, &p)
+                    .map_err(|e| AnnotationError::Refused(e.to_string()))?;
+                let bytes = m.to_nifti_gz().map_err(io("encoding a label map"))?;
+                let hash = content_hash(&bytes);
+                let rel = format!("annotations/{project}/masks/{case}/{}.nii.gz", &hash[..32]);
+                write_atomically(&self.data_dir.join(&rel), &bytes)
+                    .map_err(io(format!("writing {rel}")))?;
+                (Some(rel), Some(hash))
+            }
+            None => (None, None),
+        };
+        if let Some(parent) = parent {
+            let pv = self
+                .catalog
+                .annotation_version(parent)?
+                .ok_or_else(|| AnnotationError::NotFound(format!("no version {parent}")))?;
+            if pv.project != project || pv.case_id != case {
+                return Err(AnnotationError::Refused(format!(
+                    "version {parent} belongs to another case"
+                )));
+            }
+        }
+        let content_json =
+            serde_json::to_string(content).map_err(|e| AnnotationError::Refused(e.to_string()))?;
+        let v = AnnotationVersion {
+            id: 0,
+            project: project.to_owned(),
+            case_id: case.to_owned(),
+            rater: rater.to_owned(),
+            repeat,
+            at: utc_now(),
+            parent,
+            source: source.name().to_owned(),
+            model: model.map(|m| m.0.to_owned()),
+            model_version: model.map(|m| m.1.to_owned()),
+            content: content_json,
+            mask_path,
+            mask_hash: mask_hash.clone(),
+        };
+        let id = self.catalog.record_annotation_version(
+            &v,
+            &AuditRecord::now(
+                "annotation-save",
+                serde_json::json!({
+                    "project": project, "case": case, "rater": rater, "repeat": repeat,
+                    "source": source.name(), "parent": parent, "mask_hash": mask_hash,
+                    "model": model.map(|m| format!("{} {}", m.0, m.1)),
+                }),
+            ),
+        )?;
+        Ok(id)
+    }
+
+    /// A version with its content and label map (the map's hash checked).
+    pub fn load(&self, id: i64) -> Result<Loaded, AnnotationError> {
+        let v = self
+            .catalog
+            .annotation_version(id)?
+            .ok_or_else(|| AnnotationError::NotFound(format!("no annotation version {id}")))?;
+        self.loaded(v)
+    }
+
+    fn loaded(&self, v: AnnotationVersion) -> Result<Loaded, AnnotationError> {
+        let content: Content = serde_json::from_str(&v.content)
+            .map_err(|e| AnnotationError::Refused(e.to_string()))?;
+        let mask = match (&v.mask_path, &v.mask_hash) {
+            (Some(p), Some(h)) => {
+                let bytes =
+                    std::fs::read(self.data_dir.join(p)).map_err(io(format!("reading {p}")))?;
+                if content_hash(&bytes) != *h {
+                    return Err(AnnotationError::Refused(format!(
+                        "{p} does not have the hash the catalog recorded; restore it from backup"
+                    )));
+                }
+                Some(
+                    LabelMap::from_nifti(&bytes)
+                        .map_err(|e| AnnotationError::Refused(e.to_string()))?,
+                )
+            }
+            _ => None,
+        };
+        Ok(Loaded {
+            version: v,
+            content,
+            mask,
+        })
+    }
+
+    /// Import a NIfTI label map for a case (refused if its grid or labels do not fit).
+    #[allow(clippy::too_many_arguments)]
+    pub fn import_labelmap(
+        &mut self,
+        project: &str,
+        case: &str,
+        rater: &str,
+        path: &Path,
+        source: Source,
+        model: Option<(&str, &str)>,
+    ) -> Result<i64, AnnotationError> {
+        let bytes = std::fs::read(path).map_err(io(format!("reading {}", path.display())))?;
+        let map = LabelMap::from_nifti(&bytes)
+            .map_err(|e| AnnotationError::Refused(format!("{}: {e}", path.display())))?;
+        let (_, grid) = self.case(project, case)?;
+        let p = self.project(project)?;
+        map.check(&grid, &p)
+            .map_err(|e| AnnotationError::Refused(format!("{}: {e}", path.display())))?;
+        self.save(
+            project,
+            case,
+            rater,
+            1,
+            &Content::default(),
+            Some(&map),
+            source,
+            None,
+            model,
+        )
+    }
+
+    /// Import a COCO file (cases named as this node exports them). Returns the versions saved.
+    pub fn import_coco(
+        &mut self,
+        project: &str,
+        rater: &str,
+        path: &Path,
+        source: Source,
+        model: Option<(&str, &str)>,
+    ) -> Result<Vec<i64>, AnnotationError> {
+        let p = self.project(project)?;
+        let text = std::fs::read(path).map_err(io(format!("reading {}", path.display())))?;
+        let doc: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| AnnotationError::Refused(format!("{}: {e}", path.display())))?;
+        let grids: BTreeMap<String, Grid> = self
+            .cases(project)?
+            .into_iter()
+            .filter_map(|c| Some((c.case_id.clone(), serde_json::from_str(&c.grid).ok()?)))
+            .collect();
+        let imported = fc_annotate::coco::import(&doc, &p, &grids)
+            .map_err(|e| AnnotationError::Refused(format!("{}: {e}", path.display())))?;
+        let mut ids = Vec::new();
+        for (case, i) in imported {
+            ids.push(self.save(
+                project,
+                &case,
+                rater,
+                1,
+                &i.content,
+                i.mask.as_ref(),
+                source,
+                None,
+                model,
+            )?);
+        }
+        Ok(ids)
+    }
+
+    /// A rater's decision on a proposal: a new version whose parent is the proposal.
+    pub fn review(
+        &mut self,
+        proposal: i64,
+        rater: &str,
+        repeat: u32,
+        action: Review,
+    ) -> Result<i64, AnnotationError> {
+        let p = self.load(proposal)?;
+        if p.version.source != Source::Proposal.name() {
+            return Err(AnnotationError::Refused(format!(
+                "version {proposal} is not a proposal (it is {})",
+                p.version.source
+            )));
+        }
+        let model = p
+            .version
+            .model
+            .as_deref()
+            .zip(p.version.model_version.as_deref());
+        let (project, case) = (p.version.project.clone(), p.version.case_id.clone());
+        match action {
+            Review::Accept => self.save(
+                &project,
+                &case,
+                rater,
+                repeat,
+                &p.content,
+                p.mask.as_ref(),
+                Source::ProposalAccepted,
+                Some(proposal),
+                model,
+            ),
+            Review::Modify(c, m) => self.save(
+                &project,
+                &case,
+                rater,
+                repeat,
+                &c,
+                m.as_deref(),
+                Source::ProposalModified,
+                Some(proposal),
+                model,
+            ),
+            Review::Reject => self.save(
+                &project,
+                &case,
+                rater,
+                repeat,
+                &Content::default(),
+                None,
+                Source::ProposalRejected,
+                Some(proposal),
+                model,
+            ),
+        }
+    }
+
+    /// Each rater's latest version of each case (first repeat; proposals and consensus left
+    /// out), with content and label map.
+    pub fn latest(&self, project: &str) -> Result<Vec<Loaded>, AnnotationError> {
+        let mut last: BTreeMap<(String, String), AnnotationVersion> = BTreeMap::new();
+        for v in self.catalog.annotation_versions(project, None)? {
+            if v.repeat != 1 || v.rater == CONSENSUS_RATER || v.source == Source::Proposal.name() {
+                continue;
+            }
+            last.insert((v.case_id.clone(), v.rater.clone()), v);
+        }
+        last.into_values().map(|v| self.loaded(v)).collect()
+    }
+
+    /// The agreement of the project's raters.
+    pub fn agreement(&self, project: &str) -> Result<ProjectAgreement, AnnotationError> {
+        let p = self.project(project)?;
+        let latest = self.latest(project)?;
+        let grids: BTreeMap<String, Grid> = self
+            .cases(project)?
+            .into_iter()
+            .filter_map(|c| Some((c.case_id.clone(), serde_json::from_str(&c.grid).ok()?)))
+            .collect();
+        let ratings: Vec<Rating<'_>> = latest
+            .iter()
+            .filter_map(|l| {
+                Some(Rating {
+                    case: &l.version.case_id,
+                    rater: &l.version.rater,
+                    grid: grids.get(&l.version.case_id)?,
+                    content: &l.content,
+                    mask: l.mask.as_ref(),
+                })
+            })
+            .collect();
+        Ok(agreement(&p, &ratings))
+    }
+
+    /// Consensus label maps of every case with at least two raters' masks, saved as versions
+    /// of the rater `consensus` (source `consensus`). Returns the number of cases.
+    pub fn consensus(
+        &mut self,
+        project: &str,
+        method: ConsensusMethod,
+    ) -> Result<usize, AnnotationError> {
+        let latest = self.latest(project)?;
+        let mut by_case: BTreeMap<String, Vec<&Loaded>> = BTreeMap::new();
+        for l in &latest {
+            if l.mask.is_some() {
+                by_case
+                    .entry(l.version.case_id.clone())
+                    .or_default()
+                    .push(l);
+            }
+        }
+        let p = self.project(project)?;
+        let mut n = 0;
+        for (case, ls) in by_case {
+            if ls.len() < 2 {
+                continue;
+            }
+            let maps: Vec<&LabelMap> = ls.iter().filter_map(|l| l.mask.as_ref()).collect();
+            let flat: Vec<Vec<u16>> = maps
+                .iter()
+                .map(|m| m.data.iter().copied().collect())
+                .collect();
+            let views: Vec<&[u16]> = flat.iter().map(Vec::as_slice).collect();
+            let labels = match method {
+                ConsensusMethod::Majority => consensus::majority_vote(&views, Some(0)),
+                ConsensusMethod::Staple => {
+                    consensus::multi_label_staple(&views, Some(0), 1e-5, None).0
+                }
+            };
+            let mut map = LabelMap::empty(maps[0].grid.clone());
+            for (out, v) in map.data.iter_mut().zip(labels) {
+                *out = v;
+            }
+            let parent = ls.iter().map(|l| l.version.id).max();
+            self.save(
+                project,
+                &case,
+                CONSENSUS_RATER,
+                1,
+                &Content::default(),
+                Some(&map),
+                Source::Consensus,
+                parent,
+                Some((
+                    match method {
+                        ConsensusMethod::Majority => "majority-vote",
+                        ConsensusMethod::Staple => "multi-label-staple",
+                    },
+                    "1",
+                )),
+            )?;
+            n += 1;
+        }
+        let _ = p;
+        Ok(n)
+    }
+
+    /// The latest consensus version of each case.
+    pub fn consensus_versions(&self, project: &str) -> Result<Vec<Loaded>, AnnotationError> {
+        let mut last: BTreeMap<String, AnnotationVersion> = BTreeMap::new();
+        for v in self.catalog.annotation_versions(project, None)? {
+            if v.rater == CONSENSUS_RATER {
+                last.insert(v.case_id.clone(), v);
+            }
+        }
+        last.into_values().map(|v| self.loaded(v)).collect()
+    }
+
+    /// Export the latest versions (or the consensus) as NIfTI label maps with JSON sidecars
+    /// (`labels/<case>[_<rater>].nii.gz`) and one COCO file (`coco.json`). Returns the number
+    /// of versions exported.
+    pub fn export(
+        &self,
+        project: &str,
+        out: &Path,
+        consensus_only: bool,
+    ) -> Result<usize, AnnotationError> {
+        let p = self.project(project)?;
+        let versions = if consensus_only {
+            self.consensus_versions(project)?
+        } else {
+            self.latest(project)?
+        };
+        let grids: BTreeMap<String, Grid> = self
+            .cases(project)?
+            .into_iter()
+            .filter_map(|c| Some((c.case_id.clone(), serde_json::from_str(&c.grid).ok()?)))
+            .collect();
+        let sidecar = serde_json::to_vec_pretty(&fc_annotate::labelmap::sidecar(&p))
+            .map_err(|e| AnnotationError::Refused(e.to_string()))?;
+        let mut coco_cases = Vec::new();
+        for l in &versions {
+            let name = if consensus_only {
+                l.version.case_id.clone()
+            } else {
+                format!("{}_{}", l.version.case_id, l.version.rater)
+            };
+            if let Some(m) = &l.mask {
+                let bytes = m.to_nifti_gz().map_err(io("encoding a label map"))?;
+                write_atomically(&out.join("labels").join(format!("{name}.nii.gz")), &bytes)
+                    .map_err(io("writing the export"))?;
+                write_atomically(&out.join("labels").join(format!("{name}.json")), &sidecar)
+                    .map_err(io("writing the export"))?;
+            }
+            if let Some(g) = grids.get(&l.version.case_id) {
+                coco_cases.push(fc_annotate::coco::CaseAnnotations {
+                    case: &l.version.case_id,
+                    grid: g,
+                    content: &l.content,
+                    mask: l.mask.as_ref(),
+                    rater: &l.version.rater,
+                    version: l.version.id,
+                });
+            }
+        }
+        let coco = fc_annotate::coco::export(&p, &coco_cases);
+        write_atomically(
+            &out.join("coco.json"),
+            &serde_json::to_vec(&coco).map_err(|e| AnnotationError::Refused(e.to_string()))?,
+        )
+        .map_err(io("writing the export"))?;
+        Ok(versions.len())
+    }
+
+    /// How far the project is.
+    pub fn status(&self, project: &str) -> Result<Status, AnnotationError> {
+        let _ = self.project(project)?;
+        let mut s = Status {
+            project: project.to_owned(),
+            cases: self.cases(project)?.len(),
+            ..Status::default()
+        };
+        for a in self.catalog.assignments(project)? {
+            s.assignments += 1;
+            let e = s.raters.entry(a.rater.clone()).or_default();
+            e.0 += 1;
+            match a.state.as_str() {
+                "submitted" => {
+                    s.submitted += 1;
+                    e.1 += 1;
+                }
+                "returned" => s.returned += 1,
+                _ => {}
+            }
+        }
+        let mut consensus = std::collections::BTreeSet::new();
+        for v in self.catalog.annotation_versions(project, None)? {
+            s.versions += 1;
+            *s.by_source.entry(v.source.clone()).or_default() += 1;
+            if v.rater == CONSENSUS_RATER {
+                consensus.insert(v.case_id);
+            }
+        }
+        s.consensus_cases = consensus.len();
+        Ok(s)
+    }
+}
