@@ -39,12 +39,19 @@ if ! python3 -c "import intensity_normalization" >/dev/null 2>&1; then
 fi
 # The references for annotation: agreement and consensus (statsmodels, krippendorff,
 # SimpleITK, medpy; golden outputs in tests/golden, made by
-# scripts/reference/annotate_reference.py) and the formats (pycocotools and nibabel read what
-# the node writes, in the tests). nibabel stays below 4 for intensity-normalization 2.2.4.
-if ! python3 -c "import statsmodels, krippendorff, SimpleITK, medpy.metric.binary, pycocotools, nibabel" >/dev/null 2>&1; then
-  python3 -m pip install --quiet "statsmodels>=0.14" "krippendorff==0.9.0" "SimpleITK==2.5.7" \
-    "medpy==0.5.2" "pycocotools==2.0.11" "nibabel>=3,<4"
+# scripts/reference/annotate_reference.py) and the formats (pycocotools, nibabel, highdicom and
+# dcmqi read what the node writes, in the tests), in an environment of their own
+# (scripts/reference/annotate-requirements.txt says why).
+annotate_py="$PWD/target/py-annotate/bin/python"
+if ! "$annotate_py" -c "import statsmodels, krippendorff, SimpleITK, medpy.metric.binary, pycocotools, nibabel, highdicom, dcmqi" >/dev/null 2>&1; then
+  if ! python3 -m venv target/py-annotate >/dev/null 2>&1; then
+    $SUDO_CMD apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO_CMD apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv target/py-annotate
+  fi
+  "$annotate_py" -m pip install --quiet -r scripts/reference/annotate-requirements.txt
 fi
+export FEDCURATE_ANNOTATE_PYTHON="$annotate_py"
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need_apt[*]}"
   SUDO=""
@@ -78,7 +85,7 @@ PY
 fi
 rm -f "$regen"
 regen=$(mktemp)
-python3 scripts/reference/annotate_reference.py > "$regen"
+"$annotate_py" scripts/reference/annotate_reference.py > "$regen"
 python3 - "$regen" tests/golden/annotate-reference.json <<'PY'
 import json, math, sys
 a, b = (json.load(open(p)) for p in sys.argv[1:3])

@@ -787,6 +787,35 @@ impl Annotations {
         Ok(versions.len())
     }
 
+    /// Label maps for an nnU-Net export: the consensus (or `rater`'s latest) of each case,
+    /// keyed by case id, with the project's class names.
+    pub fn nnunet_labels(
+        &self,
+        project: &str,
+        rater: Option<&str>,
+    ) -> Result<fc_export::Labels, AnnotationError> {
+        let p = self.project(project)?;
+        let versions = match rater {
+            None => self.consensus_versions(project)?,
+            Some(r) => self
+                .latest(project)?
+                .into_iter()
+                .filter(|l| l.version.rater == r)
+                .collect(),
+        };
+        let mut maps = BTreeMap::new();
+        for l in versions {
+            if let Some(m) = &l.mask {
+                let bytes = m.to_nifti_gz().map_err(io("encoding a label map"))?;
+                maps.insert(l.version.case_id.clone(), bytes);
+            }
+        }
+        Ok(fc_export::Labels {
+            maps,
+            names: p.labels.iter().map(|l| (l.value, l.name.clone())).collect(),
+        })
+    }
+
     /// How far the project is.
     pub fn status(&self, project: &str) -> Result<Status, AnnotationError> {
         let _ = self.project(project)?;

@@ -304,6 +304,13 @@ struct ExportArgs {
     /// Use the harmonised volumes in this folder (made by `harmonise` from a NIfTI export).
     #[arg(long)]
     harmonised: Option<PathBuf>,
+    /// nnU-Net `labelsTr` from this annotation project's consensus label maps (only labelled
+    /// cases are exported).
+    #[arg(long)]
+    labels: Option<String>,
+    /// Take the label maps of this rater instead of the consensus.
+    #[arg(long, requires = "labels")]
+    labels_rater: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]

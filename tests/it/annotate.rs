@@ -19,6 +19,11 @@ use node::fc_annotate::model::{BoundingBox, ClassLabel, Landmark, Level as At, O
 use node::fc_annotate::{Content, Grid, LabelMap, Project, Source};
 use serde_json::Value;
 
+/// The Python with the annotation references (scripts/test.sh sets it up).
+fn reference_python() -> String {
+    std::env::var("FEDCURATE_ANNOTATE_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
 fn golden() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/annotate-reference.json");
     serde_json::from_slice(&std::fs::read(path).expect("golden file")).expect("golden json")
@@ -315,7 +320,7 @@ fn formats_round_trip_through_pycocotools_and_nibabel() {
     .expect("write");
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/reference/annotate_check.py");
-    let out = std::process::Command::new("python3")
+    let out = std::process::Command::new(reference_python())
         .arg(&script)
         .arg(dir.path())
         .output()
@@ -638,6 +643,57 @@ fn a_project_with_three_raters_a_proposal_agreement_and_consensus() {
     let coco: Value =
         serde_json::from_slice(&std::fs::read(out.join("coco.json")).expect("coco")).expect("json");
     assert!(coco["annotations"].as_array().expect("annotations").len() > 3 * cases);
+
+    // nnU-Net: the consensus label map goes to labelsTr beside its image, on the same grid,
+    // and only labelled cases are exported.
+    let nn = dir.path().join("nnunet");
+    let opts = node::export::ExportOptions {
+        format: node::export::Format::NnUnet,
+        dataset_id: 7,
+        dataset_name: "lesions".into(),
+        seed: 0,
+        fractions: [1.0, 0.0, 0.0],
+        stratify: node::export::Stratify::None,
+        harmonised: None,
+        tokens: node::deid::keys::Keys::derive(
+            &config.deid.secret(&config.data_dir, false).expect("secret"),
+        )
+        .tokens(),
+        labels: Some(a.nnunet_labels("lesions", None).expect("labels")),
+    };
+    let summary = node::export::export(&config.data_dir.join("deid"), &nn, &opts, &|_| true)
+        .expect("nnunet export");
+    assert_eq!(summary.volumes, 1, "only the labelled case");
+    let root = nn.join("Dataset007_lesions");
+    let label_files: Vec<_> = std::fs::read_dir(root.join("labelsTr"))
+        .expect("labelsTr")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(label_files.len(), 1);
+    let stem = label_files[0]
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .replace(".nii.gz", "");
+    let image =
+        std::fs::read(root.join("imagesTr").join(format!("{stem}_0000.nii.gz"))).expect("image");
+    let (_, image) = node::volume::nifti::read_bytes(&image).expect("image nifti");
+    let labels =
+        LabelMap::from_nifti(&std::fs::read(&label_files[0]).expect("labels")).expect("map");
+    Grid::of(&image)
+        .matches(&labels.grid, 1e-6)
+        .expect("same grid");
+    assert_eq!(
+        labels.data,
+        c[0].mask.as_ref().expect("consensus mask").data
+    );
+    let dataset: Value =
+        serde_json::from_slice(&std::fs::read(root.join("dataset.json")).expect("dataset"))
+            .expect("json");
+    assert_eq!(
+        dataset["labels"],
+        serde_json::json!({"background": 0, "lesion": 1, "oedema": 2})
+    );
 
     // Every change is in the audit chain, and the chain verifies.
     let catalog =

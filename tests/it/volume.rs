@@ -556,6 +556,7 @@ fn a_diffusion_series_exports_like_dcm2niix_with_fsl_bvals_and_bvecs() {
         stratify: node::export::Stratify::None,
         harmonised: None,
         tokens: node::deid::keys::Tokens::ephemeral(),
+        labels: None,
     };
     let summary = node::export::export(&src, &exported, &opts, &|_| true).expect("export");
     assert_eq!(summary.volumes, 1);

@@ -96,6 +96,18 @@ pub struct ExportOptions {
     pub harmonised: Option<PathBuf>,
     /// Keyed tokens naming studies and series in file names and the manifest.
     pub tokens: fc_deid::keys::Tokens,
+    /// Label maps for nnU-Net's `labelsTr` (from an annotation project).
+    pub labels: Option<Labels>,
+}
+
+/// Label maps to export beside the images (nnU-Net `labelsTr`).
+#[derive(Clone, Debug, Default)]
+pub struct Labels {
+    /// A NIfTI label map per case, keyed `<series token>-<part>` (the annotation case id),
+    /// on the case image's grid.
+    pub maps: BTreeMap<String, Vec<u8>>,
+    /// Class names by label value (background 0 is implied).
+    pub names: Vec<(u16, String)>,
 }
 
 /// What an export wrote.
@@ -212,6 +224,15 @@ pub fn export(
             },
             None => None,
         };
+        // nnU-Net trains on labelled cases only: with labels, the others are left out.
+        if opts.format == Format::NnUnet
+            && opts.labels.as_ref().is_some_and(|l| {
+                !l.maps
+                    .contains_key(&format!("{}-{}", opts.tokens.token(&v.series_uid), v.part))
+            })
+        {
+            continue;
+        }
         let rel = match opts.format {
             Format::Nifti => nifti_rel.clone(),
             Format::NnUnet => String::new(),
@@ -273,8 +294,15 @@ pub fn export(
                     Stratify::Modality => v.modality.clone(),
                     Stratify::Sex => v.sex.clone(),
                 };
+                let label = opts.labels.as_ref().and_then(|l| {
+                    l.maps
+                        .get(&format!("{}-{}", opts.tokens.token(&v.series_uid), v.part))
+                });
                 patients.entry(v.patient.clone()).or_insert(category);
                 let case = format!("{}_{}", v.patient, series_key);
+                if let Some(m) = label {
+                    write(&root.join("labelsTr").join(format!("{case}.nii.gz")), m)?;
+                }
                 let vol = v.volume.as_ref().ok_or(ExportError::Fractions)?;
                 let bytes = match harmonised {
                     Some(b) => b.clone(),
@@ -302,13 +330,22 @@ pub fn export(
                 .first()
                 .map(|(v, _, _)| v.modality.clone())
                 .unwrap_or_default();
+            let mut labels = serde_json::Map::new();
+            labels.insert("background".into(), 0.into());
+            for (value, name) in opts.labels.iter().flat_map(|l| &l.names) {
+                labels.insert(name.clone(), (*value).into());
+            }
             let dataset = serde_json::json!({
                 "channel_names": { "0": modality },
-                "labels": { "background": 0 },
+                "labels": labels,
                 "numTraining": names.len(),
                 "file_ending": ".nii.gz",
                 "name": opts.dataset_name,
-                "description": "exported by fedcurate-node from de-identified DICOM; labels arrive with annotation",
+                "description": if opts.labels.is_some() {
+                    "exported by fedcurate-node from de-identified DICOM, with label maps from an annotation project"
+                } else {
+                    "exported by fedcurate-node from de-identified DICOM; no labels (export with --labels PROJECT)"
+                },
             });
             write(
                 &root.join("dataset.json"),

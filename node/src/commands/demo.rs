@@ -150,6 +150,7 @@ pub(crate) fn demo(dir: Option<PathBuf>) -> Result<()> {
         stratify: node::export::Stratify::Modality,
         harmonised: None,
         tokens: tokens.clone(),
+        labels: None,
     };
     let nifti_dir = dir.join("export-nifti");
     let e = node::export::export(

@@ -19,6 +19,8 @@ pub(crate) fn export_dataset(config: &NodeConfig, args: ExportArgs) -> Result<()
         split,
         stratify,
         harmonised,
+        labels,
+        labels_rater,
     } = args;
     let input = input.unwrap_or_else(|| config.data_dir.join("deid"));
     let fractions = match split.as_slice() {
@@ -41,6 +43,25 @@ pub(crate) fn export_dataset(config: &NodeConfig, args: ExportArgs) -> Result<()
         },
         harmonised,
         tokens: site_tokens(config)?,
+        labels: match &labels {
+            Some(project) => {
+                if !matches!(format, ExportFormat::Nnunet) {
+                    bail!(
+                        "--labels goes with --format nnunet (annotate export writes label maps otherwise)"
+                    );
+                }
+                let a = node::annotation::Annotations::open(config, input.clone())?;
+                let l = a.nnunet_labels(project, labels_rater.as_deref())?;
+                if l.maps.is_empty() {
+                    bail!(
+                        "project {project} has no {} label maps yet",
+                        labels_rater.as_deref().unwrap_or("consensus")
+                    );
+                }
+                Some(l)
+            }
+            None => None,
+        },
     };
     // Only the catalog is opened (SQLite serialises access), so export can run while
     // the node ingests.
