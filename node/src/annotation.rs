@@ -732,13 +732,15 @@ impl Annotations {
     }
 
     /// Export the latest versions (or the consensus) as NIfTI label maps with JSON sidecars
-    /// (`labels/<case>[_<rater>].nii.gz`) and one COCO file (`coco.json`). Returns the number
-    /// of versions exported.
+    /// (`labels/<case>[_<rater>].nii.gz`), DICOM Segmentations when `seg` is set
+    /// (`seg/<case>[_<rater>].dcm`), and one COCO file (`coco.json`). Returns the number of
+    /// versions exported.
     pub fn export(
         &self,
         project: &str,
         out: &Path,
         consensus_only: bool,
+        seg: bool,
     ) -> Result<usize, AnnotationError> {
         let p = self.project(project)?;
         let versions = if consensus_only {
@@ -766,6 +768,9 @@ impl Annotations {
                     .map_err(io("writing the export"))?;
                 write_atomically(&out.join("labels").join(format!("{name}.json")), &sidecar)
                     .map_err(io("writing the export"))?;
+                if seg && !m.present().is_empty() {
+                    self.export_seg(l.version.id, &out.join("seg").join(format!("{name}.dcm")))?;
+                }
             }
             if let Some(g) = grids.get(&l.version.case_id) {
                 coco_cases.push(fc_annotate::coco::CaseAnnotations {
@@ -785,6 +790,131 @@ impl Annotations {
         )
         .map_err(io("writing the export"))?;
         Ok(versions.len())
+    }
+
+    /// Write version `id`'s label map as a DICOM Segmentation (binary) to `out`, referencing
+    /// the de-identified instances of its case. Returns the number of frames' slices found.
+    pub fn export_seg(&self, id: i64, out: &Path) -> Result<(), AnnotationError> {
+        use fc_annotate::seg::{SegIdentity, SegSource, SourceSlice, binary_seg, uid_from_hex};
+        let l = self.load(id)?;
+        let map = l.mask.as_ref().ok_or_else(|| {
+            AnnotationError::Refused(format!("version {id} has no label map to write as SEG"))
+        })?;
+        let p = self.project(&l.version.project)?;
+        let (_, grid) = self.case(&l.version.project, &l.version.case_id)?;
+        let series_token = l
+            .version
+            .case_id
+            .rsplit_once('-')
+            .map_or(l.version.case_id.as_str(), |(s, _)| s);
+        let files = fc_files::list_files(&self.deid_dir).map_err(|e| {
+            AnnotationError::Refused(format!(
+                "cannot list the de-identified folder {}: {e}",
+                self.deid_dir.display()
+            ))
+        })?;
+        let text = |o: &dicom_object::InMemDicomObject, t| fc_read::text(o, t);
+        let inverse = invert(&grid.affine).ok_or_else(|| {
+            AnnotationError::Refused("the case image's affine is singular".into())
+        })?;
+        let mut slices: Vec<Option<SourceSlice>> = vec![None; grid.shape[2]];
+        let mut reference = None;
+        let mut series_uid = String::new();
+        for f in &files {
+            let Ok(bytes) = std::fs::read(f) else {
+                continue;
+            };
+            let Ok(obj) = fc_read::read_object(&bytes) else {
+                continue;
+            };
+            let uid = text(&obj, dicom_core::Tag(0x0020, 0x000E));
+            if self.tokens.token(&uid) != series_token {
+                continue;
+            }
+            let frames: u32 = text(&obj, dicom_core::Tag(0x0028, 0x0008))
+                .trim()
+                .parse()
+                .unwrap_or(1);
+            if frames > 1 {
+                return Err(AnnotationError::Refused(
+                    "the source series is multi-frame; SEG export references single-frame series only for now".into(),
+                ));
+            }
+            let pos: Vec<f64> = text(&obj, dicom_core::Tag(0x0020, 0x0032))
+                .split('\\')
+                .filter_map(|x| x.trim().parse().ok())
+                .collect();
+            if pos.len() != 3 {
+                continue;
+            }
+            // The instance's first pixel in the case's voxel coordinates: it must sit at
+            // (0, 0, k) for a whole k.
+            let ras = [-pos[0], -pos[1], pos[2]];
+            let v: [f64; 3] = std::array::from_fn(|r| {
+                inverse[r][0] * ras[0]
+                    + inverse[r][1] * ras[1]
+                    + inverse[r][2] * ras[2]
+                    + inverse[r][3]
+            });
+            let k = v[2].round();
+            if v[0].abs() > 0.05 || v[1].abs() > 0.05 || (v[2] - k).abs() > 0.05 || k < 0.0 {
+                continue;
+            }
+            let Some(slot) = slices.get_mut(k as usize) else {
+                continue;
+            };
+            *slot = Some(SourceSlice {
+                sop_class: text(&obj, dicom_core::Tag(0x0008, 0x0016)),
+                sop_instance: text(&obj, dicom_core::Tag(0x0008, 0x0018)),
+            });
+            if reference.is_none() {
+                series_uid = uid;
+                reference = Some(obj.into_inner());
+            }
+        }
+        let reference = reference.ok_or_else(|| {
+            AnnotationError::NotFound(format!(
+                "no de-identified instance of case {} in {}",
+                l.version.case_id,
+                self.deid_dir.display()
+            ))
+        })?;
+        let at = utc_now();
+        let digits: String = at.chars().filter(char::is_ascii_digit).collect();
+        let uid = |what: &str| {
+            uid_from_hex(&content_hash(
+                format!(
+                    "fedcurate-seg:{what}:{}:{}:{id}:{}",
+                    l.version.project,
+                    l.version.case_id,
+                    self.tokens.token(&format!("seg/{}", l.version.case_id))
+                )
+                .as_bytes(),
+            ))
+            .unwrap_or_default()
+        };
+        let identity = SegIdentity {
+            series_uid: uid("series"),
+            instance_uid: uid("instance"),
+            series_number: 9000 + (id % 1000) as i32,
+            date: digits.get(..8).unwrap_or("19700101").to_owned(),
+            time: digits.get(8..14).unwrap_or("000000").to_owned(),
+            creator: l.version.rater.clone(),
+            source: Source::parse(&l.version.source).unwrap_or(Source::Manual),
+            model: l.version.model.clone().zip(l.version.model_version.clone()),
+        };
+        let bytes = binary_seg(
+            &p,
+            map,
+            &SegSource {
+                reference: &reference,
+                series_uid,
+                slices,
+            },
+            &identity,
+        )
+        .map_err(AnnotationError::Refused)?;
+        write_atomically(out, &bytes).map_err(io(format!("writing {}", out.display())))
     }
 
     /// Label maps for an nnU-Net export: the consensus (or `rater`'s latest) of each case,
@@ -848,4 +978,28 @@ impl Annotations {
         s.consensus_cases = consensus.len();
         Ok(s)
     }
+}
+
+/// The inverse of an affine (4×4, last row 0 0 0 1).
+fn invert(a: &fc_volume::Affine) -> Option<fc_volume::Affine> {
+    let m = |r: usize, c: usize| a[r][c];
+    let det = m(0, 0) * (m(1, 1) * m(2, 2) - m(1, 2) * m(2, 1))
+        - m(0, 1) * (m(1, 0) * m(2, 2) - m(1, 2) * m(2, 0))
+        + m(0, 2) * (m(1, 0) * m(2, 1) - m(1, 1) * m(2, 0));
+    if det.abs() < 1e-12 {
+        return None;
+    }
+    let mut inv = [[0.0; 4]; 4];
+    for r in 0..3 {
+        for c in 0..3 {
+            let (r1, r2) = ((c + 1) % 3, (c + 2) % 3);
+            let (c1, c2) = ((r + 1) % 3, (r + 2) % 3);
+            inv[r][c] = (m(r1, c1) * m(r2, c2) - m(r1, c2) * m(r2, c1)) / det;
+        }
+    }
+    for r in 0..3 {
+        inv[r][3] = -(0..3).map(|c| inv[r][c] * a[c][3]).sum::<f64>();
+    }
+    inv[3][3] = 1.0;
+    Some(inv)
 }

@@ -633,7 +633,7 @@ fn a_project_with_three_raters_a_proposal_agreement_and_consensus() {
 
     // Export: label maps with sidecars and one COCO file.
     let out = dir.path().join("export");
-    let n = a.export("lesions", &out, false).expect("export");
+    let n = a.export("lesions", &out, false, true).expect("export");
     assert_eq!(n, 3 * cases);
     assert!(
         out.join("labels")
@@ -693,6 +693,43 @@ fn a_project_with_three_raters_a_proposal_agreement_and_consensus() {
     assert_eq!(
         dataset["labels"],
         serde_json::json!({"background": 0, "lesion": 1, "oedema": 2})
+    );
+
+    // DICOM SEG of bob's modified proposal: highdicom and dcmqi read it back, and every
+    // segment's voxels are where the label map has them, in world coordinates.
+    let seg = out.join("seg").join(format!("{case}_bob.dcm"));
+    assert!(seg.is_file());
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/reference/annotate_seg_check.py");
+    let check = std::process::Command::new(reference_python())
+        .arg(&script)
+        .arg(&seg)
+        .arg(out.join("labels").join(format!("{case}_bob.nii.gz")))
+        .arg(dir.path().join("seg-check"))
+        .output()
+        .expect("python3 runs (scripts/test.sh installs highdicom and dcmqi)");
+    assert!(
+        check.status.success(),
+        "annotate_seg_check.py failed: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let r: Value = serde_json::from_slice(&check.stdout).expect("report");
+    eprintln!("SEG check: {r}");
+    assert_eq!(r["sop_class"], "1.2.840.10008.5.1.4.1.1.66.4");
+    let segments = r["segments"].as_object().expect("segments");
+    assert_eq!(segments.len(), 2, "{r}");
+    for (label, s) in segments {
+        assert!(s["ours"].as_u64().expect("count") > 0, "{label}");
+        assert_eq!(s["highdicom"], s["ours"], "{label}: {s}");
+        assert_eq!(s["dcmqi"], s["ours"], "{label}: {s}");
+        assert_eq!(s["highdicom_same_positions"], true, "{label}: {s}");
+        assert_eq!(s["dcmqi_same_positions"], true, "{label}: {s}");
+    }
+    // The SEG is the node's own de-identified output: it carries the source's pseudonym.
+    let seg_obj = node::read::read_object(&std::fs::read(&seg).expect("seg")).expect("dicom");
+    assert_eq!(
+        node::read::text(&seg_obj, dicom_core::Tag(0x0010, 0x0020)),
+        listed[0].patient
     );
 
     // Every change is in the audit chain, and the chain verifies.

@@ -9,6 +9,7 @@ pub mod coco;
 pub mod consensus;
 pub mod labelmap;
 pub mod model;
+pub mod seg;
 
 pub use labelmap::{Grid, LabelMap};
 pub use model::{Content, Kind, LabelClass, Project, Source};

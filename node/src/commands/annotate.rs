@@ -94,6 +94,9 @@ pub(crate) enum AnnotateCommand {
         /// Only the consensus versions.
         #[arg(long)]
         consensus: bool,
+        /// Also write DICOM Segmentations referencing the de-identified instances.
+        #[arg(long)]
+        seg: bool,
     },
     /// How far a project is.
     Status {
@@ -303,8 +306,9 @@ pub(crate) fn annotate(config: &NodeConfig, command: AnnotateCommand) -> Result<
             project,
             out,
             consensus,
+            seg,
         } => {
-            let n = a.export(&project, &out, consensus)?;
+            let n = a.export(&project, &out, consensus, seg)?;
             println!("exported {n} versions to {}", out.display());
         }
         AnnotateCommand::Status { project, json } => {
