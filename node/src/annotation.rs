@@ -989,17 +989,19 @@ fn invert(a: &fc_volume::Affine) -> Option<fc_volume::Affine> {
     if det.abs() < 1e-12 {
         return None;
     }
-    let mut inv = [[0.0; 4]; 4];
-    for r in 0..3 {
-        for c in 0..3 {
+    let mut inv: fc_volume::Affine = std::array::from_fn(|r| {
+        std::array::from_fn(|c| {
+            if r == 3 || c == 3 {
+                return f64::from(u8::from(r == 3 && c == 3));
+            }
             let (r1, r2) = ((c + 1) % 3, (c + 2) % 3);
             let (c1, c2) = ((r + 1) % 3, (r + 2) % 3);
-            inv[r][c] = (m(r1, c1) * m(r2, c2) - m(r1, c2) * m(r2, c1)) / det;
-        }
+            (m(r1, c1) * m(r2, c2) - m(r1, c2) * m(r2, c1)) / det
+        })
+    });
+    let t: [f64; 3] = std::array::from_fn(|r| -(0..3).map(|c| inv[r][c] * a[c][3]).sum::<f64>());
+    for (row, v) in inv.iter_mut().zip(t) {
+        row[3] = v;
     }
-    for r in 0..3 {
-        inv[r][3] = -(0..3).map(|c| inv[r][c] * a[c][3]).sum::<f64>();
-    }
-    inv[3][3] = 1.0;
     Some(inv)
 }
