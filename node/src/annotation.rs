@@ -66,6 +66,14 @@ pub enum Review {
     Reject,
 }
 
+/// Interchange formats of vector annotations (and masks, for COCO and CVAT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Coco,
+    Via,
+    Cvat,
+}
+
 /// Consensus methods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConsensusMethod {
@@ -534,17 +542,35 @@ impl Annotations {
         source: Source,
         model: Option<(&str, &str)>,
     ) -> Result<Vec<i64>, AnnotationError> {
+        self.import_file(project, rater, path, Format::Coco, source, model)
+    }
+
+    /// Import a COCO, VIA 2 or CVAT 1.1 file (cases named as this node exports them).
+    /// Returns the versions saved.
+    pub fn import_file(
+        &mut self,
+        project: &str,
+        rater: &str,
+        path: &Path,
+        format: Format,
+        source: Source,
+        model: Option<(&str, &str)>,
+    ) -> Result<Vec<i64>, AnnotationError> {
         let p = self.project(project)?;
         let text = std::fs::read(path).map_err(io(format!("reading {}", path.display())))?;
-        let doc: serde_json::Value = serde_json::from_slice(&text)
-            .map_err(|e| AnnotationError::Refused(format!("{}: {e}", path.display())))?;
+        let doc = serde_json::from_slice::<serde_json::Value>(&text)
+            .map_err(|e| AnnotationError::Refused(format!("{}: {e}", path.display())));
         let grids: BTreeMap<String, Grid> = self
             .cases(project)?
             .into_iter()
             .filter_map(|c| Some((c.case_id.clone(), serde_json::from_str(&c.grid).ok()?)))
             .collect();
-        let imported = fc_annotate::coco::import(&doc, &p, &grids)
-            .map_err(|e| AnnotationError::Refused(format!("{}: {e}", path.display())))?;
+        let imported = match format {
+            Format::Coco => fc_annotate::coco::import(&doc?, &p, &grids),
+            Format::Via => fc_annotate::via::import(&doc?, &p, &grids),
+            Format::Cvat => fc_annotate::cvat::import(&String::from_utf8_lossy(&text), &p, &grids),
+        }
+        .map_err(|e| AnnotationError::Refused(format!("{}: {e}", path.display())))?;
         let mut ids = Vec::new();
         for (case, i) in imported {
             ids.push(self.save(
@@ -733,8 +759,8 @@ impl Annotations {
 
     /// Export the latest versions (or the consensus) as NIfTI label maps with JSON sidecars
     /// (`labels/<case>[_<rater>].nii.gz`), DICOM Segmentations when `seg` is set
-    /// (`seg/<case>[_<rater>].dcm`), and one COCO file (`coco.json`). Returns the number of
-    /// versions exported.
+    /// (`seg/<case>[_<rater>].dcm`), and one file each of COCO (`coco.json`), VIA 2
+    /// (`via.json`) and CVAT 1.1 (`cvat.xml`). Returns the number of versions exported.
     pub fn export(
         &self,
         project: &str,
@@ -783,6 +809,17 @@ impl Annotations {
                 });
             }
         }
+        write_atomically(
+            &out.join("via.json"),
+            &serde_json::to_vec(&fc_annotate::via::export(&p, &coco_cases))
+                .map_err(|e| AnnotationError::Refused(e.to_string()))?,
+        )
+        .map_err(io("writing the export"))?;
+        write_atomically(
+            &out.join("cvat.xml"),
+            fc_annotate::cvat::export(&p, &coco_cases, false).as_bytes(),
+        )
+        .map_err(io("writing the export"))?;
         let coco = fc_annotate::coco::export(&p, &coco_cases);
         write_atomically(
             &out.join("coco.json"),

@@ -864,3 +864,169 @@ fn the_consortium_demo_stops_its_processes_when_interrupted() {
         String::from_utf8_lossy(&left.stdout)
     );
 }
+
+#[test]
+fn annotate_commands_run_a_project_from_creation_to_export() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path(), "");
+    let input = dir.path().join("in");
+    run(bin().arg("sample").arg("--out").arg(&input).args([
+        "--patients",
+        "2",
+        "--slices",
+        "6",
+        "--matrix",
+        "24",
+    ]));
+    run(bin()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("deid")
+        .arg("--input")
+        .arg(&input));
+    let project = dir.path().join("project.toml");
+    std::fs::write(
+        &project,
+        r#"id = "cli-project"
+kinds = ["mask"]
+raters_per_case = 2
+[[labels]]
+value = 1
+name = "lesion"
+colour = [255, 0, 0]
+"#,
+    )
+    .expect("project");
+    let annotate = |args: &[&str]| {
+        let mut c = bin();
+        c.arg("--config").arg(&cfg).arg("annotate").args(args);
+        c
+    };
+    let out = run(annotate(&["project", "create"]).arg(&project));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("created with 2 cases"));
+    let out = run(&mut annotate(&[
+        "cases",
+        "--project",
+        "cli-project",
+        "--json",
+    ]));
+    let cases: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cases json");
+    let cases = cases.as_array().expect("cases");
+    assert_eq!(cases.len(), 2);
+    run(&mut annotate(&[
+        "assign",
+        "--project",
+        "cli-project",
+        "--raters",
+        "ann,ben",
+    ]));
+    // Each rater marks a block of each case image, ben's shifted by one voxel.
+    for c in cases {
+        let case = c["case_id"].as_str().expect("case id");
+        let image = dir
+            .path()
+            .join("data")
+            .join(c["image"].as_str().expect("image"));
+        let (_, vol) = node::volume::nifti::read(&image).expect("case image");
+        for (rater, shift) in [("ann", 0usize), ("ben", 1)] {
+            let mut map = node::fc_annotate::LabelMap::empty(node::fc_annotate::Grid::of(&vol));
+            for i in 4 + shift..12 + shift {
+                for j in 4..12 {
+                    map.data[[i, j, 2]] = 1;
+                }
+            }
+            let file = dir.path().join(format!("{case}-{rater}.nii.gz"));
+            std::fs::write(&file, map.to_nifti_gz().expect("nifti")).expect("write");
+            run(annotate(&[
+                "import",
+                "--project",
+                "cli-project",
+                "--rater",
+                rater,
+                "--case",
+                case,
+                "--labelmap",
+            ])
+            .arg(&file));
+        }
+    }
+    let out = run(&mut annotate(&[
+        "agreement",
+        "--project",
+        "cli-project",
+        "--json",
+    ]));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("agreement json");
+    let lesion = &r["mask_summary"]["lesion"];
+    assert_eq!(lesion["pairs"], 2);
+    // 8x8 blocks shifted by one column: 56 of 64 voxels shared.
+    assert!(
+        (lesion["mean_dice"].as_f64().expect("dice") - 56.0 / 64.0).abs() < 1e-12,
+        "{r}"
+    );
+    let out = run(&mut annotate(&["agreement", "--project", "cli-project"]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("lesion: 2 pairs"));
+    run(&mut annotate(&[
+        "consensus",
+        "--project",
+        "cli-project",
+        "--method",
+        "majority",
+    ]));
+    let export = dir.path().join("export");
+    run(annotate(&[
+        "export",
+        "--project",
+        "cli-project",
+        "--consensus",
+        "--seg",
+        "--out",
+    ])
+    .arg(&export));
+    assert_eq!(files_under(&export.join("seg")).len(), 2);
+    assert!(export.join("cvat.xml").is_file() && export.join("via.json").is_file());
+    let out = run(&mut annotate(&[
+        "status",
+        "--project",
+        "cli-project",
+        "--json",
+    ]));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    assert_eq!(
+        (s["submitted"].as_u64(), s["consensus_cases"].as_u64()),
+        (Some(4), Some(2))
+    );
+    // A label map on another grid is refused with the reason, and nothing is saved.
+    let wrong = dir.path().join("wrong.nii.gz");
+    let grid = node::fc_annotate::Grid {
+        shape: [5, 5, 5],
+        affine: node::volume::diagonal([1.0, 1.0, 1.0]),
+    };
+    std::fs::write(
+        &wrong,
+        node::fc_annotate::LabelMap::empty(grid)
+            .to_nifti_gz()
+            .expect("nifti"),
+    )
+    .expect("write");
+    let case = cases[0]["case_id"].as_str().expect("case");
+    let out = annotate(&[
+        "import",
+        "--project",
+        "cli-project",
+        "--rater",
+        "ann",
+        "--case",
+        case,
+        "--labelmap",
+    ])
+    .arg(&wrong)
+    .output()
+    .expect("runs");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("voxels"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -391,6 +391,36 @@ fn formats_round_trip_through_pycocotools_and_nibabel() {
         imported["case-a"].mask.as_ref().expect("mask").data,
         map.data
     );
+    // VIA 2 and CVAT 1.1: what we write reads back to the same vector annotations (and, for
+    // CVAT, the same masks and case labels).
+    let cases = [node::fc_annotate::coco::CaseAnnotations {
+        case: "case-a",
+        grid: &grid,
+        content: &content,
+        mask: Some(&map),
+        rater: "alice",
+        version: 1,
+    }];
+    let via = node::fc_annotate::via::export(&p, &cases);
+    assert_eq!(via["_via_data_format_version"], "2.0.10");
+    let back = node::fc_annotate::via::import(&via, &p, &grids).expect("via");
+    assert_eq!(back["case-a"].content.boxes, content.boxes);
+    assert_eq!(back["case-a"].content.outlines, content.outlines);
+    assert_eq!(back["case-a"].content.landmarks, content.landmarks);
+    let xml = node::fc_annotate::cvat::export(&p, &cases, false);
+    assert!(xml.contains("<version>1.1</version>"));
+    let back = node::fc_annotate::cvat::import(&xml, &p, &grids).expect("cvat");
+    let back = &back["case-a"];
+    assert_eq!(back.content.boxes, content.boxes);
+    assert_eq!(back.content.outlines, content.outlines);
+    assert_eq!(back.content.landmarks, content.landmarks);
+    assert_eq!(back.content.labels, content.labels);
+    assert_eq!(back.mask.as_ref().expect("cvat mask").data, map.data);
+    // A class the project lacks is refused with its name.
+    let bad = xml.replace("label=\"oedema\"", "label=\"tumour\"");
+    let e = node::fc_annotate::cvat::import(&bad, &p, &grids).expect_err("unknown label");
+    assert!(e.contains("tumour"), "{e}");
+
     // Our own COCO file imports back to the same content (box, polygon, landmark) and mask.
     let ours = node::fc_annotate::coco::import(&coco, &p, &grids).expect("import ours");
     let back = &ours["case-a"];

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Subcommand, ValueEnum};
-use node::annotation::{Annotations, ConsensusMethod, Review};
+use node::annotation::{Annotations, ConsensusMethod, Format, Review};
 use node::config::NodeConfig;
 use node::fc_annotate::{LabelMap, Project, Source};
 
@@ -46,8 +46,14 @@ pub(crate) enum AnnotateCommand {
         #[arg(long)]
         case: Option<String>,
         /// A COCO file whose images are named as `annotate export` names them.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["via", "cvat"])]
         coco: Option<PathBuf>,
+        /// A VIA 2 project (images named as `annotate export` names them).
+        #[arg(long, conflicts_with = "cvat")]
+        via: Option<PathBuf>,
+        /// A CVAT for images 1.1 XML file (images named as `annotate export` names them).
+        #[arg(long)]
+        cvat: Option<PathBuf>,
         /// These are a model's proposals (raters accept, modify or reject them).
         #[arg(long, requires = "model")]
         proposal: bool,
@@ -85,7 +91,8 @@ pub(crate) enum AnnotateCommand {
         #[arg(long, value_enum, default_value = "staple")]
         method: MethodArg,
     },
-    /// Export label maps (NIfTI + JSON sidecar) and a COCO file.
+    /// Export label maps (NIfTI + JSON sidecar), COCO, VIA 2 and CVAT 1.1 files, and with
+    /// `--seg` DICOM Segmentations.
     Export {
         #[arg(long)]
         project: String,
@@ -199,6 +206,8 @@ pub(crate) fn annotate(config: &NodeConfig, command: AnnotateCommand) -> Result<
             labelmap,
             case,
             coco,
+            via,
+            cvat,
             proposal,
             model,
             model_version,
@@ -209,20 +218,26 @@ pub(crate) fn annotate(config: &NodeConfig, command: AnnotateCommand) -> Result<
                 Source::Import
             };
             let model = model.as_deref().map(|m| (m, model_version.as_str()));
-            match (labelmap, coco, case) {
+            let file = coco
+                .map(|p| (p, Format::Coco))
+                .or(via.map(|p| (p, Format::Via)))
+                .or(cvat.map(|p| (p, Format::Cvat)));
+            match (labelmap, file, case) {
                 (Some(path), None, Some(case)) => {
                     let id = a.import_labelmap(&project, &case, &rater, &path, source, model)?;
                     println!("imported {} as version {id}", path.display());
                 }
-                (None, Some(path), _) => {
-                    let ids = a.import_coco(&project, &rater, &path, source, model)?;
+                (None, Some((path, format)), _) => {
+                    let ids = a.import_file(&project, &rater, &path, format, source, model)?;
                     println!(
                         "imported {} cases from {} as versions {ids:?}",
                         ids.len(),
                         path.display()
                     );
                 }
-                _ => bail!("give --labelmap FILE --case CASE, or --coco FILE"),
+                _ => {
+                    bail!("give --labelmap FILE --case CASE, or one of --coco, --via, --cvat FILE")
+                }
             }
         }
         AnnotateCommand::Review {
