@@ -137,6 +137,126 @@ impl Annotations {
         })
     }
 
+    /// A workspace over an open catalog (the site uses it to compute what it releases).
+    pub fn from_parts(
+        catalog: Catalog,
+        data_dir: PathBuf,
+        deid_dir: PathBuf,
+        tokens: fc_deid::keys::Tokens,
+    ) -> Self {
+        Annotations {
+            data_dir,
+            deid_dir,
+            catalog,
+            tokens,
+        }
+    }
+
+    /// What every project's annotations say of each series (by keyed series token): the
+    /// classes of its final versions, and per case the raters' Dice and slice-label κ. These
+    /// feed the consortium's statistics (`label_classes` counts, the `annotation-dice` and
+    /// `annotation-kappa` quantities) under the same k rules, ledger and approval as every
+    /// other aggregate.
+    pub fn site_facts(
+        &self,
+    ) -> Result<BTreeMap<String, crate::site::aggregate::SeriesAnnotation>, AnnotationError> {
+        use fc_annotate::agreement::labels::{Chance, fleiss_kappa};
+        use fc_annotate::agreement::masks::compare;
+        use fc_annotate::model::Level;
+        let mut out: BTreeMap<String, crate::site::aggregate::SeriesAnnotation> = BTreeMap::new();
+        for p in self.projects()? {
+            let latest = self.latest(&p.id)?;
+            let consensus = self.consensus_versions(&p.id)?;
+            let mut by_case: BTreeMap<&str, Vec<&Loaded>> = BTreeMap::new();
+            for l in &latest {
+                by_case
+                    .entry(l.version.case_id.as_str())
+                    .or_default()
+                    .push(l);
+            }
+            let name = |v: u16| p.label(v).map(|l| l.name.clone());
+            let classes_of = |l: &Loaded| -> Vec<String> {
+                let mut c: Vec<u16> = l.mask.as_ref().map(LabelMap::present).unwrap_or_default();
+                c.extend(
+                    l.content
+                        .labels
+                        .iter()
+                        .flat_map(|x| x.classes.iter().copied()),
+                );
+                c.extend(l.content.boxes.iter().map(|b| b.class));
+                c.extend(l.content.outlines.iter().map(|o| o.class));
+                c.into_iter().filter_map(name).collect()
+            };
+            for (case, ls) in &by_case {
+                let series = case.rsplit_once('-').map_or(*case, |(s, _)| s).to_owned();
+                let entry = out.entry(series).or_default();
+                match consensus.iter().find(|c| c.version.case_id == *case) {
+                    Some(c) => entry.classes.extend(classes_of(c)),
+                    None => ls.iter().for_each(|l| entry.classes.extend(classes_of(l))),
+                }
+                // Dice: the mean over rater pairs of the mean over the classes either marked.
+                let masks: Vec<&LabelMap> = ls.iter().filter_map(|l| l.mask.as_ref()).collect();
+                let mut pairs = Vec::new();
+                for (x, a) in masks.iter().enumerate() {
+                    for b in &masks[x + 1..] {
+                        let mut present: Vec<u16> = a.present();
+                        present.extend(b.present());
+                        present.sort_unstable();
+                        present.dedup();
+                        let d: Vec<f64> = present
+                            .iter()
+                            .filter_map(|v| {
+                                compare(a.mask(*v).view(), b.mask(*v).view(), a.grid.spacing())
+                                    .dice()
+                            })
+                            .collect();
+                        if !d.is_empty() {
+                            pairs.push(d.iter().sum::<f64>() / d.len() as f64);
+                        }
+                    }
+                }
+                if !pairs.is_empty() {
+                    entry
+                        .dice
+                        .push(pairs.iter().sum::<f64>() / pairs.len() as f64);
+                }
+                // κ over the slices every rater labelled (one class each).
+                let slice_labels: Vec<BTreeMap<u32, u16>> = ls
+                    .iter()
+                    .map(|l| {
+                        l.content
+                            .labels
+                            .iter()
+                            .filter(|x| x.level == Level::Slice && x.classes.len() == 1)
+                            .filter_map(|x| Some((x.slice?, x.classes[0])))
+                            .collect()
+                    })
+                    .filter(|m: &BTreeMap<u32, u16>| !m.is_empty())
+                    .collect();
+                if slice_labels.len() >= 2 {
+                    let values: Vec<u16> = p.labels.iter().map(|l| l.value).collect();
+                    let counts: Vec<Vec<u32>> = slice_labels[0]
+                        .keys()
+                        .filter(|k| slice_labels.iter().all(|m| m.contains_key(k)))
+                        .map(|k| {
+                            let mut row = vec![0u32; values.len()];
+                            for m in &slice_labels {
+                                if let Some(i) = values.iter().position(|v| *v == m[k]) {
+                                    row[i] += 1;
+                                }
+                            }
+                            row
+                        })
+                        .collect();
+                    if let Some(k) = fleiss_kappa(&counts, Chance::Fleiss) {
+                        entry.kappa.push(k);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn root(&self, project: &str) -> PathBuf {
         self.data_dir.join("annotations").join(project)
     }

@@ -457,6 +457,25 @@ fn the_consortium_demo_federates_three_sites_and_leaks_nothing() {
     for s in ["site-a", "site-b", "site-c"] {
         assert!(work.join(s).join("curation/report.html").is_file(), "{s}");
     }
+    // Each site's readers disagree more than the last (the demo draws them so): the
+    // consortium report's per-site Dice says so, released over k patients.
+    let agreement = text
+        .lines()
+        .find(|l| l.contains("reader agreement"))
+        .expect("agreement line");
+    let dice: Vec<f64> = agreement
+        .split_whitespace()
+        .filter_map(|w| w.trim_end_matches(',').parse().ok())
+        .collect();
+    assert!(
+        dice.len() == 3 && dice[0] > dice[1] && dice[1] > dice[2] && dice[2] > 0.5,
+        "{agreement}"
+    );
+    assert_eq!(
+        text.matches("cases annotated; lesion: 6 pairs").count(),
+        3,
+        "{text}"
+    );
     let line = text
         .lines()
         .find(|l| l.contains("intensity spread"))

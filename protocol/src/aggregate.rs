@@ -125,10 +125,15 @@ pub enum Quantity {
     Fber,
     Cv,
     ForegroundFraction,
+    /// Agreement of the raters of the patient's annotated cases: the median over cases of the
+    /// mean pairwise Dice (classes either rater marked).
+    AnnotationDice,
+    /// The median over the patient's cases of Fleiss' κ of the raters' slice labels.
+    AnnotationKappa,
 }
 
 impl Quantity {
-    pub const ALL: [Quantity; 11] = [
+    pub const ALL: [Quantity; 13] = [
         Quantity::Intensity,
         Quantity::PixelSpacing,
         Quantity::SliceThickness,
@@ -140,6 +145,8 @@ impl Quantity {
         Quantity::Fber,
         Quantity::Cv,
         Quantity::ForegroundFraction,
+        Quantity::AnnotationDice,
+        Quantity::AnnotationKappa,
     ];
 
     /// The name a schema uses.
@@ -156,6 +163,8 @@ impl Quantity {
             Quantity::Fber => "fber",
             Quantity::Cv => "cv",
             Quantity::ForegroundFraction => "foreground-fraction",
+            Quantity::AnnotationDice => "annotation-dice",
+            Quantity::AnnotationKappa => "annotation-kappa",
         }
     }
 
@@ -175,6 +184,7 @@ impl Quantity {
             Quantity::Snr | Quantity::SnrDietrich | Quantity::Fber => 1.0,
             Quantity::Cnr => 0.5,
             Quantity::Cjv | Quantity::Efc | Quantity::Cv | Quantity::ForegroundFraction => 0.05,
+            Quantity::AnnotationDice | Quantity::AnnotationKappa => 0.05,
         }
     }
 }

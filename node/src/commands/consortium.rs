@@ -39,9 +39,15 @@ manufacturer = ["GE MEDICAL SYSTEMS", "SIEMENS", "Philips"]
 age_bands = [0, 18, 40, 65, 90]
 sex = ["F", "M"]
 
+label_classes = ["lesion"]
+
 [statistics]
-counts_by = ["modality", "sex", "age_bands", "manufacturer"]
-quality_metrics = ["snr", "cnr", "slice-thickness"]
+counts_by = ["modality", "sex", "age_bands", "manufacturer", "label_classes"]
+quality_metrics = ["snr", "cnr", "slice-thickness", "annotation-dice"]
+
+[[statistics.histograms]]
+quantity = "annotation-dice"
+edges = [0.5, 0.7, 0.8, 0.9, 1.0]
 
 [[statistics.histograms]]
 quantity = "intensity"
@@ -57,6 +63,112 @@ min_cell_count = 5
 "#;
 
 const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
+
+/// The annotation project every demo site runs.
+const PROJECT: &str = r#"id = "lesions"
+kinds = ["mask"]
+raters_per_case = 2
+[cases]
+modalities = ["MR"]
+[[labels]]
+value = 1
+name = "lesion"
+colour = [230, 60, 40]
+"#;
+
+/// A site's clinicians annotate: the project, two readers assigned, each reader's lesion mask
+/// on every case (the second reader's drawn `site + 1` voxels off, so agreement differs by
+/// site), a STAPLE consensus, and the site's agreement line.
+fn annotate_site(
+    children: &Children,
+    node: &dyn Fn(&Path) -> Command,
+    sdir: &Path,
+    cfg: &Path,
+    site: usize,
+) -> Result<String> {
+    let definition = sdir.join("annotation-project.toml");
+    std::fs::write(&definition, PROJECT)?;
+    let annotate = |args: &[&str]| {
+        let mut c = node(cfg);
+        c.arg("annotate").args(args);
+        c
+    };
+    children.run(
+        annotate(&["project", "create"]).arg(&definition),
+        "annotate project create",
+    )?;
+    children.run(
+        &mut annotate(&[
+            "assign",
+            "--project",
+            "lesions",
+            "--raters",
+            "reader-1,reader-2",
+        ]),
+        "annotate assign",
+    )?;
+    let cases: serde_json::Value = serde_json::from_str(&children.run(
+        &mut annotate(&["cases", "--project", "lesions", "--json"]),
+        "annotate cases",
+    )?)?;
+    let inbox = sdir.join("annotations-in");
+    for c in cases.as_array().context("cases")? {
+        let case = c["case_id"].as_str().context("case id")?;
+        let image = sdir
+            .join("data")
+            .join(c["image"].as_str().context("image")?);
+        let (_, vol) = node::volume::nifti::read(&image)?;
+        for (reader, shift) in [("reader-1", 0.0), ("reader-2", site as f64 + 1.0)] {
+            let mut map = node::fc_annotate::LabelMap::empty(node::fc_annotate::Grid::of(&vol));
+            let [ni, nj, nk] = map.grid.shape;
+            let centre = [ni as f64 / 2.0 + shift, nj as f64 / 2.0, nk as f64 / 2.0];
+            let radii = [ni as f64 / 5.0, nj as f64 / 5.0, (nk as f64 / 3.0).max(1.0)];
+            for ((i, j, k), v) in map.data.indexed_iter_mut() {
+                let d: f64 = [i, j, k]
+                    .iter()
+                    .zip(centre.iter().zip(radii))
+                    .map(|(x, (c, r))| ((*x as f64 - c) / r).powi(2))
+                    .sum();
+                if d <= 1.0 {
+                    *v = 1;
+                }
+            }
+            let file = inbox.join(format!("{case}-{reader}.nii.gz"));
+            std::fs::create_dir_all(&inbox)?;
+            std::fs::write(&file, map.to_nifti_gz()?)?;
+            children.run(
+                annotate(&[
+                    "import",
+                    "--project",
+                    "lesions",
+                    "--rater",
+                    reader,
+                    "--case",
+                    case,
+                    "--labelmap",
+                ])
+                .arg(&file),
+                "annotate import",
+            )?;
+        }
+    }
+    children.run(
+        &mut annotate(&["consensus", "--project", "lesions", "--method", "staple"]),
+        "annotate consensus",
+    )?;
+    let out = children.run(
+        &mut annotate(&["agreement", "--project", "lesions"]),
+        "annotate agreement",
+    )?;
+    Ok(format!(
+        "{} cases annotated; {}",
+        cases.as_array().map_or(0, Vec::len),
+        out.lines()
+            .find(|l| l.starts_with("lesion:"))
+            .unwrap_or("")
+            .trim()
+    ))
+}
 
 /// Every child process the demo starts, long-running or not: stopped (SIGTERM, then killed)
 /// when dropped, and when the demo is interrupted (Ctrl-C or SIGTERM). A child is spawned and
@@ -260,7 +372,7 @@ impl Drop for Children {
 }
 
 fn step(n: usize, text: &str) {
-    println!("\n[{n}/7] {text}");
+    println!("\n[{n}/8] {text}");
 }
 
 fn all_files(dir: &Path) -> Vec<PathBuf> {
@@ -481,6 +593,15 @@ pub fn run_demo(dir: Option<PathBuf>, patients: usize) -> Result<()> {
 
     step(
         4,
+        "clinicians annotate: two readers per case, a STAPLE consensus, agreement measured at each site",
+    );
+    for (n, (s, sdir, cfg, _)) in configs.iter().enumerate() {
+        let agreement = annotate_site(&children, &node, sdir, cfg, n)?;
+        println!("  {s}: {agreement}");
+    }
+
+    step(
+        5,
         "the nodes dial out and fetch the schema; hospital IT approves what will leave; each site curates against it",
     );
     for (s, sdir, cfg, _) in &configs {
@@ -525,7 +646,7 @@ pub fn run_demo(dir: Option<PathBuf>, patients: usize) -> Result<()> {
     }
 
     step(
-        5,
+        6,
         "aggregates with small cells suppressed, then the federated Nyúl model, applied at each site",
     );
     let mut feds = Vec::new();
@@ -552,7 +673,7 @@ pub fn run_demo(dir: Option<PathBuf>, patients: usize) -> Result<()> {
         }
     }
 
-    step(6, "the consortium report");
+    step(7, "the consortium report");
     children.stop(&coordinator_key);
     let report_dir = cdir.join("state/report");
     let report: serde_json::Value =
@@ -560,7 +681,7 @@ pub fn run_demo(dir: Option<PathBuf>, patients: usize) -> Result<()> {
     let deviations = report["deviations"].as_array().map_or(0, Vec::len);
     println!("  {}", report_dir.join("report.html").display());
 
-    step(7, "summary");
+    step(8, "summary");
     let schema =
         protocol::schema::CurationSchema::parse(SCHEMA).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut before = Vec::new();
@@ -621,6 +742,22 @@ pub fn run_demo(dir: Option<PathBuf>, patients: usize) -> Result<()> {
             .iter()
             .map(|x| (x * 10.0).round() / 10.0)
             .collect::<Vec<_>>()
+    );
+    // Agreement per site, as the consortium sees it: the mean over each site's patients of
+    // its readers' Dice (released only over at least k patients).
+    let dice = report["moments"]
+        .as_array()
+        .and_then(|m| m.iter().find(|x| x["quantity"] == "annotation-dice"));
+    let per_site: Vec<String> = SITES
+        .iter()
+        .map(|s| {
+            dice.and_then(|d| d["per_site"][*s]["mean"].as_f64())
+                .map_or(format!("{s} withheld"), |m| format!("{s} {m:.3}"))
+        })
+        .collect();
+    println!(
+        "  reader agreement      mean Dice per site in the consortium report: {}",
+        per_site.join(", ")
     );
     println!(
         "  leak check            no identifying value in the coordinator's {} files",

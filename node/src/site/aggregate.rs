@@ -36,6 +36,43 @@ pub struct SeriesFacts {
     pub ct: Option<CtSummary>,
     /// Curation finding codes of the series.
     pub finding_codes: BTreeSet<String>,
+    /// The series instance UID (to join annotation and curation facts; never released).
+    pub series_uid: String,
+    /// Classes the series' final annotations contain (by class name).
+    pub label_classes: BTreeSet<String>,
+}
+
+/// What the site's annotations say of one series (keyed by its keyed token).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SeriesAnnotation {
+    /// Classes present in the final version of the series' cases (the consensus, or else any
+    /// rater's latest).
+    pub classes: BTreeSet<String>,
+    /// Per case: the mean pairwise Dice of its raters' masks.
+    pub dice: Vec<f64>,
+    /// Per case: Fleiss' κ of its raters' slice labels.
+    pub kappa: Vec<f64>,
+}
+
+/// Join the annotation facts (by keyed series token) to the series facts: label classes, and
+/// the series' agreement values (median over its cases).
+pub fn add_annotations(
+    facts: &mut [SeriesFacts],
+    annotations: &BTreeMap<String, SeriesAnnotation>,
+    token: impl Fn(&str) -> String,
+) {
+    for f in facts {
+        let Some(a) = annotations.get(&token(&f.series_uid)) else {
+            continue;
+        };
+        f.label_classes.extend(a.classes.iter().cloned());
+        if let Some(d) = median(a.dice.clone()) {
+            f.values.insert(Quantity::AnnotationDice, d);
+        }
+        if let Some(k) = median(a.kappa.clone()) {
+            f.values.insert(Quantity::AnnotationKappa, k);
+        }
+    }
 }
 
 fn number(o: &DefaultDicomObject, tag: Tag) -> Option<f64> {
@@ -84,6 +121,7 @@ pub fn collect(folder: &Path, schema: &CurationSchema) -> std::io::Result<Vec<Se
         let o = &objects[i];
         let modality = text(o, Tag(0x0008, 0x0060));
         let mut f = SeriesFacts {
+            series_uid: series.clone(),
             patient: text(o, Tag(0x0010, 0x0020)),
             manufacturer: text(o, Tag(0x0008, 0x0070)),
             sex: text(o, Tag(0x0010, 0x0040)),
@@ -206,8 +244,13 @@ fn categories(
         "finding_codes" | "label_classes" => {
             let list = schema.vocabulary(vocabulary).unwrap_or_default();
             for s in series {
+                let have = if vocabulary == "label_classes" {
+                    &s.label_classes
+                } else {
+                    &s.finding_codes
+                };
                 for (i, code) in list.iter().enumerate() {
-                    if s.finding_codes.contains(code) {
+                    if have.contains(code) {
                         out.insert(i);
                     }
                 }
@@ -732,6 +775,59 @@ mod tests {
         };
         f.values.insert(Quantity::Snr, snr);
         f
+    }
+
+    #[test]
+    fn label_classes_and_agreement_come_from_annotations_not_findings() {
+        let text = SCHEMA
+            .replace(
+                "label_classes = []",
+                "label_classes = [\"lesion\", \"oedema\"]",
+            )
+            .replace(
+                "counts_by = [\"modality\", \"sex\"]",
+                "counts_by = [\"modality\", \"sex\", \"label_classes\"]",
+            )
+            .replace(
+                "quality_metrics = [\"snr\",",
+                "quality_metrics = [\"annotation-dice\", \"snr\",",
+            );
+        let schema = CurationSchema::parse(&text).expect("schema");
+        let mut all: Vec<SeriesFacts> = (0..12)
+            .map(|i| {
+                let mut f = facts(&format!("P{i:02}"), "MR", "F", 10.0);
+                f.series_uid = format!("1.2.3.{i}");
+                // A curation finding that happens to share a class name is not a label.
+                f.finding_codes.insert("oedema".into());
+                f
+            })
+            .collect();
+        let token = |uid: &str| format!("t{uid}");
+        let annotations: BTreeMap<String, SeriesAnnotation> = (0..10)
+            .map(|i| {
+                (
+                    format!("t1.2.3.{i}"),
+                    SeriesAnnotation {
+                        classes: ["lesion".to_owned()].into(),
+                        dice: vec![0.5 + 0.04 * f64::from(i), 0.9],
+                        kappa: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        add_annotations(&mut all, &annotations, token);
+        assert_eq!(all[0].values.get(&Quantity::AnnotationDice), Some(&0.7));
+        assert!(all[11].label_classes.is_empty());
+        let a = aggregates(&all, &schema, 5);
+        let labels = &a.counts[2].cells;
+        // Ten patients with a lesion, none with oedema (the finding code does not count),
+        // and two with no annotated class.
+        assert_eq!(labels[0], Cell::Value(10));
+        assert_ne!(labels[1], Cell::Value(12));
+        let (q, m) = &a.moments[0];
+        assert_eq!(*q, Quantity::AnnotationDice);
+        let m = m.expect("moments over ten patients");
+        assert_eq!(m.patients, 10);
     }
 
     #[test]

@@ -61,7 +61,7 @@ fn earlier_populations(ledger: &[crate::catalog::ReleaseRecord]) -> Vec<aggregat
 /// The de-identified output as read for a schema, and what it was read under.
 #[derive(Debug)]
 struct Prepared {
-    key: (usize, usize, usize, String),
+    key: (usize, usize, usize, i64, String),
     facts: Vec<aggregate::SeriesFacts>,
     report: crate::curate::report::CurationReport,
 }
@@ -322,7 +322,14 @@ impl Site {
         SessionError,
     > {
         let t = self.catalog.totals()?;
-        let key = (t.written, t.duplicates, t.quarantined, hash.to_owned());
+        let annotated = self.catalog.annotation_versions_total()?;
+        let key = (
+            t.written,
+            t.duplicates,
+            t.quarantined,
+            annotated,
+            hash.to_owned(),
+        );
         if let Ok(cache) = self.prepared.lock()
             && let Some(p) = cache.as_ref()
             && p.key == key
@@ -337,6 +344,16 @@ impl Site {
         )?;
         let mut facts = aggregate::collect(&self.deid_dir, schema)?;
         aggregate::add_findings(&mut facts, &report);
+        // What the site's annotation projects say of each series (classes, agreement).
+        let annotations = crate::annotation::Annotations::from_parts(
+            Catalog::open(&self.data_dir.join("catalog.sqlite"))?,
+            self.data_dir.clone(),
+            self.deid_dir.clone(),
+            self.tokens.clone(),
+        )
+        .site_facts()
+        .map_err(|e| SessionError::Schema(format!("annotation facts: {e}")))?;
+        aggregate::add_annotations(&mut facts, &annotations, |uid| self.tokens.token(uid));
         if let Ok(mut cache) = self.prepared.lock() {
             *cache = Some(Prepared {
                 key,

@@ -285,6 +285,13 @@ impl Catalog {
         rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
     }
 
+    /// How many versions there are in every project (a change marker for caches).
+    pub fn annotation_versions_total(&self) -> Result<i64, CatalogError> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM annotation_versions", [], |r| r.get(0))
+            .map_err(self.err())
+    }
+
     /// One version.
     pub fn annotation_version(&self, id: i64) -> Result<Option<AnnotationVersion>, CatalogError> {
         let project: Option<String> = self
