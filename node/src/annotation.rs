@@ -81,6 +81,66 @@ pub enum ConsensusMethod {
     Staple,
 }
 
+/// What became of one model version's proposals.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProposalStats {
+    pub model: String,
+    pub version: String,
+    pub proposals: usize,
+    pub accepted: usize,
+    pub modified: usize,
+    pub rejected: usize,
+    /// Proposals no rater has acted on yet.
+    pub pending: usize,
+    /// Median Dice between the proposal and what raters saved from it (accepted: 1).
+    pub median_edit_dice: Option<f64>,
+}
+
+/// Anchoring: how close raters' final masks are to the model's proposal when they were shown
+/// it, and when they were not (the assignments served without it).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Anchoring {
+    pub shown: usize,
+    pub mean_dice_shown: Option<f64>,
+    pub hidden: usize,
+    pub mean_dice_hidden: Option<f64>,
+}
+
+/// What running a model over a project's cases did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Proposed {
+    /// (case, version) of each proposal imported.
+    pub imported: Vec<(String, i64)>,
+    /// Cases that already had a proposal from this model version.
+    pub skipped: usize,
+    /// (case, reason) where the command failed or wrote nothing usable.
+    pub failed: Vec<(String, String)>,
+}
+
+/// Mean Dice over the classes either map contains (both empty: 1).
+fn map_dice(a: &LabelMap, b: &LabelMap) -> f64 {
+    let mut present = a.present();
+    present.extend(b.present());
+    present.sort_unstable();
+    present.dedup();
+    let d: Vec<f64> = present
+        .iter()
+        .filter_map(|v| {
+            fc_annotate::agreement::masks::compare(
+                a.mask(*v).view(),
+                b.mask(*v).view(),
+                a.grid.spacing(),
+            )
+            .dice()
+        })
+        .collect();
+    if d.is_empty() {
+        1.0
+    } else {
+        d.iter().sum::<f64>() / d.len() as f64
+    }
+}
+
 /// How far a project is.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Status {
@@ -93,6 +153,8 @@ pub struct Status {
     pub by_source: BTreeMap<String, usize>,
     pub raters: BTreeMap<String, (usize, usize)>,
     pub consensus_cases: usize,
+    pub proposals: Vec<ProposalStats>,
+    pub anchoring: Option<Anchoring>,
 }
 
 /// The site's annotation workspace.
@@ -1103,6 +1165,210 @@ impl Annotations {
         })
     }
 
+    /// Run a model's command on each case that has no proposal from this model version yet,
+    /// and import what it writes as a proposal (rater: the model's name). In `command` (a
+    /// program and its arguments, run without a shell), `{image}` is the case image (NIfTI),
+    /// `{output}` the label map to write, `{case}` the case id. A command that fails, runs past
+    /// `timeout`, or writes a map that does not fit the image is reported, not fatal.
+    pub fn propose(
+        &mut self,
+        project: &str,
+        model: (&str, &str),
+        command: &[String],
+        timeout: std::time::Duration,
+    ) -> Result<Proposed, AnnotationError> {
+        if !valid_rater(model.0) {
+            return Err(AnnotationError::Refused(format!(
+                "model name {:?}: use letters, digits, '-', '_' or '.'",
+                model.0
+            )));
+        }
+        let program = command
+            .first()
+            .ok_or_else(|| AnnotationError::Config("no proposal command given".into()))?;
+        let done: std::collections::BTreeSet<String> = self
+            .catalog
+            .annotation_versions(project, None)?
+            .into_iter()
+            .filter(|v| {
+                v.source == Source::Proposal.name()
+                    && v.model.as_deref() == Some(model.0)
+                    && v.model_version.as_deref() == Some(model.1)
+            })
+            .map(|v| v.case_id)
+            .collect();
+        let work = self.root(project).join("proposals-tmp");
+        std::fs::create_dir_all(&work).map_err(io(format!("creating {}", work.display())))?;
+        let mut out = Proposed::default();
+        for c in self.cases(project)? {
+            if done.contains(&c.case_id) {
+                out.skipped += 1;
+                continue;
+            }
+            let output = work.join(format!("{}.nii.gz", c.case_id));
+            let _ = std::fs::remove_file(&output);
+            let image = self.image_path(&c);
+            let fill = |a: &String| {
+                a.replace("{image}", &image.display().to_string())
+                    .replace("{output}", &output.display().to_string())
+                    .replace("{case}", &c.case_id)
+            };
+            let mut child = match std::process::Command::new(fill(program))
+                .args(command[1..].iter().map(fill))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+            {
+                Ok(child) => child,
+                Err(e) => {
+                    return Err(AnnotationError::Config(format!(
+                        "cannot run the proposal command {program}: {e}"
+                    )));
+                }
+            };
+            let started = std::time::Instant::now();
+            let status = loop {
+                match child.try_wait() {
+                    Ok(Some(s)) => break Some(s),
+                    Ok(None) if started.elapsed() > timeout => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break None;
+                    }
+                    Ok(None) => std::thread::sleep(std::time::Duration::from_millis(50)),
+                    Err(_) => break None,
+                }
+            };
+            let failure = match status {
+                None => Some(format!("no result within {} s", timeout.as_secs())),
+                Some(s) if !s.success() => Some(format!("the command exited with {s}")),
+                Some(_) if !output.is_file() => Some("the command wrote no label map".into()),
+                Some(_) => None,
+            };
+            if let Some(why) = failure {
+                tracing::warn!(project, case = %c.case_id, reason = %why, "no proposal");
+                out.failed.push((c.case_id.clone(), why));
+                continue;
+            }
+            match self.import_labelmap(
+                project,
+                &c.case_id,
+                model.0,
+                &output,
+                Source::Proposal,
+                Some(model),
+            ) {
+                Ok(id) => out.imported.push((c.case_id.clone(), id)),
+                Err(e) => out.failed.push((c.case_id.clone(), e.to_string())),
+            }
+            let _ = std::fs::remove_file(&output);
+        }
+        Ok(out)
+    }
+
+    /// Proposal outcomes per model version, and the anchoring comparison.
+    pub fn proposal_stats(
+        &self,
+        project: &str,
+    ) -> Result<(Vec<ProposalStats>, Option<Anchoring>), AnnotationError> {
+        let versions = self.catalog.annotation_versions(project, None)?;
+        let proposals: Vec<&AnnotationVersion> = versions
+            .iter()
+            .filter(|v| v.source == Source::Proposal.name())
+            .collect();
+        let mut stats: BTreeMap<(String, String), (ProposalStats, Vec<f64>)> = BTreeMap::new();
+        let mut masks: BTreeMap<i64, Option<LabelMap>> = BTreeMap::new();
+        let mut mask_of = |id: i64| -> Result<Option<LabelMap>, AnnotationError> {
+            if let Some(m) = masks.get(&id) {
+                return Ok(m.clone());
+            }
+            let m = self.load(id)?.mask;
+            masks.insert(id, m.clone());
+            Ok(m)
+        };
+        for p in &proposals {
+            let key = (
+                p.model.clone().unwrap_or_default(),
+                p.model_version.clone().unwrap_or_default(),
+            );
+            let (s, edits) = stats.entry(key.clone()).or_insert_with(|| {
+                (
+                    ProposalStats {
+                        model: key.0.clone(),
+                        version: key.1.clone(),
+                        ..ProposalStats::default()
+                    },
+                    Vec::new(),
+                )
+            });
+            s.proposals += 1;
+            let children: Vec<&AnnotationVersion> =
+                versions.iter().filter(|v| v.parent == Some(p.id)).collect();
+            if children.is_empty() {
+                s.pending += 1;
+            }
+            for c in children {
+                match c.source.as_str() {
+                    "proposal-accepted" => {
+                        s.accepted += 1;
+                        edits.push(1.0);
+                    }
+                    "proposal-modified" => {
+                        s.modified += 1;
+                        if let (Some(a), Some(b)) = (mask_of(p.id)?, mask_of(c.id)?) {
+                            edits.push(map_dice(&a, &b));
+                        }
+                    }
+                    "proposal-rejected" => s.rejected += 1,
+                    _ => {}
+                }
+            }
+        }
+        let out: Vec<ProposalStats> = stats
+            .into_values()
+            .map(|(mut s, mut e)| {
+                e.sort_by(f64::total_cmp);
+                s.median_edit_dice = (!e.is_empty())
+                    .then(|| fc_annotate::agreement::masks::percentile_sorted(&e, 50.0));
+                s
+            })
+            .collect();
+        // Anchoring: each rater's latest mask against the case's (latest) proposal, grouped by
+        // whether the assignment showed the proposal.
+        let latest = self.latest(project)?;
+        let mut shown = Vec::new();
+        let mut hidden = Vec::new();
+        for a in self.catalog.assignments(project)? {
+            let Some(p) = proposals.iter().rev().find(|p| p.case_id == a.case_id) else {
+                continue;
+            };
+            let Some(l) = latest
+                .iter()
+                .find(|l| l.version.case_id == a.case_id && l.version.rater == a.rater)
+            else {
+                continue;
+            };
+            let (Some(pm), Some(lm)) = (mask_of(p.id)?, l.mask.as_ref()) else {
+                continue;
+            };
+            let d = map_dice(&pm, lm);
+            if a.with_proposal {
+                shown.push(d);
+            } else {
+                hidden.push(d);
+            }
+        }
+        let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+        let anchoring = (!shown.is_empty() || !hidden.is_empty()).then(|| Anchoring {
+            shown: shown.len(),
+            mean_dice_shown: mean(&shown),
+            hidden: hidden.len(),
+            mean_dice_hidden: mean(&hidden),
+        });
+        Ok((out, anchoring))
+    }
+
     /// How far the project is.
     pub fn status(&self, project: &str) -> Result<Status, AnnotationError> {
         let _ = self.project(project)?;
@@ -1133,6 +1399,9 @@ impl Annotations {
             }
         }
         s.consensus_cases = consensus.len();
+        let (proposals, anchoring) = self.proposal_stats(project)?;
+        s.proposals = proposals;
+        s.anchoring = anchoring;
         Ok(s)
     }
 }

@@ -184,6 +184,28 @@ pub struct NodeConfig {
     /// sub-key of the site secret.
     #[serde(default)]
     pub audit_key_file: Option<PathBuf>,
+    /// Annotation: the model that writes proposals (`fedcurate-node annotate propose`).
+    #[serde(default)]
+    pub annotation: Option<AnnotationSettings>,
+}
+
+/// The `[annotation]` section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnotationSettings {
+    /// The model's command, run once per case without a shell: `{image}` (the case image,
+    /// NIfTI), `{output}` (the label map to write) and `{case}` are replaced.
+    pub proposal_command: Vec<String>,
+    /// The model's name and version, recorded with every proposal.
+    pub proposal_model: String,
+    pub proposal_model_version: String,
+    /// How long one case may take.
+    #[serde(default = "default_proposal_timeout")]
+    pub proposal_timeout_seconds: u64,
+}
+
+fn default_proposal_timeout() -> u64 {
+    600
 }
 
 /// The `[retention]` section.

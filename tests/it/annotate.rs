@@ -530,12 +530,19 @@ fn a_project_with_three_raters_a_proposal_agreement_and_consensus() {
         let (_, g) = a.case("lesions", &c.case_id).expect("case");
         for (n, r) in raters.iter().enumerate() {
             let dx = n as f64;
+            let mut labels = vec![ClassLabel {
+                level: At::Case,
+                slice: None,
+                classes: vec![if r == "carol" { 2 } else { 1 }],
+            }];
+            // Slice labels on four slices: carol disagrees on the first.
+            labels.extend((0..4).map(|k| ClassLabel {
+                level: At::Slice,
+                slice: Some(k),
+                classes: vec![if r == "carol" && k == 0 { 2 } else { 1 }],
+            }));
             let content = Content {
-                labels: vec![ClassLabel {
-                    level: At::Case,
-                    slice: None,
-                    classes: vec![if r == "carol" { 2 } else { 1 }],
-                }],
+                labels,
                 boxes: vec![BoundingBox {
                     class: 1,
                     slice: Some(0),
@@ -644,6 +651,17 @@ fn a_project_with_three_raters_a_proposal_agreement_and_consensus() {
         .expect("case labels");
     assert_eq!((labels.cases, labels.raters), (cases, 3));
     assert!(labels.fleiss_kappa.expect("kappa") < 0.0, "{labels:?}");
+    let slices = r
+        .labels
+        .iter()
+        .find(|l| l.level == "slice")
+        .expect("slice labels");
+    assert_eq!(slices.cases, 4 * cases, "every labelled slice is a unit");
+    let alpha = slices.krippendorff_alpha.expect("alpha");
+    assert!(
+        alpha > labels.krippendorff_alpha.expect("case alpha") && alpha < 1.0,
+        "{slices:?}"
+    );
     assert_eq!(r.boxes.len(), 3 * cases);
     assert!(r.landmarks.iter().all(|l| l.errors_mm.len() == 1));
 
@@ -771,4 +789,116 @@ fn a_project_with_three_raters_a_proposal_agreement_and_consensus() {
         .filter(|e| e.record.action == "annotation-save")
         .count();
     assert_eq!(saves, a.status("lesions").expect("status").versions);
+}
+
+#[test]
+fn a_model_proposes_through_a_command_and_its_outcomes_are_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("archive");
+    let profile = node::sample::consortium_sites(3)[1].clone();
+    node::sample::write_site_archive(&input, &profile).expect("archive");
+    let config = crate::federation::node_config(
+        &dir.path().join("node"),
+        "site-b",
+        &dir.path().join("pki"),
+        "127.0.0.1:1",
+    );
+    let deid = crate::federation::deidentify(&config, &input);
+    let mut a = Annotations::open(&config, deid).expect("workspace");
+    let mut p = project("proposed");
+    p.raters_per_case = 1;
+    p.without_proposal = 0.5;
+    let cases = a.create_project(&p).expect("project");
+    a.assign("proposed", &["ann".to_owned(), "ben".to_owned()])
+        .expect("assign");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/threshold.py");
+    let command = vec![
+        reference_python(),
+        model.display().to_string(),
+        "{image}".to_owned(),
+        "{output}".to_owned(),
+    ];
+    let r = a
+        .propose(
+            "proposed",
+            ("threshold", "1.0"),
+            &command,
+            std::time::Duration::from_secs(60),
+        )
+        .expect("propose");
+    assert_eq!((r.imported.len(), r.failed.len()), (cases, 0), "{r:?}");
+    // Run again: every case has this model version's proposal already.
+    let again = a
+        .propose(
+            "proposed",
+            ("threshold", "1.0"),
+            &command,
+            std::time::Duration::from_secs(60),
+        )
+        .expect("again");
+    assert_eq!((again.imported.len(), again.skipped), (0, cases));
+    // A command that fails, and one that runs past its time, are reported per case.
+    let failing = a
+        .propose(
+            "proposed",
+            ("broken", "0"),
+            &["false".to_owned()],
+            std::time::Duration::from_secs(5),
+        )
+        .expect("failing");
+    assert_eq!(failing.failed.len(), cases);
+    assert!(failing.failed[0].1.contains("exited"), "{failing:?}");
+    let slow = a
+        .propose(
+            "proposed",
+            ("slow", "0"),
+            &["sleep".to_owned(), "5".to_owned()],
+            std::time::Duration::from_millis(300),
+        )
+        .expect("slow");
+    assert!(
+        slow.failed
+            .iter()
+            .all(|(_, why)| why.contains("no result within")),
+        "{slow:?}"
+    );
+    // Each assigned rater acts on the case's proposal: ann accepts, ben shrinks it.
+    for asg in a.assignments("proposed").expect("assignments") {
+        let (case, id) = r
+            .imported
+            .iter()
+            .find(|(c, _)| *c == asg.case_id)
+            .expect("a proposal per case")
+            .clone();
+        if asg.rater == "ann" {
+            a.review(id, "ann", 1, Review::Accept).expect("accept");
+        } else {
+            let mut m = a.load(id).expect("proposal").mask.expect("mask");
+            let [ni, _, _] = m.grid.shape;
+            for ((i, _, _), v) in m.data.indexed_iter_mut() {
+                if i < ni / 2 {
+                    *v = 0;
+                }
+            }
+            a.review(
+                id,
+                "ben",
+                1,
+                Review::Modify(Box::default(), Some(Box::new(m))),
+            )
+            .expect("modify");
+        }
+        let _ = case;
+    }
+    let s = a.status("proposed").expect("status");
+    assert_eq!(s.proposals.len(), 1, "failed commands leave no proposals");
+    let p = &s.proposals[0];
+    assert_eq!((p.model.as_str(), p.version.as_str()), ("threshold", "1.0"));
+    assert_eq!(p.proposals, cases);
+    assert_eq!(p.accepted + p.modified, cases);
+    assert!(p.accepted > 0 && p.modified > 0, "{p:?}");
+    let median = p.median_edit_dice.expect("edit dice");
+    assert!(median > 0.0 && median <= 1.0);
+    let anchoring = s.anchoring.expect("anchoring");
+    assert_eq!(anchoring.shown + anchoring.hidden, cases);
 }

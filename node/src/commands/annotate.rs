@@ -63,6 +63,24 @@ pub(crate) enum AnnotateCommand {
         #[arg(long, default_value = "unversioned")]
         model_version: String,
     },
+    /// Run the model's command ([annotation] in the config, or after `--`) on every case
+    /// without its proposal, and import what it writes as proposals.
+    Propose {
+        #[arg(long)]
+        project: String,
+        /// The model's name and version (default: [annotation] proposal_model and
+        /// proposal_model_version).
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        model_version: Option<String>,
+        /// Seconds one case may take (default: [annotation] proposal_timeout_seconds, or 600).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// The command and its arguments ({image}, {output}, {case} are replaced).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// A rater's decision on a proposal (a new version; the proposal stays).
     Review {
         /// The proposal's version id.
@@ -240,6 +258,46 @@ pub(crate) fn annotate(config: &NodeConfig, command: AnnotateCommand) -> Result<
                 }
             }
         }
+        AnnotateCommand::Propose {
+            project,
+            model,
+            model_version,
+            timeout,
+            command,
+        } => {
+            let configured = config.annotation.as_ref();
+            let command = if command.is_empty() {
+                configured
+                    .map(|c| c.proposal_command.clone())
+                    .context("give the command after `--`, or set [annotation] proposal_command")?
+            } else {
+                command
+            };
+            let model = model
+                .or(configured.map(|c| c.proposal_model.clone()))
+                .context("give --model, or set [annotation] proposal_model")?;
+            let version = model_version
+                .or(configured.map(|c| c.proposal_model_version.clone()))
+                .unwrap_or_else(|| "unversioned".into());
+            let timeout = timeout
+                .or(configured.map(|c| c.proposal_timeout_seconds))
+                .unwrap_or(600);
+            let r = a.propose(
+                &project,
+                (&model, &version),
+                &command,
+                std::time::Duration::from_secs(timeout),
+            )?;
+            println!(
+                "{} proposals from {model} {version} imported, {} cases already had one, {} failed",
+                r.imported.len(),
+                r.skipped,
+                r.failed.len()
+            );
+            for (case, why) in &r.failed {
+                println!("  {case}: {why}");
+            }
+        }
         AnnotateCommand::Review {
             version,
             rater,
@@ -343,6 +401,29 @@ pub(crate) fn annotate(config: &NodeConfig, command: AnnotateCommand) -> Result<
                 );
                 for (r, (assigned, done)) in &s.raters {
                     println!("  {r:<20} {done}/{assigned}");
+                }
+                let f = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{v:.3}"));
+                for p in &s.proposals {
+                    println!(
+                        "  proposals of {} {}: {} ({} accepted, {} modified, {} rejected, {} pending); median edit Dice {}",
+                        p.model,
+                        p.version,
+                        p.proposals,
+                        p.accepted,
+                        p.modified,
+                        p.rejected,
+                        p.pending,
+                        f(p.median_edit_dice)
+                    );
+                }
+                if let Some(a) = &s.anchoring {
+                    println!(
+                        "  anchoring: Dice to the proposal {} when shown ({} assignments), {} when not ({})",
+                        f(a.mean_dice_shown),
+                        a.shown,
+                        f(a.mean_dice_hidden),
+                        a.hidden
+                    );
                 }
             }
         }

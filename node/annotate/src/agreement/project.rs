@@ -28,7 +28,7 @@ pub struct Rating<'a> {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LabelAgreement {
     pub level: String,
-    /// Cases rated by at least two raters.
+    /// Units rated by at least two raters: cases, or slices for slice labels.
     pub cases: usize,
     pub raters: usize,
     pub cohen_kappa: Option<f64>,
@@ -101,7 +101,7 @@ pub fn agreement(project: &Project, ratings: &[Rating<'_>]) -> ProjectAgreement 
         v.sort_by(|a, b| a.rater.cmp(b.rater));
     }
     let mut out = ProjectAgreement::default();
-    for level in [Level::Case, Level::Series] {
+    for level in [Level::Case, Level::Series, Level::Slice] {
         if let Some(l) = label_agreement(project, &by_case, level) {
             out.labels.push(l);
         }
@@ -202,13 +202,13 @@ pub fn agreement(project: &Project, ratings: &[Rating<'_>]) -> ProjectAgreement 
     out
 }
 
-/// The single class each rater gave a case at `level` (a rater with none, or several, gives
-/// no rating there).
-fn class_at(content: &Content, level: Level) -> Option<u16> {
+/// The single class a rater gave a case (or one of its slices) at `level` (a rater with none,
+/// or several, gives no rating there).
+fn class_at(content: &Content, level: Level, slice: Option<u32>) -> Option<u16> {
     let mut it = content
         .labels
         .iter()
-        .filter(|l| l.level == level && l.classes.len() == 1)
+        .filter(|l| l.level == level && l.classes.len() == 1 && l.slice == slice)
         .map(|l| l.classes[0]);
     let first = it.next()?;
     it.next().is_none().then_some(first)
@@ -225,22 +225,35 @@ fn label_agreement(
         r.dedup();
         r
     };
-    // ratings[rater][case]
-    let cases: Vec<&&str> = by_case.keys().collect();
+    // The units: cases, or (case, slice) for slice labels; ratings[rater][unit].
+    let units: Vec<(&str, Option<u32>)> = if level == Level::Slice {
+        let mut u: BTreeSet<(&str, Option<u32>)> = BTreeSet::new();
+        for (case, rs) in by_case {
+            for r in rs {
+                for l in r.content.labels.iter().filter(|l| l.level == Level::Slice) {
+                    u.insert((case, l.slice));
+                }
+            }
+        }
+        u.into_iter().collect()
+    } else {
+        by_case.keys().map(|c| (*c, None)).collect()
+    };
     let grid: Vec<Vec<Option<u16>>> = raters
         .iter()
         .map(|rater| {
-            cases
+            units
                 .iter()
-                .map(|c| {
-                    by_case[**c]
+                .map(|(c, slice)| {
+                    by_case[*c]
                         .iter()
                         .find(|r| r.rater == *rater)
-                        .and_then(|r| class_at(r.content, level))
+                        .and_then(|r| class_at(r.content, level, *slice))
                 })
                 .collect()
         })
         .collect();
+    let cases = &units;
     let rated: Vec<usize> = (0..cases.len())
         .filter(|&u| grid.iter().filter(|r| r[u].is_some()).count() >= 2)
         .collect();
