@@ -74,6 +74,15 @@ pub enum Format {
     Cvat,
 }
 
+/// DICOM Segmentation flavours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SegKind {
+    /// Segmentation Storage, binary: one bit-packed frame per segment and slice.
+    Binary,
+    /// Label Map Segmentation Storage: one frame per slice, pixels are segment numbers.
+    LabelMap,
+}
+
 /// Consensus methods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConsensusMethod {
@@ -948,7 +957,7 @@ impl Annotations {
         project: &str,
         out: &Path,
         consensus_only: bool,
-        seg: bool,
+        seg: Option<SegKind>,
     ) -> Result<usize, AnnotationError> {
         let p = self.project(project)?;
         let versions = if consensus_only {
@@ -976,8 +985,14 @@ impl Annotations {
                     .map_err(io("writing the export"))?;
                 write_atomically(&out.join("labels").join(format!("{name}.json")), &sidecar)
                     .map_err(io("writing the export"))?;
-                if seg && !m.present().is_empty() {
-                    self.export_seg(l.version.id, &out.join("seg").join(format!("{name}.dcm")))?;
+                if let Some(kind) = seg
+                    && !m.present().is_empty()
+                {
+                    self.export_seg(
+                        l.version.id,
+                        &out.join("seg").join(format!("{name}.dcm")),
+                        kind,
+                    )?;
                 }
             }
             if let Some(g) = grids.get(&l.version.case_id) {
@@ -1013,8 +1028,10 @@ impl Annotations {
 
     /// Write version `id`'s label map as a DICOM Segmentation (binary) to `out`, referencing
     /// the de-identified instances of its case. Returns the number of frames' slices found.
-    pub fn export_seg(&self, id: i64, out: &Path) -> Result<(), AnnotationError> {
-        use fc_annotate::seg::{SegIdentity, SegSource, SourceSlice, binary_seg, uid_from_hex};
+    pub fn export_seg(&self, id: i64, out: &Path, kind: SegKind) -> Result<(), AnnotationError> {
+        use fc_annotate::seg::{
+            SegIdentity, SegSource, SourceSlice, binary_seg, labelmap_seg, uid_from_hex,
+        };
         let l = self.load(id)?;
         let map = l.mask.as_ref().ok_or_else(|| {
             AnnotationError::Refused(format!("version {id} has no label map to write as SEG"))
@@ -1122,7 +1139,11 @@ impl Annotations {
             source: Source::parse(&l.version.source).unwrap_or(Source::Manual),
             model: l.version.model.clone().zip(l.version.model_version.clone()),
         };
-        let bytes = binary_seg(
+        let write = match kind {
+            SegKind::Binary => binary_seg,
+            SegKind::LabelMap => labelmap_seg,
+        };
+        let bytes = write(
             &p,
             map,
             &SegSource {

@@ -999,6 +999,7 @@ colour = [255, 0, 0]
         "cli-project",
         "--consensus",
         "--seg",
+        "labelmap",
         "--out",
     ])
     .arg(&export));

@@ -7,12 +7,20 @@ use std::time::{Duration, Instant};
 
 use node::sample;
 
+/// A free port below the kernel's ephemeral range (32768 and up on Linux): a port the kernel
+/// handed out for listening may be handed out again as the source port of the test's own
+/// HTTP requests to Orthanc before the node binds it.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let seed = (std::process::id() as u16).wrapping_mul(7919);
+    loop {
+        let p = 20000
+            + (seed.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(97))) % 12000;
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
 }
 
 fn files_under(root: &Path) -> Vec<PathBuf> {

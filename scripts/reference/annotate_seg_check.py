@@ -5,10 +5,11 @@ Usage: annotate_seg_check.py SEG.dcm LABELS.nii.gz WORKDIR
 
 For every label of the label map (nibabel), the world positions (LPS, mm, rounded to 0.01)
 of its voxels are compared with those of the matching segment as
-- highdicom reads it (`segread`, then `get_volume` of that segment: the array's nonzero
-  indices through the volume's affine), and
-- dcmqi reconstructs it (`segimage2itkimage` to NIfTI, one file per segment, cropped to the
-  slices with frames: compared in world coordinates, through nibabel's RAS affine).
+- highdicom reads it (`segread`, then `get_volume` of that segment, combined: the indices
+  holding its segment number, through the volume's affine), and
+- dcmqi reconstructs it (`segimage2itkimage` to NIfTI, one file per group of segments, each
+  segment's voxels valued its labelID, cropped to the slices with frames: compared in world
+  coordinates, through nibabel's RAS affine).
 Prints one JSON object: per segment label, voxel counts and whether the positions are equal.
 """
 
@@ -48,8 +49,9 @@ def main():
     value_of = {l["name"]: int(v) for v, l in sidecar["labels"].items()}
 
     for number, label in labels.items():
+        # Combined, a voxel's value is its segment's number (label-map SEG stores them so).
         vol = seg.get_volume(segment_numbers=[number], combine_segments=True)
-        theirs = positions(np.argwhere(vol.array > 0), vol.affine, False)
+        theirs = positions(np.argwhere(vol.array == number), vol.affine, False)
         mine = ours.get(value_of[label], set())
         out["segments"][label] = {
             "ours": len(mine),
@@ -61,22 +63,28 @@ def main():
     d = work / "dcmqi"
     d.mkdir(parents=True, exist_ok=True)
     binary = Path(sys.executable).parent / "segimage2itkimage"
-    subprocess.run(
+    run = subprocess.run(
         [str(binary), "--inputDICOM", str(seg_path), "--outputDirectory", str(d), "-t", "nifti", "-p", "seg"],
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        capture_output=True, text=True,
     )
+    if run.returncode != 0 or not list(d.glob("seg-*.nii.gz")):
+        # dcmqi 1.5 reads binary and fractional SEG; what it says about anything else is kept.
+        out["dcmqi_error"] = (run.stdout + run.stderr).strip().splitlines()[-3:] or [f"exit {run.returncode}, no output"]
+        json.dump(out, sys.stdout)
+        sys.stdout.write("\n")
+        return
     meta = json.loads((d / "seg-meta.json").read_text())
-    for n, attrs in enumerate(a for group in meta["segmentAttributes"] for a in group):
-        label = attrs["SegmentLabel"]
-        f = d / f"seg-{attrs['labelID'] if 'labelID' in attrs else n + 1}.nii.gz"
-        if not f.exists():
-            f = sorted(d.glob("seg-*.nii.gz"))[n]
-        m = nib.load(str(f))
+    # One NIfTI per group of segments (seg-1.nii.gz, ...); within it, each segment's voxels
+    # carry its labelID.
+    for g, group in enumerate(meta["segmentAttributes"]):
+        m = nib.load(str(d / f"seg-{g + 1}.nii.gz"))
         arr = np.asarray(m.dataobj)
-        theirs = positions(np.argwhere(arr > 0), m.affine, True)
-        mine = ours.get(value_of[label], set())
-        out["segments"][label]["dcmqi"] = len(theirs)
-        out["segments"][label]["dcmqi_same_positions"] = theirs == mine
+        for attrs in group:
+            label = attrs["SegmentLabel"]
+            theirs = positions(np.argwhere(arr == attrs["labelID"]), m.affine, True)
+            mine = ours.get(value_of[label], set())
+            out["segments"][label]["dcmqi"] = len(theirs)
+            out["segments"][label]["dcmqi_same_positions"] = theirs == mine
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")
 

@@ -681,7 +681,14 @@ fn a_project_with_three_raters_a_proposal_agreement_and_consensus() {
 
     // Export: label maps with sidecars and one COCO file.
     let out = dir.path().join("export");
-    let n = a.export("lesions", &out, false, true).expect("export");
+    let n = a
+        .export(
+            "lesions",
+            &out,
+            false,
+            Some(node::annotation::SegKind::Binary),
+        )
+        .expect("export");
     assert_eq!(n, 3 * cases);
     assert!(
         out.join("labels")
@@ -773,6 +780,51 @@ fn a_project_with_three_raters_a_proposal_agreement_and_consensus() {
         assert_eq!(s["highdicom_same_positions"], true, "{label}: {s}");
         assert_eq!(s["dcmqi_same_positions"], true, "{label}: {s}");
     }
+    // The consensus as a label-map SEG (Label Map Segmentation Storage): highdicom and dcmqi
+    // read it back to the same voxels.
+    let consensus = a.consensus_versions("lesions").expect("consensus");
+    let lm_dir = dir.path().join("labelmap-seg");
+    let lm_seg = lm_dir.join("consensus.dcm");
+    a.export_seg(
+        consensus[0].version.id,
+        &lm_seg,
+        node::annotation::SegKind::LabelMap,
+    )
+    .expect("label-map SEG");
+    let map = consensus[0].mask.as_ref().expect("consensus mask");
+    std::fs::write(
+        lm_dir.join("consensus.nii.gz"),
+        map.to_nifti_gz().expect("nifti"),
+    )
+    .expect("write");
+    std::fs::write(
+        lm_dir.join("consensus.json"),
+        serde_json::to_vec(&node::fc_annotate::labelmap::sidecar(&p)).expect("json"),
+    )
+    .expect("write");
+    let check = std::process::Command::new(reference_python())
+        .arg(&script)
+        .arg(&lm_seg)
+        .arg(lm_dir.join("consensus.nii.gz"))
+        .arg(dir.path().join("labelmap-check"))
+        .output()
+        .expect("python3 runs");
+    assert!(
+        check.status.success(),
+        "annotate_seg_check.py failed on the label-map SEG: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let r: Value = serde_json::from_slice(&check.stdout).expect("report");
+    eprintln!("label-map SEG check: {r}");
+    assert_eq!(r["sop_class"], "1.2.840.10008.5.1.4.1.1.66.7");
+    for (label, s) in r["segments"].as_object().expect("segments") {
+        assert!(s["ours"].as_u64().expect("count") > 0, "{label}");
+        assert_eq!(s["highdicom"], s["ours"], "{label}: {s}");
+        assert_eq!(s["highdicom_same_positions"], true, "{label}: {s}");
+        assert_eq!(s["dcmqi"], s["ours"], "{label}: {s}");
+        assert_eq!(s["dcmqi_same_positions"], true, "{label}: {s}");
+    }
+
     // The SEG is the node's own de-identified output: it carries the source's pseudonym.
     let seg_obj = node::read::read_object(&std::fs::read(&seg).expect("seg")).expect("dicom");
     assert_eq!(

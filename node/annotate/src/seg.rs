@@ -21,6 +21,9 @@ use crate::model::{Code, Project, Source};
 /// Segmentation Storage.
 pub const SEGMENTATION_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.66.4";
 
+/// Label Map Segmentation Storage.
+pub const LABEL_MAP_SEGMENTATION_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.66.7";
+
 /// The source instance of one slice of the label map.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SourceSlice {
@@ -155,13 +158,40 @@ const COPIED: &[Tag] = &[
     Tag(0x0020, 0x1040),
 ];
 
-/// The SEG file (explicit VR little endian) of `map`, or why not.
+/// The binary SEG file (explicit VR little endian) of `map`, or why not.
 pub fn binary_seg(
     project: &Project,
     map: &LabelMap,
     source: &SegSource<'_>,
     id: &SegIdentity,
 ) -> Result<Vec<u8>, String> {
+    build(project, map, source, id, false)
+}
+
+/// The label-map SEG file (Label Map Segmentation Storage): one frame per slice with any
+/// label, each pixel the number of its segment (the classes present, in value order, numbered
+/// from 1), 8 bits (16 past 255 segments).
+pub fn labelmap_seg(
+    project: &Project,
+    map: &LabelMap,
+    source: &SegSource<'_>,
+    id: &SegIdentity,
+) -> Result<Vec<u8>, String> {
+    build(project, map, source, id, true)
+}
+
+fn build(
+    project: &Project,
+    map: &LabelMap,
+    source: &SegSource<'_>,
+    id: &SegIdentity,
+    labelmap: bool,
+) -> Result<Vec<u8>, String> {
+    let class_uid = if labelmap {
+        LABEL_MAP_SEGMENTATION_STORAGE
+    } else {
+        SEGMENTATION_STORAGE
+    };
     let [ni, nj, nk] = map.grid.shape;
     if source.slices.len() != nk {
         return Err(format!(
@@ -206,7 +236,7 @@ pub fn binary_seg(
         Source::ProposalModified | Source::Consensus => "SEMIAUTOMATIC",
         _ => "MANUAL",
     };
-    o.put(text(Tag(0x0008, 0x0016), VR::UI, SEGMENTATION_STORAGE));
+    o.put(text(Tag(0x0008, 0x0016), VR::UI, class_uid));
     o.put(text(Tag(0x0008, 0x0018), VR::UI, &id.instance_uid));
     o.put(DataElement::new(
         Tag(0x0008, 0x0008),
@@ -231,12 +261,21 @@ pub fn binary_seg(
     o.put(text(Tag(0x0028, 0x0004), VR::CS, "MONOCHROME2"));
     o.put(us(Tag(0x0028, 0x0010), nj as u16));
     o.put(us(Tag(0x0028, 0x0011), ni as u16));
-    o.put(us(Tag(0x0028, 0x0100), 1));
-    o.put(us(Tag(0x0028, 0x0101), 1));
-    o.put(us(Tag(0x0028, 0x0102), 0));
+    let bits_allocated: u16 = match (labelmap, present.len()) {
+        (false, _) => 1,
+        (true, n) if n < 256 => 8,
+        (true, _) => 16,
+    };
+    o.put(us(Tag(0x0028, 0x0100), bits_allocated));
+    o.put(us(Tag(0x0028, 0x0101), bits_allocated));
+    o.put(us(Tag(0x0028, 0x0102), bits_allocated - 1));
     o.put(us(Tag(0x0028, 0x0103), 0));
     o.put(text(Tag(0x0028, 0x2110), VR::CS, "00"));
-    o.put(text(Tag(0x0062, 0x0001), VR::CS, "BINARY"));
+    o.put(text(
+        Tag(0x0062, 0x0001),
+        VR::CS,
+        if labelmap { "LABELMAP" } else { "BINARY" },
+    ));
     o.put(text(Tag(0x0070, 0x0080), VR::CS, "SEGMENTATION"));
     o.put(text(
         Tag(0x0070, 0x0081),
@@ -338,91 +377,126 @@ pub fn binary_seg(
             text(Tag(0x0020, 0x9421), VR::LO, label),
         ])
     };
+    let position_dimension = pointer(
+        "ImagePositionPatient",
+        Tag(0x0020, 0x0032),
+        Tag(0x0020, 0x9113),
+    );
     o.put(seq(
         Tag(0x0020, 0x9222),
-        vec![
-            pointer(
-                "ReferencedSegmentNumber",
-                Tag(0x0062, 0x000B),
-                Tag(0x0062, 0x000A),
-            ),
-            pointer(
-                "ImagePositionPatient",
-                Tag(0x0020, 0x0032),
-                Tag(0x0020, 0x9113),
-            ),
-        ],
+        if labelmap {
+            vec![position_dimension]
+        } else {
+            vec![
+                pointer(
+                    "ReferencedSegmentNumber",
+                    Tag(0x0062, 0x000B),
+                    Tag(0x0062, 0x000A),
+                ),
+                position_dimension,
+            ]
+        },
     ));
-    // Frames.
+    // Frames: (segment, slice) for binary, slices for a label map.
     let pixels = ni * nj;
     let mut frames = Vec::new();
     let mut bits: Vec<u8> = Vec::new();
     let mut nbits = 0usize;
-    for (n, &value) in present.iter().enumerate() {
-        for k in 0..nk {
-            let slice = map.data.index_axis(ndarray::Axis(2), k);
-            if !slice.iter().any(|v| *v == value) {
-                continue;
+    let number_of = |v: u16| present.iter().position(|p| *p == v).map(|n| n + 1);
+    let units: Vec<(Option<usize>, usize)> = if labelmap {
+        (0..nk).map(|k| (None, k)).collect()
+    } else {
+        (0..present.len())
+            .flat_map(|n| (0..nk).map(move |k| (Some(n), k)))
+            .collect()
+    };
+    for (segment, k) in units {
+        let slice = map.data.index_axis(ndarray::Axis(2), k);
+        let hit = |v: u16| match segment {
+            Some(n) => v == present[n],
+            None => v != 0,
+        };
+        if !slice.iter().any(|v| hit(*v)) {
+            continue;
+        }
+        let Some(src) = &source.slices[k] else {
+            return Err(format!(
+                "slice {k} has labelled voxels but no source instance in the series"
+            ));
+        };
+        if labelmap {
+            for r in 0..nj {
+                for c in 0..ni {
+                    let n = number_of(slice[[c, r]]).unwrap_or(0) as u16;
+                    if bits_allocated == 8 {
+                        bits.push(n as u8);
+                    } else {
+                        bits.extend_from_slice(&n.to_le_bytes());
+                    }
+                }
             }
-            let Some(src) = &source.slices[k] else {
-                return Err(format!(
-                    "slice {k} has voxels of {value} but no source instance in the series"
-                ));
-            };
+        } else {
             bits.resize((nbits + pixels).div_ceil(8), 0);
             for r in 0..nj {
                 for c in 0..ni {
-                    if slice[[c, r]] == value {
+                    if hit(slice[[c, r]]) {
                         let b = nbits + r * ni + c;
                         bits[b / 8] |= 1 << (b % 8);
                     }
                 }
             }
             nbits += pixels;
-            let position = lps(map, [0.0, 0.0, k as f64]);
-            frames.push(item(vec![
-                seq(
-                    Tag(0x0008, 0x9124),
-                    vec![item(vec![
-                        seq(
-                            Tag(0x0008, 0x2112),
-                            vec![item(vec![
-                                text(Tag(0x0008, 0x1150), VR::UI, &src.sop_class),
-                                text(Tag(0x0008, 0x1155), VR::UI, &src.sop_instance),
-                                seq(
-                                    Tag(0x0040, 0xA170),
-                                    vec![code3(
-                                        "121322",
-                                        "DCM",
-                                        "Source image for image processing operation",
-                                    )],
-                                ),
-                            ])],
-                        ),
-                        seq(
-                            Tag(0x0008, 0x9215),
-                            vec![code3("113076", "DCM", "Segmentation")],
-                        ),
-                    ])],
-                ),
-                seq(
-                    Tag(0x0020, 0x9111),
-                    vec![item(vec![DataElement::new(
-                        Tag(0x0020, 0x9157),
-                        VR::UL,
-                        PrimitiveValue::U32(vec![(n + 1) as u32, (k + 1) as u32].into()),
-                    )])],
-                ),
-                seq(
-                    Tag(0x0020, 0x9113),
-                    vec![item(vec![ds(Tag(0x0020, 0x0032), &position)])],
-                ),
-                seq(
-                    Tag(0x0062, 0x000A),
-                    vec![item(vec![us(Tag(0x0062, 0x000B), (n + 1) as u16)])],
-                ),
-            ]));
         }
+        let position = lps(map, [0.0, 0.0, k as f64]);
+        let index: Vec<u32> = match segment {
+            Some(n) => vec![(n + 1) as u32, (k + 1) as u32],
+            None => vec![(k + 1) as u32],
+        };
+        let mut groups = vec![
+            seq(
+                Tag(0x0008, 0x9124),
+                vec![item(vec![
+                    seq(
+                        Tag(0x0008, 0x2112),
+                        vec![item(vec![
+                            text(Tag(0x0008, 0x1150), VR::UI, &src.sop_class),
+                            text(Tag(0x0008, 0x1155), VR::UI, &src.sop_instance),
+                            seq(
+                                Tag(0x0040, 0xA170),
+                                vec![code3(
+                                    "121322",
+                                    "DCM",
+                                    "Source image for image processing operation",
+                                )],
+                            ),
+                        ])],
+                    ),
+                    seq(
+                        Tag(0x0008, 0x9215),
+                        vec![code3("113076", "DCM", "Segmentation")],
+                    ),
+                ])],
+            ),
+            seq(
+                Tag(0x0020, 0x9111),
+                vec![item(vec![DataElement::new(
+                    Tag(0x0020, 0x9157),
+                    VR::UL,
+                    PrimitiveValue::U32(index.into()),
+                )])],
+            ),
+            seq(
+                Tag(0x0020, 0x9113),
+                vec![item(vec![ds(Tag(0x0020, 0x0032), &position)])],
+            ),
+        ];
+        if let Some(n) = segment {
+            groups.push(seq(
+                Tag(0x0062, 0x000A),
+                vec![item(vec![us(Tag(0x0062, 0x000B), (n + 1) as u16)])],
+            ));
+        }
+        frames.push(item(groups));
     }
     o.put(text(Tag(0x0028, 0x0008), VR::IS, &frames.len().to_string()));
     o.put(seq(Tag(0x5200, 0x9230), frames));
@@ -451,13 +525,21 @@ pub fn binary_seg(
     if bits.len() % 2 == 1 {
         bits.push(0);
     }
-    o.put(DataElement::new(
-        Tag(0x7FE0, 0x0010),
-        VR::OB,
-        PrimitiveValue::U8(bits.into()),
-    ));
+    o.put(if bits_allocated == 16 {
+        let words: Vec<u16> = bits
+            .chunks(2)
+            .map(|c| u16::from_le_bytes([c[0], c.get(1).copied().unwrap_or(0)]))
+            .collect();
+        DataElement::new(
+            Tag(0x7FE0, 0x0010),
+            VR::OW,
+            PrimitiveValue::U16(words.into()),
+        )
+    } else {
+        DataElement::new(Tag(0x7FE0, 0x0010), VR::OB, PrimitiveValue::U8(bits.into()))
+    });
     let meta = FileMetaTableBuilder::new()
-        .media_storage_sop_class_uid(SEGMENTATION_STORAGE)
+        .media_storage_sop_class_uid(class_uid)
         .media_storage_sop_instance_uid(&id.instance_uid)
         .transfer_syntax(fc_read::ts::EXPLICIT_LE)
         .implementation_class_uid(fc_read::IMPLEMENTATION_CLASS_UID)

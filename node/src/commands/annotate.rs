@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Subcommand, ValueEnum};
-use node::annotation::{Annotations, ConsensusMethod, Format, Review};
+use node::annotation::{Annotations, ConsensusMethod, Format, Review, SegKind};
 use node::config::NodeConfig;
 use node::fc_annotate::{LabelMap, Project, Source};
 
@@ -119,9 +119,10 @@ pub(crate) enum AnnotateCommand {
         /// Only the consensus versions.
         #[arg(long)]
         consensus: bool,
-        /// Also write DICOM Segmentations referencing the de-identified instances.
-        #[arg(long)]
-        seg: bool,
+        /// Also write DICOM Segmentations referencing the de-identified instances: `binary`
+        /// (Segmentation Storage) or `labelmap` (Label Map Segmentation Storage).
+        #[arg(long, value_enum)]
+        seg: Option<SegArg>,
     },
     /// How far a project is.
     Status {
@@ -152,6 +153,12 @@ pub(crate) enum ReviewAction {
     Accept,
     Modify,
     Reject,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub(crate) enum SegArg {
+    Binary,
+    Labelmap,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -381,6 +388,10 @@ pub(crate) fn annotate(config: &NodeConfig, command: AnnotateCommand) -> Result<
             consensus,
             seg,
         } => {
+            let seg = seg.map(|s| match s {
+                SegArg::Binary => SegKind::Binary,
+                SegArg::Labelmap => SegKind::LabelMap,
+            });
             let n = a.export(&project, &out, consensus, seg)?;
             println!("exported {n} versions to {}", out.display());
         }
