@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use ndarray::{Array3, ShapeBuilder};
-use node::annotation::{Annotations, ConsensusMethod, Review};
+use node::annotation::{ConsensusMethod, Review};
 use node::fc_annotate::agreement::labels::{
     Chance, Level, Weights, cohen_kappa, fleiss_kappa, krippendorff_alpha,
 };
@@ -443,7 +443,7 @@ fn a_project_with_three_raters_a_proposal_agreement_and_consensus() {
         "127.0.0.1:1",
     );
     let deid = crate::federation::deidentify(&config, &input);
-    let mut a = Annotations::open(&config, deid).expect("workspace");
+    let mut a = node::annotation::open(&config, deid).expect("workspace");
     let p = project("lesions");
     let cases = a.create_project(&p).expect("project");
     assert!(cases >= 3, "{cases} MR cases");
@@ -856,7 +856,7 @@ fn a_model_proposes_through_a_command_and_its_outcomes_are_counted() {
         "127.0.0.1:1",
     );
     let deid = crate::federation::deidentify(&config, &input);
-    let mut a = Annotations::open(&config, deid).expect("workspace");
+    let mut a = node::annotation::open(&config, deid).expect("workspace");
     let mut p = project("proposed");
     p.raters_per_case = 1;
     p.without_proposal = 0.5;

@@ -69,3 +69,20 @@ fn the_dicom_invariants_catch_a_leak() {
         "an identified object passes the invariants"
     );
 }
+
+#[test]
+fn a_pixel_description_under_another_vr_is_refused_with_its_reason() {
+    // A campaign's finding: Samples per Pixel encoded as DA was "shifted" to a date by the
+    // de-identifier, and the output then described more pixel data than it held. Such input
+    // is refused when read, with the attribute named.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/regressions/dicom_ingest/crash-a249b3b00a29b95e296077b242633209af2fa149");
+    let data = std::fs::read(path).expect("regression input");
+    let refusal = node::read::read_object(&data).expect_err("refused");
+    assert_eq!(refusal.reason, "bad-value-representation");
+    assert!(
+        refusal.detail.contains("Samples per Pixel"),
+        "{}",
+        refusal.detail
+    );
+}

@@ -22,7 +22,7 @@ pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.2558781273890624248705423304521
 pub const IMPLEMENTATION_VERSION_NAME: &str = "FEDCURATE_0_1";
 
 use dicom_core::value::Value;
-use dicom_core::{PrimitiveValue, Tag};
+use dicom_core::{PrimitiveValue, Tag, VR};
 use dicom_object::{DefaultDicomObject, FileMetaTableBuilder, InMemDicomObject, OpenFileOptions};
 use dicom_parser::dataset::read::OddLengthStrategy;
 
@@ -622,6 +622,38 @@ fn check(obj: &DefaultDicomObject) -> Result<(), Refusal> {
             "dicomdir",
             "a DICOMDIR names patients and input paths; it is not copied",
         ));
+    }
+    // The attributes that describe the pixel data must have their standard VR: a value read
+    // under another (Samples per Pixel as a date, say) would be rewritten as that VR's value
+    // and describe pixel data the object does not hold.
+    const PIXEL_DESCRIPTION: [(Tag, VR, &str); 10] = [
+        (Tag(0x0028, 0x0002), VR::US, "Samples per Pixel"),
+        (Tag(0x0028, 0x0004), VR::CS, "Photometric Interpretation"),
+        (Tag(0x0028, 0x0006), VR::US, "Planar Configuration"),
+        (Tag(0x0028, 0x0008), VR::IS, "Number of Frames"),
+        (Tag(0x0028, 0x0010), VR::US, "Rows"),
+        (Tag(0x0028, 0x0011), VR::US, "Columns"),
+        (Tag(0x0028, 0x0100), VR::US, "Bits Allocated"),
+        (Tag(0x0028, 0x0101), VR::US, "Bits Stored"),
+        (Tag(0x0028, 0x0102), VR::US, "High Bit"),
+        (Tag(0x0028, 0x0103), VR::US, "Pixel Representation"),
+    ];
+    for (tag, vr, name) in PIXEL_DESCRIPTION {
+        if let Some(e) = obj.get(tag)
+            && e.vr() != vr
+            && e.vr() != VR::UN
+        {
+            return Err(refuse(
+                "bad-value-representation",
+                format!(
+                    "{name} ({:04X},{:04X}) is encoded as {} where the standard says {}: the pixel data cannot be described",
+                    tag.0,
+                    tag.1,
+                    e.vr().to_string(),
+                    vr.to_string()
+                ),
+            ));
+        }
     }
     let Some(pixels) = obj.get(Tag(0x7FE0, 0x0010)) else {
         return Ok(());

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Subcommand, ValueEnum};
-use node::annotation::{Annotations, ConsensusMethod, Format, Review, SegKind};
+use node::annotation::{ConsensusMethod, Format, Review, SegKind};
 use node::config::NodeConfig;
 use node::fc_annotate::{LabelMap, Project, Source};
 
@@ -174,7 +174,7 @@ fn read_map(path: &Path) -> Result<LabelMap> {
 
 /// Run an `annotate` command.
 pub(crate) fn annotate(config: &NodeConfig, command: AnnotateCommand) -> Result<()> {
-    let mut a = Annotations::open(config, config.data_dir.join("deid"))?;
+    let mut a = node::annotation::open(config, config.data_dir.join("deid"))?;
     match command {
         AnnotateCommand::Project {
             command: ProjectCommand::Create { file },

@@ -50,7 +50,7 @@ pub(crate) fn export_dataset(config: &NodeConfig, args: ExportArgs) -> Result<()
                         "--labels goes with --format nnunet (annotate export writes label maps otherwise)"
                     );
                 }
-                let a = node::annotation::Annotations::open(config, input.clone())?;
+                let a = node::annotation::open(config, input.clone())?;
                 let l = a.nnunet_labels(project, labels_rater.as_deref())?;
                 if l.maps.is_empty() {
                     bail!(

@@ -42,17 +42,7 @@ pub struct SeriesFacts {
     pub label_classes: BTreeSet<String>,
 }
 
-/// What the site's annotations say of one series (keyed by its keyed token).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct SeriesAnnotation {
-    /// Classes present in the final version of the series' cases (the consensus, or else any
-    /// rater's latest).
-    pub classes: BTreeSet<String>,
-    /// Per case: the mean pairwise Dice of its raters' masks.
-    pub dice: Vec<f64>,
-    /// Per case: Fleiss' κ of its raters' slice labels.
-    pub kappa: Vec<f64>,
-}
+pub use fc_annotation::SeriesAnnotation;
 
 /// Join the annotation facts (by keyed series token) to the series facts: label classes, and
 /// the series' agreement values (median over its cases).

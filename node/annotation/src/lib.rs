@@ -1,7 +1,7 @@
-//! Annotation at the site: projects over the de-identified output, assignments, versions saved
-//! durably (label maps written temporary → flushed → renamed, then recorded with their hash in
-//! the catalog, with the audit entry in the same transaction), imports, proposals and their
-//! review, agreement, consensus and exports. The CLI (`fedcurate-node annotate`) and the web
+//! The site's annotation workflow: projects over the de-identified output, assignments,
+//! versions saved durably (label maps written temporary → flushed → renamed, then recorded with
+//! their hash in the catalog, with the audit entry in the same transaction), imports, proposals
+//! and their review, agreement, consensus and exports. The CLI (`fedcurate-node annotate`) and the web
 //! annotator call these; the pure parts are in [`fc_annotate`].
 //!
 //! Files, under the data directory: `annotations/<project>/images/<case>.nii.gz` (the case
@@ -20,8 +20,7 @@ use fc_store::audit::{AuditRecord, utc_now};
 use fc_store::catalog::{AnnotationCase, AnnotationVersion, Assignment, Catalog, CatalogError};
 use serde::Serialize;
 
-use crate::batch::{content_hash, write_atomically};
-use crate::config::NodeConfig;
+use fc_files::{content_hash, write_atomically};
 
 /// What can go wrong.
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +165,19 @@ pub struct Status {
     pub anchoring: Option<Anchoring>,
 }
 
+/// What the site's annotations say of one series (keyed by its keyed token), for the
+/// consortium's statistics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SeriesAnnotation {
+    /// Classes present in the final version of the series' cases (the consensus, or else any
+    /// rater's latest).
+    pub classes: std::collections::BTreeSet<String>,
+    /// Per case: the mean pairwise Dice of its raters' masks.
+    pub dice: Vec<f64>,
+    /// Per case: Fleiss' κ of its raters' slice labels.
+    pub kappa: Vec<f64>,
+}
+
 /// The site's annotation workspace.
 #[derive(Debug)]
 pub struct Annotations {
@@ -188,23 +200,21 @@ pub fn valid_rater(name: &str) -> bool {
 pub const CONSENSUS_RATER: &str = "consensus";
 
 impl Annotations {
-    /// Open the workspace of the node configured by `config`, reading cases from `deid_dir`.
-    pub fn open(config: &NodeConfig, deid_dir: PathBuf) -> Result<Self, AnnotationError> {
-        let mut catalog = Catalog::open(&config.data_dir.join("catalog.sqlite"))?;
-        catalog.set_audit_key(
-            config
-                .audit_key()
-                .map_err(|e| AnnotationError::Config(e.to_string()))?,
-        );
-        let secret = config
-            .deid
-            .secret(&config.data_dir, false)
-            .map_err(|e| AnnotationError::Config(e.to_string()))?;
+    /// Open the workspace in `data_dir` (its catalog, with the audit chain under `audit_key`),
+    /// reading cases from `deid_dir` and naming them with the site's keyed `tokens`.
+    pub fn open(
+        data_dir: &Path,
+        deid_dir: PathBuf,
+        audit_key: fc_store::audit::AuditKey,
+        tokens: fc_deid::keys::Tokens,
+    ) -> Result<Self, AnnotationError> {
+        let mut catalog = Catalog::open(&data_dir.join("catalog.sqlite"))?;
+        catalog.set_audit_key(audit_key);
         Ok(Annotations {
-            data_dir: config.data_dir.clone(),
+            data_dir: data_dir.to_owned(),
             deid_dir,
             catalog,
-            tokens: fc_deid::keys::Keys::derive(&secret).tokens(),
+            tokens,
         })
     }
 
@@ -228,13 +238,11 @@ impl Annotations {
     /// feed the consortium's statistics (`label_classes` counts, the `annotation-dice` and
     /// `annotation-kappa` quantities) under the same k rules, ledger and approval as every
     /// other aggregate.
-    pub fn site_facts(
-        &self,
-    ) -> Result<BTreeMap<String, crate::site::aggregate::SeriesAnnotation>, AnnotationError> {
+    pub fn site_facts(&self) -> Result<BTreeMap<String, SeriesAnnotation>, AnnotationError> {
         use fc_annotate::agreement::labels::{Chance, fleiss_kappa};
         use fc_annotate::agreement::masks::compare;
         use fc_annotate::model::Level;
-        let mut out: BTreeMap<String, crate::site::aggregate::SeriesAnnotation> = BTreeMap::new();
+        let mut out: BTreeMap<String, SeriesAnnotation> = BTreeMap::new();
         for p in self.projects()? {
             let latest = self.latest(&p.id)?;
             let consensus = self.consensus_versions(&p.id)?;
