@@ -22,6 +22,7 @@ use commands::network::{pull, serve};
 use commands::operate::{check_config, purge, status};
 use commands::records::{audit_cmd, export, quarantine};
 use commands::secrets::{reidentify, secret};
+use commands::users::{UsersCommand, users};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -203,6 +204,11 @@ enum Command {
     Annotate {
         #[command(subcommand)]
         command: AnnotateCommand,
+    },
+    /// The web annotator's local accounts.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
     },
     /// Join the consortium ([federation] in the config): fetch and acknowledge the schema,
     /// report aggregates, apply the federated harmonisation model. Runs as a service until
@@ -605,5 +611,6 @@ fn main() -> Result<()> {
         Command::Reidentify { pseudonym, field } => reidentify(&config, &pseudonym, field),
         Command::Audit { command } => audit_cmd(&config, command),
         Command::Annotate { command } => annotate(&config, command),
+        Command::Users { command } => users(&config, command),
     }
 }

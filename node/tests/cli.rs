@@ -1050,3 +1050,70 @@ colour = [255, 0, 0]
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn users_are_added_listed_disabled_and_their_passwords_never_shown() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path(), "");
+    let with_password = |args: &[&str], password: &str| {
+        let mut child = bin()
+            .arg("--config")
+            .arg(&cfg)
+            .arg("users")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        writeln!(child.stdin.take().expect("stdin"), "{password}").expect("password");
+        child.wait_with_output().expect("runs")
+    };
+    let out = with_password(
+        &["add", "alice", "--role", "reviewer"],
+        "a long enough secret",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = with_password(&["add", "bob", "--role", "annotator"], "short");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 12 characters"));
+    let out = with_password(&["add", "alice", "--role", "admin"], "another long secret");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exists"));
+    run(bin()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["users", "disable", "alice"]));
+    let out = run(bin()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["users", "list", "--json"]));
+    let users: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(users[0]["name"], "alice");
+    assert_eq!(users[0]["role"], "reviewer");
+    assert_eq!(users[0]["disabled"], true);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("argon2") && !text.contains("password"),
+        "{text}"
+    );
+    // The hash is argon2id in the catalog, and no output or log carries the password.
+    let catalog =
+        node::catalog::Catalog::open(&dir.path().join("data/catalog.sqlite")).expect("catalog");
+    assert!(
+        catalog
+            .user("alice")
+            .expect("user")
+            .expect("alice")
+            .password
+            .starts_with("$argon2id$")
+    );
+    for f in files_under(&dir.path().join("data")) {
+        let bytes = std::fs::read(&f).expect("file");
+        assert!(!contains(&bytes, "a long enough secret"), "{}", f.display());
+    }
+}

@@ -15,3 +15,4 @@ pub(crate) mod network;
 pub(crate) mod operate;
 pub(crate) mod records;
 pub(crate) mod secrets;
+pub(crate) mod users;

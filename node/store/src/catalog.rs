@@ -13,7 +13,9 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use crate::audit::{AuditEntry, AuditRecord};
 
 mod annotations;
+mod users;
 pub use annotations::{AnnotationCase, AnnotationVersion, Assignment};
+pub use users::{SessionRecord, UserRecord};
 
 /// Catalog errors: I/O and database failures, never content problems.
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +190,24 @@ const MIGRATIONS: &[&str] = &[
         FOREIGN KEY (project, case_id) REFERENCES annotation_cases(project, case_id)
     );
     CREATE INDEX annotation_versions_case ON annotation_versions(project, case_id, rater);
+    "#,
+    // 7: the annotator's local accounts (argon2id password hashes) and sessions (only a hash
+    // of each session token is stored).
+    r#"
+    CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        password TEXT NOT NULL,
+        disabled INTEGER NOT NULL DEFAULT 0,
+        created TEXT NOT NULL,
+        changed TEXT NOT NULL
+    );
+    CREATE TABLE sessions (
+        token_hash TEXT PRIMARY KEY,
+        user TEXT NOT NULL REFERENCES users(name),
+        created INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL
+    );
     "#,
 ];
 

@@ -60,7 +60,7 @@ pub struct AnnotationVersion {
 
 impl Catalog {
     /// Run `f` in a transaction and append `record` to the audit chain in the same one.
-    fn with_audit<T>(
+    pub(super) fn with_audit<T>(
         &mut self,
         record: &AuditRecord,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
