@@ -916,12 +916,12 @@ fn a_model_proposes_through_a_command_and_its_outcomes_are_counted() {
     );
     // Each assigned rater acts on the case's proposal: ann accepts, ben shrinks it.
     for asg in a.assignments("proposed").expect("assignments") {
-        let (case, id) = r
+        let id = r
             .imported
             .iter()
             .find(|(c, _)| *c == asg.case_id)
             .expect("a proposal per case")
-            .clone();
+            .1;
         if asg.rater == "ann" {
             a.review(id, "ann", 1, Review::Accept).expect("accept");
         } else {
@@ -940,7 +940,6 @@ fn a_model_proposes_through_a_command_and_its_outcomes_are_counted() {
             )
             .expect("modify");
         }
-        let _ = case;
     }
     let s = a.status("proposed").expect("status");
     assert_eq!(s.proposals.len(), 1, "failed commands leave no proposals");

@@ -17,6 +17,23 @@ use serde_json::{Value, json};
 use crate::labelmap::{Grid, LabelMap};
 use crate::model::{BoundingBox, Content, Landmark, Outline, Project};
 
+/// The name of slice `k` of a case, as every exported format names its images.
+pub fn slice_name(case: &str, k: usize) -> String {
+    format!("{case}/slice-{k:04}.png")
+}
+
+/// The case and slice an image name (from [`slice_name`]) stands for.
+pub fn parse_slice_name(name: &str) -> Result<(String, usize), String> {
+    let (case, rest) = name
+        .split_once("/slice-")
+        .ok_or_else(|| format!("{name:?} names no case and slice"))?;
+    let k = rest
+        .trim_end_matches(".png")
+        .parse()
+        .map_err(|_| format!("{name:?} names no slice"))?;
+    Ok((case.to_owned(), k))
+}
+
 /// RLE counts of a mask given as `mask[[i, j]]` (width i, height j), in COCO order.
 pub fn rle_counts(mask: &Array2<bool>) -> Vec<u64> {
     let mut counts = Vec::new();
@@ -158,7 +175,7 @@ pub fn export(project: &Project, cases: &[CaseAnnotations<'_>]) -> Value {
                     "id": image_id(index, k),
                     "width": ni,
                     "height": nj,
-                    "file_name": format!("{}/slice-{k:04}.png", c.case),
+                    "file_name": slice_name(c.case, k),
                     "case": c.case,
                     "slice": k,
                 }));
@@ -315,17 +332,8 @@ pub fn import(
         let id = im["id"].as_u64().ok_or("an image has no numeric id")?;
         let (case, slice) = match (im["case"].as_str(), im["slice"].as_u64()) {
             (Some(c), Some(k)) => (c.to_owned(), k as usize),
-            _ => {
-                let name = im["file_name"].as_str().unwrap_or_default();
-                let (c, rest) = name
-                    .split_once("/slice-")
-                    .ok_or_else(|| format!("image {id}: {name:?} names no case and slice"))?;
-                let k = rest
-                    .trim_end_matches(".png")
-                    .parse::<usize>()
-                    .map_err(|_| format!("image {id}: {name:?} names no slice"))?;
-                (c.to_owned(), k)
-            }
+            _ => parse_slice_name(im["file_name"].as_str().unwrap_or_default())
+                .map_err(|e| format!("image {id}: {e}"))?,
         };
         let grid = grids.get(&case).ok_or_else(|| {
             format!("image {id} belongs to case {case}, which is not in the project")
@@ -479,7 +487,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rle_round_trips_and_matches_cocoapi_vectors() {
+    fn rle_round_trips_and_stores_count_differences() {
         // A 3x4 (h x w) mask, column-major: [0,0,1, 0,1,1, 0,0,0, 1,1,1].
         let mut m = Array2::from_elem((4, 3), false);
         for (i, j) in [(0, 2), (1, 1), (1, 2), (3, 0), (3, 1), (3, 2)] {

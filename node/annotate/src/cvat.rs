@@ -170,8 +170,8 @@ pub fn export(project: &Project, cases: &[CaseAnnotations<'_>], proposals: bool)
             }
             let _ = writeln!(
                 x,
-                "  <image id=\"{id}\" name=\"{}/slice-{k:04}.png\" width=\"{ni}\" height=\"{nj}\">\n{body}  </image>",
-                escape(c.case)
+                "  <image id=\"{id}\" name=\"{}\" width=\"{ni}\" height=\"{nj}\">\n{body}  </image>",
+                escape(&crate::coco::slice_name(c.case, k))
             );
             id += 1;
         }
@@ -190,15 +190,9 @@ pub fn import(
     let mut out: BTreeMap<String, Imported> = BTreeMap::new();
     for image in doc.descendants().filter(|n| n.has_tag_name("image")) {
         let name = image.attribute("name").unwrap_or_default();
-        let (case, rest) = name
-            .split_once("/slice-")
-            .ok_or_else(|| format!("image {name:?} names no case and slice"))?;
-        let k: usize = rest
-            .trim_end_matches(".png")
-            .parse()
-            .map_err(|_| format!("image {name:?} names no slice"))?;
+        let (case, k) = crate::coco::parse_slice_name(name).map_err(|e| format!("image {e}"))?;
         let grid = grids
-            .get(case)
+            .get(&case)
             .ok_or_else(|| format!("image {name}: case {case} is not in the project"))?;
         if k >= grid.shape[2] {
             return Err(format!(

@@ -16,10 +16,6 @@ use crate::coco::{CaseAnnotations, Imported};
 use crate::labelmap::Grid;
 use crate::model::{BoundingBox, Landmark, Outline, Project};
 
-fn name(case: &str, k: usize) -> String {
-    format!("{case}/slice-{k:04}.png")
-}
-
 /// The VIA 2 project of the cases' vector annotations.
 pub fn export(project: &Project, cases: &[CaseAnnotations<'_>]) -> Value {
     let mut meta = serde_json::Map::new();
@@ -62,7 +58,7 @@ pub fn export(project: &Project, cases: &[CaseAnnotations<'_>]) -> Value {
             }));
         }
         for (k, regions) in by_slice {
-            let file = name(c.case, k);
+            let file = crate::coco::slice_name(c.case, k);
             let key = format!("{file}0");
             meta.insert(
                 key.clone(),
@@ -115,16 +111,7 @@ pub fn import(
             file["file_attributes"]["slice"].as_u64(),
         ) {
             (Some(c), Some(k)) => (c.to_owned(), k as usize),
-            _ => {
-                let (c, rest) = filename
-                    .split_once("/slice-")
-                    .ok_or_else(|| format!("{filename:?} names no case and slice"))?;
-                let k = rest
-                    .trim_end_matches(".png")
-                    .parse()
-                    .map_err(|_| format!("{filename:?} names no slice"))?;
-                (c.to_owned(), k)
-            }
+            _ => crate::coco::parse_slice_name(filename)?,
         };
         let grid = grids
             .get(&case)

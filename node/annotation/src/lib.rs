@@ -125,8 +125,8 @@ pub struct Proposed {
     pub failed: Vec<(String, String)>,
 }
 
-/// Mean Dice over the classes either map contains (both empty: 1).
-fn map_dice(a: &LabelMap, b: &LabelMap) -> f64 {
+/// Mean Dice over the classes either map contains (`None` when both are empty).
+fn map_dice(a: &LabelMap, b: &LabelMap) -> Option<f64> {
     let mut present = a.present();
     present.extend(b.present());
     present.sort_unstable();
@@ -142,11 +142,7 @@ fn map_dice(a: &LabelMap, b: &LabelMap) -> f64 {
             .dice()
         })
         .collect();
-    if d.is_empty() {
-        1.0
-    } else {
-        d.iter().sum::<f64>() / d.len() as f64
-    }
+    (!d.is_empty()).then(|| d.iter().sum::<f64>() / d.len() as f64)
 }
 
 /// How far a project is.
@@ -210,12 +206,12 @@ impl Annotations {
     ) -> Result<Self, AnnotationError> {
         let mut catalog = Catalog::open(&data_dir.join("catalog.sqlite"))?;
         catalog.set_audit_key(audit_key);
-        Ok(Annotations {
-            data_dir: data_dir.to_owned(),
-            deid_dir,
+        Ok(Self::from_parts(
             catalog,
+            data_dir.to_owned(),
+            deid_dir,
             tokens,
-        })
+        ))
     }
 
     /// A workspace over an open catalog (the site uses it to compute what it releases).
@@ -240,7 +236,6 @@ impl Annotations {
     /// other aggregate.
     pub fn site_facts(&self) -> Result<BTreeMap<String, SeriesAnnotation>, AnnotationError> {
         use fc_annotate::agreement::labels::{Chance, fleiss_kappa};
-        use fc_annotate::agreement::masks::compare;
         use fc_annotate::model::Level;
         let mut out: BTreeMap<String, SeriesAnnotation> = BTreeMap::new();
         for p in self.projects()? {
@@ -277,22 +272,7 @@ impl Annotations {
                 let masks: Vec<&LabelMap> = ls.iter().filter_map(|l| l.mask.as_ref()).collect();
                 let mut pairs = Vec::new();
                 for (x, a) in masks.iter().enumerate() {
-                    for b in &masks[x + 1..] {
-                        let mut present: Vec<u16> = a.present();
-                        present.extend(b.present());
-                        present.sort_unstable();
-                        present.dedup();
-                        let d: Vec<f64> = present
-                            .iter()
-                            .filter_map(|v| {
-                                compare(a.mask(*v).view(), b.mask(*v).view(), a.grid.spacing())
-                                    .dice()
-                            })
-                            .collect();
-                        if !d.is_empty() {
-                            pairs.push(d.iter().sum::<f64>() / d.len() as f64);
-                        }
-                    }
+                    pairs.extend(masks[x + 1..].iter().filter_map(|b| map_dice(a, b)));
                 }
                 if !pairs.is_empty() {
                     entry
@@ -483,6 +463,15 @@ impl Annotations {
     /// A project's cases.
     pub fn cases(&self, project: &str) -> Result<Vec<AnnotationCase>, AnnotationError> {
         Ok(self.catalog.annotation_cases(project)?)
+    }
+
+    /// Each case's image grid.
+    fn grids(&self, project: &str) -> Result<BTreeMap<String, Grid>, AnnotationError> {
+        Ok(self
+            .cases(project)?
+            .into_iter()
+            .filter_map(|c| Some((c.case_id.clone(), serde_json::from_str(&c.grid).ok()?)))
+            .collect())
     }
 
     /// A case of a project, with its grid.
@@ -732,18 +721,6 @@ impl Annotations {
         )
     }
 
-    /// Import a COCO file (cases named as this node exports them). Returns the versions saved.
-    pub fn import_coco(
-        &mut self,
-        project: &str,
-        rater: &str,
-        path: &Path,
-        source: Source,
-        model: Option<(&str, &str)>,
-    ) -> Result<Vec<i64>, AnnotationError> {
-        self.import_file(project, rater, path, Format::Coco, source, model)
-    }
-
     /// Import a COCO, VIA 2 or CVAT 1.1 file (cases named as this node exports them).
     /// Returns the versions saved.
     pub fn import_file(
@@ -759,11 +736,7 @@ impl Annotations {
         let text = std::fs::read(path).map_err(io(format!("reading {}", path.display())))?;
         let doc = serde_json::from_slice::<serde_json::Value>(&text)
             .map_err(|e| AnnotationError::Refused(format!("{}: {e}", path.display())));
-        let grids: BTreeMap<String, Grid> = self
-            .cases(project)?
-            .into_iter()
-            .filter_map(|c| Some((c.case_id.clone(), serde_json::from_str(&c.grid).ok()?)))
-            .collect();
+        let grids = self.grids(project)?;
         let imported = match format {
             Format::Coco => fc_annotate::coco::import(&doc?, &p, &grids),
             Format::Via => fc_annotate::via::import(&doc?, &p, &grids),
@@ -862,11 +835,7 @@ impl Annotations {
     pub fn agreement(&self, project: &str) -> Result<ProjectAgreement, AnnotationError> {
         let p = self.project(project)?;
         let latest = self.latest(project)?;
-        let grids: BTreeMap<String, Grid> = self
-            .cases(project)?
-            .into_iter()
-            .filter_map(|c| Some((c.case_id.clone(), serde_json::from_str(&c.grid).ok()?)))
-            .collect();
+        let grids = self.grids(project)?;
         let ratings: Vec<Rating<'_>> = latest
             .iter()
             .filter_map(|l| {
@@ -899,7 +868,6 @@ impl Annotations {
                     .push(l);
             }
         }
-        let p = self.project(project)?;
         let mut n = 0;
         for (case, ls) in by_case {
             if ls.len() < 2 {
@@ -941,7 +909,6 @@ impl Annotations {
             )?;
             n += 1;
         }
-        let _ = p;
         Ok(n)
     }
 
@@ -973,11 +940,7 @@ impl Annotations {
         } else {
             self.latest(project)?
         };
-        let grids: BTreeMap<String, Grid> = self
-            .cases(project)?
-            .into_iter()
-            .filter_map(|c| Some((c.case_id.clone(), serde_json::from_str(&c.grid).ok()?)))
-            .collect();
+        let grids = self.grids(project)?;
         let sidecar = serde_json::to_vec_pretty(&fc_annotate::labelmap::sidecar(&p))
             .map_err(|e| AnnotationError::Refused(e.to_string()))?;
         let mut coco_cases = Vec::new();
@@ -1035,7 +998,7 @@ impl Annotations {
     }
 
     /// Write version `id`'s label map as a DICOM Segmentation (binary) to `out`, referencing
-    /// the de-identified instances of its case. Returns the number of frames' slices found.
+    /// the de-identified instances of its case.
     pub fn export_seg(&self, id: i64, out: &Path, kind: SegKind) -> Result<(), AnnotationError> {
         use fc_annotate::seg::{
             SegIdentity, SegSource, SourceSlice, binary_seg, labelmap_seg, uid_from_hex,
@@ -1346,7 +1309,7 @@ impl Annotations {
                     "proposal-modified" => {
                         s.modified += 1;
                         if let (Some(a), Some(b)) = (mask_of(p.id)?, mask_of(c.id)?) {
-                            edits.push(map_dice(&a, &b));
+                            edits.push(map_dice(&a, &b).unwrap_or(1.0));
                         }
                     }
                     "proposal-rejected" => s.rejected += 1,
@@ -1381,7 +1344,7 @@ impl Annotations {
             let (Some(pm), Some(lm)) = (mask_of(p.id)?, l.mask.as_ref()) else {
                 continue;
             };
-            let d = map_dice(&pm, lm);
+            let d = map_dice(&pm, lm).unwrap_or(1.0);
             if a.with_proposal {
                 shown.push(d);
             } else {
