@@ -187,6 +187,9 @@ pub struct NodeConfig {
     /// Annotation: the model that writes proposals (`fedcurate-node annotate propose`).
     #[serde(default)]
     pub annotation: Option<AnnotationSettings>,
+    /// The web annotator (`fedcurate-node annotator`): address, TLS, the viewer's files.
+    #[serde(default)]
+    pub annotator: fc_annotator::settings::AnnotatorSettings,
 }
 
 /// The `[annotation]` section.

@@ -10,6 +10,7 @@ use node::config::NodeConfig;
 use node::sample;
 
 use commands::annotate::{AnnotateCommand, annotate};
+use commands::annotator::annotator;
 use commands::bench::{bench, bench_curate, bench_harmonise, bench_volume};
 use commands::consortium;
 use commands::curate::curate;
@@ -204,6 +205,16 @@ enum Command {
     Annotate {
         #[command(subcommand)]
         command: AnnotateCommand,
+    },
+    /// Serve the web annotator ([annotator] in the config): loopback by default, TLS when a
+    /// certificate is configured. Runs until SIGTERM.
+    Annotator {
+        /// Listen here instead of [annotator] listen.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// The viewer's installed files (the folder where `npm ci` ran).
+        #[arg(long)]
+        web_assets: Option<PathBuf>,
     },
     /// The web annotator's local accounts.
     Users {
@@ -612,5 +623,6 @@ fn main() -> Result<()> {
         Command::Audit { command } => audit_cmd(&config, command),
         Command::Annotate { command } => annotate(&config, command),
         Command::Users { command } => users(&config, command),
+        Command::Annotator { listen, web_assets } => annotator(&config, listen, web_assets),
     }
 }

@@ -123,6 +123,13 @@ pub struct Project {
     pub without_proposal: f64,
     #[serde(default)]
     pub cases: CaseQuery,
+    /// The largest label map the web annotator accepts in one upload, in MiB.
+    #[serde(default = "default_max_upload_mib")]
+    pub max_upload_mib: u64,
+}
+
+fn default_max_upload_mib() -> u64 {
+    512
 }
 
 fn yes() -> bool {

@@ -145,6 +145,29 @@ fn map_dice(a: &LabelMap, b: &LabelMap) -> Option<f64> {
     (!d.is_empty()).then(|| d.iter().sum::<f64>() / d.len() as f64)
 }
 
+/// The consensus label map of raters' versions of one case (`None` under two masks), with
+/// the newest version it combines.
+fn combine(ls: &[&Loaded], method: ConsensusMethod) -> Option<(LabelMap, Option<i64>)> {
+    let maps: Vec<&LabelMap> = ls.iter().filter_map(|l| l.mask.as_ref()).collect();
+    if maps.len() < 2 {
+        return None;
+    }
+    let flat: Vec<Vec<u16>> = maps
+        .iter()
+        .map(|m| m.data.iter().copied().collect())
+        .collect();
+    let views: Vec<&[u16]> = flat.iter().map(Vec::as_slice).collect();
+    let labels = match method {
+        ConsensusMethod::Majority => consensus::majority_vote(&views, Some(0)),
+        ConsensusMethod::Staple => consensus::multi_label_staple(&views, Some(0), 1e-5, None).0,
+    };
+    let mut map = LabelMap::empty(maps[0].grid.clone());
+    for (out, v) in map.data.iter_mut().zip(labels) {
+        *out = v;
+    }
+    Some((map, ls.iter().map(|l| l.version.id).max()))
+}
+
 /// How far a project is.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Status {
@@ -565,6 +588,46 @@ impl Annotations {
         )?)
     }
 
+    /// A project's versions, oldest first (one case's, when `case` is given), without their
+    /// content read back.
+    pub fn versions(
+        &self,
+        project: &str,
+        case: Option<&str>,
+    ) -> Result<Vec<AnnotationVersion>, AnnotationError> {
+        Ok(self.catalog.annotation_versions(project, case)?)
+    }
+
+    /// A reviewer returns a rater's submitted case for more work (state `returned`).
+    pub fn return_case(
+        &mut self,
+        project: &str,
+        case: &str,
+        rater: &str,
+        repeat: u32,
+        reviewer: &str,
+        reason: &str,
+    ) -> Result<(), AnnotationError> {
+        let a = self
+            .catalog
+            .assignments(project)?
+            .into_iter()
+            .find(|a| a.case_id == case && a.rater == rater && a.repeat == repeat)
+            .ok_or_else(|| {
+                AnnotationError::NotFound(format!("{rater} has no assignment {repeat} of {case}"))
+            })?;
+        self.catalog.set_assignment_state(
+            &a,
+            "returned",
+            &AuditRecord::now(
+                "annotation-return",
+                serde_json::json!({"project": project, "case": case, "rater": rater,
+                    "repeat": repeat, "reviewer": reviewer, "reason": reason}),
+            ),
+        )?;
+        Ok(())
+    }
+
     /// A project's assignments.
     pub fn assignments(&self, project: &str) -> Result<Vec<Assignment>, AnnotationError> {
         Ok(self.catalog.assignments(project)?)
@@ -653,6 +716,21 @@ impl Annotations {
             ),
         )?;
         Ok(id)
+    }
+
+    /// The stored label map file of a version (NIfTI, gzipped), its hash checked; `None`
+    /// when the version has no mask.
+    pub fn mask_bytes(&self, v: &AnnotationVersion) -> Result<Option<Vec<u8>>, AnnotationError> {
+        let (Some(p), Some(h)) = (&v.mask_path, &v.mask_hash) else {
+            return Ok(None);
+        };
+        let bytes = std::fs::read(self.data_dir.join(p)).map_err(io(format!("reading {p}")))?;
+        if content_hash(&bytes) != *h {
+            return Err(AnnotationError::Refused(format!(
+                "{p} does not have the hash the catalog recorded; restore it from backup"
+            )));
+        }
+        Ok(Some(bytes))
     }
 
     /// A version with its content and label map (the map's hash checked).
@@ -870,26 +948,9 @@ impl Annotations {
         }
         let mut n = 0;
         for (case, ls) in by_case {
-            if ls.len() < 2 {
+            let Some((map, parent)) = combine(&ls, method) else {
                 continue;
-            }
-            let maps: Vec<&LabelMap> = ls.iter().filter_map(|l| l.mask.as_ref()).collect();
-            let flat: Vec<Vec<u16>> = maps
-                .iter()
-                .map(|m| m.data.iter().copied().collect())
-                .collect();
-            let views: Vec<&[u16]> = flat.iter().map(Vec::as_slice).collect();
-            let labels = match method {
-                ConsensusMethod::Majority => consensus::majority_vote(&views, Some(0)),
-                ConsensusMethod::Staple => {
-                    consensus::multi_label_staple(&views, Some(0), 1e-5, None).0
-                }
             };
-            let mut map = LabelMap::empty(maps[0].grid.clone());
-            for (out, v) in map.data.iter_mut().zip(labels) {
-                *out = v;
-            }
-            let parent = ls.iter().map(|l| l.version.id).max();
             self.save(
                 project,
                 &case,
@@ -910,6 +971,69 @@ impl Annotations {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// A starting point for adjudicating one case: the consensus of its raters' latest masks
+    /// (at least two), not saved, with the newest of the versions it combines.
+    pub fn case_consensus(
+        &self,
+        project: &str,
+        case: &str,
+        method: ConsensusMethod,
+    ) -> Result<Option<(LabelMap, i64)>, AnnotationError> {
+        let latest = self.latest(project)?;
+        let ls: Vec<&Loaded> = latest
+            .iter()
+            .filter(|l| l.version.case_id == case && l.mask.is_some())
+            .collect();
+        Ok(combine(&ls, method).and_then(|(m, p)| Some((m, p?))))
+    }
+
+    /// The agreement of one case's raters (the project's agreement, this case's pairs).
+    pub fn case_agreement(
+        &self,
+        project: &str,
+        case: &str,
+    ) -> Result<ProjectAgreement, AnnotationError> {
+        let mut a = self.agreement(project)?;
+        a.masks.retain(|m| m.case == case);
+        a.boxes.retain(|b| b.case == case);
+        a.landmarks.retain(|l| l.case == case);
+        a.mask_summary.clear();
+        a.labels.clear();
+        Ok(a)
+    }
+
+    /// A reviewer's adjudication of a case: a consensus version (rater `consensus`, source
+    /// `consensus`) whose parent is the version it started from, recorded with the reviewer's
+    /// name and the starting point (`edit`, `majority-vote` or `multi-label-staple`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn adjudicate(
+        &mut self,
+        project: &str,
+        case: &str,
+        reviewer: &str,
+        start: &str,
+        content: &Content,
+        mask: Option<&LabelMap>,
+        parent: Option<i64>,
+    ) -> Result<i64, AnnotationError> {
+        if !valid_rater(reviewer) {
+            return Err(AnnotationError::Refused(format!(
+                "reviewer name {reviewer:?} is not valid"
+            )));
+        }
+        self.save(
+            project,
+            case,
+            CONSENSUS_RATER,
+            1,
+            content,
+            mask,
+            Source::Consensus,
+            parent,
+            Some((&format!("adjudication-{start}"), reviewer)),
+        )
     }
 
     /// The latest consensus version of each case.

@@ -210,12 +210,23 @@ pub fn session(
     token: &str,
     now: i64,
 ) -> Result<Result<Principal, Denied>, AccountError> {
+    session_within(catalog, token, now, IDLE, ABSOLUTE)
+}
+
+/// [`session`] with other limits: `idle` seconds without a request, `absolute` after login.
+pub fn session_within(
+    catalog: &Catalog,
+    token: &str,
+    now: i64,
+    idle: i64,
+    absolute: i64,
+) -> Result<Result<Principal, Denied>, AccountError> {
     let h = token_hash(token);
     let Some(s) = catalog.session(&h)? else {
         return Ok(Err(Denied::Expired));
     };
     let user = catalog.user(&s.user)?;
-    let live = now - s.last_seen <= IDLE && now - s.created <= ABSOLUTE;
+    let live = now - s.last_seen <= idle && now - s.created <= absolute;
     match user {
         Some(u) if live && !u.disabled => {
             catalog.touch_session(&h, now)?;

@@ -14,7 +14,8 @@
 //!   `Referrer-Policy: no-referrer` and `frame-ancestors 'none'`; the API answers `no-store`.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::Router;
 use axum::body::Body;
@@ -23,9 +24,11 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use fc_annotation::Annotations;
 use fc_store::catalog::Catalog;
 
 use crate::accounts::{self, Denied, Principal};
+use crate::web::{self, Assets};
 
 /// Failed logins of one user name allowed within [`FAILURE_WINDOW`].
 pub const MAX_FAILURES: usize = 5;
@@ -35,9 +38,15 @@ pub const FAILURE_WINDOW: i64 = 300;
 /// The service's state: the catalog (accounts and sessions), its own origin, and the clock.
 pub struct AppState {
     catalog: Mutex<Catalog>,
-    /// `https://host:port` (or `http://` on loopback without TLS): what `Origin` must say.
-    origin: String,
+    /// `https://host:port` (or `http://` on loopback without TLS), and any other name the
+    /// service is reached under: what `Origin` must say.
+    origins: Vec<String>,
     tls: bool,
+    work: Option<Mutex<Annotations>>,
+    assets: Option<Assets>,
+    export_dir: Option<PathBuf>,
+    /// Session limits (seconds): idle, and since login.
+    limits: (i64, i64),
     failures: Mutex<BTreeMap<String, Vec<i64>>>,
     clock: Box<dyn Fn() -> i64 + Send + Sync>,
 }
@@ -45,7 +54,7 @@ pub struct AppState {
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AppState")
-            .field("origin", &self.origin)
+            .field("origins", &self.origins)
             .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
@@ -61,11 +70,69 @@ impl AppState {
     ) -> Self {
         AppState {
             catalog: Mutex::new(catalog),
-            origin,
+            origins: vec![origin],
             tls,
+            work: None,
+            assets: None,
+            export_dir: None,
+            limits: (accounts::IDLE, accounts::ABSOLUTE),
             failures: Mutex::new(BTreeMap::new()),
             clock,
         }
+    }
+
+    /// Accept requests that change anything from these origins too.
+    pub fn with_origins(mut self, origins: impl IntoIterator<Item = String>) -> Self {
+        for o in origins {
+            if !self.origins.contains(&o) {
+                self.origins.push(o);
+            }
+        }
+        self
+    }
+
+    /// Serve the annotation routes over this workspace, exporting into `export_dir`.
+    pub fn with_annotations(mut self, work: Annotations, export_dir: PathBuf) -> Self {
+        self.work = Some(Mutex::new(work));
+        self.export_dir = Some(export_dir);
+        self
+    }
+
+    /// End sessions after `idle` seconds without a request, or `absolute` seconds after login.
+    pub fn with_session_limits(mut self, idle: i64, absolute: i64) -> Self {
+        self.limits = (idle, absolute);
+        self
+    }
+
+    /// Serve the screens and the viewer.
+    pub fn with_assets(mut self, assets: Assets) -> Self {
+        self.assets = Some(assets);
+        self
+    }
+
+    pub(crate) fn annotations(&self) -> Option<MutexGuard<'_, Annotations>> {
+        self.work.as_ref().map(|m| match m.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        })
+    }
+
+    pub(crate) fn export_dir(&self) -> Option<PathBuf> {
+        self.export_dir.clone()
+    }
+
+    pub(crate) fn users(&self) -> Result<Vec<serde_json::Value>, Response> {
+        let users = self.catalog().users().map_err(|e| {
+            tracing::error!(error = %e, "listing users");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the service cannot read its catalog",
+            )
+        })?;
+        Ok(users
+            .into_iter()
+            .map(|u| serde_json::json!({"user": u.name, "role": u.role, "disabled": u.disabled}))
+            .collect())
     }
 
     fn cookie_name(&self) -> &'static str {
@@ -84,17 +151,69 @@ impl AppState {
     }
 }
 
-/// The router: `POST /api/login`, `POST /api/logout`, `GET /api/me`, behind the defences.
+/// The router: `POST /api/login`, `POST /api/logout`, `GET /api/me`, the annotation routes
+/// ([`crate::api`]), the screens, the viewer and the about page, all behind the defences.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/api/login", post(login))
         .route("/api/logout", post(logout))
         .route("/api/me", get(me))
+        .merge(crate::api::routes())
+        .route("/", get(index))
+        .route("/app/{file}", get(app_file))
+        .route("/assets/niivue.js", get(niivue))
+        .route("/about", get(about))
         .layer(middleware::from_fn_with_state(state.clone(), defences))
         .with_state(state)
 }
 
-fn error(status: StatusCode, message: &str) -> Response {
+async fn index() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        web::INDEX,
+    )
+        .into_response()
+}
+
+async fn app_file(axum::extract::Path(file): axum::extract::Path<String>) -> Response {
+    match web::APP.iter().find(|(name, _, _)| *name == file) {
+        Some((_, kind, text)) => ([(header::CONTENT_TYPE, *kind)], *text).into_response(),
+        None => error(StatusCode::NOT_FOUND, "no such file"),
+    }
+}
+
+async fn niivue(State(state): State<Arc<AppState>>) -> Response {
+    match &state.assets {
+        Some(a) => (
+            [
+                (header::CONTENT_TYPE, "text/javascript"),
+                (header::CACHE_CONTROL, "private, max-age=86400"),
+            ],
+            a.niivue.clone(),
+        )
+            .into_response(),
+        None => error(StatusCode::NOT_FOUND, "the viewer is not installed"),
+    }
+}
+
+async fn about(State(state): State<Arc<AppState>>) -> Response {
+    match &state.assets {
+        Some(a) => (
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            a.about.clone(),
+        )
+            .into_response(),
+        None => error(StatusCode::NOT_FOUND, "the viewer is not installed"),
+    }
+}
+
+/// A JSON answer.
+pub(crate) fn json(v: &serde_json::Value) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+}
+
+/// An error answer: `{"error": message}`.
+pub(crate) fn error(status: StatusCode, message: &str) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "application/json")],
@@ -106,20 +225,21 @@ fn error(status: StatusCode, message: &str) -> Response {
 /// CSRF check on state-changing requests, then security headers on every answer.
 async fn defences(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let changes = !matches!(*request.method(), Method::GET | Method::HEAD);
-    if changes && !same_origin(request.headers(), &state.origin) {
+    if changes && !same_origin(request.headers(), &state.origins) {
         return with_headers(error(StatusCode::FORBIDDEN, "cross-site request refused"));
     }
     with_headers(next.run(request).await)
 }
 
-fn same_origin(headers: &HeaderMap, origin: &str) -> bool {
+/// Whether the browser says the request comes from one of our pages: `Sec-Fetch-Site` when it
+/// sends it (browsers set it and pages cannot), else `Origin`.
+fn same_origin(headers: &HeaderMap, origins: &[String]) -> bool {
     let site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
     let from = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
     match (site, from) {
-        (Some(s), _) if s != "same-origin" => false,
-        (_, Some(o)) => o == origin,
-        (Some("same-origin"), None) => true,
-        _ => false,
+        (Some(s), _) => s == "same-origin",
+        (None, Some(o)) => origins.iter().any(|x| x == o),
+        (None, None) => false,
     }
 }
 
@@ -139,7 +259,9 @@ fn with_headers(mut r: Response) -> Response {
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     r
 }
 
@@ -160,7 +282,8 @@ pub fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principal, Res
         return Err(error(StatusCode::UNAUTHORIZED, "log in first"));
     };
     let now = (state.clock)();
-    match accounts::session(&state.catalog(), &token, now) {
+    let (idle, absolute) = state.limits;
+    match accounts::session_within(&state.catalog(), &token, now, idle, absolute) {
         Ok(Ok(p)) => Ok(p),
         Ok(Err(d)) => Err(error(StatusCode::UNAUTHORIZED, &d.to_string())),
         Err(e) => {
@@ -204,7 +327,23 @@ async fn login(State(state): State<Arc<AppState>>, body: Body) -> Response {
             );
         }
     }
-    let result = accounts::login(&state.catalog(), &c.user, &c.password, now);
+    // argon2 takes tens of milliseconds: off the async threads.
+    let result = {
+        let (s, user, password) = (state.clone(), c.user.clone(), c.password.clone());
+        match tokio::task::spawn_blocking(move || {
+            accounts::login(&s.catalog(), &user, &password, now)
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the login failed inside the service",
+                );
+            }
+        }
+    };
     match result {
         Ok(Ok(token)) => {
             if let Ok(mut f) = state.failures.lock() {
@@ -255,11 +394,7 @@ async fn logout(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respo
 
 async fn me(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     match principal(&state, &headers) {
-        Ok(p) => (
-            [(header::CONTENT_TYPE, "application/json")],
-            serde_json::json!({"user": p.user, "role": p.role}).to_string(),
-        )
-            .into_response(),
+        Ok(p) => json(&serde_json::json!({"user": p.user, "role": p.role})),
         Err(r) => r,
     }
 }

@@ -2,6 +2,7 @@
 //! the configuration and arguments, calls the stages, and prints what happened.
 
 pub(crate) mod annotate;
+pub(crate) mod annotator;
 pub(crate) mod bench;
 pub(crate) mod consortium;
 pub(crate) mod curate;
