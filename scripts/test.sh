@@ -31,6 +31,11 @@ command -v pgrep >/dev/null 2>&1 || need_apt+=(procps)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 # OpenJPEG's encoder makes the JPEG 2000 fixtures.
 command -v opj_compress >/dev/null 2>&1 || need_apt+=(libopenjp2-tools)
+# The web annotator's browser tests: Debian's chromium driven through chromedriver, and the
+# viewer (NiiVue, pinned in web/package-lock.json) installed by npm from Debian's Node.js.
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
+command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
 # The Python reference for harmonisation (its golden outputs are committed in tests/golden;
 # scripts/reference/harmonise_reference.py regenerates them and the test script checks they
 # are still what the reference computes).
@@ -64,7 +69,8 @@ fi
 if command -v service >/dev/null 2>&1; then
   $SUDO_CMD service orthanc stop >/dev/null 2>&1 || true
 fi
-for tool in dcmdump dcmcjpeg dcmcjpls cmake opj_compress dcm2niix Orthanc curl storescu echoscu mkfs.xfs mkfs.ext4 xfs_io mount /usr/bin/time; do
+./scripts/web-assets.sh
+for tool in chromium chromedriver dcmdump dcmcjpeg dcmcjpls cmake opj_compress dcm2niix Orthanc curl storescu echoscu mkfs.xfs mkfs.ext4 xfs_io mount /usr/bin/time; do
   command -v "$tool" >/dev/null 2>&1 || { echo "$tool is required by the tests and could not be installed" >&2; exit 1; }
 done
 

@@ -189,6 +189,7 @@ impl Drop for Site {
 const PROJECT: &str = r#"id = "brain"
 kinds = ["mask", "box2d", "polygon", "landmark", "label"]
 raters_per_case = 2
+max_upload_mib = 1
 [cases]
 modalities = ["MR"]
 [[labels]]
@@ -1273,4 +1274,217 @@ fn tls_cookies_and_refusals_to_start() {
     for a in ["Secure", "HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(cookie.contains(a), "{cookie}");
     }
+}
+
+/// One HTTP/1.1 request on a new connection: (status, head, body).
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).expect("head");
+    // A server may refuse before reading all of a large body.
+    let _ = s.write_all(body);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP answer");
+    let head = String::from_utf8_lossy(&out[..split]).into_owned();
+    let status = head[9..12].parse().expect("status");
+    (status, head, out[split + 4..].to_vec())
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+fn multipart(meta: &str, mask: Option<&[u8]>) -> (String, Vec<u8>) {
+    let boundary = "fedcurate-test-boundary-7d1c";
+    let mut b = Vec::new();
+    b.extend_from_slice(format!("--{boundary}\r\ncontent-disposition: form-data; name=\"meta\"\r\ncontent-type: application/json\r\n\r\n{meta}\r\n").as_bytes());
+    if let Some(m) = mask {
+        b.extend_from_slice(format!("--{boundary}\r\ncontent-disposition: form-data; name=\"mask\"; filename=\"mask.nii.gz\"\r\ncontent-type: application/octet-stream\r\n\r\n").as_bytes());
+        b.extend_from_slice(m);
+        b.extend_from_slice(b"\r\n");
+    }
+    b.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), b)
+}
+
+/// Byte ranges of a case image; label maps refused when they do not fit the image's grid or
+/// the project's classes, or exceed its upload limit, and nothing recorded for them.
+#[test]
+fn the_api_serves_byte_ranges_and_refuses_label_maps_that_do_not_fit() {
+    let site = Site::new("");
+    let port: u16 = site
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let case = &site.cases["plain"];
+    let (rater, _) = site.rater_of("plain");
+    let origin = site.url.clone();
+    let login = format!("{{\"user\":\"{rater}\",\"password\":\"{PASSWORD}\"}}");
+    let (status, head, _) = http(
+        port,
+        "POST",
+        "/api/login",
+        &[("origin", &origin), ("content-type", "application/json")],
+        login.as_bytes(),
+    );
+    assert_eq!(status, 204, "{head}");
+    let cookie = header(&head, "set-cookie")
+        .expect("cookie")
+        .split(';')
+        .next()
+        .expect("pair")
+        .to_owned();
+    let auth = [("cookie", cookie.as_str()), ("origin", origin.as_str())];
+
+    let image_path = format!("/api/projects/brain/cases/{}/image.nii.gz", case.id);
+    let whole = {
+        let work = site.work();
+        let cases = work.cases("brain").expect("cases");
+        let this = cases.iter().find(|c| c.case_id == case.id).expect("case");
+        std::fs::read(work.image_path(this)).expect("image")
+    };
+    let (status, head, body) = http(port, "GET", &image_path, &auth, b"");
+    assert_eq!(status, 200);
+    assert_eq!(header(&head, "accept-ranges"), Some("bytes"));
+    assert_eq!(body, whole);
+    let len = whole.len();
+    let (status, head, body) = http(
+        port,
+        "GET",
+        &image_path,
+        &[auth[0], ("range", "bytes=0-99")],
+        b"",
+    );
+    assert_eq!(status, 206);
+    assert_eq!(
+        header(&head, "content-range"),
+        Some(format!("bytes 0-99/{len}").as_str())
+    );
+    assert_eq!(body, whole[..100]);
+    let (status, _, body) = http(
+        port,
+        "GET",
+        &image_path,
+        &[auth[0], ("range", "bytes=-10")],
+        b"",
+    );
+    assert_eq!(status, 206);
+    assert_eq!(body, whole[len - 10..]);
+    let (status, head, _) = http(
+        port,
+        "GET",
+        &image_path,
+        &[auth[0], ("range", &format!("bytes={len}-"))],
+        b"",
+    );
+    assert_eq!(status, 416);
+    assert_eq!(
+        header(&head, "content-range"),
+        Some(format!("bytes */{len}").as_str())
+    );
+
+    let save_path = format!("/api/projects/brain/cases/{}/versions", case.id);
+    let before = site
+        .work()
+        .versions("brain", Some(&case.id))
+        .expect("versions")
+        .len();
+    let meta = r#"{"action":"save","content":{}}"#;
+    let refused = |mask: &[u8], expect_status: u16, expect: &str| {
+        let (ct, body) = multipart(meta, Some(mask));
+        let (status, _, answer) = http(
+            port,
+            "POST",
+            &save_path,
+            &[auth[0], auth[1], ("content-type", &ct)],
+            &body,
+        );
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        assert_eq!(status, expect_status, "{answer}");
+        assert!(answer.contains(expect), "{answer}");
+    };
+    // Another case's grid (the flipped series).
+    let other = &site.cases["flipped"];
+    let mut wrong = LabelMap::empty(other.grid.clone());
+    wrong.data[[1, 1, 1]] = 1;
+    refused(&wrong.to_nifti_gz().expect("nifti"), 422, "voxels");
+    // The right shape, shifted 5 mm.
+    let mut shifted_grid = case.grid.clone();
+    shifted_grid.affine[0][3] += 5.0;
+    let mut shifted = LabelMap::empty(shifted_grid);
+    shifted.data[[1, 1, 1]] = 1;
+    refused(
+        &shifted.to_nifti_gz().expect("nifti"),
+        422,
+        "geometry differs",
+    );
+    // A class the project does not have.
+    let mut stranger = LabelMap::empty(case.grid.clone());
+    stranger.data[[1, 1, 1]] = 7;
+    refused(
+        &stranger.to_nifti_gz().expect("nifti"),
+        422,
+        "label value 7",
+    );
+    // Not NIfTI at all, and over the project's limit of 1 MiB.
+    refused(b"not a nifti file", 422, "not a readable NIfTI");
+    refused(&vec![0u8; 1_200_000], 413, "limit of 1 MiB");
+    // Cross-site: no Origin, no Sec-Fetch-Site.
+    let (ct, body) = multipart(meta, None);
+    let (status, _, _) = http(
+        port,
+        "POST",
+        &save_path,
+        &[auth[0], ("content-type", &ct)],
+        &body,
+    );
+    assert_eq!(status, 403);
+    let after = site
+        .work()
+        .versions("brain", Some(&case.id))
+        .expect("versions")
+        .len();
+    assert_eq!(before, after, "nothing refused was recorded");
+    // A label map that fits is stored.
+    let mut good = LabelMap::empty(case.grid.clone());
+    for v in &case.block {
+        good.data[*v] = 1;
+    }
+    let (ct, body) = multipart(meta, Some(&good.to_nifti_gz().expect("nifti")));
+    let (status, _, answer) = http(
+        port,
+        "POST",
+        &save_path,
+        &[auth[0], auth[1], ("content-type", &ct)],
+        &body,
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    let id = serde_json::from_slice::<serde_json::Value>(&answer).expect("json")["id"]
+        .as_i64()
+        .expect("id");
+    let saved = site.work().load(id).expect("saved").mask.expect("mask");
+    assert_eq!(saved.data, good.data);
 }
