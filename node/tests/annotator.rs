@@ -7,57 +7,20 @@
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
-use fantoccini::actions::{InputSource, MOUSE_BUTTON_LEFT, MouseActions, PointerAction};
-use fantoccini::{Client, ClientBuilder, Locator};
 use node::fc_annotate::{Grid, LabelMap};
 use node::sample::{self, Patient, Series, Study, ts};
 
-/// One browser test at a time (each drives a whole browser on a 2-core machine).
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+mod browser;
+use browser::{Browser, PASSWORD, bin, free_port, lock, press, run, web_assets};
 
-const PASSWORD: &str = "a long enough secret";
 const N: usize = 48;
 /// The bright block every slice carries: columns and rows (DICOM pixel indices).
 const BLOCK_COLS: std::ops::Range<usize> = 30..38;
 const BLOCK_ROWS: std::ops::Range<usize> = 8..16;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_fedcurate-node"))
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("binary runs");
-    assert!(
-        out.status.success(),
-        "command failed: {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn web_assets() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
-    assert!(
-        dir.join("node_modules/@niivue/niivue/dist/index.js")
-            .exists(),
-        "the viewer is not installed: run scripts/web-assets.sh (the test script does)"
-    );
-    dir
-}
 
 /// The three orientations: (name, slices, row direction, column direction).
 fn orientations() -> Vec<(&'static str, usize, [f64; 3], [f64; 3])> {
@@ -375,254 +338,6 @@ impl Site {
     }
 }
 
-/// chromedriver on its own port, with its own profile folder; killed on drop.
-struct Browser {
-    driver: Child,
-    client: Option<Client>,
-    _profile: tempfile::TempDir,
-    rt: tokio::runtime::Runtime,
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        if let Some(c) = self.client.take() {
-            let _ = self.rt.block_on(c.close());
-        }
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
-    }
-}
-
-impl Browser {
-    fn new() -> Browser {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let port = free_port();
-        let driver = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver (Debian's chromium-driver; the test script installs it)");
-        let profile = tempfile::tempdir().expect("profile");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "chromedriver did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let mut caps = serde_json::Map::new();
-        caps.insert(
-            "goog:chromeOptions".into(),
-            serde_json::json!({
-                "binary": "/usr/bin/chromium",
-                "args": [
-                    "--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                    "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-                    "--window-size=1280,900", "--force-device-scale-factor=1",
-                    "--no-first-run", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--disable-quic",
-                    format!("--user-data-dir={}", profile.path().display()),
-                ],
-            }),
-        );
-        let client = rt
-            .block_on(
-                ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-                    .capabilities(caps)
-                    .connect(&format!("http://127.0.0.1:{port}")),
-            )
-            .expect("a browser session");
-        Browser {
-            driver,
-            client: Some(client),
-            _profile: profile,
-            rt,
-        }
-    }
-
-    fn c(&self) -> &Client {
-        self.client.as_ref().expect("client")
-    }
-
-    fn goto(&self, url: &str) {
-        self.rt.block_on(self.c().goto(url)).expect("goto");
-    }
-
-    fn js(&self, script: &str) -> serde_json::Value {
-        self.rt
-            .block_on(self.c().execute(script, vec![]))
-            .unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
-    }
-
-    /// Run an async script: `done(value)` is `arguments[0]`.
-    fn js_async(&self, script: &str) -> serde_json::Value {
-        self.rt
-            .block_on(self.c().execute_async(script, vec![]))
-            .unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
-    }
-
-    fn wait_css(&self, css: &str) -> fantoccini::elements::Element {
-        self.rt
-            .block_on(
-                self.c()
-                    .wait()
-                    .at_most(Duration::from_secs(30))
-                    .for_element(Locator::Css(css)),
-            )
-            .unwrap_or_else(|e| panic!("waiting for {css}: {e}"))
-    }
-
-    fn text(&self, css: &str) -> String {
-        let e = self.wait_css(css);
-        self.rt.block_on(e.text()).expect("text")
-    }
-
-    fn click(&self, css: &str) {
-        let e = self.wait_css(css);
-        self.rt.block_on(e.click()).expect("click");
-    }
-
-    fn type_into(&self, css: &str, text: &str) {
-        let e = self.wait_css(css);
-        self.rt.block_on(e.clear()).expect("clear");
-        self.rt.block_on(e.send_keys(text)).expect("type");
-    }
-
-    /// Wait until `css`'s text satisfies `ok`.
-    fn wait_text(&self, css: &str, ok: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let t = self.text(css);
-            if ok(&t) {
-                return t;
-            }
-            assert!(Instant::now() < deadline, "{css} says {t:?}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn login(&self, site: &Site, user: &str) {
-        self.goto(&format!("{}/#/login", site.url));
-        self.type_into("#user", user);
-        self.type_into("#password", PASSWORD);
-        self.click("form#login button[type=submit]");
-        self.wait_text("#who", |t| t.contains(user));
-    }
-
-    fn logout(&self) {
-        self.click("#logout");
-        self.wait_css("form#login");
-    }
-
-    /// Open a case and wait for its image to be shown.
-    fn open_case(&self, site: &Site, case: &str) {
-        self.goto(&format!("{}/#/p/brain/c/{}", site.url, site.cases[case].id));
-        self.wait_text("#status", |t| t.contains("Image shown"));
-    }
-
-    /// Keep a screenshot of the page when `FEDCURATE_SCREENSHOTS` names a folder.
-    fn keep_screenshot(&self, name: &str) {
-        if let Some(dir) = std::env::var_os("FEDCURATE_SCREENSHOTS") {
-            let png = self.rt.block_on(self.c().screenshot()).expect("screenshot");
-            std::fs::create_dir_all(&dir).expect("screenshot folder");
-            std::fs::write(Path::new(&dir).join(format!("{name}.png")), png).expect("screenshot");
-        }
-    }
-
-    /// Show one plane (the acquisition's) filling the canvas.
-    fn single_plane(&self) {
-        self.js("document.querySelector('#layout').value = 'acquisition'; document.querySelector('#layout').dispatchEvent(new Event('change'));");
-        std::thread::sleep(Duration::from_millis(300));
-    }
-
-    /// The canvas as the user sees it (RGBA rows), with its size.
-    fn canvas_pixels(&self) -> (Vec<u8>, usize, usize) {
-        let e = self.wait_css("#stage canvas");
-        let png_bytes = self.rt.block_on(e.screenshot()).expect("screenshot");
-        let decoder = png::Decoder::new(std::io::Cursor::new(png_bytes));
-        let mut reader = decoder.read_info().expect("png");
-        let mut buf = vec![0; reader.output_buffer_size()];
-        let info = reader.next_frame(&mut buf).expect("frame");
-        let channels = info.color_type.samples();
-        let rgba: Vec<u8> = buf[..info.buffer_size()]
-            .chunks(channels)
-            .flat_map(|p| [p[0], p[1 % channels], p[2 % channels], 255])
-            .collect();
-        (rgba, info.width as usize, info.height as usize)
-    }
-
-    /// Where the bright block is on screen: the bounding box of near-white pixels, in CSS
-    /// pixels relative to the canvas's centre (the scale factor is forced to 1).
-    fn block_on_screen(&self) -> ([f64; 2], [f64; 2]) {
-        let (px, w, h) = self.canvas_pixels();
-        let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
-        for y in 0..h {
-            for x in 0..w {
-                let p = &px[(y * w + x) * 4..];
-                if p[0] > 235 && p[1] > 235 && p[2] > 235 {
-                    x0 = x0.min(x);
-                    y0 = y0.min(y);
-                    x1 = x1.max(x);
-                    y1 = y1.max(y);
-                }
-            }
-        }
-        assert!(x0 < x1 && y0 < y1, "the block is not visible on the canvas");
-        let (cx, cy) = (w as f64 / 2.0, h as f64 / 2.0);
-        (
-            [x0 as f64 - cx, y0 as f64 - cy],
-            [x1 as f64 - cx, y1 as f64 - cy],
-        )
-    }
-
-    /// Pointer actions on the canvas: press at the first point, drag through the others,
-    /// release (points in CSS pixels from the canvas's centre).
-    fn drag(&self, points: &[[f64; 2]]) {
-        let canvas = self.wait_css("#stage canvas.overlay");
-        let mut m = MouseActions::new("mouse".into());
-        for (n, p) in points.iter().enumerate() {
-            m = m.then(PointerAction::MoveToElement {
-                element: canvas.clone(),
-                duration: Some(Duration::from_millis(if n == 0 { 0 } else { 40 })),
-                x: p[0],
-                y: p[1],
-            });
-            if n == 0 {
-                m = m.then(PointerAction::Down {
-                    button: MOUSE_BUTTON_LEFT,
-                });
-            }
-        }
-        m = m.then(PointerAction::Up {
-            button: MOUSE_BUTTON_LEFT,
-        });
-        self.rt
-            .block_on(self.c().perform_actions(m))
-            .expect("pointer actions");
-    }
-
-    /// Clicks at points (CSS pixels from the canvas's centre).
-    fn clicks(&self, points: &[[f64; 2]]) {
-        for p in points {
-            self.drag(&[*p]);
-        }
-    }
-
-    fn save(&self) -> i64 {
-        self.click("#save");
-        let t = self.wait_text("#status", |t| {
-            t.contains("Saved as version") || t.contains("Not saved")
-        });
-        assert!(t.contains("Saved as version"), "{t}");
-        t.trim_start_matches("Saved as version ")
-            .trim_end_matches('.')
-            .parse()
-            .expect("version id")
-    }
-}
-
 fn centroid_mm(grid: &Grid, voxels: &[[usize; 3]]) -> [f64; 3] {
     let n = voxels.len() as f64;
     let mut c = [0.0; 3];
@@ -639,10 +354,6 @@ fn distance(a: [f64; 3], b: [f64; 3]) -> f64 {
     ((a[0] - b[0]).powi(2) + (a[1] - b[1]).powi(2) + (a[2] - b[2]).powi(2)).sqrt()
 }
 
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 #[test]
 fn login_logout_and_what_each_role_may_open() {
     let _one = lock();
@@ -657,7 +368,7 @@ fn login_logout_and_what_each_role_may_open() {
     assert!(t.contains("wrong user name or password"), "{t}");
 
     let (rater, outsider) = site.rater_of("plain");
-    b.login(&site, &outsider);
+    b.login(&site.url, &outsider);
     // The worklist lists only the outsider's cases: two of the three.
     b.wait_css("section.project");
     let rows =
@@ -680,8 +391,8 @@ fn login_logout_and_what_each_role_may_open() {
     b.logout();
 
     // The rater saves a version of the case; another annotator cannot read it, by id.
-    b.login(&site, &rater);
-    b.open_case(&site, "plain");
+    b.login(&site.url, &rater);
+    b.open_case(&site.url, "brain", &site.cases["plain"].id);
     let version = b.save();
     b.logout();
     let (_, other) = site.rater_of("plain");
@@ -692,7 +403,7 @@ fn login_logout_and_what_each_role_may_open() {
         .expect("a second rater")
         .clone();
     for user in [other, other_rater] {
-        b.login(&site, &user);
+        b.login(&site.url, &user);
         let status = b.js_async(&format!(
             "const done = arguments[0]; Promise.all(['/api/versions/{version}', '/api/versions/{version}/mask.nii.gz'].map(u => fetch(u).then(r => r.status))).then(done)"
         ));
@@ -700,11 +411,11 @@ fn login_logout_and_what_each_role_may_open() {
         b.logout();
     }
     // A reviewer sees every case, opens the one the outsider could not, and the version.
-    b.login(&site, "rev");
+    b.login(&site.url, "rev");
     b.wait_css("section.project");
     let n = b.js("return document.querySelectorAll('tr[data-case]').length");
     assert_eq!(n, 3);
-    b.open_case(&site, "plain");
+    b.open_case(&site.url, "brain", &site.cases["plain"].id);
     b.wait_css(&format!("tr[data-version='{version}']"));
     let status = b.js_async(&format!(
         "const done = arguments[0]; fetch('/api/versions/{version}').then(r => done(r.status))"
@@ -728,8 +439,8 @@ fn a_painted_mask_lands_on_the_voxels_under_the_brush_in_every_orientation() {
     for name in ["plain", "flipped", "oblique"] {
         let case = &site.cases[name];
         let (rater, _) = site.rater_of(name);
-        b.login(&site, &rater);
-        b.open_case(&site, name);
+        b.login(&site.url, &rater);
+        b.open_case(&site.url, "brain", &site.cases[name].id);
         b.single_plane();
         let (lo, hi) = b.block_on_screen();
         b.click("button[data-tool='brush']");
@@ -793,15 +504,6 @@ fn a_painted_mask_lands_on_the_voxels_under_the_brush_in_every_orientation() {
     }
 }
 
-/// Press a key (as the keyboard does, through WebDriver).
-fn press(b: &Browser, key: char) {
-    use fantoccini::actions::{KeyAction, KeyActions};
-    let k = KeyActions::new("keyboard".into())
-        .then(KeyAction::Down { value: key })
-        .then(KeyAction::Up { value: key });
-    b.rt.block_on(b.c().perform_actions(k)).expect("key");
-}
-
 fn attr(tag: &str, name: &str) -> f64 {
     let at = tag
         .find(&format!(" {name}=\""))
@@ -822,8 +524,8 @@ fn a_box_a_polygon_and_landmarks_export_to_coco_and_cvat_where_they_were_drawn()
     let b = Browser::new();
     let case = &site.cases["plain"];
     let (rater, _) = site.rater_of("plain");
-    b.login(&site, &rater);
-    b.open_case(&site, "plain");
+    b.login(&site.url, &rater);
+    b.open_case(&site.url, "brain", &site.cases["plain"].id);
     b.single_plane();
     let (lo, hi) = b.block_on_screen();
     let at = |fx: f64, fy: f64| [lo[0] + (hi[0] - lo[0]) * fx, lo[1] + (hi[1] - lo[1]) * fy];
@@ -966,16 +668,16 @@ fn proposals_are_accepted_and_modified_and_the_reviewer_adjudicates() {
     let b = Browser::new();
     let case = &site.cases["plain"];
     let (first, second) = (case.raters[0].clone(), case.raters[1].clone());
-    b.login(&site, &first);
-    b.open_case(&site, "plain");
+    b.login(&site.url, &first);
+    b.open_case(&site.url, "brain", &site.cases["plain"].id);
     let proposal_text = b.text("#proposal");
     assert!(proposal_text.contains("blockfinder 1.0"), "{proposal_text}");
     b.click("#proposal-accept");
     let accepted = b.wait_text("#status", |t| t.contains("Saved as version"));
     b.logout();
 
-    b.login(&site, &second);
-    b.open_case(&site, "plain");
+    b.login(&site.url, &second);
+    b.open_case(&site.url, "brain", &site.cases["plain"].id);
     b.single_plane();
     // Where the block is, before the proposal covers it.
     let (lo, hi) = b.block_on_screen();
@@ -1023,8 +725,8 @@ fn proposals_are_accepted_and_modified_and_the_reviewer_adjudicates() {
     // No oedema voxel lies on the block.
     assert!(case.block.iter().all(|v| mask.data[*v] == 1));
 
-    b.login(&site, "rev");
-    b.open_case(&site, "plain");
+    b.login(&site.url, "rev");
+    b.open_case(&site.url, "brain", &site.cases["plain"].id);
     let agreement = b.text("#agreement");
     assert!(
         agreement.contains("Dice 1.000"),
@@ -1077,7 +779,7 @@ fn cross_site_requests_and_idle_sessions_are_refused() {
     let b = Browser::new();
     let case = &site.cases["plain"];
     let (rater, _) = site.rater_of("plain");
-    b.login(&site, &rater);
+    b.login(&site.url, &rater);
     let before = site
         .work()
         .versions("brain", Some(&case.id))
@@ -1123,7 +825,7 @@ fn cross_site_requests_and_idle_sessions_are_refused() {
     assert_eq!(before, after, "the forged save was not recorded");
 
     // Back on the annotator: idle past the limit, the next save is refused.
-    b.open_case(&site, "plain");
+    b.open_case(&site.url, "brain", &site.cases["plain"].id);
     std::thread::sleep(Duration::from_secs(5));
     b.click("#save");
     let t = b.wait_text("#status", |t| {
