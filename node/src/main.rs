@@ -75,6 +75,13 @@ enum Command {
         /// Patients per site.
         #[arg(long, default_value_t = 8)]
         patients: usize,
+        /// At the end, leave site-a's web annotator running (with demo logins for two readers
+        /// and a reviewer) until Ctrl-C.
+        #[arg(long)]
+        annotate: bool,
+        /// Where the annotator listens with --annotate.
+        #[arg(long, default_value = "127.0.0.1:8750", requires = "annotate")]
+        annotate_listen: std::net::SocketAddr,
     },
     /// Write a synthetic archive (for trying the node, and for measuring it).
     Sample {
@@ -544,7 +551,12 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Deid(args) => deid(&config, args),
         Command::Demo { dir } => demo(dir),
-        Command::ConsortiumDemo { dir, patients } => consortium::run_demo(dir, patients),
+        Command::ConsortiumDemo {
+            dir,
+            patients,
+            annotate,
+            annotate_listen,
+        } => consortium::run_demo(dir, patients, annotate.then_some(annotate_listen)),
         Command::Export(args) => export_dataset(&config, args),
         Command::Pki {
             command: PkiCommand::Request { site, out },

@@ -440,11 +440,94 @@ fn the_consortium_demo_federates_three_sites_and_leaks_nothing() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let work = dir.path().join("demo");
-    let out = run(bin()
+    // With --annotate the demo ends by serving site-a's annotator, with demo logins.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let mut demo = bin()
         .env("FEDCURATE_COORDINATOR", &coordinator)
-        .args(["consortium-demo", "--patients", "6", "--dir"])
-        .arg(&work));
-    let text = String::from_utf8_lossy(&out.stdout);
+        .args(["consortium-demo", "--patients", "6", "--annotate"])
+        .arg("--annotate-listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--dir")
+        .arg(&work)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the demo starts");
+    let mut text = String::new();
+    {
+        use std::io::BufRead;
+        let out = std::io::BufReader::new(demo.stdout.take().expect("stdout"));
+        for line in out.lines() {
+            let line = line.expect("a line");
+            text.push_str(&line);
+            text.push('\n');
+            if line.starts_with("annotator: http://") {
+                break;
+            }
+        }
+    }
+    assert!(
+        text.contains(&format!("annotator: http://127.0.0.1:{port}")),
+        "the demo did not leave the annotator running:\n{text}"
+    );
+    let password = |user: &str| -> String {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(user))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or_else(|| panic!("no demo login for {user}:\n{text}"))
+            .to_owned()
+    };
+    let ask = |request: String| -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.write_all(request.as_bytes()).expect("request");
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    };
+    for user in ["reader-1", "reader-2", "reviewer"] {
+        let body = format!(
+            "{{\"user\":\"{user}\",\"password\":\"{}\"}}",
+            password(user)
+        );
+        let answer = ask(format!(
+            "POST /api/login HTTP/1.1\r\nhost: x\r\norigin: http://127.0.0.1:{port}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        ));
+        assert!(answer.starts_with("HTTP/1.1 204"), "{user}: {answer}");
+        if user == "reviewer" {
+            let cookie = answer
+                .lines()
+                .find_map(|l| l.strip_prefix("set-cookie: "))
+                .and_then(|c| c.split(';').next())
+                .expect("cookie")
+                .to_owned();
+            let answer = ask(format!(
+                "GET /api/projects/lesions/cases HTTP/1.1\r\nhost: x\r\ncookie: {cookie}\r\nconnection: close\r\n\r\n"
+            ));
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            assert_eq!(answer.matches("\"case\":").count(), 6, "{answer}");
+        }
+    }
+    // Interrupted, the demo stops the annotator too.
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &demo.id().to_string()])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let _ = demo.wait();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the annotator outlived the demo"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     assert!(text.contains("sites joined          3"), "{text}");
     assert!(text.contains("1 quarantined (reasons above)"), "{text}");
     assert!(

@@ -100,7 +100,12 @@ async function caseScreen(project, caseId) {
   const side = h('div', { class: 'side' });
   app.replaceChildren(h('div', { class: 'case', 'data-case': caseId }, stage, side));
 
-  const viewer = new Viewer(stage, { onChange: () => {} });
+  const viewer = new Viewer(stage, {
+    onChange: (what) => {
+      const input = document.getElementById('landmark-name');
+      if (what === 'vectors' && input) input.value = viewer.landmarkName;
+    },
+  });
   state.viewer = viewer;
   const t0 = performance.now();
   await viewer.open(info, `/api/projects/${enc(project)}/cases/${enc(caseId)}/image.nii.gz`);

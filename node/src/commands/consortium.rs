@@ -241,6 +241,16 @@ impl Children {
         Ok((key, out, err))
     }
 
+    /// Stop every listed child.
+    fn stop_all(&self) {
+        if let Ok(mut l) = self.list.lock() {
+            for (_, c) in l.iter_mut() {
+                terminate(c);
+            }
+            l.clear();
+        }
+    }
+
     /// Wait for a listed child to end, and unlist it.
     fn wait(&self, key: &str) -> Result<ExitStatus> {
         loop {
@@ -402,7 +412,11 @@ fn spread(v: &[f64]) -> f64 {
 }
 
 /// Run the demo in `dir` (default: a new folder under the temporary directory).
-pub fn run_demo(dir: Option<PathBuf>, patients: usize) -> Result<()> {
+pub fn run_demo(
+    dir: Option<PathBuf>,
+    patients: usize,
+    annotate: Option<std::net::SocketAddr>,
+) -> Result<()> {
     let exe = std::env::current_exe()?;
     let bin = exe.parent().context("no binary folder")?;
     let coordinator = std::env::var_os("FEDCURATE_COORDINATOR")
@@ -768,5 +782,70 @@ pub fn run_demo(dir: Option<PathBuf>, patients: usize) -> Result<()> {
         started.elapsed().as_secs_f64(),
         report_dir.join("report.html").display()
     );
+    if let Some(listen) = annotate {
+        // The services of the demo stop; site-a's annotator serves until Ctrl-C.
+        children.stop_all();
+        serve_annotator(&children, &exe, &root.join("site-a"), listen)?;
+    }
+    Ok(())
+}
+
+/// Leave site-a's web annotator running, with demo logins for its two readers and a reviewer
+/// (fresh random passwords, printed once).
+fn serve_annotator(
+    children: &Children,
+    exe: &Path,
+    site: &Path,
+    listen: std::net::SocketAddr,
+) -> Result<()> {
+    use ring::rand::SecureRandom;
+    use std::io::Write;
+    let cfg = site.join("node.toml");
+    let rng = ring::rand::SystemRandom::new();
+    let mut logins = Vec::new();
+    for (user, role) in [
+        ("reader-1", "annotator"),
+        ("reader-2", "annotator"),
+        ("reviewer", "reviewer"),
+    ] {
+        let mut bytes = [0u8; 12];
+        rng.fill(&mut bytes)
+            .map_err(|_| anyhow::anyhow!("the random generator failed"))?;
+        let password: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let mut child = Command::new(exe)
+            .arg("--config")
+            .arg(&cfg)
+            .args(["users", "add", user, "--role", role])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("adding the demo logins")?;
+        child
+            .stdin
+            .take()
+            .context("users add: no standard input")?
+            .write_all(format!("{password}\n").as_bytes())?;
+        if !child.wait()?.success() {
+            bail!("adding the demo login {user} failed");
+        }
+        logins.push((user, role, password));
+    }
+    println!("\n[annotate] site-a's web annotator, until Ctrl-C");
+    for (user, role, password) in &logins {
+        println!("  {user:<10} {password}   ({role})");
+    }
+    let (key, _, _) = children.spawn(
+        "annotator",
+        Command::new(exe)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("annotator")
+            .arg("--listen")
+            .arg(listen.to_string()),
+    )?;
+    let status = children.wait(&key)?;
+    if !status.success() && status.code().is_some() {
+        bail!("the annotator stopped: {status}");
+    }
     Ok(())
 }
