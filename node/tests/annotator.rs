@@ -375,6 +375,12 @@ fn login_logout_and_what_each_role_may_open() {
         b.js("return [...document.querySelectorAll('tr[data-case]')].map(r => r.dataset.case)");
     let rows: Vec<String> = serde_json::from_value(rows).expect("rows");
     assert_eq!(rows.len(), 2, "{rows:?}");
+    // Everything the page loaded came from the node.
+    let foreign = b.js(&format!(
+        "return performance.getEntriesByType('resource').map(e => e.name).filter(n => !n.startsWith('{}'))",
+        site.url
+    ));
+    assert_eq!(foreign, serde_json::json!([]));
     assert!(!rows.contains(&site.cases["plain"].id));
     // Opening the unassigned case by URL is refused, and so are its image and API.
     b.goto(&format!(
@@ -465,6 +471,16 @@ fn a_painted_mask_lands_on_the_voxels_under_the_brush_in_every_orientation() {
         b.keep_screenshot(&format!("painted-{name}"));
         let painted = b.js("return window.fedcurate.viewer.paintedVoxels()");
         assert!(painted.as_u64().unwrap_or(0) > 20, "{name}: {painted}");
+        if name == "plain" {
+            // Undo takes the stroke away, redo brings it back (the keys, as a user presses them).
+            b.click("#undo");
+            assert_eq!(b.js("return window.fedcurate.viewer.paintedVoxels()"), 0);
+            b.click("#redo");
+            assert_eq!(
+                b.js("return window.fedcurate.viewer.paintedVoxels()"),
+                painted
+            );
+        }
         let id = b.save();
         b.logout();
 
@@ -539,6 +555,8 @@ fn a_box_a_polygon_and_landmarks_export_to_coco_and_cvat_where_they_were_drawn()
     // Landmarks: L1 at the block's centre, L2 inside a corner.
     b.click("button[data-tool='landmark']");
     b.clicks(&[at(0.5, 0.5), at(0.2, 0.2)]);
+    // The case is classified as showing a lesion (value 1).
+    b.click("#classification input[value='1']");
     let vectors = b.js("return window.fedcurate.viewer.vectors");
     assert_eq!(
         vectors["boxes"].as_array().map(Vec::len),
@@ -556,7 +574,10 @@ fn a_box_a_polygon_and_landmarks_export_to_coco_and_cvat_where_they_were_drawn()
         "{vectors}"
     );
     b.keep_screenshot("vectors");
-    b.save();
+    let id = b.save();
+    let saved = site.work().load(id).expect("saved");
+    assert_eq!(saved.content.labels.len(), 1, "{:?}", saved.content);
+    assert_eq!(saved.content.labels[0].classes, vec![1]);
 
     let out = site.dir.path().join("export");
     run(bin()
@@ -1189,4 +1210,80 @@ fn the_api_serves_byte_ranges_and_refuses_label_maps_that_do_not_fit() {
         .expect("id");
     let saved = site.work().load(id).expect("saved").mask.expect("mask");
     assert_eq!(saved.data, good.data);
+
+    // The about page names the viewer and what it is installed with, and their licences.
+    let (status, head, about) = http(port, "GET", "/about", &[], b"");
+    assert_eq!(status, 200);
+    assert!(
+        header(&head, "content-security-policy")
+            .is_some_and(|c| c.starts_with("default-src 'self'"))
+    );
+    let about = String::from_utf8_lossy(&about);
+    for needle in ["@niivue/niivue 0.69.0", "BSD-2-Clause", "gl-matrix", "MIT"] {
+        assert!(about.contains(needle), "{needle} not on the about page");
+    }
+    // Admin routes: refused to an annotator, done for an admin.
+    for (method, path) in [
+        ("GET", "/api/users".to_owned()),
+        ("GET", "/api/projects/brain/status".to_owned()),
+        ("POST", "/api/projects/brain/export".to_owned()),
+        (
+            "POST",
+            format!("/api/projects/brain/cases/{}/return", case.id),
+        ),
+    ] {
+        let (status, _, _) = http(port, method, &path, &auth, b"{}");
+        assert_eq!(status, 403, "{method} {path} as an annotator");
+    }
+    let login = format!("{{\"user\":\"boss\",\"password\":\"{PASSWORD}\"}}");
+    let (_, head, _) = http(
+        port,
+        "POST",
+        "/api/login",
+        &[("origin", &origin)],
+        login.as_bytes(),
+    );
+    let boss = header(&head, "set-cookie")
+        .expect("cookie")
+        .split(';')
+        .next()
+        .expect("pair")
+        .to_owned();
+    let admin = [("cookie", boss.as_str()), ("origin", origin.as_str())];
+    let (status, _, body) = http(port, "GET", "/api/users", &admin, b"");
+    assert_eq!(status, 200);
+    let users: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(users["users"].as_array().map(Vec::len), Some(5), "{users}");
+    assert!(
+        !String::from_utf8_lossy(&body).contains("argon2"),
+        "no hash leaves"
+    );
+    let (status, _, body) = http(port, "GET", "/api/projects/brain/status", &admin, b"");
+    assert_eq!(status, 200);
+    let st: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(st["cases"], 3);
+    let (status, _, body) = http(port, "POST", "/api/projects/brain/export", &admin, b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let ex: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let folder = PathBuf::from(ex["folder"].as_str().expect("folder"));
+    assert!(folder.join("coco.json").is_file() && folder.join("labels").is_dir());
+    // The rater's case is returned with a reason; the assignment says so.
+    let body = format!("{{\"rater\":\"{rater}\",\"repeat\":1,\"reason\":\"redo the lower edge\"}}");
+    let (status, _, _) = http(
+        port,
+        "POST",
+        &format!("/api/projects/brain/cases/{}/return", case.id),
+        &admin,
+        body.as_bytes(),
+    );
+    assert_eq!(status, 200);
+    let state = site
+        .work()
+        .assignments("brain")
+        .expect("assignments")
+        .into_iter()
+        .find(|a| a.case_id == case.id && a.rater == rater)
+        .expect("assignment")
+        .state;
+    assert_eq!(state, "returned");
 }
