@@ -390,10 +390,10 @@ fn login_logout_and_what_each_role_may_open() {
     let t = b.text("#page-error");
     assert!(t.contains("is assigned to you"), "{t}");
     let status = b.js_async(&format!(
-        "const done = arguments[0]; Promise.all(['/api/projects/brain/cases/{0}/image.nii.gz', '/api/projects/brain/cases/{0}'].map(u => fetch(u).then(r => r.status))).then(done)",
+        "const done = arguments[0]; Promise.all(['/api/projects/brain/cases/{0}/image.nii.gz', '/api/projects/brain/cases/{0}/image.nii', '/api/projects/brain/cases/{0}'].map(u => fetch(u).then(r => r.status))).then(done)",
         site.cases["plain"].id
     ));
-    assert_eq!(status, serde_json::json!([404, 404]));
+    assert_eq!(status, serde_json::json!([404, 404, 404]));
     b.logout();
 
     // The rater saves a version of the case; another annotator cannot read it, by id.

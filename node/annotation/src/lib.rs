@@ -899,8 +899,13 @@ impl Annotations {
     /// Each rater's latest version of each case (first repeat; proposals and consensus left
     /// out), with content and label map.
     pub fn latest(&self, project: &str) -> Result<Vec<Loaded>, AnnotationError> {
+        self.latest_of(project, None)
+    }
+
+    /// [`Self::latest`] of one case, or of all when `case` is `None`.
+    fn latest_of(&self, project: &str, case: Option<&str>) -> Result<Vec<Loaded>, AnnotationError> {
         let mut last: BTreeMap<(String, String), AnnotationVersion> = BTreeMap::new();
-        for v in self.catalog.annotation_versions(project, None)? {
+        for v in self.catalog.annotation_versions(project, case)? {
             if v.repeat != 1 || v.rater == CONSENSUS_RATER || v.source == Source::Proposal.name() {
                 continue;
             }
@@ -911,8 +916,16 @@ impl Annotations {
 
     /// The agreement of the project's raters.
     pub fn agreement(&self, project: &str) -> Result<ProjectAgreement, AnnotationError> {
+        self.agreement_of(project, None)
+    }
+
+    fn agreement_of(
+        &self,
+        project: &str,
+        case: Option<&str>,
+    ) -> Result<ProjectAgreement, AnnotationError> {
         let p = self.project(project)?;
-        let latest = self.latest(project)?;
+        let latest = self.latest_of(project, case)?;
         let grids = self.grids(project)?;
         let ratings: Vec<Rating<'_>> = latest
             .iter()
@@ -981,24 +994,19 @@ impl Annotations {
         case: &str,
         method: ConsensusMethod,
     ) -> Result<Option<(LabelMap, i64)>, AnnotationError> {
-        let latest = self.latest(project)?;
-        let ls: Vec<&Loaded> = latest
-            .iter()
-            .filter(|l| l.version.case_id == case && l.mask.is_some())
-            .collect();
+        let latest = self.latest_of(project, Some(case))?;
+        let ls: Vec<&Loaded> = latest.iter().filter(|l| l.mask.is_some()).collect();
         Ok(combine(&ls, method).and_then(|(m, p)| Some((m, p?))))
     }
 
-    /// The agreement of one case's raters (the project's agreement, this case's pairs).
+    /// The agreement of one case's raters (only this case's versions are read).
     pub fn case_agreement(
         &self,
         project: &str,
         case: &str,
     ) -> Result<ProjectAgreement, AnnotationError> {
-        let mut a = self.agreement(project)?;
-        a.masks.retain(|m| m.case == case);
-        a.boxes.retain(|b| b.case == case);
-        a.landmarks.retain(|l| l.case == case);
+        let mut a = self.agreement_of(project, Some(case))?;
+        // Summaries over one case say nothing the pairs do not.
         a.mask_summary.clear();
         a.labels.clear();
         Ok(a)

@@ -37,6 +37,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/api/projects/{p}/cases", get(cases))
         .route("/api/projects/{p}/cases/{c}", get(case))
         .route("/api/projects/{p}/cases/{c}/image.nii.gz", get(image))
+        .route("/api/projects/{p}/cases/{c}/image.nii", get(image_inflated))
         .route(
             "/api/projects/{p}/cases/{c}/versions",
             post(save).layer(DefaultBodyLimit::disable()),
@@ -361,31 +362,66 @@ fn stream_file(file: std::fs::File, start: u64, count: u64) -> Body {
     Body::from_stream(stream)
 }
 
+/// The case image file, opened, for a user who may see the case.
+async fn case_image(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    project: String,
+    case: String,
+) -> Result<std::fs::File, Response> {
+    let who = principal(state, headers)?;
+    let path = work(state, move |w| {
+        Access::of(w, &who, &project, &case)?;
+        let (c, _) = w.case(&project, &case).map_err(failed)?;
+        Ok(w.image_path(&c))
+    })
+    .await?;
+    std::fs::File::open(&path).map_err(|_| {
+        tracing::error!(path = %path.display(), "case image missing");
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the case image is missing; run `fedcurate-node annotate cases` to rebuild it",
+        )
+    })
+}
+
+/// The case image as NIfTI, the stored gzip sent as `Content-Encoding: gzip`: the browser
+/// inflates it natively while it arrives (what the viewer loads; no byte ranges, which would
+/// count the encoded bytes).
+async fn image_inflated(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((project, case)): Path<(String, String)>,
+) -> Response {
+    let file = match case_image(&state, &headers, project, case).await {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut r = Response::new(stream_file(file, 0, len));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, no-store"),
+    );
+    r
+}
+
+/// The case image as stored (NIfTI, gzipped), with byte ranges.
 async fn image(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path((project, case)): Path<(String, String)>,
 ) -> Response {
-    let who = match principal(&state, &headers) {
-        Ok(p) => p,
+    let file = match case_image(&state, &headers, project, case).await {
+        Ok(f) => f,
         Err(r) => return r,
-    };
-    let path = match work(&state, move |w| {
-        Access::of(w, &who, &project, &case)?;
-        let (c, _) = w.case(&project, &case).map_err(failed)?;
-        Ok(w.image_path(&c))
-    })
-    .await
-    {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    let Ok(file) = std::fs::File::open(&path) else {
-        tracing::error!(path = %path.display(), "case image missing");
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the case image is missing; run `fedcurate-node annotate cases` to rebuild it",
-        );
     };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let mut r = match byte_range(&headers, len) {

@@ -98,6 +98,8 @@ async function caseScreen(project, caseId) {
   const stage = h('div', { class: 'stage', id: 'stage' });
   const status = h('p', { class: 'status', id: 'status' }, 'Loading the image…');
   const side = h('div', { class: 'side' });
+  const statusSection = h('section', { id: 'status-section' }, status);
+  side.append(statusSection);
   app.replaceChildren(h('div', { class: 'case', 'data-case': caseId }, stage, side));
 
   const viewer = new Viewer(stage, {
@@ -108,7 +110,13 @@ async function caseScreen(project, caseId) {
   });
   state.viewer = viewer;
   const t0 = performance.now();
-  await viewer.open(info, `/api/projects/${enc(project)}/cases/${enc(caseId)}/image.nii.gz`);
+  try {
+    await viewer.open(info, `/api/projects/${enc(project)}/cases/${enc(caseId)}/image.nii`);
+  } catch (e) {
+    status.textContent = `The image could not be shown: ${e.message || e}`;
+    status.className = 'status error';
+    throw e;
+  }
   state.loadMs = performance.now() - t0;
   status.textContent = `Image shown in ${Math.round(state.loadMs)} ms.`;
   status.dataset.ready = '1';
@@ -210,7 +218,7 @@ async function caseScreen(project, caseId) {
     form.append('meta', new Blob([JSON.stringify(meta)], { type: 'application/json' }));
     const needsMask = meta.action !== 'accept' && meta.action !== 'reject';
     const bytes = needsMask ? await viewer.drawingBytes() : null;
-    if (bytes) form.append('mask', new Blob([bytes], { type: 'application/octet-stream' }), 'mask.nii');
+    if (bytes) form.append('mask', new Blob([bytes], { type: 'application/gzip' }), 'mask.nii.gz');
     try {
       const r = await api(`/api/projects/${enc(project)}/cases/${enc(caseId)}/versions`, { method: 'POST', form });
       status.textContent = `Saved as version ${r.id}.`;
@@ -229,7 +237,8 @@ async function caseScreen(project, caseId) {
   const save = h('button', { class: 'primary', id: 'save', title: 'Save (Ctrl+S)', disabled: !assigned,
     onclick: () => work.proposal ? submit({ action: 'modify', proposal: work.proposal, repeat, content: content() })
       : submit({ action: 'save', repeat, parent: work.parent, content: content() }) }, 'Save');
-  side.append(h('section', {}, assigned ? save : h('p', { class: 'muted' }, 'Not assigned to you: reviewers adjudicate below.'), status));
+  statusSection.prepend(assigned ? save : h('p', { class: 'muted' }, 'Not assigned to you: reviewers adjudicate below.'));
+  side.append(statusSection);
 
   // Proposals.
   const proposals = info.versions.filter((v) => v.source === 'proposal');
@@ -312,7 +321,7 @@ function reviewPanel(info, project, caseId, viewer, side, work, status, loadVers
     const form = new FormData();
     form.append('meta', new Blob([JSON.stringify({ action: 'adjudicate', start: work.start, parent: work.parent, content: { ...viewer.vectors } })], { type: 'application/json' }));
     const bytes = await viewer.drawingBytes();
-    if (bytes) form.append('mask', new Blob([bytes]), 'consensus.nii');
+    if (bytes) form.append('mask', new Blob([bytes], { type: 'application/gzip' }), 'consensus.nii.gz');
     try {
       const r = await api(`/api/projects/${enc(project)}/cases/${enc(caseId)}/versions`, { method: 'POST', form });
       status.textContent = `Consensus saved as version ${r.id}.`;

@@ -73,7 +73,7 @@ export class Viewer {
     this.affine = caseInfo.grid.affine;
     this.inverse = invert(this.affine);
     await this.nv.attachToCanvas(this.canvas);
-    await this.nv.loadVolumes([{ url: imageUrl, name: `${caseInfo.case}.nii.gz` }]);
+    await this.nv.loadVolumes([{ url: imageUrl, name: `${caseInfo.case}.nii` }]);
     this.nv.setSliceType(SLICE_TYPE.MULTIPLANAR);
     this.nv.onLocationChange = () => { this.redraw(); this.onChange('location'); };
     this.nv.onDrawingChanged = (action) => {
@@ -206,10 +206,13 @@ export class Viewer {
 
   // The drawing as NIfTI bytes in the image's own voxel order (NiiVue converts from its
   // RAS-ordered bitmap), or null when nothing is painted.
+  // Gzipped in the browser (natively): a label map is mostly zeros, so the upload is small.
   async drawingBytes() {
     const bmp = this.nv.drawBitmap;
     if (!bmp || !bmp.some((x) => x !== 0)) return null;
-    return this.nv.saveImage({ filename: '', isSaveDrawing: true, volumeByIndex: 0 });
+    const raw = await this.nv.saveImage({ filename: '', isSaveDrawing: true, volumeByIndex: 0 });
+    const stream = new Blob([raw]).stream().pipeThrough(new CompressionStream('gzip'));
+    return new Uint8Array(await new Response(stream).arrayBuffer());
   }
 
   async loadMask(url) {

@@ -178,7 +178,7 @@ impl Browser {
 
     /// Wait until `css`'s text satisfies `ok`.
     pub fn wait_text(&self, css: &str, ok: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let t = self.text(css);
             if ok(&t) {
@@ -205,7 +205,10 @@ impl Browser {
     /// Open a case and wait for its image to be shown.
     pub fn open_case(&self, url: &str, project: &str, case: &str) {
         self.goto(&format!("{url}/#/p/{project}/c/{case}"));
-        self.wait_text("#status", |t| t.contains("Image shown"));
+        let t = self.wait_text("#status", |t| {
+            t.contains("Image shown") || t.contains("could not be shown")
+        });
+        assert!(t.contains("Image shown"), "{t}");
     }
 
     /// Keep a screenshot of the page when `FEDCURATE_SCREENSHOTS` names a folder.
