@@ -102,6 +102,7 @@ async function caseScreen(project, caseId) {
   side.append(statusSection);
   app.replaceChildren(h('div', { class: 'case', 'data-case': caseId }, stage, side));
 
+  if (state.viewer) state.viewer.dispose();
   const viewer = new Viewer(stage, {
     onChange: (what) => {
       const input = document.getElementById('landmark-name');

@@ -68,6 +68,15 @@ export class Viewer {
     }, { passive: false });
   }
 
+  // Give the WebGL context back when the screen is left (browsers keep only a few).
+  dispose() {
+    const gl = this.nv.gl;
+    const lose = gl && gl.getExtension('WEBGL_lose_context');
+    if (lose) lose.loseContext();
+    this.canvas.remove();
+    this.overlay.remove();
+  }
+
   async open(caseInfo, imageUrl) {
     this.info = caseInfo;
     this.affine = caseInfo.grid.affine;
