@@ -106,31 +106,83 @@ impl LabelMap {
         self.data.mapv(|v| v == value)
     }
 
+    /// Voxels per value, 0 included, counted in memory order.
+    fn histogram(&self) -> Vec<u64> {
+        let mut h = vec![0u64; 1 << 16];
+        match self.data.as_slice_memory_order() {
+            Some(s) => s.iter().for_each(|&v| h[usize::from(v)] += 1),
+            None => self.data.iter().for_each(|&v| h[usize::from(v)] += 1),
+        }
+        h
+    }
+
     /// The labels present (without 0).
     pub fn present(&self) -> Vec<u16> {
-        let mut seen = std::collections::BTreeSet::new();
-        for &v in &self.data {
-            if v != 0 {
-                seen.insert(v);
-            }
-        }
-        seen.into_iter().collect()
+        self.counts().into_keys().collect()
     }
 
     /// Voxels per label (without 0).
     pub fn counts(&self) -> std::collections::BTreeMap<u16, u64> {
-        let mut m = std::collections::BTreeMap::new();
-        for &v in &self.data {
-            if v != 0 {
-                *m.entry(v).or_insert(0) += 1;
-            }
-        }
-        m
+        self.histogram()
+            .into_iter()
+            .enumerate()
+            .skip(1)
+            .filter(|(_, n)| *n > 0)
+            .map(|(v, n)| (v as u16, n))
+            .collect()
     }
 
-    /// Read a NIfTI label map (gzipped or not).
+    /// Read a NIfTI label map (gzipped or not). Unscaled uint8 and uint16 maps (what viewers
+    /// and this node write) are read straight into place; any other type is decoded and
+    /// checked voxel by voxel.
     pub fn from_nifti(bytes: &[u8]) -> Result<LabelMap, LabelMapError> {
-        let (_, v) = nifti::read_bytes(bytes).map_err(|e| LabelMapError::Nifti(e.to_string()))?;
+        let (header, data) =
+            nifti::read_raw(bytes).map_err(|e| LabelMapError::Nifti(e.to_string()))?;
+        let unscaled = (header.scl_slope == 0.0 || !header.scl_slope.is_finite())
+            || (header.scl_slope == 1.0 && header.scl_inter == 0.0);
+        let d = &header.dims;
+        let three_d = (d.len() == 3 || (d.len() == 4 && d[3] == 1)) && d.iter().all(|&x| x >= 1);
+        let bytes_per = match header.datatype {
+            StoredType::U8 => 1,
+            StoredType::U16 => 2,
+            _ => 0,
+        };
+        if unscaled && three_d && bytes_per > 0 {
+            let shape = [d[0] as usize, d[1] as usize, d[2] as usize];
+            let n = shape[0] * shape[1] * shape[2];
+            if data.len() < n * bytes_per {
+                return Err(LabelMapError::Nifti(format!(
+                    "the voxel data is cut short: {} bytes of {}",
+                    data.len(),
+                    n * bytes_per
+                )));
+            }
+            // NIfTI stores i fastest: Fortran order, the map's own layout.
+            let values: Vec<u16> = if bytes_per == 1 {
+                data[..n].iter().map(|&b| u16::from(b)).collect()
+            } else {
+                data[..2 * n]
+                    .chunks_exact(2)
+                    .map(|c| {
+                        if header.big_endian {
+                            u16::from_be_bytes([c[0], c[1]])
+                        } else {
+                            u16::from_le_bytes([c[0], c[1]])
+                        }
+                    })
+                    .collect()
+            };
+            let data = Array3::from_shape_vec((shape[0], shape[1], shape[2]).f(), values)
+                .map_err(|e| LabelMapError::Nifti(e.to_string()))?;
+            return Ok(LabelMap {
+                grid: Grid {
+                    shape,
+                    affine: header.affine,
+                },
+                data,
+            });
+        }
+        let v = nifti::decode(&header, &data).map_err(|e| LabelMapError::Nifti(e.to_string()))?;
         if v.channels() != 1 {
             return Err(LabelMapError::Channels(v.channels()));
         }
@@ -164,9 +216,10 @@ impl LabelMap {
     pub fn to_volume(&self) -> Volume {
         let [i, j, k] = self.grid.shape;
         let mut data = Array4::<f32>::zeros((i, j, k, 1).f());
-        for (out, &v) in data.iter_mut().zip(self.data.iter()) {
-            *out = f32::from(v);
-        }
+        // Both in Fortran order: Zip walks them in memory order.
+        ndarray::Zip::from(data.index_axis_mut(ndarray::Axis(3), 0))
+            .and(&self.data)
+            .for_each(|out, &v| *out = f32::from(v));
         let max = self.data.iter().copied().max().unwrap_or(0);
         Volume {
             data,

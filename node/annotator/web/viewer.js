@@ -41,6 +41,7 @@ export class Viewer {
     this.nv = new Niivue({
       backColor: [0, 0, 0, 1],
       show3Dcrosshair: false,
+      multiplanarShowRender: 0, // three planes, no 3D rendering tile
       dragMode: DRAG_MODE.contrast,
       isRadiologicalConvention: false,
       logLevel: 'error',
@@ -82,6 +83,8 @@ export class Viewer {
     this.affine = caseInfo.grid.affine;
     this.inverse = invert(this.affine);
     await this.nv.attachToCanvas(this.canvas);
+    // Colours first: setting them after the volume would make NiiVue prepare it again.
+    this.setLabels(caseInfo.project.labels);
     await this.nv.loadVolumes([{ url: imageUrl, name: `${caseInfo.case}.nii` }]);
     this.nv.setSliceType(SLICE_TYPE.MULTIPLANAR);
     this.nv.onLocationChange = () => { this.redraw(); this.onChange('location'); };
@@ -89,14 +92,13 @@ export class Viewer {
       if (action !== 'undo') this.redoable = 0;
       this.onChange('drawing');
     };
-    this.setLabels(caseInfo.project.labels);
-    this.nv.createEmptyDrawing();
-    this.nv.setDrawingEnabled(false);
+    // The drawing is made when a painting tool is first chosen (or a mask loaded).
     this.applyBrush();
     this.redraw();
   }
 
   setLabels(labels) {
+    if (!labels) return;
     // The drawing colours: label value v gets the project's colour.
     const I = [0], R = [0], G = [0], B = [0], A = [0], names = ['background'];
     for (const l of labels) {
@@ -200,13 +202,14 @@ export class Viewer {
   }
 
   undo() {
+    if (!this.nv.drawBitmap) return;
     this.nv.drawUndo();
     this.redoable += 1;
   }
 
   // NiiVue keeps its undo states in a ring; after an undo the newer state is still there.
   redo() {
-    if (this.redoable < 1) return;
+    if (this.redoable < 1 || !this.nv.drawBitmap) return;
     const n = this.nv.drawUndoBitmaps.length;
     this.nv.currentDrawUndoBitmap = (this.nv.currentDrawUndoBitmap + 2) % n;
     this.nv.drawUndo();
@@ -232,7 +235,7 @@ export class Viewer {
   }
 
   clearMask() {
-    this.nv.createEmptyDrawing();
+    if (this.nv.drawBitmap) this.nv.createEmptyDrawing();
     this.setTool(this.tool);
   }
 

@@ -283,15 +283,23 @@ fn capped(reader: impl Read, gz: bool, len: u64, cap: u64) -> io::Result<Vec<u8>
 /// Read a single-file NIfTI-1/2 (`.nii` or `.nii.gz` bytes) from memory, with the same bounds
 /// as [`read`]: inflated only as far as the header declares.
 pub fn read_bytes(bytes: &[u8]) -> Result<(Header, Volume), NiftiError> {
+    let (header, data) = read_raw(bytes)?;
+    let volume = decode(&header, &data)?;
+    Ok((header, volume))
+}
+
+/// The header and the voxel bytes as stored (gzip inflated, at most what the header
+/// declares), for callers that decode a known type themselves.
+pub fn read_raw(bytes: &[u8]) -> Result<(Header, Vec<u8>), NiftiError> {
     let gz = bytes.starts_with(&[0x1F, 0x8B]);
     let len = bytes.len() as u64;
     let head = capped(bytes, gz, len, HEADER_READ)?;
     let header = parse_header(&head)?;
     let need = header.data_bytes()?;
-    let all = capped(bytes, gz, len, header.vox_offset.saturating_add(need))?;
-    let data = all.get(header.vox_offset as usize..).unwrap_or(&[]);
-    let volume = decode(&header, data)?;
-    Ok((header, volume))
+    let mut all = capped(bytes, gz, len, header.vox_offset.saturating_add(need))?;
+    let start = (header.vox_offset as usize).min(all.len());
+    all.drain(..start);
+    Ok((header, all))
 }
 
 /// The largest header (NIfTI-2) and the magic after it.
