@@ -632,6 +632,30 @@ pub fn encode_series(first: &Volume, more: &[Volume], seconds: f64) -> Vec<u8> {
     } else {
         volume.stored
     };
+    let nt = 1 + more.len();
+    let mut out = header_bytes([ni, nj, nk, nt], stored, &volume.affine, seconds);
+    out.reserve(nt * ni * nj * nk * (stored.bits() as usize / 8).max(1));
+    for volume in std::iter::once(first).chain(more) {
+        push_voxels(&mut out, volume, stored);
+    }
+    out
+}
+
+/// A 3D NIfTI-1 file of voxels already in NIfTI's order and `stored` type (little-endian).
+pub fn encode_raw(
+    shape: [usize; 3],
+    affine: &Affine,
+    stored: StoredType,
+    voxels: &[u8],
+) -> Vec<u8> {
+    let mut out = header_bytes([shape[0], shape[1], shape[2], 1], stored, affine, 1.0);
+    out.extend_from_slice(voxels);
+    out
+}
+
+/// The 352 bytes before the voxels: the header and an empty extension flag.
+fn header_bytes(dims4: [usize; 4], stored: StoredType, affine: &Affine, seconds: f64) -> Vec<u8> {
+    let [ni, nj, nk, nt] = dims4;
     let mut h = vec![0u8; 352];
     let put_i16 =
         |h: &mut Vec<u8>, at: usize, v: i16| h[at..at + 2].copy_from_slice(&v.to_le_bytes());
@@ -642,7 +666,6 @@ pub fn encode_series(first: &Volume, more: &[Volume], seconds: f64) -> Vec<u8> {
     };
     put_i32(&mut h, 0, 348);
     h[38] = b'r';
-    let nt = 1 + more.len();
     let dims = if nt > 1 {
         [4i16, ni as i16, nj as i16, nk as i16, nt as i16, 1, 1, 1]
     } else {
@@ -653,7 +676,7 @@ pub fn encode_series(first: &Volume, more: &[Volume], seconds: f64) -> Vec<u8> {
     }
     put_i16(&mut h, 70, stored.code());
     put_i16(&mut h, 72, stored.bits());
-    let (quat, qfac, spacing) = to_quaternion(&volume.affine);
+    let (quat, qfac, spacing) = to_quaternion(affine);
     let pixdim = [
         qfac, spacing[0], spacing[1], spacing[2], seconds, 1.0, 1.0, 1.0,
     ];
@@ -670,21 +693,16 @@ pub fn encode_series(first: &Volume, more: &[Volume], seconds: f64) -> Vec<u8> {
         put_f32(&mut h, 256 + 4 * i, *q);
     }
     for i in 0..3 {
-        put_f32(&mut h, 268 + 4 * i, volume.affine[i][3]);
+        put_f32(&mut h, 268 + 4 * i, affine[i][3]);
     }
     for row in 0..3 {
         for col in 0..4 {
-            put_f32(&mut h, 280 + 16 * row + 4 * col, volume.affine[row][col]);
+            put_f32(&mut h, 280 + 16 * row + 4 * col, affine[row][col]);
         }
     }
     h[344..348].copy_from_slice(b"n+1\0");
     // 348..352: extension flag 0 (no extensions).
-    let mut out = h;
-    out.reserve(nt * ni * nj * nk * (stored.bits() as usize / 8).max(1));
-    for volume in std::iter::once(first).chain(more) {
-        push_voxels(&mut out, volume, stored);
-    }
-    out
+    h
 }
 
 fn push_voxels(out: &mut Vec<u8>, volume: &Volume, stored: StoredType) {
