@@ -692,12 +692,12 @@ fn header_bytes(dims4: [usize; 4], stored: StoredType, affine: &Affine, seconds:
     for (i, q) in quat.iter().enumerate() {
         put_f32(&mut h, 256 + 4 * i, *q);
     }
-    for i in 0..3 {
-        put_f32(&mut h, 268 + 4 * i, affine[i][3]);
+    for (i, row) in affine.iter().take(3).enumerate() {
+        put_f32(&mut h, 268 + 4 * i, row[3]);
     }
-    for row in 0..3 {
-        for col in 0..4 {
-            put_f32(&mut h, 280 + 16 * row + 4 * col, affine[row][col]);
+    for (r, row) in affine.iter().take(3).enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            put_f32(&mut h, 280 + 16 * r + 4 * c, *v);
         }
     }
     h[344..348].copy_from_slice(b"n+1\0");
