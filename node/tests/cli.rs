@@ -447,6 +447,10 @@ fn the_consortium_demo_federates_three_sites_and_leaks_nothing() {
         .expect("a free port");
     let mut demo = bin()
         .env("FEDCURATE_COORDINATOR", &coordinator)
+        .env(
+            "FEDCURATE_WEB_ASSETS",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../web"),
+        )
         .args(["consortium-demo", "--patients", "6", "--annotate"])
         .arg("--annotate-listen")
         .arg(format!("127.0.0.1:{port}"))

@@ -113,11 +113,15 @@ impl AnnotatorSettings {
             .unwrap_or_else(|| self.origins()[0].clone())
     }
 
-    /// The web-assets folder: the setting, or `web` next to the binary, or (in a source
-    /// checkout, binary under `target/<profile>/`) the checkout's `web`.
+    /// The web-assets folder: the setting, else `FEDCURATE_WEB_ASSETS`, else `web` next to the
+    /// binary, else (in a source checkout, binary under `target/<profile>/`) the checkout's
+    /// `web`.
     pub fn web_assets_dir(&self) -> PathBuf {
         if let Some(p) = &self.web_assets {
             return p.clone();
+        }
+        if let Some(p) = std::env::var_os("FEDCURATE_WEB_ASSETS") {
+            return PathBuf::from(p);
         }
         let exe_dir = std::env::current_exe()
             .ok()
