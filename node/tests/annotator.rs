@@ -427,6 +427,14 @@ fn login_logout_and_what_each_role_may_open() {
         "const done = arguments[0]; fetch('/api/versions/{version}').then(r => done(r.status))"
     ));
     assert_eq!(status, 200);
+    b.logout();
+    // An admin sees the project's progress and exports it from the worklist.
+    b.login(&site.url, "boss");
+    let line = b.text("section.project .status-line");
+    assert!(line.starts_with("3 cases · 6 assignments"), "{line}");
+    b.click("section.project button.export");
+    let out = b.wait_text("section.project .admin-out", |t| !t.is_empty());
+    assert!(out.starts_with("Exported 1 version to "), "{out}");
     // After logout the session is over: the API answers 401.
     b.logout();
     let status =

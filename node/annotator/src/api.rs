@@ -335,15 +335,17 @@ fn byte_range(headers: &HeaderMap, len: u64) -> Option<Result<(u64, u64), ()>> {
     })
 }
 
-/// Stream `count` bytes of `file` from `start`.
+/// Stream `count` bytes of `file` from `start`, a MiB at a time off the async threads; a read
+/// error ends the stream with that error.
 fn stream_file(file: std::fs::File, start: u64, count: u64) -> Body {
     use std::io::{Read, Seek, SeekFrom};
-    let state = (file, start, count, false);
-    let stream = futures_util::stream::unfold(state, |(mut f, at, left, sought)| async move {
+    let state = (Some(file), start, count, false);
+    let stream = futures_util::stream::unfold(state, |(file, at, left, sought)| async move {
+        let mut f = file?;
         if left == 0 {
             return None;
         }
-        let chunk = (left).min(1 << 20) as usize;
+        let chunk = left.min(1 << 20) as usize;
         let read = tokio::task::spawn_blocking(move || {
             if !sought {
                 f.seek(SeekFrom::Start(at))?;
@@ -354,8 +356,11 @@ fn stream_file(file: std::fs::File, start: u64, count: u64) -> Body {
         })
         .await;
         match read {
-            Ok(Ok((f, buf))) => Some((Ok(buf), (f, at + chunk as u64, left - chunk as u64, true))),
-            Ok(Err(e)) => Some((Err(e), (std::fs::File::open("/dev/null").ok()?, 0, 0, true))),
+            Ok(Ok((f, buf))) => Some((
+                Ok(buf),
+                (Some(f), at + chunk as u64, left - chunk as u64, true),
+            )),
+            Ok(Err(e)) => Some((Err(e), (None, at, 0, true))),
             Err(_) => None,
         }
     });

@@ -80,6 +80,7 @@ async function worklist() {
     });
     body.push(h('section', { class: 'project', 'data-project': p.id },
       h('h3', {}, `${p.id} `, h('span', { class: 'muted' }, `${p.labels.map((l) => l.name).join(', ')} · ${p.kinds.join(', ')}${p.blinded ? ' · blinded' : ''}`)),
+      state.me.role === 'admin' ? await adminTools(p) : '',
       h('table', {}, h('thead', {}, h('tr', {}, h('th', {}, 'Case'), h('th', {}, 'Modality'), h('th', {}, 'Assignments'),
         state.me.role === 'annotator' ? '' : h('th', {}, 'Consensus'))), h('tbody', {}, rows))));
   }
@@ -89,6 +90,28 @@ async function worklist() {
       h('table', {}, users.map((u) => h('tr', {}, h('td', {}, u.user), h('td', {}, u.role), h('td', {}, u.disabled ? 'disabled' : 'active'))))));
   }
   app.replaceChildren(...body);
+}
+
+// An admin's tools for a project: its progress, assigning raters, exporting.
+async function adminTools(p) {
+  const st = await api(`/api/projects/${enc(p.id)}/status`);
+  const out = h('span', { class: 'muted admin-out' }, '');
+  const raters = h('input', { class: 'assign-raters', placeholder: 'raters, comma-separated', size: 28 });
+  const assign = h('button', { class: 'assign', onclick: async () => {
+    try {
+      const r = await api(`/api/projects/${enc(p.id)}/assign`, { method: 'POST', json: { raters: raters.value.split(',').map((x) => x.trim()).filter(Boolean) } });
+      out.textContent = `${r.assigned} new assignments.`;
+    } catch (e) { out.textContent = e.message; }
+  } }, 'Assign');
+  const exp = h('button', { class: 'export', onclick: async () => {
+    try {
+      const r = await api(`/api/projects/${enc(p.id)}/export`, { method: 'POST' });
+      out.textContent = `Exported ${r.versions} version${r.versions === 1 ? "" : "s"} to ${r.folder}.`;
+    } catch (e) { out.textContent = e.message; }
+  } }, 'Export');
+  return h('div', { class: 'tools admin' },
+    h('span', { class: 'muted status-line' }, `${st.cases} cases · ${st.assignments} assignments · ${st.submitted} submitted · ${st.returned} returned · ${st.versions} versions · consensus on ${st.consensus_cases}`),
+    raters, assign, exp, out);
 }
 
 async function caseScreen(project, caseId) {
