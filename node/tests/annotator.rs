@@ -725,6 +725,23 @@ fn proposals_are_accepted_and_modified_and_the_reviewer_adjudicates() {
     let modified = b.save();
     b.logout();
 
+    // A rater of another case rejects its proposal: a version without a mask says so.
+    let flipped = &site.cases["flipped"];
+    let (third, _) = site.rater_of("flipped");
+    b.login(&site.url, &third);
+    b.open_case(&site.url, "brain", &flipped.id);
+    b.click("#proposal-reject");
+    b.wait_text("#status", |t| t.contains("Saved as version"));
+    b.logout();
+    let rejected = site
+        .work()
+        .versions("brain", Some(&flipped.id))
+        .expect("versions")
+        .into_iter()
+        .find(|v| v.rater == third && v.source == "proposal-rejected")
+        .expect("the rejection");
+    assert!(rejected.mask_path.is_none() && rejected.parent.is_some());
+
     let work = site.work();
     let versions = work.versions("brain", Some(&case.id)).expect("versions");
     let proposal = versions
