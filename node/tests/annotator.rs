@@ -427,6 +427,25 @@ fn login_logout_and_what_each_role_may_open() {
         "const done = arguments[0]; fetch('/api/versions/{version}').then(r => done(r.status))"
     ));
     assert_eq!(status, 200);
+    // Right drag pans once chosen (it sets window/level by default).
+    b.single_plane();
+    let before = b.js("return [...window.fedcurate.viewer.nv.scene.pan2Dxyzmm]");
+    b.drag_with(
+        fantoccini::actions::MOUSE_BUTTON_RIGHT,
+        &[[0.0, 0.0], [60.0, 40.0], [120.0, 80.0]],
+    );
+    assert_eq!(
+        b.js("return [...window.fedcurate.viewer.nv.scene.pan2Dxyzmm]"),
+        before,
+        "by default a right drag does not pan"
+    );
+    b.js("const s = document.querySelector('#right-drag'); s.value = 'pan'; s.dispatchEvent(new Event('change'))");
+    b.drag_with(
+        fantoccini::actions::MOUSE_BUTTON_RIGHT,
+        &[[0.0, 0.0], [60.0, 40.0], [120.0, 80.0]],
+    );
+    let after = b.js("return [...window.fedcurate.viewer.nv.scene.pan2Dxyzmm]");
+    assert_ne!(before, after, "a right drag in pan mode moves the view");
     b.logout();
     // An admin sees the project's progress and exports it from the worklist.
     b.login(&site.url, "boss");

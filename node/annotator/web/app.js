@@ -190,14 +190,17 @@ async function caseScreen(project, caseId) {
     const p = presetSet[preset.value];
     if (Array.isArray(p)) viewer.preset(p[0], p[1]); else viewer.preset(p, null);
   });
+  const rightDrag = h('select', { id: 'right-drag', title: 'What a right drag does' },
+    h('option', { value: 'contrast' }, 'Right drag: window/level'), h('option', { value: 'pan' }, 'Right drag: pan'));
+  rightDrag.addEventListener('change', () => viewer.setRightDrag(rightDrag.value));
   const layout = h('select', { id: 'layout' }, ['multiplanar', 'axial', 'coronal', 'sagittal', 'acquisition'].map((n) => h('option', { value: n }, n)));
   layout.addEventListener('change', () => viewer.setLayout(layout.value));
 
   side.append(h('section', {}, h('h3', {}, 'View'),
-    h('div', { class: 'tools' }, layout, preset,
+    h('div', { class: 'tools' }, layout, preset, rightDrag,
       h('button', { id: 'zoom-in', title: 'Zoom in (+)', onclick: () => viewer.zoom(1.25) }, '+'),
       h('button', { id: 'zoom-out', title: 'Zoom out (−)', onclick: () => viewer.zoom(0.8) }, '−')),
-    h('p', { class: 'muted' }, 'Scroll: slices · right drag: window/level · click: crosshair')));
+    h('p', { class: 'muted' }, 'Scroll: slices · right drag: window/level or pan · click: crosshair')));
   side.append(h('section', {}, h('h3', {}, 'Tools'), h('div', { class: 'tools' }, toolButtons),
     kinds.has('mask') ? h('p', {}, h('label', {}, 'Brush (mm) ', brush), ' ',
       h('button', { id: 'undo', title: 'Undo (Ctrl+Z)', onclick: () => viewer.undo() }, 'Undo'),

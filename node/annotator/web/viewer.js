@@ -141,6 +141,11 @@ export class Viewer {
     this.redraw();
   }
 
+  // What a right drag does: window/level, or pan.
+  setRightDrag(mode) {
+    this.nv.opts.dragMode = mode === 'pan' ? DRAG_MODE.pan : DRAG_MODE.contrast;
+  }
+
   zoom(factor) {
     const p = this.nv.scene.pan2Dxyzmm;
     this.nv.setPan2Dxyzmm([p[0], p[1], p[2], Math.max(0.25, Math.min(16, p[3] * factor))]);

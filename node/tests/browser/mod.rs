@@ -269,6 +269,11 @@ impl Browser {
     /// Pointer actions on the canvas: press at the first point, drag through the others,
     /// release (points in CSS pixels from the canvas's centre).
     pub fn drag(&self, points: &[[f64; 2]]) {
+        self.drag_with(MOUSE_BUTTON_LEFT, points);
+    }
+
+    /// [`Self::drag`] with another mouse button.
+    pub fn drag_with(&self, button: u64, points: &[[f64; 2]]) {
         let canvas = self.wait_css("#stage canvas.overlay");
         let mut m = MouseActions::new("mouse".into());
         for (n, p) in points.iter().enumerate() {
@@ -279,14 +284,10 @@ impl Browser {
                 y: p[1],
             });
             if n == 0 {
-                m = m.then(PointerAction::Down {
-                    button: MOUSE_BUTTON_LEFT,
-                });
+                m = m.then(PointerAction::Down { button });
             }
         }
-        m = m.then(PointerAction::Up {
-            button: MOUSE_BUTTON_LEFT,
-        });
+        m = m.then(PointerAction::Up { button });
         self.rt
             .block_on(self.c().perform_actions(m))
             .expect("pointer actions");
