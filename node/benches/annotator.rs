@@ -205,14 +205,28 @@ fn measure(
     b.login(&url, "reader");
     let mut shown = Vec::new();
     let mut saved = Vec::new();
-    for _ in 0..runs.min(3) {
+    let open = || {
         b.goto(&format!("{url}/#/"));
         b.wait_css("section.project");
         b.open_case(&url, "bench", case);
         b.wait_css("#save");
-        let ms = b.js("return window.fedcurate.loadMs");
-        shown.push(ms.as_f64().expect("load time"));
-        // A third of the volume painted (a central block), then Save pressed.
+        b.js("return window.fedcurate.loadMs")
+            .as_f64()
+            .expect("load time")
+    };
+    // Opening the case before this run saves anything. (Where a kept case already has the
+    // rater's versions, the last one's label map is loaded with the image: said below.)
+    let earlier = b.js_async(&format!(
+        "const done = arguments[0]; fetch('/api/projects/bench/cases/{case}').then(r => r.json()).then(j => done(j.versions.length))"
+    ));
+    for _ in 0..runs.min(3) {
+        shown.push(open());
+    }
+    for _ in 0..runs.min(3) {
+        open();
+        // The brush chosen (the drawing is made then), a third of the volume painted (a
+        // central block), then Save pressed.
+        b.click("button[data-tool='brush']");
         b.js("const v = window.fedcurate.viewer; const nv = v.nv; const d = nv.back.dimsRAS; \
               const bmp = nv.drawBitmap; for (let z = Math.floor(d[3] / 6); z < Math.ceil(5 * d[3] / 6); z++) \
               for (let y = Math.floor(d[2] / 5); y < Math.ceil(4 * d[2] / 5); y++) { const row = (z * d[2] + y) * d[1]; \
@@ -246,8 +260,13 @@ fn measure(
         median(idle)
     );
     println!(
-        "  volume shown in the browser:  {:.0} ms (goal < 1000 ms)",
-        median(shown)
+        "  volume shown in the browser:  {:.0} ms (goal < 1000 ms){}",
+        median(shown),
+        if earlier.as_u64().unwrap_or(0) > 0 {
+            " (with the rater's last label map)"
+        } else {
+            ""
+        }
     );
     println!(
         "  label map saved and recorded: {:.0} ms (goal < 1000 ms)",
