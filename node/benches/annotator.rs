@@ -20,7 +20,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use browser::{Browser, PASSWORD, bin, free_port, run, web_assets};
+use browser::{Browser, bin, free_port, run, web_assets};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -110,7 +110,7 @@ fn main() {
     let marker = root.join(format!("prepared-{matrix}x{slices}"));
     if !marker.exists() {
         println!("preparing a {matrix}x{matrix}x{slices} CT case…");
-        prepare(&node, &root, matrix, slices);
+        prepare(&node, &cfg, &root, matrix, slices);
         std::fs::write(&marker, b"").expect("marker");
     }
     let cases: serde_json::Value = serde_json::from_str(&run(&mut node(&[
@@ -134,6 +134,7 @@ fn main() {
 /// A generated CT series, de-identified, the case of a project assigned to `reader`.
 fn prepare(
     node: &dyn Fn(&[&str]) -> std::process::Command,
+    cfg: &Path,
     root: &Path,
     matrix: usize,
     slices: usize,
@@ -164,20 +165,7 @@ fn prepare(
         "--raters",
         "reader",
     ]));
-    let mut add = node(&["users", "add", "reader", "--role", "annotator"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("users add");
-    {
-        use std::io::Write;
-        add.stdin
-            .take()
-            .expect("stdin")
-            .write_all(format!("{PASSWORD}\n").as_bytes())
-            .expect("password");
-    }
-    assert!(add.wait().expect("users add").success());
+    browser::add_user(cfg, "reader", "annotator");
 }
 
 fn measure(

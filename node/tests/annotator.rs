@@ -15,7 +15,9 @@ use node::fc_annotate::{Grid, LabelMap};
 use node::sample::{self, Patient, Series, Study, ts};
 
 mod browser;
-use browser::{Browser, PASSWORD, bin, free_port, lock, press, run, web_assets};
+use browser::{
+    Browser, PASSWORD, add_user, bin, free_port, lock, press, run, wait_for_port, web_assets,
+};
 
 const N: usize = 48;
 /// The bright block every slice carries: columns and rows (DICOM pixel indices).
@@ -207,19 +209,7 @@ impl Site {
             ("rev", "reviewer"),
             ("boss", "admin"),
         ] {
-            let mut c = node(&["users", "add", user, "--role", role]);
-            c.stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let mut child = c.spawn().expect("users add");
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(format!("{PASSWORD}\n").as_bytes())
-                .expect("password");
-            assert!(child.wait().expect("users add").success());
+            add_user(&cfg, user, role);
         }
         // The cases, told apart by their slice count; the block found in each case image.
         let listed: serde_json::Value = serde_json::from_str(&run(&mut node(&[
@@ -304,11 +294,7 @@ impl Site {
             .spawn()
             .expect("annotator starts");
         let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "the annotator did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_port(port, "the annotator");
         Site {
             dir,
             cfg,
@@ -973,23 +959,7 @@ fn tls_cookies_and_refusals_to_start() {
         ),
     )
     .expect("config");
-    let mut add = bin()
-        .arg("--config")
-        .arg(&cfg)
-        .args(["users", "add", "ann", "--role", "annotator"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("users add");
-    {
-        use std::io::Write;
-        add.stdin
-            .take()
-            .expect("stdin")
-            .write_all(format!("{PASSWORD}\n").as_bytes())
-            .expect("password");
-    }
-    assert!(add.wait().expect("users add").success());
+    add_user(&cfg, "ann", "annotator");
     let mut server = bin()
         .arg("--config")
         .arg(&cfg)
@@ -998,11 +968,7 @@ fn tls_cookies_and_refusals_to_start() {
         .stderr(Stdio::null())
         .spawn()
         .expect("annotator");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "the annotator did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_port(port, "the annotator");
     let answer = {
         use std::io::{Read, Write};
         let mut roots = rustls::RootCertStore::empty();

@@ -20,15 +20,15 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use fc_annotate::{Content, LabelMap, Project, Source};
+use fc_annotate::{Content, Grid, LabelMap, Project, Source};
 use fc_annotation::{AnnotationError, Annotations, CONSENSUS_RATER, ConsensusMethod, Review};
-use fc_store::catalog::{AnnotationVersion, Assignment};
+use fc_store::catalog::{AnnotationCase, AnnotationVersion, Assignment};
 use serde::Deserialize;
 
 use crate::accounts::{Principal, Role};
-use crate::server::{AppState, error, json, principal};
+use crate::server::{Admin, AppState, User, error, json};
 
 /// The annotation routes (mounted under `/api`).
 pub fn routes() -> Router<Arc<AppState>> {
@@ -115,17 +115,28 @@ enum Access {
     },
 }
 
+/// A case a user may open: what they may see of it, its project, and the case with its grid.
+struct Seen {
+    access: Access,
+    project: Project,
+    case: AnnotationCase,
+    grid: Grid,
+}
+
 impl Access {
-    fn of(
-        w: &Annotations,
-        who: &Principal,
-        project: &str,
-        case: &str,
-    ) -> Result<(Access, Project), Response> {
+    fn of(w: &Annotations, who: &Principal, project: &str, case: &str) -> Result<Seen, Response> {
         let p = w.project(project).map_err(failed)?;
+        let seen = |access| {
+            let (c, grid) = w.case(project, case).map_err(failed)?;
+            Ok(Seen {
+                access,
+                project: p.clone(),
+                case: c,
+                grid,
+            })
+        };
         if reviews(who) {
-            w.case(project, case).map_err(failed)?;
-            return Ok((Access::All, p));
+            return seen(Access::All);
         }
         let mine: Vec<Assignment> = w
             .assignments(project)
@@ -140,13 +151,10 @@ impl Access {
                 &format!("no case {case} of project {project} is assigned to you"),
             ));
         }
-        Ok((
-            Access::Own {
-                assignments: mine,
-                blinded: p.blinded,
-            },
-            p,
-        ))
+        seen(Access::Own {
+            assignments: mine,
+            blinded: p.blinded,
+        })
     }
 
     fn sees(&self, who: &Principal, v: &AnnotationVersion) -> bool {
@@ -188,11 +196,7 @@ fn project_json(p: &Project) -> serde_json::Value {
     })
 }
 
-async fn projects(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let who = match principal(&state, &headers) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
+async fn projects(State(state): State<Arc<AppState>>, User(who): User) -> Response {
     let r = work(&state, move |w| {
         let mut out = Vec::new();
         for p in w.projects().map_err(failed)? {
@@ -213,6 +217,11 @@ async fn projects(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Res
     respond(r)
 }
 
+/// A NIfTI label map, gzipped, as the answer.
+fn gzipped(bytes: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "application/gzip")], bytes).into_response()
+}
+
 fn respond(r: Result<serde_json::Value, Response>) -> Response {
     match r {
         Ok(v) => json(&v),
@@ -222,13 +231,9 @@ fn respond(r: Result<serde_json::Value, Response>) -> Response {
 
 async fn cases(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    User(who): User,
     Path(project): Path<String>,
 ) -> Response {
-    let who = match principal(&state, &headers) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
     respond(
         work(&state, move |w| {
             let p = w.project(&project).map_err(failed)?;
@@ -262,17 +267,17 @@ async fn cases(
 
 async fn case(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    User(who): User,
     Path((project, case)): Path<(String, String)>,
 ) -> Response {
-    let who = match principal(&state, &headers) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
     respond(
         work(&state, move |w| {
-            let (access, p) = Access::of(w, &who, &project, &case)?;
-            let (c, grid) = w.case(&project, &case).map_err(failed)?;
+            let Seen {
+                access,
+                project: p,
+                case: c,
+                grid,
+            } = Access::of(w, &who, &project, &case)?;
             let versions: Vec<serde_json::Value> = w
                 .versions(&project, Some(&case))
                 .map_err(failed)?
@@ -370,15 +375,13 @@ fn stream_file(file: std::fs::File, start: u64, count: u64) -> Body {
 /// The case image file, opened, for a user who may see the case.
 async fn case_image(
     state: &Arc<AppState>,
-    headers: &HeaderMap,
+    who: Principal,
     project: String,
     case: String,
 ) -> Result<std::fs::File, Response> {
-    let who = principal(state, headers)?;
     let path = work(state, move |w| {
-        Access::of(w, &who, &project, &case)?;
-        let (c, _) = w.case(&project, &case).map_err(failed)?;
-        Ok(w.image_path(&c))
+        let seen = Access::of(w, &who, &project, &case)?;
+        Ok(w.image_path(&seen.case))
     })
     .await?;
     std::fs::File::open(&path).map_err(|_| {
@@ -395,10 +398,10 @@ async fn case_image(
 /// count the encoded bytes).
 async fn image_inflated(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    User(who): User,
     Path((project, case)): Path<(String, String)>,
 ) -> Response {
-    let file = match case_image(&state, &headers, project, case).await {
+    let file = match case_image(&state, who, project, case).await {
         Ok(f) => f,
         Err(r) => return r,
     };
@@ -421,10 +424,11 @@ async fn image_inflated(
 /// The case image as stored (NIfTI, gzipped), with byte ranges.
 async fn image(
     State(state): State<Arc<AppState>>,
+    User(who): User,
     headers: HeaderMap,
     Path((project, case)): Path<(String, String)>,
 ) -> Response {
-    let file = match case_image(&state, &headers, project, case).await {
+    let file = match case_image(&state, who, project, case).await {
         Ok(f) => f,
         Err(r) => return r,
     };
@@ -547,19 +551,14 @@ async fn read_upload(
 
 async fn save(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    User(who): User,
     Path((project, case)): Path<(String, String)>,
     form: Multipart,
 ) -> Response {
-    let who = match principal(&state, &headers) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
     let limit = {
         let (project, who, case) = (project.clone(), who.clone(), case.clone());
         match work(&state, move |w| {
-            let (_, p) = Access::of(w, &who, &project, &case)?;
-            Ok(p.max_upload_mib << 20)
+            Ok(Access::of(w, &who, &project, &case)?.project.max_upload_mib << 20)
         })
         .await
         {
@@ -579,7 +578,7 @@ async fn save(
                 })?),
                 None => None,
             };
-            let (access, _) = Access::of(w, &who, &project, &case)?;
+            let access = Access::of(w, &who, &project, &case)?.access;
             let id = if meta.action == "adjudicate" {
                 if !reviews(&who) {
                     return Err(forbidden("only reviewers adjudicate"));
@@ -678,13 +677,9 @@ async fn save(
 
 async fn consensus_start(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    User(who): User,
     Path((project, case, method)): Path<(String, String, String)>,
 ) -> Response {
-    let who = match principal(&state, &headers) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
     if !reviews(&who) {
         return forbidden("only reviewers adjudicate");
     }
@@ -717,11 +712,7 @@ async fn consensus_start(
     .await;
     match r {
         Ok((bytes, parent)) => {
-            let mut r = Response::new(Body::from(bytes));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/gzip"),
-            );
+            let mut r = gzipped(bytes);
             r.headers_mut()
                 .insert("x-fedcurate-parent", HeaderValue::from(parent));
             r
@@ -752,14 +743,10 @@ async fn body_json<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, Resp
 
 async fn return_case(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    User(who): User,
     Path((project, case)): Path<(String, String)>,
     body: Body,
 ) -> Response {
-    let who = match principal(&state, &headers) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
     if !reviews(&who) {
         return forbidden("only reviewers return cases");
     }
@@ -784,23 +771,11 @@ async fn return_case(
     )
 }
 
-fn admin(who: &Principal) -> Result<(), Response> {
-    if who.role == Role::Admin {
-        Ok(())
-    } else {
-        Err(forbidden("only admins do this"))
-    }
-}
-
 async fn create_project(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Admin(who): Admin,
     body: Body,
 ) -> Response {
-    let who = match principal(&state, &headers).and_then(|p| admin(&p).map(|_| p)) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
     let p: Project = match body_json(body).await {
         Ok(p) => p,
         Err(r) => return r,
@@ -822,13 +797,10 @@ struct AssignRequest {
 
 async fn assign(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _: Admin,
     Path(project): Path<String>,
     body: Body,
 ) -> Response {
-    if let Err(r) = principal(&state, &headers).and_then(|p| admin(&p)) {
-        return r;
-    }
     let req: AssignRequest = match body_json(body).await {
         Ok(r) => r,
         Err(r) => return r,
@@ -844,13 +816,11 @@ async fn assign(
 
 async fn status(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    User(who): User,
     Path(project): Path<String>,
 ) -> Response {
-    match principal(&state, &headers) {
-        Ok(p) if reviews(&p) => {}
-        Ok(_) => return forbidden("only reviewers and admins see a project's status"),
-        Err(r) => return r,
+    if !reviews(&who) {
+        return forbidden("only reviewers and admins see a project's status");
     }
     respond(
         work(&state, move |w| {
@@ -864,13 +834,9 @@ async fn status(
 
 async fn export(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Admin(who): Admin,
     Path(project): Path<String>,
 ) -> Response {
-    let who = match principal(&state, &headers).and_then(|p| admin(&p).map(|_| p)) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
     let Some(root) = state.export_dir() else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -891,13 +857,9 @@ async fn export(
 
 async fn version(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    User(who): User,
     Path(id): Path<i64>,
 ) -> Response {
-    let who = match principal(&state, &headers) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
     respond(
         work(&state, move |w| {
             let l = visible_version(w, &who, id)?;
@@ -920,9 +882,8 @@ fn visible_version(
         AnnotationError::NotFound(_) => hidden(),
         other => failed(other),
     })?;
-    let (access, _) =
-        Access::of(w, who, &l.version.project, &l.version.case_id).map_err(|_| hidden())?;
-    if !access.sees(who, &l.version) {
+    let seen = Access::of(w, who, &l.version.project, &l.version.case_id).map_err(|_| hidden())?;
+    if !seen.access.sees(who, &l.version) {
         return Err(hidden());
     }
     Ok(l)
@@ -930,13 +891,9 @@ fn visible_version(
 
 async fn mask(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    User(who): User,
     Path(id): Path<i64>,
 ) -> Response {
-    let who = match principal(&state, &headers) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
     let r = work(&state, move |w| {
         let l = visible_version(w, &who, id)?;
         w.mask_bytes(&l.version)
@@ -944,23 +901,10 @@ async fn mask(
             .ok_or_else(|| error(StatusCode::NOT_FOUND, "this version has no label map"))
     })
     .await;
-    match r {
-        Ok(bytes) => {
-            let mut r = Response::new(Body::from(bytes));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/gzip"),
-            );
-            r
-        }
-        Err(r) => r,
-    }
+    r.map_or_else(|r| r, gzipped)
 }
 
-async fn users(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(r) = principal(&state, &headers).and_then(|p| admin(&p)) {
-        return r;
-    }
+async fn users(State(state): State<Arc<AppState>>, _: Admin) -> Response {
     match state.users() {
         Ok(u) => json(&serde_json::json!({ "users": u })),
         Err(r) => r,

@@ -276,6 +276,42 @@ fn session_token(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
+/// The logged-in user, as an extractor: a handler taking it answers 401 without a live
+/// session, before it runs.
+#[derive(Debug)]
+pub struct User(pub Principal);
+
+impl axum::extract::FromRequestParts<Arc<AppState>> for User {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Response> {
+        principal(state, &parts.headers).map(User)
+    }
+}
+
+/// The logged-in admin: 401 without a session, 403 for any other role.
+#[derive(Debug)]
+pub struct Admin(pub Principal);
+
+impl axum::extract::FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Response> {
+        let User(who) = User::from_request_parts(parts, state).await?;
+        if who.role == accounts::Role::Admin {
+            Ok(Admin(who))
+        } else {
+            Err(error(StatusCode::FORBIDDEN, "only admins do this"))
+        }
+    }
+}
+
 /// The logged-in user of a request, or the answer refusing it.
 pub fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principal, Response> {
     let Some(token) = session_token(headers, state.cookie_name()) else {
@@ -392,11 +428,8 @@ async fn logout(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respo
     r
 }
 
-async fn me(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    match principal(&state, &headers) {
-        Ok(p) => json(&serde_json::json!({"user": p.user, "role": p.role})),
-        Err(r) => r,
-    }
+async fn me(User(p): User) -> Response {
+    json(&serde_json::json!({"user": p.user, "role": p.role}))
 }
 
 #[cfg(test)]

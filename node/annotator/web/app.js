@@ -324,9 +324,13 @@ function reviewPanel(info, project, caseId, viewer, side, work, status, loadVers
 
   const a = info.agreement || { masks: [], boxes: [], landmarks: [] };
   const agreementRows = [
-    ...a.masks.map((m) => h('tr', {}, h('td', {}, m.raters.join(' · ')), h('td', {}, m.class), h('td', { class: 'dice' }, `Dice ${fmt(m.agreement.dice)}`), h('td', {}, `HD95 ${fmt(m.agreement.hd95, 1)} mm`))),
+    ...a.masks.map((m) => h('tr', {}, h('td', {}, m.raters.join(' · ')), h('td', {}, m.class),
+      m.agreement.outcome === 'both'
+        ? [h('td', { class: 'dice' }, `Dice ${fmt(m.agreement.dice)}`), h('td', {}, `HD95 ${fmt(m.agreement.hd95, 1)} mm`)]
+        : [h('td', { colspan: 2 }, m.agreement.outcome === 'both-empty' ? 'both empty' : 'one empty')])),
     ...a.boxes.map((b) => h('tr', {}, h('td', {}, b.raters.join(' · ')), h('td', {}, `${b.class} boxes`), h('td', {}, `F1 ${fmt(b.f1)}`), h('td', {}, `IoU ${fmt(b.mean_iou)}`))),
-    ...a.landmarks.map((l) => h('tr', {}, h('td', {}, l.raters.join(' · ')), h('td', {}, 'landmarks'), h('td', {}, `mean ${fmt(l.mean_mm, 1)} mm`), h('td', {}, ''))),
+    ...a.landmarks.map((l) => h('tr', {}, h('td', {}, l.raters.join(' · ')), h('td', {}, 'landmarks'),
+      h('td', { colspan: 2 }, l.errors_mm.map(([name, mm]) => `${name} ${fmt(mm, 1)} mm`).join(', ')))),
   ];
   const start = h('select', { id: 'adjudicate-start' },
     h('option', { value: 'edit' }, 'Edit a rater\'s version'), h('option', { value: 'majority-vote' }, 'Majority vote'), h('option', { value: 'multi-label-staple' }, 'STAPLE'));

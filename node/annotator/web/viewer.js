@@ -164,11 +164,6 @@ export class Viewer {
     this.nv.updateGLVolume();
   }
 
-  windowLevel() {
-    const v = this.nv.volumes[0];
-    return [(v.cal_min + v.cal_max) / 2, v.cal_max - v.cal_min];
-  }
-
   // Tools: navigate, brush, eraser, fill (a filled outline), box, polygon, polyline, landmark.
   setTool(tool) {
     this.finishOutline(true);
@@ -200,10 +195,6 @@ export class Viewer {
     const s = this.info.grid.spacing;
     const inPlane = Math.min(s[0], s[1]);
     this.nv.opts.penSize = Math.max(1, Math.round(this.brushMM / inPlane));
-  }
-
-  brushVoxels() {
-    return this.nv.opts.penSize;
   }
 
   undo() {

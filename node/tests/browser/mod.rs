@@ -15,6 +15,38 @@ pub static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 pub const PASSWORD: &str = "a long enough secret";
 
+/// `fedcurate-node users add USER --role ROLE` with [`PASSWORD`] on standard input.
+pub fn add_user(cfg: &Path, user: &str, role: &str) {
+    use std::io::Write;
+    let mut child = bin()
+        .arg("--config")
+        .arg(cfg)
+        .args(["users", "add", user, "--role", role])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("users add");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{PASSWORD}\n").as_bytes())
+        .expect("password");
+    assert!(
+        child.wait().expect("users add").success(),
+        "users add {user}"
+    );
+}
+
+/// Wait (at most 20 s) until something listens on the loopback `port`.
+pub fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn lock() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -93,11 +125,7 @@ impl Browser {
             .spawn()
             .expect("chromedriver (Debian's chromium-driver; the test script installs it)");
         let profile = tempfile::tempdir().expect("profile");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "chromedriver did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_port(port, "chromedriver");
         let mut caps = serde_json::Map::new();
         caps.insert(
             "goog:chromeOptions".into(),
