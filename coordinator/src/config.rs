@@ -66,6 +66,18 @@ pub struct CoordinatorConfig {
     /// What one site may use: connections at once, requests per second, burst.
     #[serde(default)]
     pub limits: crate::net::Limits,
+    /// A federated training job to publish.
+    #[serde(default)]
+    pub training: Option<TrainingConfig>,
+}
+
+/// `[training]`: the job file (its settings; the layout is read from the initial model) and
+/// the initial model (safetensors).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    pub job: PathBuf,
+    pub initial_model: PathBuf,
 }
 
 fn default_secure_timeout() -> i64 {

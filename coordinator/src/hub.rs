@@ -129,6 +129,8 @@ pub struct Hub {
     secure_timeout: i64,
     /// The consortium's revocation list (DER), relayed with peer keys.
     crl: Vec<u8>,
+    /// The published training job, if any.
+    training: Option<crate::training::Trainer>,
 }
 
 impl Hub {
@@ -183,11 +185,30 @@ impl Hub {
             secure: None,
             secure_timeout: 120,
             crl: Vec::new(),
+            training: None,
         };
         // Resume: a fit that became due while the coordinator was down (or under a new
         // `min_sites_for_model`) is made now.
         hub.maybe_fit(now_seconds())?;
         Ok(hub)
+    }
+
+    /// Publish a training job.
+    pub fn set_training(&mut self, t: crate::training::Trainer) {
+        self.training = Some(t);
+    }
+
+    pub fn training(&self) -> Option<&crate::training::Trainer> {
+        self.training.as_ref()
+    }
+
+    /// Deadlines of the training round (called periodically).
+    pub fn tick(&mut self, now: i64) {
+        if let Some(t) = &mut self.training
+            && let Err(e) = t.tick(now)
+        {
+            tracing::error!(error = %e, "training state");
+        }
     }
 
     /// Keep a copy of every frame received (for audits and tests).
@@ -298,7 +319,13 @@ impl Hub {
         }
         self.changes += 1;
         let kind = protocol::codec::frame_kind(frame);
+        let chunk = matches!(message, Message::PutChunk(_));
         let actions = self.handle(peer, message, now, welcomed);
+        if chunk {
+            // Chunks are content-hashed and recorded by the training state; a log row each
+            // would cost a database write per few MiB.
+            return actions;
+        }
         let outcome = match actions.first() {
             Some(Action::Reply(Message::Error { code, .. })) => format!("error {code:?}"),
             Some(Action::Reply(Message::Reject { reason, .. })) => format!("reject {reason:?}"),
@@ -366,6 +393,29 @@ impl Hub {
                 session,
             } => Ok(self.fetch_peer_keys(peer, id, schema, round, session)),
             Message::MaskedReport(m) => self.masked_report(peer, *m, now),
+            m @ (Message::FetchJob { .. }
+            | Message::JoinTraining { .. }
+            | Message::TrainStatus { .. }
+            | Message::UpdateOffer(_)
+            | Message::PutChunk(_)
+            | Message::GetChunk(_)
+            | Message::TrainKeys(_)
+            | Message::FetchTrainKeys { .. }) => {
+                let id = m.id();
+                match &mut self.training {
+                    None => Ok(self.error(
+                        Some(id),
+                        ErrorCode::Training(protocol::TrainingError::UnknownJob),
+                    )),
+                    Some(t) => match t.handle(peer, m, now, &self.crl) {
+                        Ok(ms) => Ok(ms.into_iter().map(Action::Reply).collect()),
+                        Err(e) => {
+                            tracing::error!(error = %e, %peer, "training state error; the request was not applied");
+                            Ok(self.error(Some(id), ErrorCode::NotReady))
+                        }
+                    },
+                }
+            }
             other => Ok(self.error(Some(other.id()), ErrorCode::Unexpected)),
         };
         result.unwrap_or_else(|e| {

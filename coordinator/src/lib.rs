@@ -13,6 +13,7 @@ pub mod pki;
 pub mod registry;
 pub mod report;
 pub mod store;
+pub mod training;
 
 pub use hub::Hub;
 pub use registry::{Action, Registry};

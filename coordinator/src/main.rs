@@ -169,6 +169,28 @@ fn open_hub(cfg: &CoordinatorConfig) -> Result<coordinator::Hub> {
         cfg.min_sites_for_model,
     )?;
     hub.set_secure_timeout(cfg.secure_timeout_seconds);
+    if let Some(t) = &cfg.training {
+        let text = std::fs::read_to_string(&t.job)
+            .with_context(|| format!("reading the training job {}", t.job.display()))?;
+        let model = std::fs::read(&t.initial_model).with_context(|| {
+            format!("reading the initial model {}", t.initial_model.display())
+        })?;
+        let doc = coordinator::training::job_document(&text, &model)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", t.job.display()))?;
+        let trainer = coordinator::training::Trainer::open(
+            &cfg.state_dir,
+            doc,
+            &model,
+            cfg.sites.iter().map(|s| s.id.clone()),
+        )?;
+        tracing::info!(
+            job = %trainer.job().id,
+            round = trainer.round(),
+            revision = trainer.revision(),
+            "training job published"
+        );
+        hub.set_training(trainer);
+    }
     Ok(hub)
 }
 
@@ -244,6 +266,13 @@ fn serve(path: &std::path::Path) -> Result<()> {
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
                 _ = tick.tick() => {
+                    if let Ok(mut h) = hub.lock() {
+                        h.tick(
+                            std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_secs() as i64),
+                        );
+                    }
                     let now = mtimes(&tls);
                     if now != seen {
                         seen = now;

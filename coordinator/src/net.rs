@@ -116,13 +116,15 @@ pub fn quic_server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConf
 
 /// Requests one connection may have open at once.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 4;
-/// Flow-control window of one request stream: the largest frame (1 MiB) and some.
-const STREAM_WINDOW: u32 = 1024 * 1024 + 64 * 1024;
-/// Flow-control window of a connection.
-const CONNECTION_WINDOW: u32 = 4 * STREAM_WINDOW;
+/// Flow-control window of one request stream: the largest frame (a training chunk, 8 MiB)
+/// and some.
+const STREAM_WINDOW: u32 = protocol::codec::CHUNK_BODY_LIMIT as u32 + 64 * 1024;
+/// Flow-control window of a connection: two chunks in flight.
+const CONNECTION_WINDOW: u32 = 2 * STREAM_WINDOW;
 /// Connections one site may hold at once (per transport).
 pub const MAX_CONNECTIONS_PER_SITE: usize = 4;
-/// Time to receive one whole frame once its first byte is expected.
+/// Longest wait for the next bytes of a frame once its first byte is expected (a timeout on
+/// lack of progress: a large frame on a slow link takes as long as it takes).
 pub const FRAME_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// A TCP connection with no request for this long is closed (QUIC: its idle timeout).
 pub const TCP_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
@@ -295,16 +297,34 @@ async fn read_quic_frame(recv: &mut quinn::RecvStream) -> Read {
     };
     let mut frame = vec![0u8; protocol::FRAME_HEADER_LEN + body];
     frame[..protocol::FRAME_HEADER_LEN].copy_from_slice(&head);
-    match tokio::time::timeout(
-        FRAME_READ_TIMEOUT,
-        recv.read_exact(&mut frame[protocol::FRAME_HEADER_LEN..]),
-    )
-    .await
-    {
-        Ok(Ok(())) => Read::Frame(frame),
-        Ok(Err(e)) => Read::Gone(e.to_string()),
-        Err(_) => Read::Gone("the frame did not arrive in time".into()),
+    let mut at = protocol::FRAME_HEADER_LEN;
+    while at < frame.len() {
+        match tokio::time::timeout(FRAME_READ_TIMEOUT, recv.read(&mut frame[at..])).await {
+            Ok(Ok(Some(n))) => at += n,
+            Ok(Ok(None)) => return Read::Gone("the stream ended inside a frame".into()),
+            Ok(Err(e)) => return Read::Gone(e.to_string()),
+            Err(_) => return Read::Gone("the frame stopped arriving".into()),
+        }
     }
+    Read::Frame(frame)
+}
+
+/// Read exactly `buf.len()` bytes, waiting at most [`FRAME_READ_TIMEOUT`] for each piece.
+async fn read_progress<R: tokio::io::AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut at = 0;
+    while at < buf.len() {
+        match tokio::time::timeout(FRAME_READ_TIMEOUT, r.read(&mut buf[at..])).await {
+            Ok(Ok(n)) if n > 0 => at += n,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Training chunks are paced by flow control, not counted as requests.
+fn is_chunk(frame: &[u8]) -> bool {
+    matches!(protocol::codec::frame_kind(frame), Some(0x10..=0x1F))
 }
 
 /// The fingerprint registry: active site certificates (not revoked, not expired).
@@ -419,7 +439,7 @@ async fn serve_connection(
     conn: quinn::Connection,
     hub: Arc<Mutex<Hub>>,
     sites: &SiteMap,
-    guard: &Guard,
+    guard: &Arc<Guard>,
 ) {
     let fp = conn
         .peer_identity()
@@ -439,7 +459,10 @@ async fn serve_connection(
         return;
     }
     tracing::info!(%site, remote = %conn.remote_address(), "site connected");
-    let mut welcomed = false;
+    // Requests on one connection are served concurrently (QUIC caps how many are open), so a
+    // site's chunk transfers overlap; the hello is answered before anything else is sent.
+    let welcomed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -454,35 +477,52 @@ async fn serve_connection(
             conn.close(1u32.into(), b"certificate no longer valid");
             break;
         }
-        let wait = guard.pace(&site);
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
-        let actions = match read_quic_frame(&mut recv).await {
-            Read::Frame(bytes) => {
-                let (actions, w) = dispatch_blocking(&hub, &site, bytes, welcomed).await;
-                welcomed = w;
-                actions
+        let (hub, site, welcomed, conn, guard) = (
+            hub.clone(),
+            site.clone(),
+            welcomed.clone(),
+            conn.clone(),
+            guard.clone(),
+        );
+        tasks.spawn(async move {
+            let actions = match read_quic_frame(&mut recv).await {
+                Read::Frame(bytes) => {
+                    if !is_chunk(&bytes) {
+                        let wait = guard.pace(&site);
+                        if !wait.is_zero() {
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
+                    let w = welcomed.load(std::sync::atomic::Ordering::SeqCst);
+                    let (actions, w) = dispatch_blocking(&hub, &site, bytes, w).await;
+                    if w {
+                        welcomed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    actions
+                }
+                Read::Refused(head, e) => {
+                    tracing::warn!(%site, error = %e, "refused a frame from its header");
+                    let _ = recv.stop(0u32.into());
+                    refuse_blocking(&hub, &site, head).await
+                }
+                Read::Gone(why) => {
+                    tracing::warn!(%site, reason = %why, "unreadable request");
+                    let _ = recv.stop(0u32.into());
+                    refuse_blocking(&hub, &site, Vec::new()).await
+                }
+            };
+            if answer(&mut send, actions).await {
+                let _ = send.stopped().await;
+                conn.close(0u32.into(), b"closed by coordinator");
             }
-            Read::Refused(head, e) => {
-                tracing::warn!(%site, error = %e, "refused a frame from its header");
-                let _ = recv.stop(0u32.into());
-                refuse_blocking(&hub, &site, head).await
-            }
-            Read::Gone(why) => {
-                tracing::warn!(%site, reason = %why, "unreadable request");
-                let _ = recv.stop(0u32.into());
-                refuse_blocking(&hub, &site, Vec::new()).await
-            }
-        };
-        if answer(&mut send, actions).await {
-            let _ = send.stopped().await;
-            conn.close(0u32.into(), b"closed by coordinator");
-            break;
-        }
+        });
+        while tasks.try_join_next().is_some() {}
     }
+    tasks.abort_all();
     guard.disconnect(&site);
-    if welcomed && let Ok(mut h) = hub.lock() {
+    if welcomed.load(std::sync::atomic::Ordering::SeqCst)
+        && let Ok(mut h) = hub.lock()
+    {
         h.disconnected(&site);
     }
 }
@@ -687,12 +727,14 @@ async fn serve_tcp(
             tracing::warn!(%site, "certificate no longer registered (revoked?): closing");
             break;
         }
-        let wait = guard.pace(&site);
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
         let mut header = [0u8; protocol::FRAME_HEADER_LEN];
         header.copy_from_slice(&head[4..]);
+        if !is_chunk(&header) {
+            let wait = guard.pace(&site);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
         let actions = match protocol::check_header(&header) {
             Err(e) => {
                 // The body is not kept. Within the hard frame limit it is read through a small
@@ -718,14 +760,8 @@ async fn serve_tcp(
             Ok(body) => {
                 let mut frame = vec![0u8; protocol::FRAME_HEADER_LEN + body];
                 frame[..protocol::FRAME_HEADER_LEN].copy_from_slice(&header);
-                match tokio::time::timeout(
-                    FRAME_READ_TIMEOUT,
-                    stream.read_exact(&mut frame[protocol::FRAME_HEADER_LEN..]),
-                )
-                .await
-                {
-                    Ok(Ok(_)) => {}
-                    _ => break,
+                if !read_progress(&mut stream, &mut frame[protocol::FRAME_HEADER_LEN..]).await {
+                    break;
                 }
                 let (a, w) = dispatch_blocking(&hub, &site, frame, welcomed).await;
                 welcomed = w;

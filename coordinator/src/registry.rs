@@ -8,7 +8,7 @@ use protocol::{
 };
 
 /// What the caller (the network edge) must do after a message was handled.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     /// Send this message back on the connection it came from.
     Reply(Message),

@@ -9,6 +9,9 @@
 
 use crate::message::{Message, PROTOCOL_VERSION};
 
+/// Largest body of a chunk frame: 8 MiB of data and its head.
+pub const CHUNK_BODY_LIMIT: usize = 8 * 1024 * 1024 + 1024;
+
 /// Hard upper bound of any frame, whatever its kind.
 pub const MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
 
@@ -39,9 +42,31 @@ enum Kind {
     MaskedReport = 0x2C,
     Ack = 0x2E,
     Error = 0x2F,
+    PutChunk = 0x10,
+    GetChunk = 0x11,
+    ModelChunk = 0x12,
+    FetchJob = 0x30,
+    Job = 0x31,
+    JoinTraining = 0x32,
+    TrainStatus = 0x33,
+    RoundState = 0x34,
+    UpdateOffer = 0x35,
+    TrainKeys = 0x36,
+    FetchTrainKeys = 0x37,
 }
 
-const KINDS: [Kind; 18] = [
+const KINDS: [Kind; 29] = [
+    Kind::PutChunk,
+    Kind::GetChunk,
+    Kind::ModelChunk,
+    Kind::FetchJob,
+    Kind::Job,
+    Kind::JoinTraining,
+    Kind::TrainStatus,
+    Kind::RoundState,
+    Kind::UpdateOffer,
+    Kind::TrainKeys,
+    Kind::FetchTrainKeys,
     Kind::Hello,
     Kind::Welcome,
     Kind::Reject,
@@ -83,6 +108,17 @@ impl Kind {
             Message::MaskedReport(_) => Kind::MaskedReport,
             Message::Ack { .. } => Kind::Ack,
             Message::Error { .. } => Kind::Error,
+            Message::PutChunk(_) => Kind::PutChunk,
+            Message::GetChunk(_) => Kind::GetChunk,
+            Message::ModelChunk(_) => Kind::ModelChunk,
+            Message::FetchJob { .. } => Kind::FetchJob,
+            Message::Job(_) => Kind::Job,
+            Message::JoinTraining { .. } => Kind::JoinTraining,
+            Message::TrainStatus { .. } => Kind::TrainStatus,
+            Message::RoundState(_) => Kind::RoundState,
+            Message::UpdateOffer(_) => Kind::UpdateOffer,
+            Message::TrainKeys(_) => Kind::TrainKeys,
+            Message::FetchTrainKeys { .. } => Kind::FetchTrainKeys,
         }
     }
 
@@ -108,8 +144,18 @@ impl Kind {
             | Kind::SecureJoin
             | Kind::FetchPeerKeys
             | Kind::Ack
-            | Kind::Error => 1024,
-            Kind::SchemaAck | Kind::SecureSession | Kind::SecureKeys => 64 * 1024,
+            | Kind::Error
+            | Kind::FetchJob
+            | Kind::JoinTraining
+            | Kind::TrainStatus
+            | Kind::GetChunk
+            | Kind::FetchTrainKeys => 1024,
+            Kind::SchemaAck | Kind::SecureSession | Kind::SecureKeys | Kind::TrainKeys => {
+                64 * 1024
+            }
+            Kind::Job | Kind::RoundState | Kind::UpdateOffer => 1024 * 1024,
+            // A chunk (at most 8 MiB, the job's `chunk_mib`) and its head.
+            Kind::PutChunk | Kind::ModelChunk => CHUNK_BODY_LIMIT,
             Kind::Schema | Kind::Model => 256 * 1024,
             // Every participant's certificate and keys, and the revocation list.
             Kind::Report | Kind::MaskedReport | Kind::PeerKeys => 1024 * 1024,
@@ -152,8 +198,20 @@ pub fn frame_kind(bytes: &[u8]) -> Option<u8> {
 /// Encode one message as a frame.
 pub fn encode_frame(message: &Message) -> Result<Vec<u8>, CodecError> {
     let kind = Kind::of(message);
-    let body = bincode::serde::encode_to_vec(message, config())
-        .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    let body = match message {
+        // Chunks: `[u16 head length][head][data]`, the data copied as it is.
+        Message::PutChunk(c) | Message::ModelChunk(c) => {
+            let head = bincode::serde::encode_to_vec(&c.head, config())
+                .map_err(|e| CodecError::Malformed(e.to_string()))?;
+            let mut b = Vec::with_capacity(2 + head.len() + c.data.len());
+            b.extend_from_slice(&(head.len() as u16).to_be_bytes());
+            b.extend_from_slice(&head);
+            b.extend_from_slice(&c.data);
+            b
+        }
+        _ => bincode::serde::encode_to_vec(message, config())
+            .map_err(|e| CodecError::Malformed(e.to_string()))?,
+    };
     if body.len() > kind.limit() {
         return Err(CodecError::Oversize {
             len: body.len(),
@@ -236,6 +294,9 @@ pub fn decode_frame(bytes: &[u8]) -> Result<(Message, usize), CodecError> {
         });
     }
     let body = &bytes[HEADER_LEN..total];
+    if matches!(kind, Kind::PutChunk | Kind::ModelChunk) {
+        return decode_chunk(kind, body).map(|m| (m, total));
+    }
     let (message, used): (Message, usize) = bincode::serde::decode_from_slice(body, config())
         .map_err(|e| CodecError::Malformed(e.to_string()))?;
     if used != body.len() {
@@ -247,6 +308,29 @@ pub fn decode_frame(bytes: &[u8]) -> Result<(Message, usize), CodecError> {
         ));
     }
     Ok((message, total))
+}
+
+fn decode_chunk(kind: Kind, body: &[u8]) -> Result<Message, CodecError> {
+    let short = || CodecError::Malformed("chunk frame shorter than its head".into());
+    let n = body
+        .get(..2)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+        .ok_or_else(short)?;
+    let head_bytes = body.get(2..2 + n).ok_or_else(short)?;
+    let (head, used): (crate::training::ChunkHead, usize) =
+        bincode::serde::decode_from_slice(head_bytes, config())
+            .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    if used != n {
+        return Err(CodecError::TrailingBytes(n - used));
+    }
+    let chunk = Box::new(crate::training::Chunk {
+        head,
+        data: body[2 + n..].to_vec(),
+    });
+    Ok(match kind {
+        Kind::PutChunk => Message::PutChunk(chunk),
+        _ => Message::ModelChunk(chunk),
+    })
 }
 
 #[cfg(test)]
@@ -681,10 +765,10 @@ mod tests {
         let reserved = [
             &3u32.to_be_bytes()[..],
             &PROTOCOL_VERSION.to_be_bytes(),
-            &[0x10],
+            &[0x1F],
         ]
         .concat();
-        assert_eq!(decode_frame(&reserved), Err(CodecError::ReservedKind(0x10)));
+        assert_eq!(decode_frame(&reserved), Err(CodecError::ReservedKind(0x1F)));
         let future = [&3u32.to_be_bytes()[..], &99u16.to_be_bytes(), &[0x01]].concat();
         assert_eq!(
             decode_frame(&future),

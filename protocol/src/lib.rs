@@ -14,6 +14,7 @@ pub mod message;
 pub mod schema;
 pub mod secure;
 pub mod summary;
+pub mod training;
 
 pub use codec::{
     ALPN, CodecError, FRAME_HEADER_LEN, MAX_FRAME_LEN, check_header, decode_frame, encode_frame,
@@ -21,5 +22,5 @@ pub use codec::{
 pub use message::{
     AggregateReport, ErrorCode, FederatedFit, HandshakeReject, Hello, MaskedReport, Message,
     MessageId, ModelPublication, PROTOCOL_VERSION, PeerKeys, Refusal, SchemaAck, SchemaDocument,
-    SchemaHash, SecureKeys, SecureSession, SiteId, SiteIdError, Welcome,
+    SchemaHash, SecureKeys, SecureSession, SiteId, SiteIdError, TrainingError, Welcome,
 };

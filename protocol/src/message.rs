@@ -11,6 +11,16 @@ use serde::{Deserialize, Serialize};
 use crate::aggregate::{ConformanceSummary, PrivacyViolation, ProfileCheck, SiteAggregates};
 use crate::schema::{CurationSchema, schema_hash};
 use crate::summary::{CtSummary, NyulSummary};
+use crate::training::{Chunk, ChunkHead, JobDocument, JobHash, RoundState, UpdateOffer};
+
+/// A published training job and where it stands.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobOffer {
+    pub id: MessageId,
+    pub reply_to: MessageId,
+    pub document: JobDocument,
+    pub state: RoundState,
+}
 
 /// Version of the wire protocol this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -198,6 +208,25 @@ pub enum ErrorCode {
     Unexpected,
     /// The summaries cannot come from real volumes (poisoned or broken); nothing was stored.
     Implausible(crate::summary::Implausible),
+    /// A training request was not applied.
+    Training(TrainingError),
+}
+
+/// Why a training request was not applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrainingError {
+    /// No job is published, or the request names another one.
+    UnknownJob,
+    /// The site has not joined the job, or is not a participant of this round.
+    NotAParticipant,
+    /// The request is for another round or attempt than the one being collected.
+    WrongRound,
+    /// A chunk's bytes do not match the hash offered for it, or its index or size is wrong.
+    BadChunk,
+    /// The offer has the wrong number of chunks or metrics, or a metric is not finite.
+    BadOffer,
+    /// The round's update from this site is complete; a new offer is refused.
+    AlreadyComplete,
 }
 
 /// Why the coordinator refused a node at the first exchange.
@@ -214,7 +243,7 @@ pub enum HandshakeReject {
 }
 
 /// Every message of the protocol.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Message {
     Hello(Hello),
     Welcome(Welcome),
@@ -249,6 +278,41 @@ pub enum Message {
     },
     PeerKeys(Box<PeerKeys>),
     MaskedReport(Box<MaskedReport>),
+    /// Training: ask for the published job.
+    FetchJob {
+        id: MessageId,
+    },
+    /// Training: the published job and its state.
+    Job(Box<JobOffer>),
+    /// Training: the site takes part in the job (its hospital IT approved it).
+    JoinTraining {
+        id: MessageId,
+        job: JobHash,
+    },
+    /// Training: where the job stands.
+    TrainStatus {
+        id: MessageId,
+        job: JobHash,
+    },
+    RoundState(Box<RoundState>),
+    /// Training: a site's update for a round, as chunk hashes (answered with the round state,
+    /// whose `have` lists the chunks already held).
+    UpdateOffer(Box<UpdateOffer>),
+    /// Training: one chunk of a site's update.
+    PutChunk(Box<Chunk>),
+    /// Training: ask for one chunk of a global model.
+    GetChunk(ChunkHead),
+    /// Training: one chunk of a global model.
+    ModelChunk(Box<Chunk>),
+    /// Training under secure aggregation: the site's signed keys for every member of the job
+    /// (`schema` carries the job hash, `round` 0, `session` the key epoch).
+    TrainKeys(Box<SecureKeys>),
+    /// Training under secure aggregation: every member's signed keys.
+    FetchTrainKeys {
+        id: MessageId,
+        job: JobHash,
+        epoch: u32,
+    },
     FetchModel {
         id: MessageId,
         schema: SchemaHash,
@@ -289,6 +353,16 @@ impl Message {
             Message::PeerKeys(m) => m.id,
             Message::MaskedReport(m) => m.id,
             Message::Model(m) => m.id,
+            Message::FetchJob { id }
+            | Message::JoinTraining { id, .. }
+            | Message::TrainStatus { id, .. }
+            | Message::FetchTrainKeys { id, .. } => *id,
+            Message::Job(m) => m.id,
+            Message::RoundState(m) => m.id,
+            Message::UpdateOffer(m) => m.id,
+            Message::PutChunk(c) | Message::ModelChunk(c) => c.head.id,
+            Message::GetChunk(h) => h.id,
+            Message::TrainKeys(m) => m.id,
         }
     }
 }
