@@ -335,6 +335,7 @@ impl Trainer {
             attempt: self.st.attempt,
             participants: self.st.participants.clone(),
             joined: self.st.joined.iter().cloned().collect(),
+            keyed: self.st.keyed.clone(),
             revision: self.st.revision,
             model: self.st.model.clone(),
             have,
@@ -404,6 +405,13 @@ impl Trainer {
                     signature: k.signature,
                 };
                 let dup = self.st.keys.get(site) == Some(&signed);
+                let complete = self.st.keyed.iter().all(|s| self.st.keys.contains_key(s));
+                if complete && !dup {
+                    // Other sites may have derived their masks from the set already: a key
+                    // changed now would leave masks that do not cancel.
+                    tracing::warn!(%site, "a site sent new training keys after the key set was complete: refused");
+                    return Ok(self.error(id, TrainingError::BadOffer));
+                }
                 self.st.keys.insert(site.clone(), signed);
                 self.save()?;
                 self.ack(id, dup)

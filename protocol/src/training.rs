@@ -581,12 +581,12 @@ impl TrainingJob {
                 && p.clip_norm > 0.0
                 && p.clip_norm <= self.max_update_norm
                 && p.noise_multiplier.is_finite()
-                && p.noise_multiplier >= 0.0
+                && p.noise_multiplier > 0.0
                 && p.delta > 0.0
                 && p.delta < 1.0)
         {
             return Err(JobError(
-                "privacy: clip_norm positive and at most max_update_norm, noise_multiplier ≥ 0, delta in (0, 1)".into(),
+                "privacy: clip_norm positive and at most max_update_norm, noise_multiplier positive, delta in (0, 1)".into(),
             ));
         }
         self.layout().validate()
@@ -702,6 +702,8 @@ pub struct RoundState {
     pub participants: Vec<SiteId>,
     /// Sites that joined the job.
     pub joined: Vec<SiteId>,
+    /// Under secure aggregation: the sites whose signed keys the pairwise masks use.
+    pub keyed: Vec<SiteId>,
     /// The latest global model: its revision and the hashes of its data chunks.
     pub revision: u32,
     pub model: Vec<ChunkHash>,

@@ -90,6 +90,102 @@ impl SessionKeys {
     }
 }
 
+/// A pairwise secret for masks that must be re-derived later (training: every chunk of every
+/// round, also after a restart): HKDF-SHA256 of the X25519 shared secret.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct PairSeed {
+    pub peer: SiteId,
+    pub seed: [u8; 32],
+}
+
+impl std::fmt::Debug for PairSeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PairSeed").field("peer", &self.peer).finish_non_exhaustive()
+    }
+}
+
+impl SessionKeys {
+    /// Agree with every peer and keep the pairwise seeds (consumes the private keys).
+    pub fn pair_seeds(
+        self,
+        peers: &[PeerKey],
+        context: &MaskContext,
+    ) -> Result<Vec<PairSeed>, MaskError> {
+        let mut privates = self.privates;
+        let mut out = Vec::new();
+        for pk in peers {
+            let i = privates
+                .iter()
+                .position(|(p, _)| *p == pk.peer)
+                .ok_or_else(|| MaskError::MissingKey(pk.peer.to_string()))?;
+            let (_, private) = privates.swap_remove(i);
+            let seed = agreement::agree_ephemeral(
+                private,
+                &UnparsedPublicKey::new(&X25519, pk.public),
+                |shared| {
+                    let mut salt = b"fedcurate training masks v1".to_vec();
+                    salt.extend_from_slice(&context.schema.0);
+                    salt.extend_from_slice(&context.session.to_be_bytes());
+                    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &salt).extract(shared);
+                    let mut seed = [0u8; 32];
+                    prk.expand(&[b"pair seed"], hkdf::HKDF_SHA256)
+                        .and_then(|okm| okm.fill(&mut seed))
+                        .map(|_| seed)
+                        .map_err(|_| MaskError::Random)
+                },
+            )
+            .map_err(|_| MaskError::BadPeerKey)??;
+            out.push(PairSeed {
+                peer: pk.peer.clone(),
+                seed,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Mask one chunk of a training update in place: for every other participant, the ChaCha20
+/// keystream of the pair's seed (keyed per round and attempt by HKDF, the chunk index as the
+/// nonce, so any chunk's mask is re-derived on its own) is added by the site with the smaller
+/// name and subtracted by the other.
+pub fn mask_chunk(
+    words: &mut [u64],
+    me: &SiteId,
+    seeds: &[PairSeed],
+    participants: &[SiteId],
+    salt: &[u8],
+    chunk: u32,
+) -> Result<(), MaskError> {
+    let mut buf = vec![0u8; words.len() * 8];
+    for s in seeds.iter().filter(|s| participants.contains(&s.peer) && &s.peer != me) {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(&s.seed);
+        let okm = prk
+            .expand(&[b"chunk mask"], &aead::CHACHA20_POLY1305)
+            .map_err(|_| MaskError::Random)?;
+        let key = aead::LessSafeKey::new(aead::UnboundKey::from(okm));
+        buf.iter_mut().for_each(|b| *b = 0);
+        let mut nonce = [0u8; 12];
+        nonce[8..].copy_from_slice(&chunk.to_be_bytes());
+        let _tag = key
+            .seal_in_place_separate_tag(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::empty(),
+                &mut buf,
+            )
+            .map_err(|_| MaskError::Random)?;
+        let add = me < &s.peer;
+        for (w, c) in words.iter_mut().zip(buf.chunks_exact(8)) {
+            let m = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            *w = if add {
+                w.wrapping_add(m)
+            } else {
+                w.wrapping_sub(m)
+            };
+        }
+    }
+    Ok(())
+}
+
 /// What binds a mask to its session, so masks of different sessions are independent.
 #[derive(Clone, Debug)]
 pub struct MaskContext {

@@ -151,14 +151,15 @@ fn hex(h: &SchemaHash) -> String {
     h.0.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn random_id() -> MessageId {
+/// A fresh random message id.
+pub fn random_id() -> MessageId {
     let mut b = [0u8; 8];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
     MessageId(u64::from_be_bytes(b))
 }
 
 /// An id derived from what the request means, so its retry carries the same id.
-fn derived_id(parts: &[&[u8]]) -> MessageId {
+pub fn derived_id(parts: &[&[u8]]) -> MessageId {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     for p in parts {
         ctx.update(&(p.len() as u64).to_be_bytes());
@@ -182,6 +183,14 @@ fn kind_name(m: &Message) -> &'static str {
         Message::SecureKeys(_) => "secure-keys",
         Message::FetchPeerKeys { .. } => "fetch-peer-keys",
         Message::MaskedReport(_) => "masked-report",
+        Message::FetchJob { .. } => "fetch-job",
+        Message::JoinTraining { .. } => "join-training",
+        Message::TrainStatus { .. } => "train-status",
+        Message::UpdateOffer(_) => "update-offer",
+        Message::PutChunk(_) => "put-chunk",
+        Message::GetChunk(_) => "get-chunk",
+        Message::TrainKeys(_) => "train-keys",
+        Message::FetchTrainKeys { .. } => "fetch-train-keys",
         _ => "other",
     }
 }
@@ -201,6 +210,14 @@ fn answer_name(m: &Result<Message, ConnectError>) -> String {
         Ok(Message::Model(m)) => format!("model revision {}", m.revision),
         Ok(Message::SecureSession(s)) => format!("session {}", s.session),
         Ok(Message::PeerKeys(p)) => format!("{} signed peer key sets", p.signed.len()),
+        Ok(Message::Job(j)) => format!("job round {}", j.state.round),
+        Ok(Message::RoundState(r)) => format!(
+            "round {} attempt {} revision {} ({} chunks held)",
+            r.round,
+            r.attempt,
+            r.revision,
+            r.have.len()
+        ),
         Ok(Message::Error { code, .. }) => format!("error {code:?}"),
         Ok(_) => "unexpected".into(),
         Err(e) => format!("no answer: {e}"),
@@ -324,8 +341,35 @@ impl Session {
             .ok_or_else(|| SessionError::Resolve(self.settings.coordinator.clone()))
     }
 
+    /// Record frames about to leave in the egress log, in one transaction (chunk transfers:
+    /// `sha256` is each chunk's content hash, which the logged offer also lists).
+    pub fn log_egress_batch(
+        &self,
+        records: &[(&'static str, MessageId, u64, String)],
+    ) -> Result<(), SessionError> {
+        let rows: Vec<EgressRecord> = records
+            .iter()
+            .map(|(kind, id, bytes, sha256)| EgressRecord {
+                at: fc_store::audit::utc_now(),
+                kind: (*kind).into(),
+                message_id: id.0,
+                bytes: *bytes,
+                sha256: sha256.clone(),
+                answer: "sent".into(),
+            })
+            .collect();
+        self.catalog.record_egress_batch(&rows)?;
+        Ok(())
+    }
+
+    /// The site's signer (its certificate's key), CA and revocation lists, for secure
+    /// aggregation outside the session's own rounds.
+    pub fn secure_material(&self) -> (&crate::secure::Signer, &[u8], Vec<Vec<u8>>) {
+        (&self.signer, &self.ca, self.crl.iter().cloned().collect())
+    }
+
     /// Send a request, with the egress log written before the frame leaves.
-    async fn send(&self, conn: &Link, m: &Message) -> Result<Message, SessionError> {
+    pub async fn send(&self, conn: &Link, m: &Message) -> Result<Message, SessionError> {
         let frame = protocol::encode_frame(m).map_err(|e| SessionError::Schema(e.to_string()))?;
         let seq = self.catalog.record_egress(&EgressRecord {
             at: fc_store::audit::utc_now(),

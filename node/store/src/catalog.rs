@@ -910,6 +910,21 @@ impl Catalog {
         Ok(self.conn.last_insert_rowid())
     }
 
+    /// Record several frames about to leave, in one transaction.
+    pub fn record_egress_batch(&self, rows: &[EgressRecord]) -> Result<(), CatalogError> {
+        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        {
+            let mut st = tx
+                .prepare("INSERT INTO egress (at, kind, message_id, bytes, sha256, answer) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+                .map_err(self.err())?;
+            for e in rows {
+                st.execute(params![e.at, e.kind, e.message_id as i64, e.bytes as i64, e.sha256, e.answer])
+                    .map_err(self.err())?;
+            }
+        }
+        tx.commit().map_err(self.err())
+    }
+
     /// Record what the coordinator answered to egress record `seq`.
     pub fn set_egress_answer(&self, seq: i64, answer: &str) -> Result<(), CatalogError> {
         self.conn
