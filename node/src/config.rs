@@ -190,6 +190,9 @@ pub struct NodeConfig {
     /// The web annotator (`fedcurate-node annotator`): address, TLS, the viewer's files.
     #[serde(default)]
     pub annotator: fc_annotator::settings::AnnotatorSettings,
+    /// Federated training (`fedcurate-node train`): the trainer's socket and who may use it.
+    #[serde(default)]
+    pub training: fc_training::TrainingSettings,
 }
 
 /// The `[annotation]` section.

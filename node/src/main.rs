@@ -23,6 +23,7 @@ use commands::network::{pull, serve};
 use commands::operate::{check_config, purge, status};
 use commands::records::{audit_cmd, export, quarantine};
 use commands::secrets::{reidentify, secret};
+use commands::train::{TrainCommand, train};
 use commands::users::{UsersCommand, users};
 
 #[derive(Parser, Debug)]
@@ -222,6 +223,12 @@ enum Command {
         /// The viewer's installed files (the folder where `npm ci` ran).
         #[arg(long)]
         web_assets: Option<PathBuf>,
+    },
+    /// Federated training ([training] in the config): `serve` takes part in the coordinator's
+    /// job; `wait`, `push` and `status` are a trainer's calls from a shell.
+    Train {
+        #[command(subcommand)]
+        command: TrainCommand,
     },
     /// The web annotator's local accounts.
     Users {
@@ -635,6 +642,7 @@ fn main() -> Result<()> {
         Command::Audit { command } => audit_cmd(&config, command),
         Command::Annotate { command } => annotate(&config, command),
         Command::Users { command } => users(&config, command),
+        Command::Train { command } => train(&config, command),
         Command::Annotator { listen, web_assets } => annotator(&config, listen, web_assets),
     }
 }

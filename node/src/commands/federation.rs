@@ -77,9 +77,23 @@ pub(crate) fn egress(
     command: Option<EgressCommand>,
 ) -> Result<()> {
     let approvals = node::site::approval::Approvals::at(&config.data_dir.join("federation"));
+    let jobs = fc_training::approval::JobApprovals::at(&config.data_dir.join("training"));
     match command {
         Some(EgressCommand::Pending) => {
+            if let Some(j) = jobs.pending() {
+                if json {
+                    println!("{}", serde_json::to_string(&j)?);
+                } else {
+                    println!("a training job waits for approval; each round would send:");
+                    for i in &j.items {
+                        println!("  + {i}");
+                    }
+                }
+            }
             match approvals.pending() {
+                None if jobs.pending().is_some() => {
+                    println!("approve with `fedcurate-node egress approve`")
+                }
                 None => println!("nothing waits for approval"),
                 Some(p) if json => println!("{}", serde_json::to_string(&p)?),
                 Some(p) => {
@@ -104,9 +118,23 @@ pub(crate) fn egress(
             return Ok(());
         }
         Some(EgressCommand::Approve) => {
+            let job = jobs.approve()?;
+            if let Some(j) = &job {
+                let mut catalog = open_catalog(config)?;
+                catalog.audit(&audit::AuditRecord::now(
+                    "egress-approve",
+                    serde_json::json!({ "training_job": j.job, "hash": j.hash, "approved": j.items }),
+                ))?;
+                println!(
+                    "approved training job {}; the node joins it at its next contact",
+                    j.job
+                );
+            }
             let items = approvals.approve()?;
             if items.is_empty() {
-                println!("nothing waits for approval");
+                if job.is_none() {
+                    println!("nothing waits for approval");
+                }
                 return Ok(());
             }
             let mut catalog = open_catalog(config)?;

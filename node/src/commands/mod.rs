@@ -16,4 +16,5 @@ pub(crate) mod network;
 pub(crate) mod operate;
 pub(crate) mod records;
 pub(crate) mod secrets;
+pub(crate) mod train;
 pub(crate) mod users;
