@@ -230,6 +230,21 @@ enum Command {
         #[command(subcommand)]
         command: TrainCommand,
     },
+    /// Three sites and a coordinator train a small model on scikit-learn's digits, split
+    /// non-IID, through their nodes (needs Python with numpy, safetensors, scikit-learn).
+    TrainDemo {
+        /// Folder for the run (default: a new one under the temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 100)]
+        rounds: u32,
+        /// Secure aggregation: the coordinator sees only the sum of the updates.
+        #[arg(long)]
+        secure: bool,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The web annotator's local accounts.
     Users {
         #[command(subcommand)]
@@ -643,6 +658,12 @@ fn main() -> Result<()> {
         Command::Annotate { command } => annotate(&config, command),
         Command::Users { command } => users(&config, command),
         Command::Train { command } => train(&config, command),
+        Command::TrainDemo {
+            dir,
+            rounds,
+            secure,
+            json,
+        } => commands::train_demo::train_demo(dir, rounds, secure, json),
         Command::Annotator { listen, web_assets } => annotator(&config, listen, web_assets),
     }
 }

@@ -62,7 +62,7 @@ contrast = "t1"
 min_cell_count = 5
 "#;
 
-const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
+pub(crate) const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
 
 /// The annotation project every demo site runs.
 const PROJECT: &str = r#"id = "lesions"
@@ -174,13 +174,13 @@ fn annotate_site(
 /// when dropped, and when the demo is interrupted (Ctrl-C or SIGTERM). A child is spawned and
 /// listed under one lock, and the interrupt handler exits while holding it, so no child can
 /// start unseen or after the handler has stopped the others.
-struct Children {
+pub(crate) struct Children {
     list: std::sync::Arc<std::sync::Mutex<Vec<(String, Child)>>>,
     next: std::sync::atomic::AtomicU64,
 }
 
 impl Children {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let list: std::sync::Arc<std::sync::Mutex<Vec<(String, Child)>>> = Default::default();
         let watched = list.clone();
         std::thread::spawn(move || {
@@ -219,7 +219,7 @@ impl Children {
     }
 
     /// Start `cmd` and list it; returns its key and the pipes it was given.
-    fn spawn(
+    pub(crate) fn spawn(
         &self,
         name: &str,
         cmd: &mut Command,
@@ -242,7 +242,7 @@ impl Children {
     }
 
     /// Stop every listed child.
-    fn stop_all(&self) {
+    pub(crate) fn stop_all(&self) {
         if let Ok(mut l) = self.list.lock() {
             for (_, c) in l.iter_mut() {
                 terminate(c);
@@ -252,7 +252,7 @@ impl Children {
     }
 
     /// Wait for a listed child to end, and unlist it.
-    fn wait(&self, key: &str) -> Result<ExitStatus> {
+    pub(crate) fn wait(&self, key: &str) -> Result<ExitStatus> {
         loop {
             {
                 let mut l = self
@@ -273,7 +273,7 @@ impl Children {
     }
 
     /// Run a command to its end; its standard output, or an error with its error lines.
-    fn run(&self, cmd: &mut Command, what: &str) -> Result<String> {
+    pub(crate) fn run(&self, cmd: &mut Command, what: &str) -> Result<String> {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -298,7 +298,7 @@ impl Children {
 
     /// Start a process whose first stdout line starts with `prefix`: its key and the rest of
     /// that line.
-    fn spawn_listening(
+    pub(crate) fn spawn_listening(
         &self,
         name: &str,
         cmd: &mut Command,
@@ -323,7 +323,7 @@ impl Children {
         Ok((key, rest))
     }
 
-    fn stop(&self, key: &str) {
+    pub(crate) fn stop(&self, key: &str) {
         let child = self.list.lock().ok().and_then(|mut l| {
             let i = l.iter().position(|(n, _)| n == key)?;
             Some(l.remove(i).1)
@@ -335,7 +335,7 @@ impl Children {
 }
 
 /// Read a pipe to its end on a thread of its own.
-fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+pub(crate) fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
     std::thread::spawn(move || {
         let mut bytes = Vec::new();
         if let Some(mut p) = pipe {

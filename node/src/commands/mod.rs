@@ -17,4 +17,5 @@ pub(crate) mod operate;
 pub(crate) mod records;
 pub(crate) mod secrets;
 pub(crate) mod train;
+pub(crate) mod train_demo;
 pub(crate) mod users;
