@@ -336,11 +336,9 @@ impl Agent {
         let mut pause = POLL_MIN;
         loop {
             self.shared.update(|s| {
-                s.round = if state.phase == Phase::Collecting {
-                    state.round
-                } else {
-                    0
-                };
+                if state.phase != Phase::Collecting {
+                    s.round = 0;
+                }
                 s.participants = state.participants.len();
             });
             let mut waited = false;
@@ -369,6 +367,8 @@ impl Agent {
                     }
                     self.ensure_model(link, &job, &hash, &dir, state.revision, &state.model)
                         .await?;
+                    // The trainer is told of the round only once its model is here.
+                    self.shared.update(|s| s.round = state.round);
                     let (upath, mpath) = update_paths(&dir, state.round);
                     if !state.participants.contains(&me) {
                         self.shared.phase("not a participant of this round");
