@@ -112,6 +112,7 @@ fn digits_federated_is_close_to_centralised_and_secure_rounds_give_the_same_mode
 struct Consortium {
     root: PathBuf,
     port: u16,
+    job_id: String,
     coordinator: Option<Child>,
     serves: Vec<Option<Child>>,
 }
@@ -148,7 +149,8 @@ fn run_ok(c: &mut Command) -> String {
 fn model_file(values: impl Iterator<Item = f32>) -> Vec<u8> {
     let data: Vec<u8> = values.flat_map(f32::to_le_bytes).collect();
     let mut json = format!(
-        "{{\"w\":{{\"dtype\":\"F32\",\"shape\":[{PARAMS}],\"data_offsets\":[0,{}]}}}}",
+        "{{\"w\":{{\"dtype\":\"F32\",\"shape\":[{}],\"data_offsets\":[0,{}]}}}}",
+        data.len() / 4,
         data.len()
     )
     .into_bytes();
@@ -163,6 +165,23 @@ fn model_file(values: impl Iterator<Item = f32>) -> Vec<u8> {
 
 impl Consortium {
     fn start(root: &Path) -> Self {
+        Self::start_with(
+            root,
+            PARAMS,
+            "id = \"resume\"\nrounds = 2\nmin_sites = 3\nmax_update_norm = 1000.0\nmax_samples = 1000\nchunk_mib = 1\nmetrics = [\"loss\"]\n",
+            ["", "", ""],
+        )
+    }
+
+    /// A consortium training `job` (TOML) on a model of `params` parameters; `site_extra` is
+    /// added to each site's `[federation]`.
+    fn start_with(root: &Path, params: usize, job: &str, site_extra: [&str; 3]) -> Self {
+        let job_id = job
+            .lines()
+            .find_map(|l| l.strip_prefix("id = "))
+            .expect("the job's id")
+            .trim_matches('"')
+            .to_owned();
         let coordinator = coordinator_bin();
         let pki = root.join("pki");
         let coord = |args: &[&str]| {
@@ -192,14 +211,10 @@ impl Consortium {
         let init = root.join("init.safetensors");
         std::fs::write(
             &init,
-            model_file((0..PARAMS).map(|i| ((i % 101) as f32 - 50.0) * 1e-3)),
+            model_file((0..params).map(|i| ((i % 101) as f32 - 50.0) * 1e-3)),
         )
         .expect("init");
-        std::fs::write(
-            root.join("job.toml"),
-            "id = \"resume\"\nrounds = 2\nmin_sites = 3\nmax_update_norm = 1000.0\nmax_samples = 1000\nchunk_mib = 1\nmetrics = [\"loss\"]\n",
-        )
-        .expect("job");
+        std::fs::write(root.join("job.toml"), job).expect("job");
         let p = |x: &Path| x.display().to_string();
         std::fs::write(
             root.join("coordinator.toml"),
@@ -220,12 +235,12 @@ impl Consortium {
             ),
         )
         .expect("coordinator.toml");
-        for s in SITES {
+        for (s, extra) in SITES.iter().zip(site_extra) {
             let sdir = root.join(s);
             std::fs::write(
                 sdir.join("node.toml"),
                 format!(
-                    "data_dir = {:?}\n[federation]\nsite = \"{s}\"\ncoordinator = \"127.0.0.1:{port}\"\ntransport = \"quic\"\nserver_name = \"localhost\"\nca = {:?}\ncert = {:?}\nkey = {:?}\npoll_seconds = 1\n",
+                    "data_dir = {:?}\n[federation]\nsite = \"{s}\"\ncoordinator = \"127.0.0.1:{port}\"\ntransport = \"quic\"\nserver_name = \"localhost\"\nca = {:?}\ncert = {:?}\nkey = {:?}\npoll_seconds = 1\n{extra}\n",
                     p(&sdir.join("data")),
                     p(&pki.join("ca.crt")),
                     p(&pki.join(format!("sites/{s}.crt"))),
@@ -237,6 +252,7 @@ impl Consortium {
         let mut c = Consortium {
             root: root.to_owned(),
             port,
+            job_id,
             coordinator: None,
             serves: vec![None, None, None],
         };
@@ -248,7 +264,7 @@ impl Consortium {
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
                 let out = run_ok(c.node(i).args(["egress", "pending"]));
-                if out.contains("training job resume") {
+                if out.contains(&format!("training job {}", c.job_id)) {
                     break;
                 }
                 assert!(
@@ -262,7 +278,7 @@ impl Consortium {
                 std::thread::sleep(Duration::from_millis(100));
             }
             let out = run_ok(c.node(i).args(["egress", "approve"]));
-            assert!(out.contains("approved training job resume"), "{out}");
+            assert!(out.contains("approved training job"), "{out}");
         }
         c
     }
@@ -502,5 +518,73 @@ fn uploads_interrupted_by_a_killed_coordinator_or_node_resume_and_give_the_same_
         );
         assert!(skipped >= held[1] && skipped < CHUNKS, "{s}");
         assert_eq!(sent + skipped, 2 * CHUNKS, "each chunk sent once after the restart");
+    }
+}
+
+/// Differential privacy through the nodes: each round's ε is in the site's privacy ledger
+/// before its update leaves (the RDP accountant's increments, summing to the job's ε), and a
+/// site whose budget cannot pay for a round sends nothing and says why.
+#[test]
+fn private_rounds_spend_the_ledger_and_stop_at_the_budget() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (z, delta) = (2.0, 1e-5);
+    let (e1, _) = fc_training::accountant::epsilon(z, 1, delta);
+    let (e2, _) = fc_training::accountant::epsilon(z, 2, delta);
+    let job = format!(
+        "id = \"dp\"\nrounds = 2\nmin_sites = 3\nsecure_aggregation = true\nmax_update_norm = 10.0\nmax_samples = 1000\nmetrics = [\"loss\"]\n[privacy]\nclip_norm = 0.01\nnoise_multiplier = {z}\ndelta = {delta}\n"
+    );
+    let tight = format!("privacy_budget_epsilon = {}", e1 + (e2 - e1) / 2.0);
+    let c = Consortium::start_with(&dir.path().join("dp"), 1000, &job, ["", "", &tight]);
+    for i in 0..3 {
+        c.train(i, 1);
+    }
+    for i in 0..3 {
+        c.train(i, 2);
+    }
+    // site-c's round 2 would pass its budget: nothing leaves, and the node says so.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s = loop {
+        let s = c.status(2);
+        if s["phase"] == "refused: privacy budget" {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{s}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        s["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("privacy budget cannot pay for round 2")),
+        "{s}"
+    );
+    assert_eq!(s["uploaded"], 1, "{s}");
+    let ledger = |site: &str| {
+        node::catalog::Catalog::open(&dir.path().join("dp").join(site).join("data/catalog.sqlite"))
+            .expect("catalog")
+            .releases()
+            .expect("ledger")
+    };
+    let c_ledger = ledger("site-c");
+    let outcomes: Vec<(u32, &str)> = c_ledger
+        .iter()
+        .map(|r| (r.round, r.outcome.as_str()))
+        .collect();
+    assert_eq!(outcomes, [(1, "released"), (2, "refused-budget")]);
+    assert!((c_ledger[0].epsilon - e1).abs() < 1e-12);
+    assert_eq!(c_ledger[0].delta, delta);
+    assert_eq!(c_ledger[0].dataset, "training:dp");
+    // site-a paid for both rounds: the increments sum to the accountant's ε after two rounds.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let a = ledger("site-a");
+        if a.len() == 2 {
+            let spent: f64 = a.iter().map(|r| r.epsilon).sum();
+            assert!((spent - e2).abs() < 1e-12, "{spent} vs {e2}");
+            assert!(a.iter().all(|r| r.outcome == "released"));
+            assert_eq!(a[1].delta, 0.0, "δ is paid once for the job's composition");
+            break;
+        }
+        assert!(Instant::now() < deadline, "site-a's round 2 never reached its ledger");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
