@@ -10,4 +10,11 @@ cargo build --release --locked --bin fedcurate-node --bin fedcurate-coordinator
 for a in "$@"; do
     if [ "$a" = --annotate ]; then ./scripts/web-assets.sh; fi
 done
+# The training step's trainers are Python (numpy, safetensors, scikit-learn): their own
+# environment in target/py-train. Without it the demo skips that step and says so.
+if ./scripts/train-python.sh; then
+    export FEDCURATE_TRAIN_PYTHON="$PWD/target/py-train/bin/python"
+else
+    echo "could not prepare the Python environment for the training step; the demo will skip it" >&2
+fi
 exec ./target/release/fedcurate-node consortium-demo "$@"

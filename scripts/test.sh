@@ -57,6 +57,10 @@ if ! "$annotate_py" -c "import statsmodels, krippendorff, SimpleITK, medpy.metri
   "$annotate_py" -m pip install --quiet -r scripts/reference/annotate-requirements.txt
 fi
 export FEDCURATE_ANNOTATE_PYTHON="$annotate_py"
+# Federated training: the Python client's example trainers (numpy, safetensors,
+# scikit-learn's digits) and Google's dp-accounting, which the accountant is checked against.
+./scripts/train-python.sh
+export FEDCURATE_TRAIN_PYTHON="$PWD/target/py-train/bin/python"
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need_apt[*]}"
   SUDO=""

@@ -451,6 +451,16 @@ fn the_consortium_demo_federates_three_sites_and_leaks_nothing() {
             "FEDCURATE_WEB_ASSETS",
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../web"),
         )
+        .env(
+            "FEDCURATE_TRAIN_PYTHON",
+            std::env::var("FEDCURATE_TRAIN_PYTHON").expect(
+                "FEDCURATE_TRAIN_PYTHON: the training step's interpreter (scripts/test.sh makes target/py-train)",
+            ),
+        )
+        .env(
+            "FEDCURATE_PYTHON_DIR",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../python"),
+        )
         .args(["consortium-demo", "--patients", "6", "--annotate"])
         .arg("--annotate-listen")
         .arg(format!("127.0.0.1:{port}"))
@@ -476,6 +486,27 @@ fn the_consortium_demo_federates_three_sites_and_leaks_nothing() {
         text.contains(&format!("annotator: http://127.0.0.1:{port}")),
         "the demo did not leave the annotator running:\n{text}"
     );
+    // The last step: the sites trained together, and the summary compares federated with
+    // each site alone.
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("federated training    20 rounds (secure aggregation)"))
+        .unwrap_or_else(|| panic!("no training line in the summary:\n{text}"));
+    let number_before = |tag: &str| -> f64 {
+        let i = line.find(tag).unwrap_or_else(|| panic!("{tag} in {line}"));
+        line[..i]
+            .split_whitespace()
+            .last()
+            .and_then(|x| x.trim_end_matches(',').parse().ok())
+            .unwrap_or_else(|| panic!("a number before {tag} in {line}"))
+    };
+    let federated = number_before(" federated,");
+    let best: f64 = line
+        .rsplit_once("(best ")
+        .and_then(|(_, b)| b.trim_end_matches(')').parse().ok())
+        .unwrap_or_else(|| panic!("best single site in {line}"));
+    assert!(federated > best + 0.05, "{line}");
+    assert!(text.contains("a training job waits for approval"), "{text}");
     let password = |user: &str| -> String {
         text.lines()
             .find(|l| l.trim_start().starts_with(user))

@@ -382,7 +382,7 @@ impl Drop for Children {
 }
 
 fn step(n: usize, text: &str) {
-    println!("\n[{n}/8] {text}");
+    println!("\n[{n}/9] {text}");
 }
 
 fn all_files(dir: &Path) -> Vec<PathBuf> {
@@ -452,29 +452,8 @@ pub fn run_demo(
         1,
         "consortium CA, coordinator and site certificates (site keys never leave the site)",
     );
-    let pki = root.join("coordinator/pki");
-    let coord = |args: &[&str]| {
-        let mut c = Command::new(&coordinator);
-        c.arg("pki").arg("--dir").arg(&pki).args(args);
-        c
-    };
-    children.run(&mut coord(&["init", "--consortium", "demo"]), "pki init")?;
-    children.run(
-        &mut coord(&["issue-coordinator", "localhost"]),
-        "pki issue-coordinator",
-    )?;
+    let pki = super::train_demo::make_pki(&children, &exe, &coordinator, &root)?;
     for s in SITES {
-        let site_pki = root.join(s).join("pki");
-        children.run(
-            Command::new(&exe)
-                .args(["pki", "request", "--site", s, "--out"])
-                .arg(&site_pki),
-            "pki request",
-        )?;
-        children.run(
-            &mut coord(&["sign-request", s, &p(&site_pki.join("site.csr"))]),
-            "pki sign-request",
-        )?;
         println!("  {s}: key made at the site, request signed by the CA");
     }
 
@@ -484,19 +463,10 @@ pub fn run_demo(
     let ccfg = cdir.join("coordinator.toml");
     std::fs::write(
         &ccfg,
-        format!(
-            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\nschema = {:?}\n{}[tls]\nca = {:?}\ncrl = {:?}\ncert = {:?}\nkey = {:?}\nissued = {:?}\n",
-            p(&cdir.join("state")),
-            p(&cdir.join("schema.toml")),
-            SITES
-                .iter()
-                .map(|s| format!("[[sites]]\nid = \"{s}\"\n"))
-                .collect::<String>(),
-            p(&pki.join("ca.crt")),
-            p(&pki.join("crl.pem")),
-            p(&pki.join("coordinators/localhost.crt")),
-            p(&pki.join("coordinators/localhost.key")),
-            p(&pki.join("issued.json")),
+        super::train_demo::coordinator_toml(
+            &cdir,
+            &pki,
+            &format!("schema = {:?}\n", p(&cdir.join("schema.toml"))),
         ),
     )?;
     let (coordinator_key, addr) = children.spawn_listening(
@@ -695,7 +665,36 @@ pub fn run_demo(
     let deviations = report["deviations"].as_array().map_or(0, Vec::len);
     println!("  {}", report_dir.join("report.html").display());
 
-    step(8, "summary");
+    step(
+        8,
+        "federated training: the three sites train a digits classifier together through their nodes",
+    );
+    let training = if super::train_demo::python_ready() {
+        let sites: Vec<(String, PathBuf, PathBuf)> = configs
+            .iter()
+            .map(|(s, sdir, cfg, _)| ((**s).to_owned(), sdir.clone(), cfg.clone()))
+            .collect();
+        let o = super::train_demo::run_training(
+            &children,
+            &exe,
+            &coordinator,
+            &ccfg,
+            &sites,
+            &root.join("training"),
+            20,
+            true,
+            true,
+        )?;
+        Some(o)
+    } else {
+        println!(
+            "  skipped: {} lacks numpy, safetensors or scikit-learn (scripts/demo.sh installs them into target/py-train)",
+            super::train_demo::python().display()
+        );
+        None
+    };
+
+    step(9, "summary");
     let schema =
         protocol::schema::CurationSchema::parse(SCHEMA).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut before = Vec::new();
@@ -773,6 +772,9 @@ pub fn run_demo(
         "  reader agreement      mean Dice per site in the consortium report: {}",
         per_site.join(", ")
     );
+    if let Some(o) = &training {
+        super::train_demo::print_outcome(o);
+    }
     println!(
         "  leak check            no identifying value in the coordinator's {} files",
         coordinator_files.len()

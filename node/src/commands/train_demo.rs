@@ -51,6 +51,17 @@ pub(crate) fn python() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("python3"))
 }
 
+/// Whether the training interpreter has what the example needs.
+pub(crate) fn python_ready() -> bool {
+    Command::new(python())
+        .args(["-c", "import numpy, safetensors, sklearn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+        && python_dir().is_ok()
+}
+
 /// The consortium's PKI for `SITES`: a CA, the coordinator's certificate for `localhost`, and
 /// each site's key (made at the site, `root/<site>/pki/site.key`) and signed certificate.
 pub(crate) fn make_pki(
