@@ -202,6 +202,11 @@ impl Hub {
         self.training.as_ref()
     }
 
+    /// For a long poll: the training job's position and what wakes its waiters.
+    pub fn training_watch(&self) -> Option<([u32; 3], std::sync::Arc<tokio::sync::Notify>)> {
+        self.training.as_ref().map(|t| (t.position(), t.notifier()))
+    }
+
     /// Deadlines of the training round (called periodically).
     pub fn tick(&mut self, now: i64) {
         if let Some(t) = &mut self.training

@@ -238,6 +238,9 @@ async fn dispatch_blocking(
     bytes: Vec<u8>,
     welcomed: bool,
 ) -> (Vec<Action>, bool) {
+    if let Some((wait, seen)) = long_poll(&bytes) {
+        wait_for_change(hub, wait, seen).await;
+    }
     let (hub, site) = (hub.clone(), site.clone());
     tokio::task::spawn_blocking(move || {
         let mut w = welcomed;
@@ -246,6 +249,50 @@ async fn dispatch_blocking(
     })
     .await
     .unwrap_or((vec![Action::Close], welcomed))
+}
+
+/// A training status request that asks to wait: for how long, and from which position.
+fn long_poll(frame: &[u8]) -> Option<(std::time::Duration, [u32; 3])> {
+    if protocol::codec::frame_kind(frame) != Some(0x33) {
+        return None;
+    }
+    match protocol::decode_frame(frame) {
+        Ok((Message::TrainStatus { wait_ms, seen, .. }, _)) if wait_ms > 0 => Some((
+            std::time::Duration::from_millis(u64::from(wait_ms.min(LONG_POLL_MAX_MS))),
+            seen,
+        )),
+        _ => None,
+    }
+}
+
+/// Longest a training status request may wait for a change.
+const LONG_POLL_MAX_MS: u32 = 30_000;
+
+/// Wait until the training job's position differs from `seen`, or `wait` has passed.
+async fn wait_for_change(hub: &Arc<Mutex<Hub>>, wait: std::time::Duration, seen: [u32; 3]) {
+    let deadline = tokio::time::Instant::now() + wait;
+    let watch = {
+        let hub = hub.clone();
+        move || {
+            let hub = hub.clone();
+            tokio::task::spawn_blocking(move || hub.lock().ok().and_then(|h| h.training_watch()))
+        }
+    };
+    let Ok(Some((_, notify))) = watch().await else {
+        return;
+    };
+    loop {
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        match watch().await {
+            Ok(Some((pos, _))) if pos == seen => {}
+            _ => return,
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// A frame refused from its header alone (answered, and its body never read).

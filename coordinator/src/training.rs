@@ -109,6 +109,8 @@ pub struct Trainer {
     offers: BTreeMap<SiteId, Offer>,
     sum: Vec<u64>,
     next_id: u64,
+    /// Woken when the round, attempt or revision changes (long polls wait on it).
+    notify: std::sync::Arc<tokio::sync::Notify>,
 }
 
 fn now_ms() -> i64 {
@@ -183,6 +185,7 @@ impl Trainer {
             doc,
             job,
             next_id: now_ms() as u64,
+            notify: std::sync::Arc::new(tokio::sync::Notify::new()),
         };
         t.reload_round()?;
         Ok(t)
@@ -190,6 +193,16 @@ impl Trainer {
 
     pub fn hash(&self) -> JobHash {
         self.hash
+    }
+
+    /// Woken whenever what a long poll compares changes.
+    pub fn notifier(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.notify.clone()
+    }
+
+    /// (round, attempt, revision): what a long poll compares.
+    pub fn position(&self) -> [u32; 3] {
+        [self.st.round, self.st.attempt, self.st.revision]
     }
 
     pub fn job(&self) -> &TrainingJob {
@@ -373,7 +386,7 @@ impl Trainer {
                     state,
                 }))]
             }
-            Message::JoinTraining { id, job } | Message::TrainStatus { id, job }
+            Message::JoinTraining { id, job } | Message::TrainStatus { id, job, .. }
                 if job != self.hash =>
             {
                 self.error(id, TrainingError::UnknownJob)
@@ -466,6 +479,7 @@ impl Trainer {
     }
 
     fn open_round(&mut self, now: i64) {
+        self.notify.notify_waiters();
         self.st.opened_ms = now_ms();
         self.st.deadline = now + self.job.round_deadline_seconds as i64;
         self.sum = vec![0u64; self.job.vector_words() as usize];
@@ -834,6 +848,7 @@ impl Trainer {
             self.open_round(now);
         }
         self.save()?;
+        self.notify.notify_waiters();
         let _ = std::fs::remove_dir_all(old_round);
         // Keep the last two revisions (a lagging site may still be downloading the earlier).
         if rev >= 1 {

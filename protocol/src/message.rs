@@ -289,10 +289,13 @@ pub enum Message {
         id: MessageId,
         job: JobHash,
     },
-    /// Training: where the job stands.
+    /// Training: where the job stands. With `wait_ms`, the coordinator answers once the
+    /// round, attempt or model revision differs from `seen` (or the time is up): a long poll.
     TrainStatus {
         id: MessageId,
         job: JobHash,
+        wait_ms: u32,
+        seen: [u32; 3],
     },
     RoundState(Box<RoundState>),
     /// Training: a site's update for a round, as chunk hashes (answered with the round state,

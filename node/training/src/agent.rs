@@ -342,6 +342,9 @@ impl Agent {
                 s.participants = state.participants.len();
             });
             let mut waited = false;
+            // Nothing to do here until the coordinator's round moves on: ask it to answer
+            // then (a long poll) rather than polling.
+            let mut long_poll = false;
             match state.phase {
                 Phase::Joining => {
                     self.shared.phase(&format!(
@@ -349,8 +352,7 @@ impl Agent {
                         state.joined.len(),
                         job.min_sites
                     ));
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    waited = true;
+                    long_poll = true;
                 }
                 Phase::Finished => {
                     self.ensure_model(link, &job, &hash, &dir, state.revision, &state.model)
@@ -372,9 +374,11 @@ impl Agent {
                     let (upath, mpath) = update_paths(&dir, state.round);
                     if !state.participants.contains(&me) {
                         self.shared.phase("not a participant of this round");
+                        long_poll = true;
                     } else if state.complete.contains(&me) {
                         self.shared
                             .phase("update sent; waiting for the round's model");
+                        long_poll = true;
                     } else if upath.exists() && mpath.exists() {
                         if job.secure_aggregation && seeds.is_none() {
                             return Err(AgentError::Secure(
@@ -383,7 +387,7 @@ impl Agent {
                         }
                         self.upload(link, &job, &hash, &dir, &state, seeds.as_deref())
                             .await?;
-                        pause = POLL_MIN;
+                        waited = true;
                     } else {
                         self.shared.phase("waiting for the trainer's update");
                         let mut rx = self.shared.subscribe();
@@ -392,7 +396,7 @@ impl Agent {
                     }
                 }
             }
-            if !waited {
+            if !waited && !long_poll {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 3 / 2).min(POLL_MAX);
             }
@@ -403,6 +407,8 @@ impl Agent {
                     &Message::TrainStatus {
                         id: random_id(),
                         job: hash,
+                        wait_ms: if long_poll { 20_000 } else { 0 },
+                        seen: [state.round, state.attempt, state.revision],
                     },
                 )
                 .await?
