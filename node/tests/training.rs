@@ -173,7 +173,38 @@ fn private_rounds_spend_the_ledger_and_stop_at_the_budget() {
     );
     let tight = format!("privacy_budget_epsilon = {}", e1 + (e2 - e1) / 2.0);
     let c = Consortium::start_with(&dir.path().join("dp"), 1000, &job, ["", "", &tight]);
-    for i in 0..3 {
+    // Updates that do not fit the job are refused with the reason, and nothing is kept.
+    let g = c.prepare(0, 1);
+    let good = std::fs::read(&g).expect("update");
+    let start = 8 + u64::from_le_bytes(good[..8].try_into().expect("8")) as usize;
+    let mut nan = good.clone();
+    nan[start + 40..start + 44].copy_from_slice(&f32::NAN.to_le_bytes());
+    let mut meta = b"{\"__metadata__\":{\"who\":\"x\"},\"w\":{\"dtype\":\"F32\",\"shape\":[1000],\"data_offsets\":[0,4000]}}".to_vec();
+    while meta.len() % 8 != 0 {
+        meta.push(b' ');
+    }
+    let mut with_meta = (meta.len() as u64).to_le_bytes().to_vec();
+    with_meta.extend(meta);
+    with_meta.extend_from_slice(&good[start..]);
+    for (bytes, why) in [
+        (nan, "not finite (NaN or infinity) in tensor \"w\""),
+        (with_meta, "__metadata__"),
+        (model_file((0..999).map(|_| 0.0)), "differ from the job's layout"),
+    ] {
+        let f = dir.path().join("bad.safetensors");
+        std::fs::write(&f, bytes).expect("write");
+        let out = c
+            .node(0)
+            .args(["train", "push", "--round", "1", "--samples", "10"])
+            .arg(&f)
+            .output()
+            .expect("push");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(why), "{why}: {err}");
+    }
+    assert_eq!(c.status(0)["submitted"], 0, "nothing was accepted");
+    c.push(0, 1, &g);
+    for i in 1..3 {
         c.train(i, 1);
     }
     for i in 0..3 {

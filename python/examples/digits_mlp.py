@@ -127,6 +127,8 @@ fedprox_mu = 0.0
 
 
 def cmd_train(a):
+    if a.api == "flare":
+        return train_flare(a)
     import fedcurate
     x, y, _, _ = data()
     idx = split(y)[a.site_index]
@@ -143,6 +145,38 @@ def cmd_train(a):
     if a.out:
         save_file(final, a.out)
     print(json.dumps({"site": a.site_index, "samples": int(len(ys)), "rounds": client.round}))
+
+
+def train_flare(a):
+    """The same trainer written for NVFlare's Client API: only the import differs from a
+    script that runs under NVFlare (`import nvflare.client as flare`)."""
+    import fedcurate.flare as flare
+    from fedcurate.flare import FLModel
+    x, y, _, _ = data()
+    idx = split(y)[a.site_index]
+    xs, ys = x[idx], y[idx]
+    flare.init(socket=a.socket)
+    last = None
+    while flare.is_running():
+        model = flare.receive()
+        if model is None:
+            break
+        job = model.meta["job"]["trainer"]
+        rnd = model.current_round + 1
+        p, loss = model.params, 0.0
+        for e in range(int(job.get("local_epochs", 1))):
+            p, loss = epoch(p, xs, ys, job.get("learning_rate", 0.1),
+                            seed_of(a.site_index, rnd, e), job.get("fedprox_mu", 0.0),
+                            model.params)
+        flare.send(FLModel(params=p, metrics={"loss": loss, "accuracy": accuracy(p, xs, ys)},
+                           meta={"NUM_STEPS_CURRENT_ROUND": len(ys)}))
+        last = rnd
+    import fedcurate
+    final = fedcurate.final_model()
+    if a.out:
+        save_file(final, a.out)
+    print(json.dumps({"site": a.site_index, "samples": int(len(ys)), "rounds": last,
+                      "api": "flare", "site_name": flare.get_site_name()}))
 
 
 def cmd_evaluate(a):
@@ -191,6 +225,7 @@ def main():
     p.add_argument("--secure", action="store_true"); p.add_argument("--aggregator", default="fedavg")
     p = sub.add_parser("train"); p.add_argument("--site-index", type=int, required=True)
     p.add_argument("--socket"); p.add_argument("--out")
+    p.add_argument("--api", choices=["fedcurate", "flare"], default="fedcurate")
     p = sub.add_parser("evaluate"); p.add_argument("--model", required=True)
     p.add_argument("--rounds", type=int, default=100)
     p = sub.add_parser("simulate"); p.add_argument("--rounds", type=int, default=100)

@@ -249,10 +249,18 @@ pub(crate) fn run_training(
     for (i, ((s, sdir, _), socket)) in sites.iter().zip(&sockets).enumerate() {
         let out = work.join(format!("final-{s}.safetensors"));
         let log = std::fs::File::create(sdir.join("trainer.log"))?;
+        // The last site's trainer is written for NVFlare's Client API (fedcurate.flare).
+        let api = if i + 1 == sites.len() {
+            "flare"
+        } else {
+            "fedcurate"
+        };
         let (key, stdout, _) = children.spawn(
             "trainer",
             pyrun(&[
                 "train",
+                "--api",
+                api,
                 "--site-index",
                 &i.to_string(),
                 "--socket",
