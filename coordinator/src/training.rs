@@ -76,6 +76,9 @@ struct State {
     model: Vec<ChunkHash>,
     opened_ms: i64,
     deadline: i64,
+    /// When the first site joined (seconds since the epoch).
+    #[serde(default)]
+    first_join: i64,
     finished: bool,
     history: Vec<RoundRecord>,
     keys: BTreeMap<SiteId, SignedKeys>,
@@ -396,6 +399,9 @@ impl Trainer {
                     return Ok(self.error(id, TrainingError::NotAParticipant));
                 }
                 if self.st.joined.insert(site.clone()) {
+                    if self.st.joined.len() == 1 {
+                        self.st.first_join = now;
+                    }
                     tracing::info!(%site, job = %self.job.id, "site joined the training job");
                     self.maybe_open(now)?;
                     self.save()?;
@@ -464,9 +470,13 @@ impl Trainer {
         })
     }
 
-    /// The first round opens once `min_sites` members joined.
+    /// The first round opens once every member joined, or once `min_sites` did and a tenth
+    /// of the round deadline passed since the first.
     fn maybe_open(&mut self, now: i64) -> Result<(), TrainingStateError> {
-        if self.st.round == 0 && self.st.joined.len() >= self.job.min_sites as usize {
+        let all = self.st.joined.len() >= self.members.len();
+        let enough = self.st.joined.len() >= self.job.min_sites as usize
+            && now >= self.st.first_join + (self.job.round_deadline_seconds / 10) as i64;
+        if self.st.round == 0 && (all || enough) {
             self.st.round = 1;
             self.st.attempt = 0;
             self.st.participants = self.st.joined.iter().cloned().collect();
@@ -651,6 +661,13 @@ impl Trainer {
     /// Deadlines: a plain round past its deadline completes with the sites whose updates are
     /// complete (if at least `min_sites`); a secure one restarts with them.
     pub fn tick(&mut self, now: i64) -> Result<(), TrainingStateError> {
+        if self.st.round == 0 && !self.st.joined.is_empty() {
+            self.maybe_open(now)?;
+            if self.st.round > 0 {
+                self.save()?;
+            }
+            return Ok(());
+        }
         if self.st.round == 0 || self.st.finished || now <= self.st.deadline {
             return Ok(());
         }
@@ -919,4 +936,208 @@ pub fn chunk_hashes(data: &[u8], size: usize) -> Vec<ChunkHash> {
         return vec![sha256(&[])];
     }
     data.chunks(size).map(sha256).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::training::to_fixed;
+
+    const N: usize = 6;
+
+    fn job(method: &str, extra: &str) -> (JobDocument, Vec<u8>) {
+        let layout = Layout {
+            tensors: vec![protocol::training::TensorSpec {
+                name: "w".into(),
+                dtype: "F32".into(),
+                shape: vec![N as u64],
+            }],
+        };
+        let mut init = layout.safetensors_header();
+        for i in 0..N {
+            init.extend_from_slice(&(i as f32 * 0.5).to_le_bytes());
+        }
+        let text = format!(
+            "id = \"t\"\nrounds = 3\nmin_sites = 2\nmax_update_norm = 100.0\nmax_samples = 1000\nchunk_mib = 1\n{extra}\n[aggregator]\nmethod = \"{method}\"\n"
+        );
+        (job_document(&text, &init).expect("job"), init)
+    }
+
+    fn sites() -> Vec<SiteId> {
+        ["a", "b", "c"]
+            .iter()
+            .map(|s| SiteId::new(s).expect("id"))
+            .collect()
+    }
+
+    /// A site's update (the change `d`, weighted by `w`) as the node encodes it.
+    fn words(t: &Trainer, d: &[f64], w: f64) -> Vec<u8> {
+        let scale = t.job.scale();
+        let mut v: Vec<u64> = d.iter().map(|x| to_fixed(x * w, scale, 0.5)).collect();
+        v.push(to_fixed(w, scale, 0.0));
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    fn send(t: &mut Trainer, s: &SiteId, data: Vec<u8>, now: i64) -> Vec<Message> {
+        let (round, attempt) = (t.st.round, t.st.attempt);
+        let offer = UpdateOffer {
+            id: MessageId(1),
+            job: t.hash,
+            round,
+            attempt,
+            chunks: vec![sha256(&data)],
+            metrics: vec![],
+            noised: false,
+        };
+        let r = t
+            .handle(s, Message::UpdateOffer(Box::new(offer)), now, &[])
+            .expect("offer");
+        assert!(matches!(r[0], Message::RoundState(_)), "{r:?}");
+        t.handle(
+            s,
+            Message::PutChunk(Box::new(Chunk {
+                head: ChunkHead {
+                    id: MessageId(2),
+                    job: t.hash,
+                    round,
+                    attempt,
+                    index: 0,
+                },
+                data,
+            })),
+            now,
+            &[],
+        )
+        .expect("chunk")
+    }
+
+    fn model(t: &Trainer) -> Vec<f64> {
+        let f = t.model_file(t.revision()).expect("model");
+        let (layout, start) = Layout::from_safetensors(&f).expect("layout");
+        layout.values(&f[start..]).collect()
+    }
+
+    fn open(method: &str, extra: &str, dir: &Path) -> Trainer {
+        let (doc, init) = job(method, extra);
+        let mut t = Trainer::open(dir, doc, &init, sites()).expect("open");
+        for s in sites() {
+            let hash = t.hash;
+            t.handle(&s, Message::JoinTraining { id: MessageId(0), job: hash }, 0, &[])
+                .expect("join");
+        }
+        assert_eq!(t.round(), 1);
+        t
+    }
+
+    #[test]
+    fn fedavg_weights_by_samples_and_fedadam_keeps_its_moments() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut t = open("fedavg", "", &dir.path().join("avg"));
+        let d: Vec<Vec<f64>> = (0..3)
+            .map(|k| (0..N).map(|i| (i as f64 - k as f64) * 0.01).collect())
+            .collect();
+        let w = [10.0, 20.0, 30.0];
+        let before = model(&t);
+        for (k, s) in sites().iter().enumerate() {
+            let data = words(&t, &d[k], w[k]);
+            send(&mut t, s, data, 0);
+        }
+        assert_eq!(t.revision(), 1, "the round completed with the last chunk");
+        let after = model(&t);
+        for i in 0..N {
+            let avg = (0..3).map(|k| w[k] * d[k][i]).sum::<f64>() / 60.0;
+            assert!((after[i] - (before[i] + avg)).abs() < 1e-6, "{i}");
+        }
+        assert_eq!(t.history()[0].weight, 60.0);
+
+        // FedAdam over two rounds: m and v carried from the first to the second.
+        let mut t = open("fedadam", "", &dir.path().join("adam"));
+        let x0 = model(&t);
+        let (eta, b1, b2, tau) = (0.01, 0.9, 0.99, 1e-3);
+        let (mut m, mut v) = (vec![0.0; N], vec![tau * tau; N]);
+        let mut x = x0.clone();
+        for round in 0..2 {
+            for (k, s) in sites().iter().enumerate() {
+                let data = words(&t, &d[k], w[k]);
+                send(&mut t, s, data, 0);
+            }
+            for i in 0..N {
+                let g = (0..3).map(|k| w[k] * d[k][i]).sum::<f64>() / 60.0;
+                m[i] = b1 * m[i] + (1.0 - b1) * g;
+                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                x[i] += eta * m[i] / (v[i].sqrt() + tau);
+                x[i] = x[i] as f32 as f64;
+            }
+            assert_eq!(t.revision(), round + 1);
+        }
+        let got = model(&t);
+        for i in 0..N {
+            assert!((got[i] - x[i]).abs() < 1e-5, "{i}: {} vs {}", got[i], x[i]);
+        }
+    }
+
+    #[test]
+    fn a_plain_round_past_its_deadline_averages_the_sites_that_finished() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut t = open("fedavg", "round_deadline_seconds = 10", dir.path());
+        let s = sites();
+        let d = vec![0.1; N];
+        let data = words(&t, &d, 1.0);
+        send(&mut t, &s[0], data, 0);
+        let data = words(&t, &d, 3.0);
+        send(&mut t, &s[1], data, 0);
+        // Site c offers but sends half of nothing: its offer is withdrawn at the deadline.
+        let before = model(&t);
+        t.tick(5).expect("tick");
+        assert_eq!(t.revision(), 0, "not yet past the deadline");
+        t.tick(11).expect("tick");
+        assert_eq!(t.revision(), 1);
+        assert_eq!(t.history()[0].sites, s[..2].to_vec());
+        let after = model(&t);
+        assert!((after[0] - before[0] - 0.1).abs() < 1e-6);
+        // A chunk that does not match its offered hash is refused.
+        let data = words(&t, &d, 1.0);
+        let mut bad = data.clone();
+        bad[0] ^= 1;
+        let offer = UpdateOffer {
+            id: MessageId(1),
+            job: t.hash,
+            round: 2,
+            attempt: 0,
+            chunks: vec![sha256(&data)],
+            metrics: vec![],
+            noised: false,
+        };
+        t.handle(&s[0], Message::UpdateOffer(Box::new(offer)), 12, &[])
+            .expect("offer");
+        let r = t
+            .handle(
+                &s[0],
+                Message::PutChunk(Box::new(Chunk {
+                    head: ChunkHead {
+                        id: MessageId(2),
+                        job: t.hash,
+                        round: 2,
+                        attempt: 0,
+                        index: 0,
+                    },
+                    data: bad,
+                })),
+                12,
+                &[],
+            )
+            .expect("chunk");
+        assert!(matches!(
+            r[0],
+            Message::Error {
+                code: ErrorCode::Training(TrainingError::BadChunk),
+                ..
+            }
+        ));
+        // A restarted coordinator rebuilds the round from what it had received.
+        drop(t);
+        let (doc, init) = job("fedavg", "round_deadline_seconds = 10");
+        let t = Trainer::open(dir.path(), doc, &init, sites()).expect("reopen");
+        assert_eq!((t.round(), t.revision()), (2, 1));
+    }
 }

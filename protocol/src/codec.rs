@@ -3,9 +3,10 @@
 //! The length covers version, kind and body. Each kind has its own size limit, checked from
 //! the header before any body is decoded; bincode itself decodes with the same limit, so a
 //! hostile length field inside the body cannot make it allocate more. Kinds 0x01–0x03 are the
-//! handshake, 0x20–0x2F schema, aggregate and model messages; 0x10–0x1F are reserved for
-//! chunked tensor transfer and the rest of 0x20–0x3F for later schema and aggregate
-//! messages, so adding them does not change the meaning of existing frames.
+//! handshake, 0x20–0x2F schema, aggregate and model messages, 0x30–0x37 training messages,
+//! 0x10–0x12 training chunks (their body is `[u16 head length][bincode head][raw data]`, so
+//! the data is copied as it is, never decoded element by element); the rest of 0x10–0x3F is
+//! reserved, so adding kinds does not change the meaning of existing frames.
 
 use crate::message::{Message, PROTOCOL_VERSION};
 
@@ -811,5 +812,40 @@ mod tests {
             decode_frame(&frame),
             Err(CodecError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn chunk_frames_carry_their_bytes_and_refuse_what_is_too_large() {
+        use crate::training::{Chunk, ChunkHead, JobHash};
+        let head = ChunkHead {
+            id: MessageId(7),
+            job: JobHash([9; 32]),
+            round: 3,
+            attempt: 1,
+            index: 12,
+        };
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let m = Message::PutChunk(Box::new(Chunk {
+            head: head.clone(),
+            data: data.clone(),
+        }));
+        let frame = encode_frame(&m).expect("encodes");
+        let (back, used) = decode_frame(&frame).expect("decodes");
+        assert_eq!(used, frame.len());
+        assert_eq!(back, m);
+        // A model chunk of the same head is another kind.
+        let mc = Message::ModelChunk(Box::new(Chunk { head, data }));
+        assert_ne!(encode_frame(&mc).expect("encodes")[6], frame[6]);
+        // A head cut short is malformed; a body beyond 8 MiB is refused from the header.
+        let mut cut = frame[..7].to_vec();
+        cut.extend_from_slice(&[0, 200, 1, 2]);
+        let len = (cut.len() - 4) as u32;
+        cut[..4].copy_from_slice(&len.to_be_bytes());
+        assert!(matches!(decode_frame(&cut), Err(CodecError::Malformed(_))));
+        let mut big = [0u8; FRAME_HEADER_LEN];
+        big[..4].copy_from_slice(&((CHUNK_BODY_LIMIT + 4) as u32).to_be_bytes());
+        big[4..6].copy_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+        big[6] = 0x10;
+        assert!(matches!(check_header(&big), Err(CodecError::Oversize { .. })));
     }
 }

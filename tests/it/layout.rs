@@ -88,6 +88,7 @@ fn pure_stages_reach_no_store_network_fixture_or_binary() {
         "fc-store",
         "fc-dimse",
         "fc-federation",
+        "fc-training",
         "fc-fixtures",
         "fc-export",
         "node",
