@@ -110,6 +110,8 @@ pub fn quic_server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConf
     transport.max_concurrent_uni_streams(0u32.into());
     transport.stream_receive_window(STREAM_WINDOW.into());
     transport.receive_window(CONNECTION_WINDOW.into());
+    // Global models go out in chunks of up to 8 MiB, a few in flight per site.
+    transport.send_window(2 * u64::from(STREAM_WINDOW));
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
@@ -244,7 +246,11 @@ async fn dispatch_blocking(
     let (hub, site) = (hub.clone(), site.clone());
     tokio::task::spawn_blocking(move || {
         let mut w = welcomed;
-        let a = dispatch(&hub, &site, &bytes, &mut w);
+        let a = if is_chunk(&bytes) {
+            dispatch_chunk(&hub, &site, bytes, w)
+        } else {
+            dispatch(&hub, &site, &bytes, &mut w)
+        };
         (a, w)
     })
     .await
@@ -323,7 +329,8 @@ async fn drain<R: tokio::io::AsyncRead + Unpin>(r: &mut R, mut n: usize) -> std:
 
 /// How reading one frame ended.
 enum Read {
-    Frame(Vec<u8>),
+    /// A frame, and for a chunk its slot (held until it is handled).
+    Frame(Vec<u8>, Option<tokio::sync::SemaphorePermit<'static>>),
     /// The header says no: answer from it, do not read on.
     Refused(Vec<u8>, protocol::CodecError),
     /// Reset, closed or too slow.
@@ -342,6 +349,11 @@ async fn read_quic_frame(recv: &mut quinn::RecvStream) -> Read {
         Ok(n) => n,
         Err(e) => return Read::Refused(head.to_vec(), e),
     };
+    let slot = if is_chunk(&head) {
+        CHUNK_SLOTS.acquire().await.ok()
+    } else {
+        None
+    };
     let mut frame = vec![0u8; protocol::FRAME_HEADER_LEN + body];
     frame[..protocol::FRAME_HEADER_LEN].copy_from_slice(&head);
     let mut at = protocol::FRAME_HEADER_LEN;
@@ -353,7 +365,7 @@ async fn read_quic_frame(recv: &mut quinn::RecvStream) -> Read {
             Err(_) => return Read::Gone("the frame stopped arriving".into()),
         }
     }
-    Read::Frame(frame)
+    Read::Frame(frame, slot)
 }
 
 /// Read exactly `buf.len()` bytes, waiting at most [`FRAME_READ_TIMEOUT`] for each piece.
@@ -533,7 +545,7 @@ async fn serve_connection(
         );
         tasks.spawn(async move {
             let actions = match read_quic_frame(&mut recv).await {
-                Read::Frame(bytes) => {
+                Read::Frame(bytes, _slot) => {
                     if !is_chunk(&bytes) {
                         let wait = guard.pace(&site);
                         if !wait.is_zero() {
@@ -574,6 +586,34 @@ async fn serve_connection(
     }
 }
 
+/// A training chunk: decoded in place (its data keeps the frame's allocation) and hashed
+/// before the hub's lock, so chunks from several streams and sites are hashed in parallel.
+fn dispatch_chunk(hub: &Mutex<Hub>, site: &SiteId, bytes: Vec<u8>, welcomed: bool) -> Vec<Action> {
+    let head: Vec<u8> = bytes.iter().take(protocol::FRAME_HEADER_LEN).copied().collect();
+    match protocol::codec::decode_frame_owned(bytes) {
+        Err(e) => {
+            tracing::warn!(%site, error = %e, "rejected a frame");
+            match hub.lock() {
+                Ok(mut h) => h.bad_frame(site, &head, now()),
+                Err(_) => vec![Action::Close],
+            }
+        }
+        Ok(mut message) => {
+            if let Message::PutChunk(c) = &mut message {
+                c.digest = Some(protocol::training::sha256(&c.data));
+            }
+            match hub.lock() {
+                Ok(mut h) => h.handle_frame(site, &head, message, now(), welcomed),
+                Err(_) => vec![Action::Close],
+            }
+        }
+    }
+}
+
+/// Chunk frames read at once, across every connection: what the coordinator holds of chunks
+/// in flight stays a few frames, whatever the number of sites.
+static CHUNK_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(3);
+
 /// Decode and handle one frame from `site` on a connection (`welcomed` is the connection's
 /// state); the same for QUIC streams and the TCP fallback.
 fn dispatch(hub: &Mutex<Hub>, site: &SiteId, bytes: &[u8], welcomed: &mut bool) -> Vec<Action> {
@@ -597,7 +637,8 @@ fn dispatch(hub: &Mutex<Hub>, site: &SiteId, bytes: &[u8], welcomed: &mut bool) 
                 Action::Close,
             ]
         }
-        Ok((message, _)) => match hub.lock() {
+        Ok((message, _)) => {
+            match hub.lock() {
             Ok(mut h) => {
                 let actions = h.handle_frame(site, bytes, message, now(), *welcomed);
                 let welcome = actions
@@ -610,7 +651,8 @@ fn dispatch(hub: &Mutex<Hub>, site: &SiteId, bytes: &[u8], welcomed: &mut bool) 
                 actions
             }
             Err(_) => vec![Action::Close],
-        },
+            }
+        }
     }
 }
 
@@ -805,6 +847,11 @@ async fn serve_tcp(
                 a
             }
             Ok(body) => {
+                let _slot = if is_chunk(&header) {
+                    CHUNK_SLOTS.acquire().await.ok()
+                } else {
+                    None
+                };
                 let mut frame = vec![0u8; protocol::FRAME_HEADER_LEN + body];
                 frame[..protocol::FRAME_HEADER_LEN].copy_from_slice(&header);
                 if !read_progress(&mut stream, &mut frame[protocol::FRAME_HEADER_LEN..]).await {

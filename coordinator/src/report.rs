@@ -127,6 +127,31 @@ pub struct ConsortiumReport {
     pub deviations: Vec<Deviation>,
     /// Sites summed by secure aggregation (per-site values are unknown to the coordinator).
     pub secure_sites: Option<Vec<String>>,
+    /// The published training job and its rounds so far.
+    #[serde(default)]
+    pub training: Option<TrainingReport>,
+}
+
+/// A training job as the report shows it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct TrainingReport {
+    pub job: String,
+    pub rounds: u32,
+    pub finished: bool,
+    pub secure_aggregation: bool,
+    pub metrics: Vec<String>,
+    pub history: Vec<crate::training::RoundRecord>,
+}
+
+fn training_report(hub: &Hub) -> Option<TrainingReport> {
+    hub.training().map(|t| TrainingReport {
+        job: t.job().id.clone(),
+        rounds: t.job().rounds,
+        finished: t.finished(),
+        secure_aggregation: t.job().secure_aggregation,
+        metrics: t.job().metrics.clone(),
+        history: t.history().to_vec(),
+    })
 }
 
 fn cells(c: &[Cell]) -> Vec<Option<u64>> {
@@ -181,6 +206,7 @@ pub fn build(hub: &Hub) -> Result<ConsortiumReport, StoreError> {
             model: None,
             deviations: Vec::new(),
             secure_sites: None,
+            training: training_report(hub),
         });
     };
     let hash = doc.hash();
@@ -439,6 +465,7 @@ pub fn build(hub: &Hub) -> Result<ConsortiumReport, StoreError> {
         model,
         deviations,
         secure_sites: secure.map(|(sites, _)| sites.iter().map(|s| s.to_string()).collect()),
+        training: training_report(hub),
     })
 }
 
@@ -671,6 +698,45 @@ pub fn html(r: &ConsortiumReport) -> String {
                 "<p>Foreground mean {mean:.1} HU, sd {std:.1} HU, 0.5 % {lo} HU, 99.5 % {hi} HU</p>"
             );
         }
+    }
+    if let Some(t) = &r.training {
+        let _ = write!(
+            o,
+            "<h2>Training job {}</h2><p>{} of {} rounds{}{}.</p><table><tr><th>round</th><th>sites</th><th>seconds</th><th>update norm</th>",
+            esc(&t.job),
+            t.history.len(),
+            t.rounds,
+            if t.finished { ", finished" } else { "" },
+            if t.secure_aggregation {
+                "; secure aggregation (only sums are known here)"
+            } else {
+                ""
+            },
+        );
+        for m in &t.metrics {
+            let _ = write!(o, "<th>{} per site</th>", esc(m));
+        }
+        o.push_str("</tr>");
+        for h in t.history.iter().rev().take(50) {
+            let _ = write!(
+                o,
+                "<tr><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.4}</td>",
+                h.round,
+                h.sites.len(),
+                h.seconds,
+                h.update_norm
+            );
+            for (i, _) in t.metrics.iter().enumerate() {
+                let per: Vec<String> = h
+                    .metrics
+                    .iter()
+                    .map(|(s, v)| format!("{}: {:.3}", esc(s.as_str()), v.get(i).copied().unwrap_or(f64::NAN)))
+                    .collect();
+                let _ = write!(o, "<td>{}</td>", per.join(", "));
+            }
+            o.push_str("</tr>");
+        }
+        o.push_str("</table>");
     }
     o.push_str("</body></html>");
     o

@@ -596,7 +596,7 @@ impl Trainer {
         let expected_words = (words - (index * cw).min(words)).min(cw);
         if index >= offer.chunks.len() as u64
             || c.data.len() as u64 != expected_words * 8
-            || sha256(&c.data) != offer.chunks[index as usize]
+            || c.digest.unwrap_or_else(|| sha256(&c.data)) != offer.chunks[index as usize]
         {
             return Ok(self.error(id, TrainingError::BadChunk));
         }
@@ -655,6 +655,7 @@ impl Trainer {
                 index: h.index,
             },
             data,
+            digest: None,
         }))])
     }
 
@@ -716,6 +717,7 @@ impl Trainer {
     /// Every participant's update is in: average, take the server step chunk by chunk, and
     /// publish the next revision.
     fn finish_round(&mut self, now: i64) -> Result<(), TrainingStateError> {
+        let t0 = std::time::Instant::now();
         let scale = self.job.scale();
         let params = self.layout.params();
         let weight = from_fixed(self.sum[params as usize], scale);
@@ -842,6 +844,7 @@ impl Trainer {
             sites = record.sites.len(),
             seconds = record.seconds,
             update_norm = record.update_norm,
+            step_ms = t0.elapsed().as_millis() as u64,
             "training round aggregated: global model revision {}",
             rev + 1
         );
@@ -1004,6 +1007,7 @@ mod tests {
                     index: 0,
                 },
                 data,
+                digest: None,
             })),
             now,
             &[],
@@ -1122,6 +1126,7 @@ mod tests {
                         index: 0,
                     },
                     data: bad,
+                    digest: None,
                 })),
                 12,
                 &[],

@@ -123,7 +123,9 @@ fn rounds(root: PathBuf, params: usize, secure: bool, n: u32) -> Figures {
         peak_mib: c.coordinator_kib("VmHWM") as f64 / 1024.0,
     };
     drop(c);
-    let _ = std::fs::remove_dir_all(&root);
+    if std::env::var_os("FEDCURATE_BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&root);
+    }
     figures
 }
 
@@ -199,7 +201,22 @@ fn raw_quinn(bytes: usize) -> f64 {
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let runs: Vec<(usize, bool, u32)> = if full {
+    // FEDCURATE_BENCH_RUNS="25000000:plain:3,1000:secure:6" picks the runs.
+    let picked: Option<Vec<(usize, bool, u32)>> = std::env::var("FEDCURATE_BENCH_RUNS").ok().map(|v| {
+        v.split(',')
+            .filter_map(|r| {
+                let mut it = r.split(':');
+                Some((
+                    it.next()?.parse().ok()?,
+                    it.next()? == "secure",
+                    it.next()?.parse().ok()?,
+                ))
+            })
+            .collect()
+    });
+    let runs: Vec<(usize, bool, u32)> = if let Some(p) = picked {
+        p
+    } else if full {
         vec![
             (1_000, false, 6),
             (1_000, true, 6),
@@ -210,14 +227,18 @@ fn main() {
     } else {
         vec![(1_000, false, 2), (200_000, true, 2)]
     };
-    let dir = tempfile::tempdir().expect("tempdir");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir: PathBuf = match std::env::var_os("FEDCURATE_BENCH_KEEP") {
+        Some(k) => PathBuf::from(k),
+        None => tmp.path().to_owned(),
+    };
     println!(
         "federated training, {} sites on loopback (QUIC, mutual TLS), float32 models",
         SITES.len()
     );
     for (params, secure, n) in runs {
         let f = rounds(
-            dir.path().join(format!("{params}-{secure}")),
+            dir.join(format!("{params}-{secure}")),
             params,
             secure,
             n,

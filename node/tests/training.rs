@@ -257,3 +257,39 @@ fn private_rounds_spend_the_ledger_and_stop_at_the_budget() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A site behind a firewall that blocks UDP trains over the coordinator's TCP fallback, in
+/// the same rounds as the others, with the same result as an all-QUIC run.
+#[test]
+fn a_site_on_the_tcp_fallback_trains_in_the_same_rounds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = "id = \"tcp\"\nrounds = 2\nmin_sites = 3\nsecure_aggregation = true\nmax_update_norm = 1000.0\nmax_samples = 1000\nchunk_mib = 1\nmetrics = [\"loss\"]\n";
+    let run = |name: &str, extra: [&str; 3]| {
+        let c = Consortium::start_with(&dir.path().join(name), 400_000, job, extra);
+        for round in 1..=2 {
+            for i in 0..3 {
+                c.train(i, round);
+            }
+        }
+        let m = c.finish();
+        (m, c.status(1))
+    };
+    let (quic, _) = run("quic", ["", "", ""]);
+    let (tcp, status) = run("tcp", ["", "transport = \"tcp\"", ""]);
+    assert!(quic == tcp, "the model differs over the TCP fallback");
+    // 400,001 words in 1 MiB chunks: 4 a round.
+    assert_eq!(status["chunks_sent"], 8, "{status}");
+    let cat = node::catalog::Catalog::open(&dir.path().join("tcp/site-b/data/catalog.sqlite"))
+        .expect("catalog");
+    let hellos: Vec<String> = cat
+        .egress()
+        .expect("egress")
+        .into_iter()
+        .filter(|e| e.kind == "hello")
+        .map(|e| e.answer)
+        .collect();
+    assert!(
+        !hellos.is_empty() && hellos.iter().all(|a| a == "welcome (tcp)"),
+        "{hellos:?}"
+    );
+}

@@ -311,6 +311,52 @@ pub fn decode_frame(bytes: &[u8]) -> Result<(Message, usize), CodecError> {
     Ok((message, total))
 }
 
+/// [`decode_frame`] of a whole frame the caller owns: a chunk's data keeps the frame's
+/// allocation (its head is cut off in place) instead of being copied.
+pub fn decode_frame_owned(mut frame: Vec<u8>) -> Result<Message, CodecError> {
+    let chunk = matches!(frame.get(6), Some(0x10 | 0x12));
+    if !chunk {
+        return decode_frame(&frame).and_then(|(m, used)| {
+            if used == frame.len() {
+                Ok(m)
+            } else {
+                Err(CodecError::TrailingBytes(frame.len() - used))
+            }
+        });
+    }
+    let mut header = [0u8; HEADER_LEN];
+    header.copy_from_slice(frame.get(..HEADER_LEN).ok_or(CodecError::Incomplete {
+        needed: HEADER_LEN,
+    })?);
+    let body = check_header(&header)?;
+    if frame.len() != HEADER_LEN + body {
+        return Err(CodecError::Malformed("frame length differs from its header".into()));
+    }
+    let short = || CodecError::Malformed("chunk frame shorter than its head".into());
+    let n = frame
+        .get(HEADER_LEN..HEADER_LEN + 2)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+        .ok_or_else(short)?;
+    let head_bytes = frame.get(HEADER_LEN + 2..HEADER_LEN + 2 + n).ok_or_else(short)?;
+    let (head, used): (crate::training::ChunkHead, usize) =
+        bincode::serde::decode_from_slice(head_bytes, config())
+            .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    if used != n {
+        return Err(CodecError::TrailingBytes(n - used));
+    }
+    frame.drain(..HEADER_LEN + 2 + n);
+    let c = Box::new(crate::training::Chunk {
+        head,
+        data: frame,
+        digest: None,
+    });
+    Ok(if header[6] == 0x10 {
+        Message::PutChunk(c)
+    } else {
+        Message::ModelChunk(c)
+    })
+}
+
 fn decode_chunk(kind: Kind, body: &[u8]) -> Result<Message, CodecError> {
     let short = || CodecError::Malformed("chunk frame shorter than its head".into());
     let n = body
@@ -327,6 +373,7 @@ fn decode_chunk(kind: Kind, body: &[u8]) -> Result<Message, CodecError> {
     let chunk = Box::new(crate::training::Chunk {
         head,
         data: body[2 + n..].to_vec(),
+        digest: None,
     });
     Ok(match kind {
         Kind::PutChunk => Message::PutChunk(chunk),
@@ -828,13 +875,19 @@ mod tests {
         let m = Message::PutChunk(Box::new(Chunk {
             head: head.clone(),
             data: data.clone(),
+            digest: None,
         }));
         let frame = encode_frame(&m).expect("encodes");
         let (back, used) = decode_frame(&frame).expect("decodes");
         assert_eq!(used, frame.len());
         assert_eq!(back, m);
+        assert_eq!(decode_frame_owned(frame.clone()).expect("decodes"), m);
         // A model chunk of the same head is another kind.
-        let mc = Message::ModelChunk(Box::new(Chunk { head, data }));
+        let mc = Message::ModelChunk(Box::new(Chunk {
+            head,
+            data,
+            digest: None,
+        }));
         assert_ne!(encode_frame(&mc).expect("encodes")[6], frame[6]);
         // A head cut short is malformed; a body beyond 8 MiB is refused from the header.
         let mut cut = frame[..7].to_vec();

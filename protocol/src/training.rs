@@ -293,26 +293,13 @@ impl Layout {
         out
     }
 
-    /// The values of a data section as `f64`, in order (the section has been checked).
-    pub fn values<'a>(&'a self, data: &'a [u8]) -> impl Iterator<Item = f64> + 'a {
-        let mut at = 0usize;
-        self.tensors.iter().flat_map(move |t| {
-            let dtype = t.dtype().unwrap_or(Dtype::F32);
-            let n = t.elements() as usize * dtype.size();
-            let slice = data.get(at..at + n).unwrap_or(&[]);
-            at += n;
-            let it: Box<dyn Iterator<Item = f64>> = match dtype {
-                Dtype::F32 => Box::new(
-                    slice
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64),
-                ),
-                Dtype::F64 => Box::new(slice.chunks_exact(8).map(|c| {
-                    f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
-                })),
-            };
-            it
-        })
+    /// The values of a data section as `f64`, in order (the section has been checked; every
+    /// tensor of a layout has the same dtype, so the section is one flat array).
+    pub fn values<'a>(&self, data: &'a [u8]) -> Values<'a> {
+        match self.tensors.first().and_then(|t| t.dtype().ok()) {
+            Some(Dtype::F64) => Values::F64(data.chunks_exact(8)),
+            _ => Values::F32(data.chunks_exact(4)),
+        }
     }
 
     /// The name of the tensor holding parameter `i`.
@@ -324,6 +311,35 @@ impl Layout {
             i -= t.elements();
         }
         ""
+    }
+}
+
+/// The values of a data section (see [`Layout::values`]).
+#[derive(Debug)]
+pub enum Values<'a> {
+    F32(std::slice::ChunksExact<'a, u8>),
+    F64(std::slice::ChunksExact<'a, u8>),
+}
+
+impl Iterator for Values<'_> {
+    type Item = f64;
+
+    #[inline]
+    fn next(&mut self) -> Option<f64> {
+        match self {
+            Values::F32(it) => it
+                .next()
+                .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+            Values::F64(it) => it
+                .next()
+                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        match self {
+            Values::F32(it) | Values::F64(it) => it.size_hint(),
+        }
     }
 }
 
@@ -667,8 +683,16 @@ impl<'de> Deserialize<'de> for JobDocument {
 
 /// Fixed point: `x·2^bits` rounded down after adding `u` in [0, 1) (stochastic rounding when
 /// `u` is uniform), as a two's-complement word.
+#[inline]
 pub fn to_fixed(x: f64, scale: f64, u: f64) -> u64 {
-    ((x * scale + u).floor() as i64) as u64
+    floor_i64(x * scale + u) as u64
+}
+
+/// ⌊v⌋ without a call into libm (the baseline x86-64 target has no rounding instruction).
+#[inline]
+fn floor_i64(v: f64) -> i64 {
+    let t = v as i64;
+    if (t as f64) > v { t - 1 } else { t }
 }
 
 /// A sum of fixed-point words back to a number.
@@ -744,6 +768,10 @@ pub struct ChunkHead {
 pub struct Chunk {
     pub head: ChunkHead,
     pub data: Vec<u8>,
+    /// SHA-256 of `data`, computed by the receiver before it takes a lock (never on the
+    /// wire: the frame carries the head and the data only).
+    #[serde(skip)]
+    pub digest: Option<ChunkHash>,
 }
 
 impl fmt::Debug for Chunk {

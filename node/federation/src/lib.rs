@@ -91,6 +91,10 @@ pub fn client_config(
     let mut transport = quinn::TransportConfig::default();
     // Below common NAT timeouts.
     transport.keep_alive_interval(Some(std::time::Duration::from_secs(15)));
+    // Room for a few training chunks (up to 8 MiB each) in flight, in both directions.
+    transport.stream_receive_window((9u32 * 1024 * 1024).into());
+    transport.receive_window((36u32 * 1024 * 1024).into());
+    transport.send_window(36 * 1024 * 1024);
     config.transport_config(Arc::new(transport));
     Ok(config)
 }

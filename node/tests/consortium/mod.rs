@@ -11,24 +11,27 @@ pub fn node_bin() -> PathBuf {
 }
 
 pub fn coordinator_bin() -> PathBuf {
-    let c = node_bin().with_file_name("fedcurate-coordinator");
-    if !c.is_file() {
-        // `cargo test -p node` alone does not build the other package's binary.
-        // The benchmark runs the release build.
-        let release = node_bin()
-            .parent()
-            .is_some_and(|d| d.ends_with("release"));
-        let mut args = vec!["build", "-p", "coordinator", "--bin", "fedcurate-coordinator"];
-        if release {
-            args.push("--release");
-        }
-        let status = Command::new(env!("CARGO"))
-            .args(args)
-            .status()
-            .expect("cargo");
-        assert!(status.success(), "building fedcurate-coordinator");
-    }
-    c
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            // Built (or found up to date) once per process: `cargo test -p node` alone does
+            // not build the other package's binary, and an older one may lack what is tested.
+            // The benchmark runs the release build.
+            let release = node_bin()
+                .parent()
+                .is_some_and(|d| d.ends_with("release"));
+            let mut args = vec!["build", "-p", "coordinator", "--bin", "fedcurate-coordinator"];
+            if release {
+                args.push("--release");
+            }
+            let status = Command::new(env!("CARGO"))
+                .args(args)
+                .status()
+                .expect("cargo");
+            assert!(status.success(), "building fedcurate-coordinator");
+            node_bin().with_file_name("fedcurate-coordinator")
+        })
+        .clone()
 }
 
 /// The interpreter with numpy, safetensors, scikit-learn and dp-accounting
@@ -148,10 +151,17 @@ impl Consortium {
                 &out.join("site.csr").display().to_string(),
             ]));
         }
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
+        // A site that asks for TCP reaches the coordinator's TCP fallback on the same port.
+        let tcp = site_extra.iter().any(|e| e.contains("transport = \"tcp\""));
+        let port = loop {
+            let port = std::net::UdpSocket::bind("127.0.0.1:0")
+                .and_then(|s| s.local_addr())
+                .map(|a| a.port())
+                .expect("a free port");
+            if !tcp || std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                break port;
+            }
+        };
         let init = root.join("init.safetensors");
         std::fs::write(
             &init,
@@ -163,7 +173,7 @@ impl Consortium {
         std::fs::write(
             root.join("coordinator.toml"),
             format!(
-                "listen = \"127.0.0.1:{port}\"\ntcp_fallback = false\nstate_dir = {:?}\n{}[tls]\nca = {:?}\ncrl = {:?}\ncert = {:?}\nkey = {:?}\nissued = {:?}\n[training]\njob = {:?}\ninitial_model = {:?}\n",
+                "listen = \"127.0.0.1:{port}\"\ntcp_fallback = {tcp}\nstate_dir = {:?}\n{}[tls]\nca = {:?}\ncrl = {:?}\ncert = {:?}\nkey = {:?}\nissued = {:?}\n[training]\njob = {:?}\ninitial_model = {:?}\n",
                 p(&root.join("state")),
                 SITES
                     .iter()
@@ -181,10 +191,15 @@ impl Consortium {
         .expect("coordinator.toml");
         for (s, extra) in SITES.iter().zip(site_extra) {
             let sdir = root.join(s);
+            let transport = if extra.contains("transport") {
+                ""
+            } else {
+                "transport = \"quic\"\n"
+            };
             std::fs::write(
                 sdir.join("node.toml"),
                 format!(
-                    "data_dir = {:?}\n[federation]\nsite = \"{s}\"\ncoordinator = \"127.0.0.1:{port}\"\ntransport = \"quic\"\nserver_name = \"localhost\"\nca = {:?}\ncert = {:?}\nkey = {:?}\npoll_seconds = 1\n{extra}\n",
+                    "data_dir = {:?}\n[federation]\nsite = \"{s}\"\ncoordinator = \"127.0.0.1:{port}\"\n{transport}server_name = \"localhost\"\nca = {:?}\ncert = {:?}\nkey = {:?}\npoll_seconds = 1\n{extra}\n",
                     p(&sdir.join("data")),
                     p(&pki.join("ca.crt")),
                     p(&pki.join(format!("sites/{s}.crt"))),
@@ -202,7 +217,6 @@ impl Consortium {
             idle_kib: 0,
         };
         c.start_coordinator();
-        std::thread::sleep(Duration::from_millis(500));
         c.idle_kib = c.coordinator_kib("VmRSS");
         for i in 0..3 {
             c.start_serve(i);
@@ -263,13 +277,19 @@ impl Consortium {
             .append(true)
             .open(self.root.join("coordinator.log"))
             .expect("log");
-        let child = Command::new(coordinator_bin())
+        let mut child = Command::new(coordinator_bin())
             .args(["serve", "--config"])
             .arg(self.root.join("coordinator.toml"))
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
             .expect("coordinator");
+        // Ready once it says where it listens (the job and its initial model are loaded).
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).expect("the coordinator's first line");
+        assert!(line.starts_with("listening on"), "{line}");
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
         self.coordinator = Some(child);
         let _ = self.port;
     }

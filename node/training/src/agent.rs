@@ -5,7 +5,7 @@
 //! the chunks the coordinator lacks, several at a time.
 //!
 //! Files in `<data_dir>/training/<job>-<hash>/`: `job.toml`, `model-<revision>.safetensors`
-//! (the global models, the last two), `download-<revision>/` (chunks of a model being
+//! (the global models, the last two), `model-<revision>.partial` (a model being
 //! downloaded), `update-<round>.safetensors` and `.json` (the trainer's accepted update and its
 //! sample count and metrics), `pair-seeds.json` and `noise-<round>.seed` (secrets, 0600),
 //! `metrics.jsonl` (what trainers reported locally).
@@ -155,6 +155,9 @@ pub struct UpdateMeta {
     pub kind: UpdateKind,
     /// The job's metrics, in its order.
     pub metrics: Vec<f64>,
+    /// The change's L2 norm, as the check computed it.
+    #[serde(default)]
+    pub norm: Option<f64>,
 }
 
 pub fn update_paths(dir: &Path, round: u32) -> (PathBuf, PathBuf) {
@@ -518,14 +521,36 @@ impl Agent {
         }
         self.shared
             .phase(&format!("downloading the global model (revision {revision})"));
-        let parts = dir.join(format!("download-{revision}"));
-        std::fs::create_dir_all(&parts)?;
-        let part = |i: usize| parts.join(format!("{i}.chunk"));
+        let t0 = std::time::Instant::now();
+        // The chunks are written in place into `model-<revision>.partial` (header first), each
+        // checked against the manifest and for finite values as it arrives; a restarted node
+        // keeps the chunks already there.
+        use std::os::unix::fs::FileExt;
+        let layout = job.layout();
+        let header = layout.safetensors_header();
+        let size = job.model_chunk_bytes() as usize;
+        let total = header.len() as u64 + layout.data_len();
+        let partial = dir.join(format!("model-{revision}.partial"));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&partial)?;
+        let fresh = file.metadata()?.len() != total;
+        if fresh {
+            file.set_len(0)?;
+            file.set_len(total)?;
+            file.write_all_at(&header, 0)?;
+        }
+        let offset = |i: usize| header.len() as u64 + (i * size) as u64;
+        let len_of = |i: usize| (layout.data_len() as usize - i * size).min(size);
         let missing: Vec<usize> = (0..manifest.len())
             .filter(|i| {
-                std::fs::read(part(*i))
-                    .map(|b| sha256(&b) != manifest[*i])
-                    .unwrap_or(true)
+                fresh || {
+                    let mut b = vec![0u8; len_of(*i)];
+                    file.read_exact_at(&mut b, offset(*i)).is_err() || sha256(&b) != manifest[*i]
+                }
             })
             .collect();
         let reused = (manifest.len() - missing.len()) as u64;
@@ -542,6 +567,7 @@ impl Agent {
                 })
                 .collect::<Vec<_>>(),
         )?;
+        let (file, layout) = (&file, &layout);
         let fetched = futures_util::stream::iter(missing.iter().copied())
             .map(|i| async move {
                 let m = Message::GetChunk(ChunkHead {
@@ -557,10 +583,13 @@ impl Agent {
                     .map_err(|e| AgentError::Transfer(e.to_string()))?;
                 match answer {
                     Message::ModelChunk(c) if sha256(&c.data) == manifest[i] => {
-                        let p = part(i);
-                        let tmp = p.with_extension("tmp");
-                        std::fs::write(&tmp, &c.data)?;
-                        std::fs::rename(&tmp, &p)?;
+                        if layout.values(&c.data).any(|v| !v.is_finite()) {
+                            return Err(AgentError::Transfer(
+                                "the global model holds a value that is not finite: not used"
+                                    .into(),
+                            ));
+                        }
+                        file.write_all_at(&c.data, offset(i))?;
                         Ok(())
                     }
                     Message::ModelChunk(_) => Err(AgentError::Transfer(format!(
@@ -576,21 +605,11 @@ impl Agent {
         for r in fetched {
             r?;
         }
-        let layout = job.layout();
-        let mut file = layout.safetensors_header();
-        for i in 0..manifest.len() {
-            file.extend_from_slice(&std::fs::read(part(i))?);
+        file.sync_all()?;
+        std::fs::rename(&partial, &path)?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
         }
-        let start = layout
-            .check_file(&file)
-            .map_err(|e| AgentError::Transfer(format!("the global model: {e}")))?;
-        if layout.values(&file[start..]).any(|v| !v.is_finite()) {
-            return Err(AgentError::Transfer(
-                "the global model holds a value that is not finite: not used".into(),
-            ));
-        }
-        fc_files::write_atomically(&path, &file)?;
-        let _ = std::fs::remove_dir_all(&parts);
         if revision >= 2 {
             let _ = std::fs::remove_file(model_path(dir, revision - 2));
         }
@@ -598,6 +617,7 @@ impl Agent {
             revision,
             chunks = manifest.len(),
             reused,
+            ms = t0.elapsed().as_millis() as u64,
             "global model downloaded"
         );
         self.shared.update(|s| {
@@ -722,6 +742,7 @@ impl Agent {
         salt.extend_from_slice(&state.attempt.to_be_bytes());
         let (job2, state2) = (job.clone(), state.clone());
         let seeds2 = seeds.map(<[PairSeed]>::to_vec);
+        let t0 = std::time::Instant::now();
         let global = std::fs::read(model_path(dir, state.revision))?;
         let bytes = std::fs::read(&upath)?;
         let enc = tokio::task::spawn_blocking(move || {
@@ -733,6 +754,7 @@ impl Agent {
                 bytes: &bytes,
                 kind: meta.kind,
                 samples: meta.samples,
+                norm: meta.norm,
             };
             let plan = seeds2.as_deref().map(|s| MaskPlan {
                 me: &me,
@@ -753,6 +775,7 @@ impl Agent {
         })
         .await
         .map_err(|e| AgentError::Job(e.to_string()))??;
+        let encoded_ms = t0.elapsed().as_millis() as u64;
         let mut id_parts: Vec<&[u8]> = vec![b"offer", &hash.0];
         let rb = round.to_be_bytes();
         let ab = state.attempt.to_be_bytes();
@@ -813,6 +836,7 @@ impl Agent {
                         index: i as u32,
                     },
                     data: encode::chunk_bytes(words, cw, i),
+                    digest: None,
                 }));
                 match link.request(&m).await {
                     Ok(Message::Ack { .. }) => Ok(true),
@@ -852,6 +876,8 @@ impl Agent {
             sent = count,
             norm = enc.norm,
             clipped = enc.clip_factor < 1.0,
+            encoded_ms,
+            sent_ms = t0.elapsed().as_millis() as u64 - encoded_ms,
             "update sent"
         );
         self.shared.update(|s| s.uploaded = round);

@@ -29,8 +29,8 @@ use serde::Deserialize;
 use crate::agent::{Shared, UpdateMeta, model_path, update_paths};
 use crate::encode::{self, Update, UpdateKind};
 
-/// Largest update the API reads (bytes); the job's layout bounds the real size.
-const MAX_BODY: usize = 16 * 1024 * 1024 * 1024;
+/// Room for a safetensors header beyond the job's data section.
+const HEADER_ROOM: usize = 16 * 1024 * 1024 + 8;
 
 /// The caller's credentials, from the socket.
 #[derive(Clone, Copy, Debug)]
@@ -115,7 +115,8 @@ pub async fn serve(
         .route("/v1/model/{revision}", get(model))
         .route("/v1/update", post(update))
         .route("/v1/metrics", post(metrics))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        // Each route bounds its own body (an update: the job's data section and a header).
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(axum::middleware::from_fn_with_state(api.clone(), authorise))
         .with_state(api);
     tracing::info!(socket = %path.display(), mode = format!("{mode:o}"), "trainer API listening");
@@ -269,11 +270,21 @@ async fn update(
     State(api): State<Arc<Api>>,
     Query(q): Query<UpdateQuery>,
     uri: axum::http::Uri,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Response {
     let (dir, job) = match job_dir(&api) {
         Ok(x) => x,
         Err(r) => return *r,
+    };
+    let limit = job.layout().data_len() as usize + HEADER_ROOM;
+    let body: Bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(_) => {
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("an update of this job is at most {limit} bytes"),
+            );
+        }
     };
     let s = api.shared.status();
     if s.round == 0 || q.round != s.round || s.revision + 1 != s.round {
@@ -315,6 +326,7 @@ async fn update(
         .map_or(job.max_samples, |c| c.min(job.max_samples));
     let round = q.round;
     let revision = s.revision;
+    let t0 = std::time::Instant::now();
     let checked = tokio::task::spawn_blocking(move || -> Result<f64, String> {
         let layout = job.layout();
         let global = std::fs::read(model_path(&dir, revision)).map_err(|e| e.to_string())?;
@@ -323,6 +335,7 @@ async fn update(
             bytes: &body,
             kind,
             samples,
+            norm: None,
         };
         let norm = encode::check(&job, &layout, &global[start..], &u, max)
             .map_err(|e| e.to_string())?;
@@ -332,6 +345,7 @@ async fn update(
             samples,
             kind,
             metrics: values,
+            norm: Some(norm),
         };
         fc_files::write_atomically(&mpath, &serde_json::to_vec(&meta).unwrap_or_default())
             .map_err(|e| e.to_string())?;
@@ -344,7 +358,13 @@ async fn update(
                 s.submitted = round;
                 s.error = None;
             });
-            tracing::info!(round, samples, norm, "the trainer's update was accepted");
+            tracing::info!(
+                round,
+                samples,
+                norm,
+                ms = t0.elapsed().as_millis() as u64,
+                "the trainer's update was accepted"
+            );
             json(
                 StatusCode::OK,
                 serde_json::json!({"accepted": true, "round": round, "norm": norm}),

@@ -30,6 +30,8 @@ pub struct Update<'a> {
     pub bytes: &'a [u8],
     pub kind: UpdateKind,
     pub samples: u64,
+    /// The change's L2 norm when [`check`] computed it already.
+    pub norm: Option<f64>,
 }
 
 /// Pairwise masks of a secure round.
@@ -62,18 +64,36 @@ pub struct Encoded {
     pub clip_factor: f64,
 }
 
-/// The change `update − global` (or the update itself when it is a change), value by value.
-fn deltas<'a>(
-    layout: &'a Layout,
-    global: &'a [u8],
-    data: &'a [u8],
+/// Call `f` with the change `update − global` (or the update itself when it is a change),
+/// value by value, in tight loops per dtype (every tensor of a layout has one dtype).
+#[inline]
+fn for_each_delta(
+    layout: &Layout,
+    global: &[u8],
+    data: &[u8],
     kind: UpdateKind,
-) -> impl Iterator<Item = f64> + 'a {
-    let mut g = layout.values(global);
-    layout.values(data).map(move |u| match kind {
-        UpdateKind::Weights => u - g.next().unwrap_or(0.0),
-        UpdateKind::Delta => u,
-    })
+    mut f: impl FnMut(f64),
+) {
+    let f32s = |b: &[u8]| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let f64s = |b: &[u8]| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+    let wide = matches!(
+        layout.tensors.first().and_then(|t| t.dtype().ok()),
+        Some(protocol::training::Dtype::F64)
+    );
+    match (wide, kind) {
+        (false, UpdateKind::Weights) => {
+            for (u, g) in data.chunks_exact(4).zip(global.chunks_exact(4)) {
+                f(f32s(u) - f32s(g));
+            }
+        }
+        (false, UpdateKind::Delta) => data.chunks_exact(4).for_each(|u| f(f32s(u))),
+        (true, UpdateKind::Weights) => {
+            for (u, g) in data.chunks_exact(8).zip(global.chunks_exact(8)) {
+                f(f64s(u) - f64s(g));
+            }
+        }
+        (true, UpdateKind::Delta) => data.chunks_exact(8).for_each(|u| f(f64s(u))),
+    }
 }
 
 /// Check an update; returns the L2 norm of its change. `max_samples` is the job's bound or
@@ -91,11 +111,20 @@ pub fn check(
     }
     let data = &u.bytes[start..];
     let mut norm2 = 0.0;
-    for (i, d) in deltas(layout, global, data, u.kind).enumerate() {
-        if !d.is_finite() {
-            return Err(UpdateError::NotFinite(layout.tensor_of(i as u64).to_owned()));
-        }
-        norm2 += d * d;
+    for_each_delta(layout, global, data, u.kind, |d| norm2 += d * d);
+    if !norm2.is_finite() {
+        // Find where, for the message.
+        let mut i = 0u64;
+        let mut at = None;
+        for_each_delta(layout, global, data, u.kind, |d| {
+            if at.is_none() && !d.is_finite() {
+                at = Some(i);
+            }
+            i += 1;
+        });
+        return Err(UpdateError::NotFinite(
+            layout.tensor_of(at.unwrap_or(0)).to_owned(),
+        ));
     }
     let norm = f64::sqrt(norm2);
     if job.privacy.is_none() && norm > job.max_update_norm {
@@ -179,11 +208,14 @@ pub fn encode(
     let start = layout.check_file(u.bytes)?;
     let data = &u.bytes[start..];
     let params = layout.params() as usize;
-    let mut norm2 = 0.0;
-    for d in deltas(layout, global, data, u.kind) {
-        norm2 += d * d;
-    }
-    let norm = norm2.sqrt();
+    let norm = match u.norm {
+        Some(n) => n,
+        None => {
+            let mut n2 = 0.0;
+            for_each_delta(layout, global, data, u.kind, |d| n2 += d * d);
+            n2.sqrt()
+        }
+    };
     let clip_factor = match &job.privacy {
         Some(p) if norm > p.clip_norm => p.clip_norm / norm,
         _ => 1.0,
@@ -196,9 +228,9 @@ pub fn encode(
     let factor = weight * clip_factor * scale;
     let mut rng = SplitMix(rounding_seed(job, round));
     let mut words = Vec::with_capacity(params + 1);
-    for d in deltas(layout, global, data, u.kind) {
+    for_each_delta(layout, global, data, u.kind, |d| {
         words.push(to_fixed(d * factor, 1.0, rng.uniform()));
-    }
+    });
     words.push(to_fixed(weight, scale, 0.0));
     let cw = job.chunk_words() as usize;
     let chunks = words.len().div_ceil(cw);
@@ -292,6 +324,7 @@ mod tests {
                 bytes,
                 kind: UpdateKind::Weights,
                 samples: 10 * (k as u64 + 1),
+                norm: None,
             };
             check(&job, &layout, gdata, &u, 1000).expect("fits");
             let p = encode(&job, &layout, gdata, &u, 1, None, None).expect("plain");
@@ -347,6 +380,7 @@ mod tests {
             bytes,
             kind: UpdateKind::Weights,
             samples,
+            norm: None,
         };
         let leak = |v: Vec<u8>| -> &'static [u8] { Box::leak(v.into_boxed_slice()) };
         let nan = leak(nan);
@@ -378,6 +412,7 @@ mod tests {
             bytes: &big,
             kind: UpdateKind::Weights,
             samples: 5,
+            norm: None,
         };
         let e = encode(&job, &layout, gdata, &u, 1, None, None).expect("clipped");
         let scale = job.scale();
