@@ -172,9 +172,8 @@ fn open_hub(cfg: &CoordinatorConfig) -> Result<coordinator::Hub> {
     if let Some(t) = &cfg.training {
         let text = std::fs::read_to_string(&t.job)
             .with_context(|| format!("reading the training job {}", t.job.display()))?;
-        let model = std::fs::read(&t.initial_model).with_context(|| {
-            format!("reading the initial model {}", t.initial_model.display())
-        })?;
+        let model = std::fs::read(&t.initial_model)
+            .with_context(|| format!("reading the initial model {}", t.initial_model.display()))?;
         let doc = coordinator::training::job_document(&text, &model)
             .map_err(|e| anyhow::anyhow!("{}: {e}", t.job.display()))?;
         let trainer = coordinator::training::Trainer::open(

@@ -589,7 +589,11 @@ async fn serve_connection(
 /// A training chunk: decoded in place (its data keeps the frame's allocation) and hashed
 /// before the hub's lock, so chunks from several streams and sites are hashed in parallel.
 fn dispatch_chunk(hub: &Mutex<Hub>, site: &SiteId, bytes: Vec<u8>, welcomed: bool) -> Vec<Action> {
-    let head: Vec<u8> = bytes.iter().take(protocol::FRAME_HEADER_LEN).copied().collect();
+    let head: Vec<u8> = bytes
+        .iter()
+        .take(protocol::FRAME_HEADER_LEN)
+        .copied()
+        .collect();
     match protocol::codec::decode_frame_owned(bytes) {
         Err(e) => {
             tracing::warn!(%site, error = %e, "rejected a frame");
@@ -637,8 +641,7 @@ fn dispatch(hub: &Mutex<Hub>, site: &SiteId, bytes: &[u8], welcomed: &mut bool) 
                 Action::Close,
             ]
         }
-        Ok((message, _)) => {
-            match hub.lock() {
+        Ok((message, _)) => match hub.lock() {
             Ok(mut h) => {
                 let actions = h.handle_frame(site, bytes, message, now(), *welcomed);
                 let welcome = actions
@@ -651,8 +654,7 @@ fn dispatch(hub: &Mutex<Hub>, site: &SiteId, bytes: &[u8], welcomed: &mut bool) 
                 actions
             }
             Err(_) => vec![Action::Close],
-            }
-        }
+        },
     }
 }
 

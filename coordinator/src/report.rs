@@ -730,7 +730,13 @@ pub fn html(r: &ConsortiumReport) -> String {
                 let per: Vec<String> = h
                     .metrics
                     .iter()
-                    .map(|(s, v)| format!("{}: {:.3}", esc(s.as_str()), v.get(i).copied().unwrap_or(f64::NAN)))
+                    .map(|(s, v)| {
+                        format!(
+                            "{}: {:.3}",
+                            esc(s.as_str()),
+                            v.get(i).copied().unwrap_or(f64::NAN)
+                        )
+                    })
                     .collect();
                 let _ = write!(o, "<td>{}</td>", per.join(", "));
             }

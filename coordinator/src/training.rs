@@ -307,7 +307,12 @@ impl Trainer {
                 if let Ok(data) = std::fs::read(&p)
                     && sha256(&data) == offer.chunks[i]
                 {
-                    add_words(&mut self.sum, i as u64 * self.job.chunk_words(), &data, true);
+                    add_words(
+                        &mut self.sum,
+                        i as u64 * self.job.chunk_words(),
+                        &data,
+                        true,
+                    );
                     offer.have[i] = true;
                     resumed += 1;
                 }
@@ -365,7 +370,9 @@ impl Trainer {
     }
 
     fn state_message(&mut self, site: &SiteId, reply_to: MessageId) -> Vec<Message> {
-        vec![Message::RoundState(Box::new(self.state_for(site, reply_to)))]
+        vec![Message::RoundState(Box::new(
+            self.state_for(site, reply_to),
+        ))]
     }
 
     /// Handle a training message from `site` (already welcomed). `crl` is the consortium's
@@ -722,7 +729,10 @@ impl Trainer {
         let params = self.layout.params();
         let weight = from_fixed(self.sum[params as usize], scale);
         if weight <= 0.0 {
-            tracing::error!(round = self.st.round, "the round's total weight is not positive: waiting on");
+            tracing::error!(
+                round = self.st.round,
+                "the round's total weight is not positive: waiting on"
+            );
             return Ok(());
         }
         let r = self.job.aggregator.resolved();
@@ -737,9 +747,8 @@ impl Trainer {
         let new_server = self.server_path(rev + 1);
         let mut min = std::fs::File::open(&old_model).map_err(io(&old_model))?;
         let tmp_model = new_model.with_extension("tmp");
-        let mut mout = std::io::BufWriter::new(
-            std::fs::File::create(&tmp_model).map_err(io(&tmp_model))?,
-        );
+        let mut mout =
+            std::io::BufWriter::new(std::fs::File::create(&tmp_model).map_err(io(&tmp_model))?);
         let mut sin = if sw > 0 {
             std::fs::File::open(&old_server).ok()
         } else {
@@ -884,8 +893,8 @@ impl Trainer {
 /// settings, with the layout read from the model's safetensors header when the file does not
 /// give one (and checked against the model when it does).
 pub fn job_document(job_text: &str, initial: &[u8]) -> Result<JobDocument, TrainingStateError> {
-    let (layout, _) = Layout::from_safetensors(initial)
-        .map_err(|e| TrainingStateError::Model(e.to_string()))?;
+    let (layout, _) =
+        Layout::from_safetensors(initial).map_err(|e| TrainingStateError::Model(e.to_string()))?;
     let mut table: toml::Table = toml::from_str(job_text)
         .map_err(|e| protocol::training::JobError(format!("does not parse: {e}")))?;
     if !table.contains_key("layout") {
@@ -893,8 +902,7 @@ pub fn job_document(job_text: &str, initial: &[u8]) -> Result<JobDocument, Train
             .map_err(|e| TrainingStateError::Model(e.to_string()))?;
         table.insert("layout".into(), tensors);
     }
-    let text = toml::to_string(&table)
-        .map_err(|e| protocol::training::JobError(e.to_string()))?;
+    let text = toml::to_string(&table).map_err(|e| protocol::training::JobError(e.to_string()))?;
     let doc = JobDocument::new(&text)?;
     if doc.job()?.layout() != layout {
         return Err(TrainingStateError::Model(
@@ -1026,8 +1034,16 @@ mod tests {
         let mut t = Trainer::open(dir, doc, &init, sites()).expect("open");
         for s in sites() {
             let hash = t.hash;
-            t.handle(&s, Message::JoinTraining { id: MessageId(0), job: hash }, 0, &[])
-                .expect("join");
+            t.handle(
+                &s,
+                Message::JoinTraining {
+                    id: MessageId(0),
+                    job: hash,
+                },
+                0,
+                &[],
+            )
+            .expect("join");
         }
         assert_eq!(t.round(), 1);
         t

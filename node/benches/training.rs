@@ -78,11 +78,9 @@ fn rounds(root: PathBuf, params: usize, secure: bool, n: u32) -> Figures {
         let c = &c;
         let t0 = Instant::now();
         rt.block_on(async {
-            let ups: Vec<Arc<Vec<u8>>> = ups.into_iter().map(Arc::new).collect();
             let mut set = tokio::task::JoinSet::new();
-            for i in 0..3 {
+            for (i, body) in ups.into_iter().enumerate() {
                 let socket = c.socket(i);
-                let body = ups[i].clone();
                 set.spawn(async move {
                     let a = fc_training::client::call(
                         &socket,
@@ -147,12 +145,16 @@ fn raw_quinn(bytes: usize) -> f64 {
         let server_config = quinn::ServerConfig::with_crypto(Arc::new(
             quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).expect("quic"),
         ));
-        let server =
-            quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().expect("addr"))
-                .expect("server");
+        let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().expect("addr"))
+            .expect("server");
         let addr = server.local_addr().expect("addr");
         let accept = tokio::spawn(async move {
-            let conn = server.accept().await.expect("incoming").await.expect("conn");
+            let conn = server
+                .accept()
+                .await
+                .expect("incoming")
+                .await
+                .expect("conn");
             let (mut send, mut recv) = conn.accept_bi().await.expect("stream");
             let mut buf = vec![0u8; 1 << 20];
             let mut got = 0usize;
@@ -202,18 +204,19 @@ fn raw_quinn(bytes: usize) -> f64 {
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     // FEDCURATE_BENCH_RUNS="25000000:plain:3,1000:secure:6" picks the runs.
-    let picked: Option<Vec<(usize, bool, u32)>> = std::env::var("FEDCURATE_BENCH_RUNS").ok().map(|v| {
-        v.split(',')
-            .filter_map(|r| {
-                let mut it = r.split(':');
-                Some((
-                    it.next()?.parse().ok()?,
-                    it.next()? == "secure",
-                    it.next()?.parse().ok()?,
-                ))
-            })
-            .collect()
-    });
+    let picked: Option<Vec<(usize, bool, u32)>> =
+        std::env::var("FEDCURATE_BENCH_RUNS").ok().map(|v| {
+            v.split(',')
+                .filter_map(|r| {
+                    let mut it = r.split(':');
+                    Some((
+                        it.next()?.parse().ok()?,
+                        it.next()? == "secure",
+                        it.next()?.parse().ok()?,
+                    ))
+                })
+                .collect()
+        });
     let runs: Vec<(usize, bool, u32)> = if let Some(p) = picked {
         p
     } else if full {
@@ -237,12 +240,7 @@ fn main() {
         SITES.len()
     );
     for (params, secure, n) in runs {
-        let f = rounds(
-            dir.join(format!("{params}-{secure}")),
-            params,
-            secure,
-            n,
-        );
+        let f = rounds(dir.join(format!("{params}-{secure}")), params, secure, n);
         // Each round moves every site's update up (8 bytes a parameter: fixed-point words)
         // and the next model down (4 bytes a parameter).
         let moved = 3.0 * 12.0 * f.params as f64;

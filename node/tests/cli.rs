@@ -490,7 +490,10 @@ fn the_consortium_demo_federates_three_sites_and_leaks_nothing() {
     // each site alone.
     let line = text
         .lines()
-        .find(|l| l.trim_start().starts_with("federated training    20 rounds (secure aggregation)"))
+        .find(|l| {
+            l.trim_start()
+                .starts_with("federated training    20 rounds (secure aggregation)")
+        })
         .unwrap_or_else(|| panic!("no training line in the summary:\n{text}"));
     let number_before = |tag: &str| -> f64 {
         let i = line.find(tag).unwrap_or_else(|| panic!("{tag} in {line}"));

@@ -63,7 +63,10 @@ fn digits_federated_is_close_to_centralised_and_secure_rounds_give_the_same_mode
     // chunk, once per round.
     for s in SITES {
         let cat = node::catalog::Catalog::open(
-            &dir.path().join("secure").join(s).join("data/catalog.sqlite"),
+            &dir.path()
+                .join("secure")
+                .join(s)
+                .join("data/catalog.sqlite"),
         )
         .expect("catalog");
         let log = cat.egress().expect("egress log");
@@ -73,7 +76,6 @@ fn digits_federated_is_close_to_centralised_and_secure_rounds_give_the_same_mode
         assert_eq!(count("train-keys"), 1, "{s}");
     }
 }
-
 
 /// Kill the coordinator, and separately a node, in the middle of an upload: the round
 /// completes, only the missing chunks are sent again, and the global model is the one an
@@ -105,13 +107,20 @@ fn uploads_interrupted_by_a_killed_coordinator_or_node_resume_and_give_the_same_
             c.train(i, 1);
         }
         let mut victim = c.coordinator.take();
-        let held = kill_mid_upload(&c, |h| h.iter().any(|n| (2..CHUNKS - 4).contains(n)), &mut victim);
+        let held = kill_mid_upload(
+            &c,
+            |h| h.iter().any(|n| (2..CHUNKS - 4).contains(n)),
+            &mut victim,
+        );
         c.start_coordinator();
         for i in 0..3 {
             c.train(i, 2);
         }
         let m = c.finish();
-        assert!(m == reference, "the model differs from the uninterrupted run's");
+        assert!(
+            m == reference,
+            "the model differs from the uninterrupted run's"
+        );
         let (mut sent, mut skipped) = (0, 0);
         for i in 0..3 {
             let s = c.status(i);
@@ -128,7 +137,10 @@ fn uploads_interrupted_by_a_killed_coordinator_or_node_resume_and_give_the_same_
         // and at most the chunks in flight at the kill (4 per site) were sent twice.
         assert!(skipped >= 1, "nothing was resumed");
         assert!(sent + skipped >= 6 * CHUNKS);
-        assert!(sent <= 6 * CHUNKS - skipped + 3 * 4, "{sent} sent, {skipped} skipped");
+        assert!(
+            sent <= 6 * CHUNKS - skipped + 3 * 4,
+            "{sent} sent, {skipped} skipped"
+        );
     }
 
     // A node is killed while it uploads round 1, and started again.
@@ -144,7 +156,10 @@ fn uploads_interrupted_by_a_killed_coordinator_or_node_resume_and_give_the_same_
             c.train(i, 2);
         }
         let m = c.finish();
-        assert!(m == reference, "the model differs from the uninterrupted run's");
+        assert!(
+            m == reference,
+            "the model differs from the uninterrupted run's"
+        );
         let s = c.status(1);
         let (sent, skipped) = (
             s["chunks_sent"].as_u64().expect("sent") as usize,
@@ -155,7 +170,11 @@ fn uploads_interrupted_by_a_killed_coordinator_or_node_resume_and_give_the_same_
             held[1]
         );
         assert!(skipped >= held[1] && skipped < CHUNKS, "{s}");
-        assert_eq!(sent + skipped, 2 * CHUNKS, "each chunk sent once after the restart");
+        assert_eq!(
+            sent + skipped,
+            2 * CHUNKS,
+            "each chunk sent once after the restart"
+        );
     }
 }
 
@@ -180,7 +199,7 @@ fn private_rounds_spend_the_ledger_and_stop_at_the_budget() {
     let mut nan = good.clone();
     nan[start + 40..start + 44].copy_from_slice(&f32::NAN.to_le_bytes());
     let mut meta = b"{\"__metadata__\":{\"who\":\"x\"},\"w\":{\"dtype\":\"F32\",\"shape\":[1000],\"data_offsets\":[0,4000]}}".to_vec();
-    while meta.len() % 8 != 0 {
+    while !meta.len().is_multiple_of(8) {
         meta.push(b' ');
     }
     let mut with_meta = (meta.len() as u64).to_le_bytes().to_vec();
@@ -189,7 +208,10 @@ fn private_rounds_spend_the_ledger_and_stop_at_the_budget() {
     for (bytes, why) in [
         (nan, "not finite (NaN or infinity) in tensor \"w\""),
         (with_meta, "__metadata__"),
-        (model_file((0..999).map(|_| 0.0)), "differ from the job's layout"),
+        (
+            model_file((0..999).map(|_| 0.0)),
+            "differ from the job's layout",
+        ),
     ] {
         let f = dir.path().join("bad.safetensors");
         std::fs::write(&f, bytes).expect("write");
@@ -253,7 +275,10 @@ fn private_rounds_spend_the_ledger_and_stop_at_the_budget() {
             assert_eq!(a[1].delta, 0.0, "δ is paid once for the job's composition");
             break;
         }
-        assert!(Instant::now() < deadline, "site-a's round 2 never reached its ledger");
+        assert!(
+            Instant::now() < deadline,
+            "site-a's round 2 never reached its ledger"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

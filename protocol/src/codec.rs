@@ -151,9 +151,7 @@ impl Kind {
             | Kind::TrainStatus
             | Kind::GetChunk
             | Kind::FetchTrainKeys => 1024,
-            Kind::SchemaAck | Kind::SecureSession | Kind::SecureKeys | Kind::TrainKeys => {
-                64 * 1024
-            }
+            Kind::SchemaAck | Kind::SecureSession | Kind::SecureKeys | Kind::TrainKeys => 64 * 1024,
             Kind::Job | Kind::RoundState | Kind::UpdateOffer => 1024 * 1024,
             // A chunk (at most 8 MiB, the job's `chunk_mib`) and its head.
             Kind::PutChunk | Kind::ModelChunk => CHUNK_BODY_LIMIT,
@@ -325,19 +323,25 @@ pub fn decode_frame_owned(mut frame: Vec<u8>) -> Result<Message, CodecError> {
         });
     }
     let mut header = [0u8; HEADER_LEN];
-    header.copy_from_slice(frame.get(..HEADER_LEN).ok_or(CodecError::Incomplete {
-        needed: HEADER_LEN,
-    })?);
+    header.copy_from_slice(
+        frame
+            .get(..HEADER_LEN)
+            .ok_or(CodecError::Incomplete { needed: HEADER_LEN })?,
+    );
     let body = check_header(&header)?;
     if frame.len() != HEADER_LEN + body {
-        return Err(CodecError::Malformed("frame length differs from its header".into()));
+        return Err(CodecError::Malformed(
+            "frame length differs from its header".into(),
+        ));
     }
     let short = || CodecError::Malformed("chunk frame shorter than its head".into());
     let n = frame
         .get(HEADER_LEN..HEADER_LEN + 2)
         .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
         .ok_or_else(short)?;
-    let head_bytes = frame.get(HEADER_LEN + 2..HEADER_LEN + 2 + n).ok_or_else(short)?;
+    let head_bytes = frame
+        .get(HEADER_LEN + 2..HEADER_LEN + 2 + n)
+        .ok_or_else(short)?;
     let (head, used): (crate::training::ChunkHead, usize) =
         bincode::serde::decode_from_slice(head_bytes, config())
             .map_err(|e| CodecError::Malformed(e.to_string()))?;
@@ -899,6 +903,9 @@ mod tests {
         big[..4].copy_from_slice(&((CHUNK_BODY_LIMIT + 4) as u32).to_be_bytes());
         big[4..6].copy_from_slice(&PROTOCOL_VERSION.to_be_bytes());
         big[6] = 0x10;
-        assert!(matches!(check_header(&big), Err(CodecError::Oversize { .. })));
+        assert!(matches!(
+            check_header(&big),
+            Err(CodecError::Oversize { .. })
+        ));
     }
 }

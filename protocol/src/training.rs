@@ -107,7 +107,9 @@ pub struct JobError(pub String);
 pub enum UpdateError {
     #[error("the update is not a safetensors file: {0}")]
     NotSafetensors(String),
-    #[error("the update's header carries __metadata__; write the tensors only (no text leaves the site)")]
+    #[error(
+        "the update's header carries __metadata__; write the tensors only (no text leaves the site)"
+    )]
     Metadata,
     #[error("the update's tensors differ from the job's layout: {0}")]
     Layout(String),
@@ -164,7 +166,10 @@ impl Layout {
                 )));
             }
             if t.name == "__metadata__" || !seen.insert(t.name.as_str()) {
-                return Err(JobError(format!("tensor name {:?} is reserved or repeated", t.name)));
+                return Err(JobError(format!(
+                    "tensor name {:?} is reserved or repeated",
+                    t.name
+                )));
             }
             if t.shape.len() > 8 || t.shape.contains(&0) {
                 return Err(JobError(format!(
@@ -180,7 +185,11 @@ impl Layout {
                 return Err(JobError(format!("tensor {:?} is too large", t.name)));
             }
         }
-        if self.tensors.iter().any(|t| t.dtype != self.tensors[0].dtype) {
+        if self
+            .tensors
+            .iter()
+            .any(|t| t.dtype != self.tensors[0].dtype)
+        {
             return Err(JobError(
                 "every tensor of a layout has the same dtype (convert the model to one)".into(),
             ));
@@ -195,7 +204,9 @@ impl Layout {
     pub fn from_safetensors(bytes: &[u8]) -> Result<(Layout, usize), UpdateError> {
         let (header, start) = header_json(bytes)?;
         let serde_json::Value::Object(map) = header else {
-            return Err(UpdateError::NotSafetensors("the header is not an object".into()));
+            return Err(UpdateError::NotSafetensors(
+                "the header is not an object".into(),
+            ));
         };
         let mut tensors = Vec::new();
         for (name, v) in map {
@@ -221,7 +232,9 @@ impl Layout {
                 .map(|a| a.iter().filter_map(|d| d.as_u64()).collect())
                 .unwrap_or_default();
             if offsets.len() != 2 {
-                return Err(UpdateError::NotSafetensors(format!("{name}: bad data_offsets")));
+                return Err(UpdateError::NotSafetensors(format!(
+                    "{name}: bad data_offsets"
+                )));
             }
             tensors.push((offsets[0], offsets[1], TensorSpec { name, dtype, shape }));
         }
@@ -285,7 +298,7 @@ impl Layout {
             at += n;
         }
         let mut json = serde_json::Value::Object(map).to_string().into_bytes();
-        while json.len() % 8 != 0 {
+        while !json.len().is_multiple_of(8) {
             json.push(b' ');
         }
         let mut out = (json.len() as u64).to_le_bytes().to_vec();
@@ -577,16 +590,20 @@ impl TrainingJob {
             ));
         }
         if self.trainer.values().any(|v| !v.is_finite()) {
-            return Err(JobError("trainer: parameters must be finite numbers".into()));
+            return Err(JobError(
+                "trainer: parameters must be finite numbers".into(),
+            ));
         }
         let r = self.aggregator.resolved();
         let unit = |x: f64| (0.0..1.0).contains(&x);
-        if !(r.eta.is_finite() && r.eta > 0.0)
-            || !unit(r.momentum)
-            || !unit(r.beta1)
-            || !unit(r.beta2)
-            || !(r.tau.is_finite() && r.tau > 0.0)
-        {
+        let ok = r.eta.is_finite()
+            && r.eta > 0.0
+            && unit(r.momentum)
+            && unit(r.beta1)
+            && unit(r.beta2)
+            && r.tau.is_finite()
+            && r.tau > 0.0;
+        if !ok {
             return Err(JobError(
                 "aggregator: server_learning_rate and tau positive; momentum, beta1, beta2 in [0, 1)"
                     .into(),
@@ -639,7 +656,10 @@ impl TrainingJob {
     }
 
     pub fn model_chunks(&self) -> u32 {
-        self.layout().data_len().div_ceil(self.model_chunk_bytes()).max(1) as u32
+        self.layout()
+            .data_len()
+            .div_ceil(self.model_chunk_bytes())
+            .max(1) as u32
     }
 
     pub fn scale(&self) -> f64 {
@@ -823,9 +843,17 @@ shape = [32]
         assert_eq!(job.aggregator.resolved().eta, 0.01);
         for (from, to, says) in [
             ("min_sites = 3", "min_sites = 1", "min_sites"),
-            ("dtype = \"F32\"\nshape = [32]", "dtype = \"I64\"\nshape = [32]", "integer buffers"),
+            (
+                "dtype = \"F32\"\nshape = [32]",
+                "dtype = \"I64\"\nshape = [32]",
+                "integer buffers",
+            ),
             ("name = \"b1\"", "name = \"w1\"", "repeated"),
-            ("max_update_norm = 100.0", "max_update_norm = 1e12", "too large for a 64-bit sum"),
+            (
+                "max_update_norm = 100.0",
+                "max_update_norm = 1e12",
+                "too large for a 64-bit sum",
+            ),
             ("[aggregator]", "[aggregator]\nbeta1 = 1.5", "beta1"),
         ] {
             let text = example_job().replace(from, to);
@@ -865,7 +893,10 @@ shape = [32]
         other.tensors[1].shape = vec![16, 2];
         let mut f2 = other.safetensors_header();
         f2.extend(vec![0u8; n * 4]);
-        assert!(matches!(layout.check_file(&f2), Err(UpdateError::Layout(_))));
+        assert!(matches!(
+            layout.check_file(&f2),
+            Err(UpdateError::Layout(_))
+        ));
         assert!(matches!(
             layout.check_file(&file[..file.len() - 1]),
             Err(UpdateError::NotSafetensors(_))

@@ -100,7 +100,9 @@ pub struct PairSeed {
 
 impl std::fmt::Debug for PairSeed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PairSeed").field("peer", &self.peer).finish_non_exhaustive()
+        f.debug_struct("PairSeed")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
     }
 }
 
@@ -157,7 +159,10 @@ pub fn mask_chunk(
     chunk: u32,
 ) -> Result<(), MaskError> {
     let mut buf = vec![0u8; words.len() * 8];
-    for s in seeds.iter().filter(|s| participants.contains(&s.peer) && &s.peer != me) {
+    for s in seeds
+        .iter()
+        .filter(|s| participants.contains(&s.peer) && &s.peer != me)
+    {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(&s.seed);
         let okm = prk
             .expand(&[b"chunk mask"], &aead::CHACHA20_POLY1305)

@@ -333,7 +333,12 @@ pub(crate) fn run_training(
 }
 
 /// `fedcurate-node train-demo`: three sites and a coordinator train the digits job.
-pub(crate) fn train_demo(dir: Option<PathBuf>, rounds: u32, secure: bool, json: bool) -> Result<()> {
+pub(crate) fn train_demo(
+    dir: Option<PathBuf>,
+    rounds: u32,
+    secure: bool,
+    json: bool,
+) -> Result<()> {
     let exe = std::env::current_exe()?;
     let bin = exe.parent().context("no binary folder")?;
     let coordinator = std::env::var_os("FEDCURATE_COORDINATOR")
@@ -394,7 +399,11 @@ pub(crate) fn print_outcome(o: &TrainingOutcome) {
     println!(
         "  federated training    {} rounds{} in {:.1} s: test accuracy {:.3} federated, {:.3} centralised, {} each site alone (best {:.3})",
         o.rounds,
-        if o.secure { " (secure aggregation)" } else { "" },
+        if o.secure {
+            " (secure aggregation)"
+        } else {
+            ""
+        },
         o.seconds,
         o.federated,
         o.centralised,

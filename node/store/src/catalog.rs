@@ -918,8 +918,15 @@ impl Catalog {
                 .prepare("INSERT INTO egress (at, kind, message_id, bytes, sha256, answer) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
                 .map_err(self.err())?;
             for e in rows {
-                st.execute(params![e.at, e.kind, e.message_id as i64, e.bytes as i64, e.sha256, e.answer])
-                    .map_err(self.err())?;
+                st.execute(params![
+                    e.at,
+                    e.kind,
+                    e.message_id as i64,
+                    e.bytes as i64,
+                    e.sha256,
+                    e.answer
+                ])
+                .map_err(self.err())?;
             }
         }
         tx.commit().map_err(self.err())

@@ -17,10 +17,14 @@ pub fn coordinator_bin() -> PathBuf {
             // Built (or found up to date) once per process: `cargo test -p node` alone does
             // not build the other package's binary, and an older one may lack what is tested.
             // The benchmark runs the release build.
-            let release = node_bin()
-                .parent()
-                .is_some_and(|d| d.ends_with("release"));
-            let mut args = vec!["build", "-p", "coordinator", "--bin", "fedcurate-coordinator"];
+            let release = node_bin().parent().is_some_and(|d| d.ends_with("release"));
+            let mut args = vec![
+                "build",
+                "-p",
+                "coordinator",
+                "--bin",
+                "fedcurate-coordinator",
+            ];
             if release {
                 args.push("--release");
             }
@@ -101,7 +105,7 @@ pub fn model_file(values: impl Iterator<Item = f32>) -> Vec<u8> {
         data.len()
     )
     .into_bytes();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = (json.len() as u64).to_le_bytes().to_vec();
@@ -221,7 +225,7 @@ impl Consortium {
         for i in 0..3 {
             c.start_serve(i);
         }
-        for i in 0..3 {
+        for (i, site) in SITES.iter().enumerate() {
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
                 let out = run_ok(c.node(i).args(["egress", "pending"]));
@@ -230,9 +234,8 @@ impl Consortium {
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "{} never saw the job: {}\n{}",
-                    SITES[i],
-                    std::fs::read_to_string(c.root.join(SITES[i]).join("train.log"))
+                    "{site} never saw the job: {}\n{}",
+                    std::fs::read_to_string(c.root.join(site).join("train.log"))
                         .unwrap_or_default(),
                     std::fs::read_to_string(c.root.join("coordinator.log")).unwrap_or_default()
                 );
@@ -353,7 +356,12 @@ impl Consortium {
             self.node(i)
                 .args(["train", "push", "--round"])
                 .arg(round.to_string())
-                .args(["--samples", &(10 * (i + 1)).to_string(), "--metric", "loss=0.5"])
+                .args([
+                    "--samples",
+                    &(10 * (i + 1)).to_string(),
+                    "--metric",
+                    "loss=0.5",
+                ])
                 .arg(u),
         );
     }
@@ -431,4 +439,3 @@ pub fn kill_mid_upload(
         std::thread::sleep(Duration::from_millis(1));
     }
 }
-

@@ -271,7 +271,10 @@ impl Agent {
 
     /// One connection's work; true when the job is finished.
     async fn cycle(&self, link: &Link) -> Result<bool, AgentError> {
-        let offer = match self.send(link, &Message::FetchJob { id: random_id() }).await? {
+        let offer = match self
+            .send(link, &Message::FetchJob { id: random_id() })
+            .await?
+        {
             Message::Job(j) => j,
             Message::Error {
                 code: ErrorCode::Training(TrainingError::UnknownJob),
@@ -484,15 +487,9 @@ impl Agent {
             }
         };
         crls.push(peers.crl.clone());
-        let verified = fc_federation::secure::verify_peers(
-            ca,
-            &crls,
-            &me,
-            &state.keyed,
-            &ctx,
-            &peers.signed,
-        )
-        .map_err(|e| secure(&e))?;
+        let verified =
+            fc_federation::secure::verify_peers(ca, &crls, &me, &state.keyed, &ctx, &peers.signed)
+                .map_err(|e| secure(&e))?;
         let seeds = keys.pair_seeds(&verified, &ctx).map_err(|e| secure(&e))?;
         fc_files::write_atomically(
             seeds_path,
@@ -519,8 +516,9 @@ impl Agent {
             self.shared.update(|s| s.revision = revision);
             return Ok(());
         }
-        self.shared
-            .phase(&format!("downloading the global model (revision {revision})"));
+        self.shared.phase(&format!(
+            "downloading the global model (revision {revision})"
+        ));
         let t0 = std::time::Instant::now();
         // The chunks are written in place into `model-<revision>.partial` (header first), each
         // checked against the manifest and for finite values as it arrives; a restarted node
@@ -630,12 +628,7 @@ impl Agent {
 
     /// Record the round's privacy spending in the ledger (once per round), refusing past the
     /// site's budget. Returns the ε this job has spent.
-    fn spend(
-        &self,
-        job: &TrainingJob,
-        hash: &JobHash,
-        round: u32,
-    ) -> Result<f64, AgentError> {
+    fn spend(&self, job: &TrainingJob, hash: &JobHash, round: u32) -> Result<f64, AgentError> {
         let Some(p) = &job.privacy else {
             return Ok(0.0);
         };
@@ -708,7 +701,8 @@ impl Agent {
             .map_err(|e| AgentError::Job(format!("{}: {e}", mpath.display())))?;
         let spent = self.spend(job, hash, round)?;
         self.shared.update(|s| s.epsilon_spent = spent);
-        self.shared.phase(&format!("sending the update of round {round}"));
+        self.shared
+            .phase(&format!("sending the update of round {round}"));
         let noise = match &job.privacy {
             Some(p) => {
                 let seed_path = dir.join(format!("noise-{round}.seed"));
@@ -807,7 +801,12 @@ impl Agent {
         let missing: Vec<usize> = (0..n).filter(|i| !held.contains(&(*i as u32))).collect();
         let skipped = (n - missing.len()) as u64;
         if skipped > 0 {
-            tracing::info!(round, skipped, missing = missing.len(), "resuming an upload");
+            tracing::info!(
+                round,
+                skipped,
+                missing = missing.len(),
+                "resuming an upload"
+            );
         }
         let cw = job.chunk_words() as usize;
         self.session.log_egress_batch(

@@ -39,8 +39,10 @@ pub struct Peer {
     pub gid: Option<u32>,
 }
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>>
-    for Peer
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, tokio::net::UnixListener>,
+    > for Peer
 {
     fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
         let cred = s.io().peer_cred().ok();
@@ -337,8 +339,8 @@ async fn update(
             samples,
             norm: None,
         };
-        let norm = encode::check(&job, &layout, &global[start..], &u, max)
-            .map_err(|e| e.to_string())?;
+        let norm =
+            encode::check(&job, &layout, &global[start..], &u, max).map_err(|e| e.to_string())?;
         let (upath, mpath) = update_paths(&dir, round);
         fc_files::write_atomically(&upath, &body).map_err(|e| e.to_string())?;
         let meta = UpdateMeta {

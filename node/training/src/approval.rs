@@ -44,12 +44,17 @@ pub fn describe(job: &TrainingJob, hash: &JobHash) -> Vec<String> {
             .map(|t| format!("{} {:?}", t.name, t.shape))
             .collect::<Vec<_>>()
             .join(", ")
-            + if layout.tensors.len() > 6 { ", …" } else { "" },
+            + if layout.tensors.len() > 6 {
+                ", …"
+            } else {
+                ""
+            },
         job.update_chunks(),
         match job.effective_weighting() {
             protocol::training::Weighting::Samples =>
                 "the number of training samples it used (as a weight)",
-            protocol::training::Weighting::Uniform => "no sample count (every site weighs the same)",
+            protocol::training::Weighting::Uniform =>
+                "no sample count (every site weighs the same)",
         }
     )];
     items.push(if job.metrics.is_empty() {

@@ -251,8 +251,15 @@ pub fn encode(
         for c in 0..chunks {
             let lo = c * cw;
             let hi = ((c + 1) * cw).min(words.len());
-            mask_chunk(&mut words[lo..hi], m.me, m.seeds, m.participants, &m.salt, c as u32)
-                .map_err(|e| UpdateError::Layout(format!("masking: {e}")))?;
+            mask_chunk(
+                &mut words[lo..hi],
+                m.me,
+                m.seeds,
+                m.participants,
+                &m.salt,
+                c as u32,
+            )
+            .map_err(|e| UpdateError::Layout(format!("masking: {e}")))?;
         }
     }
     let hashes = (0..chunks)
@@ -420,8 +427,16 @@ mod tests {
             .iter()
             .map(|w| from_fixed(*w, scale).powi(2))
             .sum();
-        assert!((n2.sqrt() - 1.0).abs() < 1e-3, "clipped to 1: {}", n2.sqrt());
-        assert_eq!(from_fixed(e.words[300_000], scale), 1.0, "uniform weight under DP");
+        assert!(
+            (n2.sqrt() - 1.0).abs() < 1e-3,
+            "clipped to 1: {}",
+            n2.sqrt()
+        );
+        assert_eq!(
+            from_fixed(e.words[300_000], scale),
+            1.0,
+            "uniform weight under DP"
+        );
         let noise = NoisePlan {
             seed: [7; 32],
             sigma_units: 0.01 * scale,
@@ -433,7 +448,8 @@ mod tests {
             .map(|(a, b)| from_fixed(a.wrapping_sub(*b), scale))
             .collect();
         let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
-        let sd = (diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / diffs.len() as f64).sqrt();
+        let sd =
+            (diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / diffs.len() as f64).sqrt();
         assert!(mean.abs() < 1e-4 && (sd - 0.01).abs() < 2e-4, "{mean} {sd}");
     }
 }
