@@ -418,3 +418,33 @@ async fn metrics(
         Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callers_are_allowed_by_uid_or_group_only() {
+        let api = Api {
+            shared: Shared::new(&protocol::SiteId::new("site-a").expect("id")),
+            uids: vec![1000, 1001],
+            gids: vec![998],
+            max_samples: None,
+        };
+        let peer = |uid, gid| Peer {
+            uid: Some(uid),
+            gid: Some(gid),
+        };
+        assert!(api.allowed(&peer(1000, 5)));
+        assert!(
+            api.allowed(&peer(4242, 998)),
+            "a member of an allowed group"
+        );
+        assert!(!api.allowed(&peer(4242, 5)));
+        assert!(!api.allowed(&Peer {
+            uid: None,
+            gid: None
+        }));
+        assert!(own_uid().is_some(), "the node's own user is always allowed");
+    }
+}
