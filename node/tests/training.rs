@@ -103,9 +103,12 @@ fn uploads_interrupted_by_a_killed_coordinator_or_node_resume_and_give_the_same_
     // The coordinator is killed while the sites upload round 1, and started again.
     {
         let mut c = Consortium::start(&dir.path().join("coordinator-killed"));
-        for i in 0..3 {
-            c.train(i, 1);
-        }
+        // site-c's update is made before it is handed in, so its upload starts at once and is
+        // watched from its first chunk.
+        c.train(0, 1);
+        c.train(1, 1);
+        let u = c.prepare(2, 1);
+        c.push(2, 1, &u);
         let mut victim = c.coordinator.take();
         let held = kill_mid_upload(
             &c,
@@ -146,9 +149,10 @@ fn uploads_interrupted_by_a_killed_coordinator_or_node_resume_and_give_the_same_
     // A node is killed while it uploads round 1, and started again.
     {
         let mut c = Consortium::start(&dir.path().join("node-killed"));
-        for i in 0..3 {
-            c.train(i, 1);
-        }
+        c.train(0, 1);
+        c.train(2, 1);
+        let u = c.prepare(1, 1);
+        c.push(1, 1, &u);
         let mut victim = c.serves[1].take();
         let held = kill_mid_upload(&c, |h| (2..CHUNKS - 4).contains(&h[1]), &mut victim);
         c.start_serve(1);
