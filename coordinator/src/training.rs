@@ -463,7 +463,7 @@ impl Trainer {
                     crl: crl.to_vec(),
                 }))]
             }
-            Message::UpdateOffer(o) => self.offer(site, *o, now)?,
+            Message::UpdateOffer(o) => self.offer(site, *o)?,
             Message::PutChunk(c) => self.put_chunk(site, *c, now)?,
             Message::GetChunk(h) => self.get_chunk(h)?,
             other => {
@@ -510,12 +510,7 @@ impl Trainer {
         );
     }
 
-    fn offer(
-        &mut self,
-        site: &SiteId,
-        o: UpdateOffer,
-        now: i64,
-    ) -> Result<Vec<Message>, TrainingStateError> {
+    fn offer(&mut self, site: &SiteId, o: UpdateOffer) -> Result<Vec<Message>, TrainingStateError> {
         let id = o.id;
         if o.job != self.hash {
             return Ok(self.error(id, TrainingError::UnknownJob));
@@ -554,7 +549,6 @@ impl Trainer {
         let p = dir.join("offer.json");
         std::fs::write(&p, serde_json::to_vec(&offer).unwrap_or_default()).map_err(io(&p))?;
         self.offers.insert(site.clone(), offer);
-        let _ = now;
         Ok(self.state_message(site, id))
     }
 

@@ -77,16 +77,20 @@ impl SessionKeys {
                 |shared| prg(shared, context, vector.len()),
             )
             .map_err(|_| MaskError::BadPeerKey)??;
-            let add = me < &pk.peer;
-            for (o, m) in out.iter_mut().zip(stream) {
-                *o = if add {
-                    o.wrapping_add(m)
-                } else {
-                    o.wrapping_sub(m)
-                };
-            }
+            combine(&mut out, stream, me < &pk.peer);
         }
         Ok(out)
+    }
+}
+
+/// Add the pair's mask words (the site with the smaller name) or subtract them (the other).
+fn combine(words: &mut [u64], mask: impl IntoIterator<Item = u64>, add: bool) {
+    for (w, m) in words.iter_mut().zip(mask) {
+        *w = if add {
+            w.wrapping_add(m)
+        } else {
+            w.wrapping_sub(m)
+        };
     }
 }
 
@@ -178,15 +182,10 @@ pub fn mask_chunk(
                 &mut buf,
             )
             .map_err(|_| MaskError::Random)?;
-        let add = me < &s.peer;
-        for (w, c) in words.iter_mut().zip(buf.chunks_exact(8)) {
-            let m = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-            *w = if add {
-                w.wrapping_add(m)
-            } else {
-                w.wrapping_sub(m)
-            };
-        }
+        let mask = buf
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]));
+        combine(words, mask, me < &s.peer);
     }
     Ok(())
 }

@@ -420,16 +420,7 @@ pub fn run_demo(
     annotate: Option<std::net::SocketAddr>,
 ) -> Result<()> {
     let exe = std::env::current_exe()?;
-    let bin = exe.parent().context("no binary folder")?;
-    let coordinator = std::env::var_os("FEDCURATE_COORDINATOR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| bin.join("fedcurate-coordinator"));
-    if !coordinator.is_file() {
-        bail!(
-            "{} not found: build both binaries (`cargo build --release`) or set FEDCURATE_COORDINATOR",
-            coordinator.display()
-        );
-    }
+    let coordinator = super::train_demo::coordinator_binary(&exe)?;
     let root = dir.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("fedcurate-consortium-{}", std::process::id()))
     });

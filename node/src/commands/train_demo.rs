@@ -51,6 +51,21 @@ pub(crate) fn python() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("python3"))
 }
 
+/// `fedcurate-coordinator`: `FEDCURATE_COORDINATOR`, else next to this binary.
+pub(crate) fn coordinator_binary(exe: &Path) -> Result<PathBuf> {
+    let bin = exe.parent().context("no binary folder")?;
+    let coordinator = std::env::var_os("FEDCURATE_COORDINATOR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin.join("fedcurate-coordinator"));
+    if !coordinator.is_file() {
+        bail!(
+            "{} not found: build both binaries (`cargo build --release`) or set FEDCURATE_COORDINATOR",
+            coordinator.display()
+        );
+    }
+    Ok(coordinator)
+}
+
 /// Whether the training interpreter has what the example needs.
 pub(crate) fn python_ready() -> bool {
     Command::new(python())
@@ -340,16 +355,7 @@ pub(crate) fn train_demo(
     json: bool,
 ) -> Result<()> {
     let exe = std::env::current_exe()?;
-    let bin = exe.parent().context("no binary folder")?;
-    let coordinator = std::env::var_os("FEDCURATE_COORDINATOR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| bin.join("fedcurate-coordinator"));
-    if !coordinator.is_file() {
-        bail!(
-            "{} not found: build both binaries (`cargo build --release`) or set FEDCURATE_COORDINATOR",
-            coordinator.display()
-        );
-    }
+    let coordinator = coordinator_binary(&exe)?;
     let root = dir.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("fedcurate-training-{}", std::process::id()))
     });

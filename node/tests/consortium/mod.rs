@@ -57,7 +57,6 @@ pub fn repo() -> PathBuf {
 /// port (so a restarted one is found again), three nodes serving trainers.
 pub struct Consortium {
     pub root: PathBuf,
-    pub port: u16,
     pub job_id: String,
     pub coordinator: Option<Child>,
     pub serves: Vec<Option<Child>>,
@@ -214,7 +213,6 @@ impl Consortium {
         }
         let mut c = Consortium {
             root: root.to_owned(),
-            port,
             job_id,
             coordinator: None,
             serves: vec![None, None, None],
@@ -294,7 +292,6 @@ impl Consortium {
         assert!(line.starts_with("listening on"), "{line}");
         std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
         self.coordinator = Some(child);
-        let _ = self.port;
     }
 
     pub fn start_serve(&mut self, i: usize) {
@@ -369,6 +366,13 @@ impl Consortium {
     pub fn status(&self, i: usize) -> serde_json::Value {
         let out = run_ok(self.node(i).args(["train", "status", "--json"]));
         serde_json::from_str(out.trim()).expect("status JSON")
+    }
+
+    /// (chunks sent, chunks skipped because the coordinator held them) by site `i`'s node.
+    pub fn chunk_counts(&self, i: usize) -> (usize, usize) {
+        let s = self.status(i);
+        let n = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{k} in {s}")) as usize;
+        (n("chunks_sent"), n("chunks_skipped"))
     }
 
     /// Chunk files the coordinator holds for `round` (per site).
