@@ -216,8 +216,117 @@ pub fn list_inputs(root: &Path) -> Result<Vec<PathBuf>, BatchError> {
 /// The de-identified object and its encoding, or (reason, detail) of a refusal.
 pub type DeidOutcome = Result<(Deidentified, Vec<u8>), (String, String)>;
 
-/// De-identify one file's bytes: the pure part of a batch step.
+/// De-identify one file's bytes: the pure part of a batch step. A file ending with native
+/// pixel data has only its header parsed and de-identified; the pixel data is copied as bytes
+/// (bits above High Bit cleared on the way, as for a parsed object), which gives the same
+/// output as de-identifying the whole object ([`deidentify_whole`]; tested on every fixture).
 pub fn deidentify_bytes(deid: &Deidentifier<'_>, bytes: &[u8]) -> DeidOutcome {
+    match deidentify_native(deid, bytes) {
+        Some(done) => done,
+        None => deidentify_whole(deid, bytes),
+    }
+}
+
+/// The header-only path of [`deidentify_bytes`]; `None` when the file is not one it takes
+/// (no native pixel data at the end, a header the whole-object path would treat otherwise, a
+/// pixel data length other than the header describes, a masking rule to apply).
+fn deidentify_native(deid: &Deidentifier<'_>, bytes: &[u8]) -> Option<DeidOutcome> {
+    use dicom_core::Tag;
+    let native = crate::read::native_pixel_data(bytes)?;
+    if native.ob && native.big_endian {
+        return None;
+    }
+    let header = bytes.get(..native.start)?;
+    let element = bytes.get(native.start..)?;
+    let value = element.get(native.header..)?;
+    let (d, mut out) = deidentify_whole(deid, header).ok()?;
+    let number = |tag: Tag| -> Option<u64> {
+        let e = d.object.get(tag)?;
+        e.value()
+            .to_int::<u64>()
+            .ok()
+            .or_else(|| e.value().to_str().ok()?.trim().parse().ok())
+    };
+    let rows = number(Tag(0x0028, 0x0010))?;
+    let cols = number(Tag(0x0028, 0x0011))?;
+    let bits = number(Tag(0x0028, 0x0100))?;
+    let samples = if crate::read::text(&d.object, Tag(0x0028, 0x0004)) == "YBR_FULL_422" {
+        2
+    } else {
+        number(Tag(0x0028, 0x0002)).unwrap_or(1)
+    };
+    let frames = number(Tag(0x0028, 0x0008)).unwrap_or(1).max(1);
+    let expected = [rows, cols, samples, frames, bits]
+        .into_iter()
+        .try_fold(1u64, u64::checked_mul)?
+        .div_ceil(8);
+    if expected != value.len() as u64 || !value.len().is_multiple_of(2) {
+        return None;
+    }
+    out.reserve(element.len());
+    out.extend_from_slice(&element[..native.header]);
+    let high = number(Tag(0x0028, 0x0102));
+    match high {
+        Some(high) if bits == 16 && high < 15 => {
+            let signed = number(Tag(0x0028, 0x0103)) == Some(1);
+            let base = out.len();
+            out.extend_from_slice(value);
+            clear_above_high_bit(&mut out[base..], high as u32, signed, native.big_endian);
+        }
+        _ => out.extend_from_slice(value),
+    }
+    Some(Ok((d, out)))
+}
+
+/// Clear the bits above High Bit of 16-bit words in place (`high` < 15): zeroed for unsigned
+/// samples, the sign extension of High Bit for signed ones (as `pixels::clear_bits_above_high_bit`
+/// does on a parsed object). Branch-free, so the loop runs on vector lanes.
+fn clear_above_high_bit(words: &mut [u8], high: u32, signed: bool, big_endian: bool) {
+    let mask: u16 = (1u16 << (high + 1)) - 1;
+    let signed = u16::from(signed);
+    let fix = |w: u16| -> u16 {
+        let sign = (w >> high) & signed;
+        (w & mask) | (0u16.wrapping_sub(sign) & !mask)
+    };
+    // Four words at a time in a u64, each 16-bit lane one word in the file's byte order:
+    // shifting by High Bit brings each lane's High Bit to the lane's bit 0, and multiplying
+    // those bits by the cleared bits spreads the sign into each lane without carries.
+    let lanes = |v: u16| u64::from(v) * 0x0001_0001_0001_0001;
+    let (keep, ones, above) = (lanes(mask), lanes(signed), u64::from(!mask));
+    let fix4 = |x: u64| -> u64 { (x & keep) | (((x >> high) & ones).wrapping_mul(above)) };
+    let mut quads = words.chunks_exact_mut(8);
+    for q in &mut quads {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(q);
+        let x = if big_endian {
+            u64::from_be_bytes(b)
+        } else {
+            u64::from_le_bytes(b)
+        };
+        let y = fix4(x);
+        q.copy_from_slice(&if big_endian {
+            y.to_be_bytes()
+        } else {
+            y.to_le_bytes()
+        });
+    }
+    for p in quads.into_remainder().chunks_exact_mut(2) {
+        let w = if big_endian {
+            u16::from_be_bytes([p[0], p[1]])
+        } else {
+            u16::from_le_bytes([p[0], p[1]])
+        };
+        let f = fix(w);
+        p.copy_from_slice(&if big_endian {
+            f.to_be_bytes()
+        } else {
+            f.to_le_bytes()
+        });
+    }
+}
+
+/// De-identify one file's bytes as a whole parsed object.
+pub fn deidentify_whole(deid: &Deidentifier<'_>, bytes: &[u8]) -> DeidOutcome {
     let read =
         crate::read::read_object_preserving(bytes).map_err(|r| (r.reason.to_owned(), r.detail))?;
     let obj = read.object;
@@ -261,6 +370,72 @@ struct Found {
     /// Plain SHA-256 of the content: compared with our outputs' hashes, never stored.
     sha256: String,
     size: u64,
+    /// The file's identity and times when it was hashed, if they can vouch for its content
+    /// later (see [`Stamp`]).
+    stamp: Option<Stamp>,
+}
+
+/// What the file system says about a file: when it is the same before it was hashed and
+/// after it was read again, the content read is the content hashed (any write changes the
+/// change time, which no caller can set back), and the second hash is saved. A file changed
+/// in the last seconds before it was hashed has no stamp (a time stamp's granularity could
+/// hide a second write within it): it is hashed again when read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    #[cfg(unix)]
+    fn of(meta: &fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// The stamp of a file about to be hashed, unless it changed too recently to vouch.
+    #[cfg(unix)]
+    fn settled(meta: &fs::Metadata) -> Option<Stamp> {
+        let s = Stamp::of(meta);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs() as i64;
+        (now - s.ctime.0.max(s.mtime.0) >= 2).then_some(s)
+    }
+
+    #[cfg(not(unix))]
+    fn settled(_meta: &fs::Metadata) -> Option<Stamp> {
+        None
+    }
+
+    /// Whether `path` still has this stamp.
+    #[cfg(unix)]
+    fn holds(&self, path: &Path) -> bool {
+        fs::metadata(path).is_ok_and(|m| Stamp::of(&m) == *self)
+    }
+
+    #[cfg(not(unix))]
+    fn holds(&self, _path: &Path) -> bool {
+        false
+    }
+}
+
+/// Whether `bytes`, just read from `found.path`, are the content hashed in phase one.
+fn unchanged(found: &Found, bytes: &[u8]) -> bool {
+    match &found.stamp {
+        Some(stamp) if bytes.len() as u64 == stamp.len && stamp.holds(&found.path) => true,
+        _ => content_hash(bytes) == found.sha256,
+    }
 }
 
 /// Files at least this large are not read into memory: their header is de-identified and
@@ -305,18 +480,20 @@ enum Output {
 }
 
 impl Output {
-    fn stage(&self, files: &mut DurableBatch, dest: &Path) -> io::Result<()> {
+    /// Stage the output for `dest`: bytes in memory are written at the batch's commit, in
+    /// parallel with its other files.
+    fn stage(self, files: &mut DurableBatch, dest: &Path) -> io::Result<()> {
         match self {
-            Output::Bytes(b) => files.stage(dest, b),
+            Output::Bytes(b) => files.stage_owned(dest, b),
             Output::WithCompanions(b, companions) => {
-                files.stage(dest, b)?;
+                files.stage_owned(dest, b)?;
                 for (suffix, bytes) in companions {
                     let name = dest
                         .file_name()
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_default();
                     let stem = name.split('.').next().unwrap_or_default();
-                    files.stage(&dest.with_file_name(format!("{stem}{suffix}")), bytes)?;
+                    files.stage_owned(&dest.with_file_name(format!("{stem}{suffix}")), bytes)?;
                 }
                 Ok(())
             }
@@ -325,7 +502,7 @@ impl Output {
                 path,
                 start,
                 end,
-            } => files.stage_parts(dest, header, path, *start, *end),
+            } => files.stage_parts(dest, &header, &path, start, end),
         }
     }
 }
@@ -411,7 +588,7 @@ fn prepare(
         return p;
     }
     match fs::read(&found.path) {
-        Ok(bytes) if content_hash(&bytes) == found.sha256 => {
+        Ok(bytes) if unchanged(found, &bytes) => {
             let result = deidentify_bytes(deid, &bytes).map(|(d, out)| {
                 let h = content_hash(&out);
                 (Placed::from(d), Output::Bytes(out), h)
@@ -482,6 +659,17 @@ fn hash_range(
         remaining -= n as u64;
     }
     Ok(())
+}
+
+/// SHA-256 of a file, streamed, its length, and its stamp taken before it was read.
+fn hash_file_stamped(path: &Path) -> io::Result<(String, u64, Option<Stamp>)> {
+    let mut f = fs::File::open(path)?;
+    let meta = f.metadata()?;
+    let stamp = Stamp::settled(&meta);
+    let len = meta.len();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    hash_range(&mut f, 0, len, &mut ctx)?;
+    Ok((hex(ctx.finish().as_ref()), len, stamp))
 }
 
 /// SHA-256 of a file, streamed, and its length.
@@ -573,13 +761,15 @@ pub fn deidentify_folder(
         .map(|path| {
             let rel = path.strip_prefix(&paths.input).unwrap_or(&path);
             let path_key = keys.path_marker(&rel.to_string_lossy());
-            let (sha256, size) = hash_file(&path).unwrap_or_else(|_| ("unreadable".to_owned(), 0));
+            let (sha256, size, stamp) =
+                hash_file_stamped(&path).unwrap_or_else(|_| ("unreadable".to_owned(), 0, None));
             Found {
                 path,
                 path_key,
                 content_hash: keys.input_marker(&sha256),
                 sha256,
                 size,
+                stamp,
             }
         })
         .collect();
@@ -607,13 +797,20 @@ pub fn deidentify_folder(
     let mut output_hashes: HashSet<String> = HashSet::new();
     let mut vaulted: HashMap<String, vault::OriginalIdentity> = HashMap::new();
     let batch_size = settings.batch_size.max(1);
-    for chunk in batches(&todo, batch_size, MAX_BATCH_BYTES) {
-        let mut pending = Pending::default();
-        // De-identification in parallel; outcomes, conflicts and writes in hash order.
-        let prepared: Vec<Prepared> = chunk
+    let chunks = batches(&todo, batch_size, MAX_BATCH_BYTES);
+    let prepare_all = |chunk: &[Found]| -> Vec<Prepared> {
+        chunk
             .par_iter()
             .map(|f| prepare(deid, f, &paths.input, settings.subjects))
-            .collect();
+            .collect()
+    };
+    // De-identification in parallel; outcomes, conflicts and writes in hash order. While a
+    // batch's files are written, flushed and recorded, the next batch is de-identified (pure
+    // work, nothing written): at most two batches are in memory.
+    let mut next = chunks.first().map(|c| prepare_all(c));
+    for (i, chunk) in chunks.iter().enumerate() {
+        let prepared = next.take().unwrap_or_default();
+        let mut pending = Pending::default();
         for (found, prepared) in chunk.iter().zip(prepared) {
             let record = step(
                 paths,
@@ -630,11 +827,27 @@ pub fn deidentify_folder(
             summary.count(record.outcome, record.reason.as_deref());
             pending.records.inputs.push(record);
         }
-        pending
-            .files
-            .commit()
-            .map_err(write_err("output", &paths.output))?;
-        catalog.commit_batch(&profile, &pending.records)?;
+        let catalog = &mut *catalog;
+        let profile = &profile;
+        let committed = std::thread::scope(|scope| {
+            let commit = scope.spawn(move || -> Result<(), BatchError> {
+                pending
+                    .files
+                    .commit()
+                    .map_err(write_err("output", &paths.output))?;
+                catalog.commit_batch(profile, &pending.records)?;
+                Ok(())
+            });
+            next = chunks.get(i + 1).map(|c| prepare_all(c));
+            commit.join().unwrap_or_else(|_| {
+                Err(BatchError::Write {
+                    what: "output",
+                    path: paths.output.clone(),
+                    source: io::Error::other("the batch's commit thread panicked"),
+                })
+            })
+        });
+        committed?;
         settings.progress.advance(chunk.len() as u64);
     }
     settings.progress.finish();
@@ -757,10 +970,10 @@ fn step(
         }
         Some(_)
             if same_instance_other_encoding(
-                pending
-                    .files
-                    .staged_for(&paths.output.join(&rel))
-                    .unwrap_or(&paths.output.join(&rel)),
+                match pending.files.staged_content(&paths.output.join(&rel)) {
+                    Some(staged) => staged.ok(),
+                    None => fs::read(paths.output.join(&rel)).ok(),
+                },
                 &encoded,
             ) =>
         {
@@ -820,11 +1033,11 @@ const DECODE_ALLOWANCE: u64 = 64 * 1024 * 1024;
 /// Whether an output already written (at `earlier`) and a new one are the same instance in
 /// two encodings: same UIDs (they share an output path, which is derived from them) and
 /// identical decoded pixels (e.g. an archive keeping a compressed and an uncompressed copy).
-fn same_instance_other_encoding(earlier: &Path, new: &Output) -> bool {
+fn same_instance_other_encoding(earlier: Option<Vec<u8>>, new: &Output) -> bool {
     let Output::Bytes(new) = new else {
         return false;
     };
-    let Ok(old) = fs::read(earlier) else {
+    let Some(old) = earlier else {
         return false;
     };
     match (decoded_pixels(&old), decoded_pixels(new)) {

@@ -265,6 +265,10 @@ pub struct ScpSettings {
     /// The largest object accepted in one C-STORE, in MiB (a peer sending more is aborted).
     #[serde(default = "default_max_object_mib")]
     pub max_object_mib: u64,
+    /// When a received object counts as stored: "flush" (on disk, the default) or "os"
+    /// (held by the operating system: survives a killed node, not a power cut).
+    #[serde(default)]
+    pub durability: crate::dimse::scp::Durability,
 }
 
 fn default_max_object_mib() -> u64 {
@@ -286,6 +290,7 @@ impl Default for ScpSettings {
             bind: default_bind(),
             allowed: Vec::new(),
             max_object_mib: default_max_object_mib(),
+            durability: Default::default(),
         }
     }
 }

@@ -11,7 +11,7 @@ use node::sample;
 
 use commands::annotate::{AnnotateCommand, annotate};
 use commands::annotator::annotator;
-use commands::bench::{bench, bench_curate, bench_harmonise, bench_volume};
+use commands::bench::{bench, bench_anchors, bench_curate, bench_harmonise, bench_volume};
 use commands::consortium;
 use commands::curate::curate;
 use commands::deid::deid;
@@ -127,6 +127,18 @@ enum Command {
         /// Measure curation over this many generated instances instead (100 per series).
         #[arg(long)]
         curate: Option<usize>,
+        /// Time our jobs beside the tools they replace, on the same files in the same run,
+        /// where installed: gdcmanon (de-identification of --files files), dcm2niix (a
+        /// --slices series to NIfTI), dcmtk's storescp (C-STORE of --files files); prints
+        /// the ratios.
+        #[arg(long, conflicts_with_all = ["volume", "harmonise", "curate"])]
+        anchors: bool,
+        /// With --anchors: slices of the series converted to NIfTI.
+        #[arg(long, default_value_t = 200, requires = "anchors")]
+        slices: usize,
+        /// With --anchors: runs of each side (alternating); the best is reported.
+        #[arg(long, default_value_t = 2, requires = "anchors")]
+        runs: usize,
     },
     /// Export de-identified series for training code (NIfTI volumes, or nnU-Net v2 layout).
     Export(ExportArgs),
@@ -357,6 +369,27 @@ struct ExportArgs {
     /// Take the label maps of this rater instead of the consensus.
     #[arg(long, requires = "labels")]
     labels_rater: Option<String>,
+    /// How volumes are written: none (`.nii`), fast (`.nii.gz`, deflate level 1) or
+    /// default (`.nii.gz`, level 6). Compression runs on every core.
+    #[arg(long, value_enum, default_value = "default")]
+    compress: CompressArg,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum CompressArg {
+    None,
+    Fast,
+    Default,
+}
+
+impl From<CompressArg> for node::volume::gz::NiftiCompression {
+    fn from(c: CompressArg) -> Self {
+        match c {
+            CompressArg::None => Self::None,
+            CompressArg::Fast => Self::Fast,
+            CompressArg::Default => Self::Default,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -600,7 +633,11 @@ fn main() -> Result<()> {
             harmonise,
             reference,
             curate,
+            anchors,
+            slices,
+            runs,
         } => match (volume, harmonise, curate) {
+            _ if anchors => bench_anchors(dir, files, slices, runs, keep),
             (Some(slices), _, _) => bench_volume(dir, slices, keep),
             (None, Some(n), _) => bench_harmonise(dir, n, reference),
             (None, None, Some(n)) => bench_curate(dir, n, keep),

@@ -703,6 +703,7 @@ fn a_project_with_three_raters_a_proposal_agreement_and_consensus() {
     // and only labelled cases are exported.
     let nn = dir.path().join("nnunet");
     let opts = node::export::ExportOptions {
+        compress: Default::default(),
         format: node::export::Format::NnUnet,
         dataset_id: 7,
         dataset_name: "lesions".into(),

@@ -910,3 +910,154 @@ fn free_text_outside_the_table_does_not_survive() {
         .expect("de-identified");
     assert!(open(&plain).get(Tag(0x0018, 0x9433)).is_none());
 }
+
+/// A file ending with native pixel data is de-identified from its header alone, its pixel data
+/// copied as bytes: the output must be byte for byte what de-identifying the whole parsed
+/// object writes, for every file of the sample archive, the three consortium sites' archives
+/// (their vendors' encodings) and the hostile inputs, under no option and under every option.
+#[test]
+fn pixel_data_copied_as_bytes_writes_what_the_whole_object_path_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut inputs: Vec<(String, Vec<u8>)> = Vec::new();
+    let archive = sample::write_sample_archive(&dir.path().join("sample")).expect("archive");
+    for f in &archive.files {
+        inputs.push((f.display().to_string(), std::fs::read(f).expect("read")));
+    }
+    for site in sample::consortium_sites(2) {
+        let a = sample::write_site_archive(&dir.path().join(&site.prefix), &site).expect("site");
+        for f in &a.files {
+            inputs.push((f.display().to_string(), std::fs::read(f).expect("read")));
+        }
+    }
+    for h in sample::hostile_files().expect("hostile") {
+        inputs.push((h.name.to_owned(), h.bytes));
+    }
+    let all: Vec<DeidOption> = DeidOption::ALL
+        .into_iter()
+        .filter(|o| *o != DeidOption::RetainLongitudinalFullDates)
+        .collect();
+    let mut taken = 0;
+    for options in [Vec::new(), all] {
+        let p = policy(&options);
+        let k = keys(4);
+        let deid = Deidentifier::new(&p, &k);
+        for (name, bytes) in &inputs {
+            let fast = batch::deidentify_bytes(&deid, bytes);
+            let whole = batch::deidentify_whole(&deid, bytes);
+            match (&fast, &whole) {
+                (Ok((a, x)), Ok((b, y))) => {
+                    assert!(x == y, "{name}: the outputs differ ({options:?})");
+                    assert_eq!(a.relative_path(), b.relative_path(), "{name}");
+                }
+                (Err((r1, _)), Err((r2, _))) => assert_eq!(r1, r2, "{name}"),
+                _ => panic!(
+                    "{name}: one path refused what the other wrote: {:?} vs {:?}",
+                    fast.as_ref().err(),
+                    whole.as_ref().err()
+                ),
+            }
+            if fast.is_ok() && node::read::native_pixel_data(bytes).is_some() {
+                taken += 1;
+            }
+        }
+    }
+    assert!(
+        taken >= 40,
+        "the header-only path must be taken for native files (taken {taken} times)"
+    );
+}
+
+/// Overlay planes in the unused high bits of native 16-bit pixel data are cleared on the
+/// header-only path as on the whole-object path, in every uncompressed encoding, for
+/// unsigned and signed samples.
+#[test]
+fn bits_above_high_bit_are_cleared_when_pixel_data_is_copied_as_bytes() {
+    use dicom_core::{DataElement, PrimitiveValue};
+    let p = policy(&[]);
+    let k = keys(5);
+    let deid = Deidentifier::new(&p, &k);
+    let patient = sample::Patient {
+        id: "OVL-1".into(),
+        issuer: String::new(),
+        name: "Overlay^Test".into(),
+        birth_date: "19700101".into(),
+        sex: "M".into(),
+        charset: None,
+    };
+    let study = sample::Study {
+        uid: format!("{}.77.1", sample::ORIGINAL_UID_ROOT),
+        date: "20240101".into(),
+        time: "080000".into(),
+        accession: "OVL".into(),
+        description: "d".into(),
+        referring_physician: "R^P".into(),
+        institution: "I".into(),
+    };
+    let series = sample::Series {
+        uid: format!("{}.77.1.1", sample::ORIGINAL_UID_ROOT),
+        number: 1,
+        description: "s".into(),
+        frame_of_reference: format!("{}.77.1.0", sample::ORIGINAL_UID_ROOT),
+        station: "S".into(),
+    };
+    // 13 words: three u64 lanes of four and one left over; overlay bits in some of them.
+    let words: Vec<u16> = (0..13u16)
+        .map(|i| {
+            let v = (i * 300) & 0x0FFF;
+            if i % 3 == 0 { v | 0x8000 } else { v }
+        })
+        .collect();
+    let mut checked = 0;
+    for signed in [0u16, 1] {
+        for syntax in [ts::EXPLICIT_LE, ts::IMPLICIT_LE, ts::EXPLICIT_BE] {
+            let mut o = sample::ct_slice_sized(&patient, &study, &series, 1, 1, 13);
+            for (tag, v) in [
+                (Tag(0x0028, 0x0100), 16u16),
+                (Tag(0x0028, 0x0101), 12),
+                (Tag(0x0028, 0x0102), 11),
+                (Tag(0x0028, 0x0103), signed),
+            ] {
+                o.put(DataElement::new(tag, VR::US, PrimitiveValue::from(v)));
+            }
+            o.put(DataElement::new(
+                Tag(0x7FE0, 0x0010),
+                VR::OW,
+                PrimitiveValue::U16(words.clone().into()),
+            ));
+            let bytes = sample::encode(o, syntax).expect("encode");
+            assert!(
+                node::read::native_pixel_data(&bytes).is_some(),
+                "{syntax}: the header-only path applies"
+            );
+            let (_, fast) = batch::deidentify_bytes(&deid, &bytes).expect("fast");
+            let (_, whole) = batch::deidentify_whole(&deid, &bytes).expect("whole");
+            assert!(fast == whole, "{syntax}, signed {signed}: outputs differ");
+            let out = open(&fast);
+            let px = out
+                .get(Tag(0x7FE0, 0x0010))
+                .expect("pixel data")
+                .value()
+                .to_bytes()
+                .expect("bytes")
+                .into_owned();
+            let got: Vec<u16> = px
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            let want: Vec<u16> = words
+                .iter()
+                .map(|w| {
+                    let low = w & 0x0FFF;
+                    if signed == 1 && low & 0x0800 != 0 {
+                        low | 0xF000
+                    } else {
+                        low
+                    }
+                })
+                .collect();
+            assert_eq!(got, want, "{syntax}, signed {signed}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 6);
+}

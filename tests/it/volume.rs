@@ -548,6 +548,7 @@ fn a_diffusion_series_exports_like_dcm2niix_with_fsl_bvals_and_bvecs() {
     let src = dir.path().join("dicom");
     let exported = dir.path().join("export");
     let opts = node::export::ExportOptions {
+        compress: Default::default(),
         format: node::export::Format::Nifti,
         dataset_id: 1,
         dataset_name: "dwi".into(),

@@ -1,6 +1,9 @@
 //! The Storage SCP: C-ECHO and C-STORE over associations accepted from allowed calling AE
-//! titles (and hosts), several at once, with TCP_NODELAY. A received object is written durably
-//! to the inbox (temporary file, flush, rename, flush the folder) before success is answered.
+//! titles (and hosts), several at once, with TCP_NODELAY. A received object is written to the
+//! inbox (temporary file, rename) before success is answered; with [`Durability::Flush`] (the
+//! default) the file and the inbox folder are on disk first. Concurrent associations commit
+//! together: each flushes its own file, and one of them renames every waiting file and flushes
+//! the folder once for all of them (a group commit).
 
 use std::collections::HashMap;
 use std::io;
@@ -23,7 +26,19 @@ use super::{
     STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION, command, decode_command, number, response,
     status, text,
 };
-use fc_files::write_atomically;
+use std::sync::{Condvar, Mutex};
+
+/// When a received object counts as stored (`[scp] durability`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Success only once the object and its inbox entry are on disk: survives a power cut.
+    #[default]
+    Flush,
+    /// Success once the operating system holds the bytes (written and renamed, not flushed):
+    /// survives a killed node, not a power cut or a kernel crash.
+    Os,
+}
 
 /// A peer allowed to send.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
@@ -45,6 +60,8 @@ pub struct ScpConfig {
     pub inbox: PathBuf,
     /// The largest data set accepted in one C-STORE, in bytes; a peer sending more is aborted.
     pub max_object_bytes: u64,
+    /// When success is answered.
+    pub durability: Durability,
 }
 
 /// A running SCP.
@@ -98,14 +115,16 @@ pub fn bind(config: ScpConfig, stored: Sender<()>) -> io::Result<ScpHandle> {
     let shutdown = Arc::new(AtomicBool::new(false));
     let stop = shutdown.clone();
     let config = Arc::new(config);
+    let group = Arc::new(GroupCommit::default());
     let join = std::thread::spawn(move || {
         while !stop.load(Ordering::SeqCst) {
             match listener.accept() {
                 Ok((stream, peer)) => {
                     let config = config.clone();
                     let stored = stored.clone();
+                    let group = group.clone();
                     std::thread::spawn(move || {
-                        if let Err(e) = serve_connection(stream, peer, &config, &stored) {
+                        if let Err(e) = serve_connection(stream, peer, &config, &group, &stored) {
                             tracing::info!(error = %e, "association ended with an error");
                         }
                     });
@@ -145,6 +164,7 @@ fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     config: &ScpConfig,
+    group: &GroupCommit,
     stored: &Sender<()>,
 ) -> Result<(), String> {
     stream.set_nonblocking(false).map_err(|e| e.to_string())?;
@@ -271,7 +291,7 @@ fn serve_connection(
                             let instance = text(&cmd, Tag(0x0000, 0x1000));
                             let msg_id = number(&cmd, Tag(0x0000, 0x0110)).unwrap_or(0);
                             let ts = contexts.get(&pc).map(|c| c.1.clone()).unwrap_or_default();
-                            let st = match store(&config.inbox, &class, &instance, &ts, &dataset) {
+                            let st = match store(config, group, &class, &instance, &ts, &dataset) {
                                 Ok(()) => {
                                     let _ = stored.send(());
                                     status::SUCCESS
@@ -319,8 +339,91 @@ fn send_command(
         .map_err(|e| e.to_string())
 }
 
-/// Write a received data set to the inbox as a DICOM file, durably.
-fn store(inbox: &Path, class: &str, instance: &str, ts: &str, dataset: &[u8]) -> io::Result<()> {
+/// Files flushed by their associations and waiting to be renamed into the inbox, with the
+/// folder flushed once for all of them.
+#[derive(Debug, Default)]
+struct GroupCommit {
+    state: Mutex<GroupState>,
+    done: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GroupState {
+    /// (temporary, final name, the generation it joined).
+    waiting: Vec<(PathBuf, PathBuf)>,
+    /// Generation of the group being collected; a group is committed by one leader.
+    generation: u64,
+    /// Generations below this one are committed.
+    committed: u64,
+    /// The latest failed generations and why (a waiter reads its own).
+    failed: std::collections::VecDeque<(u64, String)>,
+    leader: bool,
+}
+
+impl GroupCommit {
+    fn lock(&self) -> io::Result<std::sync::MutexGuard<'_, GroupState>> {
+        self.state
+            .lock()
+            .map_err(|_| io::Error::other("the inbox commit lock is poisoned"))
+    }
+
+    /// Rename `tmp` to `dest` and flush the folder, together with whatever other
+    /// associations hand in meanwhile; returns once this file's group is on disk.
+    fn commit(&self, inbox: &Path, tmp: PathBuf, dest: PathBuf) -> io::Result<()> {
+        let mut st = self.lock()?;
+        st.waiting.push((tmp, dest));
+        let mine = st.generation;
+        loop {
+            if st.committed > mine {
+                return match st.failed.iter().find(|(g, _)| *g == mine) {
+                    Some((_, e)) => Err(io::Error::other(e.clone())),
+                    None => Ok(()),
+                };
+            }
+            if !st.leader {
+                // Lead this generation: take every waiting file, close the group.
+                st.leader = true;
+                let group = std::mem::take(&mut st.waiting);
+                let generation = st.generation;
+                st.generation += 1;
+                drop(st);
+                let outcome = (|| -> io::Result<()> {
+                    for (tmp, dest) in &group {
+                        std::fs::rename(tmp, dest)?;
+                    }
+                    std::fs::File::open(inbox)?.sync_all()
+                })();
+                st = self.lock()?;
+                st.leader = false;
+                st.committed = generation + 1;
+                if let Err(e) = outcome {
+                    if st.failed.len() >= 64 {
+                        st.failed.pop_front();
+                    }
+                    st.failed.push_back((generation, e.to_string()));
+                }
+                self.done.notify_all();
+                continue;
+            }
+            st = self
+                .done
+                .wait(st)
+                .map_err(|_| io::Error::other("the inbox commit lock is poisoned"))?;
+        }
+    }
+}
+
+/// Write a received data set to the inbox as a DICOM file: a temporary file (flushed under
+/// [`Durability::Flush`]), then renamed into place in a group commit.
+fn store(
+    config: &ScpConfig,
+    group: &GroupCommit,
+    class: &str,
+    instance: &str,
+    ts: &str,
+    dataset: &[u8],
+) -> io::Result<()> {
+    use std::io::Write as _;
     let meta = FileMetaTableBuilder::new()
         .media_storage_sop_class_uid(class)
         .media_storage_sop_instance_uid(instance)
@@ -328,21 +431,36 @@ fn store(inbox: &Path, class: &str, instance: &str, ts: &str, dataset: &[u8]) ->
         .implementation_class_uid(fc_read::IMPLEMENTATION_CLASS_UID)
         .build()
         .map_err(io::Error::other)?;
-    let mut out = vec![0u8; 128];
-    out.extend_from_slice(b"DICM");
-    meta.write(&mut out).map_err(io::Error::other)?;
-    out.extend_from_slice(dataset);
-    let path = inbox.join(inbox_name());
-    write_atomically(&path, &out)?;
+    let mut head = vec![0u8; 128];
+    head.extend_from_slice(b"DICM");
+    meta.write(&mut head).map_err(io::Error::other)?;
+    let name = inbox_name();
+    let dest = config.inbox.join(&name);
+    let tmp = config
+        .inbox
+        .join(format!("{}{name}", fc_files::TEMP_PREFIX));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt;
-        // The inbox processor may already have taken the file (it is durable by now): its
-        // absence is not a failure. The data directory itself is owner-only.
-        match std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
+        use std::os::unix::fs::OpenOptionsExt;
+        // Owner-only from the start: the data directory is owner-only too.
+        options.mode(0o600);
+    }
+    let mut f = options.open(&tmp)?;
+    f.write_all(&head)?;
+    f.write_all(dataset)?;
+    match config.durability {
+        Durability::Flush => {
+            if !fc_files::flushes_skipped() {
+                f.sync_all()?;
+            }
+            drop(f);
+            group.commit(&config.inbox, tmp, dest)
+        }
+        Durability::Os => {
+            drop(f);
+            std::fs::rename(&tmp, &dest)
         }
     }
-    Ok(())
 }

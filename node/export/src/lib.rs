@@ -98,6 +98,9 @@ pub struct ExportOptions {
     pub tokens: fc_deid::keys::Tokens,
     /// Label maps for nnU-Net's `labelsTr` (from an annotation project).
     pub labels: Option<Labels>,
+    /// How volumes are written (`.nii`, or `.nii.gz` at a fast or the default level);
+    /// nnU-Net's layout is always `.nii.gz`.
+    pub compress: fc_volume::gz::NiftiCompression,
 }
 
 /// Label maps to export beside the images (nnU-Net `labelsTr`).
@@ -210,9 +213,10 @@ pub fn export(
             opts.tokens.token(&v.series_uid)
         };
         let nifti_rel = format!(
-            "{}/{}/{series_key}.nii.gz",
+            "{}/{}/{series_key}{}",
             v.patient,
-            opts.tokens.token(&v.study_uid)
+            opts.tokens.token(&v.study_uid),
+            opts.compress.suffix()
         );
         let harmonised = match &opts.harmonised {
             Some(dir) => match fs::read(dir.join(&nifti_rel)) {
@@ -257,20 +261,23 @@ pub fn export(
         if opts.format == Format::Nifti {
             let bytes = match harmonised {
                 Some(b) => b,
-                None => nifti::gzip(
-                    &nifti::encode_series(vol, &v.more, v.repetition_s.unwrap_or(1.0)),
-                    6,
-                )
-                .map_err(|source| ExportError::Write {
-                    path: out.to_owned(),
-                    source,
-                })?,
+                None => opts
+                    .compress
+                    .apply(nifti::encode_series(
+                        vol,
+                        &v.more,
+                        v.repetition_s.unwrap_or(1.0),
+                    ))
+                    .map_err(|source| ExportError::Write {
+                        path: out.to_owned(),
+                        source,
+                    })?,
             };
             write(&out.join(&rel), &bytes)?;
             // Diffusion: b-values and directions beside the image, as dcm2niix writes them.
             if !v.diffusion.is_empty() {
                 let (bval, bvec) = fc_volume::fsl_text(&vol.affine, &v.diffusion);
-                let stem = rel.trim_end_matches(".nii.gz");
+                let stem = rel.strip_suffix(opts.compress.suffix()).unwrap_or(&rel);
                 write(&out.join(format!("{stem}.bval")), bval.as_bytes())?;
                 write(&out.join(format!("{stem}.bvec")), bvec.as_bytes())?;
             }
@@ -306,10 +313,11 @@ pub fn export(
                 let vol = v.volume.as_ref().ok_or(ExportError::Fractions)?;
                 let bytes = match harmonised {
                     Some(b) => b.clone(),
-                    None => nifti::encode_gz(vol).map_err(|source| ExportError::Write {
-                        path: root.clone(),
-                        source,
-                    })?,
+                    None => nifti::gzip(&nifti::encode(vol), opts.compress.level().unwrap_or(6))
+                        .map_err(|source| ExportError::Write {
+                            path: root.clone(),
+                            source,
+                        })?,
                 };
                 write(
                     &root.join("imagesTr").join(format!("{case}_0000.nii.gz")),

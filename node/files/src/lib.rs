@@ -42,7 +42,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// Files staged to become durable together.
 #[derive(Debug, Default)]
 pub struct DurableBatch {
-    staged: Vec<(PathBuf, PathBuf)>,
+    staged: Vec<Staged>,
     /// Folders holding the entry of a folder this batch created: flushed too, or the new
     /// folder (and every file in it) can vanish with a power cut.
     created_in: BTreeSet<PathBuf>,
@@ -51,10 +51,23 @@ pub struct DurableBatch {
 /// The power-loss harness's calibration switch (`node/tests/powerloss.rs`): with
 /// `FEDCURATE_TEST_SKIP_FLUSH=1` in the environment, durable batches skip every flush, and
 /// the harness must then find lost outputs. Never set it on a node.
-fn flushes_skipped() -> bool {
+pub fn flushes_skipped() -> bool {
     static SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SKIP.get_or_init(|| std::env::var_os("FEDCURATE_TEST_SKIP_FLUSH").is_some_and(|v| v == "1"))
 }
+
+/// One staged file: its temporary name, its final name, and (when staged as owned bytes) the
+/// content still to be written at commit.
+#[derive(Debug)]
+struct Staged {
+    tmp: PathBuf,
+    dest: PathBuf,
+    content: Option<Vec<u8>>,
+}
+
+/// Threads writing and flushing a batch's files at commit: flushes mostly wait on the device,
+/// and concurrent flushes share the file system's journal commits.
+const IO_THREADS: usize = 8;
 
 /// Create `dir` and its missing ancestors; returns the folders whose entries changed.
 fn create_folders(dir: &Path) -> io::Result<Vec<PathBuf>> {
@@ -85,17 +98,35 @@ impl DurableBatch {
         let tmp = temp_path(dest);
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
-        self.staged.push((tmp, dest.to_owned()));
+        self.staged.push(Staged {
+            tmp,
+            dest: dest.to_owned(),
+            content: None,
+        });
         Ok(())
     }
 
-    /// The temporary file staged for `dest` in this batch, if any.
-    pub fn staged_for(&self, dest: &Path) -> Option<&Path> {
-        self.staged
-            .iter()
-            .rev()
-            .find(|(_, d)| d == dest)
-            .map(|(t, _)| t.as_path())
+    /// Stage `bytes` for `dest`, written at [`commit`](Self::commit) together with the
+    /// batch's other files, on several threads (the folders are created now).
+    pub fn stage_owned(&mut self, dest: &Path, bytes: Vec<u8>) -> io::Result<()> {
+        let dir = dest.parent().unwrap_or(Path::new("."));
+        self.created_in.extend(create_folders(dir)?);
+        self.staged.push(Staged {
+            tmp: temp_path(dest),
+            dest: dest.to_owned(),
+            content: Some(bytes),
+        });
+        Ok(())
+    }
+
+    /// The content staged for `dest` in this batch, if any (read back from its temporary
+    /// file, or the bytes still to be written).
+    pub fn staged_content(&self, dest: &Path) -> Option<io::Result<Vec<u8>>> {
+        let s = self.staged.iter().rev().find(|s| s.dest == dest)?;
+        Some(match &s.content {
+            Some(b) => Ok(b.clone()),
+            None => fs::read(&s.tmp),
+        })
     }
 
     /// Copy `src` to a temporary file next to `dest` (streamed).
@@ -104,7 +135,11 @@ impl DurableBatch {
         self.created_in.extend(create_folders(dir)?);
         let tmp = temp_path(dest);
         fs::copy(src, &tmp)?;
-        self.staged.push((tmp, dest.to_owned()));
+        self.staged.push(Staged {
+            tmp,
+            dest: dest.to_owned(),
+            content: None,
+        });
         Ok(())
     }
 
@@ -127,7 +162,11 @@ impl DurableBatch {
         input.seek(io::SeekFrom::Start(start))?;
         io::copy(&mut input.take(end - start), &mut out)?;
         out.flush()?;
-        self.staged.push((tmp, dest.to_owned()));
+        self.staged.push(Staged {
+            tmp,
+            dest: dest.to_owned(),
+            content: None,
+        });
         Ok(())
     }
 
@@ -141,18 +180,15 @@ impl DurableBatch {
         self.staged.is_empty()
     }
 
-    /// Flush every staged file, rename each into place, then flush their folders.
+    /// Write what is still to be written and flush every staged file (on several threads),
+    /// rename each into place, then flush their folders.
     pub fn commit(&mut self) -> io::Result<()> {
         let flush = !flushes_skipped();
-        for (tmp, _) in &self.staged {
-            if flush {
-                fs::OpenOptions::new().write(true).open(tmp)?.sync_all()?;
-            }
-        }
+        write_and_flush(&mut self.staged, flush)?;
         let mut dirs = std::mem::take(&mut self.created_in);
-        for (tmp, dest) in self.staged.drain(..) {
-            fs::rename(&tmp, &dest)?;
-            if let Some(d) = dest.parent() {
+        for s in self.staged.drain(..) {
+            fs::rename(&s.tmp, &s.dest)?;
+            if let Some(d) = s.dest.parent() {
                 dirs.insert(d.to_owned());
             }
         }
@@ -164,6 +200,43 @@ impl DurableBatch {
         }
         Ok(())
     }
+}
+
+/// Write each staged file's pending content to its temporary name and flush it, spread over
+/// up to [`IO_THREADS`] threads; the first error wins.
+fn write_and_flush(staged: &mut [Staged], flush: bool) -> io::Result<()> {
+    let one = |s: &mut Staged| -> io::Result<()> {
+        match s.content.take() {
+            Some(bytes) => {
+                let mut f = fs::File::create(&s.tmp)?;
+                f.write_all(&bytes)?;
+                if flush {
+                    f.sync_all()?;
+                }
+            }
+            None if flush => fs::OpenOptions::new()
+                .write(true)
+                .open(&s.tmp)?
+                .sync_all()?,
+            None => {}
+        }
+        Ok(())
+    };
+    let threads = IO_THREADS.min(staged.len());
+    if threads <= 1 {
+        return staged.iter_mut().try_for_each(one);
+    }
+    let per = staged.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = staged
+            .chunks_mut(per)
+            .map(|part| scope.spawn(move || part.iter_mut().try_for_each(one)))
+            .collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(io::Error::other("a file-writing thread panicked")))
+        })
+    })
 }
 
 /// Remove temporary files a killed run left under `root`.

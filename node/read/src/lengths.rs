@@ -61,6 +61,8 @@ struct Walker<'a> {
     b: &'a [u8],
     /// CP-246 sequences met: (element start, end past its delimiter, depth).
     cp246: std::cell::RefCell<Vec<(usize, usize, usize)>>,
+    /// The top-level Pixel Data element: (start, end, whether its length is defined).
+    pixel_data: std::cell::Cell<Option<(usize, usize, bool)>>,
 }
 
 impl Walker<'_> {
@@ -179,6 +181,7 @@ impl Walker<'_> {
             };
             let tag = (group, element);
             let start = at + header;
+            let element_start = at;
             if len == UNDEFINED {
                 at = match vr {
                     Some(v) if &v == b"SQ" => self.items(start, end, enc, depth + 1, None)?,
@@ -203,6 +206,9 @@ impl Walker<'_> {
                         ));
                     }
                 };
+                if depth == 0 && tag == PIXEL_DATA {
+                    self.pixel_data.set(Some((element_start, at, false)));
+                }
                 continue;
             }
             let value_end = start.checked_add(len as usize).filter(|&e| e <= end).ok_or_else(|| {
@@ -240,6 +246,8 @@ impl Walker<'_> {
                     && self.u16(start + 2, enc) == Some(0xE000));
             if sequence {
                 self.items(start, value_end, enc, depth + 1, Some(value_end))?;
+            } else if depth == 0 && tag == PIXEL_DATA {
+                self.pixel_data.set(Some((element_start, value_end, true)));
             }
             at = value_end;
         }
@@ -382,9 +390,19 @@ fn walk(bytes: &[u8], enc: Encoding) -> Result<Walker<'_>, LengthProblem> {
     let w = Walker {
         b: bytes,
         cp246: Default::default(),
+        pixel_data: Default::default(),
     };
     w.dataset(0, bytes.len(), enc, 0, false)?;
     Ok(w)
+}
+
+/// Where a data set's top-level Pixel Data element is, found by the walk (never by searching
+/// bytes): `(start of its header, end of its value, whether its length is defined)`.
+pub fn top_level_pixel_data(
+    bytes: &[u8],
+    enc: Encoding,
+) -> Result<Option<(usize, usize, bool)>, LengthProblem> {
+    walk(bytes, enc).map(|w| w.pixel_data.get())
 }
 
 /// The CP-246 sequences of a data set (explicit VR `UN` with undefined length, whose content
@@ -423,6 +441,7 @@ pub fn check_meta_syntax(
     let w = Walker {
         b: bytes,
         cp246: Default::default(),
+        pixel_data: Default::default(),
     };
     let enc = Encoding::EXPLICIT_LE;
     // One element as the parser decodes a meta element: explicit VR little endian, a VR that

@@ -457,6 +457,53 @@ pub fn locate_pixel_data<F: std::io::Read + std::io::Seek>(
     None
 }
 
+/// Native pixel data a file ends with, to be copied as bytes (see [`native_pixel_data`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NativePixels {
+    /// Offset of the Pixel Data element's header: the file's bytes before it are the header.
+    pub start: usize,
+    /// Whether the words are big endian (Explicit VR Big Endian).
+    pub big_endian: bool,
+    /// Bytes of the element's header (8 in implicit VR, 12 in explicit VR).
+    pub header: usize,
+    /// Whether the element's VR is OB (explicit VR only).
+    pub ob: bool,
+}
+
+/// Whether a file's data set ends with its top-level Pixel Data element, native (defined
+/// length, OB or OW) in a little-endian or big-endian uncompressed transfer syntax with a
+/// file meta group, found by walking the element headers. `None` for anything else (no
+/// meta, deflated, encapsulated, elements after Pixel Data, a structure the walk refuses):
+/// such files are read whole.
+pub fn native_pixel_data(bytes: &[u8]) -> Option<NativePixels> {
+    if bytes.get(128..132) != Some(b"DICM") {
+        return None;
+    }
+    let (start, syntax) = lengths::check_meta_syntax(bytes, 132).ok()?;
+    let ts = syntax?;
+    let (enc, big_endian) = match ts.trim_end_matches(['\0', ' ']) {
+        ts::IMPLICIT_LE => (Encoding::IMPLICIT_LE, false),
+        ts::EXPLICIT_LE => (Encoding::EXPLICIT_LE, false),
+        ts::EXPLICIT_BE => (Encoding::EXPLICIT_BE, true),
+        _ => return None,
+    };
+    let dataset = bytes.get(start..)?;
+    let (at, end, defined) = lengths::top_level_pixel_data(dataset, enc).ok()??;
+    if !defined || end != dataset.len() {
+        return None;
+    }
+    let vr = dataset.get(at + 4..at + 6);
+    if enc.explicit_vr && !matches!(vr, Some(b"OB") | Some(b"OW")) {
+        return None;
+    }
+    Some(NativePixels {
+        start: start + at,
+        big_endian,
+        header: if enc.explicit_vr { 12 } else { 8 },
+        ob: enc.explicit_vr && vr == Some(b"OB"),
+    })
+}
+
 /// Read one input file so that kept text stays byte-identical whatever its character set:
 /// for sets dicom-rs cannot round-trip (code extensions, unsupported sets), the value of
 /// Specific Character Set is swapped for ISO_IR 100 before parsing (every byte then maps to

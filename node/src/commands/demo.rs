@@ -142,6 +142,7 @@ pub(crate) fn demo(dir: Option<PathBuf>) -> Result<()> {
         curation.join("report.html").display()
     );
     let export_opts = |format| node::export::ExportOptions {
+        compress: Default::default(),
         format,
         dataset_id: 500,
         dataset_name: "demo".into(),

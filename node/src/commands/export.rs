@@ -21,13 +21,18 @@ pub(crate) fn export_dataset(config: &NodeConfig, args: ExportArgs) -> Result<()
         harmonised,
         labels,
         labels_rater,
+        compress,
     } = args;
+    if matches!(format, ExportFormat::Nnunet) && matches!(compress, crate::CompressArg::None) {
+        bail!("nnU-Net's layout is .nii.gz: give --compress fast or default with --format nnunet");
+    }
     let input = input.unwrap_or_else(|| config.data_dir.join("deid"));
     let fractions = match split.as_slice() {
         [a, b, c] => [*a, *b, *c],
         _ => bail!("--split takes three fractions: train,validation,test"),
     };
     let opts = node::export::ExportOptions {
+        compress: compress.into(),
         format: match format {
             ExportFormat::Nifti => node::export::Format::Nifti,
             ExportFormat::Nnunet => node::export::Format::NnUnet,

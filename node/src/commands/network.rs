@@ -140,6 +140,7 @@ pub(crate) fn serve(config: &NodeConfig, output: Option<PathBuf>) -> Result<()> 
             allowed: config.scp.allowed.clone(),
             inbox: run.inbox.clone(),
             max_object_bytes: config.scp.max_object_mib.saturating_mul(1024 * 1024),
+            durability: config.scp.durability,
         },
         tx,
     )?;
@@ -266,6 +267,7 @@ pub(crate) fn pull(
             allowed,
             inbox: run.inbox.clone(),
             max_object_bytes: config.scp.max_object_mib.saturating_mul(1024 * 1024),
+            durability: config.scp.durability,
         },
         tx,
     )?;

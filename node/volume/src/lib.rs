@@ -6,6 +6,7 @@
 //! NIfTI's sform.
 
 pub mod deid;
+pub mod gz;
 pub mod nifti;
 pub mod series;
 

@@ -7,7 +7,7 @@
 //! and every header extension of the input are gone, and its gzip stream carries no file name
 //! and no timestamp.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use ndarray::Array4;
@@ -740,14 +740,10 @@ fn push_voxels(out: &mut Vec<u8>, volume: &Volume, stored: StoredType) {
     }
 }
 
-/// Gzip bytes with no file name and no modification time in the gzip header.
+/// Gzip bytes with no file name and no modification time in the gzip header, on every core
+/// ([`crate::gz`]).
 pub fn gzip(bytes: &[u8], level: u32) -> io::Result<Vec<u8>> {
-    let mut enc = flate2::GzBuilder::new().mtime(0).write(
-        Vec::with_capacity(bytes.len() / 2),
-        flate2::Compression::new(level),
-    );
-    enc.write_all(bytes)?;
-    enc.finish()
+    crate::gz::gzip(bytes, level)
 }
 
 /// Encode as `.nii.gz`.

@@ -1,6 +1,9 @@
 //! `bench`: de-identification, volumes, harmonisation and curation timed on generated data.
 
+mod anchors;
 mod workloads;
+
+pub(crate) use anchors::bench_anchors;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -251,7 +251,7 @@ pub fn volume(dir: &Path, slices: usize) -> Result<VolumeBench, Box<dyn std::err
     })
 }
 
-fn generate_series(dir: &Path, slices: usize) -> io::Result<Vec<PathBuf>> {
+pub(crate) fn generate_series(dir: &Path, slices: usize) -> io::Result<Vec<PathBuf>> {
     let p = sample::Patient {
         id: "VB".into(),
         issuer: String::new(),
