@@ -139,6 +139,9 @@ enum Command {
         /// With --anchors: runs of each side (alternating); the best is reported.
         #[arg(long, default_value_t = 2, requires = "anchors")]
         runs: usize,
+        /// With --anchors: only these jobs (deid, nifti, store; repeatable).
+        #[arg(long, value_delimiter = ',', requires = "anchors")]
+        only: Vec<String>,
     },
     /// Export de-identified series for training code (NIfTI volumes, or nnU-Net v2 layout).
     Export(ExportArgs),
@@ -519,6 +522,10 @@ struct HarmoniseArgs {
     /// CT: exclude voxels at or below this padding value (e.g. -2000) from the statistics.
     #[arg(long, allow_hyphen_values = true)]
     padding_value: Option<f64>,
+    /// How volumes are written: none (`.nii`), fast (`.nii.gz`, level 1) or default
+    /// (`.nii.gz`, level 6).
+    #[arg(long, value_enum, default_value = "default")]
+    compress: CompressArg,
     /// Apply this saved model instead of fitting one.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -636,8 +643,9 @@ fn main() -> Result<()> {
             anchors,
             slices,
             runs,
+            only,
         } => match (volume, harmonise, curate) {
-            _ if anchors => bench_anchors(dir, files, slices, runs, keep),
+            _ if anchors => bench_anchors(dir, files, slices, runs, &only, keep),
             (Some(slices), _, _) => bench_volume(dir, slices, keep),
             (None, Some(n), _) => bench_harmonise(dir, n, reference),
             (None, None, Some(n)) => bench_curate(dir, n, keep),

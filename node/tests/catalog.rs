@@ -638,6 +638,73 @@ fn a_large_multi_frame_file_is_processed_within_a_memory_bound() {
     );
 }
 
+/// `export --compress none|fast|default` writes `.nii`, or `.nii.gz` compressed on every core:
+/// the same voxels and geometry each way, the sizes in the expected order, to a relative
+/// output folder the command creates.
+#[test]
+fn export_compression_choices_write_the_same_volumes() {
+    let site = Site::new("");
+    let input = site.path("in");
+    sample::write_bulk_archive_sized(&input, 3, 4, 64).expect("archive");
+    run(&mut site.deid(&input, &site.path("data/deid")));
+    let mut seen: Vec<(String, u64, Vec<(String, Vec<f32>, [[f64; 4]; 4])>)> = Vec::new();
+    for choice in ["none", "fast", "default"] {
+        let rel = format!("export-{choice}");
+        run(site
+            .cmd()
+            .current_dir(site.dir.path())
+            .args(["export", "--format", "nifti", "--compress", choice, "--out"])
+            .arg(&rel));
+        let dir = site.path(&rel);
+        let manifest = std::fs::read_to_string(dir.join("manifest.jsonl")).expect("manifest");
+        let mut volumes = Vec::new();
+        let mut bytes = 0;
+        for line in manifest.lines() {
+            let l: serde_json::Value = serde_json::from_str(line).expect("json");
+            let file = field(&l, "file").expect("file").to_owned();
+            let suffix = if choice == "none" { ".nii" } else { ".nii.gz" };
+            assert!(file.ends_with(suffix), "{choice}: {file}");
+            let path = dir.join(&file);
+            bytes += std::fs::metadata(&path).expect("file").len();
+            let (_, v) = node::volume::nifti::read(&path).expect("our reader reads it");
+            let series = field(&l, "series").expect("series").to_owned();
+            volumes.push((series, v.data.iter().copied().collect(), v.affine));
+        }
+        volumes.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(volumes.len(), 3, "{choice}: one volume per patient");
+        seen.push((choice.to_owned(), bytes, volumes));
+    }
+    assert_eq!(seen[0].2, seen[1].2, "fast: the same volumes as none");
+    assert_eq!(seen[0].2, seen[2].2, "default: the same volumes as none");
+    assert!(
+        seen[0].1 > seen[1].1 && seen[1].1 >= seen[2].1,
+        "sizes none > fast >= default: {} {} {}",
+        seen[0].1,
+        seen[1].1,
+        seen[2].1
+    );
+    let refused = bin()
+        .arg("--config")
+        .arg(&site.cfg)
+        .args([
+            "export",
+            "--format",
+            "nnunet",
+            "--compress",
+            "none",
+            "--out",
+        ])
+        .arg(site.path("nn"))
+        .output()
+        .expect("run");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("nnU-Net's layout is .nii.gz"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}
+
 #[test]
 fn export_writes_nifti_volumes_and_an_nnunet_dataset_split_by_patient() {
     use ::nifti::{NiftiObject, ReaderOptions};

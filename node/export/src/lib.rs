@@ -184,7 +184,7 @@ pub fn export(
         let Ok(obj) = fc_read::read_object(&bytes) else {
             continue;
         };
-        if recorded(&content_hash(&bytes)) || marked_deidentified(&obj) {
+        if marked_deidentified(&obj) || recorded(&content_hash(&bytes)) {
             objects.push(obj);
         } else {
             not_deidentified += 1;

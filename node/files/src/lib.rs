@@ -84,9 +84,17 @@ fn create_folders(dir: &Path) -> io::Result<Vec<PathBuf>> {
         return Ok(Vec::new());
     }
     fs::create_dir_all(dir)?;
+    // A relative folder's parent can be empty: that is the current folder.
     Ok(missing
         .iter()
-        .filter_map(|d| d.parent().map(Path::to_owned))
+        .filter_map(|d| d.parent())
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                p.to_owned()
+            }
+        })
         .collect())
 }
 
@@ -189,7 +197,11 @@ impl DurableBatch {
         for s in self.staged.drain(..) {
             fs::rename(&s.tmp, &s.dest)?;
             if let Some(d) = s.dest.parent() {
-                dirs.insert(d.to_owned());
+                dirs.insert(if d.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    d.to_owned()
+                });
             }
         }
         // Deepest first: a new folder's own entries before the entry naming it.

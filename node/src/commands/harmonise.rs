@@ -65,8 +65,9 @@ pub(crate) fn harmonise(config: &NodeConfig, a: HarmoniseArgs) -> Result<()> {
     let mut volumes = Vec::new();
     let mut rules = Vec::new();
     for f in &files {
-        let (_, v) =
-            node::volume::nifti::read(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+        // The source's hash (provenance) is taken while the volume is decoded.
+        let (read, hashed) = rayon::join(|| node::volume::nifti::read(f), || batch::hash_file(f));
+        let (_, v) = read.map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
         let rel = f.strip_prefix(&a.input).unwrap_or(f).to_owned();
         let rule = match &a.masks {
             Some(dir) => {
@@ -80,7 +81,7 @@ pub(crate) fn harmonise(config: &NodeConfig, a: HarmoniseArgs) -> Result<()> {
                 (None, ForegroundName::Positive) => Foreground::Positive,
             },
         };
-        volumes.push((rel, v, node::batch::hash_file(f)?.0));
+        volumes.push((rel, v, hashed?.0));
         rules.push(rule);
     }
     let model = match &a.model {
@@ -149,13 +150,18 @@ pub(crate) fn harmonise(config: &NodeConfig, a: HarmoniseArgs) -> Result<()> {
             .replace(".nii.gz", "")
             .replace(".nii", "")
             .replace(".hdr", "");
-        let rel_out = format!("{name}.nii.gz");
-        let bytes = node::volume::nifti::encode_gz(&out.volume)?;
-        batch::write_atomically(&a.out.join(&rel_out), &bytes)?;
+        let compress = node::volume::gz::NiftiCompression::from(a.compress);
+        let rel_out = format!("{name}{}", compress.suffix());
+        let bytes = compress.apply(node::volume::nifti::encode(&out.volume))?;
+        let (written, output_hash) = rayon::join(
+            || batch::write_atomically(&a.out.join(&rel_out), &bytes),
+            || batch::content_hash(&bytes),
+        );
+        written?;
         dd.catalog
             .record_harmonised(&node::catalog::HarmonisedRecord {
                 output_path: rel_out,
-                output_hash: batch::content_hash(&bytes),
+                output_hash,
                 source_hash: source_hash.clone(),
                 method: method_json.clone(),
                 model_version: model.version,

@@ -585,6 +585,66 @@ pub fn decode_series(header: &Header, data: &[u8]) -> Result<Vec<Volume>, NiftiE
     let nt = d.get(3).copied().unwrap_or(1) as usize;
     let mut volumes = Vec::with_capacity(nt);
     for t in 0..nt {
+        // One channel: Fortran order, which is the file's order, converted in parallel parts.
+        if channels == 1 {
+            use ndarray::ShapeBuilder;
+            use rayon::prelude::*;
+            let mut out = Array4::<f32>::zeros((ni, nj, nk, 1).f());
+            let Some(voxels) = out.as_slice_memory_order_mut() else {
+                return Err(NiftiError::Dimensions(d.clone()));
+            };
+            let base = t * ni * nj * nk;
+            const PART: usize = 1 << 16;
+            voxels
+                .par_chunks_mut(PART)
+                .enumerate()
+                .for_each(|(p, dst)| {
+                    let first = base + p * PART;
+                    macro_rules! take {
+                        ($t:ty, $n:expr) => {{
+                            let src = &data[first * $n..(first + dst.len()) * $n];
+                            for (x, b) in dst.iter_mut().zip(src.chunks_exact($n)) {
+                                let mut a = [0u8; $n];
+                                a.copy_from_slice(b);
+                                let raw = if be {
+                                    <$t>::from_be_bytes(a)
+                                } else {
+                                    <$t>::from_le_bytes(a)
+                                };
+                                *x = (f64::from(raw) * slope + inter) as f32;
+                            }
+                        }};
+                    }
+                    match header.datatype {
+                        StoredType::U8 | StoredType::Rgb24 => take!(u8, 1),
+                        StoredType::I8 => take!(i8, 1),
+                        StoredType::I16 => take!(i16, 2),
+                        StoredType::U16 => take!(u16, 2),
+                        StoredType::I32 => take!(i32, 4),
+                        StoredType::U32 => take!(u32, 4),
+                        StoredType::F32 => take!(f32, 4),
+                        StoredType::F64 => {
+                            let src = &data[first * 8..(first + dst.len()) * 8];
+                            for (x, b) in dst.iter_mut().zip(src.chunks_exact(8)) {
+                                let mut a = [0u8; 8];
+                                a.copy_from_slice(b);
+                                let raw = if be {
+                                    f64::from_be_bytes(a)
+                                } else {
+                                    f64::from_le_bytes(a)
+                                };
+                                *x = (raw * slope + inter) as f32;
+                            }
+                        }
+                    }
+                });
+            volumes.push(Volume {
+                data: out,
+                affine: header.affine,
+                stored: header.datatype,
+            });
+            continue;
+        }
         let mut out = Array4::<f32>::zeros((ni, nj, nk, channels));
         for k in 0..nk {
             for j in 0..nj {
@@ -705,9 +765,86 @@ fn header_bytes(dims4: [usize; 4], stored: StoredType, affine: &Affine, seconds:
     h
 }
 
+/// Round half away from zero (as `f64::round`) without a libm call, for values already
+/// clamped to the stored type's range.
+#[inline]
+fn round_clamped(v: f32, lo: f32, hi: f32) -> f64 {
+    let v = f64::from(v).clamp(f64::from(lo), f64::from(hi));
+    let t = v as i64 as f64;
+    let frac = v - t;
+    if frac >= 0.5 {
+        t + 1.0
+    } else if frac <= -0.5 {
+        t - 1.0
+    } else {
+        t
+    }
+}
+
+/// Voxels of `stored`'s width, converted from a single-channel volume's memory order (which
+/// is NIfTI's order) in parallel parts.
+fn push_voxels_single_channel(out: &mut Vec<u8>, voxels: &[f32], stored: StoredType) {
+    use rayon::prelude::*;
+    let width = (stored.bits() as usize / 8).max(1);
+    let base = out.len();
+    out.resize(base + voxels.len() * width, 0);
+    const PART: usize = 1 << 16;
+    out[base..]
+        .par_chunks_mut(PART * width)
+        .zip(voxels.par_chunks(PART))
+        .for_each(|(dst, src)| {
+            macro_rules! put {
+                ($t:ty, $lo:expr, $hi:expr) => {
+                    for (d, v) in dst.chunks_exact_mut(width).zip(src) {
+                        d.copy_from_slice(&(round_clamped(*v, $lo, $hi) as $t).to_le_bytes());
+                    }
+                };
+            }
+            match stored {
+                StoredType::U8 | StoredType::Rgb24 => put!(u8, 0.0, 255.0),
+                StoredType::I8 => put!(i8, -128.0, 127.0),
+                StoredType::I16 => put!(i16, -32768.0, 32767.0),
+                StoredType::U16 => put!(u16, 0.0, 65535.0),
+                StoredType::I32 => {
+                    for (d, v) in dst.chunks_exact_mut(4).zip(src) {
+                        let r = clamp_round(*v, f64::from(i32::MIN), f64::from(i32::MAX));
+                        d.copy_from_slice(&(r as i32).to_le_bytes());
+                    }
+                }
+                StoredType::U32 => {
+                    for (d, v) in dst.chunks_exact_mut(4).zip(src) {
+                        let r = clamp_round(*v, 0.0, f64::from(u32::MAX));
+                        d.copy_from_slice(&(r as u32).to_le_bytes());
+                    }
+                }
+                StoredType::F32 => {
+                    for (d, v) in dst.chunks_exact_mut(4).zip(src) {
+                        d.copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+                StoredType::F64 => {
+                    for (d, v) in dst.chunks_exact_mut(8).zip(src) {
+                        d.copy_from_slice(&f64::from(*v).to_le_bytes());
+                    }
+                }
+            }
+        });
+}
+
 fn push_voxels(out: &mut Vec<u8>, volume: &Volume, stored: StoredType) {
     let (ni, nj, nk) = volume.shape();
     let channels = volume.channels();
+    // A single channel stored in Fortran order is already in NIfTI's order.
+    if channels == 1
+        && stored != StoredType::Rgb24
+        && let Some(voxels) = volume
+            .data
+            .as_slice_memory_order()
+            .filter(|_| volume.data.t().is_standard_layout())
+    {
+        push_voxels_single_channel(out, voxels, stored);
+        return;
+    }
     for k in 0..nk {
         for j in 0..nj {
             for i in 0..ni {

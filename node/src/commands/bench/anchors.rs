@@ -17,12 +17,12 @@ use super::workloads;
 
 /// One timed run of a command: wall time and, under GNU time, its peak memory.
 #[derive(Clone, Copy, Debug)]
-struct Timed {
-    elapsed: Duration,
-    peak_kib: Option<u64>,
+pub(crate) struct Timed {
+    pub(crate) elapsed: Duration,
+    pub(crate) peak_kib: Option<u64>,
 }
 
-fn installed(tool: &str) -> bool {
+pub(crate) fn installed(tool: &str) -> bool {
     Command::new("sh")
         .arg("-c")
         .arg(format!("command -v {tool}"))
@@ -35,7 +35,7 @@ fn installed(tool: &str) -> bool {
 const GNU_TIME: &str = "/usr/bin/time";
 
 /// Run `cmd` (under GNU time when it is there, for the peak memory) and time it.
-fn timed(program: &Path, args: &[&std::ffi::OsStr], what: &str) -> Result<Timed> {
+pub(crate) fn timed(program: &Path, args: &[&std::ffi::OsStr], what: &str) -> Result<Timed> {
     let with_time = Path::new(GNU_TIME).exists();
     let stats = std::env::temp_dir().join(format!("fedcurate-bench-time-{}", std::process::id()));
     let mut cmd = if with_time {
@@ -77,7 +77,7 @@ fn count_files(dir: &Path) -> usize {
         .count()
 }
 
-fn fresh(dir: &Path) -> Result<PathBuf> {
+pub(crate) fn fresh(dir: &Path) -> Result<PathBuf> {
     if dir.exists() {
         fs::remove_dir_all(dir)?;
     }
@@ -95,7 +95,7 @@ fn mb(kib: Option<u64>) -> String {
 }
 
 /// Print one line: ours against the anchor, and the ratio (anchor time / our time).
-fn line(job: &str, ours: Timed, anchor: Option<(&str, Timed)>) {
+pub(crate) fn line(job: &str, ours: Timed, anchor: Option<(&str, Timed)>) {
     match anchor {
         Some((name, a)) => println!(
             "{job:<46} fedcurate {:>7.2} s {:>8}   {name} {:>7.2} s {:>8}   {:>5.2}x",
@@ -113,7 +113,7 @@ fn line(job: &str, ours: Timed, anchor: Option<(&str, Timed)>) {
     }
 }
 
-fn best(a: Option<Timed>, b: Timed) -> Timed {
+pub(crate) fn best(a: Option<Timed>, b: Timed) -> Timed {
     match a {
         Some(a) if a.elapsed <= b.elapsed => a,
         _ => b,
@@ -121,7 +121,7 @@ fn best(a: Option<Timed>, b: Timed) -> Timed {
 }
 
 /// Write a node.toml for a data directory under the bench folder.
-fn node_config(dir: &Path) -> Result<PathBuf> {
+pub(crate) fn node_config(dir: &Path) -> Result<PathBuf> {
     let data = dir.join("data");
     fs::create_dir_all(&data)?;
     fc_files::restrict(&data, 0o700)?;
@@ -135,8 +135,14 @@ pub(crate) fn bench_anchors(
     files: usize,
     slices: usize,
     runs: usize,
+    only: &[String],
     keep: bool,
 ) -> Result<()> {
+    const JOBS: [&str; 3] = ["deid", "nifti", "store"];
+    if let Some(unknown) = only.iter().find(|j| !JOBS.contains(&j.as_str())) {
+        bail!("--only takes deid, nifti or store, not {unknown}");
+    }
+    let wanted = |job: &str| only.is_empty() || only.iter().any(|j| j == job);
     let dir = dir.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("fedcurate-abench-{}", std::process::id()))
     });
@@ -155,11 +161,18 @@ pub(crate) fn bench_anchors(
     );
     println!("ratio = the anchor's time / ours (above 1: we are faster)");
     let archive = dir.join("archive");
-    workloads::generate(&archive, files)?;
-
-    deidentification(&dir, &exe, &archive, files, runs)?;
-    nifti(&dir, &exe, slices, runs)?;
-    store(&dir, &archive, files, runs)?;
+    if wanted("deid") || wanted("store") {
+        workloads::generate(&archive, files)?;
+    }
+    if wanted("deid") {
+        deidentification(&dir, &exe, &archive, files, runs)?;
+    }
+    if wanted("nifti") {
+        nifti(&dir, &exe, slices, runs)?;
+    }
+    if wanted("store") {
+        store(&dir, &archive, files, runs)?;
+    }
     if !keep {
         fs::remove_dir_all(&dir)?;
     }

@@ -175,7 +175,86 @@ pub(crate) fn bench_harmonise(dir: Option<PathBuf>, n: usize, reference: bool) -
             ours / baseline.as_secs_f64().max(1e-9)
         );
     }
+    if reference {
+        file_to_file(&dir, n)?;
+    }
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// File to file, as a user runs each: `fedcurate-node harmonise` on uncompressed NIfTI
+/// against the reference's own commands (`zscore-normalize`, `kde-normalize`,
+/// `ws-normalize`, `nyul-normalize`) on the same files.
+fn file_to_file(dir: &std::path::Path, n: usize) -> Result<()> {
+    use anchors::{best, fresh, installed, line, node_config, timed};
+    let exe = std::env::current_exe().context("locating the fedcurate-node binary")?;
+    let f2f = dir.join("file-to-file");
+    let (one, three) = (f2f.join("one"), f2f.join("three"));
+    std::fs::create_dir_all(&one)?;
+    std::fs::create_dir_all(&three)?;
+    for (i, (scale, seed)) in [(1.0, 1u64), (1.2, 2), (0.9, 3)].into_iter().enumerate() {
+        let bytes = node::volume::nifti::encode(&workloads::synthetic_volume(n, scale, seed));
+        if i == 0 {
+            std::fs::write(one.join("v0.nii"), &bytes)?;
+        }
+        std::fs::write(three.join(format!("v{i}.nii")), &bytes)?;
+    }
+    let work = fresh(&f2f.join("node"))?;
+    let config = node_config(&work)?;
+    println!("file to file ({n}^3 float32 .nii in and out, as each is run from the shell):");
+    for (name, method, ours_in, command) in [
+        ("z-score", "zscore", &one, "zscore-normalize"),
+        ("KDE (T1)", "kde", &one, "kde-normalize"),
+        ("WhiteStripe (T1)", "whitestripe", &one, "ws-normalize"),
+        ("Nyul fit on 3 + apply", "nyul", &three, "nyul-normalize"),
+    ] {
+        let (mut ours, mut theirs) = (None, None);
+        let anchor = installed(command);
+        for _ in 0..2 {
+            let out = fresh(&f2f.join("ours-out"))?;
+            let t = timed(
+                &exe,
+                &[
+                    "--config".as_ref(),
+                    config.as_os_str(),
+                    "harmonise".as_ref(),
+                    "--input".as_ref(),
+                    ours_in.as_os_str(),
+                    "--out".as_ref(),
+                    out.as_os_str(),
+                    "--method".as_ref(),
+                    method.as_ref(),
+                    "--foreground".as_ref(),
+                    "positive".as_ref(),
+                    "--compress".as_ref(),
+                    "none".as_ref(),
+                ],
+                "fedcurate-node harmonise",
+            )?;
+            ours = Some(best(ours, t));
+            if anchor {
+                let out = fresh(&f2f.join("ref-out"))?;
+                let mut args: Vec<std::ffi::OsString> = Vec::new();
+                if method == "nyul" {
+                    args.push(three.clone().into());
+                    args.push("-o".into());
+                    args.push(out.clone().into());
+                } else {
+                    args.push(one.join("v0.nii").into());
+                    args.push("-o".into());
+                    args.push(out.join("v0.nii").into());
+                }
+                let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+                let t = timed(std::path::Path::new(command), &refs, command)?;
+                theirs = Some(best(theirs, t));
+            }
+        }
+        line(
+            name,
+            ours.context("no run")?,
+            theirs.map(|t| ("intensity-normalization", t)),
+        );
+    }
     Ok(())
 }
 
