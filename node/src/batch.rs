@@ -476,6 +476,8 @@ enum Output {
         path: PathBuf,
         start: u64,
         end: u64,
+        /// Overlay bits cleared on the way, for native 16-bit pixel data.
+        fix: Option<OverlayFix>,
     },
 }
 
@@ -502,7 +504,17 @@ impl Output {
                 path,
                 start,
                 end,
+                fix: None,
             } => files.stage_parts(dest, &header, &path, start, end),
+            Output::Parts {
+                header,
+                path,
+                start,
+                end,
+                fix: Some(fix),
+            } => files.stage_parts_mapped(dest, &header, &path, start, end, fix.skip, &|b| {
+                fix.apply(b)
+            }),
         }
     }
 }
@@ -620,9 +632,16 @@ fn prepare_large(deid: &Deidentifier<'_>, found: &Found) -> Option<Prepared> {
         Err((reason, _)) if reason == "unmaskable-pixel-data" => return None,
         Err(e) => Err(e),
         Ok((d, header)) => {
+            let fix = OverlayFix::of(&d, &head, start);
             let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
             ctx.update(&header);
-            hash_range(&mut f, start as u64, end, &mut ctx).ok()?;
+            match &fix {
+                None => hash_range(&mut f, start as u64, end, &mut ctx).ok()?,
+                Some(fix) => {
+                    hash_range(&mut f, start as u64, start as u64 + fix.skip, &mut ctx).ok()?;
+                    hash_range_mapped(&mut f, start as u64 + fix.skip, end, fix, &mut ctx).ok()?
+                }
+            }
             let h = hex(ctx.finish().as_ref());
             Ok((
                 Placed::from(d),
@@ -631,6 +650,7 @@ fn prepare_large(deid: &Deidentifier<'_>, found: &Found) -> Option<Prepared> {
                     path: found.path.clone(),
                     start: start as u64,
                     end,
+                    fix,
                 },
                 h,
             ))
@@ -640,6 +660,85 @@ fn prepare_large(deid: &Deidentifier<'_>, found: &Found) -> Option<Prepared> {
         input,
         result: Box::new(result),
     })
+}
+
+/// Overlay planes to clear from a large file's native 16-bit pixel data while it is copied
+/// (what the whole-object path does on a parsed object).
+#[derive(Clone, Copy, Debug)]
+struct OverlayFix {
+    /// Bytes of the Pixel Data element's header, copied as they are.
+    skip: u64,
+    high: u32,
+    signed: bool,
+    big_endian: bool,
+}
+
+impl OverlayFix {
+    /// The fix a de-identified header asks for, when its pixel data (at `start` in `head`) is
+    /// native 16-bit words with bits above High Bit.
+    fn of(d: &Deidentified, head: &[u8], start: usize) -> Option<OverlayFix> {
+        use dicom_core::Tag;
+        let number = |tag: Tag| -> Option<u64> {
+            let e = d.object.get(tag)?;
+            e.value()
+                .to_int::<u64>()
+                .ok()
+                .or_else(|| e.value().to_str().ok()?.trim().parse().ok())
+        };
+        let high = number(Tag(0x0028, 0x0102))?;
+        if number(Tag(0x0028, 0x0100))? != 16 || high >= 15 {
+            return None;
+        }
+        let ts = d.object.meta().transfer_syntax().trim_end_matches('\0');
+        let (skip, big_endian) = match ts {
+            crate::read::ts::IMPLICIT_LE => (8u64, false),
+            crate::read::ts::EXPLICIT_BE => (12, true),
+            crate::read::ts::EXPLICIT_LE => (12, false),
+            _ => return None,
+        };
+        let len_at = start + skip as usize - 4;
+        let len = head.get(len_at..len_at + 4)?;
+        let len = if big_endian {
+            u32::from_be_bytes([len[0], len[1], len[2], len[3]])
+        } else {
+            u32::from_le_bytes([len[0], len[1], len[2], len[3]])
+        };
+        if len == u32::MAX {
+            return None;
+        }
+        Some(OverlayFix {
+            skip,
+            high: high as u32,
+            signed: number(Tag(0x0028, 0x0103)) == Some(1),
+            big_endian,
+        })
+    }
+
+    fn apply(&self, words: &mut [u8]) {
+        clear_above_high_bit(words, self.high, self.signed, self.big_endian);
+    }
+}
+
+/// Hash bytes `start..end` of `f` as `fix` rewrites them.
+fn hash_range_mapped(
+    f: &mut fs::File,
+    start: u64,
+    end: u64,
+    fix: &OverlayFix,
+    ctx: &mut ring::digest::Context,
+) -> io::Result<()> {
+    use std::io::{Read, Seek};
+    f.seek(io::SeekFrom::Start(start))?;
+    let mut remaining = end - start;
+    let mut buf = vec![0u8; 1 << 20];
+    while remaining > 0 {
+        let n = (remaining as usize).min(buf.len());
+        f.read_exact(&mut buf[..n])?;
+        fix.apply(&mut buf[..n]);
+        ctx.update(&buf[..n]);
+        remaining -= n as u64;
+    }
+    Ok(())
 }
 
 fn hash_range(

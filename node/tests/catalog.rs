@@ -647,7 +647,9 @@ fn export_compression_choices_write_the_same_volumes() {
     let input = site.path("in");
     sample::write_bulk_archive_sized(&input, 3, 4, 64).expect("archive");
     run(&mut site.deid(&input, &site.path("data/deid")));
-    let mut seen: Vec<(String, u64, Vec<(String, Vec<f32>, [[f64; 4]; 4])>)> = Vec::new();
+    /// Per choice: its name, the bytes written, and each volume (series, voxels, affine).
+    type Written = (String, u64, Vec<(String, Vec<f32>, [[f64; 4]; 4])>);
+    let mut seen: Vec<Written> = Vec::new();
     for choice in ["none", "fast", "default"] {
         let rel = format!("export-{choice}");
         run(site
@@ -1311,4 +1313,55 @@ fn the_audit_chain_resists_recomputation_and_truncation() {
     }
     let e = fails(site.cmd().args(["audit", "verify"]));
     assert!(e.contains("cut off"), "{e}");
+}
+
+/// A file large enough to be copied rather than read into memory, with overlay planes in the
+/// unused high bits of its 16-bit words: the copy clears them as the whole-object path does,
+/// and the catalog's hash is the hash of what was written.
+#[test]
+fn a_large_file_loses_its_overlay_bits_on_the_way() {
+    use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
+    let site = Site::new("");
+    let input = site.path("in");
+    std::fs::create_dir_all(&input).expect("dir");
+    let frames = 140u32; // 512 x 512 x 2 bytes x 140 = 73 MB, beyond the 64 MiB threshold
+    let mut obj = sample::large_multiframe(frames);
+    for (tag, v) in [
+        (Tag(0x0028, 0x0100), 16u16),
+        (Tag(0x0028, 0x0101), 12),
+        (Tag(0x0028, 0x0102), 11),
+        (Tag(0x0028, 0x0103), 0),
+    ] {
+        obj.put(DataElement::new(tag, VR::US, PrimitiveValue::from(v)));
+    }
+    let words = 512 * 512 * frames as usize;
+    let values: Vec<u16> = (0..words)
+        .map(|i| (i % 4096) as u16 | if i % 7 == 0 { 0x8000 } else { 0 })
+        .collect();
+    obj.put(DataElement::new(
+        Tag(0x7FE0, 0x0010),
+        VR::OW,
+        PrimitiveValue::U16(values.into()),
+    ));
+    let bytes = sample::encode(obj, ts::EXPLICIT_LE).expect("encode");
+    assert!(bytes.len() as u64 >= node::batch::LARGE_FILE);
+    std::fs::write(input.join("large.dcm"), &bytes).expect("write");
+    drop(bytes);
+    run(&mut site.deid(&input, &site.path("out")));
+    let written = files_under(&site.path("out"));
+    let out_bytes = std::fs::read(&written[0]).expect("output");
+    let pixels = &out_bytes[out_bytes.len() - 2 * words..];
+    let mut bad = 0usize;
+    for (i, w) in pixels.chunks_exact(2).enumerate() {
+        let w = u16::from_le_bytes([w[0], w[1]]);
+        if w != (i % 4096) as u16 {
+            bad += 1;
+        }
+    }
+    assert_eq!(bad, 0, "words with overlay bits left, or changed otherwise");
+    assert_eq!(
+        field(&site.export()[0], "output_sha256"),
+        Some(sha256(&out_bytes).as_str()),
+        "the catalog's hash is the written file's"
+    );
 }

@@ -608,3 +608,53 @@ fn hostile_command_sets_and_oversized_data_sets_are_aborted_in_bounded_memory() 
         "nothing stored from the refused associations"
     );
 }
+
+/// Four storescu associations at once, under `durability = "flush"` (the group commit of the
+/// inbox) and `durability = "os"`: every instance is acknowledged, lands in the inbox and is
+/// de-identified, and no temporary file is left behind.
+#[test]
+fn concurrent_associations_store_every_instance_under_either_durability() {
+    for durability in ["flush", "os"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let input = dir.path().join("in");
+        sample::write_bulk_archive(&input, 4, 12).expect("archive");
+        let node = start_with(dir.path(), &format!("durability = {durability:?}"));
+        let port = node.port.to_string();
+        let mut folders: Vec<PathBuf> = std::fs::read_dir(&input)
+            .expect("archive")
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        folders.sort();
+        assert_eq!(folders.len(), 4, "one folder per patient");
+        let senders: Vec<Child> = folders
+            .iter()
+            .map(|f| {
+                Command::new("storescu")
+                    .env("TCP_NODELAY", "1")
+                    .args(["-aet", "STORESCU", "-aec", "FEDCURATE", "+sd", "+r"])
+                    .arg("127.0.0.1")
+                    .arg(&port)
+                    .arg(f)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("storescu (dcmtk)")
+            })
+            .collect();
+        for s in senders {
+            let out = s.wait_with_output().expect("storescu ends");
+            assert!(
+                out.status.success(),
+                "{durability}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert_eq!(wait_for(&node.dir, 48), 48, "{durability}: every instance");
+        let leftovers: Vec<PathBuf> = files_under(&node.dir.join("data"))
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains(".fc-tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{durability}: {leftovers:?}");
+    }
+}

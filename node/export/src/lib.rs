@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io;
+use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 
 use fc_files::{content_hash, list_files, write_atomically};
@@ -259,21 +259,25 @@ pub fn export(
         );
         manifest.push('\n');
         if opts.format == Format::Nifti {
-            let bytes = match harmonised {
-                Some(b) => b,
-                None => opts
-                    .compress
-                    .apply(nifti::encode_series(
+            let path = out.join(&rel);
+            match harmonised {
+                Some(b) => write(&path, &b)?,
+                // Converted, compressed and written a block at a time.
+                None => fc_files::write_atomically_with(&path, |f| {
+                    nifti::write_series_as(
+                        io::BufWriter::with_capacity(1 << 20, f),
                         vol,
                         &v.more,
                         v.repetition_s.unwrap_or(1.0),
-                    ))
-                    .map_err(|source| ExportError::Write {
-                        path: out.to_owned(),
-                        source,
-                    })?,
-            };
-            write(&out.join(&rel), &bytes)?;
+                        opts.compress,
+                    )?
+                    .flush()
+                })
+                .map_err(|source| ExportError::Write {
+                    path: path.clone(),
+                    source,
+                })?,
+            }
             // Diffusion: b-values and directions beside the image, as dcm2niix writes them.
             if !v.diffusion.is_empty() {
                 let (bval, bvec) = fc_volume::fsl_text(&vol.affine, &v.diffusion);

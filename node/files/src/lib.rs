@@ -39,6 +39,31 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     batch.commit()
 }
 
+/// Write a file atomically and durably as [`write_atomically`] does, its content produced by
+/// `fill` into the temporary file (for content too large to hold in memory at once).
+pub fn write_atomically_with(
+    path: &Path,
+    fill: impl FnOnce(&mut fs::File) -> io::Result<()>,
+) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut batch = DurableBatch::default();
+    batch.created_in.extend(create_folders(dir)?);
+    let tmp = temp_path(path);
+    let mut f = fs::File::create(&tmp)?;
+    if let Err(e) = fill(&mut f) {
+        drop(f);
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    drop(f);
+    batch.staged.push(Staged {
+        tmp,
+        dest: path.to_owned(),
+        content: None,
+    });
+    batch.commit()
+}
+
 /// Files staged to become durable together.
 #[derive(Debug, Default)]
 pub struct DurableBatch {
@@ -169,6 +194,47 @@ impl DurableBatch {
         let mut input = fs::File::open(src)?;
         input.seek(io::SeekFrom::Start(start))?;
         io::copy(&mut input.take(end - start), &mut out)?;
+        out.flush()?;
+        self.staged.push(Staged {
+            tmp,
+            dest: dest.to_owned(),
+            content: None,
+        });
+        Ok(())
+    }
+
+    /// As [`stage_parts`](Self::stage_parts), with the bytes from `start + unmapped` on passed
+    /// through `map` in parts of 1 MiB (even lengths but the last) before they are written.
+    #[allow(clippy::too_many_arguments)]
+    pub fn stage_parts_mapped(
+        &mut self,
+        dest: &Path,
+        head: &[u8],
+        src: &Path,
+        start: u64,
+        end: u64,
+        unmapped: u64,
+        map: &dyn Fn(&mut [u8]),
+    ) -> io::Result<()> {
+        use std::io::{Read, Seek};
+        let dir = dest.parent().unwrap_or(Path::new("."));
+        self.created_in.extend(create_folders(dir)?);
+        let tmp = temp_path(dest);
+        let mut out = io::BufWriter::new(fs::File::create(&tmp)?);
+        out.write_all(head)?;
+        let mut input = fs::File::open(src)?;
+        input.seek(io::SeekFrom::Start(start))?;
+        let unmapped = unmapped.min(end.saturating_sub(start));
+        io::copy(&mut (&mut input).take(unmapped), &mut out)?;
+        let mut remaining = end.saturating_sub(start + unmapped);
+        let mut buf = vec![0u8; 1 << 20];
+        while remaining > 0 {
+            let n = (remaining as usize).min(buf.len());
+            input.read_exact(&mut buf[..n])?;
+            map(&mut buf[..n]);
+            out.write_all(&buf[..n])?;
+            remaining -= n as u64;
+        }
         out.flush()?;
         self.staged.push(Staged {
             tmp,

@@ -93,6 +93,116 @@ fn deflate_part(part: &[u8], level: u32, last: bool) -> io::Result<Vec<u8>> {
     }
 }
 
+/// The gzip header this module writes: no file name, modification time 0.
+fn header(level: u32) -> [u8; 10] {
+    let xfl = match level {
+        9 => 2,
+        0 | 1 => 4,
+        _ => 0,
+    };
+    [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, xfl, 255]
+}
+
+/// Deflate parts in parallel with their CRCs.
+fn deflate_parts(
+    parts: Vec<&[u8]>,
+    level: u32,
+    last: Option<usize>,
+) -> io::Result<Vec<(Vec<u8>, crc32fast::Hasher)>> {
+    parts
+        .into_par_iter()
+        .enumerate()
+        .map(|(i, part)| {
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(part);
+            Ok((deflate_part(part, level, Some(i) == last)?, crc))
+        })
+        .collect()
+}
+
+/// A gzip stream written as it is fed: whole [`PART`]s are deflated in parallel groups as
+/// they fill, the rest at [`finish`](Self::finish). The bytes equal [`gzip`]'s for the same
+/// input, however it was fed, and at most a group of parts is held.
+#[derive(Debug)]
+pub struct GzWriter<W: io::Write> {
+    out: W,
+    level: u32,
+    pending: Vec<u8>,
+    crc: crc32fast::Hasher,
+    total: u64,
+    group: usize,
+}
+
+impl<W: io::Write> GzWriter<W> {
+    pub fn new(mut out: W, level: u32) -> io::Result<Self> {
+        let level = level.min(9);
+        out.write_all(&header(level))?;
+        let group = rayon::current_num_threads().max(1) * 2;
+        Ok(GzWriter {
+            out,
+            level,
+            pending: Vec::with_capacity(group * PART + PART),
+            crc: crc32fast::Hasher::new(),
+            total: 0,
+            group,
+        })
+    }
+
+    /// Deflate and write every whole part held, keeping at least one byte back (the last
+    /// part is only known at the end).
+    fn drain(&mut self) -> io::Result<()> {
+        let whole = (self.pending.len().saturating_sub(1) / PART) * PART;
+        if whole == 0 {
+            return Ok(());
+        }
+        let done = deflate_parts(
+            self.pending[..whole].chunks(PART).collect(),
+            self.level,
+            None,
+        )?;
+        for (deflated, crc) in done {
+            self.out.write_all(&deflated)?;
+            self.crc.combine(&crc);
+        }
+        self.pending.drain(..whole);
+        Ok(())
+    }
+
+    /// End the stream: the last part, the CRC and the size. Returns the inner writer.
+    pub fn finish(mut self) -> io::Result<W> {
+        let rest = std::mem::take(&mut self.pending);
+        let parts: Vec<&[u8]> = if rest.is_empty() {
+            vec![&rest[..]]
+        } else {
+            rest.chunks(PART).collect()
+        };
+        let last = parts.len() - 1;
+        for (deflated, crc) in deflate_parts(parts, self.level, Some(last))? {
+            self.out.write_all(&deflated)?;
+            self.crc.combine(&crc);
+        }
+        self.out
+            .write_all(&self.crc.clone().finalize().to_le_bytes())?;
+        self.out.write_all(&(self.total as u32).to_le_bytes())?;
+        Ok(self.out)
+    }
+}
+
+impl<W: io::Write> io::Write for GzWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        self.total += buf.len() as u64;
+        if self.pending.len() > self.group * PART {
+            self.drain()?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Gzip `bytes` at `level` (0–9): no file name, modification time 0, deterministic.
 pub fn gzip(bytes: &[u8], level: u32) -> io::Result<Vec<u8>> {
     let level = level.min(9);
@@ -101,26 +211,12 @@ pub fn gzip(bytes: &[u8], level: u32) -> io::Result<Vec<u8>> {
     } else {
         bytes.chunks(PART).collect()
     };
-    let n = parts.len();
-    let done: Vec<io::Result<(Vec<u8>, crc32fast::Hasher)>> = parts
-        .into_par_iter()
-        .enumerate()
-        .map(|(i, part)| {
-            let mut crc = crc32fast::Hasher::new();
-            crc.update(part);
-            Ok((deflate_part(part, level, i + 1 == n)?, crc))
-        })
-        .collect();
-    let xfl = match level {
-        9 => 2,
-        0 | 1 => 4,
-        _ => 0,
-    };
+    let last = parts.len() - 1;
+    let done = deflate_parts(parts, level, Some(last))?;
     let mut out = Vec::with_capacity(bytes.len() / 2 + 32);
-    out.extend_from_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, xfl, 255]);
+    out.extend_from_slice(&header(level));
     let mut crc = crc32fast::Hasher::new();
-    for d in done {
-        let (deflated, part_crc) = d?;
+    for (deflated, part_crc) in done {
         out.extend_from_slice(&deflated);
         crc.combine(&part_crc);
     }
@@ -197,6 +293,23 @@ mod tests {
             .output()
             .expect("gzip");
         assert!(!out.status.success(), "a wrong CRC must be refused");
+    }
+
+    #[test]
+    fn the_streaming_writer_writes_what_gzip_writes_however_it_is_fed() {
+        use std::io::Write;
+        for len in [0, 5, PART, 3 * PART, 9 * PART + 3] {
+            let data = sample(len);
+            let whole = gzip(&data, 6).expect("gzip");
+            for feed in [7usize, 4096, PART - 1, PART + 17] {
+                let mut w = GzWriter::new(Vec::new(), 6).expect("writer");
+                for piece in data.chunks(feed.min(len.max(1))) {
+                    w.write_all(piece).expect("write");
+                }
+                let streamed = w.finish().expect("finish");
+                assert!(streamed == whole, "length {len}, fed {feed} at a time");
+            }
+        }
     }
 
     #[test]

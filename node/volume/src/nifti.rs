@@ -684,21 +684,95 @@ pub fn encode(volume: &Volume) -> Vec<u8> {
 /// points or diffusion directions) as one NIfTI-1 file: `dim[4]` volumes, `pixdim[4]` the
 /// time between them in seconds. With nothing in `more` it is [`encode`].
 pub fn encode_series(first: &Volume, more: &[Volume], seconds: f64) -> Vec<u8> {
-    let volume = first;
-    let (ni, nj, nk) = volume.shape();
-    let channels = volume.channels();
-    let stored = if channels == 3 {
+    let (ni, nj, nk) = first.shape();
+    let width = (stored_of(first).bits() as usize / 8).max(1);
+    let mut out = Vec::with_capacity(352 + (1 + more.len()) * ni * nj * nk * width);
+    // Writing to memory cannot fail.
+    let _ = write_series(&mut out, first, more, seconds);
+    out
+}
+
+/// The type a volume is written as (three channels are RGB).
+fn stored_of(volume: &Volume) -> StoredType {
+    if volume.channels() == 3 {
         StoredType::Rgb24
     } else {
         volume.stored
-    };
-    let nt = 1 + more.len();
-    let mut out = header_bytes([ni, nj, nk, nt], stored, &volume.affine, seconds);
-    out.reserve(nt * ni * nj * nk * (stored.bits() as usize / 8).max(1));
-    for volume in std::iter::once(first).chain(more) {
-        push_voxels(&mut out, volume, stored);
     }
-    out
+}
+
+/// Voxels converted per block when a volume is written as it is converted.
+const WRITE_BLOCK: usize = 1 << 20;
+
+/// Write what [`encode_series`] returns to `out` as it is converted, a block of voxels at a
+/// time (each block converted on every core): no copy of the whole file is held.
+pub fn write_series<W: io::Write>(
+    out: &mut W,
+    first: &Volume,
+    more: &[Volume],
+    seconds: f64,
+) -> io::Result<()> {
+    let (ni, nj, nk) = first.shape();
+    let stored = stored_of(first);
+    let nt = 1 + more.len();
+    out.write_all(&header_bytes(
+        [ni, nj, nk, nt],
+        stored,
+        &first.affine,
+        seconds,
+    ))?;
+    let mut buf = Vec::new();
+    for volume in std::iter::once(first).chain(more) {
+        match single_channel_voxels(volume, stored) {
+            Some(voxels) => {
+                for block in voxels.chunks(WRITE_BLOCK) {
+                    buf.clear();
+                    push_voxels_single_channel(&mut buf, block, stored);
+                    out.write_all(&buf)?;
+                }
+            }
+            None => {
+                buf.clear();
+                push_voxels(&mut buf, volume, stored);
+                out.write_all(&buf)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Write a series as [`crate::gz::NiftiCompression`] asks: `.nii`, or gzipped as it is
+/// converted (parts deflated in parallel, [`crate::gz::GzWriter`]).
+pub fn write_series_as<W: io::Write>(
+    out: W,
+    first: &Volume,
+    more: &[Volume],
+    seconds: f64,
+    compress: crate::gz::NiftiCompression,
+) -> io::Result<W> {
+    match compress.level() {
+        None => {
+            let mut out = out;
+            write_series(&mut out, first, more, seconds)?;
+            Ok(out)
+        }
+        Some(level) => {
+            let mut gz = crate::gz::GzWriter::new(out, level)?;
+            write_series(&mut gz, first, more, seconds)?;
+            gz.finish()
+        }
+    }
+}
+
+/// A single-channel volume's voxels in memory order, when that is NIfTI's order (Fortran).
+fn single_channel_voxels(volume: &Volume, stored: StoredType) -> Option<&[f32]> {
+    if volume.channels() != 1
+        || stored == StoredType::Rgb24
+        || !volume.data.t().is_standard_layout()
+    {
+        return None;
+    }
+    volume.data.as_slice_memory_order()
 }
 
 /// A 3D NIfTI-1 file of voxels already in NIfTI's order and `stored` type (little-endian).
@@ -765,20 +839,15 @@ fn header_bytes(dims4: [usize; 4], stored: StoredType, affine: &Affine, seconds:
     h
 }
 
-/// Round half away from zero (as `f64::round`) without a libm call, for values already
-/// clamped to the stored type's range.
-#[inline]
-fn round_clamped(v: f32, lo: f32, hi: f32) -> f64 {
-    let v = f64::from(v).clamp(f64::from(lo), f64::from(hi));
-    let t = v as i64 as f64;
-    let frac = v - t;
-    if frac >= 0.5 {
-        t + 1.0
-    } else if frac <= -0.5 {
-        t - 1.0
-    } else {
-        t
-    }
+/// Round half away from zero (as `f32::round`) after clamping to `lo..=hi`, without a libm
+/// call and without branches (so the loop runs on vector lanes). Exact for the 8- and 16-bit
+/// types' ranges, where `v - trunc(v)` is exact in `f32`; NaN gives 0, as a cast does.
+#[inline(always)]
+fn round_clamped(v: f32, lo: f32, hi: f32) -> i32 {
+    let v = v.clamp(lo, hi);
+    let t = v as i32;
+    let frac = v - t as f32;
+    t + i32::from(frac >= 0.5) - i32::from(frac <= -0.5)
 }
 
 /// Voxels of `stored`'s width, converted from a single-channel volume's memory order (which
@@ -835,13 +904,7 @@ fn push_voxels(out: &mut Vec<u8>, volume: &Volume, stored: StoredType) {
     let (ni, nj, nk) = volume.shape();
     let channels = volume.channels();
     // A single channel stored in Fortran order is already in NIfTI's order.
-    if channels == 1
-        && stored != StoredType::Rgb24
-        && let Some(voxels) = volume
-            .data
-            .as_slice_memory_order()
-            .filter(|_| volume.data.t().is_standard_layout())
-    {
+    if let Some(voxels) = single_channel_voxels(volume, stored) {
         push_voxels_single_channel(out, voxels, stored);
         return;
     }

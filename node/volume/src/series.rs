@@ -553,9 +553,33 @@ fn build(
     }
     // Fortran order: i (column) fastest, as in NIfTI files.
     let mut data = Array4::<f32>::zeros((cols, rows, n, samples).f());
-    // Decode each object once (objects in parallel); native frames are read directly.
+    // Native single-sample frames are converted straight into their plane of the volume (in
+    // that order a plane is a frame's rows one after the other), slices in parallel; the
+    // others are decoded below, each object once.
+    let mut general: Vec<usize> = (0..n).collect();
+    if samples == 1
+        && let Some(voxels) = data.as_slice_memory_order_mut()
+    {
+        use rayon::prelude::*;
+        general = voxels
+            .par_chunks_mut(rows * cols)
+            .enumerate()
+            .filter_map(|(k, plane)| {
+                let s = &slices[k];
+                let done = native_frame_into(
+                    &objects[s.object],
+                    s.frame,
+                    plane,
+                    s.slope as f32,
+                    s.intercept as f32,
+                );
+                (!done).then_some(k)
+            })
+            .collect();
+    }
     let mut by_object: BTreeMap<usize, Vec<(usize, u32)>> = BTreeMap::new();
-    for (k, s) in slices.iter().enumerate() {
+    for &k in &general {
+        let s = &slices[k];
         by_object.entry(s.object).or_default().push((k, s.frame));
     }
     let raw = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
@@ -565,23 +589,14 @@ fn build(
             .par_iter()
             .map(|(&object, frames)| {
                 let obj = &objects[object];
-                let mut general = None;
+                let decoded = obj
+                    .decode_pixel_data()
+                    .map_err(|e| (object, e.to_string()))?;
                 let mut out = Vec::with_capacity(frames.len());
                 for &(k, frame) in frames {
-                    let values = match native_frame(obj, frame) {
-                        Some(v) => v,
-                        None => {
-                            if general.is_none() {
-                                general = Some(
-                                    obj.decode_pixel_data()
-                                        .map_err(|e| (object, e.to_string()))?,
-                                );
-                            }
-                            let d = general.as_ref().ok_or((object, String::new()))?;
-                            d.to_vec_frame_with_options::<f32>(frame, &raw)
-                                .map_err(|e| (object, e.to_string()))?
-                        }
-                    };
+                    let values = decoded
+                        .to_vec_frame_with_options::<f32>(frame, &raw)
+                        .map_err(|e| (object, e.to_string()))?;
                     if values.len() < rows * cols * samples {
                         return Err((object, "frame shorter than its geometry".to_owned()));
                     }
@@ -591,7 +606,9 @@ fn build(
             })
             .collect()
     };
-    let mut integral = true;
+    let integral = slices
+        .iter()
+        .all(|s| s.slope.fract() == 0.0 && s.intercept.fract() == 0.0);
     for result in decoded {
         let frames = match result {
             Ok(f) => f,
@@ -609,7 +626,6 @@ fn build(
         };
         for (k, values) in frames {
             let s = &slices[k];
-            integral &= s.slope.fract() == 0.0 && s.intercept.fract() == 0.0;
             let (slope, intercept) = (s.slope as f32, s.intercept as f32);
             for ch in 0..samples {
                 let mut channel = data.index_axis_mut(Axis(3), ch);
@@ -680,20 +696,36 @@ fn pixel_bytes_held(obj: &DefaultDicomObject) -> u64 {
 
 /// Raw stored values of one frame of native (uncompressed) single-sample pixel data, without
 /// going through the general decoder: the common case, read at memory speed.
-fn native_frame(obj: &DefaultDicomObject, frame: u32) -> Option<Vec<f32>> {
+/// Write one native frame's values, rescaled (`raw * slope + intercept`), into `dst` (rows ×
+/// columns, row by row); `false` when the frame is not one read directly (several samples,
+/// an unusual bit layout, compressed, or shorter than its geometry).
+fn native_frame_into(
+    obj: &DefaultDicomObject,
+    frame: u32,
+    dst: &mut [f32],
+    slope: f32,
+    intercept: f32,
+) -> bool {
     let int = |t: Tag| obj.get(t).and_then(|e| e.value().to_int::<u32>().ok());
-    let rows = int(Tag(0x0028, 0x0010))? as usize;
-    let cols = int(Tag(0x0028, 0x0011))? as usize;
-    let bits = int(Tag(0x0028, 0x0100))?;
+    let (Some(rows), Some(cols), Some(bits)) = (
+        int(Tag(0x0028, 0x0010)),
+        int(Tag(0x0028, 0x0011)),
+        int(Tag(0x0028, 0x0100)),
+    ) else {
+        return false;
+    };
     let stored = int(Tag(0x0028, 0x0101)).unwrap_or(bits);
     let signed = int(Tag(0x0028, 0x0103)).unwrap_or(0) == 1;
     if int(Tag(0x0028, 0x0002)).unwrap_or(1) != 1 || stored == 0 || stored > bits {
-        return None;
+        return false;
     }
-    let n = rows * cols;
+    let n = rows as usize * cols as usize;
+    if dst.len() != n {
+        return false;
+    }
     let start = n * frame as usize;
-    let Value::Primitive(p) = obj.get(Tag(0x7FE0, 0x0010))?.value() else {
-        return None;
+    let Some(Value::Primitive(p)) = obj.get(Tag(0x7FE0, 0x0010)).map(|e| e.value()) else {
+        return false;
     };
     let mask = if stored >= 32 {
         u32::MAX
@@ -702,38 +734,82 @@ fn native_frame(obj: &DefaultDicomObject, frame: u32) -> Option<Vec<f32>> {
     };
     let convert = |raw: u32| -> f32 {
         let v = raw & mask;
-        if signed && stored < 32 && v & (1 << (stored - 1)) != 0 {
+        let value = if signed && stored < 32 && v & (1 << (stored - 1)) != 0 {
             (i64::from(v) - (1i64 << stored)) as f32
         } else {
             v as f32
-        }
+        };
+        value * slope + intercept
     };
+    // The common layouts, without masks: all 16 bits stored, signed or not.
+    if bits == 16 && stored == 16 {
+        let words: Option<&[u16]> = match p {
+            dicom_core::PrimitiveValue::U16(v) => v.get(start..start + n),
+            _ => None,
+        };
+        let signed_words: Option<&[i16]> = match p {
+            dicom_core::PrimitiveValue::I16(v) => v.get(start..start + n),
+            _ => None,
+        };
+        match (words, signed_words, signed) {
+            (Some(w), _, true) => {
+                for (d, x) in dst.iter_mut().zip(w) {
+                    *d = f32::from(*x as i16) * slope + intercept;
+                }
+                return true;
+            }
+            (Some(w), _, false) => {
+                for (d, x) in dst.iter_mut().zip(w) {
+                    *d = f32::from(*x) * slope + intercept;
+                }
+                return true;
+            }
+            (None, Some(w), true) => {
+                for (d, x) in dst.iter_mut().zip(w) {
+                    *d = f32::from(*x) * slope + intercept;
+                }
+                return true;
+            }
+            (None, Some(w), false) => {
+                for (d, x) in dst.iter_mut().zip(w) {
+                    *d = f32::from(*x as u16) * slope + intercept;
+                }
+                return true;
+            }
+            _ => {}
+        }
+    }
+    fn fill<T: Copy>(dst: &mut [f32], src: Option<&[T]>, f: impl Fn(T) -> f32) -> bool {
+        match src {
+            Some(src) if src.len() == dst.len() => {
+                for (d, x) in dst.iter_mut().zip(src) {
+                    *d = f(*x);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
     match (p, bits) {
-        (dicom_core::PrimitiveValue::U16(v), 16) => Some(
-            v.get(start..start + n)?
-                .iter()
-                .map(|x| convert(u32::from(*x)))
-                .collect(),
-        ),
-        (dicom_core::PrimitiveValue::I16(v), 16) => Some(
-            v.get(start..start + n)?
-                .iter()
-                .map(|x| convert(u32::from(*x as u16)))
-                .collect(),
-        ),
-        (dicom_core::PrimitiveValue::U8(v), 8) => Some(
-            v.get(start..start + n)?
-                .iter()
-                .map(|x| convert(u32::from(*x)))
-                .collect(),
-        ),
-        (dicom_core::PrimitiveValue::U8(v), 16) => Some(
-            v.get(2 * start..2 * (start + n))?
-                .chunks_exact(2)
-                .map(|b| convert(u32::from(u16::from_le_bytes([b[0], b[1]]))))
-                .collect(),
-        ),
-        _ => None,
+        (dicom_core::PrimitiveValue::U16(v), 16) => {
+            fill(dst, v.get(start..start + n), |x| convert(u32::from(x)))
+        }
+        (dicom_core::PrimitiveValue::I16(v), 16) => fill(dst, v.get(start..start + n), |x| {
+            convert(u32::from(x as u16))
+        }),
+        (dicom_core::PrimitiveValue::U8(v), 8) => {
+            fill(dst, v.get(start..start + n), |x| convert(u32::from(x)))
+        }
+        (dicom_core::PrimitiveValue::U8(v), 16) => match v.get(2 * start..2 * (start + n)) {
+            Some(bytes) => {
+                for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *d = convert(u32::from(u16::from_le_bytes([b[0], b[1]])));
+                }
+                true
+            }
+            None => false,
+        },
+        _ => false,
     }
 }
 
