@@ -31,6 +31,8 @@ command -v pgrep >/dev/null 2>&1 || need_apt+=(procps)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 # OpenJPEG's encoder makes the JPEG 2000 fixtures.
 command -v opj_compress >/dev/null 2>&1 || need_apt+=(libopenjp2-tools)
+# gdcmanon (GDCM): one of the anchors `bench --anchors` times beside us (its smoke test).
+command -v gdcmanon >/dev/null 2>&1 || need_apt+=(libgdcm-tools)
 # The web annotator's browser tests: Debian's chromium driven through chromedriver, and the
 # viewer (NiiVue, pinned in web/package-lock.json) installed by npm from Debian's Node.js.
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)

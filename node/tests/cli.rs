@@ -1238,3 +1238,65 @@ fn users_are_added_listed_disabled_and_their_passwords_never_shown() {
         assert!(!contains(&bytes, "a long enough secret"), "{}", f.display());
     }
 }
+
+/// `bench --anchors` runs every job beside its anchor (gdcmanon, dcm2niix, storescp, all
+/// installed by scripts/test.sh) on a small archive and prints a ratio for each row; an
+/// unknown job is refused.
+#[test]
+fn bench_anchors_prints_a_ratio_for_every_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = bin()
+        .args([
+            "bench",
+            "--anchors",
+            "--files",
+            "24",
+            "--slices",
+            "6",
+            "--runs",
+            "1",
+            "--dir",
+        ])
+        .arg(dir.path().join("bench"))
+        .output()
+        .expect("bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("fedcurate "))
+        .collect();
+    assert_eq!(
+        rows.len(),
+        8,
+        "deid, three NIfTI rows, four C-STORE rows:\n{stdout}"
+    );
+    for (row, anchor) in rows.iter().zip([
+        "gdcmanon", "dcm2niix", "dcm2niix", "dcm2niix", "storescp", "storescp", "storescp",
+        "storescp",
+    ]) {
+        assert!(row.contains(anchor), "{row}");
+        let ratio: f64 = row
+            .trim_end()
+            .rsplit(' ')
+            .next()
+            .and_then(|r| r.strip_suffix('x'))
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_else(|| panic!("no ratio in {row}"));
+        assert!(ratio > 0.0 && ratio.is_finite(), "{row}");
+    }
+    assert!(
+        !dir.path().join("bench").exists(),
+        "the work folder is removed"
+    );
+    let refused = bin()
+        .args(["bench", "--anchors", "--only", "fft"])
+        .output()
+        .expect("bench runs");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--only takes"));
+}
