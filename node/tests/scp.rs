@@ -658,3 +658,46 @@ fn concurrent_associations_store_every_instance_under_either_durability() {
         assert!(leftovers.is_empty(), "{durability}: {leftovers:?}");
     }
 }
+
+/// A 168 MB object is written to the inbox as it arrives and de-identified by the large-file
+/// path (which reads at most 32 MiB of a file's head): the node's peak memory stays below
+/// half the object's size.
+#[test]
+fn a_large_object_is_received_and_processed_without_holding_it_in_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("in");
+    std::fs::create_dir_all(&input).expect("dir");
+    let bytes =
+        sample::encode(sample::large_multiframe(320), sample::ts::EXPLICIT_LE).expect("encode");
+    let size = bytes.len() as u64;
+    std::fs::write(input.join("large.dcm"), &bytes).expect("write");
+    drop(bytes);
+    let node = start(dir.path());
+    let before = peak_rss(node.child.id());
+    let out = dcmtk(
+        "storescu",
+        &[
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "FEDCURATE",
+            "127.0.0.1",
+            &node.port.to_string(),
+            &input.join("large.dcm").to_string_lossy(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(wait_for(&node.dir, 1), 1, "de-identified");
+    let peak = peak_rss(node.child.id());
+    assert!(
+        peak < size / 2,
+        "peak {} MB (before the transfer {} MB) for a {} MB object",
+        peak / 1_000_000,
+        before / 1_000_000,
+        size / 1_000_000
+    );
+}

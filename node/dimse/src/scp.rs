@@ -3,7 +3,8 @@
 //! inbox (temporary file, rename) before success is answered; with [`Durability::Flush`] (the
 //! default) the file and the inbox folder are on disk first. Concurrent associations commit
 //! together: each flushes its own file, and one of them renames every waiting file and flushes
-//! the folder once for all of them (a group commit).
+//! the folder once for all of them (a group commit). Objects are written to their temporary
+//! file as they arrive, so memory does not grow with their size.
 
 use std::collections::HashMap;
 use std::io;
@@ -203,7 +204,8 @@ fn serve_connection(
         .collect();
     let mut command_bytes = Vec::new();
     let mut pending: Option<(u8, dicom_object::InMemDicomObject)> = None;
-    let mut dataset = Vec::new();
+    // The object being received, written to its temporary inbox file as it arrives.
+    let mut incoming: Option<Incoming> = None;
     loop {
         let pdu = match assoc.receive() {
             Ok(p) => p,
@@ -271,7 +273,18 @@ fn serve_connection(
                                 let _ = assoc.abort();
                                 return Err("data set without a C-STORE request".into());
                             }
-                            if (dataset.len() + data.len()) as u64 > config.max_object_bytes {
+                            let Some((pc, cmd)) = &pending else {
+                                return Err("data set without a C-STORE request".into());
+                            };
+                            let receiving = incoming.get_or_insert_with(|| {
+                                Incoming::begin(
+                                    &config.inbox,
+                                    &text(cmd, Tag(0x0000, 0x0002)),
+                                    &text(cmd, Tag(0x0000, 0x1000)),
+                                    &contexts.get(pc).map(|c| c.1.clone()).unwrap_or_default(),
+                                )
+                            });
+                            if receiving.bytes + data.len() as u64 > config.max_object_bytes {
                                 tracing::warn!(
                                     peer = %peer.ip(),
                                     limit_bytes = config.max_object_bytes,
@@ -280,7 +293,7 @@ fn serve_connection(
                                 let _ = assoc.abort();
                                 return Err("data set too large".into());
                             }
-                            dataset.extend_from_slice(&data);
+                            receiving.append(&data);
                             if !is_last {
                                 continue;
                             }
@@ -290,8 +303,10 @@ fn serve_connection(
                             let class = text(&cmd, Tag(0x0000, 0x0002));
                             let instance = text(&cmd, Tag(0x0000, 0x1000));
                             let msg_id = number(&cmd, Tag(0x0000, 0x0110)).unwrap_or(0);
-                            let ts = contexts.get(&pc).map(|c| c.1.clone()).unwrap_or_default();
-                            let st = match store(config, group, &class, &instance, &ts, &dataset) {
+                            let received = incoming.take().map(|i| i.commit(config, group));
+                            let st = match received.unwrap_or_else(|| {
+                                Err(io::Error::other("no data set was received"))
+                            }) {
                                 Ok(()) => {
                                     let _ = stored.send(());
                                     status::SUCCESS
@@ -301,7 +316,6 @@ fn serve_connection(
                                     status::OUT_OF_RESOURCES
                                 }
                             };
-                            dataset.clear();
                             let rsp =
                                 response(command::C_STORE_RSP, msg_id, &class, Some(&instance), st);
                             send_command(&mut assoc, pc, rsp)?;
@@ -388,10 +402,15 @@ impl GroupCommit {
                 st.generation += 1;
                 drop(st);
                 let outcome = (|| -> io::Result<()> {
+                    // Each object was flushed before it joined the group: the names, then
+                    // the folder holding them, once for the group.
                     for (tmp, dest) in &group {
                         std::fs::rename(tmp, dest)?;
                     }
-                    std::fs::File::open(inbox)?.sync_all()
+                    if !fc_files::flushes_skipped() {
+                        std::fs::File::open(inbox)?.sync_all()?;
+                    }
+                    Ok(())
                 })();
                 st = self.lock()?;
                 st.leader = false;
@@ -413,54 +432,120 @@ impl GroupCommit {
     }
 }
 
-/// Write a received data set to the inbox as a DICOM file: a temporary file (flushed under
-/// [`Durability::Flush`]), then renamed into place in a group commit.
-fn store(
-    config: &ScpConfig,
-    group: &GroupCommit,
-    class: &str,
-    instance: &str,
-    ts: &str,
-    dataset: &[u8],
-) -> io::Result<()> {
-    use std::io::Write as _;
-    let meta = FileMetaTableBuilder::new()
-        .media_storage_sop_class_uid(class)
-        .media_storage_sop_instance_uid(instance)
-        .transfer_syntax(ts)
-        .implementation_class_uid(fc_read::IMPLEMENTATION_CLASS_UID)
-        .build()
-        .map_err(io::Error::other)?;
-    let mut head = vec![0u8; 128];
-    head.extend_from_slice(b"DICM");
-    meta.write(&mut head).map_err(io::Error::other)?;
-    let name = inbox_name();
-    let dest = config.inbox.join(&name);
-    let tmp = config
-        .inbox
-        .join(format!("{}{name}", fc_files::TEMP_PREFIX));
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        // Owner-only from the start: the data directory is owner-only too.
-        options.mode(0o600);
-    }
-    let mut f = options.open(&tmp)?;
-    f.write_all(&head)?;
-    f.write_all(dataset)?;
-    match config.durability {
-        Durability::Flush => {
-            if !fc_files::flushes_skipped() {
-                f.sync_all()?;
+/// A received object on its way into the inbox: its temporary file holds the file meta
+/// group and the data set as far as it arrived. Dropped before [`commit`](Self::commit)
+/// (an abort, an oversize data set, a broken connection), the temporary file is removed.
+struct Incoming {
+    file: Option<std::fs::File>,
+    tmp: PathBuf,
+    dest: PathBuf,
+    /// Data set bytes received so far.
+    bytes: u64,
+    /// Why the object cannot be stored (answered when its last fragment arrives).
+    error: Option<io::Error>,
+}
+
+impl Incoming {
+    /// Open the temporary file (owner-only from the start) and write the file meta group.
+    fn begin(inbox: &Path, class: &str, instance: &str, ts: &str) -> Incoming {
+        let name = inbox_name();
+        let mut incoming = Incoming {
+            file: None,
+            tmp: inbox.join(format!("{}{name}", fc_files::TEMP_PREFIX)),
+            dest: inbox.join(&name),
+            bytes: 0,
+            error: None,
+        };
+        let opened = (|| -> io::Result<std::fs::File> {
+            use std::io::Write as _;
+            let meta = FileMetaTableBuilder::new()
+                .media_storage_sop_class_uid(class)
+                .media_storage_sop_instance_uid(instance)
+                .transfer_syntax(ts)
+                .implementation_class_uid(fc_read::IMPLEMENTATION_CLASS_UID)
+                .build()
+                .map_err(io::Error::other)?;
+            let mut head = vec![0u8; 128];
+            head.extend_from_slice(b"DICM");
+            meta.write(&mut head).map_err(io::Error::other)?;
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                // Owner-only from the start: the data directory is owner-only too.
+                options.mode(0o600);
             }
-            drop(f);
-            group.commit(&config.inbox, tmp, dest)
+            let mut f = options.open(&incoming.tmp)?;
+            f.write_all(&head)?;
+            Ok(f)
+        })();
+        match opened {
+            Ok(f) => incoming.file = Some(f),
+            Err(e) => incoming.fail(e),
         }
-        Durability::Os => {
-            drop(f);
-            std::fs::rename(&tmp, &dest)
+        incoming
+    }
+
+    fn fail(&mut self, e: io::Error) {
+        self.file = None;
+        let _ = std::fs::remove_file(&self.tmp);
+        if self.error.is_none() {
+            self.error = Some(e);
+        }
+    }
+
+    /// Append a fragment of the data set.
+    fn append(&mut self, data: &[u8]) {
+        use std::io::Write as _;
+        self.bytes += data.len() as u64;
+        if let Some(f) = &mut self.file
+            && let Err(e) = f.write_all(data)
+        {
+            self.fail(e);
+        }
+    }
+
+    /// The object is complete: flushed under [`Durability::Flush`] and renamed in a group
+    /// commit, or renamed at once under [`Durability::Os`].
+    fn commit(mut self, config: &ScpConfig, group: &GroupCommit) -> io::Result<()> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        let f = self
+            .file
+            .take()
+            .ok_or_else(|| io::Error::other("the inbox file is gone"))?;
+        let tmp = std::mem::take(&mut self.tmp);
+        let dest = std::mem::take(&mut self.dest);
+        let done = match config.durability {
+            Durability::Flush => {
+                let flushed = if fc_files::flushes_skipped() {
+                    Ok(())
+                } else {
+                    f.sync_all()
+                };
+                drop(f);
+                flushed.and_then(|()| group.commit(&config.inbox, tmp.clone(), dest))
+            }
+            Durability::Os => {
+                drop(f);
+                std::fs::rename(&tmp, &dest)
+            }
+        };
+        if done.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        done
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        // Not committed: what arrived is not an object anyone was told is stored.
+        if !self.tmp.as_os_str().is_empty() {
+            self.file = None;
+            let _ = std::fs::remove_file(&self.tmp);
         }
     }
 }

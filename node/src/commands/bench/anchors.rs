@@ -34,8 +34,15 @@ pub(crate) fn installed(tool: &str) -> bool {
 
 const GNU_TIME: &str = "/usr/bin/time";
 
+/// Write back what earlier runs left dirty in the page cache, so that one side's writes are
+/// not flushed on the other side's time.
+pub(crate) fn settle() {
+    let _ = Command::new("sync").status();
+}
+
 /// Run `cmd` (under GNU time when it is there, for the peak memory) and time it.
 pub(crate) fn timed(program: &Path, args: &[&std::ffi::OsStr], what: &str) -> Result<Timed> {
+    settle();
     let with_time = Path::new(GNU_TIME).exists();
     let stats = std::env::temp_dir().join(format!("fedcurate-bench-time-{}", std::process::id()));
     let mut cmd = if with_time {
@@ -391,6 +398,7 @@ fn send(archive: &Path, port: u16, parallel: usize) -> Result<Duration> {
         .collect();
     folders.sort();
     let per = folders.len().div_ceil(parallel.max(1)).max(1);
+    settle();
     let started = Instant::now();
     let children: Vec<std::process::Child> = folders
         .chunks(per)
