@@ -231,7 +231,6 @@ pub fn deidentify_bytes(deid: &Deidentifier<'_>, bytes: &[u8]) -> DeidOutcome {
 /// (no native pixel data at the end, a header the whole-object path would treat otherwise, a
 /// pixel data length other than the header describes, a masking rule to apply).
 fn deidentify_native(deid: &Deidentifier<'_>, bytes: &[u8]) -> Option<DeidOutcome> {
-    use dicom_core::Tag;
     let native = crate::read::native_pixel_data(bytes)?;
     if native.ob && native.big_endian {
         return None;
@@ -240,40 +239,14 @@ fn deidentify_native(deid: &Deidentifier<'_>, bytes: &[u8]) -> Option<DeidOutcom
     let element = bytes.get(native.start..)?;
     let value = element.get(native.header..)?;
     let (d, mut out) = deidentify_whole(deid, header).ok()?;
-    let number = |tag: Tag| -> Option<u64> {
-        let e = d.object.get(tag)?;
-        e.value()
-            .to_int::<u64>()
-            .ok()
-            .or_else(|| e.value().to_str().ok()?.trim().parse().ok())
-    };
-    let rows = number(Tag(0x0028, 0x0010))?;
-    let cols = number(Tag(0x0028, 0x0011))?;
-    let bits = number(Tag(0x0028, 0x0100))?;
-    let samples = if crate::read::text(&d.object, Tag(0x0028, 0x0004)) == "YBR_FULL_422" {
-        2
-    } else {
-        number(Tag(0x0028, 0x0002)).unwrap_or(1)
-    };
-    let frames = number(Tag(0x0028, 0x0008)).unwrap_or(1).max(1);
-    let expected = [rows, cols, samples, frames, bits]
-        .into_iter()
-        .try_fold(1u64, u64::checked_mul)?
-        .div_ceil(8);
+    let expected = crate::read::native_pixel_bytes(&d.object)?;
     if expected != value.len() as u64 || !value.len().is_multiple_of(2) {
         return None;
     }
-    out.reserve(element.len());
-    out.extend_from_slice(&element[..native.header]);
-    let high = number(Tag(0x0028, 0x0102));
-    match high {
-        Some(high) if bits == 16 && high < 15 => {
-            let signed = number(Tag(0x0028, 0x0103)) == Some(1);
-            let base = out.len();
-            out.extend_from_slice(value);
-            clear_above_high_bit(&mut out[base..], high as u32, signed, native.big_endian);
-        }
-        _ => out.extend_from_slice(value),
+    let base = out.len() + native.header;
+    out.extend_from_slice(element);
+    if let Some(fix) = OverlayFix::for_header(&d.object, native.header as u64, native.big_endian) {
+        fix.apply(&mut out[base..]);
     }
     Some(Ok((d, out)))
 }
@@ -504,17 +477,20 @@ impl Output {
                 path,
                 start,
                 end,
-                fix: None,
-            } => files.stage_parts(dest, &header, &path, start, end),
-            Output::Parts {
-                header,
-                path,
+                fix,
+            } => files.stage_parts(
+                dest,
+                &header,
+                &path,
                 start,
                 end,
-                fix: Some(fix),
-            } => files.stage_parts_mapped(dest, &header, &path, start, end, fix.skip, &|b| {
-                fix.apply(b)
-            }),
+                fix.map_or(end - start, |f| f.skip),
+                &|b| {
+                    if let Some(f) = &fix {
+                        f.apply(b)
+                    }
+                },
+            ),
         }
     }
 }
@@ -635,13 +611,9 @@ fn prepare_large(deid: &Deidentifier<'_>, found: &Found) -> Option<Prepared> {
             let fix = OverlayFix::of(&d, &head, start);
             let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
             ctx.update(&header);
-            match &fix {
-                None => hash_range(&mut f, start as u64, end, &mut ctx).ok()?,
-                Some(fix) => {
-                    hash_range(&mut f, start as u64, start as u64 + fix.skip, &mut ctx).ok()?;
-                    hash_range_mapped(&mut f, start as u64 + fix.skip, end, fix, &mut ctx).ok()?
-                }
-            }
+            let mapped_from = start as u64 + fix.map_or(end - start as u64, |f| f.skip);
+            hash_range(&mut f, start as u64, mapped_from, None, &mut ctx).ok()?;
+            hash_range(&mut f, mapped_from, end, fix.as_ref(), &mut ctx).ok()?;
             let h = hex(ctx.finish().as_ref());
             Ok((
                 Placed::from(d),
@@ -676,19 +648,30 @@ struct OverlayFix {
 impl OverlayFix {
     /// The fix a de-identified header asks for, when its pixel data (at `start` in `head`) is
     /// native 16-bit words with bits above High Bit.
-    fn of(d: &Deidentified, head: &[u8], start: usize) -> Option<OverlayFix> {
+    /// The fix a header asks for: native 16-bit words with bits above High Bit. `skip` is the
+    /// Pixel Data element's header length.
+    fn for_header(
+        obj: &dicom_object::InMemDicomObject,
+        skip: u64,
+        big_endian: bool,
+    ) -> Option<OverlayFix> {
+        use crate::read::number;
         use dicom_core::Tag;
-        let number = |tag: Tag| -> Option<u64> {
-            let e = d.object.get(tag)?;
-            e.value()
-                .to_int::<u64>()
-                .ok()
-                .or_else(|| e.value().to_str().ok()?.trim().parse().ok())
-        };
-        let high = number(Tag(0x0028, 0x0102))?;
-        if number(Tag(0x0028, 0x0100))? != 16 || high >= 15 {
+        let high = number(obj, Tag(0x0028, 0x0102))?;
+        if number(obj, Tag(0x0028, 0x0100))? != 16 || high >= 15 {
             return None;
         }
+        Some(OverlayFix {
+            skip,
+            high: high as u32,
+            signed: number(obj, Tag(0x0028, 0x0103)) == Some(1),
+            big_endian,
+        })
+    }
+
+    /// The fix for a large file whose de-identified header is `d` and whose Pixel Data
+    /// element starts at `start` in `head`, when that pixel data is native.
+    fn of(d: &Deidentified, head: &[u8], start: usize) -> Option<OverlayFix> {
         let ts = d.object.meta().transfer_syntax().trim_end_matches('\0');
         let (skip, big_endian) = match ts {
             crate::read::ts::IMPLICIT_LE => (8u64, false),
@@ -706,12 +689,7 @@ impl OverlayFix {
         if len == u32::MAX {
             return None;
         }
-        Some(OverlayFix {
-            skip,
-            high: high as u32,
-            signed: number(Tag(0x0028, 0x0103)) == Some(1),
-            big_endian,
-        })
+        OverlayFix::for_header(&d.object, skip, big_endian)
     }
 
     fn apply(&self, words: &mut [u8]) {
@@ -719,32 +697,12 @@ impl OverlayFix {
     }
 }
 
-/// Hash bytes `start..end` of `f` as `fix` rewrites them.
-fn hash_range_mapped(
-    f: &mut fs::File,
-    start: u64,
-    end: u64,
-    fix: &OverlayFix,
-    ctx: &mut ring::digest::Context,
-) -> io::Result<()> {
-    use std::io::{Read, Seek};
-    f.seek(io::SeekFrom::Start(start))?;
-    let mut remaining = end - start;
-    let mut buf = vec![0u8; 1 << 20];
-    while remaining > 0 {
-        let n = (remaining as usize).min(buf.len());
-        f.read_exact(&mut buf[..n])?;
-        fix.apply(&mut buf[..n]);
-        ctx.update(&buf[..n]);
-        remaining -= n as u64;
-    }
-    Ok(())
-}
-
+/// Hash bytes `start..end` of `f`, as `fix` rewrites them when given.
 fn hash_range(
     f: &mut fs::File,
     start: u64,
     end: u64,
+    fix: Option<&OverlayFix>,
     ctx: &mut ring::digest::Context,
 ) -> io::Result<()> {
     use std::io::{Read, Seek};
@@ -754,6 +712,9 @@ fn hash_range(
     while remaining > 0 {
         let n = (remaining as usize).min(buf.len());
         f.read_exact(&mut buf[..n])?;
+        if let Some(fix) = fix {
+            fix.apply(&mut buf[..n]);
+        }
         ctx.update(&buf[..n]);
         remaining -= n as u64;
     }
@@ -767,7 +728,7 @@ fn hash_file_stamped(path: &Path) -> io::Result<(String, u64, Option<Stamp>)> {
     let stamp = Stamp::settled(&meta);
     let len = meta.len();
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    hash_range(&mut f, 0, len, &mut ctx)?;
+    hash_range(&mut f, 0, len, None, &mut ctx)?;
     Ok((hex(ctx.finish().as_ref()), len, stamp))
 }
 
@@ -776,7 +737,7 @@ pub fn hash_file(path: &Path) -> io::Result<(String, u64)> {
     let mut f = fs::File::open(path)?;
     let len = f.metadata()?.len();
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    hash_range(&mut f, 0, len, &mut ctx)?;
+    hash_range(&mut f, 0, len, None, &mut ctx)?;
     Ok((hex(ctx.finish().as_ref()), len))
 }
 

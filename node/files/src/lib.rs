@@ -176,37 +176,11 @@ impl DurableBatch {
         Ok(())
     }
 
-    /// Write `head` then the bytes `start..end` of `src` to a temporary file next to `dest`.
-    pub fn stage_parts(
-        &mut self,
-        dest: &Path,
-        head: &[u8],
-        src: &Path,
-        start: u64,
-        end: u64,
-    ) -> io::Result<()> {
-        use std::io::{Read, Seek};
-        let dir = dest.parent().unwrap_or(Path::new("."));
-        self.created_in.extend(create_folders(dir)?);
-        let tmp = temp_path(dest);
-        let mut out = io::BufWriter::new(fs::File::create(&tmp)?);
-        out.write_all(head)?;
-        let mut input = fs::File::open(src)?;
-        input.seek(io::SeekFrom::Start(start))?;
-        io::copy(&mut input.take(end - start), &mut out)?;
-        out.flush()?;
-        self.staged.push(Staged {
-            tmp,
-            dest: dest.to_owned(),
-            content: None,
-        });
-        Ok(())
-    }
-
-    /// As [`stage_parts`](Self::stage_parts), with the bytes from `start + unmapped` on passed
-    /// through `map` in parts of 1 MiB (even lengths but the last) before they are written.
+    /// Write `head` then the bytes `start..end` of `src` to a temporary file next to `dest`,
+    /// those from `start + unmapped` on passed through `map` in parts of 1 MiB (even lengths
+    /// but the last) before they are written.
     #[allow(clippy::too_many_arguments)]
-    pub fn stage_parts_mapped(
+    pub fn stage_parts(
         &mut self,
         dest: &Path,
         head: &[u8],

@@ -647,12 +647,34 @@ fn reread(
     )
 }
 
-fn number(obj: &InMemDicomObject, tag: Tag) -> Option<u64> {
+/// A numeric attribute of a data set, binary or written as text.
+pub fn number(obj: &InMemDicomObject, tag: Tag) -> Option<u64> {
     let e = obj.get(tag)?;
     e.value()
         .to_int::<u64>()
         .ok()
         .or_else(|| e.value().to_str().ok()?.trim().parse().ok())
+}
+
+/// The bytes native pixel data must hold for what the header describes (rows × columns ×
+/// samples × frames × bits allocated, rounded up to whole bytes); 0 when a dimension is
+/// missing, `None` when the product overflows.
+pub fn native_pixel_bytes(obj: &InMemDicomObject) -> Option<u64> {
+    let rows = number(obj, Tag(0x0028, 0x0010)).unwrap_or(0);
+    let cols = number(obj, Tag(0x0028, 0x0011)).unwrap_or(0);
+    let bits = number(obj, Tag(0x0028, 0x0100)).unwrap_or(0);
+    // YBR_FULL_422 keeps two luminance and two chrominance samples per pair of pixels
+    // (PS3.5 §8.2.3): two samples per pixel, whatever Samples per Pixel says.
+    let samples = if text(obj, Tag(0x0028, 0x0004)) == "YBR_FULL_422" {
+        2
+    } else {
+        number(obj, Tag(0x0028, 0x0002)).unwrap_or(1)
+    };
+    let frames = number(obj, Tag(0x0028, 0x0008)).unwrap_or(1).max(1);
+    [rows, cols, samples, frames, bits]
+        .into_iter()
+        .try_fold(1u64, u64::checked_mul)
+        .map(|b| b.div_ceil(8))
 }
 
 /// Checks after a successful parse.
@@ -707,21 +729,7 @@ fn check(obj: &DefaultDicomObject) -> Result<(), Refusal> {
     };
     match pixels.value() {
         Value::Primitive(p) => {
-            let rows = number(obj, Tag(0x0028, 0x0010)).unwrap_or(0);
-            let cols = number(obj, Tag(0x0028, 0x0011)).unwrap_or(0);
-            let bits = number(obj, Tag(0x0028, 0x0100)).unwrap_or(0);
-            // YBR_FULL_422 keeps two luminance and two chrominance samples per pair of
-            // pixels (PS3.5 §8.2.3): two samples per pixel, whatever Samples per Pixel says.
-            let samples = if text(obj, Tag(0x0028, 0x0004)) == "YBR_FULL_422" {
-                2
-            } else {
-                number(obj, Tag(0x0028, 0x0002)).unwrap_or(1)
-            };
-            let frames = number(obj, Tag(0x0028, 0x0008)).unwrap_or(1).max(1);
-            let expected = [rows, cols, samples, frames, bits]
-                .into_iter()
-                .try_fold(1u64, u64::checked_mul)
-                .map_or(u64::MAX, |b| b.div_ceil(8));
+            let expected = native_pixel_bytes(obj).unwrap_or(u64::MAX);
             let actual = match p {
                 PrimitiveValue::Empty => 0,
                 p => p.calculate_byte_len() as u64,
